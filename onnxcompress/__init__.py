@@ -1,0 +1,4 @@
+"""onnxcompress: make trained ONNX models much smaller, validated in onnxruntime."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

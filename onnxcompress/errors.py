@@ -1,0 +1,44 @@
+"""The one family of errors onnxcompress raises on purpose.
+
+Each message is a single sentence a user can act on. The CLI prints it on one line and exits
+with code 2; anything else escaping is a bug in onnxcompress.
+"""
+from __future__ import annotations
+
+
+class OnnxCompressError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ModelError(OnnxCompressError):
+    """The model file is missing, corrupt, truncated, or cannot run in onnxruntime."""
+
+
+class DataError(OnnxCompressError):
+    """Calibration or validation data does not fit the model."""
+
+
+class RecipeError(OnnxCompressError):
+    """A recipe names an unknown pass or option, or gives an option a wrong value."""
+
+
+class CodecError(OnnxCompressError):
+    """An encoded stream is corrupt, truncated, or was written by an incompatible version."""
+
+
+class PreconditionError(OnnxCompressError):
+    """A pass was run without what it requires (e.g. QDQ insertion without calibration)."""
+
+
+class PassError(OnnxCompressError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, before: list[str], cause: BaseException):
+        where = f"in pass '{pass_name}'" + (f", after passes {before}" if before else "")
+        super().__init__(f"{where}: {cause}")
+        self.pass_name = pass_name
+        self.before = before
+
+
+class OutputError(OnnxCompressError):
+    """The output path cannot be written (missing folder, same as the input, ...)."""
