@@ -1,0 +1,94 @@
+"""Recipes: an explicit, ordered list of passes with their options.
+
+A recipe file is YAML::
+
+    name: share-4bit
+    passes:
+      - share: {bits_fc: 4}
+
+Each entry is a pass name, or a one-key mapping from a pass name to its options.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import RecipeError
+from ..pipeline import Pass
+
+BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
+    "share": [("share", {})],
+}
+DESCRIPTIONS = {
+    "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    steps: list[tuple[str, dict[str, Any]]]
+    form: str = "portable"
+
+    def build(self) -> list[Pass]:
+        from onnxcompress.passes import PASSES
+
+        passes = []
+        for pass_name, options in self.steps:
+            if pass_name not in PASSES:
+                close = difflib.get_close_matches(pass_name, PASSES, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known passes: {sorted(PASSES)}"
+                raise RecipeError(f"recipe '{self.name}': unknown pass '{pass_name}'{hint}")
+            passes.append(PASSES[pass_name](**options))
+        return passes
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a recipe YAML file."""
+    text = str(name_or_path)
+    if text in BUILTIN:
+        steps = [(p, dict(o)) for p, o in BUILTIN[text]]
+        return Recipe(text, steps, form=FORMS.get(text, "portable"))
+    path = Path(text)
+    if not path.suffix.lower() in (".yaml", ".yml") or not path.exists():
+        close = difflib.get_close_matches(text, BUILTIN, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"'{text}' is neither a built-in recipe ({', '.join(sorted(BUILTIN))}) "
+                          f"nor an existing .yaml recipe file{hint}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    return _parse(doc, path.stem, str(path))
+
+
+FORMS: dict[str, str] = {}
+
+
+def _parse(doc: Any, default_name: str, where: str) -> Recipe:
+    if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list):
+        raise RecipeError(f"recipe '{where}' must be a mapping with a 'passes' list")
+    unknown = set(doc) - {"name", "passes", "form"}
+    if unknown:
+        raise RecipeError(f"recipe '{where}': unknown key(s) {sorted(unknown)}; allowed: name, passes, form")
+    steps = []
+    for entry in doc["passes"]:
+        if isinstance(entry, str):
+            steps.append((entry, {}))
+        elif isinstance(entry, dict) and len(entry) == 1:
+            (pass_name, options), = entry.items()
+            if options is not None and not isinstance(options, dict):
+                raise RecipeError(f"recipe '{where}': options of pass '{pass_name}' must be a mapping")
+            steps.append((str(pass_name), dict(options or {})))
+        else:
+            raise RecipeError(f"recipe '{where}': each pass is a name or a one-key mapping name: {{options}}, "
+                              f"not {entry!r}")
+    form = doc.get("form", "portable")
+    if form not in ("portable", "packed"):
+        raise RecipeError(f"recipe '{where}': form must be 'portable' or 'packed', not {form!r}")
+    return Recipe(str(doc.get("name", default_name)), steps, form=form)

@@ -1,0 +1,105 @@
+"""The Python API: compress, validate and inspect, on models in memory or on disk."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .data import Dataset, load_data, model_inputs, synthesize
+from .metrics import Comparison, compare_models
+from .model import check_output_path, file_bytes, load_model, save_model
+from .pipeline import PassManager, Report
+from .recipes import Recipe, load_recipe
+from .weights import find_weights, get_array
+
+log = logging.getLogger(__name__)
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def _as_model(model: ModelLike) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = None, name: str = "data",
+                 synthesize_if_missing: bool = True) -> Dataset | None:
+    """Load and check data against the model; synthesize inputs (with a warning) when none is given."""
+    specs = model_inputs(model)
+    if data is None:
+        if not synthesize_if_missing:
+            return None
+        log.warning("no %s given: using random inputs from the model's shapes, which measure fidelity weakly", name)
+        return synthesize(specs, shapes=shapes)
+    dataset = load_data(data, name=name)
+    dataset.check(specs)
+    return dataset
+
+
+def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None, *, eval_data: Any = None,
+             form: str | None = None, validate: str = "end", shapes: dict | None = None,
+             progress: bool = False, jobs: int = 1) -> tuple[onnx.ModelProto, Report]:
+    """Run a recipe on a model; returns the compressed model and the report.
+
+    `data` calibrates data-driven passes; `eval_data` (default: `data`, else synthesized
+    inputs) measures the fidelity of the result in onnxruntime.
+    """
+    original = _as_model(model)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
+    evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
+        else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
+    manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
+                          jobs=jobs, progress=progress)
+    compressed, report = manager.run(original, calib, evaluation)
+    report.input_bytes = original.ByteSize()
+    report.output_bytes = compressed.ByteSize()
+    return compressed, report
+
+
+def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: str | Recipe = "share", *,
+                  data: Any = None, eval_data: Any = None, **options) -> Report:
+    """Compress a model file into `output` (written atomically; the source is only read)."""
+    check_output_path(output, source)
+    compressed, report = compress(load_model(source), recipe, data, eval_data=eval_data, **options)
+    save_model(compressed, output)
+    report.input_bytes, report.output_bytes = file_bytes(source), file_bytes(output)
+    return report
+
+
+def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, shapes: dict | None = None,
+             latency: bool = False) -> Comparison:
+    """Compare two models' outputs on the same data (synthesized from shapes when none is given)."""
+    ref, cand = _as_model(reference), _as_model(candidate)
+    comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes), latency=latency)
+    for which, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, onnx.ModelProto):
+            setattr(comparison, f"{which}_bytes", file_bytes(model))
+    return comparison
+
+
+def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
+    """File size, opsets and one entry per weight (with sparsity and distinct values)."""
+    proto = _as_model(model)
+    rows = []
+    for info in find_weights(proto, min_elements=min_elements):
+        row = info.as_dict()
+        array = get_array(proto, info)
+        row["sparsity"] = float(np.mean(array == 0)) if array.size else 0.0
+        row["distinct"] = int(np.unique(array).size) if array.size else 0
+        rows.append(row)
+    from .runtime import uses_domain  # the packed form's custom ops
+
+    floats = [r for r in rows if r["dtype"] in ("float32", "float16", "bfloat16", "float64")]
+    return {
+        "path": None if isinstance(model, onnx.ModelProto) else str(model),
+        "file_bytes": proto.ByteSize() if isinstance(model, onnx.ModelProto) else file_bytes(model),
+        "opsets": {(e.domain or "ai.onnx"): e.version for e in proto.opset_import},
+        "ir_version": proto.ir_version,
+        "packed": uses_domain(proto),
+        "total_params": int(sum(int(np.prod(r["shape"], dtype=np.int64)) for r in floats)),
+        "float_weight_bytes": int(sum(r["bytes"] for r in floats)),
+        "weights": rows,
+    }

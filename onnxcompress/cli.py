@@ -1,0 +1,178 @@
+"""The `onnxcompress` command: compress, validate, inspect, recipes.
+
+Errors a user can fix print one line and exit with code 2; nothing is written on failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import OnnxCompressError
+
+EXIT_USER_ERROR = 2
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "value"):
+        return value.value
+    return str(value)
+
+
+def _dump(obj) -> str:
+    return json.dumps(_finite(obj), indent=2, default=_json_default)
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                        help="shape of a dynamic input for synthesized data (repeatable), e.g. input=1,3,224,224")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import BUILTIN, DESCRIPTIONS
+
+    parser = argparse.ArgumentParser(
+        prog="onnxcompress",
+        description="Make trained ONNX models much smaller (pruning, k-means weight sharing, quantization, "
+                    "entropy coding) and check in onnxruntime that they still compute the same thing.")
+    parser.add_argument("--version", action="version", version=f"onnxcompress {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    recipes = "\n".join(f"  {name:18s} {DESCRIPTIONS.get(name, '')}" for name in BUILTIN)
+    p = sub.add_parser("compress", help="compress a model with a recipe",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compress MODEL with a recipe and write OUT atomically; the input is never "
+                                   "modified. Prints the size ratio, time per pass and fidelity.",
+                       epilog=f"built-in recipes:\n{recipes}\nor a recipe .yaml file:\n"
+                              "  passes:\n    - share: {bits_fc: 4}")
+    p.add_argument("model", help="the ONNX model to compress")
+    p.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    p.add_argument("--recipe", default="share", help="built-in recipe name or recipe .yaml file (default: share)")
+    p.add_argument("--data", help="calibration data: .npz or folder (see README: Data formats)")
+    p.add_argument("--eval-data", help="data to measure fidelity on (default: --data, else random inputs)")
+    p.add_argument("--form", choices=["portable", "packed"], help="output form (default: the recipe's)")
+    p.add_argument("--validate", choices=["end", "each", "none"], default="end",
+                   help="compare with the original in onnxruntime at the end, after each pass, or not at all")
+    p.add_argument("--report", metavar="REPORT.json", help="also write the full report as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for per-weight work")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
+    _add_data_options(p)
+
+    p = sub.add_parser("validate", help="compare a compressed model with its reference",
+                       description="Run REFERENCE and CANDIDATE on the same data in onnxruntime and compare every "
+                                   "output: max |diff|, relative L2, cosine, SQNR, top-1 agreement, accuracy "
+                                   "(when the data has labels), size and latency.")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--data", help="data to compare on (default: random inputs from the model's shapes)")
+    p.add_argument("--latency", action="store_true", help="also time both models (median, same process)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_options(p)
+
+    p = sub.add_parser("inspect", help="list a model's weights, sizes and roles",
+                       description="File size, opsets, and one row per weight: name, shape, dtype, bytes, role, "
+                                   "where it lives, sparsity and distinct values.")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--min-elements", type=int, default=256, help="tensors smaller than this are marked tiny")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return _COMMANDS[args.command](args)
+    except OnnxCompressError as e:
+        print(f"onnxcompress: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _compress(args) -> int:
+    from .api import compress_file
+    from .data import parse_shapes
+    from .report import report_text
+
+    if getattr(args, "quiet", False):
+        logging.getLogger().setLevel(logging.ERROR)
+    report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
+                           form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
+                           progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs)
+    if args.report:
+        from .model import check_output_path
+
+        _write_text_atomic(check_output_path(args.report, args.model), _dump(report.as_dict()))
+    print(_dump(report.as_dict()) if args.json else report_text(report))
+    return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _validate(args) -> int:
+    from .api import validate
+    from .data import parse_shapes
+    from .report import comparison_text
+
+    comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
+                          latency=args.latency)
+    print(_dump(comparison.as_dict()) if args.json else comparison_text(comparison))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .api import inspect
+    from .report import inspect_text
+
+    info = inspect(args.model, min_elements=args.min_elements)
+    print(_dump(info) if args.json else inspect_text(info))
+    return 0
+
+
+def _recipes(args) -> int:
+    from .recipes import BUILTIN, DESCRIPTIONS
+
+    for name, steps in BUILTIN.items():
+        print(f"{name:18s} {DESCRIPTIONS.get(name, '')}")
+        print(f"{'':18s} passes: {', '.join(p for p, _ in steps)}")
+    return 0
+
+
+_COMMANDS = {"compress": _compress, "validate": _validate, "inspect": _inspect, "recipes": _recipes}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""A shared weight in codebook form, its one numpy decoder, and its portable ONNX rewrite.
+
+    weight = codebook[codes + offset[group]] * scale[channel] + outliers
+
+`codes` index a float codebook (per-group codebooks are concatenated, the group offset is
+added per output channel); optional per-channel scales multiply the result; optional outliers
+(flat index, exact value) are written over it. Every form we write (portable ONNX, packed
+custom ops, `unpack`) computes exactly this, and :meth:`SharedWeight.decode` is the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graphs import NameScope, mark
+
+UINT4_MIN_OPSET = 21
+
+
+@dataclass
+class SharedWeight:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # the original weight's dtype, which decode returns
+    codes: np.ndarray  # unsigned ints, shape == shape; per-group: index within the group's codebook
+    codebook: np.ndarray  # float32, (n,) ; per-group: the groups' codebooks concatenated
+    bits: int  # bits a code needs: max code < 2**bits
+    channel_axis: int | None = None
+    group_offsets: np.ndarray | None = None  # int32, one per output channel, into `codebook`
+    scale: np.ndarray | None = None  # float32, one per output channel
+    outlier_index: np.ndarray | None = None  # int64 flat indices
+    outlier_value: np.ndarray | None = None  # float32
+    zero_code: int | None = None  # the code whose centroid is exactly 0 (pruned entries)
+
+    def channel_shape(self) -> tuple[int, ...]:
+        """Shape that broadcasts one value per output channel against the weight."""
+        shape = [1] * len(self.shape)
+        shape[self.channel_axis] = self.shape[self.channel_axis]
+        return tuple(shape)
+
+    def indices(self) -> np.ndarray:
+        """Codes with group offsets applied: direct indices into `codebook` (int32)."""
+        index = self.codes.astype(np.int32)
+        if self.group_offsets is not None:
+            index = index + self.group_offsets.astype(np.int32).reshape(self.channel_shape())
+        return index
+
+    def decode(self) -> np.ndarray:
+        """The reference reconstruction of the weight."""
+        weight = self.codebook.astype(np.float32)[self.indices()]
+        if self.scale is not None:
+            weight = weight * self.scale.astype(np.float32).reshape(self.channel_shape())
+        if self.outlier_index is not None and self.outlier_index.size:
+            flat = weight.reshape(-1)
+            flat[self.outlier_index] = self.outlier_value.astype(np.float32)
+            weight = flat.reshape(self.shape)
+        return weight.astype(self.dtype)
+
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data in the portable form (codes at their storage width)."""
+        code_bytes = self.codes.size if self.bits > 4 else (self.codes.size + 1) // 2
+        total = code_bytes + self.codebook.size * 4
+        for extra in (self.group_offsets, self.scale, self.outlier_index, self.outlier_value):
+            total += 0 if extra is None else extra.nbytes
+        return total
+
+
+def code_tensor(name: str, codes: np.ndarray, bits: int, opset: int) -> onnx.TensorProto:
+    """Codes as the narrowest standard integer tensor: uint4 (opset >= 21), uint8 or uint16.
+
+    uint4 data is written packed, two codes a byte, low nibble first, as ONNX specifies.
+    """
+    if bits <= 4 and opset >= UINT4_MIN_OPSET:
+        flat = codes.astype(np.uint8).reshape(-1)
+        if flat.size % 2:
+            flat = np.append(flat, np.uint8(0))
+        packed = (flat[0::2] & 0x0F) | (flat[1::2] << 4)
+        tensor = TensorProto(name=name, data_type=TensorProto.UINT4, dims=list(codes.shape))
+        tensor.raw_data = packed.astype(np.uint8).tobytes()
+        return tensor
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    return numpy_helper.from_array(codes.astype(dtype), name)
+
+
+def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name: str
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] -> [ScatterND].
+
+    Every input is constant, so onnxruntime folds the whole chain into a dense tensor at load.
+    """
+    base = weight.name
+    codes_name = scope.fresh(f"{base}__codes")
+    book_name = scope.fresh(f"{base}__codebook")
+    inits = [code_tensor(codes_name, weight.codes, weight.bits, opset),
+             numpy_helper.from_array(weight.codebook.astype(np.float32), book_name)]
+    index = scope.fresh(f"{base}__index")
+    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32, name=scope.fresh(f"{base}/Cast"))]
+    if weight.group_offsets is not None:
+        offsets_name = scope.fresh(f"{base}__group_offsets")
+        inits.append(numpy_helper.from_array(
+            weight.group_offsets.astype(np.int32).reshape(weight.channel_shape()), offsets_name))
+        shifted = scope.fresh(f"{base}__index_grouped")
+        nodes.append(helper.make_node("Add", [index, offsets_name], [shifted], name=scope.fresh(f"{base}/AddOffset")))
+        index = shifted
+    current = scope.fresh(f"{base}__gathered")
+    nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0, name=scope.fresh(f"{base}/Gather")))
+    if weight.scale is not None:
+        scale_name = scope.fresh(f"{base}__scale")
+        inits.append(numpy_helper.from_array(weight.scale.astype(np.float32).reshape(weight.channel_shape()), scale_name))
+        scaled = scope.fresh(f"{base}__scaled")
+        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled], name=scope.fresh(f"{base}/Scale")))
+        current = scaled
+    if weight.outlier_index is not None and weight.outlier_index.size:
+        where = np.stack(np.unravel_index(weight.outlier_index, weight.shape), axis=-1).astype(np.int64)
+        idx_name, val_name = scope.fresh(f"{base}__outlier_index"), scope.fresh(f"{base}__outlier_value")
+        inits += [numpy_helper.from_array(where, idx_name),
+                  numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
+        patched = scope.fresh(f"{base}__patched")
+        nodes.append(helper.make_node("ScatterND", [current, idx_name, val_name], [patched],
+                                      name=scope.fresh(f"{base}/Outliers")))
+        current = patched
+    if np.dtype(weight.dtype) == np.float32:
+        nodes[-1].output[0] = base
+    else:  # the chain computes float32; cast back so consumers see the original dtype
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(weight.dtype))
+        nodes.append(helper.make_node("Cast", [current], [base], to=to, name=scope.fresh(f"{base}/CastBack")))
+    for node in nodes:
+        mark(node, pass_name)
+    return nodes, inits

@@ -1,0 +1,111 @@
+"""Small helpers over ONNX graphs: walking subgraphs, naming, consumer maps, node provenance."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+import onnx
+
+DOMAIN = "ai.onnxcompress"
+PROVENANCE_KEY = "onnxcompress.pass"
+
+
+def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[onnx.GraphProto, str]]:
+    """Yield (graph, path) for `graph` and every subgraph below it (If/Loop/Scan bodies).
+
+    A path reads like ``main/If_3.then_branch``: the node that owns the subgraph and the
+    attribute holding it, so a user can find the place in Netron.
+    """
+    yield graph, path
+    for index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            label = f"{path}/{node.name or f'{node.op_type}_{index}'}.{attr.name}"
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g, label)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for k, sub in enumerate(attr.graphs):
+                    yield from iter_graphs(sub, f"{label}[{k}]")
+
+
+def find_graph(model: onnx.ModelProto, path: str) -> onnx.GraphProto:
+    for graph, where in iter_graphs(model.graph):
+        if where == path:
+            return graph
+    raise KeyError(path)
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Map tensor name -> [(node, input index)] for the nodes of `graph`.
+
+    Nodes whose subgraphs read the name from the outer scope count as consumers too (input
+    index -1), so a tensor used only inside an If branch is not mistaken for unused.
+    """
+    found: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name:
+                found[name].append((node, i))
+        for name in sorted(_outer_names(node)):
+            found[name].append((node, -1))
+    return found
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read without defining them."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            defined |= {o for n in sub.node for o in n.output}
+            used = {i for n in sub.node for i in n.input if i}
+            used |= {o.name for o in sub.output}
+            for n in sub.node:
+                used |= _outer_names(n)
+            names |= used - defined
+    return names
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+    for graph, _ in iter_graphs(model.graph):
+        names |= {t.name for t in graph.initializer}
+        names |= {i.name for i in graph.input} | {o.name for o in graph.output}
+        for node in graph.node:
+            names |= set(node.output) | set(node.input)
+            names.add(node.name)
+    return names
+
+
+class NameScope:
+    """Hands out names not yet used anywhere in a model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._used = all_names(model)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._used:
+            name, k = f"{base}_{k}", k + 1
+        self._used.add(name)
+        return name
+
+
+def mark(node: onnx.NodeProto, pass_name: str) -> onnx.NodeProto:
+    """Record on a new node which pass made it (metadata_props)."""
+    entry = node.metadata_props.add()
+    entry.key, entry.value = PROVENANCE_KEY, pass_name
+    return node
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """Declare a custom domain's opset; never changes the default domain's version."""
+    for entry in model.opset_import:
+        if entry.domain == domain:
+            entry.version = max(entry.version, version)
+            return
+    model.opset_import.append(onnx.helper.make_opsetid(domain, version))

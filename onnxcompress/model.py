@@ -1,0 +1,223 @@
+"""Loading and saving models: external data, the 2 GB limit, atomic writes, opset checks.
+
+The input file is only ever read. Every write goes to a temporary file in the destination
+folder and is renamed into place once complete, so a failure never leaves a partial output.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+# models whose tensors add up to more than this are written with external data
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model, with its external data, or raise ModelError with a sentence."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a folder, not an ONNX model file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"model file '{path}' is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelError(f"'{path}' is not a readable ONNX model (corrupt or truncated file?): {e}") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
+    if load_external_data:
+        check_external_data(model, path.parent)
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read external data of '{path}': {e}") from e
+    _check_structure(model, path)
+    check_runnable_opset(model, str(path))
+    return model
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """A truncated protobuf often still parses; the checker catches the dangling pieces."""
+    try:
+        onnx.checker.check_model(model) if model.ByteSize() < PROTOBUF_LIMIT else None
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
+        raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+
+
+def external_data_files(model: onnx.ModelProto) -> dict[str, int]:
+    """Map each external-data file a model references to the bytes it must hold at least."""
+    needed: dict[str, int] = {}
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        location = info.get("location", "")
+        needed[location] = max(needed.get(location, 0), end)
+    return needed
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Every referenced external-data file exists and is as long as its tensors declare."""
+    for location, end in external_data_files(model).items():
+        file = base_dir / location
+        if not location or not file.is_file():
+            raise ModelError(f"external data file '{file}' is missing; keep it next to the model file")
+        actual = file.stat().st_size
+        if actual < end:
+            raise ModelError(
+                f"external data file '{file}' is truncated: {actual} bytes, tensors need {end}")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model, subgraphs and Constant nodes included."""
+    from .graphs import iter_graphs  # local import: graphs imports nothing from here
+
+    for graph, _ in iter_graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+@functools.lru_cache(maxsize=None)
+def max_runnable_opset(domain: str = "") -> int:
+    """Highest opset of `domain` this onnxruntime accepts, found by loading tiny models."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def loads(opset: int) -> bool:
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)], ir_version=9)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return True
+        except Exception:  # onnxruntime raises its own Fail type
+            return False
+
+    lo, hi = 7, 64
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if loads(mid) else (lo, mid - 1)
+    return lo
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for entry in model.opset_import:
+        if entry.domain in ((domain,) if domain else ("", "ai.onnx")):
+            return entry.version
+    return 0
+
+
+def check_runnable_opset(model: onnx.ModelProto, name: str = "model") -> None:
+    opset = opset_of(model)
+    limit = max_runnable_opset()
+    if opset > limit:
+        raise ModelError(
+            f"{name} uses ONNX opset {opset}, but the installed onnxruntime runs at most opset {limit}; "
+            "upgrade onnxruntime or re-export the model at a lower opset")
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the model holds (inline or external)."""
+    total = 0
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            total += int(info.get("length", 0))
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Whole-file size on disk: the .onnx file plus every external-data file it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    for location in external_data_files(model):
+        extra = path.parent / location
+        if extra.is_file():
+            total += extra.stat().st_size
+    return total
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """The output can be written: its folder exists and it is none of the inputs."""
+    out = Path(output)
+    if not out.parent.exists() or not out.parent.is_dir():
+        raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    if out.is_dir():
+        raise OutputError(f"cannot write '{out}': it is a folder")
+    for source in inputs:
+        if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
+            raise OutputError(f"output '{out}' is the input model; choose another path (the input is never overwritten)")
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically; with external data beside it when large or asked.
+
+    The model and its data file are written under temporary names in the destination folder
+    and renamed into place only when both are complete.
+    """
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = out.name + ".data"
+    fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp_data = out.parent / f".{data_name}.tmp"
+    try:
+        if external_data:
+            to_write = onnx.ModelProto()
+            to_write.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                to_write, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            # write tensors to the temporary data file, then point them at the final name
+            _set_location(to_write, tmp_data.name)
+            onnx.external_data_helper.write_external_data_tensors(to_write, str(out.parent))
+            _set_location(to_write, data_name)
+            Path(tmp_model).write_bytes(to_write.SerializeToString())
+            os.replace(tmp_data, out.parent / data_name)
+        else:
+            Path(tmp_model).write_bytes(model.SerializeToString())
+        os.replace(tmp_model, out)
+    except BaseException:
+        for leftover in (Path(tmp_model), tmp_data):
+            leftover.unlink(missing_ok=True)
+        raise
+    log.debug("wrote %s (%d bytes)", out, file_bytes(out))
+    return out
+
+
+def _set_location(model: onnx.ModelProto, location: str) -> None:
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location

@@ -1,0 +1,78 @@
+"""Human-readable text for reports, comparisons and inspections."""
+from __future__ import annotations
+
+import math
+
+from .metrics import Comparison
+from .pipeline import Report
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def comparison_text(comparison: Comparison) -> str:
+    rows = []
+    for o in comparison.outputs:
+        acc = (f"{100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+               if o.accuracy_reference is not None else "-")
+        agree = f"{100 * o.top1_agreement:.2f}%" if o.top1_agreement is not None else "-"
+        rows.append([o.name, _fmt(o.max_abs), _fmt(o.rel_l2), _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"), agree, acc])
+    lines = [table(["output", "max|diff|", "rel L2", "cosine", "SQNR dB", "top-1 agree", "accuracy"], rows)]
+    where = "random synthesized inputs (weak evidence)" if comparison.synthetic_data else "the given data"
+    lines.append(f"{comparison.samples} samples from {where}")
+    if comparison.size_ratio:
+        lines.append(f"size: {human_bytes(comparison.reference_bytes)} -> {human_bytes(comparison.candidate_bytes)} "
+                     f"({comparison.size_ratio:.2f}x smaller)")
+    if comparison.latency_ratio:
+        lines.append(f"latency: {1e3 * comparison.latency_reference_s:.3f} ms -> "
+                     f"{1e3 * comparison.latency_candidate_s:.3f} ms (x{comparison.latency_ratio:.2f})")
+    return "\n".join(lines)
+
+
+def report_text(report: Report) -> str:
+    lines = []
+    if report.input_bytes and report.output_bytes:
+        lines.append(f"{report.recipe} ({report.form}): {human_bytes(report.input_bytes)} -> "
+                     f"{human_bytes(report.output_bytes)}, {report.ratio:.2f}x smaller")
+    lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes))
+    if report.validation is not None:
+        lines.append(comparison_text(report.validation))
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def inspect_text(info: dict) -> str:
+    rows = []
+    for w in info["weights"]:
+        rows.append([w["name"], "x".join(map(str, w["shape"])) or "scalar", w["dtype"], human_bytes(w["bytes"]),
+                     w["role"], w["graph"] + ("" if w["location"] == "initializer" else f" ({w['location']})"),
+                     f"{100 * w['sparsity']:.1f}%", str(w["distinct"]), w["skip"] or ""])
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    head = [f"{info.get('path') or 'model'}: {human_bytes(info['file_bytes'])}, opsets: {opsets}"
+            + (" (packed form)" if info.get("packed") else "")]
+    body = table(["weight", "shape", "dtype", "bytes", "role", "where", "zeros", "distinct", "left alone"], rows)
+    tail = f"{len(rows)} tensors, {info['total_params']:,} float parameters, {human_bytes(info['float_weight_bytes'])}"
+    return "\n".join(head + [body, tail])

@@ -1,0 +1,119 @@
+"""onnxruntime sessions for any model we write, and running a Dataset through them."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Dataset, model_inputs
+from .errors import ModelError
+from .graphs import DOMAIN, iter_graphs
+
+log = logging.getLogger(__name__)
+
+Outputs = list[np.ndarray]
+
+# A packed model's decode ops are turned into plain tensors before a session is built; the
+# packed-form module registers its converter here so the core does not import it.
+_PORTABLE_CONVERTERS: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = []
+
+
+def register_portable_converter(fn: Callable[[onnx.ModelProto], onnx.ModelProto]) -> None:
+    _PORTABLE_CONVERTERS.append(fn)
+
+
+def uses_domain(model: onnx.ModelProto, domain: str = DOMAIN) -> bool:
+    return any(n.domain == domain for g, _ in iter_graphs(model.graph) for n in g.node)
+
+
+def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with our own domain's constant subgraphs decoded (identity for portable models)."""
+    if not uses_domain(model):
+        return model
+    if not _PORTABLE_CONVERTERS:
+        from . import ops  # noqa: F401  registers the converter of the packed form
+    for convert in _PORTABLE_CONVERTERS:
+        model = convert(model)
+    return model
+
+
+def foreign_domains(model: onnx.ModelProto) -> set[str]:
+    """Custom op domains that stock onnxruntime cannot run (neither standard nor ours)."""
+    known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", DOMAIN}
+    return {n.domain for g, _ in iter_graphs(model.graph) for n in g.node if n.domain not in known}
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None,
+                 optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session; packed models are decoded first; errors become ModelError."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            proto = onnx.load(str(model), load_external_data=False)
+            if not uses_domain(proto):
+                return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            model = onnx.load(str(model))
+        model = to_runnable(model)
+        if model.ByteSize() < 2**31 - 1:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _session_via_file(model, options)
+    except ort.capi.onnxruntime_pybind11_state.Fail as e:
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+    except (ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
+        domains = foreign_domains(model) if isinstance(model, onnx.ModelProto) else set()
+        hint = (f"; it uses custom ops of {sorted(domains)}: register their library to validate" if domains else "")
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}{hint}") from e
+
+
+def _session_via_file(model: onnx.ModelProto, options) -> ort.InferenceSession:
+    from .model import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path, external_data=True)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:400] if text else type(error).__name__
+
+
+def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
+        max_batch: int = 64, output_names: Sequence[str] | None = None, progress=None) -> list[Outputs]:
+    """Run every feed (batched where allowed); one list of outputs per chunk, in order."""
+    specs = model_inputs(model)
+    results = []
+    for feed, count in data.chunks(specs, max_batch=max_batch):
+        try:
+            results.append(session.run(list(output_names) if output_names else None, feed))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}") from e
+        if progress is not None:
+            progress.update(count)
+    return results
+
+
+def median_latency(session: ort.InferenceSession, feed: dict, repeat: int = 30) -> float:
+    """Median seconds of one call, after a warm-up call."""
+    session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

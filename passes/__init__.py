@@ -1,0 +1,10 @@
+"""The passes, by the name recipes use for them."""
+from __future__ import annotations
+
+from onnxcompress.pipeline import Pass
+
+from .share import SharePass
+
+PASSES: dict[str, type[Pass]] = {
+    SharePass.name: SharePass,
+}

@@ -1,0 +1,115 @@
+"""Weight sharing (Deep Compression stage 2): per-weight k-means codebooks.
+
+Each float weight above the size threshold becomes k = 2**bits centroids and one small code
+per entry, written in portable ONNX as codes (uint4 or uint8) -> Cast -> Gather(codebook),
+which onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
+prune pass) stay exactly zero: they get the reserved code of centroid 0.0.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
+from onnxcompress.errors import ModelError, PreconditionError
+from onnxcompress.graphs import NameScope
+from onnxcompress.kmeans import kmeans_1d
+from onnxcompress.model import opset_of
+from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class ShareConfig:
+    bits_conv: int = 8  # Conv and ConvTranspose weights (the paper: conv layers need 8)
+    bits_fc: int = 5  # Gemm and MatMul weights (the paper: 5 bits, down to 2)
+    bits_other: int = 8  # everything else: embeddings, recurrent, Mul/Add constants
+    init: Literal["linear", "density", "random"] = "linear"
+    min_elements: int = 256  # smaller tensors are left alone
+    exclude: list = field(default_factory=list)  # weight names to leave alone
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("bits_conv", "bits_fc", "bits_other"):
+            if not 1 <= getattr(self, name) <= 16:
+                raise ValueError(f"{name} must be between 1 and 16, not {getattr(self, name)}")
+
+    def bits_for(self, role: Role) -> int:
+        if role in (Role.CONV, Role.CONV_TRANSPOSE):
+            return self.bits_conv
+        return self.bits_fc if role.is_fully_connected else self.bits_other
+
+
+class SharePass(Pass):
+    name = "share"
+    Config = ShareConfig
+
+    def requires(self, ctx: Context) -> None:
+        if ctx.shared:
+            raise PreconditionError("weights are already shared; run 'share' once per recipe")
+
+    def call(self, ctx: Context) -> PassResult:
+        cfg: ShareConfig = self.config
+        opset = opset_of(ctx.model)
+        scope = NameScope(ctx.model)
+        candidates = [w for w in ctx.weights(cfg.min_elements) if self._eligible(ctx, w)]
+        before = after = 0
+        wanted_uint4 = []
+        for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
+            bits = int(ctx.plan.get(info.name, {}).get("bits", cfg.bits_for(info.role)))
+            shared = fit_codebook(get_array(ctx.model, info), info, bits, init=cfg.init, seed=cfg.seed,
+                                  mask=ctx.masks.get(info.name))
+            if bits <= 4 and opset < UINT4_MIN_OPSET:
+                wanted_uint4.append(info.name)
+            if shared.payload_bytes() >= info.nbytes:
+                log.debug("share: %s left alone: codebook form is not smaller", info.name)
+                ctx.record(info.name, self.name, "skipped: codebook form not smaller")
+                continue
+            nodes, inits = portable_nodes(shared, scope, opset, self.name)
+            replace_weight(ctx.model, info, nodes, inits)
+            ctx.shared[info.name] = shared
+            before, after = before + info.nbytes, after + shared.payload_bytes()
+            ctx.record(info.name, self.name, f"shared {bits} bits", info.nbytes, shared.payload_bytes(),
+                       {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value})
+        if wanted_uint4:
+            ctx.note(f"share: {len(wanted_uint4)} weights use <= 4 bits but the model's opset {opset} is below "
+                     f"{UINT4_MIN_OPSET}, so their codes are stored as uint8 (the opset was left unchanged)")
+        log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
+        return PassResult(bool(ctx.shared), {"weights": len(ctx.shared), "bytes_before": before, "bytes_after": after})
+
+    def _eligible(self, ctx: Context, info: WeightInfo) -> bool:
+        if info.skip is not None:
+            log.debug("share: %s skipped: %s", info.name, info.skip)
+            return False
+        if info.name in self.config.exclude:
+            log.debug("share: %s skipped: excluded by the recipe", info.name)
+            return False
+        return True
+
+    def ensures(self, ctx: Context, result: PassResult) -> None:
+        for shared in ctx.shared.values():
+            if shared.codes.size and int(shared.codes.max()) >= 2 ** shared.bits:
+                raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
+            if shared.decode().shape != shared.shape:
+                raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
+
+
+def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,
+                 mask: np.ndarray | None = None) -> SharedWeight:
+    """One k-means codebook for the whole tensor; masked-out entries keep code 0 = exactly 0.0."""
+    values = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
+    keep_zero = mask is not None
+    if keep_zero:
+        values = np.where(mask, values, 0.0)
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
+    return SharedWeight(name=info.name, shape=tuple(array.shape), dtype=array.dtype, codes=result.labels,
+                        codebook=result.centroids.astype(np.float32), bits=bits, channel_axis=info.channel_axis,
+                        zero_code=0 if keep_zero else None)
