@@ -1,0 +1,214 @@
+"""Intermediate tensors on demand, and a weight's layer seen as a matrix product.
+
+`capture` runs the model with chosen tensors exposed as outputs, one chunk at a time, holding
+nothing but the current chunk. `LinearLayer` views Gemm/MatMul/Conv as
+
+    out[r, j] = rows_g[r] . W_mat[j]        (g = the group of output channel j)
+
+where rows are the layer's input samples (im2col patches for Conv) and W_mat is the weight
+reshaped to (output channels, K). `LayerInputs` accumulates, batch by batch, the Gram matrix
+H_g = sum rows_g^T rows_g (the Hessian of the layer's squared output error) and a bounded
+uniform sample of rows, which is what pruning compensation and centroid refinement need.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .data import Dataset, model_inputs
+from .errors import ModelError
+from .graphs import find_graph
+from .runtime import make_session, run
+from .weights import WeightInfo
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose main graph also outputs `names`."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return exposed
+
+
+def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *,
+            max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Yield, per chunk of `data`, the values of the main-graph tensors `names`."""
+    exposed = with_outputs(model, names)
+    session = make_session(exposed)
+    specs = model_inputs(model)
+    for feed, _ in data.chunks(specs, max_batch=max_batch):
+        values = session.run(list(names), feed)
+        yield dict(zip(names, values))
+
+
+@dataclass
+class LinearLayer:
+    """The consumer of a weight, as a matrix product over rows of its input."""
+
+    weight: str
+    node: onnx.NodeProto
+    input_name: str
+    kind: str  # "gemm" | "matmul" | "conv"
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+    transposed: bool = False  # weight stored (K, out) rather than (out, K)
+    conv: dict = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "conv":
+            return self.weight_shape[0]
+        return self.weight_shape[1] if self.transposed else self.weight_shape[0]
+
+    def weight_matrix(self, weight: np.ndarray) -> np.ndarray:
+        """(out channels, K) view of the weight; row j multiplies group(j)'s input rows."""
+        if self.kind == "conv":
+            return weight.reshape(weight.shape[0], -1)
+        return weight.T if self.transposed else weight
+
+    def weight_from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return matrix.reshape(self.weight_shape)
+        return matrix.T if self.transposed else matrix
+
+    def group_of_channels(self) -> np.ndarray:
+        return np.arange(self.out_channels) // (self.out_channels // self.groups)
+
+    def input_rows(self, x: np.ndarray, max_rows: int | None = None,
+                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        """Per group, (rows, K) samples of the input, at most `max_rows` (random) each."""
+        if self.kind == "gemm":
+            rows = x.T if self.conv.get("transA") else x
+            return [_subsample(rows.reshape(-1, rows.shape[-1]), max_rows, rng)]
+        if self.kind == "matmul":
+            return [_subsample(x.reshape(-1, x.shape[-1]), max_rows, rng)]
+        return _im2col(x, self, max_rows, rng)
+
+
+def _subsample(rows: np.ndarray, max_rows: int | None, rng) -> np.ndarray:
+    if max_rows is None or rows.shape[0] <= max_rows:
+        return rows
+    pick = (rng or np.random.default_rng(0)).choice(rows.shape[0], max_rows, replace=False)
+    return rows[np.sort(pick)]
+
+
+def _im2col(x: np.ndarray, layer: LinearLayer, max_rows: int | None, rng) -> list[np.ndarray]:
+    """Patches of a 1-D or 2-D convolution's input, ordered (channel, kernel...) like W.reshape(M, -1)."""
+    c = layer.conv
+    spatial = x.ndim - 2
+    if spatial == 1:
+        x = x[:, :, None, :]
+    elif spatial != 2:
+        raise ModelError(f"layer inputs of {spatial}-D convolutions are not supported ({layer.node.name})")
+    kernel = tuple(layer.weight_shape[2:]) if spatial == 2 else (1, layer.weight_shape[2])
+    strides = _two(c.get("strides"), spatial, 1)
+    dilations = _two(c.get("dilations"), spatial, 1)
+    pads = _pads(c, x.shape[2:], kernel, strides, dilations, spatial)
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    n, channels, oh, ow = windows.shape[:4]
+    positions = n * oh * ow
+    pick = np.arange(positions)
+    if max_rows is not None and positions > max_rows:
+        pick = np.sort((rng or np.random.default_rng(0)).choice(positions, max_rows, replace=False))
+    b, i, j = np.unravel_index(pick, (n, oh, ow))
+    patches = windows[b, :, i, j]  # (rows, C, kh, kw)
+    per_group = channels // layer.groups
+    return [np.ascontiguousarray(patches[:, g * per_group:(g + 1) * per_group].reshape(len(pick), -1))
+            for g in range(layer.groups)]
+
+
+def _two(values, spatial: int, default: int) -> tuple[int, int]:
+    values = list(values) if values else [default] * spatial
+    return (1, values[0]) if spatial == 1 else (values[0], values[1])
+
+
+def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int, int, int, int]:
+    auto = c.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for dim, k, s, d in zip(size, kernel, strides, dilations):
+            out = -(-dim // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - dim, 0)
+            small = total // 2
+            pads.append((total - small, small) if auto == "SAME_LOWER" else (small, total - small))
+        return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
+    p = list(c.get("pads") or [0] * (2 * spatial))
+    return (0, p[0], 0, p[1]) if spatial == 1 else (p[0], p[1], p[2], p[3])
+
+
+def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
+    """The weight's consumer as a LinearLayer, or None when it is not a single direct Gemm/MatMul/Conv."""
+    if info.graph != "main" or len(info.consumers) != 1 or info.consumers[0].via:
+        return None
+    consumer = info.consumers[0]
+    graph = find_graph(model, info.graph)
+    node = next((n for n in graph.node if (n.name or n.op_type) == consumer.node
+                 and info.name in n.input), None)
+    if node is None:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = tuple(info.shape)
+    if node.op_type == "Gemm" and consumer.input_index == 1 and len(shape) == 2:
+        return LinearLayer(info.name, node, node.input[0], "gemm", shape, transposed=not attrs.get("transB", 0),
+                           conv={"transA": attrs.get("transA", 0)})
+    if node.op_type == "MatMul" and consumer.input_index == 1 and len(shape) == 2:
+        return LinearLayer(info.name, node, node.input[0], "matmul", shape, transposed=True)
+    if node.op_type == "Conv" and consumer.input_index == 1 and len(shape) in (3, 4):
+        return LinearLayer(info.name, node, node.input[0], "conv", shape, groups=int(attrs.get("group", 1)), conv=attrs)
+    return None
+
+
+class LayerInputs:
+    """Streaming statistics of a layer's input rows: Gram matrices and a bounded uniform sample."""
+
+    def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0):
+        self.layer = layer
+        self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
+        self.rng = np.random.default_rng(seed)
+        self.gram: list[np.ndarray] | None = None
+        self.count = 0
+        self._sample: list[np.ndarray] | None = None
+        self._keys: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        groups = self.layer.input_rows(np.asarray(x, dtype=np.float64), self.rows_per_chunk, self.rng)
+        if self.gram is None:
+            self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
+            self._sample = [np.zeros((0, g.shape[1])) for g in groups]
+            self._keys = np.zeros(0)
+        for k, rows in enumerate(groups):
+            self.gram[k] += rows.T @ rows
+        self.count += groups[0].shape[0]
+        # reservoir by random keys: keep the rows with the smallest keys seen so far
+        keys = np.concatenate([self._keys, self.rng.random(groups[0].shape[0])])
+        keep = np.argsort(keys, kind="stable")[: self.max_rows]
+        self._keys = keys[keep]
+        self._sample = [np.concatenate([old, new])[keep] for old, new in zip(self._sample, groups)]
+
+    @property
+    def rows(self) -> list[np.ndarray]:
+        """Per group, the sampled input rows (at most max_rows)."""
+        return self._sample or []
+
+    def hessian(self, group: int = 0) -> np.ndarray:
+        """H = (1/n) sum x x^T of the sampled rows of `group`."""
+        return self.gram[group] / max(self.count, 1)
+
+
+def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
+                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0) -> dict[str, LayerInputs]:
+    """One pass over `data` gathering LayerInputs for each layer (keyed by weight name)."""
+    stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed) for layer in layers}
+    names = sorted({layer.input_name for layer in layers})
+    for values in capture(model, data, names, max_batch=max_batch):
+        for layer in layers:
+            stats[layer.weight].update(values[layer.input_name])
+    return stats
