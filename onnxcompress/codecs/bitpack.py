@@ -4,8 +4,9 @@ Math: value ``v[i]`` (``0 <= v[i] < 2**bits``) occupies stream bits ``[i*bits, (
 bit ``j`` of the value (weight ``2**j``) is stream bit ``i*bits + j``, and stream bit ``t`` is
 bit ``t % 8`` (weight ``2**(t % 8)``) of byte ``t // 8`` (little-endian bit order, as
 ``np.packbits(..., bitorder="little")``). The stream is ``ceil(n*bits/8)`` bytes; unused high
-bits of the last byte are zero. Fully vectorized: values are spread into a bit matrix with
-``np.unpackbits`` and squeezed with ``np.packbits``; no Python loop per value.
+bits of the last byte are zero. Fully vectorized, no Python loop per value: writing adds
+each shifted value into the 32-bit words it spans (:func:`write_bits`), reading gathers a
+64-bit window per value from :func:`word_pairs` and shifts and masks it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from onnxcompress.errors import CodecError
 
-__all__ = ["pack", "unpack", "packed_size", "uint_dtype"]
+__all__ = ["pack", "unpack", "packed_size", "uint_dtype", "write_bits", "word_pairs"]
 
 
 def uint_dtype(bits: int) -> np.dtype:
@@ -48,9 +49,8 @@ def pack(values: np.ndarray, bits: int) -> bytes:
         raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
     if bits in (8, 16, 32):
         return v.astype(f"<u{bits // 8}").tobytes()
-    as_bytes = v.astype("<u4").view(np.uint8).reshape(-1, 4)
-    bit_matrix = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
-    return np.packbits(bit_matrix.ravel(), bitorder="little").tobytes()
+    starts = np.arange(v.size, dtype=np.int64) * bits
+    return write_bits(v, starts, v.size * bits)
 
 
 def unpack(data: bytes, bits: int, count: int) -> np.ndarray:
@@ -72,12 +72,38 @@ def unpack(data: bytes, bits: int, count: int) -> np.ndarray:
     out_dtype = uint_dtype(bits)
     if count == 0:
         return np.zeros(0, out_dtype)
-    buf = np.frombuffer(data, np.uint8, count=need)
     if bits in (8, 16, 32):
-        return buf.view(f"<u{bits // 8}").astype(out_dtype)
-    stream_bits = np.unpackbits(buf, bitorder="little")[: count * bits].reshape(count, bits)
-    width = out_dtype.itemsize * 8
-    padded = np.zeros((count, width), np.uint8)
-    padded[:, :bits] = stream_bits
-    return np.packbits(padded, axis=1, bitorder="little").view(out_dtype.newbyteorder("<")) \
-        .ravel().astype(out_dtype)
+        return np.frombuffer(data, f"<u{bits // 8}", count=count).astype(out_dtype)
+    u = word_pairs(bytes(data[:need]), 2)
+    pos = np.arange(count, dtype=np.uint64) * np.uint64(bits)
+    window = u[pos >> np.uint64(5)] >> (pos & np.uint64(31))
+    return (window & np.uint64((1 << bits) - 1)).astype(out_dtype)
+
+
+def write_bits(codes: np.ndarray, starts: np.ndarray, total_bits: int) -> bytes:
+    """Bit stream of ``ceil(total_bits/8)`` bytes with ``codes[i]`` (< 2**32, LSB first) at
+    stream bit ``starts[i]``; the ranges must not overlap.
+
+    ``v = code << (start & 31)`` (< 2**63) spans 32-bit words ``start >> 5`` (``v mod 2**32``)
+    and the next (``v >> 32``). Codes never share bits, so OR equals ADD and every word is a
+    ``bincount`` sum, exact in float64 because each word sum is < 2**32.
+    """
+    nwords = total_bits // 32 + 2
+    v = np.asarray(codes).astype(np.uint64) << (np.asarray(starts).astype(np.uint64)
+                                                 & np.uint64(31))
+    word = (np.asarray(starts) >> 5).astype(np.int64)
+    lo = np.bincount(word, weights=(v & np.uint64(0xFFFFFFFF)).astype(np.float64),
+                     minlength=nwords)
+    hi = np.bincount(word + 1, weights=(v >> np.uint64(32)).astype(np.float64),
+                     minlength=nwords)
+    return (lo + hi).astype(np.uint32).astype("<u4").tobytes()[: (total_bits + 7) // 8]
+
+
+def word_pairs(data: bytes, pad_words: int) -> np.ndarray:
+    """``u[j] = w[j] | w[j+1] << 32`` over the little-endian 32-bit words ``w`` of ``data``
+    followed by ``pad_words`` zero words, so that the ``k <= 32`` bits at stream position
+    ``p`` are ``(u[p >> 5] >> (p & 31)) & (2**k - 1)`` for any ``p < 8*len(data)``."""
+    buf = np.zeros(-(-len(data) // 4) + pad_words + 1, np.uint32)
+    buf.view(np.uint8)[:len(data)] = np.frombuffer(data, np.uint8)
+    w = buf.astype("<u4", copy=False).astype(np.uint64)
+    return w[:-1] | (w[1:] << np.uint64(32))
