@@ -194,9 +194,8 @@ def test_code_lengths_properties(counts, max_len):
     h = C.entropy_bits(np.repeat(np.arange(c.size), c))
     if max_len >= 20 or cost == reference:
         assert cost <= n * h + n + 1e-6 * n
-    # when the unrestricted code already fits, the limit does not bind: optimal cost
-    if k <= 2**max_len and max_len >= int(np.ceil(np.log2(max(k, 2)))) + 1 and \
-            _reference_max_len(c) <= max_len:
+    # when an unrestricted optimal code already fits, the limit does not bind: optimal cost
+    if _reference_max_len(c) <= max_len:
         assert cost == reference
 
 
@@ -219,6 +218,12 @@ def test_code_lengths_limit_binds_on_fibonacci_counts():
     assert lengths.max() == 12 and sum(2.0 ** -int(l) for l in lengths) == 1.0
     s = np.repeat(np.arange(c.size), np.minimum(c, 50))
     np.testing.assert_array_equal(huffman.decode(huffman.encode(s, max_len=6)), s)
+
+
+def test_code_lengths_optimal_under_binding_limit():
+    # 5 codes of length <= 3: {1,3,3,3,3} costs 32 bits, {2,2,2,3,3} costs 34
+    assert huffman.code_lengths(np.array([1, 1, 2, 4, 8]), 3).tolist() == [3, 3, 3, 3, 1]
+    assert huffman.code_lengths(np.array([1, 1, 2, 4, 8]), 4).tolist() == [4, 4, 3, 2, 1]
 
 
 def test_canonical_codes_are_prefix_free():

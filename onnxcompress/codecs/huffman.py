@@ -39,7 +39,17 @@ MAX_CODE_LEN = 24
 #: Default limit: a 2**16-entry decode table stays in L2 cache; vs. 20 bits it costs
 #: ~0.0004 bit/symbol on 8-bit Laplace codes. Raised to ceil(log2 k) for k > 2**16 symbols.
 DEFAULT_MAX_LEN = 16
-DEFAULT_BLOCK = 1024
+
+
+def auto_block_size(n: int) -> int:
+    """Symbols per decode block: ``2**round(log2(sqrt(8 n)))`` clipped to 64..1024.
+
+    Decoding costs ~``B`` numpy steps; the block index costs ~``(n / B) * (log2(B)/2 + 3)``
+    bits. This keeps both small: 1024 for n = 1M (~0.01 bit/symbol of index, ~1000 steps),
+    64 for n = 1000.
+    """
+    b = int(round(np.log2(np.sqrt(8 * max(n, 1)))))
+    return 1 << min(max(b, 6), 10)
 _LEN_BITS = 5
 
 
@@ -124,10 +134,13 @@ def _reverse_bits(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def encode(symbols: np.ndarray, alphabet_size: int | None = None, *,
-           max_len: int = DEFAULT_MAX_LEN, block_size: int = DEFAULT_BLOCK) -> bytes:
+           max_len: int = DEFAULT_MAX_LEN, block_size: int | None = None) -> bytes:
     """Huffman-encode nonnegative int ``symbols`` (< ``alphabet_size``) into a
-    self-describing stream (format in the module docstring)."""
+    self-describing stream (format in the module docstring). ``block_size`` (symbols per
+    decode block) defaults to :func:`auto_block_size`."""
     s, alphabet_size = _wire.check_symbols(symbols, alphabet_size)
+    if block_size is None:
+        block_size = auto_block_size(s.size)
     if not 1 <= block_size <= (1 << 16):
         raise ValueError(f"block_size must be in 1..65536, got {block_size}")
     n = s.size
@@ -165,9 +178,9 @@ def _decode_table(lengths: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray
     j = np.arange(sym.size, dtype=np.int64) - group_start
     idx = rev[sym] + (j << lengths[sym])
     t_sym = np.empty(sym.size, np.int64)
-    t_len = np.empty(sym.size, np.uint64)
+    t_len = np.empty(sym.size, np.uint8)
     t_sym[idx] = sym
-    t_len[idx] = lengths[sym].astype(np.uint64)
+    t_len[idx] = lengths[sym]
     return t_sym, t_len
 
 
