@@ -321,6 +321,19 @@ def test_decode_any_detects_any_truncation_or_bit_flip(case, where, bit, method)
     _expect_codec_error(C.decode_any, bytes(flipped))
 
 
+def test_decode_any_every_truncation_and_flip_raises():
+    rng = np.random.default_rng(4)
+    s = np.minimum(rng.geometric(0.4, 500) - 1, 31)
+    for method in C.METHODS:
+        data = C.encode(method, s, 32)
+        for cut in range(len(data)):
+            _expect_codec_error(C.decode_any, data[:cut])
+        for i in range(len(data)):
+            flipped = bytearray(data)
+            flipped[i] ^= 1 << (i % 8)
+            _expect_codec_error(C.decode_any, bytes(flipped))
+
+
 def test_decode_any_unknown_tag():
     body = b"\x07" + raw.encode(np.array([1, 2]), 4)
     with pytest.raises(CodecError, match="tag"):

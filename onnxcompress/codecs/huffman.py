@@ -32,13 +32,15 @@ from onnxcompress.codecs import _wire
 from onnxcompress.codecs._wire import Reader, uvarint, bit_length
 from onnxcompress.codecs.bitpack import pack, word_pairs, write_bits
 
-__all__ = ["code_lengths", "canonical_codes", "encode", "decode", "MAX_CODE_LEN"]
+__all__ = ["code_lengths", "canonical_codes", "auto_block_size", "encode", "decode",
+           "MAX_CODE_LEN"]
 
 #: Longest code a stream may declare (decoder table has 2**max_len entries).
 MAX_CODE_LEN = 24
 #: Default limit: a 2**16-entry decode table stays in L2 cache; vs. 20 bits it costs
 #: ~0.0004 bit/symbol on 8-bit Laplace codes. Raised to ceil(log2 k) for k > 2**16 symbols.
 DEFAULT_MAX_LEN = 16
+_LEN_BITS = 5  # code lengths are stored in 5 bits each
 
 
 def auto_block_size(n: int) -> int:
@@ -50,7 +52,6 @@ def auto_block_size(n: int) -> int:
     """
     b = int(round(np.log2(np.sqrt(8 * max(n, 1)))))
     return 1 << min(max(b, 6), 10)
-_LEN_BITS = 5
 
 
 def code_lengths(counts: np.ndarray, max_len: int = DEFAULT_MAX_LEN) -> np.ndarray:
