@@ -1,0 +1,113 @@
+"""The share pass: k-means codebooks rewritten as codes -> Cast -> Gather, folded by onnxruntime."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from onnxcompress import api
+from onnxcompress.model import file_bytes
+from onnxcompress.pipeline import Context
+from onnxcompress.weights import find_weights, set_array
+from tiny import assert_valid_and_close, conv, conv_gemm, gemm, op_types, random_feeds
+
+SAMPLES = os.path.join(os.path.dirname(__file__), "..", "samples")
+
+
+def run_share(model, **options):
+    """Run the pass through a Context so the test sees the codebooks it chose."""
+    from onnxcompress.passes.share import SharePass
+
+    ctx = Context(original=model, model=onnx.ModelProto(), progress=False)
+    ctx.model.CopyFrom(model)
+    share = SharePass(**options)
+    share.requires(ctx)
+    result = share.call(ctx)
+    share.ensures(ctx, result)
+    return ctx
+
+
+def decoded_reference(ctx) -> onnx.ModelProto:
+    """The original with every shared weight overwritten by its SharedWeight.decode()."""
+    reference = onnx.ModelProto()
+    reference.CopyFrom(ctx.original)
+    for info in find_weights(reference, min_elements=0):
+        if info.name in ctx.shared:
+            set_array(reference, info, ctx.shared[info.name].decode())
+    return reference
+
+
+@pytest.mark.parametrize("build", [lambda: gemm(trans_b=True), lambda: gemm(trans_b=False), lambda: conv(),
+                                   lambda: conv(c=16, m=32, group=16)])
+def test_share_rewrites_and_matches_decoded_weights_exactly(build):
+    model = build()
+    assert any(w.name == "W" and w.skip is None for w in find_weights(model))  # precondition
+    ctx = run_share(model, bits_conv=4, bits_fc=3, bits_other=4, min_elements=64)
+    assert op_types(ctx.model)[:2] == ["Cast", "Gather"]
+    assert not any(t.name == "W" for t in ctx.model.graph.initializer)
+    assert ctx.shared["W"].codebook.size <= 16
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, random_feeds(model), atol=1e-5)
+    record = next(r for r in ctx.records if r.name == "W")
+    assert record.bytes_after < record.bytes_before
+
+
+def test_uint4_codes_at_opset_21_and_uint8_below_with_a_note():
+    model = gemm(k=128, n=64)
+    codes = next(t for t in run_share(model, bits_fc=4).model.graph.initializer if t.name.startswith("W__codes"))
+    assert codes.data_type == TensorProto.UINT4 and len(codes.raw_data) == 128 * 64 // 2
+    old = gemm(k=128, n=64, opset=19)
+    ctx = run_share(old, bits_fc=4)
+    codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
+    assert codes.data_type == TensorProto.UINT8
+    assert ctx.model.opset_import[0].version == 19
+    assert any("opset 19" in n for n in ctx.notes)
+
+
+def test_weights_inside_if_branches_are_shared():
+    from test_weights import branchy_model
+
+    model = branchy_model()
+    ctx = run_share(model, min_elements=64, bits_fc=6)
+    assert {"W1", "W2", "S", "B"} <= ctx.shared.keys()
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)}
+    for cond in (True, False):
+        feeds["cond"] = np.array(cond)
+        assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
+
+
+def test_share_pass_leaves_the_input_model_untouched():
+    model = conv_gemm()
+    before = model.SerializeToString()
+    run_share(model, min_elements=16)
+    assert model.SerializeToString() == before
+
+
+def test_unknown_option_names_the_closest():
+    from onnxcompress.errors import RecipeError
+    from onnxcompress.passes.share import SharePass
+
+    with pytest.raises(RecipeError, match="did you mean 'bits_fc'"):
+        SharePass(bits_cf=4)
+
+
+def _accuracy_drop(tmp_path, model_name, recipe):
+    src = os.path.join(SAMPLES, model_name)
+    out = tmp_path / "out.onnx"
+    report = api.compress_file(src, out, recipe, data=os.path.join(SAMPLES, "mnist_calib.npz"),
+                               eval_data=os.path.join(SAMPLES, "mnist_test.npz"))
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    return file_bytes(src) / file_bytes(out), report.validation.accuracy_drop
+
+
+@pytest.mark.parametrize("model_name", ["lenet300.onnx", "lenet5.onnx"])
+def test_share_recipe_on_samples(tmp_path, model_name):
+    ratio, drop = _accuracy_drop(tmp_path, model_name, "share")
+    assert ratio >= 3.9 and drop <= 0.3, (ratio, drop)
+
+
+def test_share_4bit_fc_on_lenet300(tmp_path):
+    recipe = tmp_path / "fc4.yaml"
+    recipe.write_text("name: fc4\npasses:\n  - share: {bits_fc: 4}\n")
+    ratio, drop = _accuracy_drop(tmp_path, "lenet300.onnx", str(recipe))
+    assert ratio >= 7.0 and drop <= 0.5, (ratio, drop)
