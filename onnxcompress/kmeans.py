@@ -19,6 +19,8 @@ Lloyd step is ``k - 1`` binary searches for the cuts ``t_j`` plus
 
 which costs O(k log n), independent of n.  Ties (a value exactly on a boundary) go to the lower
 centroid everywhere: in the Lloyd steps, in the final labels and in :func:`assign`.
+:func:`kmeans_1d_optimal` finds the global minimum instead, by dynamic programming over the
+distinct values (O(k m log m) for m distinct values): for small m, or to judge Lloyd.
 """
 from __future__ import annotations
 
@@ -29,14 +31,12 @@ import numpy as np
 
 INITS = ("linear", "density", "random")
 
-# Values beyond this magnitude are divided by a power of two during the iterations, so that sums
-# and midpoints cannot overflow; a power-of-two scale is exact, so results are unchanged.
-_SCALE_ABOVE = 2.0**500
+_SCALE_ABOVE = 2.0**500  # larger magnitudes are fit at an (exact) power-of-two scale: see _scaled
 
 
 @dataclass(frozen=True)
 class KMeansResult:
-    """Outcome of :func:`kmeans_1d`.
+    """Outcome of :func:`kmeans_1d` and :func:`kmeans_1d_optimal`.
 
     centroids: float64, shape (k_eff,), k_eff <= k, distinct and sorted ascending; with
         ``keep_zero=True`` ``centroids[0] == 0.0`` (reserved for the zeros) and ``centroids[1:]``
@@ -91,11 +91,8 @@ def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         if v.size:
             raise ValueError("assign needs at least one centroid for a non-empty array")
         return np.zeros(v.shape, dtype=np.uint8)
-    if c.size > 1 and np.all(c[1:] >= c[:-1]):
-        order = None
-    else:
-        order = np.argsort(c, kind="stable")
-        c = c[order]
+    order = None if np.all(c[1:] >= c[:-1]) else np.argsort(c, kind="stable")
+    c = c if order is None else c[order]
     idx = np.searchsorted(_boundaries(c), v.astype(np.float64, copy=False), side="left")
     if order is not None:
         idx = order[idx]
@@ -168,25 +165,18 @@ def _lloyd_sorted(xs, ws, first, c, k, max_iter, tol) -> tuple[np.ndarray, int]:
     the exact mean satisfies, so the order stays strict.  Clusters of zero weight are re-seeded
     as in scikit-learn: the e empty ones (in index order, then the missing ones) move to the e
     distinct values farthest from their centroids, farthest first (``first`` marks the first of
-    each run of equal values), then centroids are re-sorted.  Stops when the cuts repeat (an exact fixed point), when
-    max_j |c_j' - c_j| <= tol * (max - min), or after ``max_iter`` steps.
+    each run of equal values), then centroids are re-sorted.  Stops when the cuts repeat (an
+    exact fixed point), when max_j |c_j' - c_j| <= tol * (max - min), or after ``max_iter``
+    steps.
     """
     n = xs.size
     if ws is None:
-        m = float(np.mean(xs))
-        wcum = None
-        p = np.empty(n + 1)
-        p[0] = 0.0
-        np.cumsum(xs - m, out=p[1:])
+        m, wcum, dev = float(np.mean(xs)), None, xs - float(np.mean(xs))
     else:
         total = float(np.sum(ws))
         m = float(np.sum(ws * xs) / total) if total > 0 else float(np.mean(xs))
-        wcum = np.empty(n + 1)
-        wcum[0] = 0.0
-        np.cumsum(ws, out=wcum[1:])
-        p = np.empty(n + 1)
-        p[0] = 0.0
-        np.cumsum(ws * (xs - m), out=p[1:])
+        wcum, dev = np.concatenate(([0.0], np.cumsum(ws))), ws * (xs - m)
+    p = np.concatenate(([0.0], np.cumsum(dev)))
     threshold = tol * float(xs[-1] - xs[0])
     prev = None
     n_iter = 0
@@ -215,6 +205,14 @@ def _lloyd_sorted(xs, ws, first, c, k, max_iter, tol) -> tuple[np.ndarray, int]:
     return c, n_iter
 
 
+def _scaled(xs):
+    """(xs / 2**e, e): a power-of-two scale (exact) keeping sums and midpoints of huge values
+    finite; e = 0 for ordinary magnitudes."""
+    big = max(abs(float(xs[0])), abs(float(xs[-1])))
+    e = int(np.frexp(big)[1]) if big > _SCALE_ABOVE else 0
+    return (np.ldexp(xs, -e) if e else xs), e
+
+
 def _fit_sorted(xs, ws, k, init, seed, max_iter, tol) -> tuple[np.ndarray, int]:
     """Ascending distinct centroids for sorted finite ``xs``: the distinct values if there are at
     most ``k`` of them (zero error), else Lloyd from ``init``."""
@@ -223,35 +221,90 @@ def _fit_sorted(xs, ws, k, init, seed, max_iter, tol) -> tuple[np.ndarray, int]:
     new_value = np.concatenate(([True], xs[1:] != xs[:-1]))
     if np.count_nonzero(new_value) <= k:
         return xs[new_value] + 0.0, 0  # + 0.0 turns -0.0 into 0.0
-    big = max(abs(float(xs[0])), abs(float(xs[-1])))
-    shift = int(np.frexp(big)[1]) if big > _SCALE_ABOVE else 0
-    xs_s = np.ldexp(xs, -shift) if shift else xs
+    xs_s, e = _scaled(xs)
     c0 = _init_centroids(xs_s, ws, k, init, seed)
     c, n_iter = _lloyd_sorted(xs_s, ws, new_value, c0, k, max_iter, tol)
-    return (np.ldexp(c, shift) if shift else c), n_iter
+    return (np.ldexp(c, e) if e else c), n_iter
 
 
-def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0,
-              max_iter: int = 300, tol: float = 1e-8, sample_weight: np.ndarray | None = None,
-              keep_zero: bool = False) -> KMeansResult:
-    """Weighted 1-D k-means (Lloyd on sorted values with prefix sums; see the module docstring).
+def _dp_layer(prev, cost, m):
+    """One layer of the 1-D k-means dynamic programme, D(j) = min_{0<=i<=j} prev(i) + cost(i, j)
+    for j = 0..m, with its smallest argmin.  The argmin is nondecreasing in j (the cost is
+    Monge), so divide and conquer over j needs O(m log m) evaluations; all subproblems of one
+    recursion depth are evaluated together as flat arrays."""
+    best_d, best_i = np.empty(m + 1), np.empty(m + 1, dtype=np.intp)
+    jl, jr, ol, orr = (np.array([v], dtype=np.intp) for v in (0, m, 0, m))
+    while jl.size:
+        mid = (jl + jr) // 2
+        lo, length = ol, np.minimum(orr, mid) - ol + 1
+        starts = np.concatenate(([0], np.cumsum(length)[:-1]))
+        seg = np.repeat(np.arange(mid.size), length)
+        i = np.arange(seg.size) - starts[seg] + lo[seg]
+        val = prev[i] + cost(i, mid[seg])
+        low = np.minimum.reduceat(val, starts)
+        hits = np.flatnonzero(val <= low[seg])
+        first = hits[np.concatenate(([True], seg[hits][1:] != seg[hits][:-1]))]
+        best_d[mid], best_i[mid] = low, i[first]
+        arg = i[first]
+        left, right = jl <= mid - 1, mid + 1 <= jr
+        jl, jr, ol, orr = (np.concatenate((a[left], b[right])) for a, b in
+                           ((jl, mid + 1), (mid - 1, jr), (ol, arg), (arg, orr)))
+    return best_d, best_i
 
-    Minimises sum_i w_i (x_i - c_{l_i})^2 from the ``init`` centroids ("linear", "density" or
-    "random", see :func:`_init_centroids`).  With fewer than ``k`` distinct values those values
-    are the centroids, exactly.  With ``keep_zero`` values equal to 0 take label 0 and the exact
-    centroid 0.0 (always reserved, even if no value is zero) and the other k - 1 centroids are fit
-    on the nonzero values only.  Clusters left empty at the end are dropped, so k_eff <= k.
-    An empty input gives empty centroids.  Computes in float64; deterministic for a fixed seed.
+
+def _optimal_sorted(xs, ws, k) -> np.ndarray:
+    """Centroids of a globally optimal k-partition of sorted finite ``xs``.
+
+    Over the m distinct values u_t with total weights W_t and prefix sums S0, S1, S2 of W_t,
+    W_t d_t, W_t d_t^2 (d_t = u_t - mean), the cost of one cluster u[i:j] is
+    S2[i:j] - S1[i:j]^2 / S0[i:j]; D_q(j) = min_i D_{q-1}(i) + cost(i, j), D_1(j) = cost(0, j),
+    and the splits are read back from the stored argmins: O(k m log m) time, O(k m) memory.
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if xs.size == 0:
+        return np.empty(0)
+    starts = np.flatnonzero(np.concatenate(([True], xs[1:] != xs[:-1])))
+    if starts.size <= k:
+        return xs[starts] + 0.0
+    xs_s, e = _scaled(xs)
+    u = xs_s[starts]
+    wt = np.diff(np.append(starts, xs.size)).astype(np.float64) if ws is None else \
+        np.add.reduceat(ws, starts)
+    total = float(wt.sum())
+    mean = float(np.dot(wt, u) / total) if total > 0 else float(np.mean(u))
+    d = u - mean
+    s0, s1, s2 = (np.concatenate(([0.0], np.cumsum(v))) for v in (wt, wt * d, wt * d * d))
+
+    def cost(i, j):
+        w, s = s0[j] - s0[i], s1[j] - s1[i]
+        return np.maximum(s2[j] - s2[i] - s * s / np.where(w > 0, w, 1.0), 0.0)
+
+    m = u.size
+    dq = cost(np.zeros(m + 1, dtype=np.intp), np.arange(m + 1))
+    splits = []
+    for _ in range(k - 1):
+        dq, arg = _dp_layer(dq, cost, m)
+        splits.append(arg)
+    j, cuts = m, [m]
+    for arg in reversed(splits):
+        j = int(arg[j])
+        cuts.append(j)
+    cuts = np.array([0] + cuts[::-1])
+    lo, hi = cuts[:-1], cuts[1:]
+    lo, hi = lo[hi > lo], hi[hi > lo]
+    w = s0[hi] - s0[lo]
+    c = np.where(w > 0, mean + (s1[hi] - s1[lo]) / np.where(w > 0, w, 1.0), u[(lo + hi - 1) // 2])
+    c = np.unique(np.clip(c, u[lo], u[hi - 1]))
+    return np.ldexp(c, e) if e else c
+
+
+def _prepare(values, k, sample_weight, keep_zero):
+    """Validate; return (input array, flat values, sorted float64 values to fit, their weights
+    or None).  With ``keep_zero`` the zeros are left out of the sorted values."""
     k = operator.index(k)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if keep_zero and k < 2:
         raise ValueError("keep_zero=True reserves one centroid for 0.0, so k must be at least 2")
-    if max_iter < 0 or not tol >= 0:
-        raise ValueError(f"max_iter and tol must be nonnegative, got {max_iter} and {tol}")
     x = np.asarray(values)
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"values must be a real numeric array, got dtype {x.dtype}")
@@ -265,8 +318,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         if not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError("sample_weight must be finite and nonnegative")
     if flat.size == 0:
-        return KMeansResult(np.empty(0), np.zeros(x.shape, np.uint8), 0.0, 0)
-
+        return x, flat, np.empty(0), None
     if w is None:
         native = flat.dtype in (np.float16, np.float32, np.float64)
         xs = np.sort(flat if native else flat.astype(np.float64)).astype(np.float64, copy=False)
@@ -277,14 +329,18 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         ws = w[order]
     if not (np.isfinite(xs[0]) and np.isfinite(xs[-1])):  # sorting puts NaN last, -Inf first
         raise ValueError("values contains NaN or Inf; k-means needs finite values")
-
     if keep_zero:
         lo, hi = np.searchsorted(xs, 0.0, side="left"), np.searchsorted(xs, 0.0, side="right")
         xs = np.concatenate((xs[:lo], xs[hi:]))
         ws = None if ws is None else np.concatenate((ws[:lo], ws[hi:]))
-    c, n_iter = _fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, max_iter, tol)
+    return x, flat, xs, ws
 
-    # Final assignment against the final centroids; drop clusters nobody chose.
+
+def _finish(x, flat, xs, ws, c, n_iter, keep_zero) -> KMeansResult:
+    """Final nearest-centroid assignment against ascending distinct ``c`` (fit on ``xs``),
+    dropping clusters nobody chose; inertia from the sorted values."""
+    if flat.size == 0:
+        return KMeansResult(np.empty(0), np.zeros(x.shape, np.uint8), 0.0, n_iter)
     b = _boundaries(c)
     counts = np.diff(np.concatenate(([0], np.searchsorted(xs, b, side="right"), [xs.size])))
     if c.size and not np.all(counts > 0):
@@ -293,7 +349,6 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
     with np.errstate(over="ignore"):
         err2 = np.square(xs - np.repeat(c, counts))
         inertia = float(np.sum(err2) if ws is None else np.sum(ws * err2))
-
     centroids = np.concatenate(([0.0], c)) if keep_zero else c
     dtype = label_dtype(centroids.size)
     if c.size:
@@ -304,3 +359,38 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         labels += dtype.type(1)
         labels[flat == 0] = 0
     return KMeansResult(centroids, labels.reshape(x.shape), inertia, n_iter)
+
+
+def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0,
+              max_iter: int = 300, tol: float = 1e-8, sample_weight: np.ndarray | None = None,
+              keep_zero: bool = False) -> KMeansResult:
+    """Weighted 1-D k-means (Lloyd on sorted values with prefix sums; see the module docstring).
+
+    Minimises sum_i w_i (x_i - c_{l_i})^2 from the ``init`` centroids ("linear", "density" or
+    "random", see :func:`_init_centroids`).  With fewer than ``k`` distinct values those values
+    are the centroids, exactly.  With ``keep_zero`` values equal to 0 take label 0 and the exact
+    centroid 0.0 (always reserved, even if no value is zero) and the other k - 1 centroids are fit
+    on the nonzero values only (the weights of the zeros do not matter).  Empty clusters are
+    re-seeded during the iterations (see :func:`_lloyd_sorted`); any left empty at the end are
+    dropped, so k_eff <= k.  ``tol`` is relative to the range of the values fit.
+    An empty input gives empty centroids.  Computes in float64; deterministic for a fixed seed.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if max_iter < 0 or not tol >= 0:
+        raise ValueError(f"max_iter and tol must be nonnegative, got {max_iter} and {tol}")
+    x, flat, xs, ws = _prepare(values, k, sample_weight, keep_zero)
+    c, n_iter = _fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, max_iter, tol)
+    return _finish(x, flat, xs, ws, c, n_iter, keep_zero)
+
+
+def kmeans_1d_optimal(values: np.ndarray, k: int, *, sample_weight: np.ndarray | None = None,
+                      keep_zero: bool = False) -> KMeansResult:
+    """Globally optimal weighted 1-D k-means, by dynamic programming over the m distinct values
+    (see :func:`_optimal_sorted`): O(k m log m) time and O(k m) memory, so meant for small m
+    (float16 weights, already-quantized tensors, tests).  Same result conventions as
+    :func:`kmeans_1d`; ``n_iter`` is 0.
+    """
+    x, flat, xs, ws = _prepare(values, k, sample_weight, keep_zero)
+    c = _optimal_sorted(xs, ws, k - 1 if keep_zero else k)
+    return _finish(x, flat, xs, ws, c, 0, keep_zero)

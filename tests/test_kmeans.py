@@ -2,13 +2,16 @@
 edge cases, weights, properties (hypothesis) and MSE parity with scikit-learn."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxcompress.kmeans import KMeansResult, assign, kmeans_1d, quantization_mse
+from onnxcompress.kmeans import (KMeansResult, assign, kmeans_1d, kmeans_1d_optimal,
+                                 quantization_mse)
 
 
 def naive_lloyd(x, c, w=None, max_iter=300, tol=1e-8, k=None):
@@ -120,7 +123,9 @@ def test_inits_follow_their_rules_and_differ():
     rnd = kmeans_1d(x, k, init="random", max_iter=0, seed=3).centroids
     np.testing.assert_allclose(lin, np.linspace(x.min(), x.max(), k))
     xs = np.sort(x)
-    np.testing.assert_array_equal(den, xs[np.ceil((np.arange(k) + 0.5) / k * x.size).astype(int) - 1])
+    np.testing.assert_array_equal(den, initial_centroids(x, k, "density", 0))
+    np.testing.assert_array_equal(den, [xs[int(np.ceil((j + 0.5) / k * x.size)) - 1]
+                                        for j in range(k)])
     assert set(rnd) <= set(x) and rnd.size == k
     assert not np.allclose(lin, den) and not np.allclose(lin, rnd) and not np.allclose(den, rnd)
     for init in ("linear", "density", "random"):
@@ -306,3 +311,47 @@ def test_mse_matches_sklearn():
     km = sklearn_cluster.KMeans(k, init=init, n_init=1, algorithm="lloyd").fit(x.reshape(-1, 1))
     theirs = quantization_mse(x, km.cluster_centers_.ravel(), km.labels_)
     assert quantization_mse(x, ours.centroids, ours.labels) <= 1.01 * theirs
+
+
+def brute_force_optimum(x, k, w):
+    """Smallest weighted SSE over every partition of the sorted distinct values into k runs."""
+    u = np.unique(x)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, u.size), k - 1):
+        edges, total = (0, *cuts, u.size), 0.0
+        for a, b in zip(edges[:-1], edges[1:]):
+            sel = (x >= u[a]) & (x <= u[b - 1])
+            if w[sel].sum() > 0:
+                c = np.sum(w[sel] * x[sel]) / w[sel].sum()
+                total += np.sum(w[sel] * (x[sel] - c) ** 2)
+        best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_optimal_matches_brute_force_and_beats_lloyd(seed):
+    rng = np.random.default_rng(200 + seed)
+    n, k = int(rng.integers(3, 14)), int(rng.integers(1, 5))
+    x = np.round(rng.normal(size=n), 1)  # ties included
+    w = rng.exponential(size=n) if seed % 2 else np.ones(n)
+    r = kmeans_1d_optimal(x, k, sample_weight=w)
+    check_result(x, r)
+    best = brute_force_optimum(x, k, w)
+    assert r.inertia == pytest.approx(best, rel=1e-9, abs=1e-12)
+    for init in ("linear", "density", "random"):
+        assert r.inertia <= kmeans_1d(x, k, init=init, sample_weight=w).inertia + 1e-12
+
+
+def test_optimal_keep_zero_and_edges():
+    rng = np.random.default_rng(9)
+    x = np.round(rng.laplace(0, 1, 400), 1)
+    x[::3] = 0.0
+    r = kmeans_1d_optimal(x, 8, keep_zero=True)
+    check_result(x, r, keep_zero=True)
+    assert np.all((r.labels == 0) == (x == 0)) and r.centroids.size == 8
+    assert r.inertia <= kmeans_1d(x, 8, keep_zero=True).inertia
+    assert kmeans_1d_optimal(np.empty(0), 3).centroids.size == 0
+    np.testing.assert_array_equal(kmeans_1d_optimal(np.array([2.0, 1.0, 2.0]), 3).centroids,
+                                  [1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kmeans_1d_optimal(np.array([np.nan, 1.0]), 2)
