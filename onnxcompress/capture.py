@@ -212,3 +212,59 @@ def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence
         for layer in layers:
             stats[layer.weight].update(values[layer.input_name])
     return stats
+
+
+@dataclass
+class PairedGrams:
+    """Gram matrices of one layer's input rows in the current model (X_c) and a reference model (X_r).
+
+    Per group g, averaged over rows: current[g] = X_c^T X_c, cross[g] = X_c^T X_r,
+    reference[g] = X_r^T X_r. Without a reference, cross and reference are None (X_r = X_c).
+    The same rows are sampled from both models (same data chunk, same random pick).
+    """
+
+    layer: LinearLayer
+    current: list[np.ndarray]
+    cross: list[np.ndarray] | None
+    reference: list[np.ndarray] | None
+    count: int
+
+
+def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
+                         layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
+                         seed: int = 0) -> PairedGrams:
+    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer."""
+    name = layer.input_name
+    streams = [capture(current, data, [name], max_batch=max_batch)]
+    if reference is not None:
+        streams.append(capture(reference, data, [name], max_batch=max_batch))
+    h = c = r = None
+    count = 0
+    for chunk, values in enumerate(zip(*streams)):
+        rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
+                                 np.random.default_rng((seed, chunk))) for v in values]
+        if h is None:
+            h = [np.zeros((g.shape[1], g.shape[1])) for g in rows[0]]
+            if reference is not None:
+                c = [np.zeros_like(x) for x in h]
+                r = [np.zeros_like(x) for x in h]
+        for g, xc in enumerate(rows[0]):
+            h[g] += xc.T @ xc
+            if reference is not None:
+                xr = rows[1][g]
+                c[g] += xc.T @ xr
+                r[g] += xr.T @ xr
+        count += rows[0][0].shape[0]
+    if h is None:
+        raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
+    scale = 1.0 / max(count, 1)
+    norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
+    return PairedGrams(layer, norm(h), norm(c), norm(r), count)
+
+
+def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:
+    """Index of the layer's node in the main graph (for processing layers in graph order)."""
+    for i, node in enumerate(model.graph.node):
+        if node is layer.node or (node.name == layer.node.name and list(node.output) == list(layer.node.output)):
+            return i
+    return len(model.graph.node)

@@ -18,6 +18,7 @@ from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
 from onnxcompress.kmeans import kmeans_1d
+from onnxcompress.layerfit import in_layer_order, refine_shared
 from onnxcompress.model import opset_of
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight
@@ -34,6 +35,11 @@ class ShareConfig:
     min_elements: int = 256  # smaller tensors are left alone
     exclude: list = field(default_factory=list)  # weight names to leave alone
     seed: int = 0
+    # least-squares centroids on the calibration data (onnxcompress.refine), toward the original model's
+    # layer outputs; only with data and for weights of a single Gemm/MatMul/Conv
+    refine: bool = True
+    refine_ridge: float = 1e-3  # pull toward the k-means centroids, relative to mean(diag G)
+    reassign_rounds: int = 1  # move entries to the nearest refined centroid and refit, if it helps
 
     def __post_init__(self):
         for name in ("bits_conv", "bits_fc", "bits_other"):
@@ -59,6 +65,9 @@ class SharePass(Pass):
         opset = opset_of(ctx.model)
         scope = NameScope(ctx.model)
         candidates = [w for w in ctx.weights(cfg.min_elements) if self._eligible(ctx, w)]
+        refining = cfg.refine and ctx.data is not None
+        if refining:  # each layer's inputs are captured after the layers before it are shared
+            candidates = in_layer_order(ctx.model, candidates)
         before = after = 0
         wanted_uint4 = []
         for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
@@ -67,6 +76,10 @@ class SharePass(Pass):
                                   mask=ctx.masks.get(info.name))
             if bits <= 4 and opset < UINT4_MIN_OPSET:
                 wanted_uint4.append(info.name)
+            if refining:
+                shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
+                                                reassign_rounds=cfg.reassign_rounds)
+                ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
             if shared.payload_bytes() >= info.nbytes:
                 log.debug("share: %s left alone: codebook form is not smaller", info.name)
                 ctx.record(info.name, self.name, "skipped: codebook form not smaller")

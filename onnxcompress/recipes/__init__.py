@@ -23,9 +23,15 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
+    # magnitude pruning alone (refit on the calibration data when given)
+    "prune": [("prune", {})],
+    # the portable half of Deep Compression: prune, then share with the zeros kept exact
+    "deep-compression-portable": [("prune", {}), ("share", {})],
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
+    "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
+    "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
 }
 
 

@@ -1,0 +1,217 @@
+"""Pruning (Deep Compression stage 1): drop the smallest weights, refit the survivors on data.
+
+Per weight, a mask (True = kept) is chosen by magnitude, either at a target sparsity or by the
+paper's threshold rule |w| < quality * std(w). With calibration data, each Gemm/MatMul/Conv
+layer is then compensated, in graph order so that every layer sees the inputs of the already
+pruned layers before it: the kept weights of each output channel are refit by least squares to
+reproduce the original model's layer output (see :mod:`onnxcompress.refine`), or updated
+column by column with OBS (SparseGPT), which also chooses its own mask. The weights stay dense
+with exact zeros; storing them sparsely is the job of later passes (`ctx.masks` carries the
+masks to them).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from onnxcompress import refine
+from onnxcompress.capture import LinearLayer, graph_position, linear_layer
+from onnxcompress.layerfit import layer_fit
+from onnxcompress.errors import ModelError, PreconditionError
+from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.weights import Role, WeightInfo, get_array, set_array
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    method: Literal["sparsity", "threshold"] = "sparsity"
+    # defaults from Han et al. (LeNet-300-100 keeps 8%/9% of its hidden fc layers, AlexNet ~9-10%
+    # of fc and 35-40% of conv2-5; LeNet-5 keeps 66% of conv1, AlexNet 84%)
+    sparsity_fc: float = 0.91  # Gemm / MatMul
+    sparsity_conv: float = 0.65  # Conv / ConvTranspose
+    sparsity_head: float = 0.75  # layers with at most `head_channels` outputs (classifiers: the paper keeps 19-26%)
+    head_channels: int = 16
+    sparsity_stem: float = 0.35  # convolutions with a fan-in of at most `stem_fan_in` (first layer on raw inputs)
+    stem_fan_in: int = 75
+    sparsity_other: float = 0.5  # weights of any other consumer (embeddings, recurrent, Mul/Add constants)
+    quality: float = 1.0  # method "threshold": prune |w| < quality * std(w)
+    sparsity: dict = field(default_factory=dict)  # weight name -> sparsity, over every default
+    compensation: Literal["lstsq", "sparsegpt", "none"] = "lstsq"
+    target: Literal["original", "current"] = "original"  # refit toward the original model's layer outputs
+    damping: float = 0.01  # ridge of the refits, relative to mean(diag H)
+    max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
+    rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
+    min_elements: int = 256
+    exclude: list = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("sparsity_fc", "sparsity_conv", "sparsity_head", "sparsity_stem", "sparsity_other"):
+            _check_fraction(name, getattr(self, name))
+        for name, value in self.sparsity.items():
+            _check_fraction(f"sparsity['{name}']", value)
+        if self.quality < 0:
+            raise ValueError(f"quality must be >= 0, not {self.quality}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, not {self.damping}")
+
+
+def _check_fraction(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1), not {value!r}")
+
+
+@dataclass
+class PruneResult(PassResult):
+    """Per pruned weight: the fraction of entries kept."""
+
+    kept: dict[str, float] = field(default_factory=dict)
+
+
+class PrunePass(Pass):
+    name = "prune"
+    Config = PruneConfig
+
+    def requires(self, ctx: Context) -> None:
+        if ctx.shared:
+            raise PreconditionError("weights are already shared; run 'prune' before 'share'")
+
+    def call(self, ctx: Context) -> PassResult:
+        cfg: PruneConfig = self.config
+        self._targets: dict[str, float] = {}
+        unknown = sorted(set(cfg.sparsity) - {w.name for w in ctx.weights(0)})
+        if unknown:
+            raise ModelError(f"prune: the model has no weight(s) {unknown} named in the 'sparsity' option")
+        candidates = [w for w in ctx.weights(cfg.min_elements) if self._eligible(ctx, w)]
+        layers = {w.name: linear_layer(ctx.model, w) for w in candidates}
+        candidates.sort(key=lambda w: graph_position(ctx.model, layers[w.name]) if layers[w.name] else -1)
+        compensate = cfg.compensation != "none" and ctx.data is not None
+        if cfg.compensation != "none" and ctx.data is None and candidates:
+            ctx.note("prune: no calibration data, so the kept weights were not refit (plain magnitude pruning); "
+                     "pass --data to compensate the pruning error")
+        kept: dict[str, float] = {}
+        total = pruned = 0
+        for info in tqdm(candidates, desc="prune", unit="weight", disable=not ctx.progress, leave=False):
+            array = get_array(ctx.model, info)
+            if not np.all(np.isfinite(array)):
+                raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
+            layer = layers[info.name]
+            sparsity = self._sparsity(ctx, info, layer, array)
+            details: dict = {"sparsity_target": round(sparsity, 4)}
+            if compensate and layer is not None:
+                new, keep = self._compensated(ctx, info, layer, array, sparsity, details)
+            else:
+                if compensate:
+                    details["compensation"] = "none: not a single Gemm/MatMul/Conv input"
+                    log.debug("prune: %s not compensated: its consumer is not one Gemm/MatMul/Conv", info.name)
+                keep = magnitude_mask(array, sparsity)
+                new = np.where(keep, array, 0)
+            set_array(ctx.model, info, new.astype(array.dtype))
+            ctx.masks[info.name] = keep
+            self._targets[info.name] = sparsity
+            frac = float(keep.mean())
+            kept[info.name] = frac
+            total, pruned = total + keep.size, pruned + int(keep.size - keep.sum())
+            details["kept"] = round(frac, 4)
+            ctx.record(info.name, self.name, f"pruned {100 * (1 - frac):.0f}%", info.nbytes, info.nbytes, details)
+        log.info("prune: %d weights, %d of %d entries pruned", len(kept), pruned, total)
+        return PruneResult(bool(pruned), {"weights": len(kept), "pruned": pruned, "entries": total}, kept=kept)
+
+    def _eligible(self, ctx: Context, info: WeightInfo) -> bool:
+        reason = info.skip
+        if reason is None and info.name in self.config.exclude:
+            reason = "excluded by the recipe"
+        if reason is None and len(info.shape) < 2:
+            reason = "a vector (bias or scale)"
+        if reason is None and info.location == "sparse_initializer":
+            reason = "already a sparse initializer"
+        if reason is not None:
+            log.debug("prune: %s skipped: %s", info.name, reason)
+            return False
+        return True
+
+    def _sparsity(self, ctx: Context, info: WeightInfo, layer: LinearLayer | None, array: np.ndarray) -> float:
+        cfg: PruneConfig = self.config
+        planned = ctx.plan.get(info.name, {}).get("sparsity")
+        if planned is not None:
+            return float(planned)
+        if info.name in cfg.sparsity:
+            return float(cfg.sparsity[info.name])
+        if cfg.method == "threshold":
+            values = np.abs(np.asarray(array, dtype=np.float64))
+            return float(np.mean(values < cfg.quality * float(np.std(array))))
+        return default_sparsity(cfg, info, layer)
+
+    def _compensated(self, ctx: Context, info: WeightInfo, layer: LinearLayer, array: np.ndarray, sparsity: float,
+                     details: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Mask and refit one layer on inputs captured from the current (partly pruned) model."""
+        cfg: PruneConfig = self.config
+        fit = layer_fit(ctx, info, layer, target=cfg.target, rows_per_chunk=cfg.rows_per_chunk)
+        w_cur = layer.weight_matrix(np.asarray(array, dtype=np.float64))
+        method = cfg.compensation
+        keep_m = layer.weight_matrix(magnitude_mask(array, sparsity))
+        if method == "lstsq" and refine.lstsq_cost(keep_m) > cfg.max_lstsq_flops:
+            log.info("prune: %s: %.1e flops of per-channel solves, using SparseGPT updates instead",
+                     info.name, refine.lstsq_cost(keep_m))
+            method = "sparsegpt-fixed"
+        out = np.zeros_like(w_cur)
+        keep_out = np.zeros(w_cur.shape, dtype=bool)
+        for rows, h, cross, _ in fit.groups():
+            target = refine.dense_target(fit.reference[rows], h, cross, damping=cfg.damping)
+            if method == "lstsq":
+                out[rows] = refine.masked_lstsq(target, keep_m[rows], h, damping=cfg.damping)
+                keep_out[rows] = keep_m[rows]
+            elif method == "sparsegpt-fixed":
+                out[rows], keep_out[rows] = refine.sparsegpt(target, h, keep=keep_m[rows], damping=cfg.damping)
+            else:
+                out[rows], keep_out[rows] = refine.sparsegpt(target, h, sparsity=sparsity, damping=cfg.damping)
+        err_plain, signal = fit.error(np.where(keep_out, w_cur, 0.0))
+        err_new, _ = fit.error(out)
+        details.update(compensation=method, rows=fit.grams.count,
+                       sqnr_db_magnitude=round(refine.sqnr_db(err_plain, signal), 2),
+                       sqnr_db=round(refine.sqnr_db(err_new, signal), 2))
+        log.debug("prune: %s layer-output SQNR %.1f dB (magnitude only) -> %.1f dB (%s)", info.name,
+                  refine.sqnr_db(err_plain, signal), refine.sqnr_db(err_new, signal), method)
+        keep_out &= out != 0  # an exact zero after the refit is a pruned entry too
+        new = layer.weight_from_matrix(np.where(keep_out, out, 0.0))
+        return new, layer.weight_from_matrix(keep_out)
+
+    def ensures(self, ctx: Context, result: PassResult) -> None:
+        infos = {w.name: w for w in ctx.weights(0)}
+        for name, target in self._targets.items():
+            keep = ctx.masks[name]
+            if abs((1.0 - float(keep.mean())) - target) > 0.01:
+                raise AssertionError(f"prune: {name} has sparsity {1 - keep.mean():.4f}, target {target:.4f}")
+            values = get_array(ctx.model, infos[name])
+            if np.any(values[~keep] != 0):
+                raise AssertionError(f"prune: pruned entries of {name} are not exactly 0")
+
+
+def default_sparsity(cfg: PruneConfig, info: WeightInfo, layer: LinearLayer | None) -> float:
+    """The role- and size-aware default: head (few outputs) > stem (tiny fan-in conv) > role."""
+    out_channels = layer.out_channels if layer is not None else (
+        info.shape[info.channel_axis] if info.channel_axis is not None else None)
+    if out_channels is not None and out_channels <= cfg.head_channels and info.role != Role.OTHER:
+        return cfg.sparsity_head
+    if info.role in (Role.CONV, Role.CONV_TRANSPOSE):
+        fan_in = int(np.prod(info.shape)) // max(out_channels or 1, 1)
+        return cfg.sparsity_stem if fan_in <= cfg.stem_fan_in else cfg.sparsity_conv
+    if info.role.is_fully_connected:
+        return cfg.sparsity_fc
+    return cfg.sparsity_other
+
+
+def magnitude_mask(array: np.ndarray, sparsity: float) -> np.ndarray:
+    """True for the round((1 - sparsity) * n) entries of largest |w| (ties broken by position)."""
+    flat = np.abs(np.asarray(array, dtype=np.float64)).reshape(-1)
+    n_keep = int(round((1.0 - sparsity) * flat.size))
+    keep = np.zeros(flat.size, dtype=bool)
+    if n_keep > 0:
+        order = np.argsort(-flat, kind="stable")
+        keep[order[:n_keep]] = True
+    return keep.reshape(np.shape(array))
