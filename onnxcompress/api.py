@@ -80,6 +80,25 @@ def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, sh
     return comparison
 
 
+def unpack(model: ModelLike) -> onnx.ModelProto:
+    """The portable form of a packed model: codes + Cast + Gather(codebook) per packed weight."""
+    from .packed import unpack as unpack_model
+
+    return unpack_model(_as_model(model))
+
+
+def unpack_file(source: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int]:
+    """Unpack a packed model file into `output` (atomically); returns (bytes before, bytes after)."""
+    from .runtime import uses_domain
+
+    check_output_path(output, source)
+    model = load_model(source)
+    if not uses_domain(model):
+        log.warning("'%s' holds no packed weights; writing it unchanged", source)
+    save_model(unpack(model), output)
+    return file_bytes(source), file_bytes(output)
+
+
 def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
     """File size, opsets and one entry per weight (with sparsity and distinct values)."""
     proto = _as_model(model)
@@ -102,4 +121,12 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
         "total_params": int(sum(int(np.prod(r["shape"], dtype=np.int64)) for r in floats)),
         "float_weight_bytes": int(sum(r["bytes"] for r in floats)),
         "weights": rows,
+        "packed_weights": _packed_rows(proto),
     }
+
+
+def _packed_rows(proto: onnx.ModelProto) -> list[dict]:
+    """Per packed weight: stored bytes and bits per weight of each stream (empty for portable models)."""
+    from .packed import packed_weights
+
+    return packed_weights(proto)

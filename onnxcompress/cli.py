@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--min-elements", type=int, default=256, help="tensors smaller than this are marked tiny")
 
+    p = sub.add_parser("unpack", help="turn a packed model into a portable one (standard ONNX ops only)",
+                       description="Decode every packed weight of PACKED and write the portable codebook form "
+                                   "(uint codes + Cast + Gather) that stock onnxruntime runs.")
+    p.add_argument("model", help="the packed model")
+    p.add_argument("-o", "--output", required=True, help="where to write the portable model")
+
     sub.add_parser("recipes", help="list the built-in recipes")
     return parser
 
@@ -160,6 +166,29 @@ def _inspect(args) -> int:
 
     info = inspect(args.model, min_elements=args.min_elements)
     print(_dump(info) if args.json else inspect_text(info))
+    if info.get("packed_weights") and not args.json:
+        print(_packed_text(info["packed_weights"]))
+    return 0
+
+
+def _packed_text(rows: list[dict]) -> str:
+    from .report import human_bytes, table
+
+    body = [[r["name"], "x".join(map(str, r["shape"])), str(r["bits"]), r["layout"], f"{100 * r['nonzero']:.1f}%",
+             human_bytes(r["stored_bytes"]), f"{r['bits_per_weight']:.3f}",
+             ", ".join(f"{k}:{v['method']} {v['bits_per_weight']:.3f}" for k, v in r["streams"].items())]
+            for r in rows]
+    return "packed weights (streams: b codebook, c codes, i relative indices, v sparse codes, s scales, " \
+           "g group offsets, o/u outliers; bits per weight)\n" + \
+        table(["weight", "shape", "bits", "layout", "nonzero", "stored", "bits/weight", "streams"], body)
+
+
+def _unpack(args) -> int:
+    from .api import unpack_file
+    from .report import human_bytes
+
+    before, after = unpack_file(args.model, args.output)
+    print(f"unpacked {args.model} ({human_bytes(before)}) -> {args.output} ({human_bytes(after)}, portable)")
     return 0
 
 
@@ -172,7 +201,7 @@ def _recipes(args) -> int:
     return 0
 
 
-_COMMANDS = {"compress": _compress, "validate": _validate, "inspect": _inspect, "recipes": _recipes}
+_COMMANDS = {"compress": _compress, "validate": _validate, "inspect": _inspect, "recipes": _recipes, "unpack": _unpack}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ from .codebook import SharedWeight
 from .data import Dataset
 from .errors import OnnxCompressError, PassError, RecipeError
 from .metrics import Comparison, compare_models
+from .packed import Layout, PackedWeight
 from .weights import WeightInfo, find_weights
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class Context:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     # share -> sparse, entropy, packed form: the codebook form of each shared weight
     shared: dict[str, SharedWeight] = field(default_factory=dict)
+    # sparse -> entropy: how each shared weight's codes are laid out in the packed form
+    layouts: dict[str, Layout] = field(default_factory=dict)
+    # entropy -> packed form, report: the encoded blob and stream sizes of each shared weight
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
     # calibrate -> qdq: activation statistics (set by the calibration pass)
     calibration: Any = None
     # bitwidth -> share/prune/qdq: per-weight settings chosen by the search

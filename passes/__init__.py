@@ -5,8 +5,12 @@ from onnxcompress.pipeline import Pass
 
 from .prune import PrunePass
 from .share import SharePass
+from .sparse import SparsePass
+from .entropy import EntropyPass
 
 PASSES: dict[str, type[Pass]] = {
     PrunePass.name: PrunePass,
     SharePass.name: SharePass,
+    SparsePass.name: SparsePass,
+    EntropyPass.name: EntropyPass,
 }

@@ -23,6 +23,9 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
+    # Deep Compression (Han et al. 2016): prune, share with the zeros kept exact, CSR with
+    # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable)
+    "deep-compression": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
     # magnitude pruning alone (refit on the calibration data when given)
     "prune": [("prune", {})],
     # the portable half of Deep Compression: prune, then share with the zeros kept exact
@@ -30,6 +33,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
+    "deep-compression": "prune + share + sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
     "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
 }
@@ -73,7 +77,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return _parse(doc, path.stem, str(path))
 
 
-FORMS: dict[str, str] = {}
+FORMS: dict[str, str] = {"deep-compression": "packed"}
 
 
 def _parse(doc: Any, default_name: str, where: str) -> Recipe:
