@@ -1,0 +1,200 @@
+"""Activation calibration: the range of every float activation, streamed batch by batch.
+
+One augmented onnxruntime session (built in memory by `capture`) exposes every float tensor of
+the main graph; each chunk of calibration data (batched along the model's dynamic batch axis
+where it has one) updates a running min/max and, for the histogram methods, a fixed-size
+:class:`StreamingHistogram` per tensor, then is dropped. Memory therefore depends on the model
+and the batch size, never on the number of samples.
+
+Methods: ``minmax`` (observed range), ``percentile`` (clip the tails), ``entropy`` (KL
+divergence, TensorRT style), ``mse`` (the clipping that minimizes expected squared error).
+The result, a :class:`CalibrationResult`, goes to ``ctx.calibration`` for the qdq pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxcompress.capture import capture
+from onnxcompress.errors import DataError, PreconditionError
+from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.quantmath import (TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range,
+                                    scale_zero_point)
+
+log = logging.getLogger(__name__)
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Calibrated range of one tensor, and what was observed."""
+
+    low: float
+    high: float
+    observed_min: float
+    observed_max: float
+
+    def scale_zero_point(self, qtype: str, *, symmetric: bool) -> tuple[float, int]:
+        """(s, z) of this range for an activation type ('uint8' or 'int8')."""
+        t = TYPES[qtype]
+        qmin, qmax = t.symmetric_range() if symmetric else (t.qmin, t.qmax)
+        s, z = scale_zero_point(self.low, self.high, qmin, qmax, symmetric=symmetric)
+        return float(s), int(z)
+
+
+@dataclass
+class CalibrationResult:
+    """Per-tensor ranges from the calibration pass: what QDQ insertion requires."""
+
+    method: str
+    symmetric: bool
+    samples: int
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ranges
+
+    def __getitem__(self, name: str) -> TensorRange:
+        return self.ranges[name]
+
+
+@dataclass(kw_only=True)
+class CalibrateConfig:
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    symmetric: bool = False  # symmetric activation ranges ([-a, a]); asymmetric by default
+    activation_type: Literal["uint8", "int8"] = "uint8"  # the type the ranges are tuned for (mse)
+    percentile: float = 99.999
+    bins: int = 2048  # histogram bins over [-R, R] (histogram methods)
+    entropy_levels: int = 128  # quantized bins of the KL search (TensorRT: 128)
+    max_samples: int | None = None  # use only the first N calibration samples
+    max_batch: int = 64  # samples per onnxruntime call where the batch axis is dynamic
+    tensors: list = field(default_factory=list)  # calibrate only these tensors (default: every float activation)
+
+    def __post_init__(self):
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], not {self.percentile}")
+        if self.bins < 64 or self.bins % 4:
+            raise ValueError(f"bins must be a multiple of 4 and at least 64, not {self.bins}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
+
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's float tensors that are not constants: inputs and node outputs."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # unknown custom ops: fall back to what the model declares
+        log.debug("shape inference failed (%s); using declared types only", e)
+        inferred = model
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(graph.value_info) + list(graph.input) + list(graph.output) if v.type.HasField("tensor_type")}
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    names = [i.name for i in graph.input if i.name not in constants]
+    names += [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]
+    return [n for n in dict.fromkeys(names) if types.get(n) in _FLOATS]
+
+
+class CalibratePass(Pass):
+    name = "calibrate"
+    Config = CalibrateConfig
+
+    def requires(self, ctx: Context) -> None:
+        if ctx.data is None:
+            raise PreconditionError("calibration needs data: pass --data with a few hundred representative inputs")
+
+    def call(self, ctx: Context) -> PassResult:
+        cfg: CalibrateConfig = self.config
+        result = calibrate(ctx.model, ctx.data.limit(cfg.max_samples), cfg, progress=ctx.progress)
+        ctx.calibration = result
+        return PassResult(False, {"method": cfg.method, "tensors": len(result.ranges), "samples": result.samples})
+
+    def ensures(self, ctx: Context, result: PassResult) -> None:
+        for name, r in ctx.calibration.ranges.items():
+            if not (np.isfinite(r.low) and np.isfinite(r.high) and r.low <= r.high):
+                raise PreconditionError(f"calibration of '{name}' gave an invalid range [{r.low}, {r.high}]")
+
+
+_SAME_VALUES = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def derived_tensors(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[str, str]]:
+    """Tensors whose statistics follow exactly from another calibrated tensor's, in graph order.
+
+    Reshapes and transposes hold the same values as their input ("same"); Relu's histogram is
+    its input's with the negative counts moved to zero ("relu"). They need not be captured.
+    """
+    wanted, found = set(names), {}
+    for node in model.graph.node:
+        if not node.input or len(node.output) != 1 or node.output[0] not in wanted or node.input[0] not in wanted:
+            continue
+        if node.op_type in _SAME_VALUES:
+            found[node.output[0]] = (node.input[0], "same")
+        elif node.op_type == "Relu":
+            found[node.output[0]] = (node.input[0], "relu")
+    return found
+
+
+def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = None, *,
+              progress: bool = False) -> CalibrationResult:
+    """Ranges of the chosen (default: all float activation) tensors of `model` over `data`."""
+    cfg = config or CalibrateConfig()
+    names = list(cfg.tensors) or float_activations(model)
+    missing = sorted(set(names) - set(float_activations(model))) if cfg.tensors else []
+    if missing:
+        raise PreconditionError(f"cannot calibrate {missing[:5]}: not float activations of the main graph")
+    derived = derived_tensors(model, names)
+    captured = [n for n in names if n not in derived]
+    use_hist = cfg.method != "minmax"
+    hists = {n: StreamingHistogram(cfg.bins) for n in captured} if use_hist else {}
+    lows = dict.fromkeys(captured, np.inf)
+    highs = dict.fromkeys(captured, -np.inf)
+    bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
+    for values in capture(model, data, captured, max_batch=cfg.max_batch):
+        for name, value in values.items():
+            value = np.asarray(value)
+            if value.size == 0:
+                continue
+            lo, hi = float(value.min()), float(value.max())
+            if use_hist:
+                hists[name].update(value, minmax=(lo, hi))
+            lows[name], highs[name] = min(lows[name], lo), max(highs[name], hi)
+        bar.update(1)
+    bar.close()
+    for name, (source, kind) in derived.items():  # graph order: a source is ready before its users
+        relu = kind == "relu"
+        lows[name] = max(lows[source], 0.0) if relu and np.isfinite(lows[source]) else lows[source]
+        highs[name] = max(highs[source], 0.0) if relu and np.isfinite(highs[source]) else highs[source]
+        if use_hist:
+            hists[name] = hists[source].after_relu() if relu else hists[source]
+    result = CalibrationResult(cfg.method, cfg.symmetric, len(data))
+    t = TYPES[cfg.activation_type]
+    qmin, qmax = t.symmetric_range() if cfg.symmetric else (t.qmin, t.qmax)
+    for name in names:
+        lo, hi = lows[name], highs[name]
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            log.debug("calibrate: %s never held a finite value; left out", name)
+            continue
+        if cfg.method == "percentile":
+            low, high = percentile_range(hists[name], cfg.percentile, symmetric=cfg.symmetric)
+        elif cfg.method == "entropy":
+            low, high = entropy_range(hists[name], levels=cfg.entropy_levels)
+        elif cfg.method == "mse":
+            low, high = mse_range(hists[name], qmin, qmax, symmetric=cfg.symmetric)
+        else:
+            low, high = lo, hi
+        if cfg.symmetric:
+            a = max(abs(low), abs(high))
+            low, high = -a, a
+        result.ranges[name] = TensorRange(float(low), float(high), lo, hi)
+    if names and not result.ranges:
+        raise DataError(f"{data.source}: calibration produced no finite values for any tensor")
+    log.info("calibrate: %d tensors (%d captured), %d samples, method %s", len(result.ranges), len(captured),
+             len(data), cfg.method)
+    return result

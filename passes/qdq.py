@@ -1,0 +1,323 @@
+"""QuantizeLinear/DequantizeLinear insertion in the layout onnxruntime fuses into integer kernels.
+
+Static mode (recipe ``int8``): every supported node gets its float activation inputs as
+Q -> DQ pairs (uint8 by default, ranges from the calibrate pass), its weight as an int8
+initializer -> DQ (symmetric, per output channel), its bias as int32 -> DQ with scale
+s_x * s_w, and its output as Q -> DQ, so onnxruntime sees DQ -> op -> Q and runs QLinearConv,
+QGemm, QLinearMatMul, QLinearAdd... A Relu/Clip right after a node is a fusion boundary: the
+Q/DQ goes after the activation, never between. Pooling and reshaping ops reuse their input's
+scale. Ops without an integer kernel stay in float, with the reason in the report.
+
+Weight-only mode (``int8-weights``, ``int4-weights``): each float weight becomes an int8
+initializer + DQ (or, for MatMul/Gemm, blocked int4 + DQ with ``block_size``, which onnxruntime
+fuses into MatMulNBits); activations stay float.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcompress.errors import PreconditionError
+from onnxcompress.graphs import NameScope, consumers, mark
+from onnxcompress.layer_errors import measure_layer_errors
+from onnxcompress.model import opset_of
+from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.quantmath import INT8, INT32, TYPES, quantize, quantize_per_channel
+from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
+
+from .calibrate import CalibrationResult
+from .qdq_weights import dq_nodes, quantize_weights_only
+
+log = logging.getLogger(__name__)
+
+LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+ELEMENTWISE = {"Add", "Mul"}
+OWN_SCALE = {"Concat", "AveragePool", "GlobalAveragePool"}  # inputs and output with their own ranges
+SAME_SCALE = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+FUSED_ACTIVATIONS = {"Relu", "Clip"}
+SILENT = {"Constant", "Shape", "Size", "Cast", "ConstantOfShape", "Relu", "Clip"} | SAME_SCALE
+PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET = 13, 10
+
+
+@dataclass(kw_only=True)
+class QdqConfig:
+    mode: Literal["static", "weights"] = "static"  # static: weights and activations; weights: weight-only
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    symmetric_activations: bool = False
+    per_channel: bool = True  # weights: one scale per output channel (else one per tensor)
+    int4_matmul: bool = False  # weight-only: blocked int4 for MatMul/Gemm weights (opset >= 21)
+    block_size: int = 32  # int4 block along the input (K) axis
+    min_elements: int = DEFAULT_MIN_ELEMENTS  # weight-only: smaller weights stay float
+    exclude: list = field(default_factory=list)  # node names, op types or tensor names to keep in float
+    error_samples: int = 128  # samples for the per-layer SQNR table (0: skip it)
+
+    def __post_init__(self):
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
+        if self.error_samples < 0:
+            raise ValueError("error_samples must be >= 0")
+
+
+@dataclass
+class _Plan:
+    nodes: dict[int, str] = field(default_factory=dict)  # node index -> "linear" | "elementwise" | ...
+    tensors: dict[str, tuple[float, int]] = field(default_factory=dict)  # activation -> (scale, zero)
+    fused: set[int] = field(default_factory=set)  # Relu/Clip node indices whose output takes the Q
+    floats: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # reason -> node labels
+
+
+class QdqPass(Pass):
+    name = "qdq"
+    Config = QdqConfig
+
+    def requires(self, ctx: Context) -> None:
+        opset = opset_of(ctx.model)
+        if opset < QDQ_MIN_OPSET:
+            raise PreconditionError(f"QuantizeLinear needs opset >= {QDQ_MIN_OPSET}, the model has {opset}; "
+                                    "convert it with onnx.version_converter first")
+        if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
+            raise PreconditionError("static quantization needs activation ranges: run the 'calibrate' pass first")
+
+    def call(self, ctx: Context) -> PassResult:
+        cfg: QdqConfig = self.config
+        opset = opset_of(ctx.model)
+        per_channel = cfg.per_channel
+        if per_channel and opset < PER_CHANNEL_MIN_OPSET:
+            ctx.note(f"qdq: per-channel weights need opset >= {PER_CHANNEL_MIN_OPSET} (model has {opset}); "
+                     "using per-tensor scales")
+            per_channel = False
+        if cfg.mode == "weights":
+            summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name)
+            return PassResult(summary["weights"] > 0, summary)
+        reference = onnx.ModelProto()
+        reference.CopyFrom(ctx.model)
+        plan = self._plan(ctx, cfg)
+        renamed = self._rewrite(ctx, cfg, plan, per_channel)
+        for reason, labels in plan.floats.items():
+            ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
+                     + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
+        if cfg.error_samples and ctx.data is not None:
+            ctx.layer_errors = measure_layer_errors(reference, ctx.model, ctx.data.limit(cfg.error_samples),
+                                                    renamed, _labels(reference))
+        kinds = defaultdict(int)
+        for kind in plan.nodes.values():
+            kinds[kind] += 1
+        return PassResult(bool(plan.nodes), {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
+                                             "float_nodes": sum(map(len, plan.floats.values())), **kinds})
+
+    # -- planning ---------------------------------------------------------------------------
+    def _plan(self, ctx: Context, cfg: QdqConfig) -> _Plan:
+        graph, calib = ctx.model.graph, ctx.calibration
+        inits = {t.name: t for t in graph.initializer}
+        uses = consumers(graph)
+        outputs = {o.name for o in graph.output}
+        excluded = set(map(str, cfg.exclude))
+        plan = _Plan()
+        index_of = {id(n): i for i, n in enumerate(graph.node)}
+        for i, node in enumerate(graph.node):
+            label = node.name or f"{node.op_type}_{i}"
+            if node.op_type in SILENT and not (excluded & {label, node.op_type}):
+                continue
+            if excluded & ({label, node.op_type} | set(node.output)):
+                plan.floats["excluded by the user"].append(label)
+                continue
+            reason = _unsupported(node, inits, calib)
+            if reason:
+                plan.floats[reason].append(label)
+                continue
+            plan.nodes[i] = ("linear" if node.op_type in LINEAR else "elementwise" if node.op_type in ELEMENTWISE
+                             else node.op_type if node.op_type == "Gather" else "own_scale")
+        wanted: list[str] = []
+        for i, kind in plan.nodes.items():
+            node = graph.node[i]
+            if kind == "Gather":
+                continue
+            wanted += [x for x in _activation_inputs(node, inits)]
+            out = node.output[0]
+            if node.op_type in ("Gemm", "MatMul") and out in outputs:
+                continue  # QGemm / MatMulIntegerToFloat give a float output directly
+            follow = uses.get(out, [])
+            if (len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS and out not in outputs
+                    and not cfg.symmetric_activations and follow[0][0].output[0] in calib
+                    and not excluded & {follow[0][0].name, follow[0][0].op_type}):
+                plan.fused.add(index_of[id(follow[0][0])])
+                out = follow[0][0].output[0]
+            wanted.append(out)
+        wanted = list(dict.fromkeys(w for w in wanted if w in calib))
+        qtype = cfg.activation_type
+        for name in wanted:
+            plan.tensors[name] = calib[name].scale_zero_point(qtype, symmetric=cfg.symmetric_activations)
+        # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
+        for i, node in enumerate(graph.node):
+            if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
+                    and not excluded & {node.name, node.op_type}):
+                plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
+                plan.nodes[i] = "same_scale"
+        return plan
+
+    # -- rewriting --------------------------------------------------------------------------
+    def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: _Plan, per_channel: bool) -> dict[str, str]:
+        """Apply the plan; returns tensor name in the float model -> name of its DQ output."""
+        model, graph = ctx.model, ctx.model.graph
+        scope = NameScope(model)
+        qt = TYPES[cfg.activation_type]
+        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"}
+        done_weights: dict[str, np.ndarray] = {}  # weight name -> its scale vector
+        pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
+        for i, kind in sorted(plan.nodes.items()):
+            node = graph.node[i]
+            if kind == "linear":
+                self._weight_and_bias(ctx, node, plan, infos, done_weights, per_channel, scope, pending)
+            elif kind == "Gather" and node.input[0] not in done_weights:
+                done_weights[node.input[0]] = self._constant(ctx, infos.get(node.input[0]), INT8, scope, pending,
+                                                             axis=0 if per_channel else None)
+            elif kind == "elementwise":
+                for name in node.input:
+                    if name in infos and name not in done_weights:
+                        done_weights[name] = self._constant(ctx, infos[name], qt, scope, pending, axis=None)
+        # activations: Q -> DQ after the producer (graph inputs: at the start), reading the DQ name downstream
+        graph = model.graph
+        graph_inputs = {i.name for i in graph.input}
+        renamed: dict[str, str] = {}
+        pairs: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer output name -> Q/DQ nodes
+        head: list[onnx.NodeProto] = []
+        for name, (scale, zero) in plan.tensors.items():
+            s_name, z_name = scope.fresh(f"{name}_scale"), scope.fresh(f"{name}_zero_point")
+            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                                      numpy_helper.from_array(np.array(zero, qt.np_dtype), z_name)])
+            q_out = scope.fresh(f"{name}_quantized")
+            if name in graph_inputs:
+                dq_out = scope.fresh(f"{name}_dequantized")
+                for node in graph.node:
+                    for k, x in enumerate(node.input):
+                        if x == name:
+                            node.input[k] = dq_out
+                source, target = name, dq_out
+            else:
+                source = scope.fresh(f"{name}_float")
+                for node in graph.node:
+                    for k, x in enumerate(node.output):
+                        if x == name:
+                            node.output[k] = source
+                target = name
+            nodes = [mark(helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
+                                           name=scope.fresh(f"{name}_Q")), self.name),
+                     mark(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [target],
+                                           name=scope.fresh(f"{name}_DQ")), self.name)]
+            (head if name in graph_inputs else pairs[source]).extend(nodes)
+            renamed[name] = target
+        ordered = list(head)  # graph-input Q/DQ depend on nothing but the input
+        for node in graph.node:
+            ordered.append(node)
+            for out in node.output:
+                ordered += pairs.get(out, [])
+        del graph.node[:]
+        graph.node.extend(ordered)
+        for info, nodes, inits in pending:
+            replace_weight(model, info, nodes, inits)
+        return renamed
+
+    def _weight_and_bias(self, ctx, node, plan, infos, done, per_channel, scope, pending) -> None:
+        w_name = node.input[1]
+        info = infos.get(w_name)
+        if info is None:  # activation x activation MatMul: both inputs are already Q/DQ'd
+            return
+        axis = _weight_axis(node, info) if per_channel else None
+        if w_name not in done:
+            done[w_name] = self._constant(ctx, info, INT8, scope, pending, axis=axis, symmetric=True)
+        if len(node.input) < 3 or not node.input[2] or node.input[2] not in infos:
+            return
+        bias = infos[node.input[2]]
+        x_scale = plan.tensors.get(node.input[0], (None, None))[0]
+        out_channels = _out_channels(node, info)
+        if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != out_channels:
+            return
+        w_scale = np.broadcast_to(done[w_name], (out_channels,)).astype(np.float64)
+        b_scale = (x_scale * w_scale).astype(np.float32)
+        b_scale = np.where(b_scale > 0, b_scale, 1.0).astype(np.float32)
+        values = get_array(ctx.model, bias).astype(np.float32)
+        q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
+        nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(out_channels, np.int32), 0, scope, self.name)
+        pending.append((bias, nodes, inits))
+        ctx.record(bias.name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
+
+    def _constant(self, ctx, info, qtype, scope, pending, *, axis, symmetric: bool = False):
+        """int8/uint8 initializer + DQ producing the weight's own name; returns the scale."""
+        if info is None:
+            return None
+        w = get_array(ctx.model, info).astype(np.float32)
+        sym = symmetric or qtype.qmin < 0
+        q, scale, zero = quantize_per_channel(w, axis, qtype, symmetric=sym)
+        nodes, inits = dq_nodes(info.name, q.astype(qtype.np_dtype), scale, zero.astype(qtype.np_dtype), axis,
+                                scope, self.name)
+        pending.append((info, nodes, inits))
+        ctx.record(info.name, self.name, f"{qtype.name} " + ("per-channel" if axis is not None else "per-tensor"),
+                   info.nbytes, q.size * np.dtype(qtype.np_dtype).itemsize + scale.nbytes,
+                   {"axis": axis, "role": info.role.value})
+        return scale
+
+
+def _labels(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Tensor name -> (producing node label, op type); graph inputs map to ('input', '')."""
+    out = {i.name: ("(graph input)", "") for i in model.graph.input}
+    for k, node in enumerate(model.graph.node):
+        for o in node.output:
+            out[o] = (node.name or f"{node.op_type}_{k}", node.op_type)
+    return out
+
+
+def _activation_inputs(node: onnx.NodeProto, inits) -> list[str]:
+    if node.op_type in LINEAR:
+        return [x for x in node.input[:2] if x and x not in inits]
+    return [x for x in node.input if x and x not in inits]
+
+
+def _unsupported(node: onnx.NodeProto, inits, calib: CalibrationResult) -> str | None:
+    """Why `node` stays float, or None when its integer form is supported."""
+    op = node.op_type
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if op == "Gather":
+        t = inits.get(node.input[0])
+        return None if t is not None and t.data_type == onnx.TensorProto.FLOAT else "Gather of a non-constant table"
+    if op not in LINEAR | ELEMENTWISE | OWN_SCALE:
+        return f"no integer kernel for {op} in onnxruntime"
+    if op in LINEAR:
+        w = inits.get(node.input[1])
+        if op == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            return "Gemm with transA/alpha/beta"
+        if op != "MatMul" and (w is None or w.data_type != onnx.TensorProto.FLOAT):
+            return f"{op} weight is not a float initializer"
+        if op == "MatMul" and w is not None and (w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2):
+            return "MatMul weight is not a 2-D float initializer"
+        if op == "ConvTranspose" and attrs.get("group", 1) != 1:
+            return "grouped ConvTranspose"
+    for x in _activation_inputs(node, inits):
+        if x not in calib:
+            return "an input has no calibration range (not float?)"
+    for x in node.input:
+        if x in inits and inits[x].data_type != onnx.TensorProto.FLOAT:
+            return "a non-float constant input"
+    return None
+
+
+def _weight_axis(node: onnx.NodeProto, info) -> int | None:
+    if info.channel_axis is not None and info.role in (Role.CONV, Role.CONV_TRANSPOSE, Role.GEMM, Role.MATMUL):
+        return info.channel_axis
+    return None
+
+
+def _out_channels(node: onnx.NodeProto, info) -> int:
+    axis = _weight_axis(node, info)
+    if axis is None:
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0 if trans_b else 1}[node.op_type]
+    if node.op_type == "ConvTranspose":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return info.shape[1] * group
+    return info.shape[axis]

@@ -1,0 +1,134 @@
+"""Weight-only quantization for the qdq pass: int8 per-channel, or blocked int4 for MatMul/Gemm.
+
+Every float weight above the size threshold becomes an integer initializer + DequantizeLinear
+that outputs the weight's own name, so every consumer (whatever its op) reads it unchanged.
+MatMul/Gemm weights can instead be blocked int4 (opset 21 ``block_size`` on the K axis), the
+pattern onnxruntime fuses into MatMulNBits; a Gemm is rewritten to MatMul (+ Add of its bias)
+for that, with its weight stored (K, N).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcompress.graphs import NameScope, find_graph, mark
+from onnxcompress.quantmath import INT4, INT8, quantize_blocked, quantize_per_channel
+from onnxcompress.weights import WeightInfo, get_array, replace_weight
+
+log = logging.getLogger(__name__)
+INT4_MIN_OPSET = 21
+
+
+def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer: two values a byte, the first in the low nibble (ONNX packing)."""
+    flat = (np.asarray(q, dtype=np.int8).ravel() & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True)
+
+
+def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int | None,
+             scope: NameScope, pass_name: str, *, block_size: int | None = None
+             ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """DequantizeLinear(q, scale[, zero]) -> `output`, with its initializers."""
+    q_name, s_name = scope.fresh(f"{output}_quantized"), scope.fresh(f"{output}_scale")
+    q_tensor = int4_tensor(q_name, q) if block_size else numpy_helper.from_array(q, q_name)
+    inits = [q_tensor, numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name)]
+    inputs = [q_name, s_name]
+    if zero is not None:
+        z_name = scope.fresh(f"{output}_zero_point")
+        inits.append(numpy_helper.from_array(np.asarray(zero), z_name))
+        inputs.append(z_name)
+    attrs = {}
+    if axis is not None and (np.ndim(scale) > 0):
+        attrs["axis"] = axis
+    if block_size:
+        attrs["block_size"] = block_size
+    node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(f"{output}_DQ"), **attrs)
+    return [mark(node, pass_name)], inits
+
+
+def _excluded(info: WeightInfo, excluded: set[str]) -> bool:
+    return info.name in excluded or any({c.node, c.op_type} & excluded for c in info.consumers)
+
+
+def _matmul_like(model: onnx.ModelProto, info: WeightInfo) -> onnx.NodeProto | None:
+    """The single direct MatMul (input 1) or plain Gemm (input 1, no transA/alpha/beta) using a 2-D weight."""
+    if len(info.consumers) != 1 or info.consumers[0].via or info.consumers[0].input_index != 1 or len(info.shape) != 2:
+        return None
+    graph = find_graph(model, info.graph)
+    node = next((n for n in graph.node if len(n.input) > 1 and n.input[1] == info.name), None)
+    if node is None or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                   or attrs.get("beta", 1.0) != 1.0):
+        return None
+    return node
+
+
+def _gemm_to_matmul(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodeProto, scope: NameScope,
+                    pass_name: str) -> None:
+    """Gemm(x, W, b) -> MatMul(x, W) [+ Add(., b)]; W already holds the (K, N) layout."""
+    graph = find_graph(model, info.graph)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    node.op_type = "MatMul"
+    del node.attribute[:]
+    del node.input[2:]
+    if bias is not None:
+        mm_out = scope.fresh(f"{out}_matmul")
+        node.output[0] = mm_out
+        add = mark(helper.make_node("Add", [mm_out, bias], [out], name=scope.fresh(f"{node.name or 'gemm'}_bias")),
+                   pass_name)
+        position = next(k for k, n in enumerate(graph.node) if n is node or n.output[0] == mm_out)
+        graph.node.insert(position + 1, add)
+
+
+def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str) -> dict:
+    """Weight-only quantization of every eligible float weight; returns the pass summary."""
+    scope = NameScope(ctx.model)
+    excluded = set(map(str, cfg.exclude))
+    int4 = cfg.int4_matmul
+    if int4 and opset < INT4_MIN_OPSET:
+        ctx.note(f"qdq: int4 weights need opset >= {INT4_MIN_OPSET} (model has {opset}); using int8 instead")
+        int4 = False
+    counts = {"weights": 0, "int4": 0, "int8": 0, "bytes_before": 0, "bytes_after": 0}
+    for info in ctx.weights(cfg.min_elements):
+        if not info.compressible or info.location == "sparse_initializer":
+            log.debug("qdq: %s left alone: %s", info.name, info.skip or "sparse")
+            continue
+        if _excluded(info, excluded):
+            ctx.record(info.name, pass_name, "kept float: excluded by the user")
+            continue
+        w = get_array(ctx.model, info).astype(np.float32)
+        node = _matmul_like(ctx.model, info) if int4 else None
+        if node is not None:
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            kn = w.T if transposed else w
+            q, scale = quantize_blocked(kn, 0, cfg.block_size, INT4)
+            nodes, inits = dq_nodes(info.name, q, scale, None, 0, scope, pass_name, block_size=cfg.block_size)
+            replace_weight(ctx.model, info, nodes, inits)
+            if node.op_type == "Gemm":
+                _gemm_to_matmul(ctx.model, info, node, scope, pass_name)
+            after = (q.size + 1) // 2 + scale.nbytes
+            action, kind = f"int4 blocked ({cfg.block_size})", "int4"
+        else:
+            axis = info.channel_axis if per_channel else None
+            q, scale, zero = quantize_per_channel(w, axis, INT8, symmetric=True)
+            nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope, pass_name)
+            replace_weight(ctx.model, info, nodes, inits)
+            after = q.size + scale.nbytes
+            action, kind = "int8 " + ("per-channel" if axis is not None else "per-tensor"), "int8"
+        ctx.record(info.name, pass_name, action, info.nbytes, after, {"role": info.role.value})
+        counts["weights"] += 1
+        counts[kind] += 1
+        counts["bytes_before"] += info.nbytes
+        counts["bytes_after"] += after
+    log.info("qdq weight-only: %d weights, %d -> %d bytes", counts["weights"], counts["bytes_before"],
+             counts["bytes_after"])
+    return counts
