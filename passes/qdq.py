@@ -238,12 +238,12 @@ class QdqPass(Pass):
         out_channels = _out_channels(node, info)
         if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != out_channels:
             return
-        w_scale = np.broadcast_to(done[w_name], (out_channels,)).astype(np.float64)
+        w_scale = np.asarray(done[w_name], dtype=np.float64)  # 0-d when per tensor (then so is the bias scale)
         b_scale = (x_scale * w_scale).astype(np.float32)
         b_scale = np.where(b_scale > 0, b_scale, 1.0).astype(np.float32)
         values = get_array(ctx.model, bias).astype(np.float32)
         q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
-        nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(out_channels, np.int32), 0, scope, self.name)
+        nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
         pending.append((bias, nodes, inits))
         ctx.record(bias.name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
 

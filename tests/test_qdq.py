@@ -1,0 +1,218 @@
+"""QDQ insertion: integer kernels in onnxruntime, fusion boundaries, float fallbacks, weight-only int8/int4."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import tiny
+from onnxcompress.api import compress
+from onnxcompress.data import Dataset, load_data
+from onnxcompress.errors import PassError
+from onnxcompress.passes.calibrate import CalibratePass
+from onnxcompress.passes.qdq import QdqPass
+from onnxcompress.pipeline import PassManager
+from onnxcompress.quantmath import sqnr_db
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def optimized_ops(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (after its fusions)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(folder / "optimized.onnx")).graph.node]
+
+
+def quantize(model, data, **qdq):
+    passes = [CalibratePass(), QdqPass(**qdq)] if qdq.get("mode", "static") == "static" else [QdqPass(**qdq)]
+    return PassManager(passes, validate="none").run(model, data)
+
+
+def residual_net(seed: int = 0, batch="N") -> onnx.ModelProto:
+    """Conv-Relu, a residual Add, Mul by a constant, Concat, AveragePool, GlobalAveragePool, MatMul head."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: numpy_helper.from_array(tiny.weights(rng, *s, scale=0.3), f"w{len(inits)}")  # noqa: E731
+    inits = []
+    for shape in [(8, 4, 3, 3), (8,), (8, 8, 3, 3), (8,), (8, 1, 1), (16, 10)]:
+        inits.append(w(*shape))
+    n = [t.name for t in inits]
+    nodes = [
+        helper.make_node("Conv", ["x", n[0], n[1]], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", n[2], n[3]], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("Mul", ["r2", n[4]], ["m"], name="scale"),
+        helper.make_node("Concat", ["m", "r1"], ["cat"], axis=1, name="concat"),
+        helper.make_node("AveragePool", ["cat"], ["ap"], kernel_shape=[2, 2], strides=[2, 2], name="avgpool"),
+        helper.make_node("GlobalAveragePool", ["ap"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1, name="flatten"),
+        helper.make_node("MatMul", ["f", n[5]], ["y"], name="head"),
+    ]
+    return tiny.make_model(nodes, [tiny.value("x", [batch, 4, 8, 8])], [tiny.value("y", [batch, 10])], inits)
+
+
+def data_for(model, n=64, seed=0):
+    return Dataset(stacked=tiny.random_feeds(model, n=n, seed=seed))
+
+
+def output_sqnr(original, quantized, data) -> float:
+    feeds = {k: v for k, v in data.stacked.items()}
+    return sqnr_db(tiny.run(original, feeds)[0], tiny.run(quantized, feeds)[0])
+
+
+def test_conv_relu_gemm_becomes_integer_kernels_with_the_q_after_the_relu(tmp_path):
+    model = tiny.conv_gemm()
+    data = data_for(model)
+    quantized, report = quantize(model, data)
+    onnx.checker.check_model(quantized, full_check=True)
+    made = {o: n for n in quantized.graph.node for o in n.output}
+    # the Relu reads the Conv directly; its own output is what gets quantized
+    relu = next(n for n in quantized.graph.node if n.op_type == "Relu")
+    assert made[relu.input[0]].op_type == "Conv" and relu.output[0].endswith("_float")
+    # per-channel int8 conv weight, int32 bias
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    dq_types = {n.output[0]: inits[n.input[0]].dtype for n in quantized.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    assert dq_types == {"conv.W": np.int8, "conv.b": np.int32, "fc.W": np.int8, "fc.b": np.int32}
+    ops = optimized_ops(quantized, tmp_path)
+    assert "QLinearConv" in ops and "QGemm" in ops and "Conv" not in ops
+    assert output_sqnr(model, quantized, data) > 25
+    assert report.layer_errors and report.layer_errors == sorted(report.layer_errors, key=lambda e: e.sqnr_db)
+
+
+def test_residual_add_concat_pools_and_matmul_all_run_in_integers(tmp_path):
+    model = residual_net()
+    data = data_for(model)
+    quantized, _ = quantize(model, data)
+    onnx.checker.check_model(quantized, full_check=True)
+    ops = optimized_ops(quantized, tmp_path)
+    for op in ("QLinearConv", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+               "QLinearGlobalAveragePool"):
+        assert op in ops, (op, ops)
+    assert not {"Conv", "Add", "Mul", "Concat"} & set(ops)
+    assert output_sqnr(model, quantized, data) > 20
+
+
+def test_dynamic_batch_axis_quantizes_and_runs_at_any_batch():
+    model = residual_net(batch="batch")
+    quantized, _ = quantize(model, data_for(model, n=50))
+    for batch in (1, 3, 17):
+        x = np.random.default_rng(batch).standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        (y,) = tiny.run(quantized, {"x": x})
+        assert y.shape == (batch, 10)
+        assert sqnr_db(tiny.run(model, {"x": x})[0], y) > 20
+
+
+def test_op_without_integer_kernel_stays_float_with_a_reason(tmp_path):
+    model = tiny.conv_gemm()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Softsign"  # onnxruntime has no quantized Softsign
+    data = data_for(model)
+    quantized, report = quantize(model, data)
+    ops = optimized_ops(quantized, tmp_path)
+    assert "Softsign" in ops and "QLinearConv" in ops and "QGemm" in ops
+    assert any("no integer kernel for Softsign" in note and "relu" in note for note in report.notes)
+    assert output_sqnr(model, quantized, data) > 25
+
+
+def test_excluded_node_keeps_float_weights(tmp_path):
+    model = tiny.conv_gemm()
+    quantized, report = quantize(model, data_for(model), exclude=["fc"])
+    gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    assert "fc.W" in {t.name for t in quantized.graph.initializer}
+    assert gemm.input[1] == "fc.W"
+    assert any("excluded by the user" in n for n in report.notes)
+    assert "QLinearConv" in optimized_ops(quantized, tmp_path)
+
+
+def test_conv_transpose_quantizes_and_runs():
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(tiny.weights(rng, 4, 6, 3, 3), "W"), numpy_helper.from_array(tiny.weights(rng, 6), "b")]
+    node = helper.make_node("ConvTranspose", ["x", "W", "b"], ["y"], strides=[2, 2], name="up")
+    model = tiny.make_model([node], [tiny.value("x", ["N", 4, 5, 5])], [tiny.value("y", ["N", 6, 11, 11])], inits)
+    data = data_for(model)
+    quantized, _ = quantize(model, data)
+    dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "W")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1  # output channels of ConvTranspose
+    assert output_sqnr(model, quantized, data) > 25
+
+
+def test_weight_only_int8_is_smaller_and_close():
+    model = tiny.conv_gemm()
+    quantized, report = quantize(model, None, mode="weights")
+    assert quantized.ByteSize() < 0.4 * model.ByteSize()
+    assert sorted(r.name for r in report.weights) == ["conv.W", "fc.W"] or any(r.name == "fc.W" for r in report.weights)
+    assert "QuantizeLinear" not in tiny.op_types(quantized)
+    data = data_for(model)
+    assert output_sqnr(model, quantized, data) > 30
+
+
+def test_gather_embedding_is_weight_only_int8():
+    rng = np.random.default_rng(5)
+    table = numpy_helper.from_array(tiny.weights(rng, 100, 16), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["y"], name="lookup")]
+    model = tiny.make_model(nodes, [tiny.value("ids", ["N", 7], onnx.TensorProto.INT64)],
+                            [tiny.value("y", ["N", 7, 16])], [table])
+    quantized, _ = quantize(model, None, mode="weights")
+    ids = rng.integers(0, 100, (3, 7))
+    assert sqnr_db(tiny.run(model, {"ids": ids})[0], tiny.run(quantized, {"ids": ids})[0]) > 35
+
+
+@pytest.mark.parametrize("builder", [lambda: tiny.matmul(k=96, n=32), lambda: tiny.gemm(k=100, n=24, trans_b=True),
+                                     lambda: tiny.gemm(k=64, n=24, trans_b=False)])
+def test_int4_blocked_weights_fuse_into_matmulnbits(builder, tmp_path):
+    model = builder()
+    quantized, report = quantize(model, None, mode="weights", int4_matmul=True, block_size=32)
+    onnx.checker.check_model(quantized, full_check=True)
+    dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+    weight = next(t for t in quantized.graph.initializer if t.name == dq.input[0])
+    assert weight.data_type == onnx.TensorProto.INT4 and len(weight.raw_data) == (math.prod(weight.dims) + 1) // 2
+    assert "MatMulNBits" in optimized_ops(quantized, tmp_path)
+    data = data_for(model)
+    assert output_sqnr(model, quantized, data) > 15
+
+
+def test_int4_before_opset_21_falls_back_to_int8_with_a_note():
+    model = tiny.gemm(opset=17)
+    quantized, report = quantize(model, None, mode="weights", int4_matmul=True)
+    assert quantized.opset_import[0].version == 17
+    assert any("int4" in n and "opset" in n for n in report.notes)
+    dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+    assert next(t for t in quantized.graph.initializer if t.name == dq.input[0]).data_type == onnx.TensorProto.INT8
+
+
+def test_old_opset_gets_per_tensor_weights_and_never_a_new_opset():
+    model = tiny.conv_gemm()
+    model.opset_import[0].version = 11
+    onnx.checker.check_model(model, full_check=True)
+    quantized, report = quantize(model, data_for(model))
+    assert quantized.opset_import[0].version == 11
+    assert any("per-tensor" in n for n in report.notes)
+    assert not any(a.name == "axis" for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+                   for a in n.attribute if n.input[0].startswith("conv.W"))
+    tiny.run(quantized, data_for(model).stacked)
+
+
+def test_static_mode_requires_calibration():
+    with pytest.raises(PassError, match="calibrate"):
+        PassManager([QdqPass()], validate="none").run(tiny.conv_gemm(), None)
+
+
+def test_lenet5_int8_recipe_keeps_accuracy_and_runs_integer_kernels(tmp_path):
+    test = load_data(SAMPLES / "mnist_test.npz")
+    quantized, report = compress(SAMPLES / "lenet5.onnx", "int8", SAMPLES / "mnist_calib.npz", eval_data=test)
+    drop = report.validation.accuracy_drop
+    assert drop is not None and drop <= 0.3
+    ops = optimized_ops(quantized, tmp_path)
+    assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 2
+    d = report.as_dict()
+    assert d["layer_errors"] and all(e["sqnr_db"] > 20 for e in d["layer_errors"])
