@@ -21,6 +21,7 @@ import onnx
 from .codebook import SharedWeight
 from .data import Dataset
 from .errors import OnnxCompressError, PassError, RecipeError
+from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .packed import Layout, PackedWeight
 from .weights import WeightInfo, find_weights
@@ -58,8 +59,10 @@ class Context:
     layouts: dict[str, Layout] = field(default_factory=dict)
     # entropy -> packed form, report: the encoded blob and stream sizes of each shared weight
     packed: dict[str, PackedWeight] = field(default_factory=dict)
-    # calibrate -> qdq: activation statistics (set by the calibration pass)
+    # calibrate -> qdq: activation statistics (a passes.calibrate.CalibrationResult)
     calibration: Any = None
+    # qdq -> report: SQNR of every quantized tensor against the float model, worst first
+    layer_errors: list[LayerError] = field(default_factory=list)
     # bitwidth -> share/prune/qdq: per-weight settings chosen by the search
     plan: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: list[WeightRecord] = field(default_factory=list)
@@ -167,6 +170,7 @@ class Report:
     input_bytes: int | None = None
     output_bytes: int | None = None
     form: str = "portable"
+    layer_errors: list[LayerError] = field(default_factory=list)  # per quantized tensor, worst first
 
     @property
     def ratio(self) -> float | None:
@@ -181,6 +185,7 @@ class Report:
             "weights": [dataclasses.asdict(w) for w in self.weights],
             "validation": self.validation.as_dict() if self.validation else None,
             "notes": self.notes,
+            "layer_errors": [dataclasses.asdict(e) for e in self.layer_errors],
         }
 
 
@@ -227,6 +232,7 @@ class PassManager:
             last = report.passes[-1].validation if report.passes else None
             report.validation = last or self._validate(ctx, check_data, "end", done)
         report.weights, report.notes = ctx.records, ctx.notes
+        report.layer_errors = ctx.layer_errors
         return ctx.model, report
 
     def _validate(self, ctx: Context, data: Dataset, where: str, done: list[str]) -> Comparison:

@@ -60,8 +60,19 @@ def report_text(report: Report) -> str:
     lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes))
     if report.validation is not None:
         lines.append(comparison_text(report.validation))
+    if report.layer_errors:
+        lines.append(layer_errors_text(report.layer_errors))
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def layer_errors_text(errors, limit: int = 12) -> str:
+    """The worst quantized tensors first: SQNR against the float model and of their own Q/DQ step."""
+    rows = [[e.tensor, e.node, e.op_type, _fmt(e.sqnr_db, ".1f"), _fmt(e.local_sqnr_db, ".1f")]
+            for e in errors[:limit]]
+    more = f"\n... {len(errors) - limit} more (see --json)" if len(errors) > limit else ""
+    return ("per-layer error, worst first (exclude a layer with qdq: {exclude: [node]}):\n"
+            + table(["tensor", "node", "op", "SQNR dB", "own Q/DQ dB"], rows) + more)
 
 
 def inspect_text(info: dict) -> str:

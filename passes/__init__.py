@@ -4,11 +4,15 @@ from __future__ import annotations
 from onnxcompress.pipeline import Pass
 
 from .prune import PrunePass
+from .calibrate import CalibratePass
+from .qdq import QdqPass
 from .share import SharePass
 from .sparse import SparsePass
 from .entropy import EntropyPass
 
 PASSES: dict[str, type[Pass]] = {
+    CalibratePass.name: CalibratePass,
+    QdqPass.name: QdqPass,
     PrunePass.name: PrunePass,
     SharePass.name: SharePass,
     SparsePass.name: SparsePass,

@@ -23,6 +23,12 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
+    # static int8 QDQ: calibrated uint8 activations, int8 per-channel weights, int32 biases
+    "int8": [("calibrate", {}), ("qdq", {})],
+    # weight-only int8 (per-channel), activations stay float
+    "int8-weights": [("qdq", {"mode": "weights"})],
+    # weight-only: blocked int4 for MatMul/Gemm (onnxruntime MatMulNBits), int8 elsewhere
+    "int4-weights": [("qdq", {"mode": "weights", "int4_matmul": True})],
     # Deep Compression (Han et al. 2016): prune, share with the zeros kept exact, CSR with
     # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable)
     "deep-compression": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
@@ -33,6 +39,9 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
+    "int8": "static int8 QDQ (needs --data): onnxruntime integer kernels, per-channel weights, per-layer SQNR",
+    "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
+    "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
     "deep-compression": "prune + share + sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
     "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
