@@ -30,7 +30,7 @@ class SharedWeight:
     bits: int  # bits a code needs: max code < 2**bits
     channel_axis: int | None = None
     group_offsets: np.ndarray | None = None  # int32, one per output channel, into `codebook`
-    scale: np.ndarray | None = None  # float32, one per output channel
+    scale: np.ndarray | None = None  # float32 or float16 (stored as is, cast at load), one per output channel
     outlier_index: np.ndarray | None = None  # int64 flat indices
     outlier_value: np.ndarray | None = None  # float32
     zero_code: int | None = None  # the code whose centroid is exactly 0 (pruned entries)
@@ -63,8 +63,10 @@ class SharedWeight:
         """Bytes of tensor data in the portable form (codes at their storage width)."""
         code_bytes = self.codes.size if self.bits > 4 else (self.codes.size + 1) // 2
         total = code_bytes + self.codebook.size * 4
-        for extra in (self.group_offsets, self.scale, self.outlier_index, self.outlier_value):
+        for extra in (self.group_offsets, self.scale, self.outlier_value):
             total += 0 if extra is None else extra.nbytes
+        if self.outlier_index is not None:  # ScatterND takes int64 coordinates, one per axis
+            total += self.outlier_index.size * 8 * max(len(self.shape), 1)
         return total
 
 
@@ -109,7 +111,14 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
     nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0, name=scope.fresh(f"{base}/Gather")))
     if weight.scale is not None:
         scale_name = scope.fresh(f"{base}__scale")
-        inits.append(numpy_helper.from_array(weight.scale.astype(np.float32).reshape(weight.channel_shape()), scale_name))
+        half = np.dtype(weight.scale.dtype) == np.float16
+        inits.append(numpy_helper.from_array(
+            weight.scale.astype(np.float16 if half else np.float32).reshape(weight.channel_shape()), scale_name))
+        if half:  # float16 scales halve their bytes; decode() computes in float32 too
+            widened = scope.fresh(f"{base}__scale_f32")
+            nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT,
+                                          name=scope.fresh(f"{base}/CastScale")))
+            scale_name = widened
         scaled = scope.fresh(f"{base}__scaled")
         nodes.append(helper.make_node("Mul", [current, scale_name], [scaled], name=scope.fresh(f"{base}/Scale")))
         current = scaled

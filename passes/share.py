@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from onnxcompress.errors import ModelError, PreconditionError
+from onnxcompress.granular import layer_hessians, share_weight
 from onnxcompress.graphs import NameScope
 from onnxcompress.kmeans import kmeans_1d
 from onnxcompress.layerfit import in_layer_order, refine_shared
 from onnxcompress.model import opset_of
+from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight
 
@@ -40,11 +42,20 @@ class ShareConfig:
     refine: bool = True
     refine_ridge: float = 1e-3  # pull toward the k-means centroids, relative to mean(diag G)
     reassign_rounds: int = 1  # move entries to the nearest refined centroid and refit, if it helps
+    # which values share a codebook (onnxcompress.granular): one per tensor, one around per-channel
+    # scales, one per group of channels, outliers kept exact, or "auto": the smallest candidate whose
+    # layer-output SQNR (weight-space without data) reaches target_sqnr_db, else the most faithful
+    granularity: Literal["tensor", "channel", "group", "outlier", "auto"] = "auto"
+    group_size: int = 8  # output channels per codebook ("group")
+    outlier_fraction: float = 0.005  # share of a weight's entries stored exactly ("outlier", tried by "auto")
+    target_sqnr_db: float = 30.0  # per-layer SQNR target of the automatic choice
 
     def __post_init__(self):
         for name in ("bits_conv", "bits_fc", "bits_other"):
             if not 1 <= getattr(self, name) <= 16:
                 raise ValueError(f"{name} must be between 1 and 16, not {getattr(self, name)}")
+        if self.group_size < 1 or not 0.0 <= self.outlier_fraction < 0.5:
+            raise ValueError("group_size must be >= 1 and outlier_fraction in [0, 0.5)")
 
     def bits_for(self, role: Role) -> int:
         if role in (Role.CONV, Role.CONV_TRANSPOSE):
@@ -70,10 +81,18 @@ class SharePass(Pass):
             candidates = in_layer_order(ctx.model, candidates)
         before = after = 0
         wanted_uint4 = []
-        for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
-            bits = int(ctx.plan.get(info.name, {}).get("bits", cfg.bits_for(info.role)))
-            shared = fit_codebook(get_array(ctx.model, info), info, bits, init=cfg.init, seed=cfg.seed,
-                                  mask=ctx.masks.get(info.name))
+        hessians = layer_hessians(ctx.model, ctx.data, candidates)
+        total = sum(info.numel for info in candidates)
+        bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
+        # the fits are independent: in ctx.jobs worker processes (onnxcompress.parallel), same results
+        choices = map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
+            granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
+            target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
+            init=cfg.init, seed=cfg.seed, model_elements=total)) for w in candidates), jobs=ctx.jobs, work=total)
+        for info, choice in tqdm(zip(candidates, choices), total=len(candidates), desc="share", unit="weight",
+                                 disable=not ctx.progress, leave=False):
+            bits = bits_of[info.name]
+            shared = choice.chosen.shared
             if bits <= 4 and opset < UINT4_MIN_OPSET:
                 wanted_uint4.append(info.name)
             if refining:
@@ -88,8 +107,9 @@ class SharePass(Pass):
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
             before, after = before + info.nbytes, after + shared.payload_bytes()
-            ctx.record(info.name, self.name, f"shared {bits} bits", info.nbytes, shared.payload_bytes(),
-                       {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value})
+            ctx.record(info.name, self.name, f"shared {bits} bits, {choice.chosen.option.label}", info.nbytes,
+                       shared.payload_bytes(), {"bits": bits, "centroids": int(shared.codebook.size),
+                                                "role": info.role.value, **choice.details()})
         if wanted_uint4:
             ctx.note(f"share: {len(wanted_uint4)} weights use <= 4 bits but the model's opset {opset} is below "
                      f"{UINT4_MIN_OPSET}, so their codes are stored as uint8 (the opset was left unchanged)")

@@ -1,0 +1,382 @@
+"""Granularity of weight sharing, and its choice per layer by measured error and bytes.
+
+Every option yields a :class:`~onnxcompress.codebook.SharedWeight`, decoded as
+
+    W_hat[j, k] = codebook[codes[j, k] + offset[group(j)]] * scale[j]     (outliers written over it)
+
+with j the output channel and k the rest of the weight (the weight is viewed channel-first as a
+(C, K) matrix; for Gemm/MatMul/Conv this is exactly ``LinearLayer.weight_matrix``):
+
+- ``tensor``: one k-means codebook for the whole tensor (Han et al.).
+- ``channel``: one codebook shared by all channels around a scale per channel. Start from
+  s_j = max_k |w_jk|, fit the codebook to u = w / s, then alternate exact minimisations of
+  E = sum a_jk (w_jk - s_j c[code_jk])^2: codes (nearest centroid to w_jk / s_j), centroids
+  (c_m = sum a s w / sum a s^2 over the entries of m), scales (s_j = sum_k a q w / sum_k a q^2,
+  q = c[code]); each step cannot increase E. Scales are stored float16 when that is exact enough.
+- ``group``: one codebook per group of ``group_size`` output channels (offsets into the
+  concatenated codebook).
+- ``+outlier``: the ``outlier_fraction`` of entries largest in magnitude (relative to their
+  channel's RMS when scaled) stored exactly and written over the decoded tensor; the codebook is
+  fitted to the rest (dense-and-sparse).
+
+Weighted k-means: ``importance`` a_jk weighs each entry's squared error. Given calibration data,
+a_jk = H_g[k, k], the diagonal of the layer-input Hessian H_g = E[x x^T] of channel j's group:
+the output error sum_g tr(D_g H_g D_g^T) (D = W - W_hat) with its off-diagonal terms dropped.
+
+Choice (:func:`choose`): every candidate is measured by its SQNR, in output space when the layer's
+Hessians are known (signal sum_g tr(W_g H_g W_g^T), noise sum_g tr(D_g H_g D_g^T)), else in weight
+space (|W|^2 / |D|^2), and by its bytes in the portable form. The smallest candidate reaching the
+SQNR target wins. When none does, the one maximising SQNR - 6.02 dB * (8 * bytes / N) wins, N the
+number of weights shared in the whole model: extra bytes are priced at what spreading them over
+every weight as extra bits would buy (6.02 dB a bit). Layers are treated as contributing alike to
+the model's error, so a small layer's fidelity is as precious as a large one's: per-channel scales
+(2 bytes a channel) are taken for a fraction of a dB, while outliers (20-36 bytes each in the
+portable form) on a large layer must earn their keep.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .codebook import SharedWeight
+from .kmeans import assign, kmeans_1d
+from .metrics import sqnr_db
+
+Kind = Literal["tensor", "channel", "group"]
+GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
+FLOAT16_TINY, FLOAT16_MAX = 2.0 ** -14, 65504.0
+DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to share a weight."""
+
+    kind: Kind = "tensor"
+    group_size: int = 0  # channels per codebook (kind "group")
+    outlier_fraction: float = 0.0  # of the kept entries, stored exactly
+    weighted: bool = False  # k-means weighted by importance
+
+    @property
+    def label(self) -> str:
+        text = f"group{self.group_size}" if self.kind == "group" else self.kind
+        if self.outlier_fraction:
+            text += f"+outlier{self.outlier_fraction:g}"
+        return text + ("/weighted" if self.weighted else "")
+
+
+@dataclass
+class Candidate:
+    option: Option
+    shared: SharedWeight
+    bytes: int
+    sqnr_db: float
+
+
+@dataclass
+class Choice:
+    """The chosen candidate, every candidate measured, and why."""
+
+    chosen: Candidate
+    candidates: list[Candidate]
+    space: Literal["output", "weight"]
+    target_db: float
+    reason: str
+
+    def details(self) -> dict:
+        return {"granularity": self.chosen.option.label, "sqnr_db": _round(self.chosen.sqnr_db),
+                "error_space": self.space, "target_sqnr_db": self.target_db, "reason": self.reason,
+                "candidates": {c.option.label: {"bytes": c.bytes, "sqnr_db": _round(c.sqnr_db)}
+                               for c in self.candidates}}
+
+
+def _round(x: float) -> float | str:
+    return round(x, 2) if math.isfinite(x) else str(x)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+def to_matrix(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """Channel-first (C, K) view of a weight; one row (C = 1) when it has no channel axis."""
+    if channel_axis is None or array.ndim == 0:
+        return array.reshape(1, -1)
+    return np.moveaxis(array, channel_axis, 0).reshape(array.shape[channel_axis], -1)
+
+
+def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    if channel_axis is None or len(shape) == 0:
+        return matrix.reshape(shape)
+    moved = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
+    return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
+        importance: np.ndarray | None = None, mask: np.ndarray | None = None, init: str = "linear",
+        seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto"
+        ) -> SharedWeight:
+    """Share `array` at `bits` the way `option` says (see the module docstring).
+
+    importance: (C, K) nonnegative weights a_jk in the channel-first layout (used when
+    option.weighted). mask: True where an entry is kept; pruned entries get code 0 of centroid 0.0
+    (per group: code 0 of each group's codebook) and decode to exactly 0.
+    """
+    shape, dtype = tuple(array.shape), array.dtype
+    if option.kind != "tensor" and channel_axis is None:
+        raise ValueError(f"'{option.kind}' sharing needs an output-channel axis; '{name}' has none")
+    axis = channel_axis if option.kind != "tensor" else None
+    w = to_matrix(np.asarray(array, dtype=np.float64), axis)
+    kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
+    w = np.where(kept, w, 0.0)
+    a = None
+    if option.weighted and importance is not None:
+        a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
+    keep_zero = mask is not None
+    outliers = _pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
+    fitted = kept & ~outliers
+    if option.kind == "group":
+        codes, book, offsets = _fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
+        scale = None
+    else:
+        offsets = None
+        codes, book, scale = _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
+            if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+    codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
+    out_index = out_value = None
+    if outliers.any():
+        where = to_matrix(np.arange(w.size, dtype=np.int64).reshape(shape), axis)
+        out_index = where[outliers]
+        order = np.argsort(out_index)
+        out_index = out_index[order]
+        out_value = w[outliers][order].astype(np.float32)
+    return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
+                        codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
+                        group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
+                        zero_code=0 if keep_zero else None)
+
+
+def _pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
+    """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative)."""
+    count = int(round(fraction * int(kept.sum())))
+    picked = np.zeros(w.shape, bool)
+    if count <= 0:
+        return picked
+    score = np.abs(w)
+    if relative:
+        rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
+        score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
+    score = np.where(kept, score, -1.0).ravel()
+    top = np.argpartition(score, score.size - count)[score.size - count:]
+    picked.ravel()[top] = True
+    return picked
+
+
+def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
+    """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
+    if values.size == 0:
+        return np.zeros(1)
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
+                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
+    return result.centroids if result.centroids.size else np.zeros(1)
+
+
+def _assign(u: np.ndarray, book: np.ndarray, keep_zero: bool) -> np.ndarray:
+    """Nearest centroid; with keep_zero, nonzero values only take centroids 1.. and zeros take 0."""
+    if not keep_zero:
+        return assign(u, book).astype(np.int64)
+    if book.size == 1:
+        return np.zeros(u.shape, np.int64)
+    codes = assign(u, book[1:]).astype(np.int64) + 1
+    return np.where(u == 0, 0, codes)
+
+
+def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
+    book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
+    return _assign(w, book, keep_zero), book
+
+
+def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, not {group_size}")
+    codes = np.zeros(w.shape, np.int64)
+    books, offsets = [], np.zeros(w.shape[0], np.int32)
+    start = 0
+    for lo in range(0, w.shape[0], group_size):
+        rows = slice(lo, lo + group_size)
+        sub = _fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
+        codes[rows], book = sub
+        offsets[rows] = start
+        books.append(book)
+        start += book.size
+    return codes, np.concatenate(books), offsets
+
+
+def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
+    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries."""
+    weight = np.ones(w.shape) if a is None else a
+    weight = np.where(fitted, weight, 0.0)
+    s = np.where(fitted, np.abs(w), 0.0).max(axis=1)
+    s = _store_scale(s, scale_dtype)
+    u = _normalize(w, s)
+    book = _kmeans(u[fitted], (weight * np.square(s)[:, None])[fitted] if a is not None else None,
+                   bits, keep_zero, init, seed)
+    codes = _assign(u, book, keep_zero)
+    for _ in range(iterations):
+        q = book[codes]
+        num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        s = _store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+        codes = _assign(_normalize(w, s), book, keep_zero)
+        ws = weight * np.square(s)[:, None]
+        num = np.bincount(codes.ravel(), (weight * s[:, None] * w).ravel(), book.size)
+        den = np.bincount(codes.ravel(), ws.ravel(), book.size)
+        book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
+        if keep_zero:
+            book[0] = 0.0
+        order = np.argsort(book[1:] if keep_zero else book, kind="stable")
+        if keep_zero:
+            order = np.concatenate(([0], order + 1))
+        book = book[order]
+        codes = np.argsort(order)[codes]
+    return codes, book, s.astype(np.float16 if _use_float16(s, scale_dtype) else np.float32)
+
+
+def _normalize(w, s):
+    return np.divide(w, s[:, None], out=np.zeros_like(w), where=s[:, None] != 0)
+
+
+def _use_float16(s: np.ndarray, scale_dtype: str) -> bool:
+    if scale_dtype != "auto":
+        return scale_dtype == "float16"
+    mags = np.abs(s[s != 0])
+    return bool(mags.size == 0 or (mags.min() >= FLOAT16_TINY and mags.max() <= FLOAT16_MAX))
+
+
+def _store_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """Scales rounded to the precision they will be stored in (so decode matches the fit)."""
+    return s.astype(np.float16).astype(np.float64) if _use_float16(s, scale_dtype) else \
+        s.astype(np.float32).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+@dataclass
+class LayerHessians:
+    """Per group of output channels, H_g = E[x x^T] of the layer's input rows (channel-first layout)."""
+
+    hessians: list[np.ndarray]
+    group_of_channel: np.ndarray  # (C,) group index of each output channel
+
+    def importance(self) -> np.ndarray:
+        """a_jk = H_g(j)[k, k], floored at 1% of its mean so that unseen inputs still count a little."""
+        diag = np.stack([np.diag(self.hessians[g]) for g in self.group_of_channel])
+        return np.maximum(diag, 0.01 * max(float(diag.mean()), 1e-30))
+
+    def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+        signal = noise = 0.0
+        for g, h in enumerate(self.hessians):
+            rows = self.group_of_channel == g
+            signal += float(np.sum((w[rows] @ h) * w[rows]))
+            noise += float(np.sum((d[rows] @ h) * d[rows]))
+        return signal, noise
+
+
+def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | None) -> float:
+    """SQNR (dB) of the shared weight: in output space with `hessians`, else in weight space."""
+    w = np.asarray(array, np.float64)
+    d = w - shared.decode().astype(np.float64)
+    if hessians is None:
+        return sqnr_db(float(np.sum(w * w)), float(np.sum(d * d)))
+    return sqnr_db(*hessians.signal_and_noise(to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)))
+
+
+def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weighted: bool,
+                group_size: int, outlier_fraction: float) -> list[Option]:
+    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    kinds: list[Option] = []
+    channel_ok = has_channel_axis and channels > 1
+    if granularity in ("tensor", "auto") or not channel_ok:
+        kinds.append(Option("tensor"))
+    if granularity in ("channel", "auto") and channel_ok:
+        kinds.append(Option("channel"))
+    if granularity in ("group", "auto") and channel_ok and group_size < channels:
+        kinds.append(Option("group", group_size=group_size))
+    if granularity in ("outlier", "auto") and outlier_fraction > 0:
+        kinds.append(Option("tensor", outlier_fraction=outlier_fraction))
+        if granularity == "auto" and channel_ok:
+            kinds.append(Option("channel", outlier_fraction=outlier_fraction))
+    if weighted:
+        kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds]
+    return kinds
+
+
+def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str, channel_axis: int | None,
+           hessians: LayerHessians | None = None, mask: np.ndarray | None = None, target_db: float = 30.0,
+           init: str = "linear", seed: int = 0, model_elements: int | None = None,
+           portable_bytes=None) -> Choice:
+    """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
+
+    portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes).
+    """
+    price = portable_bytes or (lambda s: s.payload_bytes())
+    importance = hessians.importance() if hessians is not None else None
+    candidates = []
+    for option in options:
+        shared = fit(array, bits, option, name=name, channel_axis=channel_axis, importance=importance,
+                     mask=mask, init=init, seed=seed)
+        candidates.append(Candidate(option, shared, int(price(shared)), measure(array, shared, hessians)))
+    space = "output" if hessians is not None else "weight"
+    good = [c for c in candidates if c.sqnr_db >= target_db]
+    if len(candidates) == 1:
+        chosen, reason = candidates[0], "the only option tried"
+    elif good:
+        chosen = min(good, key=lambda c: (c.bytes, -c.sqnr_db))
+        reason = f"smallest option reaching the {target_db:g} dB {space} SQNR target"
+    else:
+        per_byte = DB_PER_BIT * 8 / max(model_elements or int(np.size(array)), 1)
+        chosen = max(candidates, key=lambda c: (c.sqnr_db - per_byte * c.bytes, -c.bytes))
+        reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
+                  f"{DB_PER_BIT} dB per extra bit per weight")
+    return Choice(chosen, candidates, space, target_db, reason)
+
+
+# ----------------------------------------------------------------------------- model glue
+
+def layer_hessians(model, data, infos) -> dict[str, LayerHessians]:
+    """One pass over `data` for the weights consumed by a single Gemm/MatMul/Conv: their Hessians."""
+    from .capture import collect_layer_inputs, linear_layer
+
+    layers = [layer for info in infos if info.channel_axis is not None
+              and (layer := linear_layer(model, info)) is not None]
+    if not layers or data is None:
+        return {}
+    stats = collect_layer_inputs(model, data, layers)
+    found = {}
+    for layer in layers:
+        s = stats[layer.weight]
+        if s.gram is None or s.count == 0:
+            continue
+        found[layer.weight] = LayerHessians([s.hessian(g) for g in range(len(s.gram))], layer.group_of_channels())
+    return found
+
+
+def share_weight(array: np.ndarray, info, bits: int, *, granularity: str = "auto", group_size: int = 8,
+                 outlier_fraction: float = 0.005, target_db: float = 30.0, hessians: LayerHessians | None = None,
+                 mask: np.ndarray | None = None, init: str = "linear", seed: int = 0,
+                 model_elements: int | None = None) -> Choice:
+    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen."""
+    from .errors import ModelError
+
+    if not np.all(np.isfinite(array)):
+        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
+    axis = info.channel_axis
+    channels = int(array.shape[axis]) if axis is not None else 1
+    options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
+                          weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
+    return choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
+                  target_db=target_db, init=init, seed=seed, model_elements=model_elements)

@@ -1,0 +1,211 @@
+"""Granularity of weight sharing: per-channel scales, per-group codebooks, outliers, the automatic choice."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import granular
+from onnxcompress.data import Dataset
+from onnxcompress.granular import LayerHessians, Option, fit, measure
+from onnxcompress.pipeline import Context
+from onnxcompress.weights import find_weights, set_array
+from tiny import assert_valid_and_close, gemm, make_model, op_types, random_feeds, run, value
+
+
+def run_share(model, data=None, **options):
+    from onnxcompress.passes.share import SharePass
+
+    ctx = Context(original=model, model=onnx.ModelProto(), data=data, progress=False)
+    ctx.model.CopyFrom(model)
+    share = SharePass(refine=False, **options) if "refine" in SharePass.Config.__dataclass_fields__ \
+        else SharePass(**options)
+    share.requires(ctx)
+    result = share.call(ctx)
+    share.ensures(ctx, result)
+    return ctx
+
+
+def decoded_reference(ctx) -> onnx.ModelProto:
+    reference = onnx.ModelProto()
+    reference.CopyFrom(ctx.original)
+    for info in find_weights(reference, min_elements=0):
+        if info.name in ctx.shared:
+            set_array(reference, info, ctx.shared[info.name].decode())
+    return reference
+
+
+def scaled_gemm(k=64, n=32, *, spread=100.0, outliers=0, seed=0) -> onnx.ModelProto:
+    """Gemm(transB=1) whose output channels' scales span `spread` (log-spaced), with planted outliers."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)) * np.logspace(0, np.log10(spread), n)[rng.permutation(n), None] * 0.01
+    if outliers:
+        flat = w.reshape(-1)
+        flat[rng.choice(flat.size, outliers, replace=False)] = (rng.choice([-1, 1], outliers) * w.std()
+                                                                * rng.uniform(6, 15, outliers))
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1, name="fc")
+    return make_model([node], [value("x", ["N", k])], [value("y", ["N", n])],
+                      [numpy_helper.from_array(w.astype(np.float32), "W")])
+
+
+def output_error(model, candidate, feeds, *, per_channel=False) -> float:
+    """Squared output error over signal (1 / SQNR) of the layer's output in onnxruntime; per_channel:
+    averaged over output channels each against its own signal (what a following normalisation sees)."""
+    ref, got = run(model, feeds)[0], run(candidate, feeds)[0]
+    axis = 0 if per_channel else None
+    return float(np.mean(np.sum((ref - got) ** 2, axis=axis) / np.sum(ref ** 2, axis=axis)))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_channel_scales_cut_output_error_against_per_tensor_on_100x_channel_spread(bits):
+    model = scaled_gemm(spread=100.0)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    per_channel = np.abs(w).max(1)
+    assert per_channel.max() / per_channel.min() > 50  # precondition: channels differ ~100x
+    feeds = random_feeds(model, n=64)
+    errors = {}
+    for granularity in ("tensor", "channel"):
+        ctx = run_share(model, granularity=granularity, bits_fc=bits, min_elements=64)
+        assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
+        errors[granularity] = (output_error(model, ctx.model, feeds),
+                               output_error(model, ctx.model, feeds, per_channel=True))
+    assert "Mul" in op_types(run_share(model, granularity="channel", bits_fc=bits, min_elements=64).model)
+    assert errors["channel"][0] < errors["tensor"][0] / 2  # whole output: at least 3 dB better at the same bits
+    assert errors["channel"][1] < errors["tensor"][1] / 10  # channel by channel: at least 10 dB better
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_outliers_kept_apart_cut_output_error_against_per_tensor(bits):
+    model = scaled_gemm(spread=1.0, outliers=10)  # 0.5% of 2048 entries at 6-15 standard deviations
+    feeds = random_feeds(model, n=64)
+    errors = {}
+    for granularity in ("tensor", "outlier"):
+        ctx = run_share(model, granularity=granularity, bits_fc=bits, min_elements=64, outlier_fraction=0.005)
+        assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
+        errors[granularity] = output_error(model, ctx.model, feeds)
+        if granularity == "outlier":
+            assert "ScatterND" in op_types(ctx.model)
+            w = numpy_helper.to_array(model.graph.initializer[0])
+            shared = ctx.shared["W"]
+            assert shared.outlier_index.size == round(0.005 * w.size)
+            np.testing.assert_array_equal(shared.decode().reshape(-1)[shared.outlier_index],
+                                          w.reshape(-1)[shared.outlier_index])  # stored exactly
+    assert errors["outlier"] < errors["tensor"] / 2  # at least 3 dB better at the same bits
+
+
+@pytest.mark.parametrize("option", [Option("tensor"), Option("channel"), Option("group", group_size=4),
+                                    Option("tensor", outlier_fraction=0.01), Option("channel", outlier_fraction=0.01)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_every_option_keeps_pruned_entries_exactly_zero_and_codes_in_range(option, axis):
+    rng = np.random.default_rng(1)
+    spread = np.logspace(-1, 1, 24 if axis else 16)
+    w = (rng.standard_normal((16, 24)) * (spread[None, :] if axis else spread[:, None])).astype(np.float32)
+    mask = rng.random(w.shape) > 0.6
+    shared = fit(w, 3, option, name="W", channel_axis=axis, mask=mask)
+    decoded = shared.decode()
+    assert decoded.shape == w.shape and decoded.dtype == w.dtype
+    assert np.all(decoded[~mask] == 0) and np.all(shared.codes[~mask] == 0)
+    assert int(shared.codes.max()) < 2 ** 3
+    if option.kind == "group":
+        assert np.all(shared.codebook[shared.group_offsets] == 0.0)  # each group's code 0 is 0.0
+
+
+def test_weighted_fit_and_channel_descent_never_lose_to_their_start():
+    """The scale/codebook/code descent only lowers the weighted error it minimises."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((12, 40)) * np.logspace(-1, 1, 12)[:, None]
+    a = rng.random((12, 40)) + 0.1
+    errors = []
+    for iterations in (0, 1, 4):
+        shared = fit(w, 3, Option("channel", weighted=True), channel_axis=0, importance=a, iterations=iterations,
+                     scale_dtype="float32")
+        errors.append(float(np.sum(a * (w - shared.decode()) ** 2)))
+    assert errors[1] <= errors[0] + 1e-12 and errors[2] <= errors[1] + 1e-12 and errors[2] < errors[0]
+
+
+def test_output_space_measure_matches_the_layer_output_error():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 20)).astype(np.float32)
+    x = rng.standard_normal((500, 20)) * np.linspace(0.1, 3, 20)
+    hessians = LayerHessians([x.T @ x / len(x)], np.zeros(8, int))
+    shared = fit(w, 3, Option("tensor"), channel_axis=0)
+    y, y_hat = x @ w.T.astype(np.float64), x @ shared.decode().T.astype(np.float64)
+    expected = 10 * np.log10(np.sum(y ** 2) / np.sum((y - y_hat) ** 2))
+    assert measure(w, shared, hessians) == pytest.approx(expected, rel=1e-9)
+
+
+def test_float16_scales_are_written_as_float16_and_match_decode():
+    model = scaled_gemm(k=128, n=64, spread=10.0)
+    ctx = run_share(model, granularity="channel", bits_fc=4, min_elements=64)
+    shared = ctx.shared["W"]
+    assert shared.scale.dtype == np.float16
+    scale = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__scale"))
+    assert scale.data_type == TensorProto.FLOAT16
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, random_feeds(model), atol=1e-5)
+
+
+def test_group_codebooks_run_in_onnxruntime_like_decode():
+    model = scaled_gemm(k=64, n=32, spread=30.0)
+    ctx = run_share(model, granularity="group", group_size=8, bits_fc=3, min_elements=64)
+    shared = ctx.shared["W"]
+    assert shared.group_offsets is not None and len(np.unique(shared.group_offsets)) == 4
+    assert "Add" in op_types(ctx.model)
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, random_feeds(model), atol=1e-5)
+
+
+def test_auto_with_data_picks_channel_scales_on_spread_channels_and_says_why():
+    model = scaled_gemm(k=64, n=32, spread=100.0)
+    data = Dataset(stacked=random_feeds(model, n=128))
+    ctx = run_share(model, data=data, granularity="auto", bits_fc=4, min_elements=64)
+    record = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details)
+    details = record.details
+    assert details["error_space"] == "output"
+    assert details["granularity"].startswith("channel")
+    assert {"tensor", "channel", "group8"} <= set(details["candidates"])
+    chosen = details["candidates"][details["granularity"]]["sqnr_db"]
+    assert chosen > details["candidates"]["tensor"]["sqnr_db"] + 3
+    assert details["reason"]
+
+
+def test_auto_takes_the_smallest_option_once_the_target_is_met():
+    model = gemm(k=64, n=32)
+    ctx = run_share(model, granularity="auto", bits_fc=8, min_elements=64, target_sqnr_db=30.0)
+    details = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details).details
+    assert details["error_space"] == "weight" and details["granularity"] == "tensor"
+    assert details["sqnr_db"] >= 30.0
+
+
+def lstm_model(hidden=16, inputs=8, seed=0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((1, 4 * hidden, inputs)) * 0.3).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "y"], hidden_size=hidden, name="lstm")
+    return make_model([node], [value("x", [5, "N", inputs])], [value("y", [1, "N", hidden])],
+                      [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
+                       numpy_helper.from_array(b, "B")])
+
+
+def test_recurrent_weights_are_shared_per_gate_row_and_still_run_in_onnxruntime():
+    model = lstm_model()
+    infos = {w.name: w for w in find_weights(model, min_elements=64)}
+    assert infos["W"].channel_axis == 1 and infos["R"].channel_axis == 1  # precondition: 4H gate rows
+    ctx = run_share(model, granularity="channel", bits_other=4, min_elements=64)
+    assert {"W", "R", "B"} <= set(ctx.shared)
+    assert ctx.shared["W"].scale.shape == (64,)  # one scale per gate row
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 8)).astype(np.float32)}
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)
+
+
+def test_options_need_a_channel_axis_and_unknown_granularity_is_refused():
+    with pytest.raises(ValueError, match="channel axis"):
+        fit(np.ones((4, 4), np.float32), 2, Option("channel"), channel_axis=None)
+    with pytest.raises(ValueError, match="granularity"):
+        granular.options_for("rows", has_channel_axis=True, channels=4, weighted=False, group_size=2,
+                             outlier_fraction=0.0)
+    from onnxcompress.errors import RecipeError
+    from onnxcompress.passes.share import SharePass
+
+    with pytest.raises(RecipeError):
+        SharePass(granularity="rows")
+    with pytest.raises(RecipeError):
+        SharePass(outlier_fraction=0.9)
