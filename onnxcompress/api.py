@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .external import release_spill
 from .data import Dataset, load_data, model_inputs, synthesize
 from .metrics import Comparison, compare_models
 from .model import check_output_path, file_bytes, load_model, save_model
@@ -64,7 +65,10 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     """Compress a model file into `output` (written atomically; the source is only read)."""
     check_output_path(output, source)
     compressed, report = compress(load_model(source), recipe, data, eval_data=eval_data, **options)
-    save_model(compressed, output)
+    try:
+        save_model(compressed, output)
+    finally:
+        release_spill(compressed)  # a streamed model's temporary tensors
     report.input_bytes, report.output_bytes = file_bytes(source), file_bytes(output)
     return report
 

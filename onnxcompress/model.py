@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from . import external
 from .errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,17 @@ log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 1
 # models whose tensors add up to more than this are written with external data
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# models with more external data than this are streamed: weights read from disk one at a time
+STREAM_THRESHOLD = 512 * 1024 * 1024
 
 
-def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model, with its external data, or raise ModelError with a sentence."""
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
+               stream: bool | None = None) -> onnx.ModelProto:
+    """Read an ONNX model, with its external data, or raise ModelError with a sentence.
+
+    stream: keep external data on disk and read each tensor when a pass asks for it
+    (onnxcompress.external); None streams when the external data exceeds STREAM_THRESHOLD.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file '{path}' does not exist")
@@ -41,6 +49,12 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
     if load_external_data:
         check_external_data(model, path.parent)
+        files = external_data_files(model)
+        if stream is None:
+            stream = sum(files.values()) > STREAM_THRESHOLD
+        if stream and files:
+            external.attach_dirs(model, {location: path.parent for location in files})
+    if load_external_data and not (stream and files):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as e:
@@ -181,43 +195,48 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """Write `model` to `path` atomically; with external data beside it when large or asked.
 
     The model and its data file are written under temporary names in the destination folder
-    and renamed into place only when both are complete.
+    and renamed into place only when both are complete. Tensors of a streamed model that still
+    live in the source's external file (or the spill file) are copied chunk by chunk, never
+    loaded whole; `model` is left as it was.
     """
     out = Path(path)
     if not out.parent.is_dir():
         raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    streamed = external.has_external(model)
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = streamed or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = out.name + ".data"
+    if external_data and (out.parent / data_name).resolve() in external.source_files(model):
+        raise OutputError(f"cannot write '{out}': its data file '{data_name}' would overwrite the data of the "
+                          "model being saved; choose another output name")
     fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    tmp_data = out.parent / f".{data_name}.tmp"
+    fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp_data = Path(tmp_data)
+    undo: list = []
+    bookkeeping: list = []
     try:
         if external_data:
-            to_write = onnx.ModelProto()
-            to_write.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                to_write, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            # write tensors to the temporary data file, then point them at the final name
-            _set_location(to_write, tmp_data.name)
-            onnx.external_data_helper.write_external_data_tensors(to_write, str(out.parent))
-            _set_location(to_write, data_name)
-            Path(tmp_model).write_bytes(to_write.SerializeToString())
-            os.replace(tmp_data, out.parent / data_name)
-        else:
+            undo = external.write_data_file(model, tmp_data, data_name)
+            bookkeeping = external.strip_bookkeeping(model)
             Path(tmp_model).write_bytes(model.SerializeToString())
+            if undo:
+                os.replace(tmp_data, out.parent / data_name)
+            else:
+                tmp_data.unlink()
+        else:
+            tmp_data.unlink()
+            to_write = external.inline_copy(model) if streamed else model
+            bookkeeping = external.strip_bookkeeping(model)
+            Path(tmp_model).write_bytes(to_write.SerializeToString())
         os.replace(tmp_model, out)
     except BaseException:
         for leftover in (Path(tmp_model), tmp_data):
             leftover.unlink(missing_ok=True)
         raise
+    finally:
+        external.undo_writes(undo)
+        external.restore_bookkeeping(model, bookkeeping)
     log.debug("wrote %s (%d bytes)", out, file_bytes(out))
     return out
-
-
-def _set_location(model: onnx.ModelProto, location: str) -> None:
-    for tensor in _all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = location

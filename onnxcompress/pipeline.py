@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
+from . import external
 from .codebook import SharedWeight
 from .data import Dataset
 from .errors import OnnxCompressError, PassError, RecipeError
@@ -210,6 +211,8 @@ class PassManager:
         ctx = Context(original=model, model=working, data=data, form=self.form, jobs=self.jobs, progress=self.progress)
         report = Report(recipe=self.recipe, form=self.form)
         done: list[str] = []
+        if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
+            ctx.masks, ctx.shared = external.SpillingDict(working), external.SpillingDict(working)
         check_data = eval_data or data
         for p in self.passes:
             start = time.perf_counter()
@@ -227,7 +230,7 @@ class PassManager:
                 timing.validation = self._validate(ctx, check_data, p.name, done)
             report.passes.append(timing)
             done.append(p.name)
-        onnx.checker.check_model(ctx.model, full_check=ctx.model.ByteSize() < 2**31 - 1)
+        external.check_model(ctx.model, full_check=ctx.model.ByteSize() < 2**31 - 1)
         if self.validate != "none" and check_data is not None:
             last = report.passes[-1].validation if report.passes else None
             report.validation = last or self._validate(ctx, check_data, "end", done)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import external
 from .data import Dataset, model_inputs
 from .errors import ModelError
 from .graphs import DOMAIN, iter_graphs
@@ -66,7 +67,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
                 return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
             model = onnx.load(str(model))
         model = to_runnable(model)
-        if model.ByteSize() < 2**31 - 1:
+        folders = external.folders_in_use(model) if external.has_external(model) else set()
+        if len(folders) == 1 and model.ByteSize() < 2**31 - 1:  # a streamed model: data read from its folder
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(folders.pop()))
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not folders and model.ByteSize() < 2**31 - 1:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return _session_via_file(model, options)
     except ort.capi.onnxruntime_pybind11_state.Fail as e:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import external
 from .graphs import consumers as consumer_map, find_graph, iter_graphs
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,11 @@ def _role_of(node: onnx.NodeProto, index: int, rank: int) -> tuple[Role, int | N
 
 
 def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:
-    """The weight's values as a numpy array (float tensors in their own dtype)."""
-    return numpy_helper.to_array(_tensor_of(model, info))
+    """The weight's values as a numpy array (float tensors in their own dtype).
+
+    External data of a streamed model is read from disk now (onnxcompress.external).
+    """
+    return external.read_tensor(model, _tensor_of(model, info))
 
 
 def _tensor_of(model: onnx.ModelProto, info: WeightInfo) -> onnx.TensorProto:
@@ -249,7 +253,12 @@ def set_array(model: onnx.ModelProto, info: WeightInfo, array: np.ndarray) -> No
     tensor = _tensor_of(model, info)
     if info.location == "sparse_initializer":
         raise ValueError("cannot overwrite a sparse initializer in place")
-    tensor.CopyFrom(numpy_helper.from_array(np.asarray(array, dtype=get_array(model, info).dtype), tensor.name))
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    else:
+        dtype = get_array(model, info).dtype
+    tensor.CopyFrom(numpy_helper.from_array(np.asarray(array, dtype=dtype), tensor.name))
+    external.spill_tensor(model, tensor)  # a streamed model keeps big tensors on disk
 
 
 def replace_weight(model: onnx.ModelProto, info: WeightInfo, nodes: list[onnx.NodeProto],
@@ -271,5 +280,7 @@ def replace_weight(model: onnx.ModelProto, info: WeightInfo, nodes: list[onnx.No
     else:
         raise ValueError(f"cannot rewrite a weight stored as {info.location}")
     graph.initializer.extend(initializers)
+    for tensor in graph.initializer[len(graph.initializer) - len(initializers):]:
+        external.spill_tensor(model, tensor)  # a streamed model keeps big tensors on disk
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)

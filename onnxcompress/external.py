@@ -1,0 +1,414 @@
+"""Where tensor bytes live when a model is streamed: external data read lazily, a spill file, streaming copies.
+
+A streamed model is a ModelProto loaded without its weight data: its big tensors keep their
+``data_location = EXTERNAL`` entries and are read one at a time, straight from the file, when a
+pass asks for them (:func:`read_tensor`). Large tensors that passes create (codes, pruned
+weights) are appended to a per-load *spill* file in a private temporary folder instead of
+being held in memory (:func:`spill_tensor`), and large arrays passes keep in the context
+(masks, codes) are moved there too (:func:`spill_array`, :class:`SpillingDict`). Saving copies
+every external tensor chunk by chunk into the output's data file, so peak memory is bounded by
+the largest single weight, not the model.
+
+Design: ONNX external locations are relative paths, and protobuf messages take no weak
+references, so the folder each location is relative to is recorded IN the model, in
+``metadata_props[EXTERNAL_DIRS_KEY]`` as JSON ``{location: absolute folder}``. It survives
+``CopyFrom`` (passes copy models freely), and :func:`strip_bookkeeping` removes it from anything
+written to disk (model.save_model does). onnxruntime and the ONNX checker both refuse absolute
+locations, so locations themselves stay relative and untouched.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DIRS_KEY = "onnxcompress.external_data_dirs"  # JSON {location: absolute folder}
+SPILL_KEY = "onnxcompress.spill_location"  # this load's spill file (a location in EXTERNAL_DIRS_KEY)
+SPILL_MIN_BYTES = 256 * 1024  # tensors and arrays at least this big leave memory for the spill file
+COPY_CHUNK = 64 * 1024 * 1024
+ALIGN_MIN_BYTES = 1024 * 1024  # tensors at least this big start at a multiple of ALIGNMENT (mmap-friendly)
+ALIGNMENT = 4096
+# numpy reads these straight from the file; other types (4-bit, float8, bfloat16, strings) go via onnx
+_PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+_spill_root: Path | None = None
+
+
+def _spill_dir() -> Path:
+    """The process's private spill folder, removed at exit."""
+    global _spill_root
+    if _spill_root is None or not _spill_root.is_dir():
+        _spill_root = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
+        atexit.register(shutil.rmtree, _spill_root, True)
+    return _spill_root
+
+
+# ---- bookkeeping in metadata_props ----------------------------------------------------------
+
+def _meta(model: onnx.ModelProto, key: str) -> str | None:
+    return next((e.value for e in model.metadata_props if e.key == key), None)
+
+
+def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
+    for entry in model.metadata_props:
+        if entry.key == key:
+            entry.value = value
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
+def external_dirs(model: onnx.ModelProto) -> dict[str, Path]:
+    """{location: folder} of a streamed model (empty for any other model)."""
+    text = _meta(model, EXTERNAL_DIRS_KEY)
+    return {k: Path(v) for k, v in json.loads(text).items()} if text else {}
+
+
+def attach_dirs(model: onnx.ModelProto, dirs: dict[str, Path]) -> None:
+    merged = {k: str(v) for k, v in external_dirs(model).items()}
+    merged.update({k: str(Path(v).resolve()) for k, v in dirs.items()})
+    _set_meta(model, EXTERNAL_DIRS_KEY, json.dumps(merged, sort_keys=True))
+
+
+def strip_bookkeeping(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """Remove our keys from metadata_props; returns them so the caller can put them back."""
+    ours = [(e.key, e.value) for e in model.metadata_props if e.key in (EXTERNAL_DIRS_KEY, SPILL_KEY)]
+    keep = [(e.key, e.value) for e in model.metadata_props if e.key not in (EXTERNAL_DIRS_KEY, SPILL_KEY)]
+    del model.metadata_props[:]
+    for key, value in keep:
+        _set_meta(model, key, value)
+    return ours
+
+
+def restore_bookkeeping(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> None:
+    for key, value in entries:
+        _set_meta(model, key, value)
+
+
+def is_streamed(model: onnx.ModelProto) -> bool:
+    return _meta(model, EXTERNAL_DIRS_KEY) is not None
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers, sparse parts and tensor attributes, subgraphs included."""
+    from .graphs import iter_graphs
+
+    for graph, _ in iter_graphs(model.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def _non_initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from .graphs import iter_graphs
+
+    for graph, _ in iter_graphs(model.graph):
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
+
+
+def locate(model: onnx.ModelProto, tensor: onnx.TensorProto, dirs: dict[str, Path] | None = None
+           ) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, or ModelError when its file is unknown or short."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    dirs = external_dirs(model) if dirs is None else dirs
+    if location not in dirs:
+        raise ModelError(f"tensor '{tensor.name}' keeps its data in external file '{location}', whose folder is "
+                         "unknown; load the model with onnxcompress.load_model(path)")
+    path = dirs[location] / location
+    offset = int(info.get("offset", 0))
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelError(f"external data file '{path}' of tensor '{tensor.name}' is missing") from e
+    length = int(info["length"]) if "length" in info else size - offset
+    if offset + length > size:
+        raise ModelError(f"external data file '{path}' is truncated: tensor '{tensor.name}' needs bytes "
+                         f"{offset}..{offset + length}, the file has {size}")
+    return path, offset, length
+
+
+def read_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of any tensor; external ones are read from disk now, one tensor's worth of memory."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    path, offset, length = locate(model, tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if tensor.data_type in _PLAIN:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        if length != count * dtype.itemsize:
+            raise ModelError(f"tensor '{tensor.name}' declares {length} external bytes for shape {list(shape)} "
+                             f"of {dtype.name}; the model is corrupt")
+        array = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        return array.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return numpy_helper.to_array(inline)
+
+
+# ---- spilling -----------------------------------------------------------------------------------
+
+def _spill_file(model: onnx.ModelProto) -> tuple[str, Path]:
+    location = _meta(model, SPILL_KEY)
+    if location is None:
+        location = f"spill-{uuid.uuid4().hex[:12]}.data"
+        _set_meta(model, SPILL_KEY, location)
+        attach_dirs(model, {location: _spill_dir()})
+    return location, _spill_dir() / location
+
+
+def _append(path: Path, data) -> int:
+    with open(path, "ab") as f:
+        offset = f.tell()
+        pad = (-offset) % ALIGNMENT
+        if pad:
+            f.write(b"\0" * pad)
+            offset += pad
+        f.write(memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data)
+    return offset
+
+
+def spill_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> bool:
+    """Move a big inline tensor of a streamed model to the spill file; True if moved."""
+    if not is_streamed(model) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    if not tensor.HasField("raw_data") or len(tensor.raw_data) < SPILL_MIN_BYTES:
+        return False
+    location, path = _spill_file(model)
+    raw = tensor.raw_data
+    offset = _append(path, raw)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return True
+
+
+def spill_array(model: onnx.ModelProto, array: np.ndarray) -> np.ndarray:
+    """A copy-on-write memory map of `array` in the spill file (the array itself when small or not streamed)."""
+    if not isinstance(array, np.ndarray) or isinstance(array, np.memmap) or array.nbytes < SPILL_MIN_BYTES \
+            or not is_streamed(model) or array.dtype.hasobject:
+        return array
+    _, path = _spill_file(model)
+    contiguous = np.ascontiguousarray(array)
+    offset = _append(path, contiguous.reshape(-1).view(np.uint8))
+    return np.memmap(path, dtype=array.dtype, mode="c", offset=offset, shape=array.shape)
+
+
+class SpillingDict(dict):
+    """A dict whose big array values (or big array fields of dataclass values) live in the spill file."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        self._model = model
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray):
+            value = spill_array(self._model, value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            moved = {f.name: spill_array(self._model, getattr(value, f.name)) for f in dataclasses.fields(value)
+                     if f.init and isinstance(getattr(value, f.name), np.ndarray)
+                     and getattr(value, f.name).nbytes >= SPILL_MIN_BYTES}
+            if moved:
+                value = dataclasses.replace(value, **moved)
+        super().__setitem__(key, value)
+
+
+def release_spill(model: onnx.ModelProto) -> None:
+    """Delete the spill file of a streamed model (and of every copy made from the same load)."""
+    location = _meta(model, SPILL_KEY)
+    if location:
+        (_spill_dir() / location).unlink(missing_ok=True)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def copy_range(src: Path, offset: int, length: int, dst) -> None:
+    """Copy `length` bytes of `src` from `offset` to the open file `dst`, a chunk at a time."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise ModelError(f"external data file '{src}' ended early while copying")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
+def write_data_file(model: onnx.ModelProto, data_path: Path, location: str, *, size_threshold: int = 1024
+                    ) -> list:
+    """Write every external tensor and every inline initializer >= size_threshold bytes into `data_path`.
+
+    The model is rewritten in place to point at `location`; the returned undo list restores it
+    (:func:`undo_writes`). Memory: one tensor at a time beyond what the model already holds.
+    """
+    from .graphs import iter_graphs
+
+    dirs = external_dirs(model)
+    undo: list = []
+    initializers = [(t, True) for g, _ in iter_graphs(model.graph) for t in g.initializer]
+    others = [(t, False) for t in _non_initializer_tensors(model)]
+    with open(data_path, "wb") as out:
+        try:
+            for tensor, is_initializer in initializers + others:
+                external = tensor.data_location == onnx.TensorProto.EXTERNAL
+                if external:
+                    src, offset, length = locate(model, tensor, dirs)
+                elif is_initializer and tensor.ByteSize() >= size_threshold:
+                    length = -1
+                else:
+                    continue
+                saved = [(e.key, e.value) for e in tensor.external_data]
+                if external:
+                    new_offset = _aligned(out, length)
+                    copy_range(src, offset, length, out)
+                    undo.append((tensor, "external", saved))
+                else:
+                    if tensor.HasField("raw_data"):
+                        raw = tensor.raw_data
+                        undo.append((tensor, "raw", raw))
+                        tensor.ClearField("raw_data")
+                    else:
+                        copy = onnx.TensorProto()
+                        copy.CopyFrom(tensor)
+                        undo.append((tensor, "proto", copy))
+                        raw = numpy_helper.to_array(tensor).tobytes()
+                        for field in ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                                      "uint64_data"):
+                            tensor.ClearField(field)
+                    length = len(raw)
+                    new_offset = _aligned(out, length)
+                    out.write(raw)
+                    del raw
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for key, value in (("location", location), ("offset", str(new_offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+        except BaseException:
+            undo_writes(undo)
+            raise
+    return undo
+
+
+def _aligned(out, length: int) -> int:
+    offset = out.tell()
+    if length >= ALIGN_MIN_BYTES and offset % ALIGNMENT:
+        out.write(b"\0" * (ALIGNMENT - offset % ALIGNMENT))
+        offset = out.tell()
+    return offset
+
+
+def undo_writes(undo: list) -> None:
+    """Put tensors back as they were before :func:`write_data_file`."""
+    for tensor, kind, saved in reversed(undo):
+        if kind == "proto":
+            tensor.CopyFrom(saved)
+            continue
+        del tensor.external_data[:]
+        if kind == "raw":
+            tensor.raw_data = saved
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        else:
+            for key, value in saved:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every external tensor read into memory (for small models only)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dirs = external_dirs(model)
+    for tensor in all_tensors(copy):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            path, offset, length = locate(copy, tensor, dirs)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    strip_bookkeeping(copy)
+    return copy
+
+
+def folders_in_use(model: onnx.ModelProto) -> set[Path]:
+    """The folders the model's external tensors are read from (ModelError when one is unknown)."""
+    dirs = external_dirs(model)
+    return {locate(model, t, dirs)[0].parent for t in all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
+    """onnx.checker.check_model, also for a streamed model.
+
+    The checker resolves external locations against the model file's folder (refusing links and
+    absolute paths), so a streamed model is checked as a small file whose external tensors all
+    point to one empty stand-in file; :func:`locate` has already checked the real files' extents.
+    """
+    if not has_external(model):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    dirs = external_dirs(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in all_tensors(copy):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locate(model, tensor, dirs)
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "stand-in.data"
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as folder:
+        (Path(folder) / "stand-in.data").write_bytes(b"")
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(copy.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def source_files(model: onnx.ModelProto) -> set[Path]:
+    """Resolved paths of every external file a streamed model reads from."""
+    return {(folder / location).resolve() for location, folder in external_dirs(model).items()}
