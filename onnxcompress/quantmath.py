@@ -163,7 +163,7 @@ class StreamingHistogram:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         need = max(abs(lo), abs(hi))
         if self.half_range == 0.0:
-            self.half_range = need if need > 0 else 1e-8
+            self.half_range = max(need, 1e-30)  # a float32 bins / (2R) must stay finite
         while need > self.half_range:
             self._double()
         inv = self.bins / (2.0 * self.half_range)

@@ -20,9 +20,12 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.capture import capture
+from onnxcompress.capture import with_outputs
+from onnxcompress.data import model_inputs
 from onnxcompress.errors import DataError, PreconditionError
+from onnxcompress.graphs import NameScope
 from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.runtime import make_session
 from onnxcompress.quantmath import (TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range,
                                     scale_zero_point)
 
@@ -141,6 +144,21 @@ def derived_tensors(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple
     return found
 
 
+def with_extremes(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """A copy of `model` computing ReduceMin/ReduceMax (all axes, scalar) of each tensor in `names`."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    scope = NameScope(augmented)
+    reduced = {}
+    for name in names:
+        lo, hi = scope.fresh(f"{name}_calib_min"), scope.fresh(f"{name}_calib_max")
+        augmented.graph.node.extend([
+            onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=0, name=scope.fresh(f"{name}_ReduceMin")),
+            onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=0, name=scope.fresh(f"{name}_ReduceMax"))])
+        reduced[name] = (lo, hi)
+    return augmented, reduced
+
+
 def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = None, *,
               progress: bool = False) -> CalibrationResult:
     """Ranges of the chosen (default: all float activation) tensors of `model` over `data`."""
@@ -155,15 +173,20 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     hists = {n: StreamingHistogram(cfg.bins) for n in captured} if use_hist else {}
     lows = dict.fromkeys(captured, np.inf)
     highs = dict.fromkeys(captured, -np.inf)
+    augmented, reduced = with_extremes(model, captured)
+    # min/max are reduced inside onnxruntime: only scalars come back unless histograms need the tensor
+    outputs = [r for pair in reduced.values() for r in pair] + (captured if use_hist else [])
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
-    for values in capture(model, data, captured, max_batch=cfg.max_batch):
-        for name, value in values.items():
-            value = np.asarray(value)
-            if value.size == 0:
-                continue
-            lo, hi = float(value.min()), float(value.max())
-            if use_hist:
-                hists[name].update(value, minmax=(lo, hi))
+    # graph optimizations would not survive the exposed outputs anyway; skipping them saves load time and memory
+    session = make_session(with_outputs(augmented, outputs), optimize=False)
+    specs = model_inputs(model)
+    for feed, _ in data.chunks(specs, max_batch=cfg.max_batch):
+        values = dict(zip(outputs, session.run(outputs, feed)))
+        for name in captured:
+            lo_name, hi_name = reduced[name]
+            lo, hi = float(values[lo_name]), float(values[hi_name])
+            if use_hist and values[name].size:
+                hists[name].update(values[name], minmax=(lo, hi))
             lows[name], highs[name] = min(lows[name], lo), max(highs[name], hi)
         bar.update(1)
     bar.close()

@@ -57,9 +57,10 @@ def test_streaming_histogram_equals_one_shot_histogram(values, splits):
     assert h.count == x.size and h.min == x.min() and h.max == x.max()
     assert h.half_range >= max(abs(x.min()), abs(x.max()))
     # every value sits in the bin its final edges give it (merging on range growth is exact)
-    index = np.clip(np.floor((x.astype(np.float64) + h.half_range) / (2 * h.half_range / 64)), 0, 63).astype(int)
-    expected = np.bincount(index, minlength=64)
-    assert np.abs(expected - h.counts).sum() <= 2 * np.sum(np.isin(x, h.edges))  # values on an edge may go either way
+    position = (x.astype(np.float64) + h.half_range) / (2 * h.half_range / 64)
+    expected = np.bincount(np.clip(np.floor(position), 0, 63).astype(int), minlength=64)
+    on_edge = np.abs(position - np.rint(position)) < 1e-4  # float32 rounding may put these either side
+    assert np.abs(expected - h.counts).sum() <= 2 * np.sum(on_edge)
 
 
 def test_after_relu_is_the_histogram_of_relu():
