@@ -28,6 +28,7 @@ from onnxcompress.graphs import NameScope, consumers, mark
 from onnxcompress.layer_errors import measure_layer_errors
 from onnxcompress.model import opset_of
 from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.runtime import make_session
 from onnxcompress.quantmath import INT8, INT32, TYPES, quantize, quantize_per_channel
 from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
 
@@ -110,6 +111,16 @@ class QdqPass(Pass):
             kinds[kind] += 1
         return PassResult(bool(plan.nodes), {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
                                              "float_nodes": sum(map(len, plan.floats.values())), **kinds})
+
+    def ensures(self, ctx: Context, result: PassResult) -> None:
+        inits = {t.name: t for t in ctx.model.graph.initializer}
+        for node in ctx.model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
+                scale = numpy_helper.to_array(inits[node.input[1]])
+                if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+                    raise PreconditionError(f"qdq made a non-positive or non-finite scale for '{node.input[0]}'")
+        if result.modified and not ctx.layer_errors:  # the error table already ran the model
+            make_session(ctx.model)  # raises ModelError if onnxruntime cannot load what we made
 
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, ctx: Context, cfg: QdqConfig) -> _Plan:
