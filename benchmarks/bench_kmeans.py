@@ -11,6 +11,7 @@ same data.  Reports wall time, the time ratio sklearn/ours, the MSE of each and 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -67,7 +68,9 @@ def print_header() -> None:
     from threadpoolctl import threadpool_info
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"scikit-learn {sklearn.__version__}, {platform.machine()}")
+          f"scikit-learn {sklearn.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
+    if hasattr(os, "getloadavg"):  # other processes skew both timings
+        print("load average at start: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     for pool in threadpool_info():
         print(f"threadpool: {pool.get('user_api')} {pool.get('internal_api')} "
               f"num_threads={pool.get('num_threads')} {pool.get('version') or ''}")
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"| {mse:.4e} | {smse:.4e} | {mse / smse:.4f} |")
     for note in notes:
         print(f"\nnote: {note}")
+    if hasattr(os, "getloadavg"):
+        print("\nload average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

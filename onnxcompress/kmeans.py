@@ -31,6 +31,7 @@ import numpy as np
 
 INITS = ("linear", "density", "random")
 
+_DP_MAX_CELLS = 2**26  # largest split table of kmeans_1d_optimal (512 MB of intp)
 _SCALE_ABOVE = 2.0**500  # larger magnitudes are fit at an (exact) power-of-two scale: see _scaled
 
 
@@ -265,6 +266,9 @@ def _optimal_sorted(xs, ws, k) -> np.ndarray:
     starts = np.flatnonzero(np.concatenate(([True], xs[1:] != xs[:-1])))
     if starts.size <= k:
         return xs[starts] + 0.0
+    if (k - 1) * (starts.size + 1) > _DP_MAX_CELLS:
+        raise ValueError(f"{starts.size} distinct values are too many for the exact k-means at "
+                         f"k={k} (needs {k - 1} x {starts.size + 1} split table); use kmeans_1d")
     xs_s, e = _scaled(xs)
     u = xs_s[starts]
     wt = np.diff(np.append(starts, xs.size)).astype(np.float64) if ws is None else \

@@ -355,3 +355,5 @@ def test_optimal_keep_zero_and_edges():
                                   [1.0, 2.0])
     with pytest.raises(ValueError, match="NaN or Inf"):
         kmeans_1d_optimal(np.array([np.nan, 1.0]), 2)
+    with pytest.raises(ValueError, match="use kmeans_1d"):
+        kmeans_1d_optimal(np.arange(300_000.0), 256)
