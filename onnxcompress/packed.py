@@ -209,7 +209,8 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
         symbols = decode_any(streams["c"])
         if symbols.size != numel:
             raise CodecError(f"packed weight '{name}' holds {symbols.size} codes for {numel} entries.")
-    if symbols.size and int(symbols.max()) >= (1 << bits):
+    top = int(symbols.max()) if symbols.size else -1
+    if top >= (1 << bits):
         raise CodecError(f"codes of packed weight '{name}' do not fit {bits} bits.")
     if zero_code >= (1 << bits):
         raise r.fail(f"zero code {zero_code} does not fit {bits} bits")
@@ -246,8 +247,12 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
                           channel_axis=channel_axis if channel_axis >= 0 else None, group_offsets=group_offsets,
                           scale=scale, outlier_index=outlier_index, outlier_value=outlier_value,
                           zero_code=zero_code if zero_code >= 0 else None)
-    top = int(shared.indices().max()) if numel else -1
-    if top >= codebook.size or (numel and int(shared.indices().min()) < 0):
+    if group_offsets is not None and numel:  # codes + offsets must index the codebook
+        index = shared.indices()
+        bad = int(index.max()) >= codebook.size or int(index.min()) < 0
+    else:  # the largest code (zero_code is swapped back, so take the larger of the two)
+        bad = max(top, zero_code) >= codebook.size and numel > 0
+    if bad:
         raise CodecError(f"codes of packed weight '{name}' point outside its codebook of {codebook.size} entries.")
     return shared
 

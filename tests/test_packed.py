@@ -232,3 +232,22 @@ def test_inspect_reports_packed_streams():
     assert row["name"] == "W" and row["shape"] == [32, 128]
     assert row["stored_bytes"] == len(next(t for t in packed_model.graph.initializer if t.name.endswith("~")).raw_data)
     assert abs(sum(s["bits_per_weight"] for s in row["streams"].values()) - row["bits_per_weight"]) < 0.2
+
+
+@pytest.mark.parametrize("breakage", ["short_codebook", "bad_group_offset", "outlier_values_missing"])
+def test_inconsistent_streams_with_valid_crcs_raise_codec_error(breakage):
+    sw = shared_of(tiny.weights(np.random.default_rng(5), 8, 40), groups=breakage == "bad_group_offset",
+                   outliers=3 if breakage == "outlier_values_missing" else 0)
+    if breakage == "short_codebook":
+        sw.codebook = sw.codebook[:4]
+    elif breakage == "bad_group_offset":
+        sw.group_offsets = sw.group_offsets + np.int32(sw.codebook.size)
+    blob = packed.write_blob(sw).blob
+    if breakage == "outlier_values_missing":
+        from onnxcompress.codecs.frame import pack_streams, unpack_streams
+
+        streams = unpack_streams(blob)
+        streams["u"] = streams["u"][:4]
+        blob = pack_streams(streams)
+    with pytest.raises(CodecError):
+        packed.read_blob(blob)
