@@ -10,9 +10,10 @@ from hypothesis import given, settings, strategies as st
 from onnx import numpy_helper
 
 import tiny
-from onnxcompress import ops, packed, runtime
+from onnxcompress import codecs, ops, packed, runtime
 from onnxcompress.api import inspect, unpack
 from onnxcompress.codebook import SharedWeight
+from onnxcompress.codecs.frame import pack_streams, unpack_streams
 from onnxcompress.errors import CodecError
 from onnxcompress.graphs import DOMAIN, NameScope
 from onnxcompress.kmeans import kmeans_1d
@@ -240,14 +241,12 @@ def test_inconsistent_streams_with_valid_crcs_raise_codec_error(breakage):
                    outliers=3 if breakage == "outlier_values_missing" else 0)
     if breakage == "short_codebook":
         sw.codebook = sw.codebook[:4]
-    elif breakage == "bad_group_offset":
-        sw.group_offsets = sw.group_offsets + np.int32(sw.codebook.size)
     blob = packed.write_blob(sw).blob
-    if breakage == "outlier_values_missing":
-        from onnxcompress.codecs.frame import pack_streams, unpack_streams
-
-        streams = unpack_streams(blob)
+    streams = unpack_streams(blob)
+    if breakage == "bad_group_offset":  # offsets past the codebook, in a well-formed stream
+        streams["g"] = codecs.encode("raw", sw.group_offsets + sw.codebook.size, 2 * sw.codebook.size)
+    elif breakage == "outlier_values_missing":
         streams["u"] = streams["u"][:4]
-        blob = pack_streams(streams)
+    blob = pack_streams(streams)
     with pytest.raises(CodecError):
         packed.read_blob(blob)
