@@ -19,9 +19,19 @@ lambda = damping * mean(diag H), which keeps every solve well posed when inputs 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
+
+try:  # many small solves run far faster on one BLAS thread (threads oversubscribe busy machines)
+    from threadpoolctl import threadpool_limits
+except ImportError:  # optional: without it BLAS keeps its own thread count
+    threadpool_limits = None
+
+
+def _one_blas_thread():
+    return threadpool_limits(1) if threadpool_limits is not None else contextlib.nullcontext()
 
 
 def damped(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
@@ -62,12 +72,13 @@ def masked_lstsq(target: np.ndarray, keep: np.ndarray, gram: np.ndarray, *, damp
     patterns: dict[bytes, list[int]] = {}
     for j in range(target.shape[0]):
         patterns.setdefault(np.packbits(keep[j]).tobytes(), []).append(j)
-    for rows in patterns.values():
-        s = np.flatnonzero(keep[rows[0]])
-        if s.size == 0:
-            continue
-        sub = h[np.ix_(s, s)]
-        out[np.ix_(rows, s)] = np.linalg.solve(sub, rhs[np.ix_(rows, s)].T).T
+    with _one_blas_thread():
+        for rows in patterns.values():
+            s = np.flatnonzero(keep[rows[0]])
+            if s.size == 0:
+                continue
+            sub = h[np.ix_(s, s)]
+            out[np.ix_(rows, s)] = np.linalg.solve(sub, rhs[np.ix_(rows, s)].T).T
     return out
 
 
@@ -113,13 +124,14 @@ def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None =
             mask_out[:, i1:i2] = kept1
         else:
             kept1 = mask_out[:, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            q = np.where(kept1[:, i], col, 0.0)
-            e = (col - q) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            w1[:, i] = q
-            err1[:, i] = e
+        with _one_blas_thread():
+            for i in range(i2 - i1):
+                col = w1[:, i]
+                q = np.where(kept1[:, i], col, 0.0)
+                e = (col - q) / u1[i, i]
+                w1[:, i:] -= np.outer(e, u1[i, i:])
+                w1[:, i] = q
+                err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return np.where(mask_out, w, 0.0), mask_out
@@ -209,29 +221,32 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
 def _code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
     """sum_j s_j^2 E_j^T H E_j over rows j, E_j the one-hot (K, n) of row j's free entries.
 
-    Dense rows: one matmul per code, B_c = (s * 1[code == c]) @ H, then G[c, :] = bincount of B_c
-    by code. Sparse rows: per row, bincount of H_SS by the code pairs. The cheaper one is used.
+    Sparse rows (|S_j| small): bincount of H_SS by the code pairs, O(|S_j|^2). Dense rows: with a
+    factor H = F^T F, E_j^T H E_j = Z^T Z where Z = F E_j sums F's columns by code, O(K |S_j| + K m^2)
+    for the m codes the row uses, instead of O(|S_j|^2) scattered adds.
     """
     rows, k = codes.shape
-    kept = free.sum(axis=1)
-    sparse_cost = float(np.sum(kept.astype(np.float64) ** 2)) * 8  # bincount is ~8x slower than BLAS per element
-    dense_cost = float(n) * rows * k * k / 4
     g = np.zeros((n, n))
-    if sparse_cost <= dense_cost:
+    factor = None
+    with _one_blas_thread():
         for j in range(rows):
             idx = np.flatnonzero(free[j])
             if idx.size == 0:
                 continue
             cj = codes[j, idx]
-            pair = (cj[:, None] * n + cj[None, :]).ravel()
-            g += np.bincount(pair, weights=h[np.ix_(idx, idx)].ravel(), minlength=n * n).reshape(n, n) * s[j] ** 2
-        return g
-    weights = np.where(free, s[:, None], 0.0)
-    flat_codes = np.where(free, codes, 0).ravel()
-    for c in np.unique(codes[free]):
-        ind = np.where(codes == c, weights, 0.0)
-        bc = (ind @ h) * weights  # entry (j, a): s_j * sum_b 1[code_jb == c] s_j H[b, a], masked to free a
-        g[c] = np.bincount(flat_codes, weights=bc.ravel(), minlength=n)
+            if idx.size <= 256:
+                pair = (cj[:, None] * n + cj[None, :]).ravel()
+                g += np.bincount(pair, weights=h[np.ix_(idx, idx)].ravel(), minlength=n * n).reshape(n, n) * s[j] ** 2
+                continue
+            if factor is None:
+                jitter = 1e-12 * max(float(np.mean(np.diag(h))), 1e-300)
+                factor = np.linalg.cholesky(h + jitter * np.eye(k)).T  # H + jitter I = F^T F
+            order = np.argsort(cj, kind="stable")
+            sorted_codes = cj[order]
+            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+            z = np.add.reduceat(factor[:, idx[order]], starts, axis=1)  # (K, m)
+            present = sorted_codes[starts]
+            g[np.ix_(present, present)] += (z.T @ z) * s[j] ** 2
     return g
 
 

@@ -43,7 +43,11 @@ class PruneConfig:
     quality: float = 1.0  # method "threshold": prune |w| < quality * std(w)
     sparsity: dict = field(default_factory=dict)  # weight name -> sparsity, over every default
     compensation: Literal["lstsq", "sparsegpt", "none"] = "lstsq"
+    # with data, which entries to keep: the largest |w| (the paper), or the largest |w| * ||x||, the
+    # weight's contribution at the layer's input scale (Wanda, Sun et al. 2023); without data, |w|
+    criterion: Literal["magnitude", "activation"] = "magnitude"
     target: Literal["original", "current"] = "original"  # refit toward the original model's layer outputs
+    rounds: int = 1  # lstsq: prune in this many steps (kept fraction geometric), re-choosing the mask from refit weights
     damping: float = 0.01  # ridge of the refits, relative to mean(diag H)
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
@@ -154,22 +158,38 @@ class PrunePass(Pass):
         fit = layer_fit(ctx, info, layer, target=cfg.target, rows_per_chunk=cfg.rows_per_chunk)
         w_cur = layer.weight_matrix(np.asarray(array, dtype=np.float64))
         method = cfg.compensation
-        keep_m = layer.weight_matrix(magnitude_mask(array, sparsity))
+        if cfg.criterion == "activation":
+            norms = np.zeros_like(w_cur)
+            for rows, h, _, _ in fit.groups():
+                norms[rows] = np.sqrt(np.maximum(np.diag(h), 0.0))[None, :]
+            keep_m = magnitude_mask(w_cur * norms, sparsity)
+        else:
+            keep_m = layer.weight_matrix(magnitude_mask(array, sparsity))
         if method == "lstsq" and refine.lstsq_cost(keep_m) > cfg.max_lstsq_flops:
             log.info("prune: %s: %.1e flops of per-channel solves, using SparseGPT updates instead",
                      info.name, refine.lstsq_cost(keep_m))
             method = "sparsegpt-fixed"
         out = np.zeros_like(w_cur)
         keep_out = np.zeros(w_cur.shape, dtype=bool)
-        for rows, h, cross, _ in fit.groups():
+        for rows, h, cross, ref_gram in fit.groups():
             target = refine.dense_target(fit.reference[rows], h, cross, damping=cfg.damping)
             if method == "lstsq":
-                out[rows] = refine.masked_lstsq(target, keep_m[rows], h, damping=cfg.damping)
-                keep_out[rows] = keep_m[rows]
+                keep_r = keep_m[rows]
+                for r in range(1, cfg.rounds):  # gradual: choose each mask from the previous refit
+                    step = 1.0 - (1.0 - sparsity) ** (r / cfg.rounds)
+                    fitted = refine.masked_lstsq(target, magnitude_mask(target if r == 1 else fitted, step), h,
+                                                 damping=cfg.damping)
+                    keep_r = magnitude_mask(fitted, sparsity) if r == cfg.rounds - 1 else keep_r
+                out[rows] = refine.masked_lstsq(target, keep_r, h, damping=cfg.damping)
+                keep_out[rows] = keep_r
             elif method == "sparsegpt-fixed":
                 out[rows], keep_out[rows] = refine.sparsegpt(target, h, keep=keep_m[rows], damping=cfg.damping)
             else:
                 out[rows], keep_out[rows] = refine.sparsegpt(target, h, sparsity=sparsity, damping=cfg.damping)
+            plain = np.where(keep_out[rows], w_cur[rows], 0.0)
+            args = (fit.reference[rows], h, cross, ref_gram)
+            if refine.output_error(out[rows], *args)[0] > refine.output_error(plain, *args)[0]:
+                out[rows] = plain  # greedy OBS can lose to plain magnitude on a fixed mask: keep the better
         err_plain, signal = fit.error(np.where(keep_out, w_cur, 0.0))
         err_new, _ = fit.error(out)
         details.update(compensation=method, rows=fit.grams.count,
@@ -193,16 +213,15 @@ class PrunePass(Pass):
 
 
 def default_sparsity(cfg: PruneConfig, info: WeightInfo, layer: LinearLayer | None) -> float:
-    """The role- and size-aware default: head (few outputs) > stem (tiny fan-in conv) > role."""
+    """The role- and size-aware default: stem (conv of tiny fan-in), head (few outputs), else by role."""
     out_channels = layer.out_channels if layer is not None else (
         info.shape[info.channel_axis] if info.channel_axis is not None else None)
-    if out_channels is not None and out_channels <= cfg.head_channels and info.role != Role.OTHER:
-        return cfg.sparsity_head
+    head = out_channels is not None and out_channels <= cfg.head_channels
     if info.role in (Role.CONV, Role.CONV_TRANSPOSE):
         fan_in = int(np.prod(info.shape)) // max(out_channels or 1, 1)
-        return cfg.sparsity_stem if fan_in <= cfg.stem_fan_in else cfg.sparsity_conv
+        return cfg.sparsity_stem if fan_in <= cfg.stem_fan_in else cfg.sparsity_head if head else cfg.sparsity_conv
     if info.role.is_fully_connected:
-        return cfg.sparsity_fc
+        return cfg.sparsity_head if head else cfg.sparsity_fc
     return cfg.sparsity_other
 
 

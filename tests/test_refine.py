@@ -1,0 +1,145 @@
+"""The least-squares kernels of onnxcompress.refine against brute-force references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcompress import refine
+
+
+def correlated_rows(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Rows with strongly correlated columns (what a Gram-based fit exploits)."""
+    mix = rng.standard_normal((k, k)) * 0.5 + np.eye(k)
+    return rng.standard_normal((n, k)) @ mix
+
+
+def gram(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    return x.T @ (x if y is None else y) / x.shape[0]
+
+
+def test_masked_lstsq_matches_lstsq_on_the_kept_columns():
+    rng = np.random.default_rng(0)
+    x = correlated_rows(rng, 200, 12)
+    w = rng.standard_normal((5, 12))
+    keep = rng.random((5, 12)) < 0.5
+    keep[0] = keep[1]  # two rows with one kept set are solved together
+    got = refine.masked_lstsq(w, keep, gram(x), damping=0.0)
+    for j in range(5):
+        s = np.flatnonzero(keep[j])
+        ref, *_ = np.linalg.lstsq(x[:, s], x @ w[j], rcond=None)
+        np.testing.assert_allclose(got[j, s], ref, rtol=1e-6, atol=1e-8)
+        assert np.all(got[j, ~keep[j]] == 0)
+
+
+def test_dense_target_fits_the_reference_output_through_the_current_inputs():
+    rng = np.random.default_rng(1)
+    xr = correlated_rows(rng, 300, 8)
+    xc = xr + 0.3 * rng.standard_normal(xr.shape)  # inputs disturbed by earlier layers
+    w = rng.standard_normal((4, 8))
+    got = refine.dense_target(w, gram(xc), gram(xc, xr), damping=0.0)
+    ref = np.linalg.lstsq(xc, xr @ w.T, rcond=None)[0].T
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(refine.dense_target(w, gram(xc), None), w)
+
+
+def test_output_error_is_the_squared_output_difference():
+    rng = np.random.default_rng(2)
+    xr = correlated_rows(rng, 100, 6)
+    xc = xr + 0.1 * rng.standard_normal(xr.shape)
+    w, w2 = rng.standard_normal((3, 6)), rng.standard_normal((3, 6))
+    err, sig = refine.output_error(w2, w, gram(xc), gram(xc, xr), gram(xr))
+    assert err == pytest.approx(np.sum((xc @ w2.T - xr @ w.T) ** 2) / 100, rel=1e-9)
+    assert sig == pytest.approx(np.sum((xr @ w.T) ** 2) / 100, rel=1e-9)
+
+
+def test_sparsegpt_chooses_its_mask_prunes_exactly_and_beats_magnitude_on_that_mask():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 64)) + 0.1 * rng.standard_normal((400, 64))
+    h = gram(x)
+    w = rng.standard_normal((16, 64))
+    got, mask = refine.sparsegpt(w, h, sparsity=0.75, damping=0.001, block=32)
+    assert np.all(got[~mask] == 0)
+    assert abs((1 - mask.mean()) - 0.75) < 0.01
+    err_obs, _ = refine.output_error(got, w, h)
+    err_mag, _ = refine.output_error(np.where(mask, w, 0.0), w, h)
+    assert err_obs < 0.8 * err_mag
+
+
+def test_sparsegpt_with_a_fixed_mask_is_sequential_obs():
+    """Column by column: freeze column i (kept value or 0), re-optimise every later column exactly."""
+    rng = np.random.default_rng(6)
+    x = correlated_rows(rng, 200, 20)
+    h = gram(x)
+    w = rng.standard_normal((3, 20))
+    keep = rng.random((3, 20)) < 0.4
+    got, mask = refine.sparsegpt(w, h, keep=keep, damping=1e-12, block=8)
+    np.testing.assert_array_equal(mask, keep)
+    for j in range(3):
+        cur = w[j].copy()
+        for i in range(20):
+            cur[i] = cur[i] if keep[j, i] else 0.0
+            done, rest = np.arange(i + 1), np.arange(i + 1, 20)
+            if rest.size:
+                cur[rest] = w[j, rest] - np.linalg.solve(h[np.ix_(rest, rest)], h[np.ix_(rest, done)] @ (cur[done] - w[j, done]))
+        np.testing.assert_allclose(got[j], cur, rtol=1e-6, atol=1e-8)
+
+
+def brute_force_centroids(xs, w, codes, n, fixed_values, scale, groups):
+    """Stack, over every row j, X_g(j) s_j E_j as the design matrix of the centroids and solve."""
+    free = [c for c in range(n) if c not in fixed_values]
+    design, rhs = [], []
+    for j in range(w.shape[0]):
+        x = xs[groups[j]]
+        onehot = (codes[j][:, None] == np.arange(n)[None, :]).astype(float) * scale[j]
+        d = x @ onehot
+        fixed_part = sum(d[:, c] * v for c, v in fixed_values.items())
+        design.append(d[:, free])
+        rhs.append(x @ w[j] - fixed_part)
+    sol, *_ = np.linalg.lstsq(np.concatenate(design), np.concatenate(rhs), rcond=None)
+    return free, sol
+
+
+def test_refine_centroids_matches_brute_force_least_squares():
+    rng = np.random.default_rng(4)
+    k, rows, n = 10, 6, 5
+    xs = [correlated_rows(rng, 80, k), correlated_rows(rng, 80, k)]  # two groups
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    w = rng.standard_normal((rows, k))
+    codes = rng.integers(0, n, size=(rows, k))
+    codes[0, :4] = 0
+    centroids = np.array([0.0, -1.0, -0.3, 0.4, 1.1])
+    scale = rng.uniform(0.5, 2.0, rows)
+    got = refine.refine_centroids(w, codes, centroids, [gram(x) for x in xs], groups, scale=scale,
+                                  fixed=[0], ridge=1e-12)
+    free, ref = brute_force_centroids(xs, w, codes, n, {0: 0.0}, scale, groups)
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got[free], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_refine_centroids_sparse_and_dense_paths_agree():
+    rng = np.random.default_rng(5)
+    x = correlated_rows(rng, 600, 300)
+    w = rng.standard_normal((8, 300))
+    codes = rng.integers(0, 6, size=(8, 300))
+    codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (factor path)
+    h = gram(x)
+    free = codes != 0
+    got = refine._code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
+    ref = np.zeros((6, 6))
+    for j in range(8):
+        onehot = ((codes[j][:, None] == np.arange(6)) & free[j][:, None]).astype(float)
+        ref += onehot.T @ h @ onehot * (j + 1.0) ** 2
+    np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
+    centroids = np.linspace(-1, 1, 6)
+    centroids[0] = 0.0
+    got = refine.refine_centroids(w, codes, centroids, [h], np.zeros(8, int), fixed=[0])
+    before, _ = refine.output_error(centroids[codes], w, h)
+    after, _ = refine.output_error(got[codes], w, h)
+    assert got[0] == 0.0 and after < before
+
+
+def test_nearest_codes_skips_disallowed_centroids():
+    centroids = np.array([0.0, -1.0, 1.0, 0.2])
+    allowed = np.array([False, True, True, True])
+    got = refine.nearest_codes(np.array([-0.05, 0.7, -2.0, 5.0]), centroids, allowed)
+    np.testing.assert_array_equal(got, [3, 2, 1, 2])
