@@ -250,3 +250,35 @@ def test_inconsistent_streams_with_valid_crcs_raise_codec_error(breakage):
     blob = pack_streams(streams)
     with pytest.raises(CodecError):
         packed.read_blob(blob)
+
+
+STREAMS = unpack_streams(BLOB)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(STREAMS)), st.data())
+def test_truncating_any_inner_stream_raises_codec_error(key, data):
+    """Each stream cut short inside a well-formed frame (valid CRCs) is still caught."""
+    cut = data.draw(st.integers(0, len(STREAMS[key]) - 1))
+    streams = dict(STREAMS)
+    streams[key] = streams[key][:cut]
+    with pytest.raises(CodecError):
+        packed.read_blob(pack_streams(streams))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**9))
+def test_flipping_a_byte_of_a_packed_model_blob_fails_at_load(seed):
+    rng = np.random.default_rng(seed)
+    packed_model = CORRUPTIBLE[0]
+    copy_ = onnx.ModelProto()
+    copy_.CopyFrom(packed_model)
+    blob = next(t for t in copy_.graph.initializer if t.name.endswith("~"))
+    raw = bytearray(blob.raw_data)
+    raw[int(rng.integers(len(raw)))] ^= int(rng.integers(1, 256))
+    blob.raw_data = bytes(raw)
+    with pytest.raises(CodecError):
+        runtime.make_session(copy_)
+
+
+CORRUPTIBLE = [pack_model(tiny.gemm(k=64, n=16), scale=True, outliers=2)[0]]
