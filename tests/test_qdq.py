@@ -216,3 +216,19 @@ def test_lenet5_int8_recipe_keeps_accuracy_and_runs_integer_kernels(tmp_path):
     assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 2
     d = report.as_dict()
     assert d["layer_errors"] and all(e["sqnr_db"] > 20 for e in d["layer_errors"])
+
+
+def test_static_embedding_then_matmul_quantizes_the_table_weight_only(tmp_path):
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(tiny.weights(rng, 50, 16), "emb"), numpy_helper.from_array(tiny.weights(rng, 16, 8), "W")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="lookup"),
+             helper.make_node("MatMul", ["e", "W"], ["y"], name="proj")]
+    model = tiny.make_model(nodes, [tiny.value("ids", ["N", 5], onnx.TensorProto.INT64)],
+                            [tiny.value("y", ["N", 5, 8])], inits)
+    data = Dataset(stacked={"ids": rng.integers(0, 50, (40, 5))})
+    quantized, _ = quantize(model, data)
+    made = {o: n for n in quantized.graph.node for o in n.output}
+    assert made["emb"].op_type == "DequantizeLinear" and made["W"].op_type == "DequantizeLinear"
+    assert "MatMulIntegerToFloat" in optimized_ops(quantized, tmp_path)
+    ids = data.stacked["ids"]
+    assert sqnr_db(tiny.run(model, {"ids": ids})[0], tiny.run(quantized, {"ids": ids})[0]) > 25
