@@ -86,7 +86,7 @@ def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, sh
 
 def unpack(model: ModelLike) -> onnx.ModelProto:
     """The portable form of a packed model: codes + Cast + Gather(codebook) per packed weight."""
-    from .packed import unpack as unpack_model
+    from .ops.graph import unpack as unpack_model
 
     return unpack_model(_as_model(model))
 
@@ -131,6 +131,6 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
 
 def _packed_rows(proto: onnx.ModelProto) -> list[dict]:
     """Per packed weight: stored bytes and bits per weight of each stream (empty for portable models)."""
-    from .packed import packed_weights
+    from .ops.graph import packed_weights
 
     return packed_weights(proto)

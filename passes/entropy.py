@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxcompress import ops  # noqa: F401  registers the DecodeWeight schema for the checker
 from onnxcompress.codecs import METHODS
 from onnxcompress.errors import PreconditionError
 from onnxcompress.graphs import NameScope
-from onnxcompress.packed import Layout, PackedWeight, read_blob, replace_with_blob, write_blob
+from onnxcompress.ops.graph import replace_with_blob  # importing ops registers the DecodeWeight schema
+from onnxcompress.packed import Layout, PackedWeight, read_blob, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
 
 log = logging.getLogger(__name__)

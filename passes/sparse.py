@@ -25,7 +25,8 @@ from onnxcompress.codecs import METHODS
 from onnxcompress.errors import PreconditionError
 from onnxcompress.graphs import NameScope, mark
 from onnxcompress.model import opset_of
-from onnxcompress.packed import Layout, choose_layout, replace_constant_subgraph
+from onnxcompress.ops.graph import replace_constant_subgraph
+from onnxcompress.packed import Layout, choose_layout
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, find_weights, get_array
 

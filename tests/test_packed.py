@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 import tiny
 from onnxcompress import codecs, ops, packed, runtime
+from onnxcompress.ops.graph import replace_with_blob
 from onnxcompress.api import inspect, unpack
 from onnxcompress.codebook import SharedWeight
 from onnxcompress.codecs.frame import pack_streams, unpack_streams
@@ -128,7 +129,7 @@ def pack_model(model: onnx.ModelProto, names=("W",), **variant) -> tuple[onnx.Mo
     shared = {}
     for name in names:
         sw = shared_of(weight_of(model, name), name, **variant)
-        packed.replace_with_blob(out, packed.write_blob(sw, packed.choose_layout(sw)), scope, "test")
+        replace_with_blob(out, packed.write_blob(sw, packed.choose_layout(sw)), scope, "test")
         shared[name] = sw
     return out, shared
 

@@ -24,6 +24,8 @@ import onnx
 from onnx import TensorProto
 
 from .. import packed, runtime
+from ..graphs import iter_graphs
+from .graph import to_dense
 from ..errors import CodecError, ModelError
 from ..graphs import DOMAIN
 
@@ -74,12 +76,12 @@ def register_schemas() -> None:
 def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """Decode every constant DecodeWeight with its numpy kernel into a dense initializer."""
     start = time.perf_counter()
-    out = packed.to_dense(model)
+    out = to_dense(model)
     seconds = time.perf_counter() - start
     decoded = sum(t.ByteSize() for t in out.graph.initializer) - sum(t.ByteSize() for t in model.graph.initializer)
     log.debug("decoded packed weights in %.3f s (%.1f MB/s of float32)", seconds,
               max(decoded, 0) / 1e6 / max(seconds, 1e-9))
-    left = [n.op_type for g, _ in packed.iter_graphs(out.graph) for n in g.node if n.domain == DOMAIN]
+    left = [n.op_type for g, _ in iter_graphs(out.graph) for n in g.node if n.domain == DOMAIN]
     if left:
         raise ModelError(f"{len(left)} {DOMAIN} ops have non-constant inputs and cannot be decoded before "
                          "the session; run them with onnxcompress.ops.custom_op_session")

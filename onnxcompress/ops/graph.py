@@ -1,0 +1,183 @@
+"""Graph surgery of the packed form: swap a weight's portable subgraph for a DecodeWeight node, and
+back (the dense fast path before a session, or the portable codebook form written by `unpack`)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..codebook import portable_nodes
+from ..codecs._wire import Reader
+from ..codecs.choice import METHODS
+from ..codecs.frame import unpack_streams
+from ..errors import ModelError
+from ..graphs import DOMAIN, NameScope, consumers, iter_graphs, mark, producers
+from ..packed import OP_TYPE, PackedWeight, decode_blob, read_blob
+
+
+def constant_subgraph(graph: onnx.GraphProto, name: str) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes and initializers that compute `name` from constants only and feed nothing else."""
+    made_by = producers(graph)
+    used_by = consumers(graph)
+    inits = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    nodes: list[onnx.NodeProto] = []
+    tensors: list[str] = []
+    todo = [name]
+    chosen: set[int] = set()
+    while todo:
+        tensor = todo.pop()
+        node = made_by.get(tensor)
+        if node is None:
+            if tensor in inits and all(id(n) in chosen for n, _ in used_by.get(tensor, [])):
+                tensors.append(tensor)
+            continue
+        if id(node) in chosen:
+            continue
+        outs_used = [n for out in node.output for n, _ in used_by.get(out, [])]
+        if tensor != name and not all(id(n) in chosen for n in outs_used):
+            continue
+        chosen.add(id(node))
+        nodes.append(node)
+        todo.extend(i for i in node.input if i)
+    return nodes, tensors
+
+
+def replace_constant_subgraph(model: onnx.ModelProto, name: str, nodes: list[onnx.NodeProto],
+                              inits: list[onnx.TensorProto]) -> int:
+    """Swap what computes tensor `name` from constants only (a portable subgraph, a plain
+    initializer or Constant) for `nodes` and `inits`, inserted first in the same graph.
+
+    Returns the serialized bytes of the initializers removed.
+    """
+    for graph, _ in iter_graphs(model.graph):
+        initial = {t.name for t in graph.initializer}
+        if name in producers(graph) or name in initial:
+            break
+    else:
+        raise ModelError(f"weight '{name}' is not produced in any graph of the model")
+    old_nodes, tensors = constant_subgraph(graph, name)
+    drop = set(tensors) | ({name} if name in initial else set())
+    removed = sum(t.ByteSize() for t in graph.initializer if t.name in drop)
+    removed += sum(s.ByteSize() for s in graph.sparse_initializer if s.values.name in drop)
+    keep = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    keep_sparse = [s for s in graph.sparse_initializer if s.values.name not in drop]
+    del graph.sparse_initializer[:]
+    graph.sparse_initializer.extend(keep_sparse)
+    ids = {id(n) for n in old_nodes}
+    keep_nodes = [n for n in graph.node if id(n) not in ids]
+    del graph.node[:]
+    graph.node.extend(list(nodes) + keep_nodes)
+    graph.initializer.extend(inits)
+    return removed
+
+
+def replace_with_blob(model: onnx.ModelProto, packed: PackedWeight, scope: NameScope, pass_name: str) -> int:
+    """Swap the portable subgraph (or plain tensor) computing `packed.name` for one DecodeWeight node
+    reading a uint8 initializer that holds the blob. Returns the bytes of tensor data removed."""
+    blob_name = scope.fresh(f"{packed.name}~")
+    new = [helper.make_node(OP_TYPE, [blob_name], [packed.name], domain=DOMAIN)]
+    dtype = read_dtype(packed.blob)
+    if dtype != np.float32:
+        decoded = scope.fresh(f"{packed.name}~f")
+        new[0].output[0] = decoded
+        new.append(helper.make_node("Cast", [decoded], [packed.name], to=helper.np_dtype_to_tensor_dtype(dtype)))
+    for node in new:
+        mark(node, pass_name)
+    blob = numpy_helper.from_array(np.frombuffer(packed.blob, np.uint8), blob_name)
+    removed = replace_constant_subgraph(model, packed.name, new, [blob])
+    ensure_domain(model)
+    return removed
+
+
+def read_dtype(blob: bytes) -> np.dtype:
+    head = Reader(unpack_streams(blob)["h"], "header")
+    head.varint("version", 255)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(head.varint("element type", 64)))
+
+
+def ensure_domain(model: onnx.ModelProto) -> None:
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _drop_domain_if_unused(model: onnx.ModelProto) -> None:
+    if any(n.domain == DOMAIN for g, _ in iter_graphs(model.graph) for n in g.node):
+        return
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def decode_nodes(model: onnx.ModelProto, rewrite) -> onnx.ModelProto:
+    """A copy of `model` where every DecodeWeight node with a constant blob is replaced by
+    ``rewrite(graph, node, blob array, scope)`` (which inserts what computes the output)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    scope = NameScope(out)
+    for graph, _ in iter_graphs(out.graph):
+        inits = {t.name: t for t in graph.initializer}
+        targets = [n for n in graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE and n.input[0] in inits]
+        if not targets:
+            continue
+        blobs = set()
+        for node in targets:
+            blob = numpy_helper.to_array(inits[node.input[0]])
+            position = list(graph.node).index(node)
+            del graph.node[position]
+            new_nodes, new_inits = rewrite(node, blob, scope)
+            for k, n in enumerate(new_nodes):
+                graph.node.insert(position + k, n)
+            graph.initializer.extend(new_inits)
+            blobs.add(node.input[0])
+        still_used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [t for t in graph.initializer if t.name not in blobs or t.name in still_used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    _drop_domain_if_unused(out)
+    return out
+
+
+def to_dense(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fast path: every constant DecodeWeight becomes a plain dense initializer (numpy kernel)."""
+    def rewrite(node, blob, scope):
+        return [], [numpy_helper.from_array(decode_blob(blob), node.output[0])]
+    return decode_nodes(model, rewrite)
+
+
+def unpack(model: onnx.ModelProto, *, pass_name: str = "unpack") -> onnx.ModelProto:
+    """The portable form of a packed model: each weight as uint codes + Cast + Gather(codebook)
+    (standard ONNX, small on disk), exactly the SharedWeight the blob stores."""
+    from ..model import opset_of
+
+    opset = opset_of(model)
+
+    def rewrite(node, blob, scope):
+        shared = read_blob(blob, node.output[0])
+        nodes, inits = portable_nodes(shared, scope, opset, pass_name)
+        return nodes, inits
+    return decode_nodes(model, rewrite)
+
+
+def packed_weights(model: onnx.ModelProto) -> list[dict]:
+    """Per DecodeWeight node: the weight, its shape, stored bytes and bits per weight of each stream."""
+    rows = []
+    for graph, path in iter_graphs(model.graph):
+        inits = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.domain != DOMAIN or node.op_type != OP_TYPE or node.input[0] not in inits:
+                continue
+            blob = numpy_helper.to_array(inits[node.input[0]]).tobytes()
+            shared = read_blob(blob, node.output[0])
+            numel = max(int(np.prod(shared.shape, dtype=np.int64)), 1)
+            streams = unpack_streams(blob)
+            methods = {k: (METHODS[v[0]] if k in "civg" and v and v[0] < len(METHODS) else "float32")
+                       for k, v in streams.items() if k != "h"}
+            rows.append({"name": node.output[0], "graph": path, "shape": list(shared.shape), "bits": shared.bits,
+                         "stored_bytes": len(blob), "bits_per_weight": 8.0 * len(blob) / numel,
+                         "layout": "csr" if "i" in streams else "dense",
+                         "streams": {k: {"bytes": len(v), "bits_per_weight": 8.0 * len(v) / numel,
+                                         "method": methods[k]} for k, v in streams.items() if k != "h"},
+                         "nonzero": float(np.mean(shared.decode() != 0))})
+    return rows
