@@ -47,7 +47,7 @@ class PruneConfig:
     # weight's contribution at the layer's input scale (Wanda, Sun et al. 2023); without data, |w|
     criterion: Literal["magnitude", "activation"] = "magnitude"
     target: Literal["original", "current"] = "original"  # refit toward the original model's layer outputs
-    rounds: int = 1  # lstsq: prune in this many steps (kept fraction geometric), re-choosing the mask from refit weights
+    rounds: int = 2  # lstsq: prune in this many steps (kept fraction geometric), re-choosing the mask from refit weights
     damping: float = 0.01  # ridge of the refits, relative to mean(diag H)
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
@@ -61,6 +61,8 @@ class PruneConfig:
             _check_fraction(f"sparsity['{name}']", value)
         if self.quality < 0:
             raise ValueError(f"quality must be >= 0, not {self.quality}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, not {self.rounds}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, not {self.damping}")
 
