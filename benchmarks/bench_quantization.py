@@ -123,11 +123,14 @@ def worker(spec: dict) -> dict:
     return {"seconds": seconds, "peak_mb": (peak - base) / 1024, "base_mb": base / 1024, "tensors": tensors}
 
 
-def run_worker(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_worker(spec: dict, attempts: int = 3) -> dict:
+    for attempt in range(attempts):
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+        if out.returncode == 0:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        if attempt + 1 < attempts:
+            time.sleep(15)  # a shared checkout may be mid-edit: retry before giving up
+    raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
 
 
 def measure_pair(ours: dict, theirs: dict, repeat: int) -> tuple[dict, dict]:

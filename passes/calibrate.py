@@ -13,6 +13,8 @@ The result, a :class:`CalibrationResult`, goes to ``ctx.calibration`` for the qd
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.capture import with_outputs
 from onnxcompress.data import model_inputs
-from onnxcompress.errors import DataError, PreconditionError
+from onnxcompress.errors import DataError, ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.runtime import make_session
@@ -76,6 +78,7 @@ class CalibrateConfig:
     entropy_levels: int = 128  # quantized bins of the KL search (TensorRT: 128)
     max_samples: int | None = None  # use only the first N calibration samples
     max_batch: int = 64  # samples per onnxruntime call where the batch axis is dynamic
+    workers: int = 2  # chunks run concurrently (each single-threaded); 1: one call at a time, all threads
     tensors: list = field(default_factory=list)  # calibrate only these tensors (default: every float activation)
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class CalibrateConfig:
             raise ValueError(f"percentile must be in (0, 100], not {self.percentile}")
         if self.bins < 64 or self.bins % 4:
             raise ValueError(f"bins must be a multiple of 4 and at least 64, not {self.bins}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
 
@@ -144,6 +149,32 @@ def derived_tensors(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple
     return found
 
 
+def _run_chunks(session, outputs: list[str], chunks, workers: int):
+    """Yield {output: value} per chunk, in order, with up to `workers` chunks in flight at once.
+
+    Small models keep two cores busier with one single-threaded call per chunk than with one
+    two-threaded call; at most `workers` chunks' outputs exist at a time, so memory stays bounded.
+    """
+    def call(feed):
+        try:
+            return dict(zip(outputs, session.run(outputs, feed)))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelError(f"onnxruntime failed on the calibration data: {str(e).strip().splitlines()[0][:300]}") from e
+
+    if workers == 1:
+        for feed, _ in chunks:
+            yield call(feed)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for feed, _ in chunks:
+            pending.append(pool.submit(call, feed))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def with_extremes(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """A copy of `model` computing ReduceMin/ReduceMax (all axes, scalar) of each tensor in `names`."""
     augmented = onnx.ModelProto()
@@ -178,10 +209,11 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     outputs = [r for pair in reduced.values() for r in pair] + (captured if use_hist else [])
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
     # graph optimizations would not survive the exposed outputs anyway; skipping them saves load time and memory
-    session = make_session(with_outputs(augmented, outputs), optimize=False)
-    specs = model_inputs(model)
-    for feed, _ in data.chunks(specs, max_batch=cfg.max_batch):
-        values = dict(zip(outputs, session.run(outputs, feed)))
+    workers = max(1, cfg.workers)
+    session = make_session(with_outputs(augmented, outputs), optimize=False, threads=1 if workers > 1 else None)
+    # the samples in flight stay max_batch: each of the workers runs its share of them
+    chunks = data.chunks(model_inputs(model), max_batch=max(1, -(-cfg.max_batch // workers)))
+    for values in _run_chunks(session, outputs, chunks, workers):
         for name in captured:
             lo_name, hi_name = reduced[name]
             lo, hi = float(values[lo_name]), float(values[hi_name])
