@@ -232,3 +232,18 @@ def test_static_embedding_then_matmul_quantizes_the_table_weight_only(tmp_path):
     assert "MatMulIntegerToFloat" in optimized_ops(quantized, tmp_path)
     ids = data.stacked["ids"]
     assert sqnr_db(tiny.run(model, {"ids": ids})[0], tiny.run(quantized, {"ids": ids})[0]) > 25
+
+
+@pytest.mark.parametrize("options", [{"activation_type": "int8"}, {"per_channel": False},
+                                     {"activation_type": "int8", "symmetric_activations": True}])
+def test_activation_and_weight_variants_run_integer_convolutions(options, tmp_path):
+    model = tiny.conv_gemm()
+    data = data_for(model)
+    calib = CalibratePass(symmetric=options.get("symmetric_activations", False),
+                          activation_type=options.get("activation_type", "uint8"))
+    quantized, _ = PassManager([calib, QdqPass(**options)], validate="none", progress=False).run(model, data)
+    ops = optimized_ops(quantized, tmp_path)
+    assert "QLinearConv" in ops and "QGemm" in ops
+    if options.get("symmetric_activations"):  # zero point is not the type minimum: the Relu stays, with a Q/DQ before it
+        assert "Relu" in ops
+    assert output_sqnr(model, quantized, data) > 30
