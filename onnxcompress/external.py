@@ -388,17 +388,15 @@ def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
 
     The checker resolves external locations against the model file's folder (refusing links and
     absolute paths), so a streamed model is checked as a small file whose external tensors all
-    point to one empty stand-in file; :func:`locate` has already checked the real files' extents.
+    point to one empty stand-in file (model.check_external_data checks the real files' extents).
     """
     if not has_external(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
-    dirs = external_dirs(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in all_tensors(copy):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locate(model, tensor, dirs)
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = "stand-in.data"

@@ -23,7 +23,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 # models whose tensors add up to more than this are written with external data
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # models with more external data than this are streamed: weights read from disk one at a time
-STREAM_THRESHOLD = 512 * 1024 * 1024
+STREAM_THRESHOLD = 256 * 1024 * 1024
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
@@ -67,7 +67,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
 def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     """A truncated protobuf often still parses; the checker catches the dangling pieces."""
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < PROTOBUF_LIMIT else None
+        external.check_model(model, full_check=False) if model.ByteSize() < PROTOBUF_LIMIT else None
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e

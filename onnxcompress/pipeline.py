@@ -24,6 +24,7 @@ from .data import Dataset
 from .errors import OnnxCompressError, PassError, RecipeError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
+from .runtime import foreign_domains
 from .packed import Layout, PackedWeight
 from .weights import WeightInfo, find_weights
 
@@ -214,6 +215,10 @@ class PassManager:
         if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
             ctx.masks, ctx.shared = external.SpillingDict(working), external.SpillingDict(working)
         check_data = eval_data or data
+        if self.validate != "none" and check_data is not None and (custom := foreign_domains(model)):
+            check_data = None  # onnxruntime cannot run these ops without the user's library
+            ctx.note(f"validation skipped: the model uses custom ops of {sorted(custom)}, which onnxruntime runs "
+                     "only with their library registered; compare the models yourself with it loaded")
         for p in self.passes:
             start = time.perf_counter()
             try:

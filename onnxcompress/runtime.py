@@ -60,6 +60,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = None
     try:
         if isinstance(model, (str, os.PathLike)):
             proto = onnx.load(str(model), load_external_data=False)
@@ -75,12 +76,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
         if not folders and model.ByteSize() < 2**31 - 1:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return _session_via_file(model, options)
-    except ort.capi.onnxruntime_pybind11_state.Fail as e:
-        raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
-    except (ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
-        domains = foreign_domains(model) if isinstance(model, onnx.ModelProto) else set()
+        graph = model if isinstance(model, onnx.ModelProto) else proto
+        domains = foreign_domains(graph)
         hint = (f"; it uses custom ops of {sorted(domains)}: register their library to validate" if domains else "")
         raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}{hint}") from e
 

@@ -1,0 +1,244 @@
+"""Scale benchmark: compress synthetic models of about 0.5, 1 and 3 GB of float32 weights.
+
+Each model is a stack of MatMul+Relu layers (width --width, He-initialised random weights)
+written with external data straight to disk, one weight at a time, in a temporary folder that
+is deleted at the end (never committed). Every compression runs as its own `onnxcompress
+compress ... --validate none` subprocess; the table reports per run:
+
+  wall        seconds of the whole command (load, passes, save)
+  peak RSS    the largest resident set of any one process of the run (wait4 ru_maxrss)
+  tree PSS    the largest sum of proportional set sizes of the command and its workers (pages
+              shared after fork counted once), sampled every 0.1 s
+  weights/s   weights compressed per second, and the float MB per second
+  same        whether the output files are byte-identical to the --jobs 1 output
+
+Validation in onnxruntime (which must hold both models dense) is measured separately with
+`onnxcompress validate` on the files on disk (--validate-size).
+
+    python benchmarks/bench_scale.py                        # 0.5, 1, 3 GB; share, deep-compression; jobs 1, 2
+    python benchmarks/bench_scale.py --sizes 0.5 --recipes share --jobs 1
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+GB = 1e9
+# the built-in recipes with one codebook per tensor (Deep Compression's k-means), which costs one
+# k-means per weight instead of the several candidates granularity "auto" fits and measures
+VARIANTS = {
+    "share-tensor": "name: share-tensor\npasses:\n  - share: {granularity: tensor}\n",
+    "deep-compression-tensor": "name: deep-compression-tensor\nform: packed\npasses:\n  - prune\n"
+                               "  - share: {granularity: tensor}\n  - sparse\n  - entropy\n",
+}
+
+
+def build_model(path: Path, target_bytes: float, width: int, seed: int = 0) -> int:
+    """Write a MatMul stack of ~target_bytes float32 weights with external data; returns the layer count."""
+    layers = max(1, round(target_bytes / (width * width * 4)))
+    rng = np.random.default_rng(seed)
+    data_name = path.name + ".data"
+    nodes, inits, current = [], [], "x"
+    with open(path.parent / data_name, "wb") as data:
+        for i in range(layers):
+            weight = (rng.standard_normal((width, width), dtype=np.float32) * np.float32(np.sqrt(2.0 / width)))
+            offset = data.tell()
+            data.write(weight.tobytes())
+            tensor = TensorProto(name=f"layer{i}.weight", data_type=TensorProto.FLOAT, dims=[width, width],
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(weight.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            inits.append(tensor)
+            out = "y" if i == layers - 1 else f"h{i}"
+            nodes.append(helper.make_node("MatMul", [current, tensor.name], [out], name=f"layer{i}"))
+            current = out
+            if i < layers - 1:
+                nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+                current = f"r{i}"
+    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    path.write_bytes(model.SerializeToString())
+    return layers
+
+
+def _tree_rss(pid: int) -> int:
+    """Sum of the proportional set sizes (bytes; pages shared after fork counted once) of `pid` and descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def measure(cmd: list[str]) -> dict:
+    """Run `cmd`; wall seconds, exit code, peak single-process RSS and peak sampled tree RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_tree = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak_tree
+        while not done.is_set():
+            peak_tree = max(peak_tree, _tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    # the command runs under WRAPPER, which prints the ru_maxrss of its own child as JSON
+    wall = time.perf_counter() - start
+    result = {"wall_s": wall, "rc": proc.returncode, "peak_tree_rss_mb": peak_tree / 2**20,
+              "stderr": err.strip().splitlines()[-1] if err.strip() else ""}
+    try:
+        result.update(json.loads(out.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        pass
+    return result
+
+
+WRAPPER = r"""
+import json, os, resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024, "child_rc": rc}))
+sys.exit(rc)
+"""
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of the model (its external-data file name blanked: outputs are named per run) and its data."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "data"
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        with open(data, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.5,1,3", help="GB of weights per model (comma-separated)")
+    parser.add_argument("--recipes", default="share,deep-compression",
+                        help="recipes (built-in names, .yaml files, or " + ", ".join(VARIANTS) + "); absent built-ins are skipped")
+    parser.add_argument("--jobs", default="1,2", help="--jobs values to run")
+    parser.add_argument("--width", type=int, default=2048, help="layer width: each weight is width x width float32")
+    parser.add_argument("--folder", help="work folder (default: a temporary folder, deleted at the end)")
+    parser.add_argument("--validate-size", type=float, default=None,
+                        help="also time `onnxcompress validate` of the first recipe's output at this size")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    from onnxcompress.recipes import BUILTIN
+
+    sizes = [float(s) for s in args.sizes.split(",")]
+    jobs_list = [int(j) for j in args.jobs.split(",")]
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="onnxcompress-scale-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    recipes = []
+    for r in args.recipes.split(","):
+        if r in VARIANTS:
+            path = folder / f"{r}.yaml"
+            path.write_text(VARIANTS[r])
+            recipes.append(str(path))
+        elif r in BUILTIN or r.endswith((".yaml", ".yml")):
+            recipes.append(r)
+        else:
+            print(f"skipping recipe '{r}': not built in", file=sys.stderr)
+    free = shutil.disk_usage(folder).free
+    print(f"free disk: {free / GB:.1f} GB", file=sys.stderr)
+    wrapper = folder / "wrap.py"
+    wrapper.write_text(WRAPPER)
+    rows = []
+    try:
+        for size in sizes:
+            model = folder / f"scale_{size:g}gb.onnx"
+            start = time.perf_counter()
+            layers = build_model(model, size * GB, args.width)
+            weight_bytes = layers * args.width * args.width * 4
+            print(f"built {model.name}: {layers} layers, {weight_bytes / GB:.2f} GB in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+            for recipe in recipes:
+                reference = None
+                for jobs in jobs_list:
+                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs}.onnx"
+                    cmd = [sys.executable, str(wrapper), sys.executable, "-m", "onnxcompress.cli", "compress",
+                           str(model), "-o", str(out), "--recipe", recipe, "--validate", "none", "--jobs", str(jobs),
+                           "-q"]
+                    r = measure(cmd)
+                    ok = r["rc"] == 0
+                    this = digest(out) if ok else None
+                    reference = reference or this
+                    out_bytes = sum(p.stat().st_size for p in (out, out.with_name(out.name + ".data")) if p.exists())
+                    row = {"size_gb": round(weight_bytes / GB, 2), "layers": layers, "recipe": recipe, "jobs": jobs,
+                           "ok": ok, "wall_s": round(r["wall_s"], 1), "peak_rss_mb": round(r.get("peak_rss_mb", 0)),
+                           "tree_rss_mb": round(r["peak_tree_rss_mb"]),
+                           "weights_per_s": round(layers / r["wall_s"], 2),
+                           "mb_per_s": round(weight_bytes / 2**20 / r["wall_s"], 1),
+                           "out_mb": round(out_bytes / 2**20, 1), "same_as_jobs1": this == reference if ok else None,
+                           "error": None if ok else r["stderr"]}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.validate_size == size and reference:
+                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs_list[0]}.onnx"
+                    cmd = [sys.executable, str(wrapper), sys.executable, "-m", "onnxcompress.cli", "validate",
+                           str(model), str(out)]
+                    r = measure(cmd)
+                    row = {"size_gb": round(weight_bytes / GB, 2), "layers": layers, "recipe": f"validate {recipe}",
+                           "jobs": "-", "ok": r["rc"] == 0, "wall_s": round(r["wall_s"], 1),
+                           "peak_rss_mb": round(r.get("peak_rss_mb", 0)), "tree_rss_mb": round(r["peak_tree_rss_mb"]),
+                           "weights_per_s": None, "mb_per_s": None, "out_mb": None, "same_as_jobs1": None,
+                           "error": None if r["rc"] == 0 else r["stderr"]}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                for p in folder.glob(f"out_{size:g}_{Path(recipe).stem}_*"):
+                    p.unlink()
+            for p in folder.glob(f"scale_{size:g}gb.onnx*"):
+                p.unlink()
+    finally:
+        if not args.folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    header = "| GB | layers | recipe | jobs | wall s | peak RSS MB | tree PSS MB | weights/s | MB/s | out MB | same as j1 |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        status = "" if r["ok"] else f" FAILED: {r['error']}"
+        print(f"| {r['size_gb']} | {r['layers']} | {r['recipe']} | {r['jobs']} | {r['wall_s']} | {r['peak_rss_mb']} | "
+              f"{r['tree_rss_mb']} | {r['weights_per_s']} | {r['mb_per_s']} | {r['out_mb']} | "
+              f"{r['same_as_jobs1']}{status} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
