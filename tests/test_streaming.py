@@ -1,0 +1,136 @@
+"""Streamed models (weights read from external data one at a time) and --jobs: same results as in memory / jobs 1.
+
+Streaming normally starts above model.STREAM_THRESHOLD; these tests lower it (and the spill
+threshold) so tiny models take the same path as multi-GB ones.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxcompress import external, model as model_io, parallel
+from onnxcompress.api import compress, compress_file
+from onnxcompress.errors import ModelError
+from onnxcompress.model import load_model, save_model
+from onnxcompress.weights import find_weights, get_array
+from tiny import conv_gemm, make_model, random_feeds, value
+
+
+def _mlp(layers: int = 3, width: int = 96, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out], name=f"mm{i}"))
+        current = out
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            current = f"r{i}"
+    return make_model(nodes, [value("x", ["N", width])], [value("y", ["N", width])], inits)
+
+
+@pytest.fixture
+def streaming(monkeypatch):
+    monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
+    monkeypatch.setattr(external, "SPILL_MIN_BYTES", 1024)
+
+
+def _outputs(path_or_model, feeds):
+    from onnxcompress.runtime import make_session
+
+    return make_session(path_or_model).run(None, feeds)
+
+
+def test_streamed_load_reads_weights_lazily(tmp_path, streaming):
+    model = conv_gemm()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "m.onnx")
+    assert external.is_streamed(streamed)
+    assert not any(t.HasField("raw_data") for t in streamed.graph.initializer if t.name == "fc.W")
+    for info in find_weights(streamed):
+        expected = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == info.name))
+        np.testing.assert_array_equal(get_array(streamed, info), expected)
+
+
+def test_streamed_model_with_short_data_file_fails_on_read(tmp_path, streaming):
+    save_model(conv_gemm(), tmp_path / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])  # shortened after loading
+    info = next(w for w in find_weights(streamed) if w.name == "fc.W")
+    with pytest.raises(ModelError, match="truncated"):
+        get_array(streamed, info)
+
+
+@pytest.mark.parametrize("recipe", ["share", "deep-compression-portable"])
+def test_streamed_compression_equals_in_memory(tmp_path, streaming, recipe):
+    model = conv_gemm()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    source = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    report = compress_file(tmp_path / "m.onnx", tmp_path / "out.onnx", recipe, validate="end")
+    assert report.validation is not None  # validated in onnxruntime with data read from the files
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in source} == source
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert not [e.key for e in written.metadata_props if e.key.startswith("onnxcompress.")]
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    in_memory, _ = compress(model, recipe, validate="none")
+    feeds = {"x": random_feeds(model)["x"]}
+    for a, b in zip(_outputs(str(tmp_path / "out.onnx"), feeds), _outputs(in_memory, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_copies_source_tensors_and_leaves_the_model_as_it_was(tmp_path, streaming):
+    model = _mlp()
+    (tmp_path / "src").mkdir()
+    save_model(model, tmp_path / "src" / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "src" / "m.onnx")
+    before = streamed.SerializeToString()
+    save_model(streamed, tmp_path / "copy.onnx")
+    assert streamed.SerializeToString() == before
+    assert (tmp_path / "copy.onnx.data").stat().st_size >= 3 * 96 * 96 * 4
+    feeds = {"x": random_feeds(model)["x"]}
+    np.testing.assert_array_equal(_outputs(str(tmp_path / "copy.onnx"), feeds)[0], _outputs(model, feeds)[0])
+    save_model(streamed, tmp_path / "inline.onnx", external_data=False)
+    assert not (tmp_path / "inline.onnx.data").exists()
+    np.testing.assert_array_equal(_outputs(str(tmp_path / "inline.onnx"), feeds)[0], _outputs(model, feeds)[0])
+
+
+def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
+    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "m.onnx")
+    (tmp_path / "out").mkdir()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(external, "copy_range", boom)
+    with pytest.raises(OSError):
+        save_model(streamed, tmp_path / "out" / "o.onnx")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_jobs_give_identical_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)  # use workers even for a tiny model
+    model = _mlp(layers=4, width=64)
+    one, _ = compress(model, "share", validate="none", jobs=1)
+    two, _ = compress(model, "share", validate="none", jobs=2)
+    assert one.SerializeToString(deterministic=True) == two.SerializeToString(deterministic=True)
+
+
+def test_map_ordered_keeps_order_and_raises_worker_errors():
+    tasks = [((n,), {}) for n in range(7)]
+    assert list(parallel.map_ordered(_square, tasks, jobs=2)) == [n * n for n in range(7)]
+    with pytest.raises(ModelError, match="bad 3"):
+        list(parallel.map_ordered(_fail_on_three, tasks, jobs=2))
+
+
+def _square(n):
+    return n * n
+
+
+def _fail_on_three(n):
+    if n == 3:
+        raise ModelError("bad 3")
+    return n
