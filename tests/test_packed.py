@@ -283,3 +283,20 @@ def test_flipping_a_byte_of_a_packed_model_blob_fails_at_load(seed):
 
 
 CORRUPTIBLE = [pack_model(tiny.gemm(k=64, n=16), scale=True, outliers=2)[0]]
+
+
+def test_cli_unpack_and_inspect(tmp_path, capsys):
+    from onnxcompress.cli import main
+    from onnxcompress.model import save_model
+
+    packed_model, _ = pack_model(tiny.gemm(k=128, n=32), keep=0.1)
+    source, target = tmp_path / "packed.onnx", tmp_path / "portable.onnx"
+    save_model(packed_model, source)
+    assert main(["unpack", str(source), "-o", str(target)]) == 0
+    portable = onnx.load(str(target))
+    assert not runtime.uses_domain(portable)
+    onnx.checker.check_model(portable, full_check=True)
+    assert main(["inspect", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "packed weights" in out and "bits/weight" in out
+    assert main(["unpack", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.onnx")]) == 2
