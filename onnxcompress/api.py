@@ -15,6 +15,7 @@ from .metrics import Comparison, compare_models
 from .model import check_output_path, file_bytes, load_model, save_model
 from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
+from .search import run_with_backoff
 from .weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,24 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
 
 def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None, *, eval_data: Any = None,
              form: str | None = None, validate: str = "end", shapes: dict | None = None,
-             progress: bool = False, jobs: int = 1) -> tuple[onnx.ModelProto, Report]:
+             progress: bool = False, jobs: int = 1, budget: dict | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe on a model; returns the compressed model and the report.
 
     `data` calibrates data-driven passes; `eval_data` (default: `data`, else synthesized
-    inputs) measures the fidelity of the result in onnxruntime.
+    inputs) measures the fidelity of the result in onnxruntime. `budget` sets the options of
+    the recipe's bit-width search, e.g. {"max_drop": 0.5} or {"target_ratio": 30}.
     """
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if budget:
+        recipe = recipe.with_options("bitwidth", **budget)
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
-    manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
+    passes = recipe.build()
+    manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress)
-    compressed, report = manager.run(original, calib, evaluation)
+    compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
     return compressed, report

@@ -42,6 +42,16 @@ def _finite(obj):
     return obj
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="shape of a dynamic input for synthesized data (repeatable), e.g. input=1,3,224,224")
@@ -74,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", choices=["end", "each", "none"], default="end",
                    help="compare with the original in onnxruntime at the end, after each pass, or not at all")
     p.add_argument("--report", metavar="REPORT.json", help="also write the full report as JSON")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes for per-weight work")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="worker processes for per-weight work (default: the number of cores; results do not "
+                        "depend on it)")
+    budget = p.add_argument_group("budget of the bit-width search (recipe 'auto'); give one")
+    budget.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="largest accuracy loss in points (top-1 agreement without labels), e.g. 0.5")
+    budget.add_argument("--min-sqnr", type=float, metavar="DB", help="smallest output SQNR in dB")
+    budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
+    budget.add_argument("--metric", metavar="MODULE:FUNCTION",
+                        help="your metric f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
     _add_data_options(p)
@@ -128,17 +147,25 @@ def main(argv: list[str] | None = None) -> int:
 def _compress(args) -> int:
     from .api import compress_file
     from .data import parse_shapes
+    from .parallel import available_cores
     from .report import report_text
 
     if getattr(args, "quiet", False):
         logging.getLogger().setLevel(logging.ERROR)
+    budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
+                                            ("target_ratio", args.target_ratio), ("metric", args.metric))
+              if value is not None}
     report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
                            form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                           progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs)
+                           progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs or available_cores(), budget=budget)
     if args.report:
         from .model import check_output_path
+        from .plots import plot_report
 
-        _write_text_atomic(check_output_path(args.report, args.model), _dump(report.as_dict()))
+        path = check_output_path(args.report, args.model)
+        _write_text_atomic(path, _dump(report.as_dict()))
+        for note in plot_report(report, path.with_suffix("")):
+            print(note, file=sys.stderr)
     print(_dump(report.as_dict()) if args.json else report_text(report))
     return 0
 

@@ -50,6 +50,7 @@ class Context:
     original: onnx.ModelProto
     model: onnx.ModelProto
     data: Dataset | None = None  # calibration data (None: passes fall back to data-free methods)
+    eval_data: Dataset | None = None  # validation data (searches measure fidelity on it)
     form: str = "portable"  # "portable" | "packed"
     jobs: int = 1
     progress: bool = True
@@ -205,15 +206,18 @@ class PassManager:
         self.passes, self.recipe, self.validate = passes, recipe, validate
         self.form, self.jobs, self.progress = form, jobs, progress
 
-    def run(self, model: onnx.ModelProto, data: Dataset | None = None,
-            eval_data: Dataset | None = None) -> tuple[onnx.ModelProto, Report]:
+    def run(self, model: onnx.ModelProto, data: Dataset | None = None, eval_data: Dataset | None = None,
+            plan: dict[str, dict[str, Any]] | None = None) -> tuple[onnx.ModelProto, Report]:
+        """Run the passes on a copy of `model`; `plan` presets ctx.plan (per-weight settings)."""
         working = onnx.ModelProto()
         working.CopyFrom(model)
-        ctx = Context(original=model, model=working, data=data, form=self.form, jobs=self.jobs, progress=self.progress)
-        report = Report(recipe=self.recipe, form=self.form)
-        done: list[str] = []
+        ctx = Context(original=model, model=working, data=data, eval_data=eval_data, form=self.form, jobs=self.jobs,
+                      progress=self.progress)
+        ctx.plan = {name: dict(settings) for name, settings in (plan or {}).items()}
         if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
             ctx.masks, ctx.shared = external.SpillingDict(working), external.SpillingDict(working)
+        report = Report(recipe=self.recipe, form=self.form)
+        done: list[str] = []
         check_data = eval_data or data
         if self.validate != "none" and check_data is not None and (custom := foreign_domains(model)):
             check_data = None  # onnxruntime cannot run these ops without the user's library

@@ -4,6 +4,7 @@ from __future__ import annotations
 from onnxcompress.pipeline import Pass
 
 from .prune import PrunePass
+from .bitwidth import BitWidthPass
 from .calibrate import CalibratePass
 from .qdq import QdqPass
 from .share import SharePass
@@ -15,6 +16,7 @@ PASSES: dict[str, type[Pass]] = {
     QdqPass.name: QdqPass,
     PrunePass.name: PrunePass,
     SharePass.name: SharePass,
+    BitWidthPass.name: BitWidthPass,
     SparsePass.name: SparsePass,
     EntropyPass.name: EntropyPass,
 }

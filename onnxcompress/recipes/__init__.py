@@ -36,6 +36,9 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "prune": [("prune", {})],
     # the portable half of Deep Compression: prune, then share with the zeros kept exact
     "deep-compression-portable": [("prune", {}), ("share", {})],
+    # per-layer bits and sparsity searched to a budget (--max-drop, --min-sqnr or --target-ratio),
+    # then Deep Compression with those settings
+    "auto": [("bitwidth", {}), ("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
@@ -45,6 +48,7 @@ DESCRIPTIONS = {
     "deep-compression": "prune + share + sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
     "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
+    "auto": "bits and sparsity per layer searched to --max-drop/--min-sqnr/--target-ratio, then deep-compression",
 }
 
 
@@ -53,6 +57,13 @@ class Recipe:
     name: str
     steps: list[tuple[str, dict[str, Any]]]
     form: str = "portable"
+
+    def with_options(self, pass_name: str, **options: Any) -> "Recipe":
+        """A copy whose every `pass_name` step also gets `options` (command-line budgets, say)."""
+        if not any(p == pass_name for p, _ in self.steps):
+            raise RecipeError(f"recipe '{self.name}' has no '{pass_name}' pass to take {sorted(options)}")
+        steps = [(p, {**o, **options} if p == pass_name else dict(o)) for p, o in self.steps]
+        return Recipe(self.name, steps, form=self.form)
 
     def build(self) -> list[Pass]:
         from onnxcompress.passes import PASSES
@@ -86,7 +97,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return _parse(doc, path.stem, str(path))
 
 
-FORMS: dict[str, str] = {"deep-compression": "packed"}
+FORMS: dict[str, str] = {"deep-compression": "packed", "auto": "packed"}
 
 
 def _parse(doc: Any, default_name: str, where: str) -> Recipe:

@@ -1,0 +1,92 @@
+"""Pictures of a bit-width search: the size/fidelity front and per-layer sensitivity curves.
+
+matplotlib is optional (`pip install onnxcompress[plot]`); without it the report says so.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .pipeline import Report
+
+
+def search_summary(report: Report) -> dict | None:
+    return next((p.summary for p in report.passes if p.name == "bitwidth" and "evaluated" in p.summary), None)
+
+
+def plot_report(report: Report, prefix: Path) -> list[str]:
+    """Write PREFIX.pareto.png and PREFIX.sensitivity.png for a bit-width search; return notes."""
+    summary = search_summary(report)
+    if summary is None:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["plots skipped: matplotlib is not installed (pip install 'onnxcompress[plot]')"]
+    written = [_pareto(plt, summary, Path(f"{prefix}.pareto.png")),
+               _sensitivity(plt, summary, Path(f"{prefix}.sensitivity.png"))]
+    return [f"wrote {path}" for path in written]
+
+
+def _loss_label(summary: dict) -> str:
+    budget = summary["budget"]
+    if budget.get("min_sqnr") is not None:
+        return "noise-to-signal ratio of the outputs"
+    return "loss (accuracy points, or top-1 disagreement without labels)"
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _pareto(plt, summary: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points = summary["evaluated"]
+    ok = [p for p in points if p["ok"]]
+    bad = [p for p in points if not p["ok"]]
+    ax.scatter([p["ratio"] for p in ok], [p["check"] for p in ok], c="tab:green", label="meets the budget")
+    ax.scatter([p["ratio"] for p in bad], [p["check"] for p in bad], c="tab:red", marker="x", label="exceeds it")
+    front = sorted(summary["front"], key=lambda p: p["ratio"])
+    ax.plot([p["ratio"] for p in front], [p["check"] for p in front], c="gray", lw=1, label="front")
+    budget = summary["budget"]
+    if budget.get("max_drop") is not None:
+        ax.axhline(budget["max_drop"], ls="--", c="black", lw=0.8, label=f"budget {budget['max_drop']}")
+    ax.set_xlabel("predicted whole-file compression ratio (x)")
+    ax.set_ylabel(_loss_label(summary))
+    ax.set_title("Configurations evaluated by the bit-width search")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _sensitivity(plt, summary: dict, path: Path) -> Path:
+    table = summary["sensitivity"]
+    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 3.2), squeeze=False, sharey=True)
+    for ax, (name, candidates) in zip(axes[0], table.items()):
+        for sparsity in sorted({c["sparsity"] for c in candidates}):
+            rows = sorted((c for c in candidates if c["sparsity"] == sparsity and c["error"] is None),
+                          key=lambda c: c["bits"])
+            ax.plot([c["bits"] for c in rows], [c["cost"] for c in rows], marker="o", ms=3,
+                    label=f"{100 * sparsity:.0f}% pruned")
+        choice = summary["choices"].get(name, {})
+        ax.set_title(f"{name}\nchosen: {choice.get('bits')} bits, {100 * choice.get('sparsity', 0):.0f}% pruned",
+                     fontsize=8)
+        ax.set_xlabel("codebook bits")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss with only this layer changed")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Per-layer sensitivity (cf. Han et al. 2016, Figure 7)", fontsize=10, y=1.08)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

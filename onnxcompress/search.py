@@ -1,0 +1,71 @@
+"""End-to-end back-off for recipes that search per-layer settings.
+
+The bit-width pass allocates from per-layer sensitivities and checks its choice jointly, but it
+simulates the passes after it. Here the real passes run with the chosen plan, the result is
+validated, and while the measured loss exceeds the budget the downstream passes run again with
+the next-safer configuration the search verified — the sensitivity sweep is not repeated.
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from .data import Dataset
+from .metrics import Comparison
+from .pipeline import Pass, PassManager, Report, WeightRecord
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 4
+
+
+def budget_check(config, comparison: Comparison | None) -> tuple[bool, float | None]:
+    """(met, measured) for the budget of a bit-width config; a size budget is always met."""
+    if comparison is None or config.target_ratio is not None or config.metric:
+        return True, None
+    if config.min_sqnr is not None:
+        worst = min(o.sqnr_db for o in comparison.outputs)
+        return worst >= config.min_sqnr, worst
+    drop = comparison.accuracy_drop
+    if drop is None:
+        agreement = comparison.worst_agreement()
+        drop = None if agreement is None else 100.0 * (1.0 - agreement)
+    return (True, None) if drop is None else (drop <= config.max_drop, drop)
+
+
+def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.ModelProto, data: Dataset | None,
+                     eval_data: Dataset | None) -> tuple[onnx.ModelProto, Report]:
+    """Run `passes`; when they start with a bit-width search, verify its plan end to end."""
+    index = next((i for i, p in enumerate(passes) if p.name == "bitwidth"), None)
+    if index is None or manager.validate == "none":
+        return manager.run(model, data, eval_data)
+    head = PassManager(passes[: index + 1], recipe=manager.recipe, validate="none", form=manager.form,
+                       jobs=manager.jobs, progress=manager.progress)
+    tail = PassManager(passes[index + 1:], recipe=manager.recipe, validate=manager.validate, form=manager.form,
+                       jobs=manager.jobs, progress=manager.progress)
+    searched, head_report = head.run(model, data, eval_data)
+    summary = head_report.passes[index].summary
+    config = passes[index].config
+    start = summary.get("choices", {})
+    plans = [start] + [p["choice"] for p in sorted(summary.get("evaluated", []), key=lambda p: p["bytes"])
+                       if p["ok"] and p["choice"] != start]
+    attempts = []
+    for plan in plans[:MAX_ATTEMPTS]:
+        compressed, report = tail.run(searched, data, eval_data, plan=plan)
+        met, measured = budget_check(config, report.validation)
+        attempts.append({"plan": plan, "measured": measured, "met": met, "bytes": compressed.ByteSize()})
+        if met:
+            break
+        log.warning("bitwidth: the chosen plan measured %.3g end to end, over the budget; backing off", measured)
+    summary["choices"], summary["end_to_end"] = plan, attempts
+    if not attempts[-1]["met"]:
+        report.notes.append(f"bitwidth: none of the {len(attempts)} safest verified plans met the budget end to end "
+                            f"(last measured {attempts[-1]['measured']:.3g}); the last one was kept")
+    elif len(attempts) > 1:
+        report.notes.append(f"bitwidth: backed off {len(attempts) - 1} time(s) after end-to-end validation")
+    report.passes = head_report.passes + report.passes
+    planned = [WeightRecord(name, "bitwidth", "planned {bits} bits, sparsity {sparsity:.2f}".format(**settings),
+                            details=dict(settings)) for name, settings in plan.items()]
+    report.weights = planned + report.weights
+    report.notes = head_report.notes + report.notes
+    return compressed, report

@@ -1,0 +1,353 @@
+"""Bit-width search: per-layer codebook bits and sparsity chosen from measured sensitivity.
+
+1. Sensitivity: for each weight and each candidate (sparsity s, bits b), the weight is
+   magnitude-pruned to s, k-means coded at b bits, and the model run on the evaluation data
+   with only that weight changed. The candidate weights are turned into inputs of ONE
+   evaluation session, so each candidate is a different feed, not a new session.
+2. Allocation: a multiple-choice knapsack (onnxcompress.allocate) picks one candidate per weight,
+   minimizing the stored bytes under the fidelity budget (or the loss under a size budget),
+   treating per-layer losses as additive.
+3. Verification: losses do not add up exactly, so the chosen set is applied jointly and measured
+   again; the allocation is re-solved with scaled budgets and the smallest configuration whose
+   measured loss meets the budget wins. Every evaluated configuration is a point of the reported
+   size/fidelity front.
+
+The plan goes to ctx.plan[name] = {"bits", "sparsity"} for the prune and share passes, which
+compensate and refine on calibration data, so the final model usually does better than the
+plain pruning and clustering simulated here. Its fidelity is measured again at the end.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxcompress import allocate
+from onnxcompress.capture import collect_layer_inputs, linear_layer
+from onnxcompress.data import Dataset, model_inputs
+from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
+from onnxcompress.metrics import compare_outputs
+from onnxcompress.packed import choose_layout, write_blob
+from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.refine import lstsq_cost, masked_lstsq, sparsegpt
+from onnxcompress.runtime import make_session
+from onnxcompress.weights import WeightInfo, find_weights, get_array
+
+from .share import fit_codebook
+
+log = logging.getLogger(__name__)
+SCALES = (8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
+
+
+@dataclass(kw_only=True)
+class BitWidthConfig:
+    bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
+    max_drop: float | None = None  # points of accuracy (with labels) or of top-1 agreement
+    min_sqnr: float | None = None  # dB, over all outputs
+    target_ratio: float | None = None  # whole-file ratio to reach with the least loss
+    metric: str | None = None  # "module:function"(outputs: dict, data) -> number, higher is better
+    form: Literal["packed", "portable"] = "packed"  # which stored size to minimize
+    max_samples: int = 1000
+    min_elements: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        budgets = [b for b in (self.max_drop, self.min_sqnr, self.target_ratio) if b is not None]
+        if len(budgets) > 1:
+            raise ValueError("give one budget: max_drop, min_sqnr or target_ratio")
+        if not budgets:
+            self.max_drop = 0.5
+        if any(not 1 <= int(b) <= 8 for b in self.bits) or not self.bits:
+            raise ValueError(f"bits must be a list of widths from 1 to 8, not {self.bits}")
+        if any(not 0.0 <= s < 1.0 for s in self.sparsities) or not self.sparsities:
+            raise ValueError(f"sparsities must be fractions in [0, 1), not {self.sparsities}")
+        if self.target_ratio is not None and self.target_ratio <= 1:
+            raise ValueError(f"target_ratio must be above 1, not {self.target_ratio}")
+
+
+@dataclass
+class Candidate:
+    sparsity: float
+    bits: int
+    size: int = 0
+    cost: float = 0.0
+    error: str | None = None
+
+
+class _Evaluator:
+    """One session in which the searched weights are inputs; scores feeds of candidate weights."""
+
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
+        self.data, self.score = data, score
+        self.specs = model_inputs(model)
+        self.session = make_session(_weights_as_inputs(model, weights))
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.base = {w.name: get_array(model, w) for w in weights}
+        self.chunks = list(data.chunks(self.specs))
+        self.reference = self.outputs({})
+
+    def outputs(self, changed: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        weights = {**self.base, **changed}
+        return [self.session.run(self.names, {**feed, **weights}) for feed, _ in self.chunks]
+
+    def measure(self, changed: dict[str, np.ndarray]) -> dict[str, float]:
+        return self.score(self.names, self.reference, self.outputs(changed), self.data)
+
+
+def _weights_as_inputs(model: onnx.ModelProto, weights: list[WeightInfo]) -> onnx.ModelProto:
+    """A copy where each searched weight is a main-graph input (subgraphs read it from the outer scope)."""
+    from onnxcompress.graphs import find_graph
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in weights:
+        graph = find_graph(copy, info.graph)
+        if info.location == "initializer":
+            keep = [t for t in graph.initializer if t.name != info.name]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+        else:
+            index = next(i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output[0] == info.name)
+            del graph.node[index]
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(get_array(model, info).dtype))
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(info.name, elem, list(info.shape)))
+    return copy
+
+
+def make_score(cfg: BitWidthConfig, labels_present: bool):
+    """The loss function: returns {"cost": additive loss for allocation, "check": budgeted quantity}."""
+    user = _load_metric(cfg.metric) if cfg.metric else None
+
+    def score(names, reference, candidate, data) -> dict[str, float]:
+        metrics = compare_outputs(names, reference, candidate, data.labels)
+        classes = [m for m in metrics if m.top1_agreement is not None]
+        signal = sum(float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
+                     for k in range(len(names)))
+        noise = sum(float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
+                                                           for r, c in zip(reference, candidate)]))))
+                    for k in range(len(names)))
+        nsr = noise / signal if signal > 0 else 0.0
+        out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}
+        if classes:
+            out["disagree"] = 100.0 * (1.0 - classes[0].top1_agreement)
+            if classes[0].accuracy_reference is not None:
+                out["drop"] = 100.0 * (classes[0].accuracy_reference - classes[0].accuracy_candidate)
+        if user is not None:
+            ref_value = user(dict(zip(names, zip(*reference))), data)
+            out["metric_drop"] = float(ref_value - user(dict(zip(names, zip(*candidate))), data))
+        if user is not None:
+            out["cost"], out["check"] = max(out["metric_drop"], 0.0), out["metric_drop"]
+        elif cfg.min_sqnr is not None or not classes:
+            out["cost"], out["check"] = nsr, nsr
+        else:
+            out["cost"] = out["disagree"]
+            out["check"] = out["drop"] if labels_present and "drop" in out else out["disagree"]
+        return out
+
+    return score
+
+
+def _load_metric(spec: str):
+    module, sep, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if sep else None
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(f"cannot load metric '{spec}': {e}") from e
+    if fn is None or not callable(fn):
+        raise RecipeError(f"metric '{spec}' must name a function as module:function")
+    return fn
+
+
+def magnitude_mask(array: np.ndarray, sparsity: float) -> np.ndarray:
+    """True for the (1 - sparsity) fraction of entries largest in magnitude."""
+    magnitude = np.abs(array).reshape(-1)
+    mask = np.ones(magnitude.size, dtype=bool)
+    mask[np.argsort(magnitude, kind="stable")[: int(round(sparsity * magnitude.size))]] = False
+    return mask.reshape(array.shape)
+
+
+class _Pruner:
+    """Pruned versions of a weight close to what the prune pass makes: magnitude mask, then (with
+    calibration data) the kept weights refit in the metric of the layer's input Gram matrix.
+
+    Like the prune pass, the exact per-row least squares is used where it is cheap (high
+    sparsity: sum |S_j|^3 / 3 flops below `max_flops`), else the SparseGPT update, which is
+    faster and no better, so simulated sensitivities lean pessimistic there."""
+
+    max_flops = 2e9
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo]):
+        layers = {w.name: linear_layer(model, w) for w in weights}
+        self.layers = {name: layer for name, layer in layers.items() if layer is not None}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values())) if data and self.layers else {}
+        self._cache: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[np.ndarray, np.ndarray]:
+        key = (info.name, sparsity)
+        if key not in self._cache:
+            mask = magnitude_mask(array, sparsity)
+            weight = np.where(mask, array, 0).astype(array.dtype)
+            stats, layer = self.stats.get(info.name), self.layers.get(info.name)
+            if stats is not None:
+                target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
+                keep = layer.weight_matrix(mask)
+                refit = np.zeros_like(target)
+                group = layer.group_of_channels()
+                for g in range(layer.groups):
+                    rows = np.flatnonzero(group == g)
+                    if lstsq_cost(keep[rows]) <= self.max_flops:
+                        refit[rows] = masked_lstsq(target[rows], keep[rows], stats.hessian(g))
+                    else:
+                        refit[rows] = sparsegpt(target[rows], stats.hessian(g), keep=keep[rows])[0]
+                weight = layer.weight_from_matrix(refit).astype(array.dtype)
+            self._cache[key] = (weight, mask)
+        return self._cache[key]
+
+
+def candidate_weight(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                     pruner: _Pruner | None = None):
+    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`."""
+    if sparsity <= 0:
+        return fit_codebook(array, info, bits, seed=seed), None
+    weight, mask = pruner(array, info, sparsity) if pruner else (np.where(magnitude_mask(array, sparsity), array, 0),
+                                                                 magnitude_mask(array, sparsity))
+    return fit_codebook(weight, info, bits, seed=seed, mask=mask), mask
+
+
+def stored_bytes(shared, form: str) -> int:
+    """Measured bytes of one candidate in the chosen form (packed: the encoded blob).
+
+    For speed the sweep codes with ANS only and tries three relative-index widths; the entropy
+    pass later tries every coder and width, so the stored size can only come out smaller.
+    """
+    if form == "portable":
+        return shared.payload_bytes()
+    layout = choose_layout(shared, candidates=(4, 5, 8), methods=("ans",))
+    return len(write_blob(shared, layout, methods=("ans",)).blob)
+
+
+class BitWidthPass(Pass):
+    name = "bitwidth"
+    Config = BitWidthConfig
+
+    def requires(self, ctx: Context) -> None:
+        if (ctx.eval_data or ctx.data) is None:
+            raise PreconditionError("the bit-width search needs data to measure sensitivity: give --data or --eval-data")
+
+    def call(self, ctx: Context) -> PassResult:
+        cfg: BitWidthConfig = self.config
+        data = (ctx.eval_data or ctx.data).limit(cfg.max_samples)
+        start = time.perf_counter()
+        weights = [w for w in find_weights(ctx.model, min_elements=cfg.min_elements) if w.skip is None]
+        if not weights:
+            ctx.note("bitwidth: no weight large enough to search over")
+            return PassResult(False, {"weights": 0})
+        evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None))
+        self._pruner = _Pruner(ctx.model, ctx.data, weights)
+        table = self._sensitivities(ctx, evaluator, weights)
+        options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity})
+                    for c in table[w.name] if c.error is None] for w in weights]
+        if any(not o for o in options):
+            raise PreconditionError("bitwidth: every candidate of some weight failed; see the log")
+        fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
+        evaluated, chosen = self._search(cfg, evaluator, weights, options, fixed)
+        for w, j in zip(weights, chosen):
+            ctx.plan.setdefault(w.name, {}).update(options[weights.index(w)][j].settings)
+            ctx.record(w.name, self.name, "planned {bits} bits, sparsity {sparsity:.2f}".format(**ctx.plan[w.name]),
+                       w.nbytes, int(options[weights.index(w)][j].size), dict(ctx.plan[w.name]))
+        summary = {
+            "budget": {"max_drop": cfg.max_drop, "min_sqnr": cfg.min_sqnr, "target_ratio": cfg.target_ratio},
+            "form": cfg.form, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
+            "choices": {w.name: ctx.plan[w.name] for w in weights},
+            "sensitivity": {name: [c.__dict__ for c in cands] for name, cands in table.items()},
+            "evaluated": evaluated,
+            "front": [evaluated[i] for i in allocate.pareto_front([(e["bytes"], e["check"]) for e in evaluated])],
+            "seconds": time.perf_counter() - start,
+        }
+        return PassResult(True, summary)
+
+    def _sensitivities(self, ctx: Context, evaluator: _Evaluator, weights: list[WeightInfo]) -> dict:
+        cfg = self.config
+        grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits)]
+        table: dict[str, list[Candidate]] = {}
+        bar = tqdm(total=len(weights) * len(grid), desc="sensitivity", disable=not ctx.progress, leave=False)
+        for info in weights:
+            array = evaluator.base[info.name]
+            table[info.name] = []
+            for sparsity, bits in grid:
+                candidate = Candidate(sparsity, bits)
+                try:
+                    shared, _ = candidate_weight(array, info, sparsity, bits, cfg.seed, self._pruner)
+                    candidate.size = stored_bytes(shared, cfg.form)
+                    candidate.cost = max(evaluator.measure({info.name: shared.decode()})["cost"], 0.0)
+                except OnnxCompressError as e:  # a failed candidate is data: record it and go on
+                    candidate.error = str(e)
+                    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
+                table[info.name].append(candidate)
+                bar.update()
+        bar.close()
+        return table
+
+    def _search(self, cfg: BitWidthConfig, evaluator: _Evaluator, weights, options, fixed: int):
+        """Allocate under scaled budgets, verify each jointly; keep the best verified choice."""
+        evaluated, seen = [], {}
+        if cfg.target_ratio is not None:
+            size_budget = evaluator_size_budget(evaluator, cfg.target_ratio, fixed)
+            choices = [allocate.min_cost(options, size_budget)]
+            if choices[0] is None:
+                raise PreconditionError(f"no configuration reaches ratio {cfg.target_ratio}: the smallest candidates "
+                                        "are still too large; lower --target-ratio")
+        else:
+            budget = cfg.max_drop if cfg.min_sqnr is None else 10 ** (-cfg.min_sqnr / 10)
+            choices = [allocate.min_size(options, budget * scale) for scale in SCALES]
+        for choice in choices:
+            if choice is None or tuple(choice) in seen:
+                continue
+            changed = {}
+            for w, j in zip(weights, choice):
+                settings = options[weights.index(w)][j].settings
+                shared, _ = candidate_weight(evaluator.base[w.name], w, settings["sparsity"], settings["bits"],
+                                             cfg.seed, self._pruner)
+                changed[w.name] = shared.decode()
+            measured = evaluator.measure(changed)
+            size, predicted = allocate.totals(options, choice)
+            point = {"bytes": int(fixed + size), "ratio": evaluator_ratio(fixed, size, weights),
+                     "predicted": predicted, "check": measured["check"], "cost": measured["cost"],
+                     "ok": self._within(cfg, measured),
+                     "choice": {w.name: options[i][j].settings for i, (w, j) in enumerate(zip(weights, choice))}}
+            seen[tuple(choice)] = point
+            evaluated.append(point)
+        feasible = [p for p in evaluated if p["ok"]] or ([] if cfg.target_ratio is None else evaluated)
+        if not feasible:
+            safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
+                      for o in options]
+            log.warning("bitwidth: no searched configuration met the budget; using the safest candidates")
+            return evaluated, safest
+        best = min(feasible, key=lambda p: (p["bytes"], p["check"]) if cfg.target_ratio is None
+                   else (p["check"], p["bytes"]))
+        chosen = next(c for c, p in seen.items() if p is best)
+        return evaluated, list(chosen)
+
+    @staticmethod
+    def _within(cfg: BitWidthConfig, measured: dict) -> bool:
+        if cfg.min_sqnr is not None:
+            return measured["sqnr_db"] >= cfg.min_sqnr
+        if cfg.max_drop is not None:
+            return measured["check"] <= cfg.max_drop
+        return True
+
+
+def evaluator_size_budget(evaluator: _Evaluator, ratio: float, fixed: int) -> float:
+    original = fixed + sum(a.nbytes for a in evaluator.base.values())
+    return max(original / ratio - fixed, 0.0)
+
+
+def evaluator_ratio(fixed: int, size: float, weights: list[WeightInfo]) -> float:
+    return (fixed + sum(w.nbytes for w in weights)) / max(fixed + size, 1)

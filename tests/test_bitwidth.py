@@ -1,0 +1,130 @@
+"""The bit-width search: sensitivities, allocation, end-to-end back-off, failed candidates."""
+import numpy as np
+import onnx
+import pytest
+
+from onnxcompress import api
+from onnxcompress.allocate import Option
+from onnxcompress.errors import ModelError, PassError, RecipeError
+from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
+from onnxcompress.recipes import Recipe
+from tiny import conv_gemm, random_feeds
+
+
+class FakeEvaluator:
+    """Joint loss is three times the sum of the per-layer costs: sensitivities do not add up."""
+
+    def __init__(self, names):
+        self.base = {name: None for name in names}
+
+    def measure(self, changed):
+        loss = 3.0 * sum(changed.values())
+        return {"cost": loss, "check": loss, "sqnr_db": 0.0}
+
+
+def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    options = [[Option(8, 0.0, {"bits": 8, "sparsity": 0.0}), Option(4, 0.2, {"bits": 4, "sparsity": 0.0}),
+                Option(2, 0.6, {"bits": 2, "sparsity": 0.0})] for _ in range(3)]
+    cost_of = {(o.settings["bits"]): o.cost for o in options[0]}
+
+    class W:
+        def __init__(self, name):
+            self.name, self.nbytes = name, 8
+
+    weights = [W(f"w{i}") for i in range(3)]
+
+    class Shared:
+        def __init__(self, bits):
+            self.bits = bits
+
+        def decode(self):
+            return cost_of[self.bits]
+
+    monkeypatch.setattr(bw, "candidate_weight", lambda array, w, s, b, seed, pruner=None: (Shared(b), None))
+    p = BitWidthPass(max_drop=0.7)
+    p._pruner = None
+    evaluated, chosen = p._search(p.config, FakeEvaluator([w.name for w in weights]), weights, options, fixed=0)
+    # the additive view would allow three 4-bit layers (0.6 <= 0.7), but jointly that costs 1.8
+    measured = {tuple(options[i][j].settings["bits"] for i, j in enumerate(chosen))}
+    assert measured == {(4, 8, 8)} or measured == {(8, 4, 8)} or measured == {(8, 8, 4)}
+    assert any(not p["ok"] for p in evaluated)  # the over-budget choices were measured and rejected
+    assert all(p["check"] <= 0.7 for p in evaluated if p["ok"])
+
+
+def tiny_data(model, n=64, seed=0):
+    return {k: v for k, v in random_feeds(model, n=n, seed=seed).items()}
+
+
+def test_tiny_search_meets_an_sqnr_budget_and_plans_every_weight():
+    model = conv_gemm()
+    recipe = Recipe("t", [("bitwidth", {"min_sqnr": 25.0, "bits": [2, 4, 6, 8], "sparsities": [0.0, 0.5],
+                                        "min_elements": 64}), ("share", {"min_elements": 64})])
+    data = tiny_data(model)
+    compressed, report = api.compress(model, recipe, data, eval_data=data)
+    summary = report.passes[0].summary
+    assert set(summary["choices"]) == {"conv.W", "fc.W"}
+    chosen = min(summary["evaluated"], key=lambda p: p["bytes"] if p["ok"] else np.inf)
+    assert chosen["ok"] and 10 * np.log10(1 / chosen["check"]) >= 25.0
+    assert report.validation.outputs[0].sqnr_db >= 20.0  # end to end, after share with the plan
+    bits = {r.name: r.details["bits"] for r in report.weights if r.pass_name == "share" and r.action.startswith("shared")}
+    assert bits and all(summary["choices"][name]["bits"] == b for name, b in bits.items())
+    onnx.checker.check_model(compressed, full_check=True)
+
+
+def test_failed_candidates_are_recorded_and_the_search_goes_on(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    real = bw.fit_codebook
+
+    def flaky(array, info, bits, **kw):
+        if bits == 2:
+            raise ModelError("simulated failure at 2 bits")
+        return real(array, info, bits, **kw)
+
+    monkeypatch.setattr(bw, "fit_codebook", flaky)
+    model = conv_gemm()
+    recipe = Recipe("t", [("bitwidth", {"min_sqnr": 20.0, "bits": [2, 6], "sparsities": [0.0], "min_elements": 64})])
+    data = tiny_data(model)
+    _, report = api.compress(model, recipe, data, eval_data=data, validate="none")
+    table = report.passes[0].summary["sensitivity"]
+    failed = [c for cands in table.values() for c in cands if c["error"]]
+    assert failed and all(c["bits"] == 2 and "simulated" in c["error"] for c in failed)
+    assert all(c["bits"] == 6 for c in report.passes[0].summary["choices"].values())
+
+
+def test_bad_user_input_stops_the_search():
+    with pytest.raises(ValueError):
+        BitWidthConfig(max_drop=0.5, target_ratio=10)
+    model = conv_gemm()
+    data = tiny_data(model)
+    recipe = Recipe("t", [("bitwidth", {"metric": "no_such_module:f", "min_elements": 64})])
+    with pytest.raises(PassError, match="cannot load metric"):
+        api.compress(model, recipe, data, eval_data=data)
+    with pytest.raises(RecipeError, match="no 'bitwidth' pass"):
+        api.compress(model, "share", data, budget={"max_drop": 0.5})
+
+
+def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
+    import onnxcompress.search as search
+
+    calls = []
+    real = search.budget_check
+
+    def fails_first(config, comparison):
+        met, measured = real(config, comparison)
+        calls.append(measured)
+        return (len(calls) > 1 and met), measured
+
+    monkeypatch.setattr(search, "budget_check", fails_first)
+    model = conv_gemm()
+    recipe = Recipe("t", [("bitwidth", {"min_sqnr": 15.0, "bits": [2, 3, 4, 6, 8], "sparsities": [0.0],
+                                        "min_elements": 64}), ("share", {"min_elements": 64})])
+    data = tiny_data(model)
+    _, report = api.compress(model, recipe, data, eval_data=data)
+    attempts = report.passes[0].summary["end_to_end"]
+    assert len(attempts) == 2 and not attempts[0]["met"] and attempts[1]["met"]
+    assert attempts[1]["plan"] != attempts[0]["plan"]
+    assert any("backed off 1 time" in n for n in report.notes)
+    assert [p.name for p in report.passes] == ["bitwidth", "share"]
