@@ -228,6 +228,8 @@ class PairedGrams:
     cross: list[np.ndarray] | None
     reference: list[np.ndarray] | None
     count: int
+    current_mean: list[np.ndarray] | None = None  # per group, mean input row of X_c
+    reference_mean: list[np.ndarray] | None = None  # per group, mean input row of X_r (None: X_r = X_c)
 
 
 def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
@@ -238,20 +240,24 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     streams = [capture(current, data, [name], max_batch=max_batch)]
     if reference is not None:
         streams.append(capture(reference, data, [name], max_batch=max_batch))
-    h = c = r = None
+    h = c = r = mc = mr = None
     count = 0
     for chunk, values in enumerate(zip(*streams)):
         rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
                                  np.random.default_rng((seed, chunk))) for v in values]
         if h is None:
             h = [np.zeros((g.shape[1], g.shape[1])) for g in rows[0]]
+            mc = [np.zeros(g.shape[1]) for g in rows[0]]
+            mr = [np.zeros(g.shape[1]) for g in rows[0]]
             if reference is not None:
                 c = [np.zeros_like(x) for x in h]
                 r = [np.zeros_like(x) for x in h]
         for g, xc in enumerate(rows[0]):
             h[g] += xc.T @ xc
+            mc[g] += xc.sum(axis=0)
             if reference is not None:
                 xr = rows[1][g]
+                mr[g] += xr.sum(axis=0)
                 c[g] += xc.T @ xr
                 r[g] += xr.T @ xr
         count += rows[0][0].shape[0]
@@ -259,7 +265,8 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
     scale = 1.0 / max(count, 1)
     norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
-    return PairedGrams(layer, norm(h), norm(c), norm(r), count)
+    return PairedGrams(layer, norm(h), norm(c), norm(r), count, norm(mc),
+                       norm(mr) if reference is not None else None)
 
 
 def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:

@@ -40,17 +40,17 @@ class LayerFit:
     reference: np.ndarray  # (rows, K) float64 reference weights in matrix layout
 
     def groups(self):
-        """Per group: (row indices, H, C or None, R or None)."""
+        """Per group: (group, row indices, H, C or None, R or None)."""
         group = self.layer.group_of_channels()
         for g in np.unique(group):
-            yield (np.flatnonzero(group == g), self.grams.current[g],
+            yield (int(g), np.flatnonzero(group == g), self.grams.current[g],
                    None if self.grams.cross is None else self.grams.cross[g],
                    None if self.grams.reference is None else self.grams.reference[g])
 
     def error(self, matrix: np.ndarray) -> tuple[float, float]:
         """(output error, output energy) of candidate weights (rows, K), summed over groups."""
         err = sig = 0.0
-        for rows, h, c, r in self.groups():
+        for _, rows, h, c, r in self.groups():
             e, s = refine.output_error(matrix[rows], self.reference[rows], h, c, r)
             err, sig = err + e, sig + s
         return err, sig

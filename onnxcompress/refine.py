@@ -56,6 +56,24 @@ def dense_target(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray | None,
     return weight + np.linalg.solve(h, delta).T
 
 
+def with_bias(gram: np.ndarray, cross: np.ndarray | None, ref_gram: np.ndarray | None, mean_c: np.ndarray,
+              mean_r: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Gram matrices of the rows extended by a constant 1, which makes the bias one more weight column.
+
+    With X' = [X, 1]: H' = [[H, m_c], [m_c^T, 1]], C' = [[C, m_c], [m_r^T, 1]], R' = [[R, m_r], [m_r^T, 1]]
+    (m the mean input rows). Without a reference (cross None) X_r = X_c and only H' is built.
+    """
+    def extend(m, left, right):
+        k = m.shape[0]
+        out = np.empty((k + 1, k + 1))
+        out[:k, :k], out[:k, k], out[k, :k], out[k, k] = m, left, right, 1.0
+        return out
+    h = extend(gram, mean_c, mean_c)
+    if cross is None:
+        return h, None, None
+    return h, extend(cross, mean_c, mean_r), extend(ref_gram, mean_r, mean_r)
+
+
 def masked_lstsq(target: np.ndarray, keep: np.ndarray, gram: np.ndarray, *, damping: float = 0.01) -> np.ndarray:
     """Refit each row on its kept entries: w'_S = argmin (w' - w*)^T H (w' - w*) + lambda ||w'_S - w*_S||^2.
 

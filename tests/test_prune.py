@@ -195,3 +195,18 @@ def test_lenet300_prune_and_share_with_data_keeps_accuracy():
     kept = {r.name: r.details["kept"] for r in report.weights if r.pass_name == "prune"}
     assert abs(kept["fc1.weight"] - 0.15) < 0.01
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_bias_refit_joins_the_least_squares():
+    model = tiny.gemm()
+    calib, held_out = correlated_feeds(model, 256, seed=1), correlated_feeds(model, 64, seed=2)
+    calib["x"] += 1.5  # inputs with a mean: pruning shifts the mean output, which a bias absorbs
+    held_out["x"] += 1.5
+    options = {"sparsity": {"W": 0.9}, "rounds": 1}
+    weights_only, _ = run_pass(model, calib, refit_bias=False, **options)
+    with_bias, _ = run_pass(model, calib, refit_bias=True, **options)
+    assert not np.array_equal(get_array(with_bias.model, weight_info(with_bias.model, "b")),
+                              get_array(model, weight_info(model, "b")))
+    record = next(r for r in with_bias.records if r.name == "W")
+    assert record.details["bias_refit"] == "b"
+    assert output_error(model, with_bias.model, held_out) <= output_error(model, weights_only.model, held_out)
