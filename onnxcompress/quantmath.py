@@ -115,6 +115,25 @@ def quantize_blocked(w: np.ndarray, axis: int, block: int, itype: IntType) -> tu
     return np.moveaxis(q, 0, axis), np.moveaxis(scale, 0, axis)
 
 
+def output_shift(delta_w: np.ndarray, mean: np.ndarray, kind: str, *, groups: int = 1) -> np.ndarray:
+    """Mean change of each output channel when a layer's weight changes by `delta_w`.
+
+    For y = W x + b the expected output moves by E[dW x] = dW E[x]; subtracting it from b is
+    (empirical) bias correction (Nagel et al. 2019, NNCF). `mean` is E[x] per input channel:
+    - "gemm": dW stored (out, K), mean (K,) -> dW @ mean;
+    - "gemm_t": dW stored (K, out) (Gemm transB=0, MatMul), mean (K,) -> mean @ dW;
+    - "conv": dW (M, C/groups, k...), mean (C,); each kernel tap sees E[x_c] (exact away from
+      the padded border): shift_m = sum_{c, taps} dW[m, c, taps] mean[group(m) * C/groups + c].
+    """
+    if kind == "gemm":
+        return delta_w @ mean
+    if kind == "gemm_t":
+        return mean @ delta_w
+    per_tap = delta_w.reshape(delta_w.shape[0], delta_w.shape[1], -1).sum(axis=2)  # (M, C/groups)
+    group_of = np.arange(delta_w.shape[0]) // (delta_w.shape[0] // groups)
+    return (per_tap * mean.reshape(groups, -1)[group_of]).sum(axis=1)
+
+
 def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
     """10 log10(sum ref^2 / sum (ref - approx)^2); +inf for an exact match."""
     ref = np.asarray(ref, dtype=np.float64).ravel()

@@ -22,7 +22,6 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.capture import with_outputs
 from onnxcompress.data import model_inputs
 from onnxcompress.errors import DataError, ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
@@ -207,10 +206,13 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     augmented, reduced = with_extremes(model, captured)
     # min/max are reduced inside onnxruntime: only scalars come back unless histograms need the tensor
     outputs = [r for pair in reduced.values() for r in pair] + (captured if use_hist else [])
+    present = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in present)
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
     # graph optimizations would not survive the exposed outputs anyway; skipping them saves load time and memory
     workers = max(1, cfg.workers)
-    session = make_session(with_outputs(augmented, outputs), optimize=False, threads=1 if workers > 1 else None)
+    session = make_session(augmented, optimize=False, threads=1 if workers > 1 else None)
+    del augmented  # onnxruntime holds its own copy of the weights
     # the samples in flight stay max_batch: each of the workers runs its share of them
     chunks = data.chunks(model_inputs(model), max_batch=max(1, -(-cfg.max_batch // workers)))
     for values in _run_chunks(session, outputs, chunks, workers):

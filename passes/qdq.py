@@ -29,7 +29,7 @@ from onnxcompress.layer_errors import measure_layer_errors
 from onnxcompress.model import opset_of
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.runtime import make_session
-from onnxcompress.quantmath import INT8, INT32, TYPES, quantize, quantize_per_channel
+from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
 from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
 
 from .calibrate import CalibrationResult
@@ -57,6 +57,8 @@ class QdqConfig:
     min_elements: int = DEFAULT_MIN_ELEMENTS  # weight-only: smaller weights stay float
     exclude: list = field(default_factory=list)  # node names, op types or tensor names to keep in float
     error_samples: int = 128  # samples for the per-layer SQNR table (0: skip it)
+    bias_correction: bool = True  # static: fold the mean output shift of weight rounding into the bias
+    correction_samples: int = 256  # calibration samples that estimate the layer input means
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -99,6 +101,10 @@ class QdqPass(Pass):
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
         plan = self._plan(ctx, cfg)
+        self._means = {}
+        if cfg.bias_correction and ctx.data is not None:
+            self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
+                                      [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
         renamed = self._rewrite(ctx, cfg, plan, per_channel)
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
@@ -242,6 +248,7 @@ class QdqPass(Pass):
         axis = _weight_axis(node, info) if per_channel else None
         if w_name not in done:
             done[w_name] = self._constant(ctx, info, INT8, scope, pending, axis=axis, symmetric=True)
+        w_scale, w_dequantized = done[w_name]
         if len(node.input) < 3 or not node.input[2] or node.input[2] not in infos:
             return
         bias = infos[node.input[2]]
@@ -249,10 +256,14 @@ class QdqPass(Pass):
         out_channels = _out_channels(node, info)
         if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != out_channels:
             return
-        w_scale = np.asarray(done[w_name], dtype=np.float64)  # 0-d when per tensor (then so is the bias scale)
+        w_scale = np.asarray(w_scale, dtype=np.float64)  # 0-d when per tensor (then so is the bias scale)
         b_scale = (x_scale * w_scale).astype(np.float32)
         b_scale = np.where(b_scale > 0, b_scale, 1.0).astype(np.float32)
         values = get_array(ctx.model, bias).astype(np.float32)
+        mean = self._means.get(node.input[0])
+        if mean is not None:
+            delta = w_dequantized.astype(np.float64) - get_array(ctx.model, info).astype(np.float64)
+            values = (values - output_shift(delta, mean, _layout(node), groups=_groups(node))).astype(np.float32)
         q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
         nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
         pending.append((bias, nodes, inits))
@@ -271,7 +282,37 @@ class QdqPass(Pass):
         ctx.record(info.name, self.name, f"{qtype.name} " + ("per-channel" if axis is not None else "per-tensor"),
                    info.nbytes, q.size * np.dtype(qtype.np_dtype).itemsize + scale.nbytes,
                    {"axis": axis, "role": info.role.value})
-        return scale
+        shape = w.shape if axis is None else tuple(d if k == axis else 1 for k, d in enumerate(w.shape))
+        return scale, dequantize(q, np.reshape(scale, shape) if axis is not None else scale,
+                                 np.reshape(zero, shape) if axis is not None else zero)
+
+
+def _layout(node: onnx.NodeProto) -> str:
+    if node.op_type == "Conv":
+        return "conv"
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return "gemm" if node.op_type == "Gemm" and trans_b else "gemm_t"
+
+
+def _groups(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
+    """Mean per input channel of each Conv/Gemm/MatMul input (axis 1 for Conv, the last otherwise)."""
+    from onnxcompress.capture import capture
+
+    axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in nodes
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2 and n.input[2]}
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(axes, 0)
+    for values in capture(model, data, list(axes)):
+        for name, axis in axes.items():
+            x = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis, -1)
+            flat = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
+            counts[name] += flat.shape[0]
+    return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
 
 def _labels(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
