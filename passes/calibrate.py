@@ -74,7 +74,7 @@ class CalibrateConfig:
     activation_type: Literal["uint8", "int8"] = "uint8"  # the type the ranges are tuned for (mse)
     percentile: float = 99.999
     bins: int = 2048  # histogram bins over [-R, R] (histogram methods)
-    entropy_levels: int = 128  # quantized bins of the KL search (TensorRT: 128)
+    entropy_levels: int = 128  # quantized bins of the KL search over |x| (TensorRT: 128; doubled for x >= 0)
     max_samples: int | None = None  # use only the first N calibration samples
     max_batch: int = 64  # samples per onnxruntime call where the batch axis is dynamic
     workers: int = 2  # chunks run concurrently (each single-threaded); 1: one call at a time, all threads
@@ -241,7 +241,9 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
         if cfg.method == "percentile":
             low, high = percentile_range(hists[name], cfg.percentile, symmetric=cfg.symmetric)
         elif cfg.method == "entropy":
-            low, high = entropy_range(hists[name], levels=cfg.entropy_levels)
+            # one-sided data (ReLU) stored asymmetrically gets every level of the type over [0, T]
+            one_sided = lo >= 0 and not cfg.symmetric
+            low, high = entropy_range(hists[name], levels=cfg.entropy_levels * (2 if one_sided else 1))
         elif cfg.method == "mse":
             low, high = mse_range(hists[name], qmin, qmax, symmetric=cfg.symmetric)
         else:
