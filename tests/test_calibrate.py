@@ -131,7 +131,7 @@ def test_batching_does_not_change_the_result():
     model = tiny.conv_gemm()
     data = _data(model, n=30)
     # histograms agree up to resolution: a range grown from a small first batch has coarser bins
-    for method, rtol in (("minmax", 1e-6), ("entropy", 0.15)):
+    for method, rtol in (("minmax", 1e-6), ("percentile", 0.05)):
         one = calibrate(model, data, CalibrateConfig(method=method, max_batch=1))
         many = calibrate(model, data, CalibrateConfig(method=method, max_batch=64))
         for n in one.ranges:
