@@ -23,9 +23,9 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
-    # static int8 QDQ: uint8 activations clipped at the 99.999th percentile, int8 per-channel
-    # weights, int32 biases with bias correction
-    "int8": [("calibrate", {"method": "percentile"}), ("qdq", {})],
+    # static int8 QDQ: uint8 activations with MSE-optimal clipping, int8 per-channel weights,
+    # int32 biases with bias correction
+    "int8": [("calibrate", {"method": "mse"}), ("qdq", {})],
     # weight-only int8 (per-channel), activations stay float
     "int8-weights": [("qdq", {"mode": "weights"})],
     # weight-only: blocked int4 for MatMul/Gemm (onnxruntime MatMulNBits), int8 elsewhere
@@ -43,7 +43,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
-    "int8": "static int8 QDQ (needs --data): percentile-calibrated activations, per-channel weights, per-layer SQNR",
+    "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
     "deep-compression": "prune + share + sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
