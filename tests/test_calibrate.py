@@ -164,3 +164,15 @@ def test_pass_puts_a_typed_result_in_the_context_and_needs_data():
     with pytest.raises(PassError, match="calibrat"):
         PassManager([CalibratePass()]).run(model, None)
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_weights_of_a_large_model_are_not_taken_for_activations():
+    from pathlib import Path
+
+    from onnxcompress.passes.calibrate import float_activations
+
+    model = onnx.load(str(Path(__file__).resolve().parent.parent / "samples" / "lenet300.onnx"))
+    assert model.ByteSize() > 1 << 20  # the path that infers types without copying weights
+    names = float_activations(model)
+    assert not set(names) & {t.name for t in model.graph.initializer}
+    assert names[0] == "input" and "logits" in names
