@@ -136,7 +136,7 @@ class QdqPass(Pass):
         outputs = {o.name for o in graph.output}
         excluded = set(map(str, cfg.exclude))
         plan = _Plan()
-        index_of = {id(n): i for i, n in enumerate(graph.node)}
+        index_of = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
         for i, node in enumerate(graph.node):
             label = node.name or f"{node.op_type}_{i}"
             if node.op_type in SILENT and not (excluded & {label, node.op_type}):
@@ -163,7 +163,7 @@ class QdqPass(Pass):
             if (len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS and out not in outputs
                     and not cfg.symmetric_activations and follow[0][0].output[0] in calib
                     and not excluded & {follow[0][0].name, follow[0][0].op_type}):
-                plan.fused.add(index_of[id(follow[0][0])])
+                plan.fused.add(index_of[follow[0][0].output[0]])
                 out = follow[0][0].output[0]
             wanted.append(out)
         wanted = list(dict.fromkeys(w for w in wanted if w in calib))
