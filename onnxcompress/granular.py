@@ -59,13 +59,14 @@ class Option:
     group_size: int = 0  # channels per codebook (kind "group")
     outlier_fraction: float = 0.0  # of the kept entries, stored exactly
     weighted: bool = False  # k-means weighted by importance
+    gptq: bool = False  # codes chosen column by column with error feedback (needs Hessians)
 
     @property
     def label(self) -> str:
         text = f"group{self.group_size}" if self.kind == "group" else self.kind
         if self.outlier_fraction:
             text += f"+outlier{self.outlier_fraction:g}"
-        return text + ("/weighted" if self.weighted else "")
+        return text + ("/weighted" if self.weighted else "") + ("/gptq" if self.gptq else "")
 
 
 @dataclass
@@ -117,18 +118,21 @@ def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | 
 
 def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
         importance: np.ndarray | None = None, mask: np.ndarray | None = None, init: str = "linear",
-        seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto"
-        ) -> SharedWeight:
+        seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto",
+        hessians: "LayerHessians | None" = None) -> SharedWeight:
     """Share `array` at `bits` the way `option` says (see the module docstring).
 
     importance: (C, K) nonnegative weights a_jk in the channel-first layout (used when
     option.weighted). mask: True where an entry is kept; pruned entries get code 0 of centroid 0.0
-    (per group: code 0 of each group's codebook) and decode to exactly 0.
+    (per group: code 0 of each group's codebook) and decode to exactly 0. hessians: the layer's
+    input Hessians, which option.gptq needs (see :func:`_gptq_codes`).
     """
     shape, dtype = tuple(array.shape), array.dtype
     if option.kind != "tensor" and channel_axis is None:
         raise ValueError(f"'{option.kind}' sharing needs an output-channel axis; '{name}' has none")
-    axis = channel_axis if option.kind != "tensor" else None
+    if option.gptq and (hessians is None or option.kind == "group"):
+        raise ValueError("gptq codes need the layer's Hessians and one codebook for all channels")
+    axis = channel_axis
     w = to_matrix(np.asarray(array, dtype=np.float64), axis)
     kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
     w = np.where(kept, w, 0.0)
@@ -145,6 +149,11 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
         offsets = None
         codes, book, scale = _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
             if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+    exact = w
+    if option.gptq:
+        codes, exact = _gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
+        book, scale = _refit_under_hessians(w, codes, book, scale, kept & ~outliers,
+                                            np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
     codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
     if outliers.any():
@@ -152,7 +161,7 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
         out_index = where[outliers]
         order = np.argsort(out_index)
         out_index = out_index[order]
-        out_value = w[outliers][order].astype(np.float32)
+        out_value = exact[outliers][order].astype(np.float32)
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
@@ -244,6 +253,91 @@ def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dty
     return codes, book, s.astype(np.float16 if _use_float16(s, scale_dtype) else np.float32)
 
 
+def _gptq_codes(w, book, scale, kept, exact, hessians: "LayerHessians", keep_zero: bool, damp: float = 0.01,
+                block: int = 64):
+    """Codes chosen column by column with the error fed forward (GPTQ, Frantar et al. 2023).
+
+    For the rows of each input group with Hessian H (damped by `damp` * mean(diag H)), columns
+    taken in decreasing order of H's diagonal, let U be the upper Cholesky factor of H^-1. Column k is quantized to q_k (nearest s_j c_m; 0 when
+    pruned; the working value itself for entries kept exact) and the remaining columns absorb its
+    error: W[:, k+1:] -= ((W[:, k] - q_k) / U[k, k]) U[k, k+1:], which is the least-squares update
+    of the not yet quantized weights for the layer output on the calibration inputs. Returns the
+    codes and the working weights (whose values at the exact entries are what to store).
+    """
+    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
+    codes = np.zeros(w.shape, np.int64)
+    work = w.copy()
+    for g, h in enumerate(hessians.hessians):
+        rows = np.flatnonzero(hessians.group_of_channel == g)
+        k_count = w.shape[1]
+        order, u = hessians.feedback(g, damp)
+        sub = work[rows][:, order]
+        kept_g, exact_g = kept[rows][:, order], exact[rows][:, order]
+        for lo in range(0, k_count, block):  # lazy batch updates: rank-1 inside a block, one GEMM after it
+            hi = min(lo + block, k_count)
+            err = np.zeros((rows.size, hi - lo))
+            for k in range(lo, hi):
+                col = sub[:, k]
+                c = _assign(_normalize(col[:, None], s[rows])[:, 0], book, keep_zero)
+                q = np.where(kept_g[:, k], book[c] * s[rows], 0.0)
+                q = np.where(exact_g[:, k], col, q)
+                codes[rows, order[k]] = c
+                err[:, k - lo] = (col - q) / u[k, k]
+                sub[:, k + 1:hi] -= np.outer(err[:, k - lo], u[k, k + 1:hi])
+            sub[:, hi:] -= err @ u[lo:hi, hi:]
+        work[np.ix_(rows, order)] = sub
+    return codes, work
+
+
+def _refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: "LayerHessians", keep_zero: bool,
+                          scale_dtype: str, rounds: int = 1, chunk: int = 128):
+    """Codes fixed, centroids then scales by least squares on the layer output error.
+
+    With W_hat = F + s_j sum_m c_m O_jm (O_jm the indicator of row j's coded entries with code m,
+    F the exact entries), E(c) = sum_j r_j^T H r_j is quadratic in c: A c = b with
+    A_mn = sum_j s_j^2 O_jm^T H O_jn and b_m = sum_j s_j O_jm^T H (w_j - F_j) (code 0 stays 0.0 with
+    keep_zero; a 1e-9 ridge keeps A invertible); then each s_j = q_j^T H t_j / q_j^T H q_j with
+    q_j = c[codes_j] on the coded entries and t_j = w_j - F_j. Each step lowers E or leaves it.
+    """
+    k = book.size
+    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
+    target = w - fixed
+    free = np.arange(1 if keep_zero else 0, k)
+    for _ in range(rounds):
+        a, b = np.zeros((k, k)), np.zeros(k)
+        for g, h in enumerate(hessians.hessians):
+            for lo in range(0, w.shape[0], chunk):
+                rows = np.flatnonzero(hessians.group_of_channel == g)
+                rows = rows[lo:lo + chunk]
+                if rows.size == 0:
+                    break
+                # O_j for the chunk's rows as one (K, r k) matrix, so that H O_j is a single GEMM
+                onehot = ((codes[rows].T[..., None] == np.arange(k)) & coded[rows].T[..., None]).astype(np.float64)
+                weighted = (h @ onehot.reshape(h.shape[0], -1)).reshape(onehot.shape)  # (K, r, k)
+                a += (onehot * (s[rows] ** 2)[None, :, None]).reshape(-1, k).T @ weighted.reshape(-1, k)
+                b += weighted.reshape(-1, k).T @ (target[rows].T * s[rows][None, :]).reshape(-1)
+        sub = a[np.ix_(free, free)]
+        sub = sub + 1e-9 * max(float(np.trace(sub)) / max(free.size, 1), 1e-30) * np.eye(free.size)
+        try:
+            book = book.copy()
+            book[free] = np.linalg.solve(sub, b[free])
+        except np.linalg.LinAlgError:
+            pass
+        if scale is None:
+            continue
+        q = np.where(coded, book[codes], 0.0)
+        num = np.zeros(w.shape[0])
+        den = np.zeros(w.shape[0])
+        for g, h in enumerate(hessians.hessians):
+            rows = hessians.group_of_channel == g
+            qh = q[rows] @ h
+            num[rows], den[rows] = np.sum(qh * target[rows], 1), np.sum(qh * q[rows], 1)
+        s = _store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+    if scale is not None:
+        scale = s.astype(np.float16 if _use_float16(s, scale_dtype) else np.float32)
+    return book, scale
+
+
 def _normalize(w, s):
     return np.divide(w, s[:, None], out=np.zeros_like(w), where=s[:, None] != 0)
 
@@ -269,11 +363,30 @@ class LayerHessians:
 
     hessians: list[np.ndarray]
     group_of_channel: np.ndarray  # (C,) group index of each output channel
+    _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
 
     def importance(self) -> np.ndarray:
         """a_jk = H_g(j)[k, k], floored at 1% of its mean so that unseen inputs still count a little."""
         diag = np.stack([np.diag(self.hessians[g]) for g in self.group_of_channel])
         return np.maximum(diag, 0.01 * max(float(diag.mean()), 1e-30))
+
+    def feedback(self, group: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+        """Column order (decreasing diag H: "act-order") and the upper Cholesky factor U of the
+        damped, reordered H^-1 (H + damp * mean(diag H) I; dead inputs get diag 1), cached."""
+        key = (group, damp)
+        if key not in self._feedback:
+            h = np.array(self.hessians[group], dtype=np.float64)
+            order = np.argsort(-np.diag(h), kind="stable")
+            h = h[np.ix_(order, order)]
+            dead = np.diag(h) <= 0
+            h[dead, dead] = 1.0
+            h[np.diag_indices(h.shape[0])] += damp * float(np.mean(np.diag(h)))
+            try:
+                u = np.linalg.cholesky(np.linalg.inv(h)).T
+            except np.linalg.LinAlgError:
+                u = np.diag(1.0 / np.sqrt(np.diag(h)))  # nearly singular even when damped: no feedback
+            self._feedback[key] = (order, u)
+        return self._feedback[key]
 
     def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
         signal = noise = 0.0
@@ -310,8 +423,10 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
         kinds.append(Option("tensor", outlier_fraction=outlier_fraction))
         if granularity == "auto" and channel_ok:
             kinds.append(Option("channel", outlier_fraction=outlier_fraction))
-    if weighted:
-        kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds]
+    if weighted:  # with data: importance-weighted k-means, and codes with error feedback
+        kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds] + \
+                 [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True, gptq=True)
+                  for o in kinds if o.kind != "group"]
     return kinds
 
 
@@ -328,7 +443,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
     candidates = []
     for option in options:
         shared = fit(array, bits, option, name=name, channel_axis=channel_axis, importance=importance,
-                     mask=mask, init=init, seed=seed)
+                     mask=mask, init=init, seed=seed, hessians=hessians)
         candidates.append(Candidate(option, shared, int(price(shared)), measure(array, shared, hessians)))
     space = "output" if hessians is not None else "weight"
     good = [c for c in candidates if c.sqnr_db >= target_db]
@@ -343,40 +458,3 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
         reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
                   f"{DB_PER_BIT} dB per extra bit per weight")
     return Choice(chosen, candidates, space, target_db, reason)
-
-
-# ----------------------------------------------------------------------------- model glue
-
-def layer_hessians(model, data, infos) -> dict[str, LayerHessians]:
-    """One pass over `data` for the weights consumed by a single Gemm/MatMul/Conv: their Hessians."""
-    from .capture import collect_layer_inputs, linear_layer
-
-    layers = [layer for info in infos if info.channel_axis is not None
-              and (layer := linear_layer(model, info)) is not None]
-    if not layers or data is None:
-        return {}
-    stats = collect_layer_inputs(model, data, layers)
-    found = {}
-    for layer in layers:
-        s = stats[layer.weight]
-        if s.gram is None or s.count == 0:
-            continue
-        found[layer.weight] = LayerHessians([s.hessian(g) for g in range(len(s.gram))], layer.group_of_channels())
-    return found
-
-
-def share_weight(array: np.ndarray, info, bits: int, *, granularity: str = "auto", group_size: int = 8,
-                 outlier_fraction: float = 0.005, target_db: float = 30.0, hessians: LayerHessians | None = None,
-                 mask: np.ndarray | None = None, init: str = "linear", seed: int = 0,
-                 model_elements: int | None = None) -> Choice:
-    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen."""
-    from .errors import ModelError
-
-    if not np.all(np.isfinite(array)):
-        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
-    axis = info.channel_axis
-    channels = int(array.shape[axis]) if axis is not None else 1
-    options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
-                          weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
-    return choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
-                  target_db=target_db, init=init, seed=seed, model_elements=model_elements)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from onnxcompress.errors import ModelError, PreconditionError
-from onnxcompress.granular import layer_hessians, share_weight
+from onnxcompress.layer_hessians import layer_hessians, share_weight
 from onnxcompress.graphs import NameScope
 from onnxcompress.kmeans import kmeans_1d
 from onnxcompress.layerfit import in_layer_order, refine_shared

@@ -209,3 +209,36 @@ def test_options_need_a_channel_axis_and_unknown_granularity_is_refused():
         SharePass(granularity="rows")
     with pytest.raises(RecipeError):
         SharePass(outlier_fraction=0.9)
+
+
+def test_recurrent_hessians_are_the_step_inputs_and_previous_hidden_states():
+    from onnxcompress.capture import capture
+    from onnxcompress.layer_hessians import layer_hessians
+
+    model = lstm_model()
+    x = np.random.default_rng(4).standard_normal((5, 3, 8)).astype(np.float32)
+    data = Dataset([{"x": x}])
+    infos = [w for w in find_weights(model, min_elements=64)]
+    found = layer_hessians(model, data, infos)
+    assert set(found) == {"W", "R"}  # B is a bias: weight-space error
+    rows = x.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(found["W"].hessians[0], rows.T @ rows / len(rows), rtol=1e-6)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.node[0].output[0] = "Y"
+    y = next(capture(exposed, data, ["Y"]))["Y"].astype(np.float64)  # [seq, 1, batch, H]
+    previous = np.concatenate([np.zeros_like(y[:1]), y[:-1]]).reshape(-1, 16)
+    np.testing.assert_allclose(found["R"].hessians[0], previous.T @ previous / len(previous), rtol=1e-6)
+
+
+def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_space():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 48)).astype(np.float32)
+    mix = rng.standard_normal((48, 48)) * 0.3 + np.eye(48)
+    x = rng.standard_normal((2000, 48)) @ mix  # correlated inputs: where error feedback pays
+    hessians = LayerHessians([x.T @ x / len(x)], np.zeros(16, int))
+    for kind in ("tensor", "channel"):
+        nearest = fit(w, 3, Option(kind, weighted=True), channel_axis=0, importance=hessians.importance())
+        gptq = fit(w, 3, Option(kind, weighted=True, gptq=True), channel_axis=0,
+                   importance=hessians.importance(), hessians=hessians)
+        assert measure(w, gptq, hessians) > measure(w, nearest, hessians) + 1.0

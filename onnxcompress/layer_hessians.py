@@ -1,0 +1,127 @@
+"""Layer-input Hessians for the granularity choice, and the share pass's entry point into it.
+
+For a weight W applied as out = W_mat @ x (Gemm, MatMul, Conv via im2col: ``capture.LinearLayer``;
+LSTM/GRU/RNN: W acts on the step input x_t and R on the previous hidden state h_{t-1}), the
+squared error of the layer's output caused by W_hat = W - D is sum_g tr(D_g H_g D_g^T) with
+H_g = E[x x^T] over the calibration rows of group g. One pass over the calibration data
+collects every H at once.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from .capture import capture, collect_layer_inputs, linear_layer
+from .data import Dataset
+from .errors import ModelError
+from .granular import Choice, LayerHessians, choose, options_for
+from .graphs import find_graph
+from .weights import WeightInfo
+
+log = logging.getLogger(__name__)
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def layer_hessians(model: onnx.ModelProto, data: Dataset | None, infos: Sequence[WeightInfo]
+                   ) -> dict[str, LayerHessians]:
+    """Hessians of the weights consumed by one Gemm/MatMul/Conv or recurrent node (others: none)."""
+    if data is None:
+        return {}
+    found: dict[str, LayerHessians] = {}
+    layers = [layer for info in infos if info.channel_axis is not None
+              and (layer := linear_layer(model, info)) is not None]
+    if layers:
+        stats = collect_layer_inputs(model, data, layers)
+        for layer in layers:
+            s = stats[layer.weight]
+            if s.gram is not None and s.count:
+                found[layer.weight] = LayerHessians([s.hessian(g) for g in range(len(s.gram))],
+                                                    layer.group_of_channels())
+    found.update(recurrent_hessians(model, data, [i for i in infos if i.name not in found]))
+    return found
+
+
+def _recurrent_uses(model: onnx.ModelProto, infos: Sequence[WeightInfo]) -> list[tuple[WeightInfo, onnx.NodeProto, int]]:
+    """(weight, node, 1 for W or 2 for R) for single-direction recurrent nodes reading the weight directly."""
+    uses = []
+    for info in infos:
+        if info.graph != "main" or len(info.consumers) != 1 or info.consumers[0].via:
+            continue
+        consumer = info.consumers[0]
+        if consumer.op_type not in RECURRENT or consumer.input_index not in (1, 2) or info.shape[:1] != (1,):
+            continue
+        node = next((n for n in find_graph(model, "main").node
+                     if (n.name or n.op_type) == consumer.node and info.name in n.input), None)
+        if node is not None:
+            uses.append((info, node, consumer.input_index))
+    return uses
+
+
+def recurrent_hessians(model: onnx.ModelProto, data: Dataset, infos: Sequence[WeightInfo]
+                       ) -> dict[str, LayerHessians]:
+    """H = E[x_t x_t^T] for W and E[h_{t-1} h_{t-1}^T] for R (h_{-1} = 0: initial states are not read)."""
+    uses = _recurrent_uses(model, infos)
+    if not uses:
+        return {}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    graph = exposed.graph
+    names: dict[str, str] = {}
+    for info, node, index in uses:
+        live = next(n for n in graph.node if n.name == node.name and list(n.input) == list(node.input))
+        if index == 1:
+            names[info.name] = live.input[0]
+        else:
+            if not live.output or not live.output[0]:
+                if not live.output:
+                    live.output.append("")
+                live.output[0] = f"{info.name}__hidden_states"
+            names[info.name] = live.output[0]
+    layout = {info.name: int(next((a.i for a in node.attribute if a.name == "layout"), 0)) for info, node, _ in uses}
+    grams = {info.name: None for info, _, _ in uses}
+    counts = dict.fromkeys(grams, 0)
+    for values in capture(exposed, data, sorted(set(names.values()))):
+        for info, _, index in uses:
+            rows = _recurrent_rows(values[names[info.name]], index, layout[info.name])
+            grams[info.name] = rows.T @ rows if grams[info.name] is None else grams[info.name] + rows.T @ rows
+            counts[info.name] += rows.shape[0]
+    found = {}
+    for info, _, _ in uses:
+        if grams[info.name] is None or not counts[info.name]:
+            continue
+        channels = int(info.shape[1])
+        found[info.name] = LayerHessians([grams[info.name] / counts[info.name]], np.zeros(channels, np.int64))
+    return found
+
+
+def _recurrent_rows(value: np.ndarray, index: int, layout: int) -> np.ndarray:
+    """Rows a weight multiplies: X [seq, batch, in] for W; for R, Y [seq, 1, batch, H] shifted one step."""
+    x = np.asarray(value, np.float64)
+    if index == 1:
+        x = x if layout == 0 else np.swapaxes(x, 0, 1)
+        return x.reshape(-1, x.shape[-1])
+    y = x if layout == 0 else np.moveaxis(x, 0, 2)  # layout 1: [batch, seq, 1, H] -> [seq, 1, batch, H]
+    if y.ndim != 4 or y.shape[1] != 1:
+        raise ModelError("recurrent hidden states have an unexpected shape; only one direction is supported")
+    previous = np.concatenate([np.zeros_like(y[:1]), y[:-1]])  # h_{t-1}, zero before the first step
+    return previous.reshape(-1, y.shape[-1])
+
+
+def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity: str = "auto",
+                 group_size: int = 8, outlier_fraction: float = 0.005, target_db: float = 30.0,
+                 hessians: LayerHessians | None = None, mask: np.ndarray | None = None, init: str = "linear",
+                 seed: int = 0, model_elements: int | None = None) -> Choice:
+    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen."""
+    if not np.all(np.isfinite(array)):
+        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
+    axis = info.channel_axis
+    channels = int(array.shape[axis]) if axis is not None else 1
+    options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
+                          weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
+    choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
+                    target_db=target_db, init=init, seed=seed, model_elements=model_elements)
+    log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
+    return choice
