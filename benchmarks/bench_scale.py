@@ -205,7 +205,7 @@ def main() -> int:
                            "weights_per_s": round(layers / r["wall_s"], 2),
                            "mb_per_s": round(weight_bytes / 2**20 / r["wall_s"], 1),
                            "out_mb": round(out_bytes / 2**20, 1), "same_as_jobs1": this == reference if ok else None,
-                           "error": None if ok else r["stderr"]}
+                           "error": None if ok else r["stderr"], "digest": this}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                 if args.validate_size == size and reference:

@@ -19,6 +19,7 @@ locations, so locations themselves stay relative and untouched.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import json
 import logging
@@ -226,19 +227,39 @@ def spill_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> bool:
     return True
 
 
-def spill_array(model: onnx.ModelProto, array: np.ndarray) -> np.ndarray:
-    """A copy-on-write memory map of `array` in the spill file (the array itself when small or not streamed)."""
+@dataclasses.dataclass(frozen=True)
+class SpilledArray:
+    """Where spill_array put an array: map it again with :meth:`load`."""
+
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def load(self) -> np.ndarray:
+        """A copy-on-write memory map: pages are read on touch and let go with the array."""
+        if int(np.prod(self.shape, dtype=np.int64)) == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="c", offset=self.offset, shape=self.shape)
+
+
+def spill_array(model: onnx.ModelProto, array: np.ndarray) -> SpilledArray | np.ndarray:
+    """Write a big array of a streamed model to the spill file (small arrays and other models: unchanged)."""
     if not isinstance(array, np.ndarray) or isinstance(array, np.memmap) or array.nbytes < SPILL_MIN_BYTES \
             or not is_streamed(model) or array.dtype.hasobject:
         return array
     _, path = _spill_file(model)
     contiguous = np.ascontiguousarray(array)
     offset = _append(path, contiguous.reshape(-1).view(np.uint8))
-    return np.memmap(path, dtype=array.dtype, mode="c", offset=offset, shape=array.shape)
+    return SpilledArray(path, offset, array.dtype, tuple(array.shape))
 
 
 class SpillingDict(dict):
-    """A dict whose big array values (or big array fields of dataclass values) live in the spill file."""
+    """A dict whose big array values (or big array fields of dataclass values) live in the spill file.
+
+    Each read maps them again, so a value's pages stay resident only while the caller holds it:
+    memory does not grow with the number of entries read (say, a pass checking every entry).
+    """
 
     def __init__(self, model: onnx.ModelProto):
         super().__init__()
@@ -252,8 +273,46 @@ class SpillingDict(dict):
                      if f.init and isinstance(getattr(value, f.name), np.ndarray)
                      and getattr(value, f.name).nbytes >= SPILL_MIN_BYTES}
             if moved:
-                value = dataclasses.replace(value, **moved)
+                template = copy.copy(value)
+                for name in moved:  # the template must not keep the arrays alive
+                    object.__setattr__(template, name, None)
+                value = _Spilled(template, moved)
         super().__setitem__(key, value)
+
+    @staticmethod
+    def _load(value):
+        if isinstance(value, SpilledArray):
+            return value.load()
+        if isinstance(value, _Spilled):
+            return dataclasses.replace(value.template, **{k: v.load() for k, v in value.fields.items()})
+        return value
+
+    def __getitem__(self, key):
+        return self._load(super().__getitem__(key))
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def pop(self, key, *default):
+        value = super().pop(key, *default)
+        return self._load(value)
+
+    def copy(self):
+        return {k: self[k] for k in self}
+
+
+@dataclasses.dataclass
+class _Spilled:
+    """A dataclass value whose big array fields are in the spill file (the template holds them empty)."""
+
+    template: object
+    fields: dict
 
 
 def release_spill(model: onnx.ModelProto) -> None:

@@ -257,8 +257,9 @@ def set_array(model: onnx.ModelProto, info: WeightInfo, array: np.ndarray) -> No
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     else:
         dtype = get_array(model, info).dtype
-    tensor.CopyFrom(numpy_helper.from_array(np.asarray(array, dtype=dtype), tensor.name))
-    external.spill_tensor(model, tensor)  # a streamed model keeps big tensors on disk
+    new = numpy_helper.from_array(np.asarray(array, dtype=dtype), tensor.name)
+    external.spill_tensor(model, new)  # a streamed model keeps big tensors on disk (spilled before the copy
+    tensor.CopyFrom(new)  # into the model: protobuf arenas never give cleared bytes back)
 
 
 def replace_weight(model: onnx.ModelProto, info: WeightInfo, nodes: list[onnx.NodeProto],
@@ -279,8 +280,8 @@ def replace_weight(model: onnx.ModelProto, info: WeightInfo, nodes: list[onnx.No
         del graph.node[position]
     else:
         raise ValueError(f"cannot rewrite a weight stored as {info.location}")
+    for tensor in initializers:  # a streamed model keeps big tensors on disk; spilled before they are
+        external.spill_tensor(model, tensor)  # copied in, as protobuf arenas never give cleared bytes back
     graph.initializer.extend(initializers)
-    for tensor in graph.initializer[len(graph.initializer) - len(initializers):]:
-        external.spill_tensor(model, tensor)  # a streamed model keeps big tensors on disk
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
