@@ -188,7 +188,7 @@ def test_lenet300_prune_and_share_with_data_keeps_accuracy():
     from onnxcompress.recipes import Recipe
 
     model = onnx.load(SAMPLES / "lenet300.onnx")
-    recipe = Recipe("t", [("prune", {"sparsity_fc": 0.85}), ("share", {})])
+    recipe = Recipe("t", [("prune", {"sparsity_fc": 0.85, "rounds": 1}), ("share", {})])  # measured 96.4% (ref 96.9%)
     out, report = compress(model, recipe, SAMPLES / "mnist_calib.npz", eval_data=SAMPLES / "mnist_test.npz")
     (output,) = report.validation.outputs
     assert output.accuracy_reference - output.accuracy_candidate <= 0.010
