@@ -33,6 +33,7 @@ from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift,
 from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
 
 from .calibrate import CalibrationResult
+from .qdq_fold import fold_batch_norms
 from .qdq_weights import dq_nodes, quantize_weights_only
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class QdqConfig:
     exclude: list = field(default_factory=list)  # node names, op types or tensor names to keep in float
     error_samples: int = 128  # samples for the per-layer SQNR table (0: skip it)
     bias_correction: bool = True  # static: fold the mean output shift of weight rounding into the bias
+    fold_batch_norm: bool = True  # static: Conv -> BatchNormalization becomes one Conv (then QLinearConv)
     correction_samples: int = 256  # calibration samples that estimate the layer input means
 
     def __post_init__(self):
@@ -98,6 +100,9 @@ class QdqPass(Pass):
         if cfg.mode == "weights":
             summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name)
             return PassResult(summary["weights"] > 0, summary)
+        folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []
+        if folded:
+            ctx.note(f"qdq: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
         plan = self._plan(ctx, cfg)

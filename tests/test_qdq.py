@@ -269,3 +269,23 @@ def test_activation_and_weight_variants_run_integer_convolutions(options, tmp_pa
     if options.get("symmetric_activations"):  # zero point is not the type minimum: the Relu stays, with a Q/DQ before it
         assert "Relu" in ops
     assert output_sqnr(model, quantized, data) > 30
+
+
+def test_batch_norm_after_conv_is_folded_and_runs_as_one_integer_conv(tmp_path):
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(tiny.weights(rng, 8, 3, 3, 3, scale=0.5), "W"),
+             numpy_helper.from_array((rng.random(8) * 2 + 0.5).astype(np.float32), "gamma"),
+             numpy_helper.from_array(tiny.weights(rng, 8), "beta"),
+             numpy_helper.from_array(tiny.weights(rng, 8), "mean"),
+             numpy_helper.from_array((rng.random(8) + 0.1).astype(np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    model = tiny.make_model(nodes, [tiny.value("x", ["N", 3, 6, 6])], [tiny.value("y", ["N", 8, 6, 6])], inits)
+    data = data_for(model)
+    quantized, report = quantize(model, data)
+    assert "BatchNormalization" not in tiny.op_types(quantized)
+    assert any("folded 1 BatchNormalization" in n for n in report.notes)
+    ops = optimized_ops(quantized, tmp_path)
+    assert "QLinearConv" in ops and "BatchNormalization" not in ops
+    assert output_sqnr(model, quantized, data) > 30
