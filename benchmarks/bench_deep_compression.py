@@ -8,7 +8,9 @@ Run: ``python benchmarks/bench_deep_compression.py [--models lenet300 lenet5] [-
    form); + CSR raw (packed, bit-packed codes and relative indices, no entropy coder); + Huffman
    (the paper's coder); + better coder (Huffman, ANS or raw per stream, by measured size).
    The packed model's accuracy is measured through ``unpack`` and plain onnxruntime, and its
-   outputs are checked identical to the custom-op fast path.
+   outputs are checked identical to the packed model's fast path (numpy kernel at load); the
+   onnxruntime custom-op path (our op run by onnxruntime-extensions) is compared too. A last row runs all stages with the
+   paper's own per-layer sparsity and codebook bits for the network (Han et al. Tables 2-3).
 2. Sweep (the paper's Figure 6): fc sparsity from 50% to 95% (conv 25 points lower, classifier
    heads at most 75%), full recipe in the packed form, with compensation and centroid refinement
    (prune compensation "lstsq", share refine) and without (plain magnitude pruning, k-means).
@@ -115,6 +117,10 @@ def stages(name: str, model: onnx.ModelProto, calib, test) -> list[dict]:
             row["acc"], logits = accuracy(portable_model, test)
             _, fast = accuracy(row["model"], test)
             assert np.array_equal(logits, fast), "unpacked and packed outputs differ"
+            if row is rows[-1]:
+                session = ops.custom_op_session(row["model"])
+                custom = np.concatenate([out[0] for out in runtime.run(session, test, row["model"])])
+                row["custom_op_max_diff"] = float(np.abs(custom - logits).max())
         else:
             row["acc"], _ = accuracy(row["model"], test)
     for row in rows:
@@ -150,6 +156,24 @@ def stream_table(name: str, ctx: Context) -> str:
 
 
 SWEEP = (0.5, 0.8, 0.9, 0.95)
+
+# Han et al. 2016, Tables 2-3: fraction pruned per layer and codebook bits, for the same networks
+PAPER = {"lenet300": ({"fc1.weight": 0.92, "fc2.weight": 0.91, "fc3.weight": 0.74}, {"bits_fc": 6}),
+         "lenet5": ({"conv1.weight": 0.34, "conv2.weight": 0.88, "fc1.weight": 0.92, "fc2.weight": 0.81},
+                    {"bits_fc": 5, "bits_conv": 8})}
+
+
+def paper_row(name: str, model: onnx.ModelProto, calib, test, base: dict) -> dict:
+    """The full recipe with the paper's own per-layer sparsity and bits for this network."""
+    sparsity, bits = PAPER[name]
+    options = recipe_options("deep-compression")
+    ctx = run_steps(fresh(model, calib, "packed"), [("prune", {**options["prune"], "sparsity": sparsity}),
+                                                   ("share", {**options["share"], **bits}),
+                                                   ("sparse", options["sparse"]), ("entropy", options["entropy"])])
+    acc, _ = accuracy(unpack(ctx.model), test)
+    size = file_bytes(ctx.model)
+    return dict(stage="paper's per-layer sparsity and bits, all stages", form="packed", bytes=size, acc=acc,
+                ratio=base["bytes"] / size, drop=100 * (base["acc"] - acc))
 
 
 def sweep(name: str, model: onnx.ModelProto, calib, test) -> str:
@@ -248,10 +272,15 @@ def main() -> None:
     for name in args.models:
         model = load_model(ROOT / "samples" / f"{name}.onnx")
         rows = stages(name, model, calib, test)
+        if name in PAPER:
+            rows.append(paper_row(name, model, calib, test, rows[0]))
         print(stage_table(name, rows))
-        print(stream_table(name, rows[-1]["ctx"]))
-        packed_models[name] = rows[-1]["model"]
-        times = ", ".join(f"{r['stage']} {r['seconds']:.1f} s" for r in rows[1:])
+        diff = next(r["custom_op_max_diff"] for r in rows if "custom_op_max_diff" in r)
+        print(f"\nonnxruntime custom-op path vs unpacked portable model on the test set: max |diff| = {diff:.3g}")
+        recipe_row = next(r for r in reversed(rows) if "ctx" in r)
+        print(stream_table(name, recipe_row["ctx"]))
+        packed_models[name] = recipe_row["model"]
+        times = ", ".join(f"{r['stage']} {r['seconds']:.1f} s" for r in rows[1:] if "seconds" in r)
         print(f"\npass times: {times}")
     print(decode_speed(packed_models))
     if not args.no_sweep:

@@ -300,3 +300,13 @@ def test_cli_unpack_and_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "packed weights" in out and "bits/weight" in out
     assert main(["unpack", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_validate_accepts_packed_models():
+    from onnxcompress.api import validate
+
+    model = tiny.gemm(k=64, n=16)
+    packed_model, shared = pack_model(model, keep=0.3)
+    feeds = tiny.random_feeds(model, n=8)
+    comparison = validate(with_weights(model, {"W": shared["W"].decode()}), packed_model, feeds)
+    assert all(o.max_abs == 0.0 for o in comparison.outputs)
