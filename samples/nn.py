@@ -42,7 +42,7 @@ class Dense(Layer):
         return x @ self.params["weight"].T + self.params["bias"]
 
     def backward(self, dy):
-        self.grads = {"weight": dy.T @ self.x, "bias": dy.sum(0)}
+        self.grads = {"weight": np.ascontiguousarray((self.x.T @ dy).T), "bias": dy.sum(0)}
         return dy @ self.params["weight"]
 
 
@@ -72,12 +72,13 @@ def _windows(x, k, stride):
 
 
 def _col2im(dwin, x_shape, stride):
-    """Adjoint of ``_windows``: scatter-add window gradients back into [N, C, H, W]."""
+    """Adjoint of ``_windows``: scatter-add window gradients [k, k, N, C, Ho, Wo] into x."""
+    dwin = np.ascontiguousarray(dwin)
     dx = np.zeros(x_shape, dwin.dtype)
-    ho, wo, k = dwin.shape[2], dwin.shape[3], dwin.shape[4]
+    k, ho, wo = dwin.shape[0], dwin.shape[4], dwin.shape[5]
     for i in range(k):
         for j in range(k):
-            dx[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += dwin[:, :, :, :, i, j]
+            dx[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += dwin[i, j]
     return dx
 
 
@@ -113,13 +114,14 @@ class Conv2d(Layer):
         k = self.k
         if self.groups == 1:
             dyf = dy.transpose(0, 2, 3, 1).reshape(-1, o)
-            self.grads = {"weight": (dyf.T @ self.cols).reshape(w.shape), "bias": dyf.sum(0)}
-            dwin = (dyf @ w.reshape(o, -1)).reshape(n, ho, wo, -1, k, k).transpose(0, 3, 1, 2, 4, 5)
+            # (cols.T @ dyf).T: OpenBLAS is ~20x faster this way round than dyf.T @ cols
+            self.grads = {"weight": (self.cols.T @ dyf).T.reshape(w.shape), "bias": dyf.sum(0)}
+            dwin = (dyf @ w.reshape(o, -1)).reshape(n, ho, wo, -1, k, k).transpose(4, 5, 0, 3, 1, 2)
         else:
             dyr = dy.reshape(n, o, 1, ho * wo)
             dw = (dyr @ self.win).sum(0)  # [C, 1, k*k]
             self.grads = {"weight": dw.reshape(w.shape), "bias": dy.sum((0, 2, 3))}
-            dwin = (dy[..., None, None] * w[None, :, 0, None, None, :, :])
+            dwin = w[:, 0].transpose(1, 2, 0)[:, :, None, :, None, None] * dy
         dx = _col2im(dwin, self.xp_shape, self.stride)
         p = self.pad
         return dx[:, :, p:dx.shape[2] - p, p:dx.shape[3] - p] if p else dx
@@ -286,7 +288,8 @@ class LSTM(Layer):
             dc = dc * f
         dgf = dg_all.reshape(n * t, -1)
         db = dgf.sum(0)
-        self.grads = {"W": dgf.T @ x.reshape(n * t, -1), "R": dR, "Wb": db, "Rb": db.copy()}
+        dW = np.ascontiguousarray((x.reshape(n * t, -1).T @ dgf).T)
+        self.grads = {"W": dW, "R": dR, "Wb": db, "Rb": db.copy()}
         return (dgf @ p["W"]).reshape(x.shape)
 
 

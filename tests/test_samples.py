@@ -14,6 +14,9 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 MODELS = {
     "lenet300": ("mnist", [1, 28, 28], 0.959),
     "lenet5": ("mnist", [1, 28, 28], 0.974),
+    "resnet_bn": ("mnist", [1, 28, 28], 0.969),
+    "dwsep_bnfold": ("mnist", [1, 28, 28], 0.954),
+    "lstm_rows": ("rows", [28, 28], 0.958),
 }
 
 
@@ -49,9 +52,45 @@ def test_accuracy_above_floor(name):
     assert accuracy >= floor, f"{name}: accuracy {accuracy:.4f} below floor {floor}"
 
 
-def test_test_data_is_held_out():
+@pytest.mark.parametrize("prefix", ["mnist", "rows"])
+def test_test_data_is_held_out(prefix):
     """The calibration images (training set) and the test images do not overlap."""
-    calib = np.load(SAMPLES / "mnist_calib.npz")["input"].reshape(500, -1)
-    test = np.load(SAMPLES / "mnist_test.npz")["input"].reshape(1000, -1)
-    shared = {c.tobytes() for c in calib} & {t.tobytes() for t in test}
-    assert not shared
+    calib = np.load(SAMPLES / f"{prefix}_calib.npz")["input"].reshape(500, -1)
+    test = np.load(SAMPLES / f"{prefix}_test.npz")["input"].reshape(1000, -1)
+    assert not {c.tobytes() for c in calib} & {t.tobytes() for t in test}
+
+
+def test_rows_data_is_mnist_by_rows():
+    for split in ("calib", "test"):
+        rows = np.load(SAMPLES / f"rows_{split}.npz")["input"]
+        assert np.array_equal(rows, np.load(SAMPLES / f"mnist_{split}.npz")["input"][:, 0])
+
+
+def _ops(name):
+    return [n.op_type for n in onnx.load(SAMPLES / f"{name}.onnx").graph.node]
+
+
+def test_resnet_bn_keeps_batchnorm_and_residuals():
+    ops = _ops("resnet_bn")
+    assert ops.count("BatchNormalization") == ops.count("Conv") == 6
+    assert ops.count("Add") >= 2
+
+
+def test_dwsep_bnfold_is_folded_depthwise():
+    model = onnx.load(SAMPLES / "dwsep_bnfold.onnx")
+    ops = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" not in ops
+    groups = [a.i for n in model.graph.node if n.op_type == "Conv"
+              for a in n.attribute if a.name == "group"]
+    assert sum(g > 1 for g in groups) == 3
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert all(n.input[2] in inits for n in model.graph.node if n.op_type == "Conv")  # folded bias
+
+
+def test_lstm_rows_uses_one_onnx_lstm():
+    model = onnx.load(SAMPLES / "lstm_rows.onnx")
+    (lstm,) = [n for n in model.graph.node if n.op_type == "LSTM"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lstm.attribute}
+    assert attrs["hidden_size"] == 64
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert [shapes[i] for i in lstm.input[1:4]] == [[1, 256, 28], [1, 256, 64], [1, 512]]
