@@ -60,6 +60,7 @@ class QdqConfig:
     error_samples: int = 128  # samples for the per-layer SQNR table (0: skip it)
     bias_correction: bool = True  # static: fold the mean output shift of weight rounding into the bias
     fold_batch_norm: bool = True  # static: Conv -> BatchNormalization becomes one Conv (then QLinearConv)
+    latency_check: bool = True  # static: time float vs int8 on one calibration batch; note when int8 is slower
     correction_samples: int = 256  # calibration samples that estimate the layer input means
 
     def __post_init__(self):
@@ -117,6 +118,12 @@ class QdqPass(Pass):
         if cfg.error_samples and ctx.data is not None:
             ctx.layer_errors = measure_layer_errors(reference, ctx.model, ctx.data.limit(cfg.error_samples),
                                                     renamed, _labels(reference))
+        if cfg.latency_check and ctx.data is not None and plan.nodes:
+            ratio = latency_ratio(reference, ctx.model, ctx.data)
+            if ratio > 1.05:
+                ctx.note(f"qdq: the int8 model runs {ratio:.2f}x slower than float in onnxruntime on this machine "
+                         "(small convolutions favour float kernels); consider the int8-weights recipe or excluding "
+                         "the slow op types")
         kinds = defaultdict(int)
         for kind in plan.nodes.values():
             kinds[kind] += 1
@@ -290,6 +297,17 @@ class QdqPass(Pass):
         shape = w.shape if axis is None else tuple(d if k == axis else 1 for k, d in enumerate(w.shape))
         return scale, dequantize(q, np.reshape(scale, shape) if axis is not None else scale,
                                  np.reshape(zero, shape) if axis is not None else zero)
+
+
+def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, rounds: int = 3) -> float:
+    """Median int8 / float seconds per call on the first chunk of `data`, the two sessions interleaved."""
+    from onnxcompress.data import model_inputs
+    from onnxcompress.runtime import median_latency
+
+    feed, _ = next(iter(data.chunks(model_inputs(reference), max_batch=64)))
+    ref, cand = make_session(reference), make_session(quantized)
+    times = [(median_latency(ref, feed, repeat=10), median_latency(cand, feed, repeat=10)) for _ in range(rounds)]
+    return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
 
 
 def _layout(node: onnx.NodeProto) -> str:
