@@ -38,35 +38,24 @@ def test_known_optimum():
     assert min_cost(options, 5.9) is None
 
 
+@pytest.mark.parametrize("solver,constrained,objective,scale", [(min_size, "cost", "size", 6.0),
+                                                                (min_cost, "size", "cost", 400.0)])
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.integers(0, 10_000), st.floats(0.1, 6.0))
-def test_min_size_matches_brute_force(seed, budget):
+@given(seed=st.integers(0, 10_000), fraction=st.floats(0.02, 1.0))
+def test_dp_matches_brute_force(solver, constrained, objective, scale, seed, fraction):
     options = table(np.random.default_rng(seed))
-    chosen = min_size(options, budget, resolution=4000)
-    want, want_size = brute(options, budget, "cost", "size")
+    budget = fraction * scale
+    chosen = solver(options, budget, resolution=4000)
+    want, want_value = brute(options, budget, constrained, objective)
     if want is None:
         assert chosen is None
         return
     size, cost = totals(options, chosen)
-    assert cost <= budget + 1e-9
-    # rounding costs up may forgo a solution that sits right at the budget: allow one unit of slack
-    loose, loose_size = brute(options, budget * (1 - 4 / 4000) - 1e-9, "cost", "size")
-    assert want_size - 1e-9 <= size <= (loose_size if loose is not None else size) + 1e-9
-
-
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.integers(0, 10_000), st.floats(10, 400))
-def test_min_cost_matches_brute_force(seed, size_budget):
-    options = table(np.random.default_rng(seed))
-    chosen = min_cost(options, size_budget, resolution=4000)
-    want, want_cost = brute(options, size_budget, "size", "cost")
-    if want is None:
-        assert chosen is None
-        return
-    size, cost = totals(options, chosen)
-    assert size <= size_budget + 1e-9
-    loose, loose_cost = brute(options, size_budget * (1 - 4 / 4000) - 1e-9, "size", "cost")
-    assert want_cost - 1e-9 <= cost <= (loose_cost if loose is not None else cost) + 1e-9
+    limit, value = (cost, size) if constrained == "cost" else (size, cost)
+    assert limit <= budget + 1e-9
+    # rounding up may forgo a solution right at the budget: allow one discretization step of slack
+    loose, loose_value = brute(options, budget * (1 - 4 / 4000) - 1e-9, constrained, objective)
+    assert want_value - 1e-9 <= value <= (loose_value if loose is not None else value) + 1e-9
 
 
 def test_pareto_front():
