@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 
 from .capture import capture, collect_layer_inputs, linear_layer
+from .codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from .data import Dataset
 from .errors import ModelError
 from .granular import Choice, LayerHessians, choose, options_for
-from .graphs import find_graph
+from .graphs import NameScope, find_graph
 from .weights import WeightInfo
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,12 @@ def _recurrent_rows(value: np.ndarray, index: int, layout: int) -> np.ndarray:
 def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity: str = "auto",
                  group_size: int = 8, outlier_fraction: float = 0.005, target_db: float = 30.0,
                  hessians: LayerHessians | None = None, mask: np.ndarray | None = None, init: str = "linear",
-                 seed: int = 0, model_elements: int | None = None) -> Choice:
-    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen."""
+                 seed: int = 0, model_elements: int | None = None, opset: int = UINT4_MIN_OPSET) -> Choice:
+    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen.
+
+    A candidate is priced at its serialized portable form (nodes and initializers, as written at
+    `opset`), so the few hundred bytes of a Mul/Cast pair count on a small layer.
+    """
     if not np.all(np.isfinite(array)):
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
     axis = info.channel_axis
@@ -122,6 +127,13 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
     options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
                           weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
     choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
-                    target_db=target_db, init=init, seed=seed, model_elements=model_elements)
+                    target_db=target_db, init=init, seed=seed, model_elements=model_elements,
+                    portable_bytes=lambda shared: portable_size(shared, opset))
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice
+
+
+def portable_size(shared: SharedWeight, opset: int) -> int:
+    """Serialized bytes of the weight's portable nodes and initializers."""
+    nodes, inits = portable_nodes(shared, NameScope(onnx.ModelProto()), opset, "share")
+    return sum(n.ByteSize() for n in nodes) + sum(t.ByteSize() for t in inits)

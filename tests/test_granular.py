@@ -153,7 +153,7 @@ def test_group_codebooks_run_in_onnxruntime_like_decode():
 
 
 def test_auto_with_data_picks_channel_scales_on_spread_channels_and_says_why():
-    model = scaled_gemm(k=64, n=32, spread=100.0)
+    model = scaled_gemm(k=256, n=64, spread=100.0)  # large enough that the Mul/Cast nodes' bytes are small
     data = Dataset(stacked=random_feeds(model, n=128))
     ctx = run_share(model, data=data, granularity="auto", bits_fc=4, min_elements=64)
     record = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details)

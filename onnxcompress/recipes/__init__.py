@@ -23,6 +23,10 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
+    # 4-bit codebooks everywhere (uint4 codes, ~8x), granularity chosen per layer by measured
+    # output error (per-tensor, per-channel scales, per-group, outliers; GPTQ codes with --data)
+    "share-4bit": [("share", {"bits_conv": 4, "bits_fc": 4, "bits_other": 4, "min_elements": 0,
+                              "granularity": "auto"})],
     # static int8 QDQ: uint8 activations with MSE-optimal clipping, int8 per-channel weights,
     # int32 biases with bias correction
     "int8": [("calibrate", {"method": "mse"}), ("qdq", {})],
@@ -43,6 +47,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
+    "share-4bit": "4-bit k-means sharing of every weight, granularity chosen per layer (give --data), portable",
     "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
