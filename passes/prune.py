@@ -48,7 +48,7 @@ class PruneConfig:
     criterion: Literal["magnitude", "activation"] = "magnitude"
     target: Literal["original", "current"] = "original"  # refit toward the original model's layer outputs
     refit_bias: bool = False  # lstsq: refit the bias jointly (absorbs the mean shift; no gain measured on LeNet-300-100)
-    rounds: int = 2  # lstsq: prune in this many steps (kept fraction geometric), re-choosing the mask from refit weights
+    rounds: int = 3  # lstsq: prune in this many steps (kept fraction geometric), re-choosing the mask from refit weights
     damping: float = 0.01  # ridge of the refits, relative to mean(diag H)
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
