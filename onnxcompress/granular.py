@@ -22,6 +22,9 @@ with j the output channel and k the rest of the weight (the weight is viewed cha
 Weighted k-means: ``importance`` a_jk weighs each entry's squared error. Given calibration data,
 a_jk = H_g[k, k], the diagonal of the layer-input Hessian H_g = E[x x^T] of channel j's group:
 the output error sum_g tr(D_g H_g D_g^T) (D = W - W_hat) with its off-diagonal terms dropped.
+With the full H_g, ``gptq`` candidates choose codes column by column feeding each column's error
+forward (:func:`_gptq_codes`), then refit centroids and scales by least squares on that output
+error (:func:`_refit_under_hessians`).
 
 Choice (:func:`choose`): every candidate is measured by its SQNR, in output space when the layer's
 Hessians are known (signal sum_g tr(W_g H_g W_g^T), noise sum_g tr(D_g H_g D_g^T)), else in weight
@@ -427,7 +430,7 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
         kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds] + \
                  [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True, gptq=True)
                   for o in kinds if o.kind != "group"]
-    return kinds
+    return kinds or [Option("tensor")]  # e.g. "group" with one group, "outlier" with a zero fraction
 
 
 def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str, channel_axis: int | None,
