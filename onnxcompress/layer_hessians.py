@@ -24,6 +24,7 @@ from .weights import WeightInfo
 
 log = logging.getLogger(__name__)
 RECURRENT = ("LSTM", "GRU", "RNN")
+SCATTERND_MIN_OPSET = 11
 
 
 def layer_hessians(model: onnx.ModelProto, data: Dataset | None, infos: Sequence[WeightInfo]
@@ -124,6 +125,8 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
     axis = info.channel_axis
     channels = int(array.shape[axis]) if axis is not None else 1
+    if opset < SCATTERND_MIN_OPSET:  # outliers are written back by ScatterND
+        outlier_fraction = 0.0
     options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
                           weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
     choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,

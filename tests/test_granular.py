@@ -242,3 +242,15 @@ def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_sp
         gptq = fit(w, 3, Option(kind, weighted=True, gptq=True), channel_axis=0,
                    importance=hessians.importance(), hessians=hessians)
         assert measure(w, gptq, hessians) > measure(w, nearest, hessians) + 1.0
+
+
+def test_no_outliers_below_opset_11_where_scatternd_does_not_exist():
+    from onnxcompress.layer_hessians import share_weight
+
+    model = scaled_gemm(spread=1.0, outliers=10)
+    info = next(w for w in find_weights(model) if w.name == "W")
+    array = numpy_helper.to_array(model.graph.initializer[0])
+    old = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=9)
+    assert all(c.option.outlier_fraction == 0 for c in old.candidates)
+    new = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=21)
+    assert new.chosen.shared.outlier_index.size > 0
