@@ -139,7 +139,7 @@ class SparsePass(Pass):
             else:
                 log.debug("sparse: %s stays dense: %d <= %d bytes", name, dense_bytes, node.ByteSize())
         log.info("sparse: %s", counts)
-        return PassResult(modified or bool(ctx.layouts), counts)
+        return PassResult(modified, counts)  # packed-form layouts only mark weights; entropy rewrites
 
     def ensures(self, ctx: Context, result: PassResult) -> None:
         for name, layout in ctx.layouts.items():

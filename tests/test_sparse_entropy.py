@@ -101,7 +101,8 @@ def test_sparse_portable_unshared_float_weight():
 def test_sparse_packed_marks_layouts_without_touching_the_model(which):
     ctx = context(BUILDERS[which](), form="packed", keep=0.05)
     before = snapshot(ctx)
-    run_pass(SparsePass(index_bits_fc=5, index_bits_conv=8), ctx)
+    result = run_pass(SparsePass(index_bits_fc=5, index_bits_conv=8), ctx)
+    assert not result.modified
     (layout,) = ctx.layouts.values()
     assert layout.kind in ("dense", "csr") and set(layout.sizes) == {"dense", "csr8" if which == "conv" else "csr5"}
     assert ctx.model.SerializeToString() == before.SerializeToString()
