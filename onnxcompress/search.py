@@ -19,9 +19,11 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
 
 
-def budget_check(config, comparison: Comparison | None) -> tuple[bool, float | None]:
-    """(met, measured) for the budget of a bit-width config; a size budget is always met."""
-    if comparison is None or config.target_ratio is not None or config.metric:
+def budget_check(config, comparison: Comparison | None, ratio: float) -> tuple[bool, float | None]:
+    """(met, measured) for the budget of a bit-width config: the ratio for a size budget, else the loss."""
+    if config.target_ratio is not None:
+        return ratio >= config.target_ratio, ratio
+    if comparison is None or config.metric:
         return True, None
     if config.min_sqnr is not None:
         worst = min(o.sqnr_db for o in comparison.outputs)
@@ -47,13 +49,15 @@ def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.Model
     summary = head_report.passes[index].summary
     config = passes[index].config
     start = summary.get("choices", {})
-    plans = [start] + [p["choice"] for p in sorted(summary.get("evaluated", []), key=lambda p: p["bytes"])
-                       if p["ok"] and p["choice"] != start]
+    # loss budgets back off toward larger files; size budgets toward smaller ones
+    ladder = sorted(summary.get("evaluated", []), key=lambda p: p["bytes"], reverse=config.target_ratio is not None)
+    plans = [start] + [p["choice"] for p in ladder if p["ok"] and p["choice"] != start]
     attempts = []
     for plan in plans[:MAX_ATTEMPTS]:
         compressed, report = tail.run(searched, data, eval_data, plan=plan)
-        met, measured = budget_check(config, report.validation)
-        attempts.append({"plan": plan, "measured": measured, "met": met, "bytes": compressed.ByteSize()})
+        size = compressed.ByteSize()
+        met, measured = budget_check(config, report.validation, model.ByteSize() / max(size, 1))
+        attempts.append({"plan": plan, "measured": measured, "met": met, "bytes": size})
         if met:
             break
         log.warning("bitwidth: the chosen plan measured %.3g end to end, over the budget; backing off", measured)

@@ -42,6 +42,7 @@ from onnxcompress.weights import WeightInfo, find_weights, get_array
 from .share import fit_codebook
 
 log = logging.getLogger(__name__)
+SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 SCALES = (8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 
 
@@ -300,7 +301,9 @@ class BitWidthPass(Pass):
         evaluated, seen = [], {}
         if cfg.target_ratio is not None:
             size_budget = evaluator_size_budget(evaluator, cfg.target_ratio, fixed)
-            choices = [allocate.min_cost(options, size_budget)]
+            # tighter size budgets too: the passes after the search may add bytes it cannot
+            # predict, and the end-to-end check steps down this ladder when the file is too large
+            choices = [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
             if choices[0] is None:
                 raise PreconditionError(f"no configuration reaches ratio {cfg.target_ratio}: the smallest candidates "
                                         "are still too large; lower --target-ratio")
@@ -318,13 +321,14 @@ class BitWidthPass(Pass):
                 changed[w.name] = shared.decode()
             measured = evaluator.measure(changed)
             size, predicted = allocate.totals(options, choice)
-            point = {"bytes": int(fixed + size), "ratio": evaluator_ratio(fixed, size, weights),
+            ratio = evaluator_ratio(fixed, size, weights)
+            point = {"bytes": int(fixed + size), "ratio": ratio,
                      "predicted": predicted, "check": measured["check"], "cost": measured["cost"],
-                     "ok": self._within(cfg, measured),
+                     "ok": self._within(cfg, measured, ratio),
                      "choice": {w.name: options[i][j].settings for i, (w, j) in enumerate(zip(weights, choice))}}
             seen[tuple(choice)] = point
             evaluated.append(point)
-        feasible = [p for p in evaluated if p["ok"]] or ([] if cfg.target_ratio is None else evaluated)
+        feasible = [p for p in evaluated if p["ok"]]
         if not feasible:
             safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
                       for o in options]
@@ -336,7 +340,9 @@ class BitWidthPass(Pass):
         return evaluated, list(chosen)
 
     @staticmethod
-    def _within(cfg: BitWidthConfig, measured: dict) -> bool:
+    def _within(cfg: BitWidthConfig, measured: dict, ratio: float) -> bool:
+        if cfg.target_ratio is not None:
+            return ratio >= cfg.target_ratio
         if cfg.min_sqnr is not None:
             return measured["sqnr_db"] >= cfg.min_sqnr
         if cfg.max_drop is not None:

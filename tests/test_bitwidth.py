@@ -8,7 +8,7 @@ from onnxcompress.allocate import Option
 from onnxcompress.errors import ModelError, PassError, RecipeError
 from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
 from onnxcompress.recipes import Recipe
-from tiny import conv_gemm, random_feeds
+from tiny import conv_gemm, gemm, random_feeds
 
 
 class FakeEvaluator:
@@ -112,8 +112,8 @@ def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
     calls = []
     real = search.budget_check
 
-    def fails_first(config, comparison):
-        met, measured = real(config, comparison)
+    def fails_first(config, comparison, ratio):
+        met, measured = real(config, comparison, ratio)
         calls.append(measured)
         return (len(calls) > 1 and met), measured
 
@@ -128,3 +128,13 @@ def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
     assert attempts[1]["plan"] != attempts[0]["plan"]
     assert any("backed off 1 time" in n for n in report.notes)
     assert [p.name for p in report.passes] == ["bitwidth", "share"]
+
+
+def test_target_ratio_is_met_by_the_final_model():
+    model = gemm(k=256, n=64)
+    recipe = Recipe("t", [("bitwidth", {"target_ratio": 5.0, "bits": [2, 3, 4, 6, 8], "sparsities": [0.0, 0.5]}),
+                          ("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})], form="packed")
+    data = tiny_data(model)
+    compressed, report = api.compress(model, recipe, data, eval_data=data)
+    assert model.ByteSize() / compressed.ByteSize() >= 5.0
+    assert report.passes[0].summary["end_to_end"][-1]["met"]
