@@ -55,6 +55,9 @@ class BitWidthConfig:
     target_ratio: float | None = None  # whole-file ratio to reach with the least loss
     metric: str | None = None  # "module:function"(outputs: dict, data) -> number, higher is better
     form: Literal["packed", "portable"] = "packed"  # which stored size to minimize
+    # which data the sweep measures on: the calibration data keeps the evaluation data for the
+    # end-to-end check alone (a held-out measure); "evaluation" uses its labels for the sweep too
+    sweep_data: Literal["calibration", "evaluation"] = "calibration"
     max_samples: int = 1000
     min_elements: int = 256
     seed: int = 0
@@ -244,7 +247,8 @@ class BitWidthPass(Pass):
 
     def call(self, ctx: Context) -> PassResult:
         cfg: BitWidthConfig = self.config
-        data = (ctx.eval_data or ctx.data).limit(cfg.max_samples)
+        preferred = (ctx.data, ctx.eval_data) if cfg.sweep_data == "calibration" else (ctx.eval_data, ctx.data)
+        data = next(d for d in preferred if d is not None).limit(cfg.max_samples)
         start = time.perf_counter()
         weights = [w for w in find_weights(ctx.model, min_elements=cfg.min_elements) if w.skip is None]
         if not weights:

@@ -7,31 +7,16 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import granular
 from onnxcompress.data import Dataset
 from onnxcompress.granular import LayerHessians, Option, fit, measure
-from onnxcompress.pipeline import Context
-from onnxcompress.weights import find_weights, set_array
-from tiny import assert_valid_and_close, gemm, make_model, op_types, random_feeds, run, value
+from onnxcompress.weights import find_weights
+from tiny import (assert_valid_and_close, decoded_reference, gemm, make_model, op_types, random_feeds, run, run_pass,
+                  value)
 
 
 def run_share(model, data=None, **options):
+    """The share pass alone (centroid refinement off, to test the granularity choice by itself)."""
     from onnxcompress.passes.share import SharePass
 
-    ctx = Context(original=model, model=onnx.ModelProto(), data=data, progress=False)
-    ctx.model.CopyFrom(model)
-    share = SharePass(refine=False, **options) if "refine" in SharePass.Config.__dataclass_fields__ \
-        else SharePass(**options)
-    share.requires(ctx)
-    result = share.call(ctx)
-    share.ensures(ctx, result)
-    return ctx
-
-
-def decoded_reference(ctx) -> onnx.ModelProto:
-    reference = onnx.ModelProto()
-    reference.CopyFrom(ctx.original)
-    for info in find_weights(reference, min_elements=0):
-        if info.name in ctx.shared:
-            set_array(reference, info, ctx.shared[info.name].decode())
-    return reference
+    return run_pass(SharePass(refine=False, **options), model, data)
 
 
 def scaled_gemm(k=64, n=32, *, spread=100.0, outliers=0, seed=0) -> onnx.ModelProto:

@@ -8,34 +8,16 @@ from onnx import TensorProto
 
 from onnxcompress import api
 from onnxcompress.model import file_bytes
-from onnxcompress.pipeline import Context
-from onnxcompress.weights import find_weights, set_array
-from tiny import assert_valid_and_close, conv, conv_gemm, gemm, op_types, random_feeds
+from onnxcompress.weights import find_weights
+from tiny import assert_valid_and_close, conv, conv_gemm, decoded_reference, gemm, op_types, random_feeds, run_pass
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "samples")
 
 
 def run_share(model, **options):
-    """Run the pass through a Context so the test sees the codebooks it chose."""
     from onnxcompress.passes.share import SharePass
 
-    ctx = Context(original=model, model=onnx.ModelProto(), progress=False)
-    ctx.model.CopyFrom(model)
-    share = SharePass(**options)
-    share.requires(ctx)
-    result = share.call(ctx)
-    share.ensures(ctx, result)
-    return ctx
-
-
-def decoded_reference(ctx) -> onnx.ModelProto:
-    """The original with every shared weight overwritten by its SharedWeight.decode()."""
-    reference = onnx.ModelProto()
-    reference.CopyFrom(ctx.original)
-    for info in find_weights(reference, min_elements=0):
-        if info.name in ctx.shared:
-            set_array(reference, info, ctx.shared[info.name].decode())
-    return reference
+    return run_pass(SharePass(**options), model)
 
 
 @pytest.mark.parametrize("build", [lambda: gemm(trans_b=True), lambda: gemm(trans_b=False), lambda: conv(),

@@ -94,3 +94,27 @@ def assert_valid_and_close(original: onnx.ModelProto, candidate: onnx.ModelProto
     onnx.checker.check_model(candidate, full_check=True)
     for ref, got in zip(run(original, feeds), run(candidate, feeds)):
         np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
+
+
+def run_pass(pass_, model: onnx.ModelProto, data=None):
+    """Run one pass through a Context (requires, call, ensures) so a test sees what it recorded."""
+    from onnxcompress.pipeline import Context
+
+    ctx = Context(original=model, model=onnx.ModelProto(), data=data, progress=False)
+    ctx.model.CopyFrom(model)
+    pass_.requires(ctx)
+    result = pass_.call(ctx)
+    pass_.ensures(ctx, result)
+    return ctx
+
+
+def decoded_reference(ctx) -> onnx.ModelProto:
+    """The original with every shared weight overwritten by its SharedWeight.decode()."""
+    from onnxcompress.weights import find_weights, set_array
+
+    reference = onnx.ModelProto()
+    reference.CopyFrom(ctx.original)
+    for info in find_weights(reference, min_elements=0):
+        if info.name in ctx.shared:
+            set_array(reference, info, ctx.shared[info.name].decode())
+    return reference
