@@ -294,10 +294,10 @@ class SpillingDict(dict):
         return self[key] if key in self else default
 
     def values(self):
-        return [self[k] for k in self]
+        return _LazyView(self, lambda k: self[k])
 
     def items(self):
-        return [(k, self[k]) for k in self]
+        return _LazyView(self, lambda k: (k, self[k]))
 
     def pop(self, key, *default):
         value = super().pop(key, *default)
@@ -305,6 +305,19 @@ class SpillingDict(dict):
 
     def copy(self):
         return {k: self[k] for k in self}
+
+
+class _LazyView:
+    """values()/items() of a SpillingDict: each entry is mapped when iteration reaches it, and let go after."""
+
+    def __init__(self, owner: dict, get):
+        self._owner, self._get = owner, get
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __iter__(self):
+        return (self._get(k) for k in list(dict.keys(self._owner)))
 
 
 @dataclasses.dataclass
