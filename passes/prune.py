@@ -110,6 +110,10 @@ class PrunePass(Pass):
                 raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
             layer = layers[info.name]
             sparsity = self._sparsity(ctx, info, layer, array)
+            if sparsity <= 0.0:  # nothing to prune: no mask, so later passes keep the weight dense
+                log.debug("prune: %s kept dense (sparsity 0)", info.name)
+                ctx.record(info.name, self.name, "kept dense (sparsity 0)")
+                continue
             details: dict = {"sparsity_target": round(sparsity, 4)}
             if compensate and layer is not None:
                 new, keep = self._compensated(ctx, info, layer, array, sparsity, details)

@@ -210,3 +210,19 @@ def test_bias_refit_joins_the_least_squares():
     record = next(r for r in with_bias.records if r.name == "W")
     assert record.details["bias_refit"] == "b"
     assert output_error(model, with_bias.model, held_out) <= output_error(model, weights_only.model, held_out)
+
+
+def test_planned_sparsity_zero_leaves_the_weight_alone():
+    """A plan (from the bit-width search) may keep a weight dense: no mask, no refit, same values."""
+    from onnxcompress.weights import find_weights, get_array
+
+    model = tiny.conv_gemm()
+    ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan={"fc.W": {"sparsity": 0.0}})
+    ctx.model.CopyFrom(model)
+    prune = PrunePass(min_elements=64)
+    prune.requires(ctx)
+    prune.ensures(ctx, prune.call(ctx))
+    assert "fc.W" not in ctx.masks and "conv.W" in ctx.masks
+    before = {w.name: get_array(model, w) for w in find_weights(model, min_elements=0)}
+    after = {w.name: get_array(ctx.model, w) for w in find_weights(ctx.model, min_elements=0)}
+    np.testing.assert_array_equal(after["fc.W"], before["fc.W"])
