@@ -61,11 +61,17 @@ def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.Model
         if met:
             break
         log.warning("bitwidth: the chosen plan measured %.3g end to end, over the budget; backing off", measured)
-    summary["choices"], summary["end_to_end"] = plan, attempts
     if not attempts[-1]["met"]:
-        report.notes.append(f"bitwidth: none of the {len(attempts)} safest verified plans met the budget end to end "
-                            f"(last measured {attempts[-1]['measured']:.3g}); the last one was kept")
-    elif len(attempts) > 1:
+        # none met: keep the attempt that came closest (least loss; for a size budget, most ratio)
+        closest = (max if config.target_ratio is not None else min)(range(len(attempts)),
+                                                                      key=lambda i: attempts[i]["measured"])
+        if closest != len(attempts) - 1:
+            compressed, report = tail.run(searched, data, eval_data, plan=attempts[closest]["plan"])
+        plan = attempts[closest]["plan"]
+        report.notes.append(f"bitwidth: none of the {len(attempts)} verified plans met the budget end to end; kept "
+                            f"the closest (measured {attempts[closest]['measured']:.3g})")
+    summary["choices"], summary["end_to_end"] = plan, attempts
+    if attempts[-1]["met"] and len(attempts) > 1:
         report.notes.append(f"bitwidth: backed off {len(attempts) - 1} time(s) after end-to-end validation")
     report.passes = head_report.passes + report.passes
     planned = [WeightRecord(name, "bitwidth", "planned {bits} bits, sparsity {sparsity:.2f}".format(**settings),

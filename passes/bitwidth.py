@@ -55,9 +55,10 @@ class BitWidthConfig:
     target_ratio: float | None = None  # whole-file ratio to reach with the least loss
     metric: str | None = None  # "module:function"(outputs: dict, data) -> number, higher is better
     form: Literal["packed", "portable"] = "packed"  # which stored size to minimize
-    # which data the sweep measures on: the calibration data keeps the evaluation data for the
-    # end-to-end check alone (a held-out measure); "evaluation" uses its labels for the sweep too
-    sweep_data: Literal["calibration", "evaluation"] = "calibration"
+    # which data the sweep measures on. "auto": a max_drop budget counts accuracy points, defined
+    # on labelled data, so it sweeps on the evaluation data when that has labels; other budgets
+    # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
+    sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
     max_samples: int = 1000
     min_elements: int = 256
     seed: int = 0
@@ -247,7 +248,10 @@ class BitWidthPass(Pass):
 
     def call(self, ctx: Context) -> PassResult:
         cfg: BitWidthConfig = self.config
-        preferred = (ctx.data, ctx.eval_data) if cfg.sweep_data == "calibration" else (ctx.eval_data, ctx.data)
+        labelled = ctx.eval_data is not None and ctx.eval_data.labels is not None
+        on_eval = cfg.sweep_data == "evaluation" or (cfg.sweep_data == "auto" and cfg.max_drop is not None
+                                                     and cfg.metric is None and labelled)
+        preferred = (ctx.eval_data, ctx.data) if on_eval else (ctx.data, ctx.eval_data)
         data = next(d for d in preferred if d is not None).limit(cfg.max_samples)
         start = time.perf_counter()
         weights = [w for w in find_weights(ctx.model, min_elements=cfg.min_elements) if w.skip is None]
