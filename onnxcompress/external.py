@@ -26,7 +26,6 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
+from .graphs import all_tensors
 
 log = logging.getLogger(__name__)
 
@@ -107,34 +107,6 @@ def is_streamed(model: onnx.ModelProto) -> bool:
 
 
 # ---- reading ----------------------------------------------------------------------------------
-
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers, sparse parts and tensor attributes, subgraphs included."""
-    from .graphs import iter_graphs
-
-    for graph, _ in iter_graphs(model.graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-
-
-def _non_initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    from .graphs import iter_graphs
-
-    for graph, _ in iter_graphs(model.graph):
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-
 
 def has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
@@ -362,7 +334,7 @@ def write_data_file(model: onnx.ModelProto, data_path: Path, location: str, *, s
     dirs = external_dirs(model)
     undo: list = []
     initializers = [(t, True) for g, _ in iter_graphs(model.graph) for t in g.initializer]
-    others = [(t, False) for t in _non_initializer_tensors(model)]
+    others = [(t, False) for t in all_tensors(model, initializers=False)]
     with open(data_path, "wb") as out:
         try:
             for tensor, is_initializer in initializers + others:

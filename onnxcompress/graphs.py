@@ -27,6 +27,21 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[on
                     yield from iter_graphs(sub, f"{label}[{k}]")
 
 
+def all_tensors(model: onnx.ModelProto, *, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model, subgraphs included: initializers (unless asked not to),
+    the values and indices of sparse initializers, and tensor attributes (Constant nodes)."""
+    for graph, _ in iter_graphs(model.graph):
+        if initializers:
+            yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
 def find_graph(model: onnx.ModelProto, path: str) -> onnx.GraphProto:
     for graph, where in iter_graphs(model.graph):
         if where == path:

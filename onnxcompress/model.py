@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from . import external
+from .graphs import all_tensors
 from .errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
 def external_data_files(model: onnx.ModelProto) -> dict[str, int]:
     """Map each external-data file a model references to the bytes it must hold at least."""
     needed: dict[str, int] = {}
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -96,21 +97,6 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         if actual < end:
             raise ModelError(
                 f"external data file '{file}' is truncated: {actual} bytes, tensors need {end}")
-
-
-def _all_tensors(model: onnx.ModelProto):
-    """Every TensorProto of the model, subgraphs and Constant nodes included."""
-    from .graphs import iter_graphs  # local import: graphs imports nothing from here
-
-    for graph, _ in iter_graphs(model.graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +143,7 @@ def check_runnable_opset(model: onnx.ModelProto, name: str = "model") -> None:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data the model holds (inline or external)."""
     total = 0
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
             total += int(info.get("length", 0))

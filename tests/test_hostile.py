@@ -13,31 +13,22 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.api import compress, compress_file
+from onnxcompress.api import compress_file
 from onnxcompress.cli import main
-from onnxcompress.errors import ModelError, OutputError
+from onnxcompress.errors import OutputError
 from onnxcompress.model import save_model
-from tiny import OPSET, assert_valid_and_close, conv_gemm, gemm, make_model, random_feeds, run, value
+from tiny import assert_valid_and_close, cli_error, gemm, make_model, random_feeds, run, value
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _cli_error(capsys, argv) -> str:
-    """The CLI fails with exit code 2 and exactly one line on stderr, no traceback."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("onnxcompress: error:"), err
-    assert "Traceback" not in err
-    return err
-
-
 def _fails_cleanly(capsys, tmp_path: Path, model_path: Path, *extra: str) -> str:
     """Compress via the CLI: one-line error, the folder exactly as before (input untouched, no output)."""
     before = _snapshot(tmp_path)
     out = tmp_path / "out.onnx"
-    err = _cli_error(capsys, ["compress", str(model_path), "-o", str(out), "--jobs", "1", *extra])
+    err = cli_error(capsys, ["compress", str(model_path), "-o", str(out), "--jobs", "1", *extra])
     assert _snapshot(tmp_path) == before
     return err
 
@@ -89,7 +80,7 @@ def test_output_equal_to_input_through_another_spelling(tmp_path, capsys, monkey
     onnx.save(gemm(), path)
     monkeypatch.chdir(tmp_path)
     before = _snapshot(tmp_path)
-    assert "is the input" in _cli_error(capsys, ["compress", str(path), "-o", "./m.onnx"])
+    assert "is the input" in cli_error(capsys, ["compress", str(path), "-o", "./m.onnx"])
     assert _snapshot(tmp_path) == before
 
 
@@ -172,7 +163,7 @@ def test_unknown_custom_op_compresses_and_skips_validation_with_a_note(tmp_path)
 def test_unknown_custom_op_validate_command_names_the_library(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(_custom_op_model(), path)
-    err = _cli_error(capsys, ["validate", str(path), str(path)])
+    err = cli_error(capsys, ["validate", str(path), str(path)])
     assert "com.example" in err and "library" in err
 
 

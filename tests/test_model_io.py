@@ -5,20 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.cli import main
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.model import file_bytes, load_model, save_model
-from tiny import gemm, random_feeds, run
+from tiny import cli_error, gemm, random_feeds, run
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "samples", "lenet300.onnx")
-
-
-def _cli_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("onnxcompress: error:"), err
-    assert "Traceback" not in err
-    return err
 
 
 def _write(path, data: bytes):
@@ -113,7 +104,7 @@ def test_cli_bad_models_exit_2_and_write_nothing(tmp_path, capsys, model_bytes, 
         (tmp_path / "bad.onnx.data").unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     out = tmp_path / "out.onnx"
-    _cli_error(capsys, ["compress", str(path), "-o", str(out), "--recipe", "share"])
+    cli_error(capsys, ["compress", str(path), "-o", str(out), "--recipe", "share"])
     assert not out.exists()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # input untouched, no leftovers
 
@@ -122,6 +113,6 @@ def test_cli_output_equal_to_input_or_in_missing_folder(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(gemm(k=64, n=32), path)
     original = path.read_bytes()
-    assert "is the input" in _cli_error(capsys, ["compress", str(path), "-o", str(path)])
-    assert "does not exist" in _cli_error(capsys, ["compress", str(path), "-o", str(tmp_path / "no" / "o.onnx")])
+    assert "is the input" in cli_error(capsys, ["compress", str(path), "-o", str(path)])
+    assert "does not exist" in cli_error(capsys, ["compress", str(path), "-o", str(tmp_path / "no" / "o.onnx")])
     assert path.read_bytes() == original

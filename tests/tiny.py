@@ -118,3 +118,14 @@ def decoded_reference(ctx) -> onnx.ModelProto:
         if info.name in ctx.shared:
             set_array(reference, info, ctx.shared[info.name].decode())
     return reference
+
+
+def cli_error(capsys, argv) -> str:
+    """The CLI fails with exit code 2 and exactly one line on stderr, no traceback; returns the line."""
+    from onnxcompress.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("onnxcompress: error:"), err
+    assert "Traceback" not in err
+    return err
