@@ -153,3 +153,28 @@ def read_symbol_set(r: Reader, alphabet_size: int) -> np.ndarray:
             raise r.fail("symbol list is not strictly increasing inside the alphabet")
         return used
     raise r.fail(f"unknown symbol-set mode {mode}")
+
+
+def read_header(data: bytes, what: str) -> tuple[Reader, int, np.dtype, np.ndarray, np.ndarray | None]:
+    """Read the header Huffman and ANS streams share: symbol count n, alphabet size, symbols used.
+
+    Returns (reader, n, dtype, used, decoded): `decoded` is the whole result for the streams that
+    end with the header (no symbols, or one distinct symbol repeated n times), else None and the
+    reader stands at the coder's own fields.
+    """
+    r = Reader(data, what)
+    n = r.varint("symbol count", MAX_SYMBOLS)
+    alphabet_size = r.varint("alphabet size", MAX_ALPHABET)
+    dtype = symbol_dtype(alphabet_size)
+    if n == 0:
+        r.done()
+        return r, n, dtype, np.zeros(0, np.int64), np.zeros(0, dtype)
+    if alphabet_size == 0:
+        raise r.fail("a nonempty stream declares an empty alphabet")
+    used = read_symbol_set(r, alphabet_size)
+    if used.size == 0:
+        raise r.fail("a nonempty stream declares no symbols")
+    if used.size == 1:
+        r.done()
+        return r, n, dtype, used, np.full(n, used[0], dtype)
+    return r, n, dtype, used, None

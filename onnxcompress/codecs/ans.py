@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcompress.codecs import _wire
-from onnxcompress.codecs._wire import Reader, uvarint
+from onnxcompress.codecs._wire import uvarint
 from onnxcompress.codecs.bitpack import pack
 from onnxcompress.errors import CodecError
 
@@ -87,21 +87,9 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None) -> bytes:
 def decode(data: bytes) -> np.ndarray:
     """Decode a stream written by :func:`encode`; returns the smallest uint dtype holding
     the alphabet. Raises CodecError on truncation or when the coder does not end empty."""
-    r = Reader(data, "ANS stream")
-    n = r.varint("symbol count", _wire.MAX_SYMBOLS)
-    alphabet_size = r.varint("alphabet size", _wire.MAX_ALPHABET)
-    dtype = _wire.symbol_dtype(alphabet_size)
-    if n == 0:
-        r.done()
-        return np.zeros(0, dtype)
-    if alphabet_size == 0:
-        raise r.fail("a nonempty stream declares an empty alphabet")
-    used = _wire.read_symbol_set(r, alphabet_size)
-    if used.size == 0:
-        raise r.fail("a nonempty stream declares no symbols")
-    if used.size == 1:
-        r.done()
-        return np.full(n, used[0], dtype)
+    r, n, dtype, used, decoded = _wire.read_header(data, "ANS stream")
+    if decoded is not None:
+        return decoded
     q = r.u8("frequency precision")
     if not 1 <= q <= 16:
         raise r.fail(f"frequency precision {q} is outside 1..16")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcompress.codecs import _wire
-from onnxcompress.codecs._wire import Reader, uvarint, bit_length
+from onnxcompress.codecs._wire import bit_length, uvarint
 from onnxcompress.codecs.bitpack import pack, word_pairs, write_bits
 
 __all__ = ["code_lengths", "canonical_codes", "auto_block_size", "encode", "decode",
@@ -188,22 +188,10 @@ def _decode_table(lengths: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray
 def decode(data: bytes) -> np.ndarray:
     """Decode a stream written by :func:`encode`; returns the smallest uint dtype holding
     the alphabet. Raises CodecError on any truncation or inconsistency."""
-    r = Reader(data, "Huffman stream")
-    n = r.varint("symbol count", _wire.MAX_SYMBOLS)
-    alphabet_size = r.varint("alphabet size", _wire.MAX_ALPHABET)
-    dtype = _wire.symbol_dtype(alphabet_size)
-    if n == 0:
-        r.done()
-        return np.zeros(0, dtype)
-    if alphabet_size == 0:
-        raise r.fail("a nonempty stream declares an empty alphabet")
-    used = _wire.read_symbol_set(r, alphabet_size)
+    r, n, dtype, used, decoded = _wire.read_header(data, "Huffman stream")
+    if decoded is not None:
+        return decoded
     k = used.size
-    if k == 0:
-        raise r.fail("a nonempty stream declares no symbols")
-    if k == 1:
-        r.done()
-        return np.full(n, used[0], dtype)
     lengths = r.packed(k, _LEN_BITS, "code lengths").astype(np.int64)
     top = int(lengths.max())
     if lengths.min() < 1 or top > MAX_CODE_LEN:
