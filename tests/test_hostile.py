@@ -200,28 +200,17 @@ def test_nan_or_inf_in_a_weight(tmp_path, capsys, bad):
 
 # ---- recipes ------------------------------------------------------------------------------------
 
-def test_recipe_with_unknown_pass(tmp_path, capsys):
+@pytest.mark.parametrize("passes,expected", [
+    ("  - shar: {bits_fc: 4}", ["unknown pass 'shar'", "did you mean 'share'"]),
+    ("  - share: {bits_fcc: 4}", ["'bits_fcc'", "did you mean 'bits_fc'"]),
+    ("  - share: {bits_fc: four}", ["bits_fc"]),
+], ids=["unknown-pass", "misspelled-option", "wrong-type"])
+def test_bad_recipe_names_the_problem(tmp_path, capsys, passes, expected):
     path = tmp_path / "m.onnx"
     onnx.save(gemm(), path)
-    (tmp_path / "r.yaml").write_text("passes:\n  - shar: {bits_fc: 4}\n")
+    (tmp_path / "r.yaml").write_text(f"passes:\n{passes}\n")
     err = _fails_cleanly(capsys, tmp_path, path, "--recipe", str(tmp_path / "r.yaml"))
-    assert "unknown pass 'shar'" in err and "did you mean 'share'" in err
-
-
-def test_recipe_with_misspelled_option(tmp_path, capsys):
-    path = tmp_path / "m.onnx"
-    onnx.save(gemm(), path)
-    (tmp_path / "r.yaml").write_text("passes:\n  - share: {bits_fcc: 4}\n")
-    err = _fails_cleanly(capsys, tmp_path, path, "--recipe", str(tmp_path / "r.yaml"))
-    assert "'bits_fcc'" in err and "did you mean 'bits_fc'" in err
-
-
-def test_recipe_option_of_the_wrong_type(tmp_path, capsys):
-    path = tmp_path / "m.onnx"
-    onnx.save(gemm(), path)
-    (tmp_path / "r.yaml").write_text("passes:\n  - share: {bits_fc: four}\n")
-    err = _fails_cleanly(capsys, tmp_path, path, "--recipe", str(tmp_path / "r.yaml"))
-    assert "bits_fc" in err
+    assert all(text in err for text in expected), err
 
 
 def test_jobs_must_be_positive(capsys):

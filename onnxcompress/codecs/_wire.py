@@ -178,3 +178,18 @@ def read_header(data: bytes, what: str) -> tuple[Reader, int, np.dtype, np.ndarr
         r.done()
         return r, n, dtype, used, np.full(n, used[0], dtype)
     return r, n, dtype, used, None
+
+
+def write_header(s: np.ndarray, alphabet_size: int) -> tuple[bytes, np.ndarray, np.ndarray, bool]:
+    """The header Huffman and ANS streams share, the inverse of :func:`read_header`.
+
+    Returns (header bytes, counts per symbol, symbols used, complete): `complete` is True for
+    the streams the header says everything about (no symbols, or one distinct symbol).
+    """
+    head = uvarint(s.size) + uvarint(alphabet_size)
+    if s.size == 0:
+        return head, np.zeros(alphabet_size, np.int64), np.zeros(0, np.int64), True
+    counts = np.bincount(s, minlength=alphabet_size)
+    used = np.flatnonzero(counts)
+    head += write_symbol_set(used, alphabet_size)
+    return head, counts, used, used.size == 1

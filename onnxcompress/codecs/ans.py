@@ -65,14 +65,8 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None) -> bytes:
     """ANS-encode nonnegative int ``symbols`` (< ``alphabet_size``) into a self-describing
     stream (format in the module docstring)."""
     s, alphabet_size = _wire.check_symbols(symbols, alphabet_size)
-    n = s.size
-    head = uvarint(n) + uvarint(alphabet_size)
-    if n == 0:
-        return head
-    counts = np.bincount(s, minlength=alphabet_size)
-    used = np.flatnonzero(counts)
-    head += _wire.write_symbol_set(used, alphabet_size)
-    if used.size == 1:
+    head, counts, used, complete = _wire.write_header(s, alphabet_size)
+    if complete:
         return head
     q, freqs = quantize_counts(counts[used])
     index = np.zeros(alphabet_size, np.int32)

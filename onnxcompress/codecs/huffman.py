@@ -144,14 +144,8 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None, *,
         block_size = auto_block_size(s.size)
     if not 1 <= block_size <= (1 << 16):
         raise ValueError(f"block_size must be in 1..65536, got {block_size}")
-    n = s.size
-    head = uvarint(n) + uvarint(alphabet_size)
-    if n == 0:
-        return head
-    counts = np.bincount(s, minlength=alphabet_size)
-    used = np.flatnonzero(counts)
-    head += _wire.write_symbol_set(used, alphabet_size)
-    if used.size == 1:
+    head, counts, used, complete = _wire.write_header(s, alphabet_size)
+    if complete:
         return head
     lengths = code_lengths(counts, max(max_len, int(used.size - 1).bit_length()))
     rev = _reverse_bits(canonical_codes(lengths), lengths)
