@@ -267,10 +267,10 @@ class BitWidthPass(Pass):
             raise PreconditionError("bitwidth: every candidate of some weight failed; see the log")
         fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
         evaluated, chosen = self._search(cfg, evaluator, weights, options, fixed)
-        for w, j in zip(weights, chosen):
-            ctx.plan.setdefault(w.name, {}).update(options[weights.index(w)][j].settings)
+        for w, layer, j in zip(weights, options, chosen):
+            ctx.plan.setdefault(w.name, {}).update(layer[j].settings)
             ctx.record(w.name, self.name, "planned {bits} bits, sparsity {sparsity:.2f}".format(**ctx.plan[w.name]),
-                       w.nbytes, int(options[weights.index(w)][j].size), dict(ctx.plan[w.name]))
+                       w.nbytes, int(layer[j].size), dict(ctx.plan[w.name]))
         summary = {
             "budget": {"max_drop": cfg.max_drop, "min_sqnr": cfg.min_sqnr, "target_ratio": cfg.target_ratio},
             "form": cfg.form, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
@@ -307,8 +307,9 @@ class BitWidthPass(Pass):
     def _search(self, cfg: BitWidthConfig, evaluator: _Evaluator, weights, options, fixed: int):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice."""
         evaluated, seen = [], {}
+        original = fixed + sum(w.nbytes for w in weights)
         if cfg.target_ratio is not None:
-            size_budget = evaluator_size_budget(evaluator, cfg.target_ratio, fixed)
+            size_budget = max(original / cfg.target_ratio - fixed, 0.0)
             # tighter size budgets too: the passes after the search may add bytes it cannot
             # predict, and the end-to-end check steps down this ladder when the file is too large
             choices = [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
@@ -322,14 +323,14 @@ class BitWidthPass(Pass):
             if choice is None or tuple(choice) in seen:
                 continue
             changed = {}
-            for w, j in zip(weights, choice):
-                settings = options[weights.index(w)][j].settings
+            for w, layer, j in zip(weights, options, choice):
+                settings = layer[j].settings
                 shared, _ = candidate_weight(evaluator.base[w.name], w, settings["sparsity"], settings["bits"],
                                              cfg.seed, self._pruner)
                 changed[w.name] = shared.decode()
             measured = evaluator.measure(changed)
             size, predicted = allocate.totals(options, choice)
-            ratio = evaluator_ratio(fixed, size, weights)
+            ratio = original / max(fixed + size, 1)
             point = {"bytes": int(fixed + size), "ratio": ratio,
                      "predicted": predicted, "check": measured["check"], "cost": measured["cost"],
                      "ok": self._within(cfg, measured, ratio),
@@ -356,12 +357,3 @@ class BitWidthPass(Pass):
         if cfg.max_drop is not None:
             return measured["check"] <= cfg.max_drop
         return True
-
-
-def evaluator_size_budget(evaluator: _Evaluator, ratio: float, fixed: int) -> float:
-    original = fixed + sum(a.nbytes for a in evaluator.base.values())
-    return max(original / ratio - fixed, 0.0)
-
-
-def evaluator_ratio(fixed: int, size: float, weights: list[WeightInfo]) -> float:
-    return (fixed + sum(w.nbytes for w in weights)) / max(fixed + size, 1)
