@@ -61,7 +61,7 @@ class StreamStat:
 @dataclass
 class PackedWeight:
     name: str
-    blob: bytes
+    blob: bytes | np.ndarray  # the frame; a uint8 array where a streamed model's context keeps it on disk
     layout: Layout
     streams: dict[str, StreamStat]
     numel: int

@@ -10,19 +10,27 @@ In the packed form (``ctx.form == "packed"``) this pass also assembles the model
 weight's portable subgraph is replaced by one ``ai.onnxcompress::DecodeWeight`` node reading a
 uint8 initializer that holds the blob (onnxcompress.packed). In the portable form the model is
 left as it is and the report says what the packed form would store.
+
+Weights are coded independently, in ``ctx.jobs`` worker processes (onnxcompress.parallel). For a
+streamed model each blob leaves memory as soon as it is made: the model's blob initializer and
+the context's copy both go to the spill file, so the output is written with external data and
+memory holds one weight's streams at a time, whatever the model's size.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from onnxcompress.codebook import SharedWeight
 from onnxcompress.codecs import METHODS
 from onnxcompress.errors import PreconditionError
+from onnxcompress.external import SpillingDict, is_streamed
 from onnxcompress.graphs import NameScope
 from onnxcompress.ops.graph import replace_with_blob  # importing ops registers the DecodeWeight schema
 from onnxcompress.packed import Layout, PackedWeight, read_blob, write_blob
+from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,18 @@ def stream_report(packed: PackedWeight) -> dict:
     return out
 
 
+def encode_weight(shared: SharedWeight, layout: Layout, methods: list) -> PackedWeight:
+    """Worker task: the packed blob of one shared weight (pure numpy, runs in a worker process)."""
+    return write_blob(shared, layout, methods=methods)
+
+
+def blob_matches(blob, shared: SharedWeight) -> bool:
+    """Worker task: True when `blob` decodes to exactly the weight `shared` stands for, bit for bit."""
+    expected = shared.decode()
+    got = read_blob(blob, shared.name).decode()
+    return got.shape == expected.shape and np.array_equal(got.view(np.uint8), expected.view(np.uint8))
+
+
 class EntropyPass(Pass):
     name = "entropy"
     Config = EntropyConfig
@@ -67,19 +87,24 @@ class EntropyPass(Pass):
 
     def call(self, ctx: Context) -> PassResult:
         cfg: EntropyConfig = self.config
-        ctx.packed.clear()
+        # a streamed model's blobs go to its spill file as they are made (in the context and in the
+        # model), so memory holds one weight's streams at a time, not the model's
+        ctx.packed = SpillingDict(ctx.model) if is_streamed(ctx.model) else {}
         scope = NameScope(ctx.model)
         stored = removed = 0
-        for name, shared in ctx.shared.items():
-            packed = write_blob(shared, ctx.layouts.get(name, Layout()), methods=cfg.methods)
-            ctx.packed[name] = packed
+        names = list(ctx.shared)
+        work = sum(int(ctx.shared[name].codes.size) for name in names)
+        tasks = (((ctx.shared[name], ctx.layouts.get(name, Layout()), list(cfg.methods)), {}) for name in names)
+        for name, packed in zip(names, map_ordered(encode_weight, tasks, jobs=ctx.jobs, work=work)):
             stored += len(packed.blob)
             details = stream_report(packed)
             if ctx.form == "packed":
                 removed += replace_with_blob(ctx.model, packed, scope, self.name)
             ctx.record(name, self.name, f"{details['bits_per_weight']:.2f} bits/weight ({packed.layout.kind})",
-                       shared.payload_bytes(), len(packed.blob), details)
+                       ctx.shared[name].payload_bytes(), len(packed.blob), details)
             log.debug("entropy: %s %s", name, details)
+            ctx.packed[name] = replace(packed, blob=np.frombuffer(packed.blob, np.uint8)) \
+                if isinstance(ctx.packed, SpillingDict) else packed
         if ctx.form != "packed":
             ctx.note(f"entropy: the packed form would store the {len(ctx.packed)} shared weights in {stored} bytes; "
                      "this run writes the portable form, which cannot hold entropy-coded streams")
@@ -90,8 +115,9 @@ class EntropyPass(Pass):
     def ensures(self, ctx: Context, result: PassResult) -> None:
         if not self.config.verify:
             return
-        for name, packed in ctx.packed.items():
-            expected = ctx.shared[name].decode()
-            got = read_blob(packed.blob, name).decode()
-            if got.shape != expected.shape or not np.array_equal(got.view(np.uint8), expected.view(np.uint8)):
+        names = list(ctx.packed)
+        tasks = (((ctx.packed[name].blob, ctx.shared[name]), {}) for name in names)
+        work = sum(int(ctx.shared[name].codes.size) for name in names)
+        for name, ok in zip(names, map_ordered(blob_matches, tasks, jobs=ctx.jobs, work=work)):
+            if not ok:
                 raise AssertionError(f"entropy: the packed blob of {name} does not decode to its shared weight")

@@ -27,6 +27,7 @@ from onnxcompress.graphs import NameScope, mark
 from onnxcompress.model import opset_of
 from onnxcompress.ops.graph import replace_constant_subgraph
 from onnxcompress.packed import Layout, choose_layout
+from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, find_weights, get_array
 
@@ -101,19 +102,25 @@ class SparsePass(Pass):
         infos = {w.name: w for w in ctx.weights(0)}
         roles = {w.name: w.role for w in find_weights(ctx.original, min_elements=0)}  # roles survive rewrites
         modified, counts = False, {"csr": 0, "dense": 0, "sparse_constant": 0}
+        names = []
         for name, shared in ctx.shared.items():
-            if not self._has_zero(shared):
+            if self._has_zero(shared):
+                names.append(name)
+            else:
                 log.debug("sparse: %s skipped: no pruned entries", name)
-                continue
-            role = roles.get(name, Role.OTHER)
-            if ctx.form == "packed":
-                layout = choose_layout(shared, index_bits=cfg.index_bits_for(role), methods=cfg.measure_with)
+        if ctx.form == "packed":  # layouts are measured per weight, independently: in ctx.jobs workers
+            tasks = (((ctx.shared[name],), {"index_bits": cfg.index_bits_for(roles.get(name, Role.OTHER)),
+                                            "methods": list(cfg.measure_with)}) for name in names)
+            work = sum(int(ctx.shared[name].codes.size) for name in names)
+            for name, layout in zip(names, map_ordered(choose_layout, tasks, jobs=ctx.jobs, work=work)):
                 ctx.layouts[name] = layout
                 counts[layout.kind] += 1
                 ctx.record(name, self.name, f"packed {layout.kind}" + (f" {layout.index_bits}-bit relative indices"
                                                                       if layout.kind == "csr" else ""),
-                           details={"measured_bytes": layout.sizes, "nonzero": float(np.mean(shared.codes != 0))})
-                continue
+                           details={"measured_bytes": layout.sizes,
+                                    "nonzero": float(np.mean(ctx.shared[name].codes != 0))})
+        for name in names if ctx.form != "packed" else []:  # portable: a sparse Constant where smaller
+            shared = ctx.shared[name]
             nodes, inits, dense, sparse = sparse_codes_nodes(shared, scope, opset, self.name)
             if sparse < dense:
                 replace_constant_subgraph(ctx.model, name, nodes, inits)

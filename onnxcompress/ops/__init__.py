@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .. import packed, runtime
+from .. import external, packed, runtime
 from ..graphs import iter_graphs
 from .graph import to_dense
 from ..errors import CodecError, ModelError
@@ -41,7 +41,7 @@ def _infer_decode_weight(ctx) -> None:
     out = onnx.TypeProto()
     out.tensor_type.elem_type = TensorProto.FLOAT
     data = ctx.get_input_data(0) if ctx.has_input(0) else None
-    if data is not None:
+    if data is not None and data.data_location != TensorProto.EXTERNAL:  # external bytes: shape left unknown
         try:
             shape = packed.read_blob(onnx.numpy_helper.to_array(data).tobytes()).shape
         except CodecError:
@@ -116,6 +116,13 @@ def custom_op_session(model: onnx.ModelProto, *, optimize: bool = True):
     options.register_custom_ops_library(register_extension_ops())
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if external.has_external(model):  # a streamed model: blobs read from its files (one folder) or copied in
+        folders = external.folders_in_use(model)
+        if len(folders) == 1:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(folders.pop()))
+        else:
+            model = external.inline_copy(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

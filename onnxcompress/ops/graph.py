@@ -11,6 +11,7 @@ from ..codecs._wire import Reader
 from ..codecs.choice import METHODS
 from ..codecs.frame import unpack_streams
 from ..errors import ModelError
+from ..external import read_tensor, spill_tensor
 from ..graphs import DOMAIN, NameScope, consumers, iter_graphs, mark, producers
 from ..packed import OP_TYPE, PackedWeight, decode_blob, read_blob
 
@@ -59,18 +60,24 @@ def replace_constant_subgraph(model: onnx.ModelProto, name: str, nodes: list[onn
     drop = set(tensors) | ({name} if name in initial else set())
     removed = sum(t.ByteSize() for t in graph.initializer if t.name in drop)
     removed += sum(s.ByteSize() for s in graph.sparse_initializer if s.values.name in drop)
-    keep = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    keep_sparse = [s for s in graph.sparse_initializer if s.values.name not in drop]
-    del graph.sparse_initializer[:]
-    graph.sparse_initializer.extend(keep_sparse)
+    # deleted in place: rebuilding a repeated field copies every message into the protobuf arena,
+    # which never gives memory back (quadratic growth over a model's weights)
+    _delete_where(graph.initializer, lambda t: t.name in drop)
+    _delete_where(graph.sparse_initializer, lambda s: s.values.name in drop)
     ids = {id(n) for n in old_nodes}
-    keep_nodes = [n for n in graph.node if id(n) not in ids]
-    del graph.node[:]
-    graph.node.extend(list(nodes) + keep_nodes)
+    _delete_where(graph.node, lambda n: id(n) in ids)
+    for position, node in enumerate(nodes):
+        graph.node.insert(position, node)
+    for tensor in inits:  # a streamed model keeps big new tensors in its spill file, not in the arena
+        spill_tensor(model, tensor)
     graph.initializer.extend(inits)
     return removed
+
+
+def _delete_where(field, predicate) -> None:
+    """Delete the entries of a repeated message field matching `predicate`, in place."""
+    for position in [i for i, entry in enumerate(field) if predicate(entry)][::-1]:
+        del field[position]
 
 
 def replace_with_blob(model: onnx.ModelProto, packed: PackedWeight, scope: NameScope, pass_name: str) -> int:
@@ -78,14 +85,14 @@ def replace_with_blob(model: onnx.ModelProto, packed: PackedWeight, scope: NameS
     reading a uint8 initializer that holds the blob. Returns the bytes of tensor data removed."""
     blob_name = scope.fresh(f"{packed.name}~")
     new = [helper.make_node(OP_TYPE, [blob_name], [packed.name], domain=DOMAIN)]
-    dtype = read_dtype(packed.blob)
+    dtype = read_dtype(bytes(packed.blob))
     if dtype != np.float32:
         decoded = scope.fresh(f"{packed.name}~f")
         new[0].output[0] = decoded
         new.append(helper.make_node("Cast", [decoded], [packed.name], to=helper.np_dtype_to_tensor_dtype(dtype)))
     for node in new:
         mark(node, pass_name)
-    blob = numpy_helper.from_array(np.frombuffer(packed.blob, np.uint8), blob_name)
+    blob = numpy_helper.from_array(np.frombuffer(packed.blob, np.uint8).reshape(-1), blob_name)
     removed = replace_constant_subgraph(model, packed.name, new, [blob])
     ensure_domain(model)
     return removed
@@ -123,18 +130,19 @@ def decode_nodes(model: onnx.ModelProto, rewrite) -> onnx.ModelProto:
             continue
         blobs = set()
         for node in targets:
-            blob = numpy_helper.to_array(inits[node.input[0]])
+            blob = read_tensor(out, inits[node.input[0]])
             position = list(graph.node).index(node)
             del graph.node[position]
             new_nodes, new_inits = rewrite(node, blob, scope)
+            del blob
             for k, n in enumerate(new_nodes):
                 graph.node.insert(position + k, n)
+            for tensor in new_inits:  # a streamed model keeps big new tensors in its spill file
+                spill_tensor(out, tensor)
             graph.initializer.extend(new_inits)
             blobs.add(node.input[0])
         still_used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        keep = [t for t in graph.initializer if t.name not in blobs or t.name in still_used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _delete_where(graph.initializer, lambda t: t.name in blobs and t.name not in still_used)
     _drop_domain_if_unused(out)
     return out
 
@@ -168,7 +176,7 @@ def packed_weights(model: onnx.ModelProto) -> list[dict]:
         for node in graph.node:
             if node.domain != DOMAIN or node.op_type != OP_TYPE or node.input[0] not in inits:
                 continue
-            blob = numpy_helper.to_array(inits[node.input[0]]).tobytes()
+            blob = read_tensor(model, inits[node.input[0]]).tobytes()
             shared = read_blob(blob, node.output[0])
             numel = max(int(np.prod(shared.shape, dtype=np.int64)), 1)
             streams = unpack_streams(blob)
