@@ -23,8 +23,11 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -52,12 +55,36 @@ _spill_root: Path | None = None
 
 
 def _spill_dir() -> Path:
-    """The process's private spill folder, removed at exit."""
+    """The process's private spill folder, removed at exit, also when ended by SIGTERM or SIGHUP."""
     global _spill_root
     if _spill_root is None or not _spill_root.is_dir():
         _spill_root = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
         atexit.register(shutil.rmtree, _spill_root, True)
+        _exit_on_termination()
     return _spill_root
+
+
+def _exit_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit(128 + signal) in this process, so that atexit and
+    `finally` blocks run (spill folder and half-written outputs removed). SIGINT already raises
+    KeyboardInterrupt. Only default handlers are replaced, and only from the main thread; forked
+    workers that inherit the handler die by the signal as before, leaving the folder to its owner.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.warning("ended by signal %s: removing temporary files", signum)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
 
 
 # ---- bookkeeping in metadata_props ----------------------------------------------------------

@@ -111,11 +111,12 @@ def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_jobs_give_identical_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["share", "deep-compression"])
+def test_jobs_give_identical_results(tmp_path, monkeypatch, recipe):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)  # use workers even for a tiny model
     model = _mlp(layers=4, width=64)
-    one, _ = compress(model, "share", validate="none", jobs=1)
-    two, _ = compress(model, "share", validate="none", jobs=2)
+    one, _ = compress(model, recipe, validate="none", jobs=1)
+    two, _ = compress(model, recipe, validate="none", jobs=2)
     assert one.SerializeToString(deterministic=True) == two.SerializeToString(deterministic=True)
 
 
@@ -134,3 +135,70 @@ def _fail_on_three(n):
     if n == 3:
         raise ModelError("bad 3")
     return n
+
+
+def test_streamed_deep_compression_writes_blobs_as_external_data(tmp_path, streaming):
+    """The packed form of a streamed model: blobs spilled as made, written as external data; the file
+    runs through the fast path, onnxruntime's custom-op path and `unpack` with the in-memory result's outputs."""
+    from onnxcompress import ops
+    from onnxcompress.api import unpack_file
+    from onnxcompress.runtime import uses_domain
+
+    model = _mlp(layers=3, width=128)
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    compress_file(tmp_path / "m.onnx", tmp_path / "p.onnx", "deep-compression", validate="none")
+    written = onnx.load(tmp_path / "p.onnx", load_external_data=False)
+    blobs = [t for t in written.graph.initializer if t.name.endswith("~")]
+    assert len(blobs) == 3 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in blobs)
+    assert uses_domain(written)
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+    in_memory, _ = compress(model, "deep-compression", validate="none")
+    feeds = {"x": random_feeds(model)["x"]}
+    expected = _outputs(in_memory, feeds)[0]
+    streamed = load_model(tmp_path / "p.onnx")
+    assert external.is_streamed(streamed)  # the blobs stay on disk
+    np.testing.assert_array_equal(_outputs(str(tmp_path / "p.onnx"), feeds)[0], expected)
+    np.testing.assert_array_equal(_outputs(streamed, feeds)[0], expected)
+    custom = ops.custom_op_session(streamed, optimize=False).run(None, feeds)[0]
+    np.testing.assert_allclose(custom, expected, rtol=0, atol=1e-5)
+    unpack_file(tmp_path / "p.onnx", tmp_path / "u.onnx")
+    assert not uses_domain(onnx.load(tmp_path / "u.onnx", load_external_data=False))
+    onnx.checker.check_model(str(tmp_path / "u.onnx"), full_check=True)
+    np.testing.assert_array_equal(_outputs(str(tmp_path / "u.onnx"), feeds)[0], expected)
+
+
+_INTERRUPTED_CHILD = r"""
+import sys, time
+from onnxcompress import external, model as model_io
+from onnxcompress.api import compress_file
+from onnxcompress.passes import PASSES
+
+model_io.STREAM_THRESHOLD, external.SPILL_MIN_BYTES = 0, 1024
+
+def stall(self, ctx):  # mid-compression, with the spill file written: tell the parent, then wait
+    print(external._spill_dir(), flush=True)
+    time.sleep(60)
+
+PASSES["entropy"].call = stall
+compress_file(sys.argv[1], sys.argv[2], "deep-compression", validate="none")
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_spill_files_and_partial_outputs_do_not_survive_a_signal(tmp_path, signum):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_model(_mlp(layers=3, width=64), tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "out").mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_CHILD, str(tmp_path / "m.onnx"),
+                              str(tmp_path / "out" / "o.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    spill = Path(child.stdout.readline().strip())
+    assert spill.is_dir() and any(spill.iterdir()), child.stderr.read()
+    child.send_signal(getattr(signal, signum))
+    assert child.wait(timeout=60) != 0
+    assert not spill.exists()
+    assert list((tmp_path / "out").iterdir()) == []
