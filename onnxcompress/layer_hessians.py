@@ -18,13 +18,16 @@ from .capture import capture, collect_layer_inputs, linear_layer
 from .codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from .data import Dataset
 from .errors import ModelError
-from .granular import Choice, LayerHessians, choose, options_for
+from .granular import Choice, LayerHessians, choose, options_for, to_matrix
 from .graphs import NameScope, find_graph
 from .weights import WeightInfo
 
 log = logging.getLogger(__name__)
 RECURRENT = ("LSTM", "GRU", "RNN")
 SCATTERND_MIN_OPSET = 11
+# without data, weights larger than this choose their granularity on a seeded sample of about this
+# many entries (whole channels), then fit only the chosen option on every entry
+CHOICE_SAMPLE_ELEMENTS = 1 << 18
 
 
 def layer_hessians(model: onnx.ModelProto, data: Dataset | None, infos: Sequence[WeightInfo]
@@ -129,11 +132,48 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         outlier_fraction = 0.0
     options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
                           weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction)
-    choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
-                    target_db=target_db, init=init, seed=seed, model_elements=model_elements,
-                    portable_bytes=lambda shared: portable_size(shared, opset))
+    price = lambda shared: portable_size(shared, opset)  # noqa: E731
+    if hessians is None and len(options) > 1 and array.size > CHOICE_SAMPLE_ELEMENTS:
+        choice = _choose_on_sample(array, bits, options, info, mask=mask, target_db=target_db, init=init,
+                                   seed=seed, model_elements=model_elements, price=price)
+    else:
+        choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
+                        target_db=target_db, init=init, seed=seed, model_elements=model_elements,
+                        portable_bytes=price)
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice
+
+
+def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, *, mask, target_db: float,
+                      init: str, seed: int, model_elements: int | None, price) -> Choice:
+    """The weight-space choice of :func:`granular.choose` made on a seeded sample, then one full fit.
+
+    The sample is whole output channels (entries when the weight has no channel axis) adding up
+    to about CHOICE_SAMPLE_ELEMENTS. SQNR in weight space is a ratio of sums over entries, so the
+    sample estimates it; bytes grow with the sample's share of the weight, so scaling the model's
+    element count by the same share keeps the bytes-for-dB exchange rate of the full weight.
+    """
+    axis = info.channel_axis
+    rng = np.random.default_rng(seed)
+    matrix = to_matrix(array, axis)
+    kept = None if mask is None else to_matrix(np.asarray(mask, bool), axis)
+    if axis is None or matrix.shape[0] < 2:  # entries
+        matrix, kept = matrix.reshape(-1, 1), None if kept is None else kept.reshape(-1, 1)
+        count, sample_axis = CHOICE_SAMPLE_ELEMENTS, None
+    else:  # whole channels, so per-channel scales and groups are fitted as on the full weight
+        count, sample_axis = min(max(2, -(-CHOICE_SAMPLE_ELEMENTS // matrix.shape[1])), matrix.shape[0]), 0
+    picked = np.sort(rng.choice(matrix.shape[0], count, replace=False))
+    sample = matrix[picked] if sample_axis == 0 else matrix[picked, 0]
+    sample_mask = None if kept is None else (kept[picked] if sample_axis == 0 else kept[picked, 0])
+    share = sample.size / array.size
+    elements = int(max(model_elements or array.size, 1) * share)
+    trial = choose(sample, bits, options, name=info.name, channel_axis=sample_axis, mask=sample_mask,
+                   target_db=target_db, init=init, seed=seed, model_elements=elements, portable_bytes=price)
+    full = choose(array, bits, [trial.chosen.option], name=info.name, channel_axis=axis, mask=mask,
+                  target_db=target_db, init=init, seed=seed, model_elements=model_elements, portable_bytes=price)
+    return Choice(full.chosen, trial.candidates, "weight", target_db,
+                  f"{trial.reason}, measured on a sample of {share:.1%} of the entries (no calibration data), "
+                  "then fitted on all of them")
 
 
 def portable_size(shared: SharedWeight, opset: int) -> int:

@@ -202,3 +202,25 @@ def test_spill_files_and_partial_outputs_do_not_survive_a_signal(tmp_path, signu
     assert child.wait(timeout=60) != 0
     assert not spill.exists()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_auto_granularity_without_data_chooses_on_a_sample_of_a_large_weight(monkeypatch):
+    """Above CHOICE_SAMPLE_ELEMENTS, auto without data measures its candidates on whole sampled channels
+    and fits only the chosen one on the weight: the same choice as measuring every candidate fully here."""
+    from onnxcompress import layer_hessians
+    from onnxcompress.granular import measure
+    from onnxcompress.weights import Role, WeightInfo
+
+    rng = np.random.default_rng(3)
+    array = (rng.standard_normal((256, 512)) * np.exp(rng.normal(0, 1.5, (256, 1)))).astype(np.float32)
+    info = WeightInfo(name="W", shape=array.shape, dtype=np.dtype(np.float32), nbytes=array.nbytes,
+                      location="initializer", graph="main", consumers=[], role=Role.GEMM, channel_axis=0)
+    full = layer_hessians.share_weight(array, info, 4, target_db=36.0)
+    monkeypatch.setattr(layer_hessians, "CHOICE_SAMPLE_ELEMENTS", 16384)  # 32 of the 256 channels
+    sampled = layer_hessians.share_weight(array, info, 4, target_db=36.0)
+    assert "sample" in sampled.reason and "sample" not in full.reason
+    assert sampled.chosen.option == full.chosen.option and sampled.chosen.option.kind == "channel"
+    assert sampled.chosen.shared.codes.shape == array.shape
+    assert sampled.chosen.sqnr_db == pytest.approx(measure(array, sampled.chosen.shared, None))
+    assert {c.option for c in sampled.candidates} == {c.option for c in full.candidates}
+    assert all(c.bytes < full_c.bytes for c, full_c in zip(sampled.candidates, full.candidates))  # sample-sized
