@@ -23,8 +23,8 @@ Weighted k-means: ``importance`` a_jk weighs each entry's squared error. Given c
 a_jk = H_g[k, k], the diagonal of the layer-input Hessian H_g = E[x x^T] of channel j's group:
 the output error sum_g tr(D_g H_g D_g^T) (D = W - W_hat) with its off-diagonal terms dropped.
 With the full H_g, ``gptq`` candidates choose codes column by column feeding each column's error
-forward (:func:`_gptq_codes`), then refit centroids and scales by least squares on that output
-error (:func:`_refit_under_hessians`).
+forward (:func:`onnxcompress.gptq.gptq_codes`), then refit centroids and scales by least squares on
+that output error (:func:`onnxcompress.gptq.refit_under_hessians`).
 
 Choice (:func:`choose`): every candidate is measured by its SQNR, in output space when the layer's
 Hessians are known (signal sum_g tr(W_g H_g W_g^T), noise sum_g tr(D_g H_g D_g^T)), else in weight
@@ -39,18 +39,19 @@ portable form) on a large layer must earn their keep.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 
 from .codebook import SharedWeight
-from .kmeans import assign, kmeans_1d
+from .gptq import (LayerHessians, gptq_codes, nearest_codes, normalize, refit_under_hessians, store_scale,
+                   use_float16)
+from .kmeans import kmeans_1d
 from .metrics import sqnr_db
 
 Kind = Literal["tensor", "channel", "group"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
-FLOAT16_TINY, FLOAT16_MAX = 2.0 ** -14, 65504.0
 DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
 
 
@@ -122,13 +123,13 @@ def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | 
 def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
         importance: np.ndarray | None = None, mask: np.ndarray | None = None, init: str = "linear",
         seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto",
-        hessians: "LayerHessians | None" = None) -> SharedWeight:
+        hessians: LayerHessians | None = None) -> SharedWeight:
     """Share `array` at `bits` the way `option` says (see the module docstring).
 
     importance: (C, K) nonnegative weights a_jk in the channel-first layout (used when
     option.weighted). mask: True where an entry is kept; pruned entries get code 0 of centroid 0.0
     (per group: code 0 of each group's codebook) and decode to exactly 0. hessians: the layer's
-    input Hessians, which option.gptq needs (see :func:`_gptq_codes`).
+    input Hessians, which option.gptq needs (see :func:`onnxcompress.gptq.gptq_codes`).
     """
     shape, dtype = tuple(array.shape), array.dtype
     if option.kind != "tensor" and channel_axis is None:
@@ -154,8 +155,8 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
             if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
     exact = w
     if option.gptq:
-        codes, exact = _gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
-        book, scale = _refit_under_hessians(w, codes, book, scale, kept & ~outliers,
+        codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
+        book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
                                             np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
     codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
@@ -196,19 +197,9 @@ def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
     return result.centroids if result.centroids.size else np.zeros(1)
 
 
-def _assign(u: np.ndarray, book: np.ndarray, keep_zero: bool) -> np.ndarray:
-    """Nearest centroid; with keep_zero, nonzero values only take centroids 1.. and zeros take 0."""
-    if not keep_zero:
-        return assign(u, book).astype(np.int64)
-    if book.size == 1:
-        return np.zeros(u.shape, np.int64)
-    codes = assign(u, book[1:]).astype(np.int64) + 1
-    return np.where(u == 0, 0, codes)
-
-
 def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
     book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
-    return _assign(w, book, keep_zero), book
+    return nearest_codes(w, book, keep_zero), book
 
 
 def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
@@ -232,16 +223,16 @@ def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dty
     weight = np.ones(w.shape) if a is None else a
     weight = np.where(fitted, weight, 0.0)
     s = np.where(fitted, np.abs(w), 0.0).max(axis=1)
-    s = _store_scale(s, scale_dtype)
-    u = _normalize(w, s)
+    s = store_scale(s, scale_dtype)
+    u = normalize(w, s)
     book = _kmeans(u[fitted], (weight * np.square(s)[:, None])[fitted] if a is not None else None,
                    bits, keep_zero, init, seed)
-    codes = _assign(u, book, keep_zero)
+    codes = nearest_codes(u, book, keep_zero)
     for _ in range(iterations):
         q = book[codes]
         num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
-        s = _store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes = _assign(_normalize(w, s), book, keep_zero)
+        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+        codes = nearest_codes(normalize(w, s), book, keep_zero)
         ws = weight * np.square(s)[:, None]
         num = np.bincount(codes.ravel(), (weight * s[:, None] * w).ravel(), book.size)
         den = np.bincount(codes.ravel(), ws.ravel(), book.size)
@@ -253,152 +244,10 @@ def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dty
             order = np.concatenate(([0], order + 1))
         book = book[order]
         codes = np.argsort(order)[codes]
-    return codes, book, s.astype(np.float16 if _use_float16(s, scale_dtype) else np.float32)
-
-
-def _gptq_codes(w, book, scale, kept, exact, hessians: "LayerHessians", keep_zero: bool, damp: float = 0.01,
-                block: int = 64):
-    """Codes chosen column by column with the error fed forward (GPTQ, Frantar et al. 2023).
-
-    For the rows of each input group with Hessian H (damped by `damp` * mean(diag H)), columns
-    taken in decreasing order of H's diagonal, let U be the upper Cholesky factor of H^-1. Column k is quantized to q_k (nearest s_j c_m; 0 when
-    pruned; the working value itself for entries kept exact) and the remaining columns absorb its
-    error: W[:, k+1:] -= ((W[:, k] - q_k) / U[k, k]) U[k, k+1:], which is the least-squares update
-    of the not yet quantized weights for the layer output on the calibration inputs. Returns the
-    codes and the working weights (whose values at the exact entries are what to store).
-    """
-    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
-    codes = np.zeros(w.shape, np.int64)
-    work = w.copy()
-    for g, h in enumerate(hessians.hessians):
-        rows = np.flatnonzero(hessians.group_of_channel == g)
-        k_count = w.shape[1]
-        order, u = hessians.feedback(g, damp)
-        sub = work[rows][:, order]
-        kept_g, exact_g = kept[rows][:, order], exact[rows][:, order]
-        for lo in range(0, k_count, block):  # lazy batch updates: rank-1 inside a block, one GEMM after it
-            hi = min(lo + block, k_count)
-            err = np.zeros((rows.size, hi - lo))
-            for k in range(lo, hi):
-                col = sub[:, k]
-                c = _assign(_normalize(col[:, None], s[rows])[:, 0], book, keep_zero)
-                q = np.where(kept_g[:, k], book[c] * s[rows], 0.0)
-                q = np.where(exact_g[:, k], col, q)
-                codes[rows, order[k]] = c
-                err[:, k - lo] = (col - q) / u[k, k]
-                sub[:, k + 1:hi] -= np.outer(err[:, k - lo], u[k, k + 1:hi])
-            sub[:, hi:] -= err @ u[lo:hi, hi:]
-        work[np.ix_(rows, order)] = sub
-    return codes, work
-
-
-def _refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: "LayerHessians", keep_zero: bool,
-                          scale_dtype: str, rounds: int = 1, chunk: int = 128):
-    """Codes fixed, centroids then scales by least squares on the layer output error.
-
-    With W_hat = F + s_j sum_m c_m O_jm (O_jm the indicator of row j's coded entries with code m,
-    F the exact entries), E(c) = sum_j r_j^T H r_j is quadratic in c: A c = b with
-    A_mn = sum_j s_j^2 O_jm^T H O_jn and b_m = sum_j s_j O_jm^T H (w_j - F_j) (code 0 stays 0.0 with
-    keep_zero; a 1e-9 ridge keeps A invertible); then each s_j = q_j^T H t_j / q_j^T H q_j with
-    q_j = c[codes_j] on the coded entries and t_j = w_j - F_j. Each step lowers E or leaves it.
-    """
-    k = book.size
-    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
-    target = w - fixed
-    free = np.arange(1 if keep_zero else 0, k)
-    for _ in range(rounds):
-        a, b = np.zeros((k, k)), np.zeros(k)
-        for g, h in enumerate(hessians.hessians):
-            for lo in range(0, w.shape[0], chunk):
-                rows = np.flatnonzero(hessians.group_of_channel == g)
-                rows = rows[lo:lo + chunk]
-                if rows.size == 0:
-                    break
-                # O_j for the chunk's rows as one (K, r k) matrix, so that H O_j is a single GEMM
-                onehot = ((codes[rows].T[..., None] == np.arange(k)) & coded[rows].T[..., None]).astype(np.float64)
-                weighted = (h @ onehot.reshape(h.shape[0], -1)).reshape(onehot.shape)  # (K, r, k)
-                a += (onehot * (s[rows] ** 2)[None, :, None]).reshape(-1, k).T @ weighted.reshape(-1, k)
-                b += weighted.reshape(-1, k).T @ (target[rows].T * s[rows][None, :]).reshape(-1)
-        sub = a[np.ix_(free, free)]
-        sub = sub + 1e-9 * max(float(np.trace(sub)) / max(free.size, 1), 1e-30) * np.eye(free.size)
-        try:
-            book = book.copy()
-            book[free] = np.linalg.solve(sub, b[free])
-        except np.linalg.LinAlgError:
-            pass
-        if scale is None:
-            continue
-        q = np.where(coded, book[codes], 0.0)
-        num = np.zeros(w.shape[0])
-        den = np.zeros(w.shape[0])
-        for g, h in enumerate(hessians.hessians):
-            rows = hessians.group_of_channel == g
-            qh = q[rows] @ h
-            num[rows], den[rows] = np.sum(qh * target[rows], 1), np.sum(qh * q[rows], 1)
-        s = _store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-    if scale is not None:
-        scale = s.astype(np.float16 if _use_float16(s, scale_dtype) else np.float32)
-    return book, scale
-
-
-def _normalize(w, s):
-    return np.divide(w, s[:, None], out=np.zeros_like(w), where=s[:, None] != 0)
-
-
-def _use_float16(s: np.ndarray, scale_dtype: str) -> bool:
-    if scale_dtype != "auto":
-        return scale_dtype == "float16"
-    mags = np.abs(s[s != 0])
-    return bool(mags.size == 0 or (mags.min() >= FLOAT16_TINY and mags.max() <= FLOAT16_MAX))
-
-
-def _store_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """Scales rounded to the precision they will be stored in (so decode matches the fit)."""
-    return s.astype(np.float16).astype(np.float64) if _use_float16(s, scale_dtype) else \
-        s.astype(np.float32).astype(np.float64)
+    return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
 
 
 # ----------------------------------------------------------------------------- measuring
-
-@dataclass
-class LayerHessians:
-    """Per group of output channels, H_g = E[x x^T] of the layer's input rows (channel-first layout)."""
-
-    hessians: list[np.ndarray]
-    group_of_channel: np.ndarray  # (C,) group index of each output channel
-    _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
-
-    def importance(self) -> np.ndarray:
-        """a_jk = H_g(j)[k, k], floored at 1% of its mean so that unseen inputs still count a little."""
-        diag = np.stack([np.diag(self.hessians[g]) for g in self.group_of_channel])
-        return np.maximum(diag, 0.01 * max(float(diag.mean()), 1e-30))
-
-    def feedback(self, group: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
-        """Column order (decreasing diag H: "act-order") and the upper Cholesky factor U of the
-        damped, reordered H^-1 (H + damp * mean(diag H) I; dead inputs get diag 1), cached."""
-        key = (group, damp)
-        if key not in self._feedback:
-            h = np.array(self.hessians[group], dtype=np.float64)
-            order = np.argsort(-np.diag(h), kind="stable")
-            h = h[np.ix_(order, order)]
-            dead = np.diag(h) <= 0
-            h[dead, dead] = 1.0
-            h[np.diag_indices(h.shape[0])] += damp * float(np.mean(np.diag(h)))
-            try:
-                u = np.linalg.cholesky(np.linalg.inv(h)).T
-            except np.linalg.LinAlgError:
-                u = np.diag(1.0 / np.sqrt(np.diag(h)))  # nearly singular even when damped: no feedback
-            self._feedback[key] = (order, u)
-        return self._feedback[key]
-
-    def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
-        signal = noise = 0.0
-        for g, h in enumerate(self.hessians):
-            rows = self.group_of_channel == g
-            signal += float(np.sum((w[rows] @ h) * w[rows]))
-            noise += float(np.sum((d[rows] @ h) * d[rows]))
-        return signal, noise
-
 
 def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | None) -> float:
     """SQNR (dB) of the shared weight: in output space with `hessians`, else in weight space."""
