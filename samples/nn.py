@@ -104,9 +104,20 @@ class Conv2d(Layer):
             self.cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1)
             y = self.cols @ w.reshape(len(w), -1).T + b
             return y.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
-        self.win = np.ascontiguousarray(win).reshape(n, c, ho * wo, -1)
-        y = (self.win @ w.reshape(c, -1, 1))[..., 0] + b[:, None]
-        return y.reshape(n, c, ho, wo)
+        # depthwise: one multiply-add of a strided input slice per kernel tap
+        self.xp = xp
+        y = np.empty((n, c, ho, wo), F32)
+        y[:] = b[:, None, None]
+        for i, j, tap in self._taps(xp, ho, wo):
+            y += tap * w[:, 0, i, j][:, None, None]
+        return y
+
+    def _taps(self, xp, ho, wo):
+        """(i, j, the input slice kernel tap (i, j) multiplies: xp[:, :, i + s * y, j + s * x])."""
+        s = self.stride
+        for i in range(self.k):
+            for j in range(self.k):
+                yield i, j, xp[:, :, i:i + s * ho:s, j:j + s * wo:s]
 
     def backward(self, dy):
         w = self.params["weight"]
@@ -117,12 +128,15 @@ class Conv2d(Layer):
             # (cols.T @ dyf).T: OpenBLAS is ~20x faster this way round than dyf.T @ cols
             self.grads = {"weight": (self.cols.T @ dyf).T.reshape(w.shape), "bias": dyf.sum(0)}
             dwin = (dyf @ w.reshape(o, -1)).reshape(n, ho, wo, -1, k, k).transpose(4, 5, 0, 3, 1, 2)
+            dx = _col2im(dwin, self.xp_shape, self.stride)
         else:
-            dyr = dy.reshape(n, o, 1, ho * wo)
-            dw = (dyr @ self.win).sum(0)  # [C, 1, k*k]
-            self.grads = {"weight": dw.reshape(w.shape), "bias": dy.sum((0, 2, 3))}
-            dwin = w[:, 0].transpose(1, 2, 0)[:, :, None, :, None, None] * dy
-        dx = _col2im(dwin, self.xp_shape, self.stride)
+            dw = np.empty_like(w)
+            dx = np.zeros(self.xp_shape, F32)
+            s = self.stride
+            for i, j, tap in self._taps(self.xp, ho, wo):
+                dw[:, 0, i, j] = np.einsum("nchw,nchw->c", dy, tap)
+                dx[:, :, i:i + s * ho:s, j:j + s * wo:s] += dy * w[:, 0, i, j][:, None, None]
+            self.grads = {"weight": dw, "bias": dy.sum((0, 2, 3))}
         p = self.pad
         return dx[:, :, p:dx.shape[2] - p, p:dx.shape[3] - p] if p else dx
 
