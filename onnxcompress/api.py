@@ -51,8 +51,9 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     """
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if budget:
-        recipe = recipe.with_options("bitwidth", **budget)
+    if budget:  # the given budget replaces the recipe's own (the search takes exactly one)
+        recipe = recipe.with_options("bitwidth", **{"max_drop": None, "min_sqnr": None, "target_ratio": None,
+                                                    **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))

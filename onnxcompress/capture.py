@@ -169,8 +169,12 @@ def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None
 class LayerInputs:
     """Streaming statistics of a layer's input rows: Gram matrices and a bounded uniform sample."""
 
-    def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0):
+    def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0,
+                 folds: bool = False):
         self.layer = layer
+        self.folds = folds  # also sum the Gram matrices of the even updates apart (see fold_hessians)
+        self._even: list[np.ndarray] | None = None
+        self._even_count = self._updates = 0
         self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
         self.rng = np.random.default_rng(seed)
         self.gram: list[np.ndarray] | None = None
@@ -184,8 +188,16 @@ class LayerInputs:
             self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
             self._sample = [np.zeros((0, g.shape[1])) for g in groups]
             self._keys = np.zeros(0)
+        if self.folds and self._even is None:
+            self._even = [np.zeros_like(g) for g in self.gram]
         for k, rows in enumerate(groups):
-            self.gram[k] += rows.T @ rows
+            product = rows.T @ rows
+            self.gram[k] += product
+            if self.folds and self._updates % 2 == 0:
+                self._even[k] += product
+        if self.folds and self._updates % 2 == 0:
+            self._even_count += groups[0].shape[0]
+        self._updates += 1
         self.count += groups[0].shape[0]
         # reservoir by random keys: keep the rows with the smallest keys seen so far
         keys = np.concatenate([self._keys, self.rng.random(groups[0].shape[0])])
@@ -202,11 +214,19 @@ class LayerInputs:
         """H = (1/n) sum x x^T of the sampled rows of `group`."""
         return self.gram[group] / max(self.count, 1)
 
+    def fold_hessians(self, group: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """H of the even and of the odd updates apart (None: folds off or fewer than two updates)."""
+        if not self.folds or self._updates < 2:
+            return None
+        odd = self.gram[group] - self._even[group]
+        return self._even[group] / max(self._even_count, 1), odd / max(self.count - self._even_count, 1)
+
 
 def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
-                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0) -> dict[str, LayerInputs]:
+                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0,
+                         folds: bool = False) -> dict[str, LayerInputs]:
     """One pass over `data` gathering LayerInputs for each layer (keyed by weight name)."""
-    stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed) for layer in layers}
+    stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed, folds=folds) for layer in layers}
     names = sorted({layer.input_name for layer in layers})
     for values in capture(model, data, names, max_batch=max_batch):
         for layer in layers:
@@ -230,43 +250,86 @@ class PairedGrams:
     count: int
     current_mean: list[np.ndarray] | None = None  # per group, mean input row of X_c
     reference_mean: list[np.ndarray] | None = None  # per group, mean input row of X_r (None: X_r = X_c)
+    # the same statistics over two disjoint halves of the rows (alternate data chunks), to choose
+    # regularization by held-out error; None unless asked for and the data has two chunks or more
+    folds: tuple["PairedGrams", "PairedGrams"] | None = None
+
+    def fold_groups(self, group: int) -> tuple[tuple, tuple] | None:
+        """((H, C, R) of fold A, (H, C, R) of fold B) for one group, or None without folds."""
+        if self.folds is None:
+            return None
+        return tuple((f.current[group], None if f.cross is None else f.cross[group],
+                      None if f.reference is None else f.reference[group]) for f in self.folds)
+
+
+class _GramSums:
+    """Running sums of X_c^T X_c, X_c^T X_r, X_r^T X_r and the mean rows, per group."""
+
+    def __init__(self, rows: list[np.ndarray], paired: bool):
+        self.h = [np.zeros((g.shape[1], g.shape[1])) for g in rows]
+        self.mc = [np.zeros(g.shape[1]) for g in rows]
+        self.mr = [np.zeros(g.shape[1]) for g in rows]
+        self.c = [np.zeros_like(x) for x in self.h] if paired else None
+        self.r = [np.zeros_like(x) for x in self.h] if paired else None
+        self.count = 0
+
+    def add(self, current: list[np.ndarray], reference: list[np.ndarray] | None) -> None:
+        for g, xc in enumerate(current):
+            self.h[g] += xc.T @ xc
+            self.mc[g] += xc.sum(axis=0)
+            if reference is not None:
+                xr = reference[g]
+                self.mr[g] += xr.sum(axis=0)
+                self.c[g] += xc.T @ xr
+                self.r[g] += xr.T @ xr
+        self.count += current[0].shape[0]
+
+    def minus(self, other: "_GramSums") -> "_GramSums":
+        out = object.__new__(_GramSums)
+        sub = lambda a, b: None if a is None else [x - y for x, y in zip(a, b)]  # noqa: E731
+        out.h, out.mc, out.mr, out.c, out.r = (sub(self.h, other.h), sub(self.mc, other.mc),
+                                               sub(self.mr, other.mr), sub(self.c, other.c), sub(self.r, other.r))
+        out.count = self.count - other.count
+        return out
+
+    def averaged(self, layer: LinearLayer, paired: bool, folds=None) -> PairedGrams:
+        scale = 1.0 / max(self.count, 1)
+        norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
+        return PairedGrams(layer, norm(self.h), norm(self.c), norm(self.r), self.count, norm(self.mc),
+                           norm(self.mr) if paired else None, folds)
 
 
 def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
                          layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
-                         seed: int = 0) -> PairedGrams:
-    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer."""
+                         seed: int = 0, folds: bool = False) -> PairedGrams:
+    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer.
+
+    With `folds`, the statistics of the even and the odd data chunks are also returned apart
+    (PairedGrams.folds), when there are at least two chunks.
+    """
     name = layer.input_name
+    paired = reference is not None
     streams = [capture(current, data, [name], max_batch=max_batch)]
-    if reference is not None:
+    if paired:
         streams.append(capture(reference, data, [name], max_batch=max_batch))
-    h = c = r = mc = mr = None
-    count = 0
+    total = even = None
+    chunks = 0
     for chunk, values in enumerate(zip(*streams)):
         rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
                                  np.random.default_rng((seed, chunk))) for v in values]
-        if h is None:
-            h = [np.zeros((g.shape[1], g.shape[1])) for g in rows[0]]
-            mc = [np.zeros(g.shape[1]) for g in rows[0]]
-            mr = [np.zeros(g.shape[1]) for g in rows[0]]
-            if reference is not None:
-                c = [np.zeros_like(x) for x in h]
-                r = [np.zeros_like(x) for x in h]
-        for g, xc in enumerate(rows[0]):
-            h[g] += xc.T @ xc
-            mc[g] += xc.sum(axis=0)
-            if reference is not None:
-                xr = rows[1][g]
-                mr[g] += xr.sum(axis=0)
-                c[g] += xc.T @ xr
-                r[g] += xr.T @ xr
-        count += rows[0][0].shape[0]
-    if h is None:
+        if total is None:
+            total = _GramSums(rows[0], paired)
+            even = _GramSums(rows[0], paired) if folds else None
+        total.add(rows[0], rows[1] if paired else None)
+        if even is not None and chunk % 2 == 0:
+            even.add(rows[0], rows[1] if paired else None)
+        chunks += 1
+    if total is None:
         raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
-    scale = 1.0 / max(count, 1)
-    norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
-    return PairedGrams(layer, norm(h), norm(c), norm(r), count, norm(mc),
-                       norm(mr) if reference is not None else None)
+    halves = None
+    if even is not None and chunks >= 2:
+        halves = (even.averaged(layer, paired), total.minus(even).averaged(layer, paired))
+    return total.averaged(layer, paired, halves)
 
 
 def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:

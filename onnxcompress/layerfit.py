@@ -57,7 +57,7 @@ class LayerFit:
 
 
 def layer_fit(ctx: Context, info: WeightInfo, layer: LinearLayer, *, target: str = "original",
-              rows_per_chunk: int = 2048) -> LayerFit:
+              rows_per_chunk: int = 2048, folds: bool = False) -> LayerFit:
     """Gram matrices of the layer's inputs in ctx.model, paired with ctx.original when target == "original"."""
     current = np.asarray(get_array(ctx.model, info), dtype=np.float64)
     reference_model, reference = None, current
@@ -66,7 +66,8 @@ def layer_fit(ctx: Context, info: WeightInfo, layer: LinearLayer, *, target: str
         if original is not None and tuple(original.shape) == tuple(info.shape):
             reference_model = ctx.original
             reference = np.asarray(get_array(ctx.original, original), dtype=np.float64)
-    grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk)
+    grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
+                                 folds=folds)
     return LayerFit(layer, grams, layer.weight_matrix(reference))
 
 

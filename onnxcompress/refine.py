@@ -100,6 +100,29 @@ def masked_lstsq(target: np.ndarray, keep: np.ndarray, gram: np.ndarray, *, damp
     return out
 
 
+DAMPING_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def heldout_damping(reference: np.ndarray, keep: np.ndarray, folds: Sequence[tuple], *,
+                    grid: Sequence[float] = DAMPING_GRID) -> np.ndarray:
+    """Two-fold held-out output error of the masked refit at each damping of `grid`.
+
+    folds: ((H, C, R) of rows A, (H, C, R) of rows B); C and R may be None (X_r = X_c). The
+    refit (dense target, then masked least squares) is fit on one fold and its output error
+    measured on the other, both ways. With few calibration rows per input (fc layers on a few
+    hundred samples) a small damping fits the calibration rows and not the data they stand
+    for; the error on rows the fit did not see says how much damping generalizes.
+    Returns the summed held-out error per damping value.
+    """
+    errors = np.zeros(len(grid))
+    for train, test in ((folds[0], folds[1]), (folds[1], folds[0])):
+        h, c, _ = train
+        for i, lam in enumerate(grid):
+            fitted = masked_lstsq(dense_target(reference, h, c, damping=lam), keep, h, damping=lam)
+            errors[i] += output_error(fitted, reference, *test)[0]
+    return errors
+
+
 def lstsq_cost(keep: np.ndarray) -> float:
     """Approximate flops of :func:`masked_lstsq`: sum over rows of |S_j|^3 / 3."""
     kept = np.asarray(keep, dtype=bool).sum(axis=1).astype(np.float64)

@@ -32,7 +32,7 @@ def budget_check(config, comparison: Comparison | None, ratio: float) -> tuple[b
     if drop is None:
         agreement = comparison.worst_agreement()
         drop = None if agreement is None else 100.0 * (1.0 - agreement)
-    return (True, None) if drop is None else (drop <= config.max_drop, drop)
+    return (True, None) if drop is None else (drop <= config.max_drop + 1e-9, drop)
 
 
 def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.ModelProto, data: Dataset | None,
@@ -48,6 +48,11 @@ def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.Model
     searched, head_report = head.run(model, data, eval_data)
     summary = head_report.passes[index].summary
     config = passes[index].config
+    if summary.get("skipped"):  # no data to search with: the passes' fixed defaults, nothing to verify
+        compressed, report = tail.run(searched, data, eval_data)
+        report.passes = head_report.passes + report.passes
+        report.notes = head_report.notes + report.notes
+        return compressed, report
     start = summary.get("choices", {})
     # loss budgets back off toward larger files; size budgets toward smaller ones
     ladder = sorted(summary.get("evaluated", []), key=lambda p: p["bytes"], reverse=config.target_ratio is not None)

@@ -35,21 +35,23 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.metrics import compare_outputs
 from onnxcompress.packed import choose_layout, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.refine import lstsq_cost, masked_lstsq, sparsegpt
+from onnxcompress.refine import DAMPING_GRID, heldout_damping, lstsq_cost, masked_lstsq, sparsegpt
 from onnxcompress.runtime import make_session
 from onnxcompress.weights import WeightInfo, find_weights, get_array
 
+from .prune import DEFAULT_DAMPING, PruneConfig
 from .share import fit_codebook
 
 log = logging.getLogger(__name__)
 SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 SCALES = (8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
+BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
 
 
 @dataclass(kw_only=True)
 class BitWidthConfig:
     bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
-    sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
+    sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
     max_drop: float | None = None  # points of accuracy (with labels) or of top-1 agreement
     min_sqnr: float | None = None  # dB, over all outputs
     target_ratio: float | None = None  # whole-file ratio to reach with the least loss
@@ -60,6 +62,8 @@ class BitWidthConfig:
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
     sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
     max_samples: int = 1000
+    # without any data: "error", or "skip" (the passes after keep their fixed defaults, with a note)
+    without_data: Literal["error", "skip"] = "error"
     min_elements: int = 256
     seed: int = 0
 
@@ -83,6 +87,7 @@ class Candidate:
     bits: int
     size: int = 0
     cost: float = 0.0
+    nsr: float = 0.0  # output noise-to-signal ratio of the candidate alone
     error: str | None = None
 
 
@@ -191,7 +196,8 @@ class _Pruner:
     def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo]):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values())) if data and self.layers else {}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=True) \
+            if data and self.layers else {}
         self._cache: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[np.ndarray, np.ndarray]:
@@ -205,15 +211,44 @@ class _Pruner:
                 keep = layer.weight_matrix(mask)
                 refit = np.zeros_like(target)
                 group = layer.group_of_channels()
+                damping = self._damping(stats, target, keep, group)
                 for g in range(layer.groups):
                     rows = np.flatnonzero(group == g)
                     if lstsq_cost(keep[rows]) <= self.max_flops:
-                        refit[rows] = masked_lstsq(target[rows], keep[rows], stats.hessian(g))
+                        refit[rows] = masked_lstsq(target[rows], keep[rows], stats.hessian(g), damping=damping)
                     else:
                         refit[rows] = sparsegpt(target[rows], stats.hessian(g), keep=keep[rows])[0]
                 weight = layer.weight_from_matrix(refit).astype(array.dtype)
             self._cache[key] = (weight, mask)
         return self._cache[key]
+
+
+    def _damping(self, stats, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
+        """As the prune pass's "auto" damping: least two-fold held-out error where affordable."""
+        folds = [stats.fold_hessians(g) for g in range(stats.layer.groups)]
+        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > PruneConfig.max_cv_flops:
+            return DEFAULT_DAMPING
+        errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
+                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(stats.layer.groups)))
+        return float(DAMPING_GRID[int(np.argmin(errors))]) / 2  # halves to the whole: see PrunePass._damping
+
+
+def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
+    """Give candidates below the count's resolution a cost from their output noise.
+
+    Changed decisions are counted on a finite sample, so a candidate that flips none of them
+    costs 0 and the allocation takes it for free, however much noise it adds; several such
+    "free" layers then flip many decisions together. A decision flips when the noise exceeds the
+    sample's margin, so for small noise the flipped share grows like the noise's standard
+    deviation, sqrt(NSR). The factor is read off the candidates that flip enough samples to be
+    counted (the median of cost / sqrt(nsr)); each cost becomes max(cost, factor * sqrt(nsr)).
+    """
+    counted = [c.cost / np.sqrt(c.nsr) for c in candidates if c.cost >= resolution and c.nsr > 0]
+    if not counted:
+        return
+    factor = float(np.median(counted))
+    for c in candidates:
+        c.cost = max(c.cost, factor * float(np.sqrt(max(c.nsr, 0.0))))
 
 
 def candidate_weight(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
@@ -243,11 +278,20 @@ class BitWidthPass(Pass):
     Config = BitWidthConfig
 
     def requires(self, ctx: Context) -> None:
-        if (ctx.eval_data or ctx.data) is None:
+        if (ctx.eval_data or ctx.data) is None and self.config.without_data == "error":
             raise PreconditionError("the bit-width search needs data to measure sensitivity: give --data or --eval-data")
+
+    @staticmethod
+    def _data_missing(ctx: Context) -> bool:
+        """No calibration data and no evaluation data but random inputs."""
+        return ctx.data is None and (ctx.eval_data is None or getattr(ctx.eval_data, "synthetic", False))
 
     def call(self, ctx: Context) -> PassResult:
         cfg: BitWidthConfig = self.config
+        if self.config.without_data == "skip" and self._data_missing(ctx):
+            ctx.note("bitwidth: no --data, so no per-layer search; the fixed per-role defaults of prune and share "
+                     "were used (give --data for settings measured on your model)")
+            return PassResult(False, {"skipped": "no data"})
         labelled = ctx.eval_data is not None and ctx.eval_data.labels is not None
         on_eval = cfg.sweep_data == "evaluation" or (cfg.sweep_data == "auto" and cfg.max_drop is not None
                                                      and cfg.metric is None and labelled)
@@ -287,6 +331,7 @@ class BitWidthPass(Pass):
         grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits)]
         table: dict[str, list[Candidate]] = {}
         bar = tqdm(total=len(weights) * len(grid), desc="sensitivity", disable=not ctx.progress, leave=False)
+        counting = False  # is the cost a count of changed decisions?
         for info in weights:
             array = evaluator.base[info.name]
             table[info.name] = []
@@ -295,13 +340,18 @@ class BitWidthPass(Pass):
                 try:
                     shared, _ = candidate_weight(array, info, sparsity, bits, cfg.seed, self._pruner)
                     candidate.size = stored_bytes(shared, cfg.form)
-                    candidate.cost = max(evaluator.measure({info.name: shared.decode()})["cost"], 0.0)
+                    measured = evaluator.measure({info.name: shared.decode()})
+                    candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
+                    counting |= "disagree" in measured and measured["cost"] == measured["disagree"]
                 except OnnxCompressError as e:  # a failed candidate is data: record it and go on
                     candidate.error = str(e)
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
                 table[info.name].append(candidate)
                 bar.update()
         bar.close()
+        if counting:
+            resolution = 100.0 * 2 / max(len(evaluator.data), 1)
+            floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
         return table
 
     def _search(self, cfg: BitWidthConfig, evaluator: _Evaluator, weights, options, fixed: int):
@@ -319,9 +369,12 @@ class BitWidthPass(Pass):
         else:
             budget = cfg.max_drop if cfg.min_sqnr is None else 10 ** (-cfg.min_sqnr / 10)
             choices = [allocate.min_size(options, budget * scale) for scale in SCALES]
-        for choice in choices:
-            if choice is None or tuple(choice) in seen:
-                continue
+
+        def verify(choice) -> dict | None:
+            if choice is None:
+                return None
+            if tuple(choice) in seen:
+                return seen[tuple(choice)]
             changed = {}
             for w, layer, j in zip(weights, options, choice):
                 settings = layer[j].settings
@@ -337,6 +390,20 @@ class BitWidthPass(Pass):
                      "choice": {w.name: options[i][j].settings for i, (w, j) in enumerate(zip(weights, choice))}}
             seen[tuple(choice)] = point
             evaluated.append(point)
+            return point
+
+        points = [verify(choice) for choice in choices]
+        if cfg.target_ratio is None:  # bisect between the loosest scale that held and the next that did not
+            tried = sorted((scale, p["ok"]) for scale, p in zip(SCALES, points) if p is not None)
+            for _ in range(BISECTIONS):
+                held = [scale for scale, ok in tried if ok]
+                low = max(held, default=None)
+                high = min((scale for scale, ok in tried if not ok and low is not None and scale > low), default=None)
+                if low is None or high is None or high / max(low, 1e-9) < 1.1:
+                    break
+                mid = (low * high) ** 0.5 if low > 0 else high / 2
+                point = verify(allocate.min_size(options, budget * mid))
+                tried = sorted(tried + [(mid, point is not None and point["ok"])])
         feasible = [p for p in evaluated if p["ok"]]
         if not feasible:
             safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
@@ -354,6 +421,6 @@ class BitWidthPass(Pass):
             return ratio >= cfg.target_ratio
         if cfg.min_sqnr is not None:
             return measured["sqnr_db"] >= cfg.min_sqnr
-        if cfg.max_drop is not None:
-            return measured["check"] <= cfg.max_drop
+        if cfg.max_drop is not None:  # counted on finite samples: 5 of 500 is 1.0 points, not 1.0000000000000009
+            return measured["check"] <= cfg.max_drop + 1e-9
         return True

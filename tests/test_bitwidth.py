@@ -138,3 +138,30 @@ def test_target_ratio_is_met_by_the_final_model():
     compressed, report = api.compress(model, recipe, data, eval_data=data)
     assert model.ByteSize() / compressed.ByteSize() >= 5.0
     assert report.passes[0].summary["end_to_end"][-1]["met"]
+
+
+def test_candidates_that_flip_no_counted_decision_still_cost_their_noise():
+    from onnxcompress.passes.bitwidth import Candidate, floor_disagreement
+
+    counted = [Candidate(0.0, 2, cost=4.0, nsr=0.04), Candidate(0.0, 3, cost=2.0, nsr=0.01)]  # cost/sqrt(nsr) = 20
+    silent = Candidate(0.0, 4, cost=0.0, nsr=0.0025)  # flipped none of the samples, noise not zero
+    exact = Candidate(0.0, 8, cost=0.0, nsr=0.0)
+    floor_disagreement(counted + [silent, exact], resolution=0.5)
+    assert silent.cost == pytest.approx(20 * 0.05)
+    assert exact.cost == 0.0 and counted[0].cost == 4.0 and counted[1].cost == 2.0
+    lone = Candidate(0.0, 4, cost=0.0, nsr=0.01)
+    floor_disagreement([lone], resolution=0.5)  # nothing counted: no factor to read, costs unchanged
+    assert lone.cost == 0.0
+
+
+def test_deep_compression_searches_with_data_and_keeps_fixed_defaults_without():
+    model = gemm(k=256, n=64)
+    compressed, report = api.compress(model, "deep-compression", validate="none")
+    assert report.passes[0].name == "bitwidth" and report.passes[0].summary == {"skipped": "no data"}
+    assert any("no per-layer search" in n for n in report.notes)
+    assert [p.name for p in report.passes[1:]] == ["prune", "share", "sparse", "entropy"]
+    data = tiny_data(model)
+    # a command-line budget replaces the recipe's own max_drop instead of clashing with it
+    compressed, report = api.compress(model, "deep-compression", data, budget={"target_ratio": 6.0})
+    assert report.passes[0].summary["budget"] == {"max_drop": None, "min_sqnr": None, "target_ratio": 6.0}
+    assert model.ByteSize() / compressed.ByteSize() >= 6.0

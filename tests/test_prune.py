@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 import tiny
+from onnxcompress import refine
 from onnxcompress.data import load_data
 from onnxcompress.errors import ModelError, PreconditionError, RecipeError
 from onnxcompress.passes import PASSES
@@ -226,3 +227,17 @@ def test_planned_sparsity_zero_leaves_the_weight_alone():
     before = {w.name: get_array(model, w) for w in find_weights(model, min_elements=0)}
     after = {w.name: get_array(ctx.model, w) for w in find_weights(ctx.model, min_elements=0)}
     np.testing.assert_array_equal(after["fc.W"], before["fc.W"])
+
+
+def test_auto_damping_is_chosen_per_layer_and_holds_up_on_held_out_data():
+    """Few calibration samples per input: the held-out choice is recorded and no worse than a fixed ridge."""
+    model = tiny.gemm(k=64, n=16)
+    calib, held_out = correlated_feeds(model, 96, seed=1), correlated_feeds(model, 256, seed=2)  # two chunks
+    auto, _ = run_pass(model, calib, sparsity={"W": 0.8})
+    fixed, _ = run_pass(model, calib, sparsity={"W": 0.8}, damping=0.01)
+    record = next(r for r in auto.records if r.name == "W")
+    assert record.details["damping"] in [d / 2 for d in refine.DAMPING_GRID]
+    assert "damping" not in next(r for r in fixed.records if r.name == "W").details
+    assert output_error(model, auto.model, held_out) <= 1.05 * output_error(model, fixed.model, held_out)
+    with pytest.raises(RecipeError, match="damping"):
+        PrunePass(damping="lots")

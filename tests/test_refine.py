@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from onnxcompress import refine
+import tiny
 
 
 def correlated_rows(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -246,3 +247,56 @@ def test_share_without_data_does_not_refine():
     ctx = Context(original=model, model=working, progress=False)
     SharePass(bits_fc=3).call(ctx)
     assert not any("refine" in r.details for r in ctx.records)
+
+
+def test_heldout_damping_prefers_more_ridge_when_rows_are_scarce():
+    """Few rows per input: the least-squares refit fits noise, and the two-fold choice damps it."""
+    rng = np.random.default_rng(3)
+    k, out = 40, 12
+    mix = rng.normal(size=(k, k)) * np.linspace(1.0, 0.05, k)  # correlated inputs, decaying spectrum
+    weight = rng.normal(size=(out, k))
+    keep = refine_mask(weight, 0.5)
+
+    def grams(n, seed):
+        x = np.random.default_rng(seed).normal(size=(n, k)) @ mix
+        return x.T @ x / n
+
+    def held_out_error(lam, train, test):
+        fitted = refine.masked_lstsq(weight, keep, train, damping=lam)
+        return refine.output_error(fitted, weight, test)[0]
+
+    scarce = (grams(24, 1), grams(24, 2))
+    errors = refine.heldout_damping(weight, keep, ((scarce[0], None, None), (scarce[1], None, None)))
+    assert errors.shape == (len(refine.DAMPING_GRID),) and np.all(np.isfinite(errors))
+    # each entry: fit on one fold, error on the other, both ways
+    lam = refine.DAMPING_GRID[2]
+    both = held_out_error(lam, scarce[0], scarce[1]) + held_out_error(lam, scarce[1], scarce[0])
+    assert errors[2] == pytest.approx(both, rel=1e-9)
+    chosen = refine.DAMPING_GRID[int(np.argmin(errors))]
+    plenty = (grams(20000, 5), grams(20000, 6))
+    errors_plenty = refine.heldout_damping(weight, keep, ((plenty[0], None, None), (plenty[1], None, None)))
+    assert refine.DAMPING_GRID[int(np.argmin(errors_plenty))] < chosen
+
+
+def refine_mask(weight, sparsity):
+    from onnxcompress.passes.prune import magnitude_mask
+    return magnitude_mask(weight, sparsity)
+
+
+def test_paired_gram_folds_average_to_the_whole():
+    from onnxcompress.capture import collect_paired_grams, linear_layer
+    from onnxcompress.data import load_data
+    from onnxcompress.weights import find_weights
+    model = tiny.gemm(trans_b=True)
+    info = next(w for w in find_weights(model, min_elements=0) if len(w.shape) == 2)
+    layer = linear_layer(model, info)
+    data = load_data(tiny.random_feeds(model, n=200, seed=1))
+    grams = collect_paired_grams(model, model, data, layer, max_batch=32, folds=True)
+    a, b = grams.folds
+    assert a.count + b.count == grams.count and a.count > 0 and b.count > 0
+    whole = (a.current[0] * a.count + b.current[0] * b.count) / grams.count
+    np.testing.assert_allclose(whole, grams.current[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose((a.cross[0] * a.count + b.cross[0] * b.count) / grams.count, grams.cross[0],
+                               rtol=1e-10, atol=1e-12)
+    assert not np.allclose(a.current[0], b.current[0])  # disjoint rows
+    assert collect_paired_grams(model, None, data, layer, max_batch=32).folds is None  # only when asked

@@ -152,7 +152,7 @@ def test_deep_compression_recipe_end_to_end(tmp_path):
     data = tiny.random_feeds(model, n=64)
     packed_model, report = api.compress(model, "deep-compression", data, validate="none", progress=False)
     assert report.form == "packed" and runtime.uses_domain(packed_model)
-    assert [p.name for p in report.passes] == ["prune", "share", "sparse", "entropy"]
+    assert [p.name for p in report.passes] == ["bitwidth", "prune", "share", "sparse", "entropy"]
     onnx.checker.check_model(packed_model, full_check=True)
     portable = api.unpack(packed_model)
     assert not runtime.uses_domain(portable)

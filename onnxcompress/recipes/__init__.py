@@ -35,8 +35,14 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # weight-only: blocked int4 for MatMul/Gemm (onnxruntime MatMulNBits), int8 elsewhere
     "int4-weights": [("qdq", {"mode": "weights", "int4_matmul": True})],
     # Deep Compression (Han et al. 2016): prune, share with the zeros kept exact, CSR with
-    # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable)
-    "deep-compression": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
+    # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable).
+    # With data, per-layer sparsity and bits come from the bit-width search, to a tolerance of one
+    # point of top-1 agreement (of accuracy with labelled --eval-data), the bound the paper's "no
+    # loss" is read to here; without data the paper's per-role settings (prune/share defaults)
+    "deep-compression": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}), ("prune", {}), ("share", {}),
+                         ("sparse", {}), ("entropy", {})],
+    # the same passes with the paper's fixed per-role settings and no search
+    "deep-compression-fixed": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
     # magnitude pruning alone (refit on the calibration data when given)
     "prune": [("prune", {})],
     # the portable half of Deep Compression: prune, then share with the zeros kept exact
@@ -51,7 +57,9 @@ DESCRIPTIONS = {
     "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
-    "deep-compression": "prune + share + sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
+    "deep-compression": "per-layer sparsity/bits searched to 1 point of agreement (--data), then prune + share + "
+                        "sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
+    "deep-compression-fixed": "deep-compression with the paper's fixed per-role sparsity and bits (no search), packed",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
     "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
     "auto": "bits and sparsity per layer searched to --max-drop/--min-sqnr/--target-ratio, then deep-compression",
@@ -103,7 +111,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return _parse(doc, path.stem, str(path))
 
 
-FORMS: dict[str, str] = {"deep-compression": "packed", "auto": "packed"}
+FORMS: dict[str, str] = {"deep-compression": "packed", "deep-compression-fixed": "packed", "auto": "packed"}
 
 
 def _parse(doc: Any, default_name: str, where: str) -> Recipe:
