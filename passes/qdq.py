@@ -115,9 +115,14 @@ class QdqPass(Pass):
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
-        if cfg.error_samples and ctx.data is not None:
-            ctx.layer_errors = measure_layer_errors(reference, ctx.model, ctx.data.limit(cfg.error_samples),
+        # the per-layer table measures on the evaluation data when the user gave some, else on calibration data
+        error_data = None
+        given = ctx.eval_data if ctx.eval_data is not None and not getattr(ctx.eval_data, "synthetic", False) \
+            else ctx.data
+        if cfg.error_samples and given is not None:
+            ctx.layer_errors = measure_layer_errors(reference, ctx.model, given.limit(cfg.error_samples),
                                                     renamed, _labels(reference))
+            error_data = "evaluation" if given is not ctx.data else "calibration"
         if cfg.latency_check and ctx.data is not None and plan.nodes:
             ratio = latency_ratio(reference, ctx.model, ctx.data)
             if ratio > 1.05:
@@ -128,7 +133,8 @@ class QdqPass(Pass):
         for kind in plan.nodes.values():
             kinds[kind] += 1
         return PassResult(bool(plan.nodes), {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
-                                             "float_nodes": sum(map(len, plan.floats.values())), **kinds})
+                                             "float_nodes": sum(map(len, plan.floats.values())),
+                                             "layer_errors_data": error_data, **kinds})
 
     def ensures(self, ctx: Context, result: PassResult) -> None:
         inits = {t.name: t for t in ctx.model.graph.initializer}

@@ -289,3 +289,15 @@ def test_batch_norm_after_conv_is_folded_and_runs_as_one_integer_conv(tmp_path):
     ops = optimized_ops(quantized, tmp_path)
     assert "QLinearConv" in ops and "BatchNormalization" not in ops
     assert output_sqnr(model, quantized, data) > 30
+
+
+def test_per_layer_errors_are_measured_on_the_evaluation_data_when_given():
+    model = residual_net()
+    calib, held_out = data_for(model, seed=0), data_for(model, n=32, seed=7)
+    _, on_calib = PassManager([CalibratePass(), QdqPass()], validate="none").run(model, calib)
+    _, on_eval = PassManager([CalibratePass(), QdqPass()], validate="none").run(model, calib, held_out)
+    assert on_calib.passes[1].summary["layer_errors_data"] == "calibration"
+    assert on_eval.passes[1].summary["layer_errors_data"] == "evaluation"
+    by_tensor = {e.tensor: e.sqnr_db for e in on_calib.layer_errors}
+    assert {e.tensor for e in on_eval.layer_errors} == set(by_tensor)
+    assert any(e.sqnr_db != by_tensor[e.tensor] for e in on_eval.layer_errors)  # other samples, other numbers
