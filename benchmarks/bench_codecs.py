@@ -103,6 +103,21 @@ def main() -> None:
         if HuffmanCodec is not None:
             rows.append(bench_dahuffman(s, args.dahuffman_max))
         table(title, s, rows)
+    block_sizes(args.repeat)
+
+
+def block_sizes(repeat: int) -> None:
+    """Huffman decode blocks: the rule in use (about sqrt(n) symbols) against sqrt(8 n), per stream length."""
+    print("\n### Huffman block size: bytes and decode time, 5-bit Laplace codes\n")
+    print("| symbols | rule | block | bytes | decode ms |\n|---:|---|---:|---:|---:|")
+    for n in (2_000, 21_000, 200_000, 2_000_000):
+        s = laplace_codes(n, 32, 2.0, seed=5)
+        old = 1 << min(max(int(round(np.log2(np.sqrt(8 * n)))), 6), 10)
+        for label, block in (("sqrt(8 n) (before)", old), ("sqrt(n) (auto_block_size)", huffman.auto_block_size(n))):
+            data = huffman.encode(s, 32, block_size=block)
+            seconds, out = best_time(lambda: huffman.decode(data), repeat)
+            assert np.array_equal(out, s)
+            print(f"| {n:,} | {label} | {block} | {len(data):,} | {1e3 * seconds:.2f} |")
 
 
 if __name__ == "__main__":
