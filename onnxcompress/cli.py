@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    recipes = "\n".join(f"  {name:18s} {DESCRIPTIONS.get(name, '')}" for name in BUILTIN)
+    recipes = "\n".join(f"  {name:26s} {DESCRIPTIONS.get(name, '')}" for name in BUILTIN)
     p = sub.add_parser("compress", help="compress a model with a recipe",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Compress MODEL with a recipe and write OUT atomically; the input is never "
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes for per-weight work (default: the number of cores; results do not "
                         "depend on it)")
-    budget = p.add_argument_group("budget of the bit-width search (recipe 'auto'); give one")
+    budget = p.add_argument_group("budget of the bit-width search (recipes 'auto' and 'deep-compression', whose "
+                                  "own default is --max-drop 1); give one")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="largest accuracy loss in points (top-1 agreement without labels), e.g. 0.5")
     budget.add_argument("--min-sqnr", type=float, metavar="DB", help="smallest output SQNR in dB")
@@ -223,8 +224,9 @@ def _recipes(args) -> int:
     from .recipes import BUILTIN, DESCRIPTIONS
 
     for name, steps in BUILTIN.items():
-        print(f"{name:18s} {DESCRIPTIONS.get(name, '')}")
-        print(f"{'':18s} passes: {', '.join(p for p, _ in steps)}")
+        width = max(map(len, BUILTIN)) + 1
+        print(f"{name:{width}s} {DESCRIPTIONS.get(name, '')}")
+        print(f"{'':{width}s} passes: {', '.join(p for p, _ in steps)}")
     return 0
 
 
