@@ -330,12 +330,14 @@ class BitWidthPass(Pass):
         cfg = self.config
         grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits)]
         table: dict[str, list[Candidate]] = {}
-        bar = tqdm(total=len(weights) * len(grid), desc="sensitivity", disable=not ctx.progress, leave=False)
+        # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
+        grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
+        bar = tqdm(total=sum(map(len, grids.values())), desc="sensitivity", disable=not ctx.progress, leave=False)
         counting = False  # is the cost a count of changed decisions?
         for info in weights:
             array = evaluator.base[info.name]
             table[info.name] = []
-            for sparsity, bits in grid:
+            for sparsity, bits in grids[info.name]:
                 candidate = Candidate(sparsity, bits)
                 try:
                     shared, _ = candidate_weight(array, info, sparsity, bits, cfg.seed, self._pruner)

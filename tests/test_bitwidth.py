@@ -165,3 +165,13 @@ def test_deep_compression_searches_with_data_and_keeps_fixed_defaults_without():
     compressed, report = api.compress(model, "deep-compression", data, budget={"target_ratio": 6.0})
     assert report.passes[0].summary["budget"] == {"max_drop": None, "min_sqnr": None, "target_ratio": 6.0}
     assert model.ByteSize() / compressed.ByteSize() >= 6.0
+
+
+def test_vectors_are_planned_dense_because_prune_leaves_them_dense():
+    model = gemm(k=256, n=300)  # the bias has 300 entries, above min_elements
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 5.0, "bits": [2, 4], "sparsities": [0.0, 0.9]})])
+    data = tiny_data(model)
+    _, report = api.compress(model, recipe, data, validate="none")
+    table = report.passes[0].summary["sensitivity"]
+    assert {c["sparsity"] for c in table["b"]} == {0.0}
+    assert {c["sparsity"] for c in table["W"]} == {0.0, 0.9}
