@@ -53,6 +53,7 @@ class LayerHessians:
 
     hessians: list[np.ndarray]
     group_of_channel: np.ndarray  # (C,) group index of each output channel
+    means: list[np.ndarray] | None = None  # per group, the mean input row E[x] (None: not measured)
     _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
 
     def importance(self) -> np.ndarray:

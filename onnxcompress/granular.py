@@ -28,10 +28,13 @@ that output error (:func:`onnxcompress.gptq.refit_under_hessians`).
 
 Choice (:func:`choose`): every candidate is measured by its SQNR, in output space when the layer's
 Hessians are known (signal sum_g tr(W_g H_g W_g^T), noise sum_g tr(D_g H_g D_g^T)), else in weight
-space (|W|^2 / |D|^2), and by its bytes in the portable form. The smallest candidate reaching the
-SQNR target wins. When none does, the one maximising SQNR - 6.02 dB * (8 * bytes / N) wins, N the
-number of weights shared in the whole model: extra bytes are priced at what spreading them over
-every weight as extra bits would buy (6.02 dB a bit). Layers are treated as contributing alike to
+space (|W|^2 / |D|^2), and by its bytes in the portable form; a bias by the error it leaves in its
+layer's output (:mod:`onnxcompress.bias_error`), with leaving it unshared ("float", no error, its
+initializer's bytes) as one more candidate. The smallest coded candidate reaching the SQNR target
+wins, or "float" when smaller still. When none does, the one maximising min(SQNR, target) - 6.02 dB
+* (8 * bytes / N) wins, N the number of weights shared in the whole model: extra bytes are priced at
+what spreading them over every weight as extra bits would buy (6.02 dB a bit), and fidelity beyond
+the target buys nothing. Layers are treated as contributing alike to
 the model's error, so a small layer's fidelity is as precious as a large one's: per-channel scales
 (2 bytes a channel) are taken for a fraction of a dB, while outliers (20-36 bytes each in the
 portable form) on a large layer must earn their keep.
@@ -50,7 +53,7 @@ from .gptq import (LayerHessians, gptq_codes, nearest_codes, normalize, refit_un
 from .kmeans import kmeans_1d
 from .metrics import sqnr_db
 
-Kind = Literal["tensor", "channel", "group"]
+Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
 DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
 
@@ -59,7 +62,7 @@ DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rat
 class Option:
     """One way to share a weight."""
 
-    kind: Kind = "tensor"
+    kind: Kind = "tensor"  # "float": not shared at all, the weight stays as it is
     group_size: int = 0  # channels per codebook (kind "group")
     outlier_fraction: float = 0.0  # of the kept entries, stored exactly
     weighted: bool = False  # k-means weighted by importance
@@ -76,7 +79,7 @@ class Option:
 @dataclass
 class Candidate:
     option: Option
-    shared: SharedWeight
+    shared: SharedWeight | None  # None for the "float" option
     bytes: int
     sqnr_db: float
 
@@ -90,6 +93,7 @@ class Choice:
     space: Literal["output", "weight"]
     target_db: float
     reason: str
+    target: np.ndarray | None = None  # what the candidates approximate, when not the weight itself
 
     def details(self) -> dict:
         return {"granularity": self.chosen.option.label, "sqnr_db": _round(self.chosen.sqnr_db),
@@ -259,8 +263,9 @@ def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | N
 
 
 def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weighted: bool,
-                group_size: int, outlier_fraction: float) -> list[Option]:
-    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted)."""
+                group_size: int, outlier_fraction: float, keep_float: bool = False) -> list[Option]:
+    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted);
+    keep_float adds leaving the weight unshared (with "auto")."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     kinds: list[Option] = []
@@ -279,34 +284,46 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
         kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds] + \
                  [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True, gptq=True)
                   for o in kinds if o.kind != "group"]
+    if keep_float and granularity == "auto":  # leaving the weight as it is (a bias, whose error lands on every output)
+        kinds.append(Option("float"))
     return kinds or [Option("tensor")]  # e.g. "group" with one group, "outlier" with a zero fraction
 
 
 def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str, channel_axis: int | None,
            hessians: LayerHessians | None = None, mask: np.ndarray | None = None, target_db: float = 30.0,
            init: str = "linear", seed: int = 0, model_elements: int | None = None,
-           portable_bytes=None) -> Choice:
+           portable_bytes=None, float_bytes: int | None = None, measure_with=None,
+           space: Literal["output", "weight"] | None = None) -> Choice:
     """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
 
-    portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes).
+    portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes); the
+    "float" option costs `float_bytes` (default the array's bytes) and has no error. measure_with(shared)
+    -> SQNR dB replaces :func:`measure` (a bias measured in its layer's output, say), in `space`.
+    In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing.
     """
     price = portable_bytes or (lambda s: s.payload_bytes())
+    sqnr = measure_with or (lambda shared: measure(array, shared, hessians))
     importance = hessians.importance() if hessians is not None else None
     candidates = []
     for option in options:
+        if option.kind == "float":
+            size = float_bytes if float_bytes is not None else int(np.asarray(array).nbytes)
+            candidates.append(Candidate(option, None, int(size), math.inf))
+            continue
         shared = fit(array, bits, option, name=name, channel_axis=channel_axis, importance=importance,
                      mask=mask, init=init, seed=seed, hessians=hessians)
-        candidates.append(Candidate(option, shared, int(price(shared)), measure(array, shared, hessians)))
-    space = "output" if hessians is not None else "weight"
-    good = [c for c in candidates if c.sqnr_db >= target_db]
+        candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
+    space = space or ("output" if hessians is not None else "weight")
+    # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below
+    good = [c for c in candidates if c.sqnr_db >= target_db and c.shared is not None]
     if len(candidates) == 1:
         chosen, reason = candidates[0], "the only option tried"
     elif good:
-        chosen = min(good, key=lambda c: (c.bytes, -c.sqnr_db))
+        chosen = min(good + [c for c in candidates if c.shared is None], key=lambda c: (c.bytes, -c.sqnr_db))
         reason = f"smallest option reaching the {target_db:g} dB {space} SQNR target"
     else:
         per_byte = DB_PER_BIT * 8 / max(model_elements or int(np.size(array)), 1)
-        chosen = max(candidates, key=lambda c: (c.sqnr_db - per_byte * c.bytes, -c.bytes))
+        chosen = max(candidates, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
         reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
                   f"{DB_PER_BIT} dB per extra bit per weight")
     return Choice(chosen, candidates, space, target_db, reason)

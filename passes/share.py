@@ -3,7 +3,10 @@
 Each float weight above the size threshold becomes k = 2**bits centroids and one small code
 per entry, written in portable ONNX as codes (uint4 or uint8) -> Cast -> Gather(codebook),
 which onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
-prune pass) stay exactly zero: they get the reserved code of centroid 0.0.
+prune pass) stay exactly zero: they get the reserved code of centroid 0.0. A weight whose portable
+form would not be smaller than its float initializer stays float. With granularity "auto" and data,
+biases are coded first and measured in their layer's output, and the layer's weight is coded so as
+to cancel what it can of the bias's coding error (onnxcompress.bias_error).
 """
 from __future__ import annotations
 
@@ -16,14 +19,14 @@ from tqdm.auto import tqdm
 
 from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from onnxcompress.errors import ModelError, PreconditionError
-from onnxcompress.layer_hessians import layer_hessians, share_weight
+from onnxcompress.layer_hessians import bias_links, float_size, layer_hessians, share_weight
 from onnxcompress.graphs import NameScope
 from onnxcompress.kmeans import kmeans_1d
 from onnxcompress.layerfit import in_layer_order, refine_shared
 from onnxcompress.model import opset_of
 from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight
+from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +87,73 @@ class SharePass(Pass):
         hessians = layer_hessians(ctx.model, ctx.data, candidates)
         total = sum(info.numel for info in candidates)
         bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
-        # the fits are independent: in ctx.jobs worker processes (onnxcompress.parallel), same results
-        choices = map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
-            granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
-            target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
-            init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset)) for w in candidates), jobs=ctx.jobs,
-            work=total)
-        for info, choice in tqdm(zip(candidates, choices), total=len(candidates), desc="share", unit="weight",
-                                 disable=not ctx.progress, leave=False):
-            bits = bits_of[info.name]
+        # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
+        # weight then cancels what it can of that error (onnxcompress.bias_error)
+        links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
+            if cfg.granularity == "auto" else {}
+        biases = [w for w in candidates if w.name in links]
+        bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, hessians, bits_of, total, opset,
+                                                                    links=links)))
+        absorb, absorbed_from = {}, {}
+        for info in biases:
+            chosen, absorber = bias_choices[info.name].chosen, links[info.name].absorber
+            if not _stays_float(info, chosen) and absorber is not None:
+                error = get_array(ctx.model, info).astype(np.float64) - chosen.shared.decode()
+                absorb[absorber], absorbed_from[absorber] = links[info.name].row_error(error), info.name
+        # the other weights' choices are consumed as they come (each holds every candidate it measured)
+        rest = self._fit(ctx, [w for w in candidates if w.name not in links], hessians, bits_of, total, opset,
+                         absorb=absorb)
+        for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
+            choice, bits = bias_choices[info.name] if info.name in links else next(rest), bits_of[info.name]
             shared = choice.chosen.shared
+            if _stays_float(info, choice.chosen):
+                self._keep(ctx, info, choice, absorbed_from)
+                continue
             if bits <= 4 and opset < UINT4_MIN_OPSET:
                 wanted_uint4.append(info.name)
-            if refining:
+            if refining and choice.target is None:
                 shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
                                                 reassign_rounds=cfg.reassign_rounds)
                 ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
-            if shared.payload_bytes() >= info.nbytes:
-                log.debug("share: %s left alone: codebook form is not smaller", info.name)
-                ctx.record(info.name, self.name, "skipped: codebook form not smaller")
-                continue
+            elif refining:  # refine fits the original layer output, which ignores the bias error cancelled here
+                ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
+                           "error, which the least-squares refit would not see)")
             nodes, inits = portable_nodes(shared, scope, opset, self.name)
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
             before, after = before + info.nbytes, after + shared.payload_bytes()
+            details = {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value,
+                       **choice.details()}
+            if choice.target is not None:
+                details["cancels_coding_error_of"] = absorbed_from[info.name]
             ctx.record(info.name, self.name, f"shared {bits} bits, {choice.chosen.option.label}", info.nbytes,
-                       shared.payload_bytes(), {"bits": bits, "centroids": int(shared.codebook.size),
-                                                "role": info.role.value, **choice.details()})
+                       shared.payload_bytes(), details)
         if wanted_uint4:
             ctx.note(f"share: {len(wanted_uint4)} weights use <= 4 bits but the model's opset {opset} is below "
                      f"{UINT4_MIN_OPSET}, so their codes are stored as uint8 (the opset was left unchanged)")
         log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
         return PassResult(bool(ctx.shared), {"weights": len(ctx.shared), "bytes_before": before, "bytes_after": after})
+
+    def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
+             links=None, absorb=None):
+        """share_weight for each weight, in order; independent fits, in ctx.jobs worker processes (same results)."""
+        cfg: ShareConfig = self.config
+        links, absorb = links or {}, absorb or {}
+        return map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
+            granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
+            target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
+            init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),
+            absorb=absorb.get(w.name))) for w in infos), jobs=ctx.jobs, work=sum(w.numel for w in infos))
+
+    def _keep(self, ctx: Context, info: WeightInfo, choice, absorbed_from: dict) -> None:
+        """Leave the weight a float tensor: chosen so, or its codebook form is not smaller."""
+        action = f"kept float: {choice.reason}" if choice.chosen.shared is None else \
+            "skipped: codebook form not smaller"
+        if choice.target is not None:  # the float weight still cancels its bias's coding error
+            set_array(ctx.model, info, choice.target)
+            action += f"; set to W + e v^T, cancelling the coding error of {absorbed_from[info.name]}"
+        log.debug("share: %s %s", info.name, action)
+        ctx.record(info.name, self.name, action, details=choice.details())
 
     def _eligible(self, ctx: Context, info: WeightInfo) -> bool:
         if info.skip is not None:
@@ -132,6 +170,11 @@ class SharePass(Pass):
                 raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
             if shared.decode().shape != shared.shape:
                 raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
+
+
+def _stays_float(info: WeightInfo, chosen) -> bool:
+    """Chosen so, or its portable form (nodes and initializers) is no smaller than the float initializer."""
+    return chosen.shared is None or chosen.bytes >= float_size(info)
 
 
 def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,

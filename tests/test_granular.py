@@ -239,3 +239,90 @@ def test_no_outliers_below_opset_11_where_scatternd_does_not_exist():
     assert all(c.option.outlier_fraction == 0 for c in old.candidates)
     new = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=21)
     assert new.chosen.shared.outlier_index.size > 0
+
+
+def biased_gemm(k: int = 64, n: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """Gemm(transB=1) with a widely spread bias (as BatchNorm folding leaves one)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    c = (rng.standard_normal(n) * 4.0).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1, name="fc")
+    return make_model([node], [value("x", ["N", k])], [value("y", ["N", n])],
+                      [numpy_helper.from_array(w, "W"), numpy_helper.from_array(c, "C")])
+
+
+def relu_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Inputs after a ReLU: nonnegative, with a mean a constant can be rebuilt from."""
+    return np.maximum(np.random.default_rng(seed).standard_normal((n, k)), 0).astype(np.float32)
+
+
+def test_a_weight_moved_to_w_plus_e_v_leaves_exactly_the_residual_the_link_reports():
+    from onnxcompress.bias_error import BiasLink, absorbing_target, mean_solutions
+
+    rng = np.random.default_rng(6)
+    x = relu_rows(4000, 24, seed=7).astype(np.float64)
+    w, e = rng.standard_normal((8, 24)), rng.standard_normal(8)
+    hessians = LayerHessians([x.T @ x / len(x)], np.zeros(8, int), [x.mean(axis=0)])
+    moved = absorbing_target(w, e, hessians)
+    link = BiasLink("W", np.arange(8), mean_solutions(hessians)[1], signal=1.0)
+    actual = np.mean(np.sum((x @ (w - moved).T + e) ** 2, axis=1))  # E|(W - W') x + e|^2 on the rows
+    np.testing.assert_allclose(actual, link.noise(e), rtol=1e-9)
+    assert link.noise(e) < 0.1 * np.sum(e * e)  # post-ReLU inputs cancel over 10 dB of a constant error
+    zero_mean = LayerHessians([np.eye(24)], np.zeros(8, int), [np.zeros(24)])
+    assert np.all(mean_solutions(zero_mean)[1] == 0)  # inputs without a mean cancel nothing
+
+
+def test_auto_measures_a_bias_in_its_layers_output_and_the_weight_cancels_its_coding_error():
+    model = biased_gemm()
+    calib = Dataset(stacked={"x": relu_rows(512, 64, seed=1)})
+    ctx = run_share(model, data=calib, granularity="auto", bits_fc=8, bits_other=4, min_elements=16)
+    bias = next(r for r in ctx.records if r.name == "C" and "granularity" in r.details).details
+    weight = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details).details
+    assert bias["error_space"] == "output" and "float" in bias["candidates"] and "C" in ctx.shared
+    assert weight["cancels_coding_error_of"] == "C"
+    feeds = {"x": relu_rows(256, 64, seed=2)}  # held out
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
+    bias_only = onnx.ModelProto()
+    bias_only.CopyFrom(model)
+    bias_only.graph.initializer[1].CopyFrom(numpy_helper.from_array(ctx.shared["C"].decode(), "C"))
+    ref = run(model, feeds)[0]
+    error_cancelled = np.sum((run(ctx.model, feeds)[0] - ref) ** 2)
+    error_bias_only = np.sum((run(bias_only, feeds)[0] - ref) ** 2)
+    assert error_cancelled < error_bias_only / 10  # 10 dB less, the 8-bit weight's own error included
+
+
+def test_a_bias_whose_codebook_form_is_not_smaller_stays_float():
+    from tiny import conv
+
+    model = conv(c=8, m=16)  # b: 16 floats, 64 bytes; codes + codebook + Cast/Gather nodes are larger
+    ctx = run_share(model, bits_conv=4, bits_other=4, min_elements=0)
+    assert "b" not in ctx.shared and "W" in ctx.shared
+    assert any(t.name == "b" and t.data_type == TensorProto.FLOAT for t in ctx.model.graph.initializer)
+    assert any(r.name == "b" and "not smaller" in r.action for r in ctx.records)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU-linear-before-reset"])
+def test_recurrent_bias_lands_on_gate_rows_and_a_gru_reset_bias_is_not_linked(op):
+    from onnxcompress.layer_hessians import bias_links, layer_hessians
+
+    model = lstm_model(hidden=16)
+    if op != "LSTM":  # its hidden gate's Rb is multiplied by the reset gate: not a plain added bias
+        rng = np.random.default_rng(1)
+        inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+                 for n, s in (("W", (1, 48, 8)), ("R", (1, 48, 16)), ("B", (1, 96)))]
+        node = helper.make_node("GRU", ["x", "W", "R", "B"], ["", "y"], hidden_size=16, linear_before_reset=1)
+        model = make_model([node], [value("x", [5, "N", 8])], [value("y", [1, "N", 16])], inits)
+    data = Dataset([{"x": np.abs(np.random.default_rng(3).standard_normal((5, 3, 8))).astype(np.float32)}])
+    infos = find_weights(model, min_elements=64)
+    hessians = layer_hessians(model, data, infos)
+    links = bias_links(model, infos, hessians, lambda w: numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == w.name)))
+    if op != "LSTM":
+        assert links == {}
+        return
+    link = links["B"]
+    assert link.absorber in ("W", "R") and link.signal > 0
+    np.testing.assert_array_equal(link.rows, np.arange(128) % 64)  # Wb and Rb land on the same 4H gate rows
+    ctx = run_share(model, data=data, granularity="auto", bits_other=4, min_elements=64)
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 8)).astype(np.float32)}
+    assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)

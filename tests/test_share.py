@@ -93,3 +93,17 @@ def test_share_4bit_fc_on_lenet300(tmp_path):
     recipe.write_text("name: fc4\npasses:\n  - share: {bits_fc: 4}\n")
     ratio, drop = _accuracy_drop(tmp_path, "lenet300.onnx", str(recipe))
     assert ratio >= 7.0 and drop <= 0.5, (ratio, drop)
+
+
+@pytest.mark.parametrize("sample, prefix", [
+    ("lstm_rows", "rows"), pytest.param("dwsep_bnfold", "mnist", marks=pytest.mark.slow)])  # ~3 s and ~25 s
+def test_share_4bit_keeps_agreement_and_size_on_the_recurrent_and_bn_folded_samples(tmp_path, sample, prefix):
+    """Issue 7's bound, on the test split: the automatic choice at 4 bits, portable form, keeps
+    >= 99.5% top-1 agreement with the float model and makes the whole file >= 6x smaller."""
+    src = os.path.join(SAMPLES, f"{sample}.onnx")
+    out = tmp_path / "out.onnx"
+    report = api.compress_file(src, out, "share-4bit", data=os.path.join(SAMPLES, f"{prefix}_calib.npz"),
+                               eval_data=os.path.join(SAMPLES, f"{prefix}_test.npz"))
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    ratio, agreement = file_bytes(src) / file_bytes(out), report.validation.outputs[0].top1_agreement
+    assert ratio >= 6.0 and agreement >= 0.995, (ratio, agreement)
