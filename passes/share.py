@@ -147,13 +147,18 @@ class SharePass(Pass):
 
     def _keep(self, ctx: Context, info: WeightInfo, choice, absorbed_from: dict) -> None:
         """Leave the weight a float tensor: chosen so, or its codebook form is not smaller."""
-        action = f"kept float: {choice.reason}" if choice.chosen.shared is None else \
-            "skipped: codebook form not smaller"
+        details = choice.details()
+        if choice.chosen.shared is None:
+            action = f"kept float: {choice.reason}"
+        else:
+            action = "skipped: codebook form not smaller"
+            details.update(granularity="float", reason=f"{choice.chosen.option.label}, the option chosen, is not "
+                           "smaller in the portable form than the float initializer")
         if choice.target is not None:  # the float weight still cancels its bias's coding error
             set_array(ctx.model, info, choice.target)
             action += f"; set to W + e v^T, cancelling the coding error of {absorbed_from[info.name]}"
         log.debug("share: %s %s", info.name, action)
-        ctx.record(info.name, self.name, action, details=choice.details())
+        ctx.record(info.name, self.name, action, details=details)
 
     def _eligible(self, ctx: Context, info: WeightInfo) -> bool:
         if info.skip is not None:
