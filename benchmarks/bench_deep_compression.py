@@ -3,7 +3,8 @@
 Run: ``python benchmarks/bench_deep_compression.py [--models lenet300 lenet5] [--no-sweep]``
 
 1. Stages (Han et al. Table 1 style), each a whole file on disk and its accuracy on
-   samples/mnist_test.npz (calibration: samples/mnist_calib.npz, never the test set):
+   samples/mnist_test.npz (calibration: samples/mnist_calib.npz, never the test set), with the
+   per-layer sparsity and bits the recipe's bit-width search plans on the calibration data:
    original; prune (portable, sparse float constants where smaller); + share (portable codebook
    form); + CSR raw (packed, bit-packed codes and relative indices, no entropy coder); + Huffman
    (the paper's coder); + better coder (Huffman, ANS or raw per stream, by measured size).
@@ -72,10 +73,18 @@ def run_steps(ctx: Context, steps) -> Context:
     return ctx
 
 
-def fresh(model: onnx.ModelProto, calib, form: str = "portable") -> Context:
+def fresh(model: onnx.ModelProto, calib, form: str = "portable", plan: dict | None = None) -> Context:
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    return Context(original=model, model=working, data=calib, form=form, progress=False)
+    ctx = Context(original=model, model=working, data=calib, form=form, progress=False)
+    ctx.plan.update(copy.deepcopy(plan or {}))
+    return ctx
+
+
+def searched_plan(model: onnx.ModelProto, calib) -> dict:
+    """The recipe's first step: per-layer sparsity and bits searched on the calibration data only."""
+    ctx = run_steps(fresh(model, calib, "packed"), [("bitwidth", recipe_options("deep-compression")["bitwidth"])])
+    return ctx.plan
 
 
 def branch(ctx: Context, form: str) -> Context:
@@ -94,10 +103,15 @@ def stages(name: str, model: onnx.ModelProto, calib, test) -> list[dict]:
     base_acc, _ = accuracy(model, test)
     rows = [dict(stage="original", form="portable", bytes=base_bytes, acc=base_acc)]
     start = time.perf_counter()
-    pruned = run_steps(fresh(model, calib), [("prune", options["prune"])])
+    plan = searched_plan(model, calib)
+    rows[0]["plan"] = plan
+    t_search = time.perf_counter() - start
+    start = time.perf_counter()
+    pruned = run_steps(fresh(model, calib, plan=plan), [("prune", options["prune"])])
     t_prune = time.perf_counter() - start
     sparse_only = run_steps(branch(pruned, "portable"), [("sparse", options["sparse"])])
-    rows.append(dict(stage="prune", form="portable", model=sparse_only.model, seconds=t_prune))
+    rows.append(dict(stage="prune", form="portable", model=sparse_only.model, seconds=t_prune,
+                     search_seconds=t_search))
     start = time.perf_counter()
     shared = run_steps(branch(pruned, "portable"), [("share", options["share"])])
     t_share = time.perf_counter() - start
@@ -161,6 +175,15 @@ SWEEP = (0.5, 0.8, 0.9, 0.95)
 PAPER = {"lenet300": ({"fc1.weight": 0.92, "fc2.weight": 0.91, "fc3.weight": 0.74}, {"bits_fc": 6}),
          "lenet5": ({"conv1.weight": 0.34, "conv2.weight": 0.88, "fc1.weight": 0.92, "fc2.weight": 0.81},
                     {"bits_fc": 5, "bits_conv": 8})}
+
+
+def fixed_row(model: onnx.ModelProto, calib, test, base: dict) -> dict:
+    """All stages with the fixed per-role defaults and no search (the deep-compression-fixed recipe)."""
+    ctx = run_steps(fresh(model, calib, "packed"), BUILTIN["deep-compression-fixed"])
+    acc, _ = accuracy(unpack(ctx.model), test)
+    size = file_bytes(ctx.model)
+    return dict(stage="fixed per-role defaults, no search (`deep-compression-fixed`)", form="packed", bytes=size,
+                acc=acc, ratio=base["bytes"] / size, drop=100 * (base["acc"] - acc))
 
 
 def paper_row(name: str, model: onnx.ModelProto, calib, test, base: dict) -> dict:
@@ -263,18 +286,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
     ap.add_argument("--no-sweep", action="store_true", help="skip the ratio/accuracy sweep (the slow part)")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the ratio/accuracy sweep")
     args = ap.parse_args()
     calib = load_data(ROOT / "samples" / "mnist_calib.npz", name="calibration")
     test = load_data(ROOT / "samples" / "mnist_test.npz", name="test")
     print(f"numpy {np.__version__}, onnx {onnx.__version__}, {os.cpu_count()} CPUs; recipe deep-compression = "
           f"{BUILTIN['deep-compression']}")
     packed_models = {}
-    for name in args.models:
+    for name in args.models if not args.sweep_only else []:
         model = load_model(ROOT / "samples" / f"{name}.onnx")
         rows = stages(name, model, calib, test)
+        rows.append(fixed_row(model, calib, test, rows[0]))
         if name in PAPER:
             rows.append(paper_row(name, model, calib, test, rows[0]))
         print(stage_table(name, rows))
+        plan = ", ".join(f"{w} {p['sparsity']:.0%} pruned/{p['bits']} bits" for w, p in rows[0]["plan"].items())
+        print(f"\nsearched plan (calibration data only, {rows[1]['search_seconds']:.0f} s): {plan}")
         diff = next(r["custom_op_max_diff"] for r in rows if "custom_op_max_diff" in r)
         print(f"\nonnxruntime custom-op path vs unpacked portable model on the test set: max |diff| = {diff:.3g}")
         recipe_row = next(r for r in reversed(rows) if "ctx" in r)
@@ -282,7 +309,8 @@ def main() -> None:
         packed_models[name] = recipe_row["model"]
         times = ", ".join(f"{r['stage']} {r['seconds']:.1f} s" for r in rows[1:] if "seconds" in r)
         print(f"\npass times: {times}")
-    print(decode_speed(packed_models))
+    if packed_models:
+        print(decode_speed(packed_models))
     if not args.no_sweep:
         for name in args.models:
             print(sweep(name, load_model(ROOT / "samples" / f"{name}.onnx"), calib, test))
