@@ -2,10 +2,13 @@
 codebooks vs outliers kept apart vs the automatic per-layer choice, at several bit widths.
 
 Every weight of at least `--min-elements` entries is shared at the same bit width (bits_conv =
-bits_fc = bits_other), portable form. The fixed options run without calibration data (plain
-k-means, nearest codes: the granularity alone); "auto" gets the calibration split, so it measures
-each layer's output error, tries importance-weighted k-means and GPTQ codes with least-squares
-centroids, and the share pass's centroid refinement runs after it, as in a user's default run.
+bits_fc = bits_other), portable form, as the `share-4bit` recipe does at 4 bits. The fixed options
+run without calibration data (plain k-means, nearest codes: the granularity alone); "auto" gets
+the calibration split, so it measures each layer's output error, tries importance-weighted k-means
+and GPTQ codes with least-squares centroids, codes each bias first, measured in its layer's output,
+with its layer's weight cancelling that error, and the share pass's centroid refinement runs after
+it, as in a user's default run. Any option leaves a weight float when its portable form would not
+be smaller ("float" in the last column).
 
     python benchmarks/bench_granularity.py                 # all samples, 3/4/5 bits
     python benchmarks/bench_granularity.py --samples lenet300 --bits 4 --json out.json
