@@ -205,7 +205,7 @@ def test_recurrent_hessians_are_the_step_inputs_and_previous_hidden_states():
     data = Dataset([{"x": x}])
     infos = [w for w in find_weights(model, min_elements=64)]
     found = layer_hessians(model, data, infos)
-    assert set(found) == {"W", "R"}  # B is a bias: weight-space error
+    assert set(found) == {"W", "R"}  # B is a bias: no Hessian of its own (bias_links places it on gate rows)
     rows = x.reshape(-1, 8).astype(np.float64)
     np.testing.assert_allclose(found["W"].hessians[0], rows.T @ rows / len(rows), rtol=1e-6)
     exposed = onnx.ModelProto()
