@@ -62,7 +62,8 @@ class BitWidthConfig:
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
     sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
     max_samples: int = 1000
-    # without any data: "error", or "skip" (the passes after keep their fixed defaults, with a note)
+    # no data at all: "error"; or "skip" whenever no calibration data is given (--data): the passes
+    # after it then keep their fixed defaults, with a note (they could not refit without it anyway)
     without_data: Literal["error", "skip"] = "error"
     min_elements: int = 256
     seed: int = 0
@@ -281,16 +282,11 @@ class BitWidthPass(Pass):
         if (ctx.eval_data or ctx.data) is None and self.config.without_data == "error":
             raise PreconditionError("the bit-width search needs data to measure sensitivity: give --data or --eval-data")
 
-    @staticmethod
-    def _data_missing(ctx: Context) -> bool:
-        """No calibration data and no evaluation data but random inputs."""
-        return ctx.data is None and (ctx.eval_data is None or getattr(ctx.eval_data, "synthetic", False))
-
     def call(self, ctx: Context) -> PassResult:
         cfg: BitWidthConfig = self.config
-        if self.config.without_data == "skip" and self._data_missing(ctx):
-            ctx.note("bitwidth: no --data, so no per-layer search; the fixed per-role defaults of prune and share "
-                     "were used (give --data for settings measured on your model)")
+        if self.config.without_data == "skip" and ctx.data is None:
+            ctx.note("bitwidth: no calibration data (--data), so no per-layer search; the fixed per-role defaults "
+                     "of prune and share were used (give --data for settings measured on your model)")
             return PassResult(False, {"skipped": "no data"})
         labelled = ctx.eval_data is not None and ctx.eval_data.labels is not None
         on_eval = cfg.sweep_data == "evaluation" or (cfg.sweep_data == "auto" and cfg.max_drop is not None
