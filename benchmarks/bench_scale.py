@@ -6,11 +6,12 @@ is deleted at the end (never committed). Every compression runs as its own `onnx
 compress ... --validate none` subprocess; the table reports per run:
 
   wall        seconds of the whole command (load, passes, save)
+  CPU         user + system seconds of the command and its worker processes
   peak RSS    the largest resident set of any one process of the run (wait4 ru_maxrss)
   tree PSS    the largest sum of proportional set sizes of the command and its workers (pages
               shared after fork counted once), sampled every 0.1 s
   weights/s   weights compressed per second, and the float MB per second
-  same        whether the output files are byte-identical to the --jobs 1 output
+  same        whether the output files are byte-identical to the output of the first --jobs value
 
 Validation in onnxruntime (which must hold both models dense) is measured separately with
 `onnxcompress validate` on the files on disk (--validate-size).
@@ -124,7 +125,7 @@ WRAPPER = r"""
 import json, os, resource, subprocess, sys
 rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024, "child_rc": rc}))
+print(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime, "child_rc": rc}))
 sys.exit(rc)
 """
 
@@ -200,11 +201,11 @@ def main() -> int:
                     reference = reference or this
                     out_bytes = sum(p.stat().st_size for p in (out, out.with_name(out.name + ".data")) if p.exists())
                     row = {"size_gb": round(weight_bytes / GB, 2), "layers": layers, "recipe": recipe, "jobs": jobs,
-                           "ok": ok, "wall_s": round(r["wall_s"], 1), "peak_rss_mb": round(r.get("peak_rss_mb", 0)),
-                           "tree_rss_mb": round(r["peak_tree_rss_mb"]),
+                           "ok": ok, "wall_s": round(r["wall_s"], 1), "cpu_s": round(r.get("cpu_s", 0), 1),
+                           "peak_rss_mb": round(r.get("peak_rss_mb", 0)), "tree_rss_mb": round(r["peak_tree_rss_mb"]),
                            "weights_per_s": round(layers / r["wall_s"], 2),
                            "mb_per_s": round(weight_bytes / 2**20 / r["wall_s"], 1),
-                           "out_mb": round(out_bytes / 2**20, 1), "same_as_jobs1": this == reference if ok else None,
+                           "out_mb": round(out_bytes / 2**20, 1), "same_as_first": this == reference if ok else None,
                            "error": None if ok else r["stderr"], "digest": this}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -215,8 +216,9 @@ def main() -> int:
                     r = measure(cmd)
                     row = {"size_gb": round(weight_bytes / GB, 2), "layers": layers, "recipe": f"validate {recipe}",
                            "jobs": "-", "ok": r["rc"] == 0, "wall_s": round(r["wall_s"], 1),
+                           "cpu_s": round(r.get("cpu_s", 0), 1),
                            "peak_rss_mb": round(r.get("peak_rss_mb", 0)), "tree_rss_mb": round(r["peak_tree_rss_mb"]),
-                           "weights_per_s": None, "mb_per_s": None, "out_mb": None, "same_as_jobs1": None,
+                           "weights_per_s": None, "mb_per_s": None, "out_mb": None, "same_as_first": None,
                            "error": None if r["rc"] == 0 else r["stderr"]}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -227,14 +229,15 @@ def main() -> int:
     finally:
         if not args.folder:
             shutil.rmtree(folder, ignore_errors=True)
-    header = "| GB | layers | recipe | jobs | wall s | peak RSS MB | tree PSS MB | weights/s | MB/s | out MB | same as j1 |"
+    header = ("| GB | layers | recipe | jobs | wall s | CPU s | peak RSS MB | tree PSS MB | weights/s | MB/s | out MB "
+              "| same as first jobs |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         status = "" if r["ok"] else f" FAILED: {r['error']}"
-        print(f"| {r['size_gb']} | {r['layers']} | {r['recipe']} | {r['jobs']} | {r['wall_s']} | {r['peak_rss_mb']} | "
-              f"{r['tree_rss_mb']} | {r['weights_per_s']} | {r['mb_per_s']} | {r['out_mb']} | "
-              f"{r['same_as_jobs1']}{status} |")
+        print(f"| {r['size_gb']} | {r['layers']} | {r['recipe']} | {r['jobs']} | {r['wall_s']} | {r['cpu_s']} | "
+              f"{r['peak_rss_mb']} | {r['tree_rss_mb']} | {r['weights_per_s']} | {r['mb_per_s']} | {r['out_mb']} | "
+              f"{r['same_as_first']}{status} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1
