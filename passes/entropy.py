@@ -65,11 +65,6 @@ def stream_report(packed: PackedWeight) -> dict:
     return out
 
 
-def encode_weight(shared: SharedWeight, layout: Layout, methods: list) -> PackedWeight:
-    """Worker task: the packed blob of one shared weight (pure numpy, runs in a worker process)."""
-    return write_blob(shared, layout, methods=methods)
-
-
 def blob_matches(blob, shared: SharedWeight) -> bool:
     """Worker task: True when `blob` decodes to exactly the weight `shared` stands for, bit for bit."""
     expected = shared.decode()
@@ -94,8 +89,8 @@ class EntropyPass(Pass):
         stored = removed = 0
         names = list(ctx.shared)
         work = sum(int(ctx.shared[name].codes.size) for name in names)
-        tasks = (((ctx.shared[name], ctx.layouts.get(name, Layout()), list(cfg.methods)), {}) for name in names)
-        for name, packed in zip(names, map_ordered(encode_weight, tasks, jobs=ctx.jobs, work=work)):
+        tasks = (((ctx.shared[name], ctx.layouts.get(name, Layout())), {"methods": list(cfg.methods)}) for name in names)
+        for name, packed in zip(names, map_ordered(write_blob, tasks, jobs=ctx.jobs, work=work)):
             stored += len(packed.blob)
             details = stream_report(packed)
             if ctx.form == "packed":
