@@ -89,7 +89,8 @@ class EntropyPass(Pass):
         stored = removed = 0
         names = list(ctx.shared)
         work = sum(int(ctx.shared[name].codes.size) for name in names)
-        tasks = (((ctx.shared[name], ctx.layouts.get(name, Layout())), {"methods": list(cfg.methods)}) for name in names)
+        methods = list(cfg.methods)
+        tasks = (((ctx.shared[name], ctx.layouts.get(name, Layout())), {"methods": methods}) for name in names)
         for name, packed in zip(names, map_ordered(write_blob, tasks, jobs=ctx.jobs, work=work)):
             stored += len(packed.blob)
             details = stream_report(packed)
