@@ -73,8 +73,14 @@ def _matmul_like(model: onnx.ModelProto, info: WeightInfo) -> onnx.NodeProto | N
 
 def _gemm_to_matmul(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodeProto, scope: NameScope,
                     pass_name: str) -> None:
-    """Gemm(x, W, b) -> MatMul(x, W) [+ Add(., b)]; W already holds the (K, N) layout."""
+    """Gemm(x, W, b) -> MatMul(x, W) [+ Add(., b)]; W already holds the (K, N) layout.
+
+    A value_info recorded for W (its old (N, K) shape under transB) is dropped: shape inference
+    would find it contradicting the DequantizeLinear output."""
     graph = find_graph(model, info.graph)
+    stale = [k for k, v in enumerate(graph.value_info) if v.name == info.name]
+    for k in reversed(stale):
+        del graph.value_info[k]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     out = node.output[0]
     node.op_type = "MatMul"

@@ -125,6 +125,18 @@ def test_weight_shared_by_conv_and_matmul(tmp_path):
     assert "W" not in {t.name for t in out.graph.initializer}
 
 
+def test_transposed_gemm_weight_with_a_recorded_shape(tmp_path):
+    """Exporters record value_info for weights too; int4 MatMul weights are stored transposed
+    (K, N), so the old (N, K) entry must go (AlexNet's fc layers in the corpus)."""
+    model = gemm(k=64, n=32, trans_b=True)
+    model.graph.value_info.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 64]))
+    out, _ = _compresses(tmp_path, model, "int4-weights", validate="none")
+    assert "MatMul" in {n.op_type for n in out.graph.node}
+    feeds = random_feeds(model, n=4)
+    (want,), (got,) = run(model, feeds), run(out, feeds)
+    assert np.linalg.norm(got - want) < 0.1 * np.linalg.norm(want)  # int4: ~2-8% relative error
+
+
 def test_weight_behind_transpose_and_reshape(tmp_path):
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((32, 64)) * 0.1).astype(np.float32)
