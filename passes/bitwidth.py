@@ -35,7 +35,8 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.metrics import compare_outputs
 from onnxcompress.packed import choose_layout, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.refine import DAMPING_GRID, heldout_damping, lstsq_cost, masked_lstsq, sparsegpt
+from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
+                                 sparsegpt)
 from onnxcompress.runtime import make_session
 from onnxcompress.weights import WeightInfo, find_weights, get_array
 
@@ -231,7 +232,7 @@ class _Pruner:
             return DEFAULT_DAMPING
         errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
                      for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(stats.layer.groups)))
-        return float(DAMPING_GRID[int(np.argmin(errors))]) / 2  # halves to the whole: see PrunePass._damping
+        return damping_for_all_rows(errors)
 
 
 def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:

@@ -245,9 +245,7 @@ class PrunePass(Pass):
             return DEFAULT_DAMPING
         errors = sum(refine.heldout_damping(fit.reference[rows], keep[rows], fit.grams.fold_groups(g))
                      for g, rows, *_ in fit.groups())
-        # each fold holds half the rows, and the best ridge relative to mean(diag H) falls about as
-        # 1/rows, so the fit on all rows takes half the value chosen on the folds
-        chosen = float(refine.DAMPING_GRID[int(np.argmin(errors))]) / 2
+        chosen = refine.damping_for_all_rows(errors)
         details["damping"] = chosen
         log.debug("prune: %s damping %.3g by held-out error (grid %s)", fit.layer.weight, chosen, refine.DAMPING_GRID)
         return chosen
