@@ -271,9 +271,10 @@ def replace_weight(model: onnx.ModelProto, info: WeightInfo, nodes: list[onnx.No
     """
     graph = find_graph(model, info.graph)
     if info.location == "initializer":
-        keep = [t for t in graph.initializer if t.name != info.name]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        # deleted in place: rebuilding the field would copy every initializer into the protobuf
+        # arena, which keeps them (memory quadratic in the number of weights rewritten)
+        for index in [k for k, t in enumerate(graph.initializer) if t.name == info.name][::-1]:
+            del graph.initializer[index]
         position = 0
     elif info.location == "constant":
         position = next(i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output[0] == info.name)
