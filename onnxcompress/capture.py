@@ -170,11 +170,14 @@ class LayerInputs:
     """Streaming statistics of a layer's input rows: Gram matrices and a bounded uniform sample."""
 
     def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0,
-                 folds: bool = False):
+                 folds: int = 0):
         self.layer = layer
-        self.folds = folds  # also sum the Gram matrices of the even updates apart (see fold_hessians)
-        self._even: list[np.ndarray] | None = None
-        self._even_count = self._updates = 0
+        # with folds >= 2, the Gram matrices of the updates (data chunks) are also summed per fold,
+        # update i into fold i % folds (see fold_hessians, heldout_hessians)
+        self.folds = int(folds)
+        self._fold_grams: list[list[np.ndarray]] | None = None
+        self._fold_counts = [0] * self.folds
+        self._updates = 0
         self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
         self.rng = np.random.default_rng(seed)
         self.gram: list[np.ndarray] | None = None
@@ -188,15 +191,16 @@ class LayerInputs:
             self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
             self._sample = [np.zeros((0, g.shape[1])) for g in groups]
             self._keys = np.zeros(0)
-        if self.folds and self._even is None:
-            self._even = [np.zeros_like(g) for g in self.gram]
+            if self.folds >= 2:
+                self._fold_grams = [[np.zeros_like(g) for g in self.gram] for _ in range(self.folds)]
+        fold = self._updates % self.folds if self.folds >= 2 else None
         for k, rows in enumerate(groups):
             product = rows.T @ rows
             self.gram[k] += product
-            if self.folds and self._updates % 2 == 0:
-                self._even[k] += product
-        if self.folds and self._updates % 2 == 0:
-            self._even_count += groups[0].shape[0]
+            if fold is not None:
+                self._fold_grams[fold][k] += product
+        if fold is not None:
+            self._fold_counts[fold] += groups[0].shape[0]
         self._updates += 1
         self.count += groups[0].shape[0]
         # reservoir by random keys: keep the rows with the smallest keys seen so far
@@ -214,18 +218,35 @@ class LayerInputs:
         """H = (1/n) sum x x^T of the sampled rows of `group`."""
         return self.gram[group] / max(self.count, 1)
 
+    @property
+    def fold_count(self) -> int:
+        """`folds` once two updates went into different folds, else 0 (a fold may still be empty)."""
+        return self.folds if self.folds >= 2 and self._updates >= 2 else 0
+
     def fold_hessians(self, group: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-        """H of the even and of the odd updates apart (None: folds off or fewer than two updates)."""
-        if not self.folds or self._updates < 2:
+        """H of the even and of the odd folds apart (None: folds off, odd in number, or too few updates)."""
+        if not self.fold_count or self.folds % 2:
             return None
-        odd = self.gram[group] - self._even[group]
-        return self._even[group] / max(self._even_count, 1), odd / max(self.count - self._even_count, 1)
+        halves = []
+        for parity in (0, 1):
+            members = range(parity, self.folds, 2)
+            gram = sum(self._fold_grams[f][group] for f in members)
+            halves.append(gram / max(sum(self._fold_counts[f] for f in members), 1))
+        return halves[0], halves[1]
+
+    def heldout_hessians(self, group: int = 0) -> list[np.ndarray] | None:
+        """Per fold f, H of every update outside fold f: the data a fit scored on fold f may learn from."""
+        if not self.fold_count:
+            return None
+        return [(self.gram[group] - self._fold_grams[f][group]) / max(self.count - self._fold_counts[f], 1)
+                for f in range(self.folds)]
 
 
 def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
                          max_rows: int = 4096, max_batch: int = 64, seed: int = 0,
-                         folds: bool = False) -> dict[str, LayerInputs]:
-    """One pass over `data` gathering LayerInputs for each layer (keyed by weight name)."""
+                         folds: int = 0) -> dict[str, LayerInputs]:
+    """One pass over `data` gathering LayerInputs for each layer (keyed by weight name); `folds`
+    as LayerInputs (update i is data chunk i of `max_batch` samples)."""
     stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed, folds=folds) for layer in layers}
     names = sorted({layer.input_name for layer in layers})
     for values in capture(model, data, names, max_batch=max_batch):

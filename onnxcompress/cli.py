@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget of the bit-width search (recipes 'auto' and 'deep-compression', whose "
                                   "own default is --max-drop 1); give one")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
-                        help="largest accuracy loss in points (top-1 agreement without labels), e.g. 0.5")
+                        help="largest accuracy loss in points, e.g. 0.5; without labels the loss expected with the "
+                             "original's class probabilities as labels (the bitwidth option unlabelled: agreement "
+                             "counts every changed decision instead)")
     budget.add_argument("--min-sqnr", type=float, metavar="DB", help="smallest output SQNR in dB")
     budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
     budget.add_argument("--metric", metavar="MODULE:FUNCTION",

@@ -20,6 +20,12 @@ class OutputMetrics:
     sqnr_db = 10 log10(sum ref^2 / sum (ref - cand)^2); rel_l2 = ||ref - cand|| / ||ref||.
     Class-score outputs (float, rank >= 2, last axis >= 2) also get top-1 agreement over every
     position (argmax along the last axis), and accuracy against labels when given.
+
+    expected_loss estimates the accuracy lost without labels: taking the reference's own class
+    probabilities as the distribution of the true label, a position whose top-1 moves from class
+    a to class b loses p(a) - p(b) of a correct answer in expectation, and one that keeps its
+    top-1 loses nothing. It is unbiased when the reference is calibrated; a changed decision on
+    a confident sample costs nearly a whole sample, one between two likely classes little.
     """
 
     name: str
@@ -30,6 +36,7 @@ class OutputMetrics:
     top1_agreement: float | None = None
     accuracy_reference: float | None = None
     accuracy_candidate: float | None = None
+    expected_loss: float | None = None
 
 
 @dataclass
@@ -63,18 +70,53 @@ class Comparison:
                 return 100.0 * (out.accuracy_reference - out.accuracy_candidate)
         return None
 
+    @property
+    def expected_drop(self) -> float | None:
+        """Estimated percentage points of accuracy lost (the worst output's expected_loss), without labels."""
+        values = [o.expected_loss for o in self.outputs if o.expected_loss is not None]
+        return 100.0 * max(values) if values else None
+
     def worst_agreement(self) -> float | None:
         values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         return min(values) if values else None
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(size_ratio=self.size_ratio, latency_ratio=self.latency_ratio, accuracy_drop_points=self.accuracy_drop)
+        out.update(size_ratio=self.size_ratio, latency_ratio=self.latency_ratio, accuracy_drop_points=self.accuracy_drop,
+                   expected_drop_points=self.expected_drop)
         return out
 
 
 def _is_class_scores(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating) and array.ndim >= 2 and array.shape[-1] >= 2
+
+
+def class_probabilities(scores: np.ndarray) -> np.ndarray | None:
+    """Probabilities along the last axis: the scores themselves when every row is already a
+    distribution, else their softmax (logits, log-probabilities). None for scores in [0, 1] that
+    do not sum to 1 (independent sigmoids), which are not one distribution over classes."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        return None
+    if s.min() >= 0 and s.max() <= 1:
+        return s if np.allclose(s.sum(-1), 1.0, atol=1e-3) else None
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def expected_loss(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
+    """Mean over positions of p(reference top-1) - p(candidate top-1), p the reference's probabilities."""
+    total, count = 0.0, 0
+    for r, c in zip(reference, candidate):
+        p = class_probabilities(r)
+        if p is None:
+            return None
+        p = p.reshape(-1, p.shape[-1])
+        ref_top, cand_top = r.reshape(p.shape).argmax(-1), np.asarray(c).reshape(p.shape).argmax(-1)
+        rows = np.arange(p.shape[0])
+        total += float(np.sum(p[rows, ref_top] - p[rows, cand_top]))
+        count += p.shape[0]
+    return total / count if count else None
 
 
 def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
@@ -94,6 +136,7 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
             ref_top = np.concatenate([r.argmax(-1).ravel() for r in refs])
             cand_top = np.concatenate([c.argmax(-1).ravel() for c in cands])
             metric.top1_agreement = float(np.mean(ref_top == cand_top)) if ref_top.size else None
+            metric.expected_loss = expected_loss(refs, cands)
             if labels is not None and labels.size == ref_top.size:
                 truth = labels.ravel()
                 metric.accuracy_reference = float(np.mean(ref_top == truth))

@@ -37,12 +37,16 @@ def comparison_text(comparison: Comparison) -> str:
     rows = []
     for o in comparison.outputs:
         acc = (f"{100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
-               if o.accuracy_reference is not None else "-")
+               if o.accuracy_reference is not None else
+               f"est. -{100 * o.expected_loss:.2f} pts" if o.expected_loss is not None else "-")
         agree = f"{100 * o.top1_agreement:.2f}%" if o.top1_agreement is not None else "-"
         rows.append([o.name, _fmt(o.max_abs), _fmt(o.rel_l2), _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"), agree, acc])
     lines = [table(["output", "max|diff|", "rel L2", "cosine", "SQNR dB", "top-1 agree", "accuracy"], rows)]
     where = "random synthesized inputs (weak evidence)" if comparison.synthetic_data else "the given data"
     lines.append(f"{comparison.samples} samples from {where}")
+    if any(o.accuracy_reference is None and o.expected_loss is not None for o in comparison.outputs):
+        lines.append("est.: accuracy lost in expectation, with the reference's own class probabilities as labels "
+                     "(on the calibration data it is optimistic: the fits learned from those samples)")
     if comparison.size_ratio:
         lines.append(f"size: {human_bytes(comparison.reference_bytes)} -> {human_bytes(comparison.candidate_bytes)} "
                      f"({comparison.size_ratio:.2f}x smaller)")

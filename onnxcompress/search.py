@@ -29,6 +29,8 @@ def budget_check(config, comparison: Comparison | None, ratio: float) -> tuple[b
         worst = min(o.sqnr_db for o in comparison.outputs)
         return worst >= config.min_sqnr, worst
     drop = comparison.accuracy_drop
+    if drop is None and getattr(config, "unlabelled", "agreement") == "expected":
+        drop = comparison.expected_drop
     if drop is None:
         agreement = comparison.worst_agreement()
         drop = None if agreement is None else 100.0 * (1.0 - agreement)

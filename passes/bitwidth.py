@@ -53,7 +53,7 @@ BISECTIONS = 3  # extra allocations verified between the loosest budget scale th
 class BitWidthConfig:
     bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
     sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
-    max_drop: float | None = None  # points of accuracy (with labels) or of top-1 agreement
+    max_drop: float | None = None  # points of accuracy (with labels; estimated without, see `unlabelled`)
     min_sqnr: float | None = None  # dB, over all outputs
     target_ratio: float | None = None  # whole-file ratio to reach with the least loss
     metric: str | None = None  # "module:function"(outputs: dict, data) -> number, higher is better
@@ -63,6 +63,10 @@ class BitWidthConfig:
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
     sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
     max_samples: int = 1000
+    # what a max_drop budget bounds on data without labels: "expected" accuracy loss (the float
+    # model's own class probabilities standing in for the labels: a changed decision costs
+    # p(old class) - p(new class)), or "agreement" (every changed top-1 decision a whole sample)
+    unlabelled: Literal["expected", "agreement"] = "expected"
     # no data at all: "error"; or "skip" whenever no calibration data is given (--data): the passes
     # after it then keep their fixed defaults, with a note (they could not refit without it anyway)
     without_data: Literal["error", "skip"] = "error"
@@ -105,11 +109,20 @@ class _Evaluator:
         self.chunks = list(data.chunks(self.specs))
         self.reference = self.outputs({})
 
-    def outputs(self, changed: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        weights = {**self.base, **changed}
-        return [self.session.run(self.names, {**feed, **weights}) for feed, _ in self.chunks]
+    def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Outputs per data chunk with the weights in `changed` replaced.
 
-    def measure(self, changed: dict[str, np.ndarray]) -> dict[str, float]:
+        Each changed weight is a list: one array for every chunk, or k cross-fitted versions,
+        version f fit without the chunks of fold f (chunk i is in fold i % k, as the layer
+        statistics count them), so chunk i runs with version i % k and every sample is scored
+        by a weight that did not learn from it."""
+        outputs = []
+        for i, (feed, _) in enumerate(self.chunks):
+            weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
+            outputs.append(self.session.run(self.names, {**feed, **weights}))
+        return outputs
+
+    def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
         return self.score(self.names, self.reference, self.outputs(changed), self.data)
 
 
@@ -149,6 +162,8 @@ def make_score(cfg: BitWidthConfig, labels_present: bool):
         out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}
         if classes:
             out["disagree"] = 100.0 * (1.0 - classes[0].top1_agreement)
+            if classes[0].expected_loss is not None:
+                out["expected_drop"] = 100.0 * classes[0].expected_loss
             if classes[0].accuracy_reference is not None:
                 out["drop"] = 100.0 * (classes[0].accuracy_reference - classes[0].accuracy_candidate)
         if user is not None:
@@ -158,9 +173,11 @@ def make_score(cfg: BitWidthConfig, labels_present: bool):
             out["cost"], out["check"] = max(out["metric_drop"], 0.0), out["metric_drop"]
         elif cfg.min_sqnr is not None or not classes:
             out["cost"], out["check"] = nsr, nsr
-        else:
-            out["cost"] = out["disagree"]
-            out["check"] = out["drop"] if labels_present and "drop" in out else out["disagree"]
+        else:  # decisions counted on the data: zero until one flips (see floor_disagreement)
+            estimated = cfg.unlabelled == "expected" and "expected_drop" in out
+            out["cost"] = out["expected_drop"] if estimated else out["disagree"]
+            out["check"] = out["drop"] if labels_present and "drop" in out else out["cost"]
+            out["counted"] = True
         return out
 
     return score
@@ -191,47 +208,70 @@ class _Pruner:
 
     Like the prune pass, the exact per-row least squares is used where it is cheap (high
     sparsity: sum |S_j|^3 / 3 flops below `max_flops`), else the SparseGPT update, which is
-    faster and no better, so simulated sensitivities lean pessimistic there."""
+    faster and no better, so simulated sensitivities lean pessimistic there.
+
+    With `crossfit` (the search scores on the same data the refit learns from) each refit is
+    made twice, once on each half of the data chunks, so that every sample is scored by a refit
+    that did not see it: a refit on a few hundred samples for hundreds of inputs fits those
+    samples far better than new ones, and scoring it on them would plan for fidelity that the
+    compressed model does not have on new data."""
 
     max_flops = 2e9
+    folds = 4  # cross-fitting folds: each refit learns from 3/4 of the data chunks, near the final fit's all
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo]):
+    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
+                 crossfit: bool = False):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=True) \
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds) \
             if data and self.layers else {}
-        self._cache: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+        self.crossfit = crossfit
+        self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
 
-    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[list[np.ndarray], np.ndarray]:
+        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask)."""
         key = (info.name, sparsity)
         if key not in self._cache:
             mask = magnitude_mask(array, sparsity)
-            weight = np.where(mask, array, 0).astype(array.dtype)
+            versions = [np.where(mask, array, 0).astype(array.dtype)]
             stats, layer = self.stats.get(info.name), self.layers.get(info.name)
             if stats is not None:
                 target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
                 keep = layer.weight_matrix(mask)
-                refit = np.zeros_like(target)
                 group = layer.group_of_channels()
-                damping = self._damping(stats, target, keep, group)
-                for g in range(layer.groups):
-                    rows = np.flatnonzero(group == g)
-                    if lstsq_cost(keep[rows]) <= self.max_flops:
-                        refit[rows] = masked_lstsq(target[rows], keep[rows], stats.hessian(g), damping=damping)
-                    else:
-                        refit[rows] = sparsegpt(target[rows], stats.hessian(g), keep=keep[rows])[0]
-                weight = layer.weight_from_matrix(refit).astype(array.dtype)
-            self._cache[key] = (weight, mask)
+                damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep, group)
+                if self.crossfit and stats.fold_count:
+                    # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
+                    # (folds - 1) / folds of the rows outside one fold takes a little more
+                    heldout = [stats.heldout_hessians(g) for g in range(layer.groups)]
+                    scale = stats.folds / (stats.folds - 1)
+                    versions = [self._refit(layer, target, keep, group, [h[f] for h in heldout], damping * scale)
+                                for f in range(stats.folds)]
+                else:
+                    versions = [self._refit(layer, target, keep, group,
+                                            [stats.hessian(g) for g in range(layer.groups)], damping)]
+                versions = [v.astype(array.dtype) for v in versions]
+            self._cache[key] = (versions, mask)
         return self._cache[key]
 
+    def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
+               damping: float) -> np.ndarray:
+        refit = np.zeros_like(target)
+        for g in range(layer.groups):
+            rows = np.flatnonzero(group == g)
+            if lstsq_cost(keep[rows]) <= self.max_flops:
+                refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
+            else:
+                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping)[0]
+        return layer.weight_from_matrix(refit)
 
-    def _damping(self, stats, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
-        """As the prune pass's "auto" damping: least two-fold held-out error where affordable."""
-        folds = [stats.fold_hessians(g) for g in range(stats.layer.groups)]
+    @staticmethod
+    def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
+        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
         if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > PruneConfig.max_cv_flops:
             return DEFAULT_DAMPING
         errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
-                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(stats.layer.groups)))
+                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))
         return damping_for_all_rows(errors)
 
 
@@ -253,14 +293,18 @@ def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
         c.cost = max(c.cost, factor * float(np.sqrt(max(c.nsr, 0.0))))
 
 
-def candidate_weight(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
-                     pruner: _Pruner | None = None):
-    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`."""
+def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                      pruner: _Pruner | None = None) -> list:
+    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
+    coded weight, or one per data fold when the pruner cross-fits."""
     if sparsity <= 0:
-        return fit_codebook(array, info, bits, seed=seed), None
-    weight, mask = pruner(array, info, sparsity) if pruner else (np.where(magnitude_mask(array, sparsity), array, 0),
-                                                                 magnitude_mask(array, sparsity))
-    return fit_codebook(weight, info, bits, seed=seed, mask=mask), mask
+        return [fit_codebook(array, info, bits, seed=seed)]
+    if pruner is not None:
+        versions, mask = pruner(array, info, sparsity)
+    else:
+        mask = magnitude_mask(array, sparsity)
+        versions = [np.where(mask, array, 0)]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in versions]
 
 
 def stored_bytes(shared, form: str) -> int:
@@ -293,14 +337,16 @@ class BitWidthPass(Pass):
         on_eval = cfg.sweep_data == "evaluation" or (cfg.sweep_data == "auto" and cfg.max_drop is not None
                                                      and cfg.metric is None and labelled)
         preferred = (ctx.eval_data, ctx.data) if on_eval else (ctx.data, ctx.eval_data)
-        data = next(d for d in preferred if d is not None).limit(cfg.max_samples)
+        source = next(d for d in preferred if d is not None)
+        data = source.limit(cfg.max_samples)
         start = time.perf_counter()
         weights = [w for w in find_weights(ctx.model, min_elements=cfg.min_elements) if w.skip is None]
         if not weights:
             ctx.note("bitwidth: no weight large enough to search over")
             return PassResult(False, {"weights": 0})
         evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None))
-        self._pruner = _Pruner(ctx.model, ctx.data, weights)
+        # score out of fold when the refits learn from the very samples the search scores on
+        self._pruner = _Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data)
         table = self._sensitivities(ctx, evaluator, weights)
         options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity})
                     for c in table[w.name] if c.error is None] for w in weights]
@@ -337,11 +383,11 @@ class BitWidthPass(Pass):
             for sparsity, bits in grids[info.name]:
                 candidate = Candidate(sparsity, bits)
                 try:
-                    shared, _ = candidate_weight(array, info, sparsity, bits, cfg.seed, self._pruner)
-                    candidate.size = stored_bytes(shared, cfg.form)
-                    measured = evaluator.measure({info.name: shared.decode()})
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner)
+                    candidate.size = int(np.mean([stored_bytes(c, cfg.form) for c in coded]))
+                    measured = evaluator.measure({info.name: [c.decode() for c in coded]})
                     candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
-                    counting |= "disagree" in measured and measured["cost"] == measured["disagree"]
+                    counting |= bool(measured.get("counted"))
                 except OnnxCompressError as e:  # a failed candidate is data: record it and go on
                     candidate.error = str(e)
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
@@ -377,9 +423,9 @@ class BitWidthPass(Pass):
             changed = {}
             for w, layer, j in zip(weights, options, choice):
                 settings = layer[j].settings
-                shared, _ = candidate_weight(evaluator.base[w.name], w, settings["sparsity"], settings["bits"],
-                                             cfg.seed, self._pruner)
-                changed[w.name] = shared.decode()
+                coded = candidate_weights(evaluator.base[w.name], w, settings["sparsity"], settings["bits"],
+                                          cfg.seed, self._pruner)
+                changed[w.name] = [c.decode() for c in coded]
             measured = evaluator.measure(changed)
             size, predicted = allocate.totals(options, choice)
             ratio = original / max(fixed + size, 1)

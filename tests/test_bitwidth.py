@@ -6,7 +6,7 @@ import pytest
 from onnxcompress import api
 from onnxcompress.allocate import Option
 from onnxcompress.errors import ModelError, PassError, RecipeError
-from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
+from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass, make_score
 from onnxcompress.recipes import Recipe
 from tiny import conv_gemm, gemm, random_feeds
 
@@ -18,7 +18,7 @@ class FakeEvaluator:
         self.base = {name: None for name in names}
 
     def measure(self, changed):
-        loss = 3.0 * sum(changed.values())
+        loss = 3.0 * sum(v[0] for v in changed.values())
         return {"cost": loss, "check": loss, "sqnr_db": 0.0}
 
 
@@ -42,7 +42,7 @@ def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
         def decode(self):
             return cost_of[self.bits]
 
-    monkeypatch.setattr(bw, "candidate_weight", lambda array, w, s, b, seed, pruner=None: (Shared(b), None))
+    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Shared(b)])
     p = BitWidthPass(max_drop=0.7)
     p._pruner = None
     evaluated, chosen = p._search(p.config, FakeEvaluator([w.name for w in weights]), weights, options, fixed=0)
@@ -175,3 +175,84 @@ def test_vectors_are_planned_dense_because_prune_leaves_them_dense():
     table = report.passes[0].summary["sensitivity"]
     assert {c["sparsity"] for c in table["b"]} == {0.0}
     assert {c["sparsity"] for c in table["W"]} == {0.0, 0.9}
+
+
+def test_expected_loss_charges_a_changed_decision_by_the_reference_probabilities():
+    from onnxcompress.metrics import class_probabilities, compare_outputs
+
+    # sample 0: confident (logits 4 vs 0) and flipped; sample 1: a near tie, flipped; sample 2 kept
+    reference = np.array([[4.0, 0.0], [0.1, 0.0], [0.0, 3.0]], dtype=np.float32)
+    candidate = np.array([[0.0, 1.0], [0.0, 0.2], [0.0, 2.0]], dtype=np.float32)
+    p = class_probabilities(reference)
+    want = ((p[0, 0] - p[0, 1]) + (p[1, 0] - p[1, 1])) / 3
+    metric, = compare_outputs(["y"], [[reference]], [[candidate]])
+    assert metric.top1_agreement == pytest.approx(1 / 3)
+    assert metric.expected_loss == pytest.approx(want)
+    assert metric.expected_loss < 2 / 3  # a near tie costs far less than a whole decision
+    # probabilities are taken as they are; independent sigmoids are not one distribution
+    probs = np.array([[0.9, 0.1], [0.4, 0.6]])
+    assert np.allclose(class_probabilities(probs), probs)
+    assert class_probabilities(np.array([[0.9, 0.8], [0.1, 0.3]])) is None
+    metric, = compare_outputs(["y"], [[probs]], [[probs[:, ::-1].copy()]])
+    assert metric.expected_loss == pytest.approx(((0.9 - 0.1) + (0.6 - 0.4)) / 2)
+
+
+def test_an_unlabelled_budget_bounds_the_expected_loss_or_the_agreement():
+    from onnxcompress.passes.bitwidth import make_score
+
+    class Data:
+        labels = None
+
+    reference = [[np.array([[4.0, 0.0], [0.1, 0.0], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
+    candidate = [[np.array([[4.0, 0.0], [0.0, 0.1], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
+    expected = make_score(BitWidthConfig(max_drop=1.0), False)(["y"], reference, candidate, Data())
+    counted = make_score(BitWidthConfig(max_drop=1.0, unlabelled="agreement"), False)(["y"], reference, candidate,
+                                                                                      Data())
+    assert counted["check"] == pytest.approx(25.0)  # one of four decisions changed
+    assert expected["check"] == pytest.approx(expected["expected_drop"]) and expected["check"] < 2.5
+    assert expected["counted"] and counted["counted"]
+
+
+def test_layer_input_folds_hold_out_each_chunk_group():
+    from onnxcompress.capture import LayerInputs, linear_layer
+    from onnxcompress.weights import find_weights
+
+    model = gemm(k=16, n=8)
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    stats = LayerInputs(linear_layer(model, info), folds=4)
+    chunks = [np.random.default_rng(i).standard_normal((5 + i, 16)) for i in range(6)]
+    for x in chunks:
+        stats.update(x)
+    held = stats.heldout_hessians()
+    for f in range(4):
+        rows = np.concatenate([x for i, x in enumerate(chunks) if i % 4 != f])
+        assert np.allclose(held[f], rows.T @ rows / len(rows))
+    even = np.concatenate(chunks[0::2])
+    odd = np.concatenate(chunks[1::2])
+    a, b = stats.fold_hessians()
+    assert np.allclose(a, even.T @ even / len(even)) and np.allclose(b, odd.T @ odd / len(odd))
+    assert LayerInputs(linear_layer(model, info)).heldout_hessians() is None  # only when asked
+
+
+def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
+    from onnxcompress.data import load_data
+    from onnxcompress.passes.bitwidth import _Evaluator, _Pruner
+    from onnxcompress.weights import find_weights, get_array
+
+    model = gemm(k=64, n=16)
+    data = load_data(tiny_data(model, n=256))  # 4 chunks of 64 samples, one per fold
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    evaluator = _Evaluator(model, [info], data, make_score(BitWidthConfig(min_sqnr=20.0), False))
+    versions = [np.full(info.shape, float(f), dtype=np.float32) for f in range(4)]
+    outputs = evaluator.outputs({info.name: versions})
+    b = get_array(model, next(w for w in find_weights(model) if len(w.shape) == 1))
+    for i, (chunk, (feed, _)) in enumerate(zip(outputs, evaluator.chunks)):
+        x = next(iter(feed.values()))
+        assert np.allclose(chunk[0], x @ versions[i % 4].T + b, atol=1e-4)
+    # the pruner refits once per fold, each from the Gram matrices outside its fold
+    pruner = _Pruner(model, data, [info], crossfit=True)
+    refits, mask = pruner(evaluator.base[info.name], info, 0.5)
+    assert len(refits) == 4 and all(np.all(r[~mask] == 0) for r in refits)
+    assert len({r.tobytes() for r in refits}) == 4
+    single, _ = _Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
+    assert len(single) == 1

@@ -99,3 +99,28 @@ def test_lstm_rows_uses_one_onnx_lstm():
     assert attrs["hidden_size"] == 64
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     assert [shapes[i] for i in lstm.input[1:4]] == [[1, 256, 28], [1, 256, 64], [1, 512]]
+
+
+# the Deep Compression paper's bars (Han et al. 2016): whole-file ratio with no loss of accuracy,
+# read here as at most 1 point of test accuracy; the recipe sees only the unlabelled calibration split
+PAPER_BARS = {"lenet300": 40.0, "lenet5": 39.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER_BARS)
+def test_deep_compression_meets_the_papers_bar(name, tmp_path):
+    from onnxcompress import api
+
+    out = tmp_path / f"{name}.packed.onnx"
+    report = api.compress_file(SAMPLES / f"{name}.onnx", out, "deep-compression", data=SAMPLES / "mnist_calib.npz",
+                               progress=False)
+    ratio = (SAMPLES / f"{name}.onnx").stat().st_size / out.stat().st_size
+    portable = api.unpack(onnx.load(out))
+    test = np.load(SAMPLES / "mnist_test.npz")
+    x, labels = test["input"], test["labels"]
+    original = _session(name).run(["logits"], {"input": x})[0]
+    sess = ort.InferenceSession(portable.SerializeToString(), providers=["CPUExecutionProvider"])
+    compressed = sess.run(["logits"], {"input": x})[0]
+    drop = 100 * (float((original.argmax(1) == labels).mean()) - float((compressed.argmax(1) == labels).mean()))
+    assert report.passes[0].name == "bitwidth" and ratio >= PAPER_BARS[name], f"{name}: {ratio:.1f}x"
+    assert drop <= 1.0, f"{name}: {drop:.2f} points lost at {ratio:.1f}x"

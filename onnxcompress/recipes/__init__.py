@@ -37,10 +37,13 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # Deep Compression (Han et al. 2016): prune, share with the zeros kept exact, CSR with
     # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable).
     # With data, per-layer sparsity and bits come from the bit-width search, to a tolerance of one
-    # point of top-1 agreement (of accuracy with labelled --eval-data), the bound the paper's "no
-    # loss" is read to here; without data the paper's per-role settings (prune/share defaults)
-    "deep-compression": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}), ("prune", {}), ("share", {}),
-                         ("sparse", {}), ("entropy", {})],
+    # point of accuracy (measured with labelled --eval-data, else estimated from the float model's
+    # own class probabilities), the bound the paper's "no loss" is read to here; without data the
+    # paper's per-role settings (prune/share defaults). The search measures one codebook per tensor
+    # (the paper's), so share codes what was measured: its "auto" choice would spend bytes the
+    # search did not plan for.
+    "deep-compression": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}), ("prune", {}),
+                         ("share", {"granularity": "tensor"}), ("sparse", {}), ("entropy", {})],
     # the same passes with the paper's fixed per-role settings and no search
     "deep-compression-fixed": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
     # magnitude pruning alone (refit on the calibration data when given)
@@ -49,7 +52,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "deep-compression-portable": [("prune", {}), ("share", {})],
     # per-layer bits and sparsity searched to a budget (--max-drop, --min-sqnr or --target-ratio),
     # then Deep Compression with those settings
-    "auto": [("bitwidth", {}), ("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
+    "auto": [("bitwidth", {}), ("prune", {}), ("share", {"granularity": "tensor"}), ("sparse", {}), ("entropy", {})],
 }
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
@@ -57,7 +60,7 @@ DESCRIPTIONS = {
     "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
-    "deep-compression": "per-layer sparsity/bits searched to 1 point of agreement (--data), then prune + share + "
+    "deep-compression": "per-layer sparsity/bits searched to 1 point of accuracy (--data), then prune + share + "
                         "sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
     "deep-compression-fixed": "deep-compression with the paper's fixed per-role sparsity and bits (no search), packed",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
