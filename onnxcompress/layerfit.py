@@ -58,14 +58,15 @@ class LayerFit:
 
 def layer_fit(ctx: Context, info: WeightInfo, layer: LinearLayer, *, target: str = "original",
               rows_per_chunk: int = 2048, folds: bool = False) -> LayerFit:
-    """Gram matrices of the layer's inputs in ctx.model, paired with ctx.original when target == "original"."""
+    """Gram matrices of the layer's inputs in ctx.model, paired with ctx.reference (the original,
+    as exactly rewritten) when target == "original"."""
     current = np.asarray(get_array(ctx.model, info), dtype=np.float64)
     reference_model, reference = None, current
-    if target == "original" and _has_tensor(ctx.original, layer.input_name):
-        original = next((w for w in find_weights(ctx.original, min_elements=0) if w.name == info.name), None)
+    if target == "original" and _has_tensor(ctx.reference, layer.input_name):
+        original = next((w for w in find_weights(ctx.reference, min_elements=0) if w.name == info.name), None)
         if original is not None and tuple(original.shape) == tuple(info.shape):
-            reference_model = ctx.original
-            reference = np.asarray(get_array(ctx.original, original), dtype=np.float64)
+            reference_model = ctx.reference
+            reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
     grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
                                  folds=folds)
     return LayerFit(layer, grams, layer.weight_matrix(reference))

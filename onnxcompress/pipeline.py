@@ -68,8 +68,16 @@ class Context:
     layer_errors: list[LayerError] = field(default_factory=list)
     # bitwidth -> share/prune/qdq: per-weight settings chosen by the search
     plan: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a pass that rewrites the graph exactly (BatchNorm folded into its Conv) -> later layer fits:
+    # the original with the same rewrite, so each layer's fit target is its own output there
+    rewritten_original: onnx.ModelProto | None = None
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> onnx.ModelProto:
+        """The model whose layer outputs the fits aim for: the original, as exactly rewritten so far."""
+        return self.rewritten_original if self.rewritten_original is not None else self.original
 
     def weights(self, min_elements: int = 0) -> list[WeightInfo]:
         return find_weights(self.model, min_elements=min_elements)

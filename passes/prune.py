@@ -262,9 +262,9 @@ class PrunePass(Pass):
         current = np.asarray(get_array(ctx.model, info), dtype=np.float64)
         reference = current
         if self.config.target == "original":
-            original = next((w for w in find_weights(ctx.original, min_elements=0) if w.name == info.name), None)
+            original = next((w for w in find_weights(ctx.reference, min_elements=0) if w.name == info.name), None)
             if original is not None and tuple(original.shape) == tuple(info.shape):
-                reference = np.asarray(get_array(ctx.original, original), dtype=np.float64)
+                reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
         return info, current, reference
 
     def ensures(self, ctx: Context, result: PassResult) -> None:

@@ -6,7 +6,8 @@ Conv(x, W, b) -> BatchNormalization(gamma, beta, mean, var, eps) equals Conv(x, 
 
 (per output channel m). Only the pattern that is exactly that is folded: a Conv whose weight
 (and bias) are float initializers used by nothing else, whose output feeds only the
-BatchNormalization (inference mode, one output) and is not a graph output.
+BatchNormalization (inference mode, one output) and is not a graph output. Tensors whose data is
+still on disk (streamed models) are left alone.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def fold_batch_norms(model: onnx.ModelProto) -> list[str]:
         params = [inits.get(n) for n in bn.input[1:5]]
         weight = inits.get(conv.input[1])
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if any(t is not None and t.data_location == onnx.TensorProto.EXTERNAL
+               for t in [*params, weight, inits.get(bias_name)]):
+            continue
         if (len(bn.output) != 1 or any(p is None for p in params) or weight is None
                 or len(uses.get(conv.input[1], [])) != 1 or (bias_name and (bias_name not in inits
                                                                              or len(uses.get(bias_name, [])) != 1))):
@@ -70,5 +74,5 @@ def fold_batch_norms(model: onnx.ModelProto) -> list[str]:
         stale = [t for t in graph.initializer if t.name not in used and t.name not in {i.name for i in graph.input}]
         for t in stale:
             graph.initializer.remove(t)
-        log.info("qdq: folded %d BatchNormalization nodes into their convolutions", len(folded))
+        log.info("folded %d BatchNormalization nodes into their convolutions", len(folded))
     return folded

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import onnx
 from tqdm.auto import tqdm
 
 from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
@@ -27,6 +28,8 @@ from onnxcompress.model import opset_of
 from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array
+
+from .qdq_fold import fold_batch_norms
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ class ShareConfig:
     group_size: int = 8  # output channels per codebook ("group")
     outlier_fraction: float = 0.005  # share of a weight's entries stored exactly ("outlier", tried by "auto")
     target_sqnr_db: float = 36.0  # per-layer SQNR target of "auto": ~27 dB at the logits after ~8 layers add up
+    # fold Conv -> BatchNormalization pairs into the Conv first (W' = k W per output channel), as
+    # exporters do: the BN's four vectors and node go, and per-channel scales absorb k exactly.
+    # "auto": when the granularity can give each channel its own scale (auto, channel, group); one
+    # codebook per tensor ("tensor", "outlier") would have to span the k spread instead
+    fold_batch_norm: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self):
         for name in ("bits_conv", "bits_fc", "bits_other"):
@@ -77,6 +85,15 @@ class SharePass(Pass):
     def call(self, ctx: Context) -> PassResult:
         cfg: ShareConfig = self.config
         opset = opset_of(ctx.model)
+        fold = cfg.fold_batch_norm == "always" or (cfg.fold_batch_norm == "auto"
+                                                  and cfg.granularity in ("auto", "channel", "group"))
+        folded = fold_batch_norms(ctx.model) if fold else []
+        if folded:  # the layer fits below aim at the folded original's layer outputs
+            reference = onnx.ModelProto()
+            reference.CopyFrom(ctx.reference)
+            fold_batch_norms(reference)
+            ctx.rewritten_original = reference
+            ctx.note(f"share: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
         scope = NameScope(ctx.model)
         candidates = [w for w in ctx.weights(cfg.min_elements) if self._eligible(ctx, w)]
         refining = cfg.refine and ctx.data is not None
@@ -132,7 +149,8 @@ class SharePass(Pass):
             ctx.note(f"share: {len(wanted_uint4)} weights use <= 4 bits but the model's opset {opset} is below "
                      f"{UINT4_MIN_OPSET}, so their codes are stored as uint8 (the opset was left unchanged)")
         log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
-        return PassResult(bool(ctx.shared), {"weights": len(ctx.shared), "bytes_before": before, "bytes_after": after})
+        return PassResult(bool(ctx.shared) or bool(folded), {"weights": len(ctx.shared), "bytes_before": before,
+                                                             "bytes_after": after, "folded_batch_norms": folded})
 
     def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
              links=None, absorb=None):

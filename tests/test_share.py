@@ -107,3 +107,64 @@ def test_share_4bit_keeps_agreement_and_size_on_the_recurrent_and_bn_folded_samp
     onnx.checker.check_model(onnx.load(out), full_check=True)
     ratio, agreement = file_bytes(src) / file_bytes(out), report.validation.outputs[0].top1_agreement
     assert ratio >= 6.0 and agreement >= 0.995, (ratio, agreement)
+
+
+def conv_bn_model(seed: int = 7, wide: bool = True) -> onnx.ModelProto:
+    """Conv(16 x 8 x 3 x 3) -> BatchNormalization with gammas spread 100x (as exporters fold them) -> Relu."""
+    from onnx import helper, numpy_helper
+
+    from tiny import make_model, value, weights
+
+    rng = np.random.default_rng(seed)
+    gamma = np.geomspace(0.05, 5.0, 16).astype(np.float32) if wide else np.ones(16, np.float32)
+    inits = [numpy_helper.from_array(weights(rng, 16, 8, 3, 3, scale=0.3), "W"),
+             numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(weights(rng, 16), "beta"),
+             numpy_helper.from_array(weights(rng, 16), "mean"),
+             numpy_helper.from_array((rng.random(16) + 0.5).astype(np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    return make_model(nodes, [value("x", ["N", 8, 6, 6])], [value("y", ["N", 16, 6, 6])], inits)
+
+
+def test_share_folds_batch_norm_and_fits_toward_the_folded_original():
+    from onnxcompress.data import load_data
+    from onnxcompress.metrics import sqnr_db
+    from onnxcompress.passes.qdq_fold import fold_batch_norms
+    from onnxcompress.passes.share import SharePass
+    from tiny import run
+
+    model = conv_bn_model()
+    data = load_data(random_feeds(model, n=64))
+    ctx = run_pass(SharePass(bits_conv=4, granularity="channel", min_elements=64), model, data)
+    assert "BatchNormalization" not in op_types(ctx.model) and any("folded 1" in n for n in ctx.notes)
+    assert "BatchNormalization" in op_types(ctx.original)  # the original is untouched
+    by_hand = onnx.ModelProto()
+    by_hand.CopyFrom(model)
+    fold_batch_norms(by_hand)
+    reference = run_pass(SharePass(bits_conv=4, granularity="channel", min_elements=64), by_hand, data)
+    x = data.stacked["x"]
+    want, = run(model, {"x": x})
+    got, = run(ctx.model, {"x": x})
+    same, = run(reference.model, {"x": x})
+    # the fits aim at the folded layer's own outputs: as good as folding before the pass
+    assert sqnr_db(float(np.sum(want ** 2)), float(np.sum((want - got) ** 2))) > 18  # 4 bits: ~6 dB a bit
+    np.testing.assert_allclose(got, same, atol=1e-4)
+
+
+def test_share_folds_batch_norm_only_where_channels_get_their_own_scale():
+    tensor = run_share(conv_bn_model(), bits_conv=4, granularity="tensor", min_elements=64)
+    assert "BatchNormalization" in op_types(tensor.model)
+    forced = run_share(conv_bn_model(), bits_conv=4, granularity="tensor", fold_batch_norm="always", min_elements=64)
+    assert "BatchNormalization" not in op_types(forced.model)
+    kept = run_share(conv_bn_model(), bits_conv=4, granularity="channel", fold_batch_norm="never", min_elements=64)
+    assert "BatchNormalization" in op_types(kept.model)
+
+
+def test_batch_norm_whose_weights_are_still_on_disk_is_not_folded():
+    from onnxcompress.passes.qdq_fold import fold_batch_norms
+
+    model = conv_bn_model()
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    assert fold_batch_norms(model) == []
