@@ -4,7 +4,8 @@
 
 Each recipe gets only the sample's calibration split (as `--data`) and is measured afterwards on
 its test split, which no recipe sees: the searches (`deep-compression`, `auto`) measure their
-budgets on the calibration data, as top-1 agreement with the float model.
+budgets on the calibration data, which has no labels: the accuracy lost is estimated there with the
+float model's own class probabilities as labels, on cross-fitted refits.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, numpy_helper
 
 from . import external
 from .data import Dataset, model_inputs
@@ -51,9 +52,56 @@ def foreign_domains(model: onnx.ModelProto) -> set[str]:
     return {n.domain for g, _ in iter_graphs(model.graph) for n in g.node if n.domain not in known}
 
 
+# external-data location of the weights a detached model hands to onnxruntime as arrays
+IN_MEMORY = "onnxcompress-in-memory"
+_DETACHABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.UINT8,
+               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL}
+
+
+def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of `model` without the bytes of its large main-graph initializers, and those as arrays.
+
+    The copy refers to each detached weight as external data at IN_MEMORY; give the arrays to
+    make_session(..., arrays=...), which hands them to onnxruntime directly. Building a session
+    this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
+    the model with extra outputs for calibration or capture costs its graph, not its weights).
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip={"graph"})
+    _copy_fields(model.graph, light.graph, skip={"initializer"})
+    arrays = {}
+    for tensor in model.graph.initializer:
+        if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type not in _DETACHABLE
+                or not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes):
+            light.graph.initializer.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        placeholder = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                  data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+            entry = placeholder.external_data.add()
+            entry.key, entry.value = key, value
+        light.graph.initializer.append(placeholder)
+        arrays[tensor.name] = array
+    return light, arrays
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None,
-                 optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session; packed models are decoded first; errors become ModelError."""
+                 optimize: bool = True, arrays: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A CPU session; packed models are decoded first; errors become ModelError. `arrays`: the
+    weights of a model made by :func:`detached`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -62,6 +110,10 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     proto = None
     try:
+        if arrays:
+            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                             for a in arrays.values()])
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         if isinstance(model, (str, os.PathLike)):
             proto = onnx.load(str(model), load_external_data=False)
             if not uses_domain(proto):

@@ -26,7 +26,7 @@ from onnxcompress.data import model_inputs
 from onnxcompress.errors import DataError, ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.runtime import make_session
+from onnxcompress.runtime import detached, make_session, uses_domain
 from onnxcompress.quantmath import (TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range,
                                     scale_zero_point)
 
@@ -224,7 +224,10 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     hists = {n: StreamingHistogram(cfg.bins) for n in captured} if use_hist else {}
     lows = dict.fromkeys(captured, np.inf)
     highs = dict.fromkeys(captured, -np.inf)
-    augmented, reduced = with_extremes(model, captured)
+    # the augmented copy holds the graph only: the weights go to onnxruntime as arrays
+    light, arrays = detached(model) if not uses_domain(model) else (model, {})
+    augmented, reduced = with_extremes(light, captured)
+    del light
     # min/max are reduced inside onnxruntime: only scalars come back unless histograms need the tensor
     outputs = [r for pair in reduced.values() for r in pair] + (captured if use_hist else [])
     present = {o.name for o in augmented.graph.output}
@@ -232,8 +235,8 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
     # graph optimizations would not survive the exposed outputs anyway; skipping them saves load time and memory
     workers = max(1, cfg.workers)
-    session = make_session(augmented, optimize=False, threads=1 if workers > 1 else None)
-    del augmented  # onnxruntime holds its own copy of the weights
+    session = make_session(augmented, optimize=False, threads=1 if workers > 1 else None, arrays=arrays)
+    del augmented, arrays  # onnxruntime holds its own copy of the weights
     # the samples in flight stay max_batch: each of the workers runs its share of them
     chunks = data.chunks(model_inputs(model), max_batch=max(1, -(-cfg.max_batch // workers)))
     for values in _run_chunks(session, outputs, chunks, workers):

@@ -116,3 +116,18 @@ def test_cli_output_equal_to_input_or_in_missing_folder(tmp_path, capsys):
     assert "is the input" in cli_error(capsys, ["compress", str(path), "-o", str(path)])
     assert "does not exist" in cli_error(capsys, ["compress", str(path), "-o", str(tmp_path / "no" / "o.onnx")])
     assert path.read_bytes() == original
+
+
+def test_detached_session_runs_the_weights_without_holding_their_bytes_twice():
+    from onnxcompress.runtime import IN_MEMORY, detached, make_session
+
+    model = gemm(k=256, n=64)  # W holds 64 KB; the bias stays inline
+    light, arrays = detached(model)
+    assert set(arrays) == {"W"} and light.ByteSize() < 2048 < model.ByteSize()
+    (placeholder,) = [t for t in light.graph.initializer if t.name == "W"]
+    assert not placeholder.raw_data and {e.key: e.value for e in placeholder.external_data}["location"] == IN_MEMORY
+    assert len(model.graph.initializer[0].raw_data) > 0  # the model itself is untouched
+    feeds = random_feeds(model, n=8)
+    (want,) = run(model, feeds)
+    (got,) = make_session(light, arrays=arrays).run(None, feeds)
+    np.testing.assert_array_equal(got, want)
