@@ -25,13 +25,22 @@ from collections.abc import Sequence
 import numpy as np
 
 try:  # many small solves run far faster on one BLAS thread (threads oversubscribe busy machines)
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # optional: without it BLAS keeps its own thread count
-    threadpool_limits = None
+    ThreadpoolController = None
+_controller = None
 
 
 def _one_blas_thread():
-    return threadpool_limits(1) if threadpool_limits is not None else contextlib.nullcontext()
+    """A context holding BLAS to one thread. The controller finds the BLAS libraries once: finding
+    them on every call (threadpool_limits) reads /proc/self/maps each time, which cost more than
+    the tens of thousands of small solves of a depthwise layer's refits."""
+    global _controller
+    if ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1)
 
 
 def damped(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
