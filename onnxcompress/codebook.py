@@ -65,9 +65,8 @@ class SharedWeight:
         total = code_bytes + self.codebook.size * 4
         for extra in (self.group_offsets, self.scale, self.outlier_value):
             total += 0 if extra is None else extra.nbytes
-        if self.outlier_index is not None:  # one coordinate per axis, as narrow as the largest axis allows
-            width = np.min_scalar_type(int(max(self.shape, default=1))).itemsize
-            total += self.outlier_index.size * width * max(len(self.shape), 1)
+        if self.outlier_index is not None:  # ScatterND takes int64 coordinates, one per axis
+            total += self.outlier_index.size * 8 * max(len(self.shape), 1)
         return total
 
 
@@ -93,71 +92,50 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
     """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] -> [ScatterND].
 
     Every input is constant, so onnxruntime folds the whole chain into a dense tensor at load.
-    The chain is kept slim, since on a small model it weighs as much as the codes: nodes carry no
-    names (their outputs are named after the weight, and metadata_props name the pass), and a
-    tensor the ops want wide (float32 scales, int64 outlier coordinates) is stored narrow with a
-    Cast only where that is smaller, measured.
     """
     base = weight.name
     codes_name = scope.fresh(f"{base}__codes")
     book_name = scope.fresh(f"{base}__codebook")
     inits = [code_tensor(codes_name, weight.codes, weight.bits, opset),
              numpy_helper.from_array(weight.codebook.astype(np.float32), book_name)]
-    index = scope.fresh(f"{base}__i")
-    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32)]
+    index = scope.fresh(f"{base}__index")
+    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32, name=scope.fresh(f"{base}/Cast"))]
     if weight.group_offsets is not None:
         offsets_name = scope.fresh(f"{base}__group_offsets")
         inits.append(numpy_helper.from_array(
             weight.group_offsets.astype(np.int32).reshape(weight.channel_shape()), offsets_name))
-        shifted = scope.fresh(f"{base}__ig")
-        nodes.append(helper.make_node("Add", [index, offsets_name], [shifted]))
+        shifted = scope.fresh(f"{base}__index_grouped")
+        nodes.append(helper.make_node("Add", [index, offsets_name], [shifted], name=scope.fresh(f"{base}/AddOffset")))
         index = shifted
-    current = scope.fresh(f"{base}__g")
-    nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0))
+    current = scope.fresh(f"{base}__gathered")
+    nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0, name=scope.fresh(f"{base}/Gather")))
     if weight.scale is not None:
-        # float16 scales halve their bytes; decode() computes in float32 too, so either way is exact
-        stored = weight.scale.astype(np.float16 if np.dtype(weight.scale.dtype) == np.float16 else np.float32)
-        scale_name, scale_inits, scale_nodes = _stored_as(stored.reshape(weight.channel_shape()), np.float32,
-                                                          scope, f"{base}__scale", pass_name)
-        inits += scale_inits
-        nodes += scale_nodes
-        scaled = scope.fresh(f"{base}__x")
-        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled]))
+        scale_name = scope.fresh(f"{base}__scale")
+        half = np.dtype(weight.scale.dtype) == np.float16
+        inits.append(numpy_helper.from_array(
+            weight.scale.astype(np.float16 if half else np.float32).reshape(weight.channel_shape()), scale_name))
+        if half:  # float16 scales halve their bytes; decode() computes in float32 too
+            widened = scope.fresh(f"{base}__scale_f32")
+            nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT,
+                                          name=scope.fresh(f"{base}/CastScale")))
+            scale_name = widened
+        scaled = scope.fresh(f"{base}__scaled")
+        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled], name=scope.fresh(f"{base}/Scale")))
         current = scaled
     if weight.outlier_index is not None and weight.outlier_index.size:
-        where = np.stack(np.unravel_index(weight.outlier_index, weight.shape), axis=-1)
-        narrow = np.min_scalar_type(int(max(weight.shape)))  # ScatterND takes int64 coordinates
-        idx_name, idx_inits, idx_nodes = _stored_as(where.astype(narrow), np.int64, scope, f"{base}__outlier_index",
-                                                        pass_name)
-        val_name = scope.fresh(f"{base}__outlier_value")
-        inits += idx_inits + [numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
-        nodes += idx_nodes
-        patched = scope.fresh(f"{base}__p")
-        nodes.append(helper.make_node("ScatterND", [current, idx_name, val_name], [patched]))
+        where = np.stack(np.unravel_index(weight.outlier_index, weight.shape), axis=-1).astype(np.int64)
+        idx_name, val_name = scope.fresh(f"{base}__outlier_index"), scope.fresh(f"{base}__outlier_value")
+        inits += [numpy_helper.from_array(where, idx_name),
+                  numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
+        patched = scope.fresh(f"{base}__patched")
+        nodes.append(helper.make_node("ScatterND", [current, idx_name, val_name], [patched],
+                                      name=scope.fresh(f"{base}/Outliers")))
         current = patched
     if np.dtype(weight.dtype) == np.float32:
         nodes[-1].output[0] = base
     else:  # the chain computes float32; cast back so consumers see the original dtype
         to = helper.np_dtype_to_tensor_dtype(np.dtype(weight.dtype))
-        nodes.append(helper.make_node("Cast", [current], [base], to=to))
+        nodes.append(helper.make_node("Cast", [current], [base], to=to, name=scope.fresh(f"{base}/CastBack")))
     for node in nodes:
-        if not node.metadata_props:
-            mark(node, pass_name)
+        mark(node, pass_name)
     return nodes, inits
-
-
-def _stored_as(values: np.ndarray, wide: type, scope: NameScope, name: str, pass_name: str
-               ) -> tuple[str, list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """`values` as a `wide` tensor: stored wide, or stored as they are plus a Cast, whichever
-    serializes smaller. Returns (the wide tensor's name, initializers, nodes)."""
-    stored = scope.fresh(name)
-    as_wide = numpy_helper.from_array(values.astype(wide), stored)
-    if values.dtype == np.dtype(wide):
-        return stored, [as_wide], []
-    narrow = numpy_helper.from_array(values, stored)
-    widened = scope.fresh(f"{name}_wide")
-    cast = helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(np.dtype(wide)))
-    mark(cast, pass_name)
-    if narrow.ByteSize() + cast.ByteSize() < as_wide.ByteSize():
-        return widened, [narrow], [cast]
-    return stored, [as_wide], []
