@@ -382,10 +382,15 @@ class BitWidthPass(Pass):
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         bar = tqdm(total=sum(map(len, grids.values())), desc="sensitivity", disable=not ctx.progress, leave=False)
         counting = False  # is the cost a count of changed decisions?
+        limit = self._cost_limit()
         for info in weights:
             array = evaluator.base[info.name]
             table[info.name] = []
+            hopeless = None  # a sparsity at which every width cost more than any allocation can take
             for sparsity, bits in grids[info.name]:
+                if hopeless is not None and sparsity > hopeless:
+                    bar.update()
+                    continue
                 candidate = Candidate(sparsity, bits)
                 try:
                     coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner)
@@ -398,6 +403,12 @@ class BitWidthPass(Pass):
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
                 table[info.name].append(candidate)
                 bar.update()
+                row = [c for c in table[info.name] if c.sparsity == sparsity]
+                if (limit is not None and hopeless is None and len(row) == len(cfg.bits)
+                        and all(c.error is None and c.cost > limit for c in row)):
+                    hopeless = sparsity  # pruning more only costs more: the higher sparsities are skipped
+                    log.debug("bitwidth: %s costs over %.3g at every width from sparsity %.2f on; higher "
+                              "sparsities skipped", info.name, limit, sparsity)
         bar.close()
         if counting:
             resolution = 100.0 * 2 / max(len(evaluator.data), 1)
@@ -464,6 +475,16 @@ class BitWidthPass(Pass):
                    else (p["check"], p["bytes"]))
         chosen = next(c for c, p in seen.items() if p is best)
         return evaluated, list(chosen)
+
+    def _cost_limit(self) -> float | None:
+        """The largest cost one candidate may have and still be allocated: the loosest budget scale
+        (a candidate costing more cannot fit any verified allocation). None for a size budget,
+        where the least-loss allocation may need any candidate."""
+        cfg = self.config
+        if cfg.target_ratio is not None:
+            return None
+        budget = cfg.max_drop if cfg.min_sqnr is None else 10 ** (-cfg.min_sqnr / 10)
+        return max(SCALES) * budget
 
     @staticmethod
     def _within(cfg: BitWidthConfig, measured: dict, ratio: float) -> bool:

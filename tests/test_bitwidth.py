@@ -256,3 +256,41 @@ def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it
     assert len({r.tobytes() for r in refits}) == 4
     single, _ = _Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
     assert len(single) == 1
+
+
+def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    class Coded:
+        def __init__(self, sparsity, bits):
+            self.sparsity, self.bits = sparsity, bits
+
+        def decode(self):
+            return self
+
+    measured = []
+
+    class Evaluator:
+        base = {"w": np.zeros((4, 4), np.float32)}
+        data = [0] * 100
+
+        def measure(self, changed):
+            (coded,) = changed["w"]
+            measured.append((coded.sparsity, coded.bits))
+            cost = 20.0 * coded.sparsity ** 2 + 1.0 / coded.bits  # from 50% on every width costs over 8 x 0.5
+            return {"cost": cost, "check": cost, "nsr": 0.0}
+
+    class W:
+        name, shape = "w", (4, 4)
+
+    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Coded(s, b)])
+    monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
+    p = BitWidthPass(max_drop=0.5, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
+    p._pruner = None
+    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
+    assert len(table["w"]) == 6
+    sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
+    sized._pruner, measured[:] = None, []
+    sized._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    assert len(measured) == 10  # a size budget may need any candidate
