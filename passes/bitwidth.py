@@ -211,10 +211,10 @@ class _Pruner:
     faster and no better, so simulated sensitivities lean pessimistic there.
 
     With `crossfit` (the search scores on the same data the refit learns from) each refit is
-    made twice, once on each half of the data chunks, so that every sample is scored by a refit
-    that did not see it: a refit on a few hundred samples for hundreds of inputs fits those
-    samples far better than new ones, and scoring it on them would plan for fidelity that the
-    compressed model does not have on new data."""
+    made once per fold of data chunks, from the chunks outside that fold, so that every sample is
+    scored by a refit that did not see it: a refit on a few hundred samples for hundreds of inputs
+    fits those samples far better than new ones, and scoring it on them would plan for fidelity
+    that the compressed model does not have on new data."""
 
     max_flops = 2e9
     folds = 4  # cross-fitting folds: each refit learns from 3/4 of the data chunks, near the final fit's all
