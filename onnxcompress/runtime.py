@@ -58,32 +58,34 @@ _DETACHABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tenso
                TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL}
 
 
-def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool = True
+             ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of `model` without the bytes of its large main-graph initializers, and those as arrays.
 
     The copy refers to each detached weight as external data at IN_MEMORY; give the arrays to
     make_session(..., arrays=...), which hands them to onnxruntime directly. Building a session
     this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
     the model with extra outputs for calibration or capture costs its graph, not its weights).
+    With arrays=False only the copy is made (shape inference needs the types and dims alone).
     """
     light = onnx.ModelProto()
     _copy_fields(model, light, skip={"graph"})
     _copy_fields(model.graph, light.graph, skip={"initializer"})
-    arrays = {}
+    detached_arrays = {}
     for tensor in model.graph.initializer:
         if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type not in _DETACHABLE
                 or not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes):
             light.graph.initializer.append(tensor)
             continue
-        array = numpy_helper.to_array(tensor)
         placeholder = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                   data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(len(tensor.raw_data)))):
             entry = placeholder.external_data.add()
             entry.key, entry.value = key, value
         light.graph.initializer.append(placeholder)
-        arrays[tensor.name] = array
-    return light, arrays
+        if arrays:
+            detached_arrays[tensor.name] = numpy_helper.to_array(tensor)
+    return light, detached_arrays
 
 
 def _copy_fields(source, target, *, skip: set[str]) -> None:

@@ -93,9 +93,8 @@ class CalibrateConfig:
 
 def float_activations(model: onnx.ModelProto) -> list[str]:
     """Names of the main graph's float tensors that are not constants: inputs and node outputs."""
-    # types only: big initializers become typed graph inputs, so inference copies no weight bytes
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < 1 << 20 else _without_big_weights(model, light)
+    # types only: big initializers are left as dims and types, so inference copies no weight bytes
+    light = detached(model, arrays=False)[0] if model.ByteSize() >= 1 << 20 else model
     try:
         inferred = onnx.shape_inference.infer_shapes(light)
     except Exception as e:  # unknown custom ops: fall back to what the model declares
@@ -109,24 +108,6 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
     names = [i.name for i in graph.input if i.name not in constants]
     names += [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]
     return [n for n in dict.fromkeys(names) if types.get(n) in _FLOATS]
-
-
-def _without_big_weights(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
-    """Fill `light` with `model` minus the bytes of initializers over 1024 elements (declared as inputs)."""
-    light.ir_version, light.producer_name = model.ir_version, model.producer_name
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    declared = {i.name for i in model.graph.input}
-    for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) <= 1024:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
 
 
 class CalibratePass(Pass):
