@@ -21,7 +21,7 @@ import onnx
 from .data import Dataset, model_inputs
 from .errors import ModelError
 from .graphs import find_graph
-from .runtime import detached, make_session, run, uses_domain
+from .runtime import detached, make_session, run
 from .weights import WeightInfo
 
 
@@ -38,7 +38,7 @@ def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *,
             max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
     """Yield, per chunk of `data`, the values of the main-graph tensors `names`."""
     # the exposed copy holds the graph only: the weights go to onnxruntime as arrays
-    light, arrays = detached(model) if not uses_domain(model) else (model, {})
+    light, arrays = detached(model)
     session = make_session(with_outputs(light, names), arrays=arrays)
     del light, arrays
     specs = model_inputs(model)

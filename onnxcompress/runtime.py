@@ -66,8 +66,11 @@ def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool =
     make_session(..., arrays=...), which hands them to onnxruntime directly. Building a session
     this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
     the model with extra outputs for calibration or capture costs its graph, not its weights).
-    With arrays=False only the copy is made (shape inference needs the types and dims alone).
+    With arrays=False only the copy is made (shape inference needs the types and dims alone). A
+    packed model comes back as it is, with no arrays: make_session decodes it first.
     """
+    if uses_domain(model):
+        return model, {}
     light = onnx.ModelProto()
     _copy_fields(model, light, skip={"graph"})
     _copy_fields(model.graph, light.graph, skip={"initializer"})

@@ -26,7 +26,7 @@ from onnxcompress.data import model_inputs
 from onnxcompress.errors import DataError, ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.runtime import detached, make_session, uses_domain
+from onnxcompress.runtime import detached, make_session
 from onnxcompress.quantmath import (TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range,
                                     scale_zero_point)
 
@@ -206,7 +206,7 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     lows = dict.fromkeys(captured, np.inf)
     highs = dict.fromkeys(captured, -np.inf)
     # the augmented copy holds the graph only: the weights go to onnxruntime as arrays
-    light, arrays = detached(model) if not uses_domain(model) else (model, {})
+    light, arrays = detached(model)
     augmented, reduced = with_extremes(light, captured)
     del light
     # min/max are reduced inside onnxruntime: only scalars come back unless histograms need the tensor
