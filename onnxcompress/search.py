@@ -29,7 +29,7 @@ def budget_check(config, comparison: Comparison | None, ratio: float) -> tuple[b
         worst = min(o.sqnr_db for o in comparison.outputs)
         return worst >= config.min_sqnr, worst
     drop = comparison.accuracy_drop
-    if drop is None and getattr(config, "unlabelled", "agreement") == "expected":
+    if drop is None and config.unlabelled == "expected":
         drop = comparison.expected_drop
     if drop is None:
         agreement = comparison.worst_agreement()

@@ -86,6 +86,14 @@ class BitWidthConfig:
         if self.target_ratio is not None and self.target_ratio <= 1:
             raise ValueError(f"target_ratio must be above 1, not {self.target_ratio}")
 
+    @property
+    def loss_budget(self) -> float | None:
+        """The budget in the units of a candidate's cost: points (max_drop) or the noise-to-signal
+        ratio (min_sqnr); None for a size budget (target_ratio)."""
+        if self.target_ratio is not None:
+            return None
+        return self.max_drop if self.min_sqnr is None else 10 ** (-self.min_sqnr / 10)
+
 
 @dataclass
 class Candidate:
@@ -428,7 +436,7 @@ class BitWidthPass(Pass):
                 raise PreconditionError(f"no configuration reaches ratio {cfg.target_ratio}: the smallest candidates "
                                         "are still too large; lower --target-ratio")
         else:
-            budget = cfg.max_drop if cfg.min_sqnr is None else 10 ** (-cfg.min_sqnr / 10)
+            budget = cfg.loss_budget
             choices = [allocate.min_size(options, budget * scale) for scale in SCALES]
 
         def verify(choice) -> dict | None:
@@ -480,11 +488,8 @@ class BitWidthPass(Pass):
         """The largest cost one candidate may have and still be allocated: the loosest budget scale
         (a candidate costing more cannot fit any verified allocation). None for a size budget,
         where the least-loss allocation may need any candidate."""
-        cfg = self.config
-        if cfg.target_ratio is not None:
-            return None
-        budget = cfg.max_drop if cfg.min_sqnr is None else 10 ** (-cfg.min_sqnr / 10)
-        return max(SCALES) * budget
+        budget = self.config.loss_budget
+        return None if budget is None else max(SCALES) * budget
 
     @staticmethod
     def _within(cfg: BitWidthConfig, measured: dict, ratio: float) -> bool:
