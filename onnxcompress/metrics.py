@@ -104,19 +104,20 @@ def class_probabilities(scores: np.ndarray) -> np.ndarray | None:
     return e / e.sum(-1, keepdims=True)
 
 
-def expected_loss(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
-    """Mean over positions of p(reference top-1) - p(candidate top-1), p the reference's probabilities."""
-    total, count = 0.0, 0
-    for r, c in zip(reference, candidate):
+def expected_loss(reference: list[np.ndarray], ref_top: np.ndarray, cand_top: np.ndarray) -> float | None:
+    """Mean over positions of p(reference top-1) - p(candidate top-1), p the reference's probabilities
+    (chunks of class scores; the top-1 classes of every position, chunks concatenated)."""
+    rows = []
+    for r in reference:
         p = class_probabilities(r)
         if p is None:
             return None
-        p = p.reshape(-1, p.shape[-1])
-        ref_top, cand_top = r.reshape(p.shape).argmax(-1), np.asarray(c).reshape(p.shape).argmax(-1)
-        rows = np.arange(p.shape[0])
-        total += float(np.sum(p[rows, ref_top] - p[rows, cand_top]))
-        count += p.shape[0]
-    return total / count if count else None
+        rows.append(p.reshape(-1, p.shape[-1]))
+    if not rows or ref_top.size == 0:
+        return None
+    p = np.concatenate(rows)
+    index = np.arange(p.shape[0])
+    return float(np.mean(p[index, ref_top] - p[index, cand_top]))
 
 
 def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
@@ -136,7 +137,7 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
             ref_top = np.concatenate([r.argmax(-1).ravel() for r in refs])
             cand_top = np.concatenate([c.argmax(-1).ravel() for c in cands])
             metric.top1_agreement = float(np.mean(ref_top == cand_top)) if ref_top.size else None
-            metric.expected_loss = expected_loss(refs, cands)
+            metric.expected_loss = expected_loss(refs, ref_top, cand_top)
             if labels is not None and labels.size == ref_top.size:
                 truth = labels.ravel()
                 metric.accuracy_reference = float(np.mean(ref_top == truth))

@@ -198,8 +198,6 @@ def test_expected_loss_charges_a_changed_decision_by_the_reference_probabilities
 
 
 def test_an_unlabelled_budget_bounds_the_expected_loss_or_the_agreement():
-    from onnxcompress.passes.bitwidth import make_score
-
     class Data:
         labels = None
 
