@@ -38,6 +38,7 @@ SAMPLES = {  # model -> (calibration split, test split)
     "lenet300": ("mnist_calib.npz", "mnist_test.npz"),
     "lenet5": ("mnist_calib.npz", "mnist_test.npz"),
     "dwsep_bnfold": ("mnist_calib.npz", "mnist_test.npz"),
+    "resnet_bn": ("mnist_calib.npz", "mnist_test.npz"),
     "lstm_rows": ("rows_calib.npz", "rows_test.npz"),
 }
 VARIANTS = {  # label -> (share options, use calibration data)

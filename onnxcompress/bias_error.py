@@ -39,6 +39,7 @@ class BiasLink:
     rows: np.ndarray  # (bias size,) the output row (channel-first row of the weights) each entry adds to
     rho: np.ndarray  # (rows,) mu^T H^-1 mu of the absorber's inputs, per output row
     signal: float  # sum over the layer's weights of tr(W H W^T): the output signal per input row
+    weights: tuple[str, ...] = ()  # the layer's weights, whose outputs the bias adds to
 
     def row_error(self, error: np.ndarray) -> np.ndarray:
         """e per output row: the bias entries landing on the same row add up (a recurrent Wb + Rb)."""

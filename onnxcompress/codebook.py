@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graphs import NameScope, mark
+from .graphs import NameScope
 
 UINT4_MIN_OPSET = 21
+_STEP = "sw"  # base of the decode chains' intermediate tensor names ("sw", "sw_1", ...)
 
 
 @dataclass
@@ -65,9 +66,14 @@ class SharedWeight:
         total = code_bytes + self.codebook.size * 4
         for extra in (self.group_offsets, self.scale, self.outlier_value):
             total += 0 if extra is None else extra.nbytes
-        if self.outlier_index is not None:  # ScatterND takes int64 coordinates, one per axis
-            total += self.outlier_index.size * 8 * max(len(self.shape), 1)
+        if self.outlier_index is not None:  # flat indices, int32 where they fit
+            total += self.outlier_index.size * np.dtype(_index_dtype(self)).itemsize
         return total
+
+
+def _index_dtype(weight: SharedWeight) -> type:
+    """int32 flat indices when the weight has fewer than 2**31 entries, else int64."""
+    return np.int32 if int(np.prod(weight.shape, dtype=np.int64)) < 2**31 else np.int64
 
 
 def code_tensor(name: str, codes: np.ndarray, bits: int, opset: int) -> onnx.TensorProto:
@@ -87,55 +93,61 @@ def code_tensor(name: str, codes: np.ndarray, bits: int, opset: int) -> onnx.Ten
     return numpy_helper.from_array(codes.astype(dtype), name)
 
 
-def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name: str
+def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] -> [ScatterND].
+    """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] ->
+    [Reshape -> ScatterElements -> Reshape].
 
     Every input is constant, so onnxruntime folds the whole chain into a dense tensor at load.
+    On a small model the chain weighs as much as the codes, so it is kept lean: its initializers
+    are named after the weight (``W__codes``, ``W__codebook``...), which says what made them, while
+    the nodes carry no names or metadata and the intermediate tensors get short opaque names.
     """
     base = weight.name
     codes_name = scope.fresh(f"{base}__codes")
     book_name = scope.fresh(f"{base}__codebook")
     inits = [code_tensor(codes_name, weight.codes, weight.bits, opset),
              numpy_helper.from_array(weight.codebook.astype(np.float32), book_name)]
-    index = scope.fresh(f"{base}__index")
-    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32, name=scope.fresh(f"{base}/Cast"))]
+    index = scope.fresh(_STEP)
+    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32)]
     if weight.group_offsets is not None:
         offsets_name = scope.fresh(f"{base}__group_offsets")
         inits.append(numpy_helper.from_array(
             weight.group_offsets.astype(np.int32).reshape(weight.channel_shape()), offsets_name))
-        shifted = scope.fresh(f"{base}__index_grouped")
-        nodes.append(helper.make_node("Add", [index, offsets_name], [shifted], name=scope.fresh(f"{base}/AddOffset")))
+        shifted = scope.fresh(_STEP)
+        nodes.append(helper.make_node("Add", [index, offsets_name], [shifted]))
         index = shifted
-    current = scope.fresh(f"{base}__gathered")
-    nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0, name=scope.fresh(f"{base}/Gather")))
+    current = scope.fresh(_STEP)
+    nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0))
     if weight.scale is not None:
         scale_name = scope.fresh(f"{base}__scale")
         half = np.dtype(weight.scale.dtype) == np.float16
         inits.append(numpy_helper.from_array(
             weight.scale.astype(np.float16 if half else np.float32).reshape(weight.channel_shape()), scale_name))
         if half:  # float16 scales halve their bytes; decode() computes in float32 too
-            widened = scope.fresh(f"{base}__scale_f32")
-            nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT,
-                                          name=scope.fresh(f"{base}/CastScale")))
+            widened = scope.fresh(_STEP)
+            nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT))
             scale_name = widened
-        scaled = scope.fresh(f"{base}__scaled")
-        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled], name=scope.fresh(f"{base}/Scale")))
+        scaled = scope.fresh(_STEP)
+        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled]))
         current = scaled
     if weight.outlier_index is not None and weight.outlier_index.size:
-        where = np.stack(np.unravel_index(weight.outlier_index, weight.shape), axis=-1).astype(np.int64)
+        # written over the flattened weight by ScatterElements, whose flat indices may be int32
+        # (ScatterND would take int64 coordinates, one per axis: 8x the bytes on a 4-D weight)
+        flat_shape, shape = scope.fresh(f"{base}__flat_shape"), scope.fresh(f"{base}__shape")
         idx_name, val_name = scope.fresh(f"{base}__outlier_index"), scope.fresh(f"{base}__outlier_value")
-        inits += [numpy_helper.from_array(where, idx_name),
+        inits += [numpy_helper.from_array(np.array([-1], np.int64), flat_shape),
+                  numpy_helper.from_array(np.array(weight.shape, np.int64), shape),
+                  numpy_helper.from_array(weight.outlier_index.astype(_index_dtype(weight)), idx_name),
                   numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
-        patched = scope.fresh(f"{base}__patched")
-        nodes.append(helper.make_node("ScatterND", [current, idx_name, val_name], [patched],
-                                      name=scope.fresh(f"{base}/Outliers")))
-        current = patched
+        flat, patched, current_shaped = scope.fresh(_STEP), scope.fresh(_STEP), scope.fresh(_STEP)
+        nodes += [helper.make_node("Reshape", [current, flat_shape], [flat]),
+                  helper.make_node("ScatterElements", [flat, idx_name, val_name], [patched], axis=0),
+                  helper.make_node("Reshape", [patched, shape], [current_shaped])]
+        current = current_shaped
     if np.dtype(weight.dtype) == np.float32:
         nodes[-1].output[0] = base
     else:  # the chain computes float32; cast back so consumers see the original dtype
         to = helper.np_dtype_to_tensor_dtype(np.dtype(weight.dtype))
-        nodes.append(helper.make_node("Cast", [current], [base], to=to, name=scope.fresh(f"{base}/CastBack")))
-    for node in nodes:
-        mark(node, pass_name)
+        nodes.append(helper.make_node("Cast", [current], [base], to=to))
     return nodes, inits

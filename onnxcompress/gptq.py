@@ -79,6 +79,14 @@ class LayerHessians:
             self._feedback[key] = (order, u)
         return self._feedback[key]
 
+    def mean_shift(self, d: np.ndarray) -> np.ndarray:
+        """(C,) the mean output change D_g E[x] of each row of a (C, K) weight change D (0 without means)."""
+        shift = np.zeros(d.shape[0])
+        for g, mu in enumerate(self.means or []):
+            rows = self.group_of_channel == g
+            shift[rows] = d[rows] @ mu
+        return shift
+
     def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
         """(sum_g tr(W_g H_g W_g^T), sum_g tr(D_g H_g D_g^T)) for (C, K) matrices W and D."""
         signal = noise = 0.0

@@ -52,6 +52,7 @@ from .gptq import (LayerHessians, gptq_codes, nearest_codes, normalize, refit_un
                    use_float16)
 from .kmeans import kmeans_1d
 from .metrics import sqnr_db
+from .sensitivity import OutputGains, mean_part
 
 Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
@@ -90,14 +91,16 @@ class Choice:
 
     chosen: Candidate
     candidates: list[Candidate]
-    space: Literal["output", "weight"]
+    space: Literal["output", "weight", "model output"]
     target_db: float
     reason: str
     target: np.ndarray | None = None  # what the candidates approximate, when not the weight itself
+    gains: OutputGains | None = None  # how the layer's error reaches the model's outputs, when measured
 
     def details(self) -> dict:
+        gain = {} if self.gains is None else {"output_gains": self.gains.as_dict()}
         return {"granularity": self.chosen.option.label, "sqnr_db": _round(self.chosen.sqnr_db),
-                "error_space": self.space, "target_sqnr_db": self.target_db, "reason": self.reason,
+                "error_space": self.space, **gain, "target_sqnr_db": self.target_db, "reason": self.reason,
                 "candidates": {c.option.label: {"bytes": c.bytes, "sqnr_db": _round(c.sqnr_db)}
                                for c in self.candidates}}
 
@@ -253,13 +256,21 @@ def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dty
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | None) -> float:
-    """SQNR (dB) of the shared weight: in output space with `hessians`, else in weight space."""
+def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | None,
+            gains: OutputGains | None = None, *, mean_free: bool = False) -> float:
+    """SQNR (dB) of the shared weight: in the layer's output with `hessians`, at the model's outputs
+    with `gains` too (:mod:`onnxcompress.sensitivity`), else in weight space. mean_free: the layer's
+    bias will take up the error's mean D E[x] (bias correction), so that part does not count."""
     w = np.asarray(array, np.float64)
     d = w - shared.decode().astype(np.float64)
     if hessians is None:
         return sqnr_db(float(np.sum(w * w)), float(np.sum(d * d)))
-    return sqnr_db(*hessians.signal_and_noise(to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)))
+    w, d = to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)
+    signal, noise = hessians.signal_and_noise(w, d)
+    mean = mean_part(hessians, d) if gains is not None or mean_free else 0.0
+    if mean_free:
+        noise, mean = max(noise - mean, 0.0), 0.0
+    return sqnr_db(signal, noise) if gains is None else gains.output_sqnr_db(signal, noise, mean)
 
 
 def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weighted: bool,
@@ -293,16 +304,20 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
            hessians: LayerHessians | None = None, mask: np.ndarray | None = None, target_db: float = 30.0,
            init: str = "linear", seed: int = 0, model_elements: int | None = None,
            portable_bytes=None, float_bytes: int | None = None, measure_with=None,
-           space: Literal["output", "weight"] | None = None) -> Choice:
+           space: Literal["output", "weight", "model output"] | None = None, gains: OutputGains | None = None,
+           mean_free: bool = False) -> Choice:
     """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
 
     portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes); the
     "float" option costs `float_bytes` (default the array's bytes) and has no error. measure_with(shared)
     -> SQNR dB replaces :func:`measure` (a bias measured in its layer's output, say), in `space`.
+    gains: how the layer's error reaches the model's outputs (:mod:`onnxcompress.sensitivity`);
+    with them :func:`measure` judges every candidate there, in space "model output". mean_free: the
+    error's mean will be corrected in the layer's bias (see :func:`measure`).
     In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing.
     """
     price = portable_bytes or (lambda s: s.payload_bytes())
-    sqnr = measure_with or (lambda shared: measure(array, shared, hessians))
+    sqnr = measure_with or (lambda shared: measure(array, shared, hessians, gains, mean_free=mean_free))
     importance = hessians.importance() if hessians is not None else None
     candidates = []
     for option in options:
@@ -313,7 +328,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
         shared = fit(array, bits, option, name=name, channel_axis=channel_axis, importance=importance,
                      mask=mask, init=init, seed=seed, hessians=hessians)
         candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
-    space = space or ("output" if hessians is not None else "weight")
+    space = space or ("weight" if hessians is None else "output" if gains is None else "model output")
     # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below
     good = [c for c in candidates if c.sqnr_db >= target_db and c.shared is not None]
     if len(candidates) == 1:
@@ -326,4 +341,43 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
         chosen = max(candidates, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
         reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
                   f"{DB_PER_BIT} dB per extra bit per weight")
-    return Choice(chosen, candidates, space, target_db, reason)
+    return Choice(chosen, candidates, space, target_db, reason, gains=gains)
+
+
+def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed_noise: float = 0.0,
+                   rounds: int = 20) -> dict[str, Candidate]:
+    """Re-pick every weight's candidate together, judged at the model's outputs.
+
+    Each candidate's SQNR is measured where its error lands at the outputs (space "model output"),
+    so the errors of all layers add up there: S = sum of 10^(-SQNR/10), plus `fixed_noise` from
+    weights decided already. Maximise min(-10 log10 S, target) - per_byte * total bytes, where the
+    target is the per-layer target with every layer at it (target_db - 10 log10(layers)), by
+    coordinate ascent from the layers' own choices (fewer bytes on ties); deterministic.
+    """
+    if not choices:
+        return {}
+    target = min(c.target_db for c in choices.values()) - 10 * math.log10(len(choices))
+    picked = {name: c.chosen for name, c in choices.items()}
+
+    def noise(c: Candidate) -> float:
+        return 0.0 if c.sqnr_db == math.inf else 10 ** (-c.sqnr_db / 10)
+
+    noise_sum = fixed_noise + sum(noise(c) for c in picked.values())
+    byte_sum = sum(c.bytes for c in picked.values())
+
+    def value(s: float, b: int) -> float:
+        return (target if s <= 0 else min(-10 * math.log10(s), target)) - per_byte * b
+
+    for _ in range(rounds):
+        moved = False
+        for name, choice in choices.items():
+            now = picked[name]
+            rest_noise, rest_bytes = noise_sum - noise(now), byte_sum - now.bytes
+            best = max(choice.candidates, key=lambda c: (value(rest_noise + noise(c), rest_bytes + c.bytes), -c.bytes))
+            if best is not now and value(rest_noise + noise(best), rest_bytes + best.bytes) > \
+                    value(noise_sum, byte_sum) + 1e-12:
+                picked[name], moved = best, True
+                noise_sum, byte_sum = rest_noise + noise(best), rest_bytes + best.bytes
+        if not moved:
+            break
+    return picked

@@ -101,12 +101,16 @@ class NameScope:
 
     def __init__(self, model: onnx.ModelProto):
         self._used = all_names(model)
+        self._next: dict[str, int] = {}  # the suffix to try first for a base asked for before
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
+        name, k = base, self._next.get(base, 1)
+        if k > 1:
+            name = f"{base}_{k - 1}"
         while name in self._used:
             name, k = f"{base}_{k}", k + 1
         self._used.add(name)
+        self._next[base] = k
         return name
 
 

@@ -10,6 +10,7 @@ cancelled with (:mod:`onnxcompress.bias_error`, :func:`bias_links`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -20,15 +21,16 @@ from .capture import capture, collect_layer_inputs, linear_layer
 from .codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from .data import Dataset
 from .errors import ModelError
-from .granular import Choice, LayerHessians, choose, from_matrix, options_for, to_matrix
+from .granular import Candidate, Choice, LayerHessians, Option, choose, from_matrix, options_for, to_matrix
 from .metrics import sqnr_db
+from .sensitivity import OutputGains
 from .graphs import NameScope, find_graph
-from .weights import WeightInfo
+from .weights import WeightInfo, is_bias
 
 log = logging.getLogger(__name__)
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-SCATTERND_MIN_OPSET = 11
+SCATTER_MIN_OPSET = 11  # ScatterElements, which writes outliers back
 # without data, weights larger than this choose their granularity on a seeded sample of about this
 # many entries (whole channels), then fit only the chosen option on every entry
 CHOICE_SAMPLE_ELEMENTS = 1 << 18
@@ -172,7 +174,7 @@ def bias_links(model: onnx.ModelProto, infos: Sequence[WeightInfo], hessians: di
         for w in weights:
             matrix = to_matrix(np.asarray(array_of(by_name[w]), np.float64), by_name[w].channel_axis)
             signal += hessians[w].signal_and_noise(matrix, np.zeros_like(matrix))[0]
-        links[info.name] = BiasLink(absorber, rows, rho[absorber], signal)
+        links[info.name] = BiasLink(absorber, rows, rho[absorber], signal, tuple(weights))
     return links
 
 
@@ -197,14 +199,19 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
                  group_size: int = 8, outlier_fraction: float = 0.005, target_db: float = 30.0,
                  hessians: LayerHessians | None = None, mask: np.ndarray | None = None, init: str = "linear",
                  seed: int = 0, model_elements: int | None = None, opset: int = UINT4_MIN_OPSET,
-                 link: BiasLink | None = None, absorb: np.ndarray | None = None) -> Choice:
+                 link: BiasLink | None = None, absorb: np.ndarray | None = None,
+                 gains: OutputGains | None = None, mean_free: bool = False, only: Option | None = None) -> Choice:
     """The share pass's entry point: the candidates `granularity` allows, measured, one chosen.
 
     A candidate is priced at its serialized portable form (nodes and initializers, as written at
     `opset`), so the few hundred bytes of a Mul/Cast pair count on a small layer; the "float"
     option at the initializer's bytes. A bias with a `link` is measured by the error it leaves in
     its layer's output; a weight given `absorb` (its bias's coding error per output row) is coded
-    toward W + e v^T, which cancels what it can of that error (Choice.target holds it).
+    toward W + e v^T, which cancels what it can of that error (Choice.target holds it). With
+    `gains` (:mod:`onnxcompress.sensitivity`), errors are judged at the model's outputs; a bias's
+    error is a constant offset, all of it carried by the mean gain. mean_free: the layer's float
+    bias will take up the weight's mean output error (bias correction), which then does not count.
+    only: fit and measure this one option (a choice made elsewhere).
     """
     if not np.all(np.isfinite(array)):
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
@@ -216,14 +223,21 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
     measure_with = space = None
     if link is not None:
         reference = np.asarray(array, np.float64)
-        measure_with = lambda shared: sqnr_db(link.signal, link.noise(reference - shared.decode()))  # noqa: E731
-        space = "output"
+        mean_gain = 1.0 if gains is None else gains.mean
+        measure_with = lambda shared: sqnr_db(link.signal, mean_gain * link.noise(reference - shared.decode()))  # noqa: E731
+        space = "output" if gains is None else "model output"
     channels = int(array.shape[axis]) if axis is not None else 1
-    if opset < SCATTERND_MIN_OPSET:  # outliers are written back by ScatterND
+    if opset < SCATTER_MIN_OPSET:  # outliers are written back by ScatterElements
         outlier_fraction = 0.0
     options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
                           weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction,
-                          keep_float=link is not None)
+                          keep_float=link is not None) if only is None else [only]
+    if only is None and link is None and granularity == "auto" and is_bias(info):
+        # its error lands on every output of the layer; unmeasured there (no data, or no captured layer), it
+        # stays exact, for a few bytes
+        return Choice(Candidate(Option("float"), None, float_size(info), math.inf), [], "weight", target_db,
+                      "a bias whose error could not be measured in its layer's output (no data, or no such layer) stays "
+                      "exact")
     price = lambda shared: portable_size(shared, opset)  # noqa: E731
     if hessians is None and len(options) > 1 and array.size > CHOICE_SAMPLE_ELEMENTS:
         choice = _choose_on_sample(array, bits, options, info, mask=mask, target_db=target_db, init=init,
@@ -232,7 +246,8 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
                         target_db=target_db, init=init, seed=seed, model_elements=model_elements,
                         portable_bytes=price, float_bytes=float_size(info),
-                        measure_with=measure_with, space=space)
+                        measure_with=measure_with, space=space, gains=gains, mean_free=mean_free and hessians is not None
+                        and hessians.means is not None)
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice
@@ -277,5 +292,5 @@ def float_size(info: WeightInfo) -> int:
 
 def portable_size(shared: SharedWeight, opset: int) -> int:
     """Serialized bytes of the weight's portable nodes and initializers."""
-    nodes, inits = portable_nodes(shared, NameScope(onnx.ModelProto()), opset, "share")
+    nodes, inits = portable_nodes(shared, NameScope(onnx.ModelProto()), opset)
     return sum(n.ByteSize() for n in nodes) + sum(t.ByteSize() for t in inits)

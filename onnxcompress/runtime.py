@@ -5,7 +5,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ _DETACHABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tenso
                TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL}
 
 
-def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool = True
+def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool = True, also: Collection[str] = ()
              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of `model` without the bytes of its large main-graph initializers, and those as arrays.
 
@@ -66,6 +66,8 @@ def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool =
     make_session(..., arrays=...), which hands them to onnxruntime directly. Building a session
     this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
     the model with extra outputs for calibration or capture costs its graph, not its weights).
+    The initializers named in `also` are detached whatever their size (small integer tensors stay,
+    since onnxruntime reads shapes and axes from them while it builds the session).
     With arrays=False only the copy is made (shape inference needs the types and dims alone). A
     packed model comes back as it is, with no arrays: make_session decodes it first.
     """
@@ -77,7 +79,7 @@ def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool =
     detached_arrays = {}
     for tensor in model.graph.initializer:
         if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type not in _DETACHABLE
-                or not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes):
+                or not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in also)):
             light.graph.initializer.append(tensor)
             continue
         placeholder = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
@@ -116,9 +118,14 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
     proto = None
     try:
         if arrays:
-            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
-                                                             for a in arrays.values()])
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            # onnxruntime reads these buffers in place for the session's lifetime: they must own their
+            # contiguous memory (not views), and the session keeps them alive
+            owned = [a if a.flags.owndata and a.flags.c_contiguous else np.array(a, order="C")
+                     for a in arrays.values()]
+            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in owned])
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session.onnxcompress_buffers = owned
+            return session
         if isinstance(model, (str, os.PathLike)):
             proto = onnx.load(str(model), load_external_data=False)
             if not uses_domain(proto):

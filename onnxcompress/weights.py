@@ -214,6 +214,17 @@ def _role_of(node: onnx.NodeProto, index: int, rank: int) -> tuple[Role, int | N
     return Role.OTHER, None
 
 
+# (op, input index) of an operand added to every output of a layer
+_BIAS_INPUTS = {("Conv", 2), ("ConvTranspose", 2), ("Gemm", 2), ("LSTM", 3), ("GRU", 3), ("RNN", 3)}
+
+
+def is_bias(info: WeightInfo) -> bool:
+    """Added to every output of its layers: a Conv/Gemm/recurrent bias input, or a vector added by an Add."""
+    return bool(info.consumers) and all(
+        (c.op_type, c.input_index) in _BIAS_INPUTS or (c.op_type == "Add" and sum(d > 1 for d in info.shape) <= 1)
+        for c in info.consumers)
+
+
 def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:
     """The weight's values as a numpy array (float tensors in their own dtype).
 

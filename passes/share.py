@@ -4,13 +4,20 @@ Each float weight above the size threshold becomes k = 2**bits centroids and one
 per entry, written in portable ONNX as codes (uint4 or uint8) -> Cast -> Gather(codebook),
 which onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
 prune pass) stay exactly zero: they get the reserved code of centroid 0.0. A weight whose portable
-form would not be smaller than its float initializer stays float. With granularity "auto" and data,
-biases are coded first and measured in their layer's output, and the layer's weight is coded so as
-to cancel what it can of the bias's coding error (onnxcompress.bias_error).
+form would not be smaller than its float initializer stays float.
+
+With granularity "auto" and data, every option (per-tensor, per-channel scales, groups, outliers,
+importance-weighted, GPTQ codes) is judged where its error lands at the model's outputs, through two
+gains per weight measured by running the model with only that weight perturbed
+(onnxcompress.sensitivity), and the options of all weights are chosen together there
+(granular.choose_jointly). Biases are coded first, measured in their layer's output, and the layer's
+weight is coded so as to cancel what it can of the bias's coding error (onnxcompress.bias_error); a
+bias that stays float takes up its weight's mean output error instead (bias correction).
 """
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +31,9 @@ from onnxcompress.layer_hessians import bias_links, float_size, layer_hessians, 
 from onnxcompress.graphs import NameScope
 from onnxcompress.kmeans import kmeans_1d
 from onnxcompress.layerfit import in_layer_order, refine_shared
+from onnxcompress.granular import DB_PER_BIT, Choice, Option, choose_jointly, fit, from_matrix, to_matrix
 from onnxcompress.model import opset_of
+from onnxcompress.sensitivity import OutputGains, Probe, measure_gains
 from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array
@@ -55,6 +64,10 @@ class ShareConfig:
     group_size: int = 8  # output channels per codebook ("group")
     outlier_fraction: float = 0.005  # share of a weight's entries stored exactly ("outlier", tried by "auto")
     target_sqnr_db: float = 36.0  # per-layer SQNR target of "auto": ~27 dB at the logits after ~8 layers add up
+    # "auto" with data: judge each layer's error at the model's outputs, through two gains per weight
+    # measured by running this many calibration samples with only that weight perturbed
+    # (onnxcompress.sensitivity); 0: judge it in the layer's output
+    gain_samples: int = 32
     # fold Conv -> BatchNormalization pairs into the Conv first (W' = k W per output channel), as
     # exporters do: the BN's four vectors and node go, and per-channel scales absorb k exactly.
     # "auto": when the granularity can give each channel its own scale (auto, channel, group); one
@@ -108,18 +121,32 @@ class SharePass(Pass):
         # weight then cancels what it can of that error (onnxcompress.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
             if cfg.granularity == "auto" else {}
+        gains = self._output_gains(ctx, candidates, hessians, bits_of)
+        for bias, link in links.items():  # a bias's error lands where its layer's weights' does
+            if link.weights and all(w in gains for w in link.weights):
+                gains[bias] = OutputGains(max(gains[w].rest for w in link.weights),
+                                          max(gains[w].mean for w in link.weights))
         biases = [w for w in candidates if w.name in links]
+        by_name = {w.name: w for w in candidates}
         bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, hessians, bits_of, total, opset,
-                                                                    links=links)))
+                                                                    links=links, gains=gains)))
         absorb, absorbed_from = {}, {}
         for info in biases:
             chosen, absorber = bias_choices[info.name].chosen, links[info.name].absorber
             if not _stays_float(info, chosen) and absorber is not None:
                 error = get_array(ctx.model, info).astype(np.float64) - chosen.shared.decode()
                 absorb[absorber], absorbed_from[absorber] = links[info.name].row_error(error), info.name
+        # a float bias takes up the mean output error of its layer's one weight (bias correction)
+        corrected_by = {link.weights[0]: bias for bias, link in links.items() if len(link.weights) == 1
+                        and _stays_float(by_name[bias], bias_choices[bias].chosen)
+                        and hessians[link.weights[0]].means is not None}
         # the other weights' choices are consumed as they come (each holds every candidate it measured)
-        rest = self._fit(ctx, [w for w in candidates if w.name not in links], hessians, bits_of, total, opset,
-                         absorb=absorb)
+        fit_args = dict(absorb=absorb, gains=gains, mean_free=set(corrected_by))
+        others = [w for w in candidates if w.name not in links]
+        rest = self._fit(ctx, others, hessians, bits_of, total, opset, **fit_args)
+        if gains:  # choices judged at the model's outputs are made together there
+            rest = iter(self._choose_jointly(ctx, others, rest, list(bias_choices.values()), hessians, bits_of,
+                                             total, opset, fit_args))
         for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
             choice, bits = bias_choices[info.name] if info.name in links else next(rest), bits_of[info.name]
             shared = choice.chosen.shared
@@ -135,7 +162,10 @@ class SharePass(Pass):
             elif refining:  # refine fits the original layer output, which ignores the bias error cancelled here
                 ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
                            "error, which the least-squares refit would not see)")
-            nodes, inits = portable_nodes(shared, scope, opset, self.name)
+            if info.name in corrected_by:
+                self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
+                                   hessians[info.name])
+            nodes, inits = portable_nodes(shared, scope, opset)
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
             before, after = before + info.nbytes, after + shared.payload_bytes()
@@ -152,16 +182,85 @@ class SharePass(Pass):
         return PassResult(bool(ctx.shared) or bool(folded), {"weights": len(ctx.shared), "bytes_before": before,
                                                              "bytes_after": after, "folded_batch_norms": folded})
 
+    def _output_gains(self, ctx: Context, candidates: list[WeightInfo], hessians, bits_of
+                      ) -> dict[str, OutputGains]:
+        """How each weight's coding error reaches the model's outputs, probed with the error of its
+        per-tensor k-means coding (onnxcompress.sensitivity); only "auto" chooses by it."""
+        cfg: ShareConfig = self.config
+        probed = [w for w in candidates if w.name in hessians]
+        if cfg.granularity != "auto" or cfg.gain_samples <= 0 or ctx.data is None or not probed:
+            return {}
+        probes = {}
+        for info in probed:
+            array = get_array(ctx.model, info)
+            h = hessians[info.name]
+            coded = fit(array, bits_of[info.name], Option("tensor", weighted=True, gptq=True), name=info.name,
+                        channel_axis=info.channel_axis, mask=ctx.masks.get(info.name), init=cfg.init, seed=cfg.seed,
+                        hessians=h, importance=h.importance()).decode()
+            matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
+            probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
+                                      hessians[info.name], partial(from_matrix, shape=tuple(array.shape),
+                                                                   channel_axis=info.channel_axis))
+        return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress)
+
+    def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], hessians,
+                        bits_of, total: int, opset: int, fit_args: dict) -> list[Choice]:
+        """The weights' choices, those measured at the model's outputs re-picked together
+        (granular.choose_jointly); a re-picked option is fitted again (the same fit: seeded). Only each
+        weight's own pick is kept while the others are measured, so memory holds one fit per weight."""
+        made = []
+        for choice in choices:
+            for candidate in choice.candidates:
+                if candidate is not choice.chosen:
+                    candidate.shared = None
+            made.append(choice)
+        joint = {info.name: c for info, c in zip(infos, made) if c.space == "model output" and len(c.candidates) > 1}
+        if not joint:
+            return made
+        together = {id(c) for c in joint.values()}
+        fixed = sum(10 ** (-c.chosen.sqnr_db / 10) for c in decided + made
+                    if c.space == "model output" and c.chosen.sqnr_db < float("inf") and id(c) not in together)
+        per_byte = DB_PER_BIT * 8 / max(total, 1)
+        picked = choose_jointly(joint, per_byte=per_byte, fixed_noise=fixed)
+        refit = {name: pick.option for name, pick in picked.items()
+                 if pick is not joint[name].chosen and pick.option.kind != "float"}
+        by_name = {info.name: info for info in infos}
+        refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], hessians, bits_of, total, opset,
+                                             only=refit, **fit_args)))
+        reason = (f"chosen with the {len(joint)} weights measured at the model's outputs for their best SQNR there "
+                  f"together, net of their bytes at {DB_PER_BIT} dB per extra bit per weight; no gain beyond each "
+                  f"layer at {self.config.target_sqnr_db:g} dB")
+        for name, pick in picked.items():
+            choice = joint[name]
+            if name in refitted:
+                pick.shared = refitted[name].chosen.shared
+            choice.chosen, choice.reason = pick, reason
+        return made
+
     def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
-             links=None, absorb=None):
+             links=None, absorb=None, gains=None, mean_free=frozenset(), only=None):
         """share_weight for each weight, in order; independent fits, in ctx.jobs worker processes (same results)."""
         cfg: ShareConfig = self.config
-        links, absorb = links or {}, absorb or {}
+        links, absorb, gains, only = links or {}, absorb or {}, gains or {}, only or {}
         return map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
             granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
             target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
             init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),
-            absorb=absorb.get(w.name))) for w in infos), jobs=ctx.jobs, work=sum(w.numel for w in infos))
+            absorb=absorb.get(w.name), gains=gains.get(w.name), mean_free=w.name in mean_free,
+            only=only.get(w.name))) for w in infos),
+            jobs=ctx.jobs,
+            work=sum(w.numel for w in infos))
+
+    def _correct_bias(self, ctx: Context, info: WeightInfo, shared, bias: WeightInfo, link, hessians) -> None:
+        """Add the coded weight's mean output error D E[x] to its layer's float bias (before the
+        weight is rewritten: D is against the weight as it stands)."""
+        error = np.asarray(get_array(ctx.model, info), np.float64) - shared.decode().astype(np.float64)
+        shift = hessians.mean_shift(to_matrix(error, info.channel_axis))
+        values = get_array(ctx.model, bias)
+        set_array(ctx.model, bias, (values.astype(np.float64) + shift[link.rows].reshape(values.shape))
+                  .astype(values.dtype))
+        ctx.record(bias.name, self.name, f"bias corrected: takes up the mean output error of {info.name}",
+                   details={"bias_correction": float(np.sqrt(np.mean(np.square(shift))))})
 
     def _keep(self, ctx: Context, info: WeightInfo, choice, absorbed_from: dict) -> None:
         """Leave the weight a float tensor: chosen so, or its codebook form is not smaller."""

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 LIGHT = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light"
 NAMES = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
          "vgg19", "zfnet512"]
-OPSET = 21  # the models ship at opset 9, below what QuantizeLinear (10) and ScatterND (11) need
+OPSET = 21  # the models ship at opset 9, below what QuantizeLinear (10) and ScatterElements (11) need
 _PASS_THROUGH = {"Unsqueeze", "Reshape", "Identity", "Transpose", "Squeeze", "Flatten", "Cast"}
 
 

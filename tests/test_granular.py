@@ -68,7 +68,7 @@ def test_outliers_kept_apart_cut_output_error_against_per_tensor(bits):
         assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
         errors[granularity] = output_error(model, ctx.model, feeds)
         if granularity == "outlier":
-            assert "ScatterND" in op_types(ctx.model)
+            assert "ScatterElements" in op_types(ctx.model)
             w = numpy_helper.to_array(model.graph.initializer[0])
             shared = ctx.shared["W"]
             assert shared.outlier_index.size == round(0.005 * w.size)
@@ -143,7 +143,7 @@ def test_auto_with_data_picks_channel_scales_on_spread_channels_and_says_why():
     ctx = run_share(model, data=data, granularity="auto", bits_fc=4, min_elements=64)
     record = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details)
     details = record.details
-    assert details["error_space"] == "output"
+    assert details["error_space"] == "model output" and set(details["output_gains"]) == {"rest_db", "mean_db"}
     assert details["granularity"].startswith("channel")
     assert {"tensor", "channel", "group8"} <= set(details["candidates"])
     chosen = details["candidates"][details["granularity"]]["sqnr_db"]
@@ -278,7 +278,7 @@ def test_auto_measures_a_bias_in_its_layers_output_and_the_weight_cancels_its_co
     ctx = run_share(model, data=calib, granularity="auto", bits_fc=8, bits_other=4, min_elements=16)
     bias = next(r for r in ctx.records if r.name == "C" and "granularity" in r.details).details
     weight = next(r for r in ctx.records if r.name == "W" and "granularity" in r.details).details
-    assert bias["error_space"] == "output" and "float" in bias["candidates"] and "C" in ctx.shared
+    assert bias["error_space"] == "model output" and "float" in bias["candidates"] and "C" in ctx.shared
     assert weight["cancels_coding_error_of"] == "C"
     feeds = {"x": relu_rows(256, 64, seed=2)}  # held out
     assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-4)
@@ -291,14 +291,17 @@ def test_auto_measures_a_bias_in_its_layers_output_and_the_weight_cancels_its_co
     assert error_cancelled < error_bias_only / 10  # 10 dB less, the 8-bit weight's own error included
 
 
-def test_a_bias_whose_codebook_form_is_not_smaller_stays_float():
+def test_without_data_a_bias_stays_float_and_a_weight_whose_codebook_form_is_not_smaller_too():
     from tiny import conv
 
-    model = conv(c=8, m=16)  # b: 16 floats, 64 bytes; codes + codebook + Cast/Gather nodes are larger
-    ctx = run_share(model, bits_conv=4, bits_other=4, min_elements=0)
+    model = conv(c=8, m=16)
+    ctx = run_share(model, bits_conv=4, bits_other=4, min_elements=0)  # no data: the bias's error is unmeasured
     assert "b" not in ctx.shared and "W" in ctx.shared
     assert any(t.name == "b" and t.data_type == TensorProto.FLOAT for t in ctx.model.graph.initializer)
-    assert any(r.name == "b" and "not smaller" in r.action for r in ctx.records)
+    assert any(r.name == "b" and "could not be measured" in r.action for r in ctx.records)
+    tiny_weight = gemm(k=4, n=4)  # W: 16 floats, 64 bytes; codes + codebook + Cast/Gather nodes are larger
+    ctx = run_share(tiny_weight, bits_fc=4, min_elements=0)
+    assert "W" not in ctx.shared and any(r.name == "W" and "not smaller" in r.action for r in ctx.records)
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU-linear-before-reset"])

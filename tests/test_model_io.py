@@ -131,3 +131,22 @@ def test_detached_session_runs_the_weights_without_holding_their_bytes_twice():
     (want,) = run(model, feeds)
     (got,) = make_session(light, arrays=arrays).run(None, feeds)
     np.testing.assert_array_equal(got, want)
+
+
+def test_detached_session_takes_views_and_keeps_its_buffers_alive():
+    import gc
+
+    from onnxcompress.runtime import detached, make_session
+
+    model = gemm(k=256, n=64)
+    light, arrays = detached(model, also={"b"}, min_bytes=1 << 20)  # only the named tensor is detached
+    assert set(arrays) == {"b"}
+    light, arrays = detached(model)
+    feeds = random_feeds(model, n=8)
+    (want,) = run(model, feeds)
+    arrays = {"W": np.asfortranarray(arrays["W"]).T.T}  # a view onnxruntime cannot take as it is
+    session = make_session(light, arrays=arrays)
+    del arrays
+    gc.collect()
+    (got,) = session.run(None, feeds)
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,159 @@
+"""Output gains (onnxcompress.sensitivity): how much of a layer's coding error reaches the model's
+outputs, split into its mean part D E[x] and the rest, and the joint choice built on them."""
+from functools import partial
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcompress.data import Dataset
+from onnxcompress.granular import Candidate, Choice, Option, choose_jointly, fit, from_matrix, measure, to_matrix
+from onnxcompress.layer_hessians import layer_hessians
+from onnxcompress.sensitivity import OutputGains, Probe, measure_gains
+from onnxcompress.weights import find_weights, get_array
+from tiny import make_model, run, value, weights
+
+
+def pooled_classifier(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: the pool averages a spatially varying
+    error away but keeps a constant offset whole."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(weights(rng, 16, 3, 3, 3, scale=0.3), "conv.W"),
+             numpy_helper.from_array(weights(rng, 16, scale=0.1), "conv.b"),
+             numpy_helper.from_array(weights(rng, 10, 16, scale=0.5), "fc.W")]
+    nodes = [helper.make_node("Conv", ["x", "conv.W", "conv.b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flatten"),
+             helper.make_node("Gemm", ["f", "fc.W"], ["y"], transB=1, name="fc")]
+    return make_model(nodes, [value("x", ["N", 3, 12, 12])], [value("y", ["N", 10])], inits)
+
+
+def data_for(model, n=64, seed=1):
+    x = np.abs(np.random.default_rng(seed).standard_normal((n, 3, 12, 12))).astype(np.float32)  # images: x >= 0
+    return Dataset(stacked={"x": x})
+
+
+def probes_for(model, data, bits=3):
+    infos = [w for w in find_weights(model, min_elements=0) if w.name.endswith(".W")]
+    hessians = layer_hessians(model, data, infos)
+    probes = {}
+    for info in infos:
+        array = get_array(model, info)
+        matrix = to_matrix(array.astype(np.float64), info.channel_axis)
+        coded = fit(array, bits, Option("tensor"), name=info.name, channel_axis=info.channel_axis).decode()
+        probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
+                                  hessians[info.name], partial(from_matrix, shape=array.shape,
+                                                               channel_axis=info.channel_axis))
+    return infos, hessians, probes
+
+
+def output_sqnr(model, name, array, feeds):
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    for i, t in enumerate(swapped.graph.initializer):
+        if t.name == name:
+            swapped.graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+    ref, got = run(model, feeds)[0], run(swapped, feeds)[0]
+    return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
+
+
+def test_a_pool_keeps_the_mean_error_and_averages_the_rest_away():
+    model = pooled_classifier()
+    data = data_for(model)
+    _, _, probes = probes_for(model, data)
+    gains = measure_gains(model, data, probes, samples=32)
+    conv, fc = gains["conv.W"], gains["fc.W"]
+    assert 10 * np.log10(conv.mean / conv.rest) > 10  # 144 positions averaged: the rest loses 10+ dB on the mean
+    assert 0.5 < fc.rest < 2 and 0.5 < fc.mean < 2  # the last layer's error is the output error
+
+
+def test_gains_predict_the_output_sqnr_of_other_codings_far_better_than_the_layer_sqnr():
+    model = pooled_classifier()
+    data = data_for(model)
+    infos, hessians, probes = probes_for(model, data)
+    gains = measure_gains(model, data, probes, samples=32)
+    info = next(i for i in infos if i.name == "conv.W")
+    array, h = get_array(model, info), hessians["conv.W"]
+    feeds = {"x": data_for(model, n=32, seed=1).stacked["x"]}  # the samples the gains were measured on
+    layer_err, output_err = [], []
+    for option in (Option("tensor"), Option("channel"), Option("tensor", weighted=True, gptq=True),
+                   Option("channel", weighted=True, gptq=True)):
+        shared = fit(array, 3, option, name="conv.W", channel_axis=0, hessians=h, importance=h.importance())
+        actual = output_sqnr(model, "conv.W", shared.decode(), feeds)
+        layer_err.append(abs(measure(array, shared, h) - actual))
+        output_err.append(abs(measure(array, shared, h, gains["conv.W"]) - actual))
+    assert max(output_err) < 3.0, output_err
+    assert np.mean(output_err) < np.mean(layer_err) / 2, (output_err, layer_err)
+
+
+def test_weights_that_cannot_be_swapped_get_no_gain():
+    model = pooled_classifier()
+    data = data_for(model)
+    _, _, probes = probes_for(model, data)
+    as_constant = onnx.ModelProto()
+    as_constant.CopyFrom(model)
+    tensor = next(t for t in as_constant.graph.initializer if t.name == "conv.W")
+    as_constant.graph.node.insert(0, helper.make_node("Constant", [], ["conv.W"], value=tensor))
+    as_constant.graph.initializer.remove(tensor)
+    gains = measure_gains(as_constant, data, probes, samples=8)
+    assert "conv.W" not in gains and "fc.W" in gains
+
+
+def candidate(label, size, db):
+    return Candidate(Option(label), None, size, db)
+
+
+def test_joint_choice_spends_bytes_where_they_buy_the_most_at_the_outputs():
+    # layer a dominates the output noise (20 dB); b is already quiet (40 dB): the same 100 bytes buy
+    # ~3 dB at the outputs on a and ~0 on b, so only a takes its better option
+    a = Choice(candidate("tensor", 1000, 20.0), [candidate("tensor", 1000, 20.0), candidate("channel", 1100, 26.0)],
+               "model output", 36.0, "")
+    b = Choice(candidate("tensor", 1000, 40.0), [candidate("tensor", 1000, 40.0), candidate("channel", 1100, 46.0)],
+               "model output", 36.0, "")
+    picked = choose_jointly({"a": a, "b": b}, per_byte=0.01)
+    assert picked["a"].option.kind == "channel" and picked["b"].option.kind == "tensor"
+    # bytes priced high enough, neither upgrade pays
+    picked = choose_jointly({"a": a, "b": b}, per_byte=0.1)
+    assert picked["a"].option.kind == "tensor" and picked["b"].option.kind == "tensor"
+
+
+def test_joint_choice_stops_at_the_model_target():
+    # target 36 dB per layer over 2 layers: 33 dB at the outputs; 40 + 40 dB is 37 dB, so the cheap
+    # options already meet it and nothing is bought beyond it, however cheap
+    options = [candidate("tensor", 1000, 40.0), candidate("channel", 1001, 50.0)]
+    layers = {n: Choice(options[1], list(options), "model output", 36.0, "") for n in "ab"}
+    picked = choose_jointly(layers, per_byte=1e-6)
+    assert all(c.option.kind == "tensor" for c in picked.values())
+
+
+def test_output_sqnr_of_an_error_splits_into_its_two_parts():
+    gains = OutputGains(rest=0.5, mean=4.0)
+    # signal 100, error energy 2 of which 1 is the mean part: noise 0.5 * 1 + 4 * 1 = 4.5
+    assert np.isclose(gains.output_sqnr_db(100.0, 2.0, 1.0), 10 * np.log10(100 / 4.5))
+    assert gains.output_sqnr_db(100.0, 0.0, 0.0) == np.inf
+
+
+def test_share_corrects_a_float_bias_for_its_weights_mean_output_error():
+    from onnxcompress.passes.share import SharePass
+    from tiny import run_pass
+
+    model = pooled_classifier()
+    data = data_for(model, n=64)
+    ctx = run_pass(SharePass(bits_conv=3, bits_fc=3, bits_other=3, min_elements=0, refine=False), model, data)
+    assert "conv.b" not in ctx.shared and "conv.W" in ctx.shared  # 16 floats stay float, and take the correction
+    assert any(r.name == "conv.b" and r.action.startswith("bias corrected") for r in ctx.records)
+    probe = onnx.ModelProto()  # the conv's output before the ReLU
+    probe.CopyFrom(ctx.model)
+    probe.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    original.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    uncorrected = onnx.ModelProto()
+    uncorrected.CopyFrom(probe)
+    bias = next(i for i, t in enumerate(uncorrected.graph.initializer) if t.name == "conv.b")
+    uncorrected.graph.initializer[bias].CopyFrom(next(t for t in model.graph.initializer if t.name == "conv.b"))
+    feeds = {"x": data.stacked["x"]}
+    ref = run(original, feeds)[1]
+    mean_error = lambda m: np.abs((run(m, feeds)[1] - ref).mean(axis=(0, 2, 3))).max()  # noqa: E731
+    assert mean_error(probe) < mean_error(uncorrected) / 5
