@@ -146,10 +146,23 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
     return (0, p[0], 0, p[1]) if spatial == 1 else (p[0], p[1], p[2], p[3])
 
 
+# a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
+# K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
+MAX_ROW_LENGTH = 8192
+
+
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
-    """The weight's consumer as a LinearLayer, or None when it is not a single direct Gemm/MatMul/Conv."""
+    """The weight's consumer as a LinearLayer, or None when it is not a single direct Gemm/MatMul/Conv
+    or its input rows are longer than MAX_ROW_LENGTH (the fits on data then leave it out)."""
     if info.graph != "main" or len(info.consumers) != 1 or info.consumers[0].via:
         return None
+    layer = _linear_layer(model, info)
+    if layer is None or info.numel // max(layer.out_channels, 1) > MAX_ROW_LENGTH:
+        return None
+    return layer
+
+
+def _linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
     consumer = info.consumers[0]
     graph = find_graph(model, info.graph)
     node = next((n for n in graph.node if (n.name or n.op_type) == consumer.node

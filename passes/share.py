@@ -206,12 +206,13 @@ class SharePass(Pass):
     def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], hessians,
                         bits_of, total: int, opset: int, fit_args: dict) -> list[Choice]:
         """The weights' choices, those measured at the model's outputs re-picked together
-        (granular.choose_jointly); a re-picked option is fitted again (the same fit: seeded). Only each
-        weight's own pick is kept while the others are measured, so memory holds one fit per weight."""
+        (granular.choose_jointly). While the others are measured, a weight keeps the fits of its
+        candidates that no other candidate beats on both bytes and SQNR (the only ones a joint pick can
+        take: a few of its dozen); a pick without its fit is fitted again (the same fit: seeded)."""
         made = []
         for choice in choices:
             for candidate in choice.candidates:
-                if candidate is not choice.chosen:
+                if candidate is not choice.chosen and _dominated(candidate, choice.candidates):
                     candidate.shared = None
             made.append(choice)
         joint = {info.name: c for info, c in zip(infos, made) if c.space == "model output" and len(c.candidates) > 1}
@@ -223,7 +224,7 @@ class SharePass(Pass):
         per_byte = DB_PER_BIT * 8 / max(total, 1)
         picked = choose_jointly(joint, per_byte=per_byte, fixed_noise=fixed)
         refit = {name: pick.option for name, pick in picked.items()
-                 if pick is not joint[name].chosen and pick.option.kind != "float"}
+                 if pick.shared is None and pick.option.kind != "float"}
         by_name = {info.name: info for info in infos}
         refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], hessians, bits_of, total, opset,
                                              only=refit, **fit_args)))
@@ -292,6 +293,12 @@ class SharePass(Pass):
                 raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
             if shared.decode().shape != shared.shape:
                 raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
+
+
+def _dominated(candidate, candidates) -> bool:
+    """Another candidate is no larger and no worse, and better on one of the two."""
+    return any(c is not candidate and c.bytes <= candidate.bytes and c.sqnr_db >= candidate.sqnr_db
+               and (c.bytes < candidate.bytes or c.sqnr_db > candidate.sqnr_db) for c in candidates)
 
 
 def _stays_float(info: WeightInfo, chosen) -> bool:

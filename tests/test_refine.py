@@ -300,3 +300,18 @@ def test_paired_gram_folds_average_to_the_whole():
                                rtol=1e-10, atol=1e-12)
     assert not np.allclose(a.current[0], b.current[0])  # disjoint rows
     assert collect_paired_grams(model, None, data, layer, max_batch=32).folds is None  # only when asked
+
+
+def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
+    import onnxcompress.capture as capture
+    from onnxcompress.data import Dataset
+    from onnxcompress.layer_hessians import layer_hessians
+    from onnxcompress.weights import find_weights
+
+    model = tiny.gemm(k=64, n=32)
+    info = next(w for w in find_weights(model) if w.name == "W")
+    assert capture.linear_layer(model, info) is not None
+    monkeypatch.setattr(capture, "MAX_ROW_LENGTH", 63)  # K = 64: a 64 x 64 Gram would be "too large"
+    assert capture.linear_layer(model, info) is None
+    data = Dataset(stacked=tiny.random_feeds(model, n=16))
+    assert layer_hessians(model, data, [info]) == {}
