@@ -44,7 +44,9 @@ from onnxcompress.api import compress
 from onnxcompress.errors import PassError, PreconditionError
 from onnxcompress.recipes import BUILTIN
 
-MIN_SQNR_DB = {"share": 15.0, "share-4bit": 5.0, "int8": 10.0, "int8-weights": 25.0, "int4-weights": 10.0}
+# share-4bit, with the synthesized calibration inputs: 19.5 (AlexNet) to 44.5 dB (ResNet-50) measured on the
+# seven architectures other than VGG-19 and ZFNet-512
+MIN_SQNR_DB = {"share": 15.0, "share-4bit": 15.0, "int8": 10.0, "int8-weights": 25.0, "int4-weights": 10.0}
 MIN_COSINE = 0.1
 MIN_SQNR_AFTER_PRUNE_DB = 15.0
 DEFAULT_MODELS = {"squeezenet"}
