@@ -201,7 +201,12 @@ class SharePass(Pass):
             probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
                                       hessians[info.name], partial(from_matrix, shape=tuple(array.shape),
                                                                    channel_axis=info.channel_axis))
-        return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress)
+        try:
+            return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress)
+        except ModelError as e:  # the choice still works, per layer, in each layer's output
+            ctx.note(f"share: could not run the model to measure how each layer's error reaches its outputs ({e}); "
+                     "options are judged in each layer's output instead")
+            return {}
 
     def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], hessians,
                         bits_of, total: int, opset: int, fit_args: dict) -> list[Choice]:

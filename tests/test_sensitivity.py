@@ -157,3 +157,20 @@ def test_share_corrects_a_float_bias_for_its_weights_mean_output_error():
     ref = run(original, feeds)[1]
     mean_error = lambda m: np.abs((run(m, feeds)[1] - ref).mean(axis=(0, 2, 3))).max()  # noqa: E731
     assert mean_error(probe) < mean_error(uncorrected) / 5
+
+
+def test_share_falls_back_to_layer_outputs_when_the_model_cannot_be_run_for_gains(monkeypatch):
+    import onnxcompress.passes.share as share_module
+    from onnxcompress.errors import ModelError
+    from onnxcompress.passes.share import SharePass
+    from tiny import run_pass
+
+    def fail(*args, **kwargs):
+        raise ModelError("onnxruntime cannot load the model: (test)")
+
+    monkeypatch.setattr(share_module, "measure_gains", fail)
+    model = pooled_classifier()
+    ctx = run_pass(SharePass(bits_conv=4, bits_fc=4, min_elements=0, refine=False), model, data_for(model, n=16))
+    assert "conv.W" in ctx.shared and any("could not run the model" in n for n in ctx.notes)
+    record = next(r for r in ctx.records if r.name == "conv.W" and "granularity" in r.details)
+    assert record.details["error_space"] == "output"
