@@ -57,6 +57,7 @@ from .sensitivity import OutputGains, mean_part
 Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
 DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
+JOINT_TARGET_LAYERS = 8  # the joint choice's target at the outputs: the per-layer target over this many layers
 
 
 @dataclass(frozen=True)
@@ -351,12 +352,16 @@ def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed_noise: 
     Each candidate's SQNR is measured where its error lands at the outputs (space "model output"),
     so the errors of all layers add up there: S = sum of 10^(-SQNR/10), plus `fixed_noise` from
     weights decided already. Maximise min(-10 log10 S, target) - per_byte * total bytes, where the
-    target is the per-layer target with every layer at it (target_db - 10 log10(layers)), by
-    coordinate ascent from the layers' own choices (fewer bytes on ties); deterministic.
+    target is the per-layer target with every layer at it, over at most JOINT_TARGET_LAYERS layers
+    (target_db - 10 log10(min(layers, 8)): 27 dB at 36 dB per layer): in a deep model, every layer at
+    the per-layer target would add up to too little at the outputs (13 dB over 200 layers). By
+    coordinate ascent from the layers' own choices (on ties fewer bytes, then the higher SQNR);
+    deterministic.
     """
     if not choices:
         return {}
-    target = min(c.target_db for c in choices.values()) - 10 * math.log10(len(choices))
+    layers = min(len(choices), JOINT_TARGET_LAYERS)
+    target = min(c.target_db for c in choices.values()) - 10 * math.log10(layers)
     picked = {name: c.chosen for name, c in choices.items()}
 
     def noise(c: Candidate) -> float:
@@ -373,9 +378,12 @@ def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed_noise: 
         for name, choice in choices.items():
             now = picked[name]
             rest_noise, rest_bytes = noise_sum - noise(now), byte_sum - now.bytes
-            best = max(choice.candidates, key=lambda c: (value(rest_noise + noise(c), rest_bytes + c.bytes), -c.bytes))
-            if best is not now and value(rest_noise + noise(best), rest_bytes + best.bytes) > \
-                    value(noise_sum, byte_sum) + 1e-12:
+
+            def key(c: Candidate) -> tuple[float, int, float]:
+                return round(value(rest_noise + noise(c), rest_bytes + c.bytes), 9), -c.bytes, c.sqnr_db
+
+            best = max(choice.candidates, key=key)
+            if best is not now and key(best) > key(now):
                 picked[name], moved = best, True
                 noise_sum, byte_sum = rest_noise + noise(best), rest_bytes + best.bytes
         if not moved:

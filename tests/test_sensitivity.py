@@ -174,3 +174,21 @@ def test_share_falls_back_to_layer_outputs_when_the_model_cannot_be_run_for_gain
     assert "conv.W" in ctx.shared and any("could not run the model" in n for n in ctx.notes)
     record = next(r for r in ctx.records if r.name == "conv.W" and "granularity" in r.details)
     assert record.details["error_space"] == "output"
+
+
+def test_joint_target_does_not_sink_with_depth():
+    # 20 layers at 36 dB each add up to 23 dB at the outputs; the target stays at 27 dB (36 dB over
+    # 8 layers), so cheap upgrades are bought until the outputs reach it, and not beyond
+    options = [candidate("tensor", 1000, 36.0), candidate("channel", 1010, 46.0)]
+    layers = {f"w{i}": Choice(options[0], list(options), "model output", 36.0, "") for i in range(20)}
+    picked = choose_jointly(layers, per_byte=1e-4)
+    upgraded = sum(c.option.kind == "channel" for c in picked.values())
+    noise = sum(10 ** (-c.sqnr_db / 10) for c in picked.values())
+    assert 0 < upgraded < 20 and -10 * np.log10(noise) >= 27.0 - 1e-9
+
+
+def test_joint_choice_prefers_the_better_of_two_equal_sized_options_once_past_the_target():
+    options = [candidate("tensor", 1000, 40.0), candidate("tensor/gptq", 1000, 44.0)]
+    layers = {n: Choice(options[0], list(options), "model output", 36.0, "") for n in "ab"}
+    picked = choose_jointly(layers, per_byte=0.01)
+    assert all(c.sqnr_db == 44.0 for c in picked.values())
