@@ -306,7 +306,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
            init: str = "linear", seed: int = 0, model_elements: int | None = None,
            portable_bytes=None, float_bytes: int | None = None, measure_with=None,
            space: Literal["output", "weight", "model output"] | None = None, gains: OutputGains | None = None,
-           mean_free: bool = False) -> Choice:
+           mean_free: bool = False, fitted: dict[Option, SharedWeight] | None = None) -> Choice:
     """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
 
     portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes); the
@@ -314,7 +314,8 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
     -> SQNR dB replaces :func:`measure` (a bias measured in its layer's output, say), in `space`.
     gains: how the layer's error reaches the model's outputs (:mod:`onnxcompress.sensitivity`);
     with them :func:`measure` judges every candidate there, in space "model output". mean_free: the
-    error's mean will be corrected in the layer's bias (see :func:`measure`).
+    error's mean will be corrected in the layer's bias (see :func:`measure`). fitted: options already
+    fitted to this very array with these arguments (reused, not fitted again).
     In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing.
     """
     price = portable_bytes or (lambda s: s.payload_bytes())
@@ -326,8 +327,9 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
             size = float_bytes if float_bytes is not None else int(np.asarray(array).nbytes)
             candidates.append(Candidate(option, None, int(size), math.inf))
             continue
-        shared = fit(array, bits, option, name=name, channel_axis=channel_axis, importance=importance,
-                     mask=mask, init=init, seed=seed, hessians=hessians)
+        shared = (fitted or {}).get(option) or fit(array, bits, option, name=name, channel_axis=channel_axis,
+                                                    importance=importance, mask=mask, init=init, seed=seed,
+                                                    hessians=hessians)
         candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
     space = space or ("weight" if hessians is None else "output" if gains is None else "model output")
     # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below

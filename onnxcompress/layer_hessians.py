@@ -200,7 +200,8 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
                  hessians: LayerHessians | None = None, mask: np.ndarray | None = None, init: str = "linear",
                  seed: int = 0, model_elements: int | None = None, opset: int = UINT4_MIN_OPSET,
                  link: BiasLink | None = None, absorb: np.ndarray | None = None,
-                 gains: OutputGains | None = None, mean_free: bool = False, only: Option | None = None) -> Choice:
+                 gains: OutputGains | None = None, mean_free: bool = False, only: Option | None = None,
+                 fitted: dict[Option, SharedWeight] | None = None) -> Choice:
     """The share pass's entry point: the candidates `granularity` allows, measured, one chosen.
 
     A candidate is priced at its serialized portable form (nodes and initializers, as written at
@@ -211,7 +212,9 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
     `gains` (:mod:`onnxcompress.sensitivity`), errors are judged at the model's outputs; a bias's
     error is a constant offset, all of it carried by the mean gain. mean_free: the layer's float
     bias will take up the weight's mean output error (bias correction), which then does not count.
-    only: fit and measure this one option (a choice made elsewhere).
+    only: fit and measure this one option (a choice made elsewhere). fitted: options already fitted
+    to this weight with these arguments (the gains' probe), reused unless the weight is moved toward
+    a target.
     """
     if not np.all(np.isfinite(array)):
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
@@ -247,7 +250,7 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
                         target_db=target_db, init=init, seed=seed, model_elements=model_elements,
                         portable_bytes=price, float_bytes=float_size(info),
                         measure_with=measure_with, space=space, gains=gains, mean_free=mean_free and hessians is not None
-                        and hessians.means is not None)
+                        and hessians.means is not None, fitted=fitted if target is None else None)
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice

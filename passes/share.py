@@ -121,7 +121,7 @@ class SharePass(Pass):
         # weight then cancels what it can of that error (onnxcompress.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
             if cfg.granularity == "auto" else {}
-        gains = self._output_gains(ctx, candidates, hessians, bits_of)
+        gains, probe_fits = self._output_gains(ctx, candidates, hessians, bits_of)
         for bias, link in links.items():  # a bias's error lands where its layer's weights' does
             if link.weights and all(w in gains for w in link.weights):
                 gains[bias] = OutputGains(max(gains[w].rest for w in link.weights),
@@ -141,7 +141,7 @@ class SharePass(Pass):
                         and _stays_float(by_name[bias], bias_choices[bias].chosen)
                         and hessians[link.weights[0]].means is not None}
         # the other weights' choices are consumed as they come (each holds every candidate it measured)
-        fit_args = dict(absorb=absorb, gains=gains, mean_free=set(corrected_by))
+        fit_args = dict(absorb=absorb, gains=gains, mean_free=set(corrected_by), fitted=probe_fits)
         others = [w for w in candidates if w.name not in links]
         rest = self._fit(ctx, others, hessians, bits_of, total, opset, **fit_args)
         if gains:  # choices judged at the model's outputs are made together there
@@ -183,30 +183,33 @@ class SharePass(Pass):
                                                              "bytes_after": after, "folded_batch_norms": folded})
 
     def _output_gains(self, ctx: Context, candidates: list[WeightInfo], hessians, bits_of
-                      ) -> dict[str, OutputGains]:
+                      ) -> tuple[dict[str, OutputGains], dict[str, dict[Option, SharedWeight]]]:
         """How each weight's coding error reaches the model's outputs, probed with the error of its
-        per-tensor k-means coding (onnxcompress.sensitivity); only "auto" chooses by it."""
+        per-tensor GPTQ coding (onnxcompress.sensitivity); only "auto" chooses by it. Also returns
+        those codings, one of the candidates the weight will be measured with."""
         cfg: ShareConfig = self.config
         probed = [w for w in candidates if w.name in hessians]
         if cfg.granularity != "auto" or cfg.gain_samples <= 0 or ctx.data is None or not probed:
-            return {}
-        probes = {}
+            return {}, {}
+        probes, fits = {}, {}
+        option = Option("tensor", weighted=True, gptq=True)
         for info in probed:
             array = get_array(ctx.model, info)
             h = hessians[info.name]
-            coded = fit(array, bits_of[info.name], Option("tensor", weighted=True, gptq=True), name=info.name,
-                        channel_axis=info.channel_axis, mask=ctx.masks.get(info.name), init=cfg.init, seed=cfg.seed,
-                        hessians=h, importance=h.importance()).decode()
+            coded = fit(array, bits_of[info.name], option, name=info.name, channel_axis=info.channel_axis,
+                        mask=ctx.masks.get(info.name), init=cfg.init, seed=cfg.seed, hessians=h,
+                        importance=h.importance())
+            fits[info.name] = {option: coded}
             matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
-            probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
-                                      hessians[info.name], partial(from_matrix, shape=tuple(array.shape),
-                                                                   channel_axis=info.channel_axis))
+            probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.decode().astype(np.float64),
+                                                                       info.channel_axis),
+                                      h, partial(from_matrix, shape=tuple(array.shape), channel_axis=info.channel_axis))
         try:
-            return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress)
+            return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress), fits
         except ModelError as e:  # the choice still works, per layer, in each layer's output
             ctx.note(f"share: could not run the model to measure how each layer's error reaches its outputs ({e}); "
                      "options are judged in each layer's output instead")
-            return {}
+            return {}, fits
 
     def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], hessians,
                         bits_of, total: int, opset: int, fit_args: dict) -> list[Choice]:
@@ -244,16 +247,16 @@ class SharePass(Pass):
         return made
 
     def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
-             links=None, absorb=None, gains=None, mean_free=frozenset(), only=None):
+             links=None, absorb=None, gains=None, mean_free=frozenset(), only=None, fitted=None):
         """share_weight for each weight, in order; independent fits, in ctx.jobs worker processes (same results)."""
         cfg: ShareConfig = self.config
-        links, absorb, gains, only = links or {}, absorb or {}, gains or {}, only or {}
+        links, absorb, gains, only, fitted = links or {}, absorb or {}, gains or {}, only or {}, fitted or {}
         return map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
             granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
             target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
             init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),
             absorb=absorb.get(w.name), gains=gains.get(w.name), mean_free=w.name in mean_free,
-            only=only.get(w.name))) for w in infos),
+            only=only.get(w.name), fitted=fitted.get(w.name))) for w in infos),
             jobs=ctx.jobs,
             work=sum(w.numel for w in infos))
 
