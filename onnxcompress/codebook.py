@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graphs import NameScope
+from .graphs import NameScope, mark
 
 UINT4_MIN_OPSET = 21
 _STEP = "sw"  # base of the decode chains' intermediate tensor names ("sw", "sw_1", ...)
@@ -93,15 +93,16 @@ def code_tensor(name: str, codes: np.ndarray, bits: int, opset: int) -> onnx.Ten
     return numpy_helper.from_array(codes.astype(dtype), name)
 
 
-def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int
+def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name: str
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] ->
     [Reshape -> ScatterElements -> Reshape].
 
     Every input is constant, so onnxruntime folds the whole chain into a dense tensor at load.
     On a small model the chain weighs as much as the codes, so it is kept lean: its initializers
-    are named after the weight (``W__codes``, ``W__codebook``...), which says what made them, while
-    the nodes carry no names or metadata and the intermediate tensors get short opaque names.
+    are named after the weight (``W__codes``, ``W__codebook``...), the node that outputs the weight
+    carries the pass's name in its metadata_props (the rest of the chain is what feeds it), and the
+    other nodes carry no names or metadata, their outputs short opaque names.
     """
     base = weight.name
     codes_name = scope.fresh(f"{base}__codes")
@@ -150,4 +151,5 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int
     else:  # the chain computes float32; cast back so consumers see the original dtype
         to = helper.np_dtype_to_tensor_dtype(np.dtype(weight.dtype))
         nodes.append(helper.make_node("Cast", [current], [base], to=to))
+    mark(nodes[-1], pass_name)
     return nodes, inits

@@ -295,5 +295,5 @@ def float_size(info: WeightInfo) -> int:
 
 def portable_size(shared: SharedWeight, opset: int) -> int:
     """Serialized bytes of the weight's portable nodes and initializers."""
-    nodes, inits = portable_nodes(shared, NameScope(onnx.ModelProto()), opset)
+    nodes, inits = portable_nodes(shared, NameScope(onnx.ModelProto()), opset, "share")
     return sum(n.ByteSize() for n in nodes) + sum(t.ByteSize() for t in inits)

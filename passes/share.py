@@ -165,7 +165,7 @@ class SharePass(Pass):
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
-            nodes, inits = portable_nodes(shared, scope, opset)
+            nodes, inits = portable_nodes(shared, scope, opset, self.name)
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
             before, after = before + info.nbytes, after + shared.payload_bytes()

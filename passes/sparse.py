@@ -71,7 +71,7 @@ def sparse_codes_nodes(shared: SharedWeight, scope: NameScope, opset: int, pass_
                        ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], int, int]:
     """The portable codebook subgraph of `shared`, with its codes as a sparse Constant when
     that is smaller. Returns (nodes, initializers, dense code bytes, sparse code bytes)."""
-    nodes, inits = portable_nodes(shared, scope, opset)
+    nodes, inits = portable_nodes(shared, scope, opset, pass_name)
     codes_name = nodes[0].input[0]  # portable_nodes starts with Cast(codes)
     codes = next(t for t in inits if t.name == codes_name)
     sparse = sparse_constant(codes_name, shared.codes.astype(np.uint8 if shared.bits <= 8 else np.uint16))

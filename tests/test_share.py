@@ -169,3 +169,15 @@ def test_batch_norm_whose_weights_are_still_on_disk_is_not_folded():
     weight = next(t for t in model.graph.initializer if t.name == "W")
     weight.data_location = onnx.TensorProto.EXTERNAL
     assert fold_batch_norms(model) == []
+
+
+def test_portable_chain_is_lean_and_its_output_node_names_the_pass():
+    from onnxcompress.graphs import PROVENANCE_KEY
+
+    model = conv_gemm()
+    ctx = run_share(model, min_elements=16, bits_conv=4, bits_fc=4)
+    made = [n for n in ctx.model.graph.node if n.output[0] in ctx.shared or not n.name]
+    producing = [n for n in made if n.output[0] in ctx.shared]
+    assert len(producing) == len(ctx.shared) >= 1 and len(made) > len(producing)  # Cast, Gather feed it
+    assert all({(e.key, e.value) for e in n.metadata_props} == {(PROVENANCE_KEY, "share")} for n in producing)
+    assert all(not n.metadata_props and not n.name for n in made if n not in producing)

@@ -154,7 +154,7 @@ def to_dense(model: onnx.ModelProto) -> onnx.ModelProto:
     return decode_nodes(model, rewrite)
 
 
-def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
+def unpack(model: onnx.ModelProto, *, pass_name: str = "unpack") -> onnx.ModelProto:
     """The portable form of a packed model: each weight as uint codes + Cast + Gather(codebook)
     (standard ONNX, small on disk), exactly the SharedWeight the blob stores."""
     from ..model import opset_of
@@ -162,7 +162,7 @@ def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = opset_of(model)
 
     def rewrite(node, blob, scope):
-        return portable_nodes(read_blob(blob, node.output[0]), scope, opset)
+        return portable_nodes(read_blob(blob, node.output[0]), scope, opset, pass_name)
     return decode_nodes(model, rewrite)
 
 
