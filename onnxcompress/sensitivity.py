@@ -11,11 +11,12 @@ model's outputs, and so do two parts of it:
 
 On a small ResNet the second part's gain spans 0.05 to 1.3 between layers and the first part's
 1 to 23, so a layer-output SQNR misjudges the error at the outputs by up to 15 dB, and two codings
-of one layer with the same layer SQNR (plain k-means, mostly mean error; GPTQ, mostly the rest)
-differ at the outputs by 10 dB. Two probes per weight measure both gains: the error of a
-per-tensor k-means coding split into its mean part (rank one: (D mu) mu^T / |mu|^2) and the rest
-(D with D mu = 0), each scaled to the whole error's energy, each swapped alone into the model and
-run on calibration samples. The relative noise at the outputs of any coding is then predicted as
+of one layer with about the same layer SQNR (plain k-means, much of its error a mean; GPTQ codes,
+little) differ at the outputs by several dB. Two probes per weight measure both gains: the error of
+some coding of it (the share pass uses its per-tensor GPTQ coding) split into its mean part (rank
+one: (D mu) mu^T / |mu|^2) and the rest (D with D mu = 0), each scaled to the whole error's energy,
+each swapped alone into the model and run on calibration samples. The relative noise at the
+outputs of any coding is then predicted as
 
     noise_out = g_rest * (tr(D H D^T) - |D mu|^2) / signal + g_mean * |D mu|^2 / signal
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,13 +61,12 @@ class OutputGains:
 
 @dataclass
 class Probe:
-    """A weight (channel-first matrix W), its Hessians, and the error D of some cheap coding of it."""
+    """A weight (channel-first matrix W), its Hessians, and the error D of some coding of it."""
 
-    array: np.ndarray  # the weight as stored
-    matrix: np.ndarray  # (C, K) channel-first view of it
+    matrix: np.ndarray  # (C, K) channel-first view of the weight
     error: np.ndarray  # (C, K) D = W - W_hat
     hessians: LayerHessians
-    to_array: object  # (C, K) matrix -> array in the stored layout
+    to_array: Callable[[np.ndarray], np.ndarray]  # (C, K) matrix -> array in the stored layout
 
 
 def mean_part(hessians: LayerHessians, d: np.ndarray) -> float:
@@ -79,7 +79,7 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
                   progress: bool = False) -> dict[str, OutputGains]:
     """{weight: OutputGains} for the probed weights that are main-graph initializers (others: none)."""
     light, arrays = detached(model, also=set(probes))
-    split = {name: _split(p) for name, p in probes.items() if name in arrays and p.array.shape == arrays[name].shape}
+    split = {name: _split(p) for name, p in probes.items() if name in arrays and p.matrix.size == arrays[name].size}
     split = {name: parts for name, parts in split.items() if parts is not None}
     if not split:
         return {}

@@ -201,8 +201,7 @@ class SharePass(Pass):
                         importance=h.importance())
             fits[info.name] = {option: coded}
             matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
-            probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.decode().astype(np.float64),
-                                                                       info.channel_axis),
+            probes[info.name] = Probe(matrix, matrix - to_matrix(coded.decode().astype(np.float64), info.channel_axis),
                                       h, partial(from_matrix, shape=tuple(array.shape), channel_axis=info.channel_axis))
         try:
             return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress), fits

@@ -42,7 +42,7 @@ def probes_for(model, data, bits=3):
         array = get_array(model, info)
         matrix = to_matrix(array.astype(np.float64), info.channel_axis)
         coded = fit(array, bits, Option("tensor"), name=info.name, channel_axis=info.channel_axis).decode()
-        probes[info.name] = Probe(array, matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
+        probes[info.name] = Probe(matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
                                   hessians[info.name], partial(from_matrix, shape=array.shape,
                                                                channel_axis=info.channel_axis))
     return infos, hessians, probes
