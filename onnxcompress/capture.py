@@ -149,6 +149,9 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
 # a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
 # K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
 MAX_ROW_LENGTH = 8192
+# the statistics of one pass over the data (Grams and row samples of the layers captured together);
+# more layers than this holds take more passes
+MAX_STATS_BYTES = 2 << 30
 
 
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
@@ -259,15 +262,38 @@ class LayerInputs:
 
 def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
                          max_rows: int = 4096, max_batch: int = 64, seed: int = 0,
-                         folds: int = 0) -> dict[str, LayerInputs]:
-    """One pass over `data` gathering LayerInputs for each layer (keyed by weight name); `folds`
-    as LayerInputs (update i is data chunk i of `max_batch` samples)."""
+                         folds: int = 0, max_bytes: int = MAX_STATS_BYTES) -> dict[str, LayerInputs]:
+    """Passes over `data` gathering LayerInputs for each layer (keyed by weight name); `folds` as
+    LayerInputs (update i is data chunk i of `max_batch` samples). One pass when all the layers'
+    statistics fit in `max_bytes`, else one pass per batch of layers that does (same results)."""
     stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed, folds=folds) for layer in layers}
-    names = sorted({layer.input_name for layer in layers})
-    for values in capture(model, data, names, max_batch=max_batch):
-        for layer in layers:
-            stats[layer.weight].update(values[layer.input_name])
+    for batch in _batches(layers, lambda layer: _stats_bytes(layer, max_rows, folds), max_bytes):
+        names = sorted({layer.input_name for layer in batch})
+        for values in capture(model, data, names, max_batch=max_batch):
+            for layer in batch:
+                stats[layer.weight].update(values[layer.input_name])
     return stats
+
+
+def _stats_bytes(layer: LinearLayer, max_rows: int, folds: int) -> int:
+    """About the float64 bytes of a layer's LayerInputs: a Gram matrix per group (and per fold), and
+    the row sample."""
+    row = int(np.prod(layer.weight_shape)) // max(layer.out_channels, 1)
+    return 8 * layer.groups * (row * row * (1 + (folds if folds >= 2 else 0)) + max_rows * row)
+
+
+def _batches(items: Sequence, size_of, budget: int) -> list[list]:
+    """`items` in order, cut into runs whose sizes add up to at most `budget` (an item larger than
+    the budget on its own)."""
+    batches, current, used = [], [], 0
+    for item in items:
+        size = size_of(item)
+        if current and used + size > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    return batches + ([current] if current else [])
 
 
 @dataclass

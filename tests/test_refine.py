@@ -315,3 +315,25 @@ def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
     assert capture.linear_layer(model, info) is None
     data = Dataset(stacked=tiny.random_feeds(model, n=16))
     assert layer_hessians(model, data, [info]) == {}
+
+
+def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values(monkeypatch):
+    import onnxcompress.capture as capture
+    from onnxcompress.data import Dataset
+    from onnxcompress.weights import find_weights
+
+    model = tiny.conv_gemm()
+    layers = [layer for w in find_weights(model) if (layer := capture.linear_layer(model, w)) is not None]
+    data = Dataset(stacked=tiny.random_feeds(model, n=24))
+    passes = []
+    real_capture = capture.capture
+    monkeypatch.setattr(capture, "capture", lambda *a, **k: passes.append(1) or real_capture(*a, **k))
+    one_pass = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2)
+    assert len(passes) == 1
+    per_layer = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2, max_bytes=1)
+    assert len(passes) == 1 + len(layers) == 3 and one_pass.keys() == per_layer.keys()
+    for name in one_pass:
+        a, b = one_pass[name], per_layer[name]
+        assert a.count == b.count > 0
+        for ga, gb in zip(a.gram, b.gram):
+            np.testing.assert_array_equal(ga, gb)
