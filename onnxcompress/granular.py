@@ -347,13 +347,13 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
     return Choice(chosen, candidates, space, target_db, reason, gains=gains)
 
 
-def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed_noise: float = 0.0,
+def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed: Sequence[Candidate] = (),
                    rounds: int = 20) -> dict[str, Candidate]:
     """Re-pick every weight's candidate together, judged at the model's outputs.
 
     Each candidate's SQNR is measured where its error lands at the outputs (space "model output"),
-    so the errors of all layers add up there: S = sum of 10^(-SQNR/10), plus `fixed_noise` from
-    weights decided already. Maximise min(-10 log10 S, target) - per_byte * total bytes, where the
+    so the errors of all layers add up there: S = sum of 10^(-SQNR/10), `fixed` (the picks of weights
+    decided already, measured there too) included. Maximise min(-10 log10 S, target) - per_byte * total bytes, where the
     target is the per-layer target with every layer at it, over at most JOINT_TARGET_LAYERS layers
     (target_db - 10 log10(min(layers, 8)): 27 dB at 36 dB per layer): in a deep model, every layer at
     the per-layer target would add up to too little at the outputs (13 dB over 200 layers). By
@@ -369,7 +369,7 @@ def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed_noise: 
     def noise(c: Candidate) -> float:
         return 0.0 if c.sqnr_db == math.inf else 10 ** (-c.sqnr_db / 10)
 
-    noise_sum = fixed_noise + sum(noise(c) for c in picked.values())
+    noise_sum = sum(noise(c) for c in fixed) + sum(noise(c) for c in picked.values())
     byte_sum = sum(c.bytes for c in picked.values())
 
     def value(s: float, b: int) -> float:

@@ -249,8 +249,8 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
                         target_db=target_db, init=init, seed=seed, model_elements=model_elements,
                         portable_bytes=price, float_bytes=float_size(info),
-                        measure_with=measure_with, space=space, gains=gains, mean_free=mean_free and hessians is not None
-                        and hessians.means is not None, fitted=fitted if target is None else None)
+                        measure_with=measure_with, space=space, gains=gains, mean_free=mean_free,
+                        fitted=fitted if target is None else None)
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice

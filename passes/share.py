@@ -226,10 +226,8 @@ class SharePass(Pass):
         if not joint:
             return made
         together = {id(c) for c in joint.values()}
-        fixed = sum(10 ** (-c.chosen.sqnr_db / 10) for c in decided + made
-                    if c.space == "model output" and c.chosen.sqnr_db < float("inf") and id(c) not in together)
-        per_byte = DB_PER_BIT * 8 / max(total, 1)
-        picked = choose_jointly(joint, per_byte=per_byte, fixed_noise=fixed)
+        fixed = [c.chosen for c in decided + made if c.space == "model output" and id(c) not in together]
+        picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(total, 1), fixed=fixed)
         refit = {name: pick.option for name, pick in picked.items()
                  if pick.shared is None and pick.option.kind != "float"}
         by_name = {info.name: info for info in infos}
@@ -256,8 +254,7 @@ class SharePass(Pass):
             init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),
             absorb=absorb.get(w.name), gains=gains.get(w.name), mean_free=w.name in mean_free,
             only=only.get(w.name), fitted=fitted.get(w.name))) for w in infos),
-            jobs=ctx.jobs,
-            work=sum(w.numel for w in infos))
+            jobs=ctx.jobs, work=sum(w.numel for w in infos))
 
     def _correct_bias(self, ctx: Context, info: WeightInfo, shared, bias: WeightInfo, link, hessians) -> None:
         """Add the coded weight's mean output error D E[x] to its layer's float bias (before the
