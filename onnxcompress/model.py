@@ -35,7 +35,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     (onnxcompress.external); None streams when the external data exceeds STREAM_THRESHOLD.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long, a loop of links
+        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not exists:
         raise ModelError(f"model file '{path}' does not exist")
     if path.is_dir():
         raise ModelError(f"'{path}' is a folder, not an ONNX model file")
@@ -59,7 +63,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     if load_external_data and not (stream and files):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     _check_structure(model, path)
     check_runnable_opset(model, str(path))
@@ -97,10 +101,14 @@ def external_file(base_dir: Path, location: str) -> Path:
         raise ModelError(f"external data location {shown} is not a path relative to the model's folder; "
                          "refusing to read it")
     folder = os.path.realpath(base_dir)
-    target = os.path.realpath(os.path.join(folder, location))
+    named = os.path.normpath(os.path.join(folder, location))
+    target = os.path.realpath(named)
     if os.path.commonpath([folder, target]) != folder or target == folder:
         raise ModelError(f"external data location {shown} points outside the model's folder '{base_dir}' "
                          "(through '..' or a link); refusing to read it")
+    if target != named:  # onnx and onnxruntime refuse links too
+        raise ModelError(f"external data location {shown} goes through a symbolic link; keep the data file itself "
+                         "in the model's folder")
     return Path(target)
 
 

@@ -33,7 +33,7 @@ class Role:
 
 
 def _temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    return final.with_name(f".{final.name[:200]}.{secrets.token_hex(4)}.tmp")
 
 
 def _create_temp(final: Path) -> Path:
@@ -106,13 +106,25 @@ class OutputPlan:
         return sum(self._staged[Path(f)].stat().st_size for f in finals if Path(f) in self._staged)
 
     def commit(self) -> None:
-        """Rename every temporary file into place."""
-        try:
-            for final, tmp in list(self._staged.items()):
+        """Rename every temporary file into place. When a rename fails, the ones already made are
+        undone (a file they replaced comes back, a new one goes) and every temporary is removed."""
+        done: list[tuple[Path, Path | None]] = []  # (output, hard link to the file it replaced)
+        for final, tmp in list(self._staged.items()):
+            backup = _keep_old(final)
+            try:
                 os.replace(tmp, final)
-                del self._staged[final]
-        except OSError as e:
-            raise OutputError(f"cannot write '{final}': {e.strerror or e}") from e
+            except OSError as e:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                for old_final, old_backup in reversed(done):
+                    _undo(old_final, old_backup)
+                self.discard()
+                raise OutputError(f"cannot write '{final}': {e.strerror or e}") from e
+            del self._staged[final]
+            done.append((final, backup))
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
         self._committed = True
 
     def discard(self) -> None:
@@ -130,7 +142,40 @@ class OutputPlan:
         self.discard()
 
 
+def _keep_old(final: Path) -> Path | None:
+    """A second name (hard link) for the file `final` replaces, to put it back if the commit fails."""
+    if not final.is_file() or final.is_symlink():
+        return None
+    backup = _temp_name(final)
+    try:
+        os.link(final, backup)
+        return backup
+    except OSError:  # no hard links here: a failed commit cannot bring the old file back
+        return None
+
+
+def _undo(final: Path, backup: Path | None) -> None:
+    """Put back the file `final` replaced (or remove `final` when it replaced none)."""
+    try:
+        if backup is not None:
+            os.replace(backup, final)
+        else:
+            final.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not undo the write of %s: %s", final, e)
+
+
 def _check_writable(w: Role) -> None:
+    try:
+        _check_folder_and_file(w)
+        probe = _create_temp(w.path)  # the only sure test: create (and remove) a file there, as the write will
+        probe.unlink()
+    except OSError as e:
+        reason = "file name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
+        raise OutputError(f"cannot write {w.what} '{w.path}': {reason}") from e
+
+
+def _check_folder_and_file(w: Role) -> None:
     path, folder = w.path, w.path.parent
     if not folder.exists():
         raise OutputError(f"cannot write {w.what} '{path}': folder '{folder}' does not exist")
@@ -140,9 +185,3 @@ def _check_writable(w: Role) -> None:
         raise OutputError(f"cannot write {w.what} '{path}': it is a folder")
     if path.exists() and not path.is_file():
         raise OutputError(f"cannot write {w.what} '{path}': it exists and is not a regular file")
-    try:  # the only sure test: create (and remove) a file there, as the real write will
-        probe = _create_temp(path)
-        probe.unlink()
-    except OSError as e:
-        reason = "file name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e))
-        raise OutputError(f"cannot write {w.what} '{path}': {reason}") from e
