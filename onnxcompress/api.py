@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from .external import release_spill
-from .data import Dataset, load_data, model_inputs, synthesize
+from .data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
 from .metrics import Comparison, compare_models
 from .model import file_bytes, load_model, model_files, output_roles, save_model
 from .outputs import OutputPlan, Role
@@ -74,7 +74,7 @@ def input_roles(model: str | os.PathLike, *, data: Any = None, eval_data: Any = 
     """Every file a command reads that names a path: the model and its external data, the data, the recipe."""
     roles = [Role("the input model", model_files(model)[0])]
     roles += [Role("the input model's external data", f) for f in model_files(model)[1:]]
-    roles += [Role(what, Path(value)) for what, value in (("--data", data), ("--eval-data", eval_data))
+    roles += [Role(what, Path(value), DATA_SUFFIXES) for what, value in (("--data", data), ("--eval-data", eval_data))
               if isinstance(value, (str, os.PathLike))]
     if isinstance(recipe, (str, os.PathLike)) and Path(recipe).suffix.lower() in (".yaml", ".yml"):
         roles.append(Role("the recipe", Path(recipe)))

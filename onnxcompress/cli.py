@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    from .external import exit_on_termination
+
+    exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary outputs are removed
     try:
         return _COMMANDS[args.command](args)
     except OnnxCompressError as e:

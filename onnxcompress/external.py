@@ -65,11 +65,11 @@ def _spill_dir() -> Path:
     if _spill_root is None or not _spill_root.is_dir():
         _spill_root = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
         atexit.register(shutil.rmtree, _spill_root, True)
-        _exit_on_termination()
+        exit_on_termination()
     return _spill_root
 
 
-def _exit_on_termination() -> None:
+def exit_on_termination() -> None:
     """Turn SIGTERM and SIGHUP into SystemExit(128 + signal) in this process, so that atexit and
     `finally` blocks run (spill folder and half-written outputs removed). SIGINT already raises
     KeyboardInterrupt. Only default handlers are replaced, and only from the main thread; forked

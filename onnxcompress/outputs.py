@@ -30,6 +30,7 @@ class Role:
 
     what: str
     path: Path
+    folder_reads: tuple[str, ...] = ()  # when `path` is a folder: the suffixes of the files in it that are read
 
 
 def _temp_name(final: Path) -> Path:
@@ -75,6 +76,10 @@ class OutputPlan:
                 if _same(w.path, r.path):
                     raise OutputError(f"{w.what} '{w.path}' is {r.what} '{r.path}'; choose another path "
                                       "(inputs are never overwritten)")
+                if r.folder_reads and r.path.is_dir() and _same(w.path.parent, r.path) \
+                        and w.path.suffix.lower() in r.folder_reads:
+                    raise OutputError(f"{w.what} '{w.path}' would be one of the files of {r.what} '{r.path}'; "
+                                      "choose another folder (inputs are never overwritten)")
             for other in self.writes[:i]:
                 if _same(w.path, other.path):
                     raise OutputError(f"{w.what} '{w.path}' and {other.what} '{other.path}' are the same file; "

@@ -331,3 +331,42 @@ def test_outputs_get_the_mode_of_a_plain_write(tmp_path, monkeypatch, mask):
     for name in ("out.onnx", "r.json", "u.onnx", "u.onnx.data"):
         assert (tmp_path / name).stat().st_mode & 0o777 == want, name
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_into_the_data_folder_as_a_data_file_is_refused(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(k=256, n=64), model)
+    (tmp_path / "calib").mkdir()
+    _data(tmp_path / "calib" / "0.npz")
+    err = _refused(capsys, tmp_path, ["compress", str(model), "-o", str(tmp_path / "calib" / "1.npz"),
+                                      "--data", str(tmp_path / "calib")])
+    assert "files of --data" in err
+
+
+def test_a_recipe_file_cannot_name_code_to_run(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - bitwidth: {metric: 'shutil:rmtree', max_drop: 1}\n")
+    assert "code to run" in _refused(capsys, tmp_path, ["compress", str(model), "-o", str(tmp_path / "o.onnx"),
+                                                        "--recipe", str(recipe)])
+
+
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    """SIGTERM unwinds like Ctrl-C: the temporary outputs go, exit status 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+
+    model = _with_external(tmp_path)
+    before = _tree(tmp_path)
+    script = (
+        "import os, signal, sys\n"
+        "from onnxcompress import external\n"
+        "from onnxcompress.cli import main\n"
+        "external.strip_bookkeeping = lambda m: os.kill(os.getpid(), signal.SIGTERM)  # inside save_model\n"
+        f"sys.exit(main(['compress', {str(model)!r}, '-o', {str(tmp_path / 'o.onnx')!r}, '--jobs', '1', '-q',"
+        f" '--report', {str(tmp_path / 'r.json')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert _tree(tmp_path) == before
