@@ -117,6 +117,8 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     tensors declare."""
     for location, end in external_data_files(model).items():
         file = external_file(base_dir, location)
+        if file.exists() and not file.is_file():
+            raise ModelError(f"external data file '{base_dir / location}' is not a regular file")
         if not file.is_file():
             raise ModelError(f"external data file '{base_dir / location}' is missing; keep it next to the model file")
         actual = file.stat().st_size

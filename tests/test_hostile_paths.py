@@ -243,7 +243,7 @@ def test_unpack_output_equal_to_its_data_file_is_refused(tmp_path, capsys):
 # ---- 4. every output checked before the work; nothing left behind -------------------------------------
 
 @pytest.mark.parametrize("case", ["report-folder-missing", "out-folder-is-file", "out-is-folder", "report-is-folder",
-                                  "out-data-is-folder", "name-too-long"])
+                                  "out-data-is-folder", "name-too-long", "read-only-folder"])
 def test_unwritable_output_is_refused_before_the_work(tmp_path, capsys, monkeypatch, case):
     model = tmp_path / "m.onnx"
     onnx.save(gemm(), model)
@@ -263,12 +263,28 @@ def test_unwritable_output_is_refused_before_the_work(tmp_path, capsys, monkeypa
     elif case == "name-too-long":
         out = tmp_path / ("o" * 300 + ".onnx")
 
+    elif case == "read-only-folder":  # as the file system answers for a read-only mount or folder
+        monkeypatch.setattr("onnxcompress.outputs.os.open", _fail(PermissionError(13, "Permission denied")))
+
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before the outputs were checked")
 
     monkeypatch.setattr("onnxcompress.api.compress", no_work)
     argv = ["compress", str(model), "-o", str(out)] + (["--report", str(report)] if report else [])
     assert "cannot write" in _refused(capsys, tmp_path, argv)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused_before_the_work(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        assert "Permission denied" in _refused(capsys, tmp_path, ["compress", str(model), "-o",
+                                                                  str(tmp_path / "ro" / "o.onnx")])
+    finally:
+        (tmp_path / "ro").chmod(0o755)
 
 
 def _fail(exc):
@@ -370,3 +386,16 @@ def test_sigterm_while_writing_leaves_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert _tree(tmp_path) == before
+
+
+def test_output_that_is_a_link_out_of_the_folder_replaces_the_link_only(place, capsys):
+    """-o naming a link to a file elsewhere: the link is replaced by the output, the file it pointed to is untouched."""
+    work, victim = place
+    model = work / "m.onnx"
+    onnx.save(gemm(), model)
+    (work / "out.onnx").symlink_to(victim)
+    (work / "out.onnx.data").symlink_to(victim.parent / "new.data")  # dangling: must not create new.data
+    outside = _tree(victim.parent)
+    assert main(["compress", str(model), "-o", str(work / "out.onnx"), "--jobs", "1", "-q"]) == 0
+    assert _tree(victim.parent) == outside
+    assert not (work / "out.onnx").is_symlink() and onnx.load(work / "out.onnx").graph.node
