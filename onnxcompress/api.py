@@ -72,8 +72,8 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
 def input_roles(model: str | os.PathLike, *, data: Any = None, eval_data: Any = None,
                 recipe: str | Recipe | None = None) -> list[Role]:
     """Every file a command reads that names a path: the model and its external data, the data, the recipe."""
-    roles = [Role("the input model", model_files(model)[0])]
-    roles += [Role("the input model's external data", f) for f in model_files(model)[1:]]
+    path, *external_files = model_files(model)
+    roles = [Role("the input model", path)] + [Role("the input model's external data", f) for f in external_files]
     roles += [Role(what, Path(value), DATA_SUFFIXES) for what, value in (("--data", data), ("--eval-data", eval_data))
               if isinstance(value, (str, os.PathLike))]
     if isinstance(recipe, (str, os.PathLike)) and Path(recipe).suffix.lower() in (".yaml", ".yml"):

@@ -159,7 +159,7 @@ def strip_foreign_bookkeeping(model: onnx.ModelProto, source: str = "the model")
     not written by this process, so they are ignored (a hostile file could set them to any path)."""
     removed = _remove_keys(model, _is_bookkeeping)
     if removed:
-        log.warning("%s: ignored metadata %s (internal keys are never read from a file)", source,
+        log.info("%s: ignored metadata %s (internal keys are never read from a file)", source,
                     sorted(k for k, _ in removed))
 
 
@@ -170,8 +170,7 @@ def strip_bookkeeping(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 def restore_bookkeeping(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> None:
     for key, value in entries:
-        if key == _STREAM_KEY:
-            _set_meta(model, key, value)
+        _set_meta(model, key, value)
 
 
 def is_streamed(model: onnx.ModelProto) -> bool:
