@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import math
 import sys
 from pathlib import Path
@@ -133,18 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    # without -v, warnings are held until the command ends: a failure prints its one line alone
+    held = logging.handlers.MemoryHandler(1 << 16, flushLevel=logging.CRITICAL + 1,
+                                          target=logging.StreamHandler()) if not args.verbose else None
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", handlers=[held] if held else None)
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
         return _COMMANDS[args.command](args)
     except OnnxCompressError as e:
+        if held is not None:
+            held.buffer.clear()
         print(f"onnxcompress: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if held is not None:
+            held.flush()
 
 
 def _compress(args) -> int:
