@@ -135,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     # without -v, warnings are held until the command ends: a failure prints its one line alone
-    held = logging.handlers.MemoryHandler(1 << 16, flushLevel=logging.CRITICAL + 1,
-                                          target=logging.StreamHandler()) if not args.verbose else None
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", handlers=[held] if held else None)
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    held = logging.handlers.MemoryHandler(1 << 16, flushLevel=logging.CRITICAL + 1, target=stream) \
+        if not args.verbose else None
+    logging.basicConfig(level=level, handlers=[held or stream])
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
