@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             held.buffer.clear()
         print(f"onnxcompress: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except MemoryError:  # a size no check foresaw: still one line, nothing written (outputs are atomic)
+        if held is not None:
+            held.buffer.clear()
+        print("onnxcompress: error: out of memory; nothing was written (the input may declare sizes beyond what "
+              "this machine holds)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130

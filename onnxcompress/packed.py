@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .codebook import SharedWeight
 from .codecs import bitpack, encode_best, entropy_bits, relidx
@@ -40,6 +40,8 @@ OP_TYPE = "DecodeWeight"
 FORMAT_VERSION = 1
 MAX_ELEMENTS = MAX_TENSOR_ELEMENTS  # a header declaring more is refused before any allocation
 INDEX_BITS_CANDIDATES = tuple(range(1, 13))
+#: element types a blob may decode to (DecodeWeight computes float32; a Cast after it restores the others)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 @dataclass
@@ -178,6 +180,8 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     except (KeyError, TypeError, ValueError) as e:
         raise r.fail(f"element type {elem} is unknown") from e
+    if elem not in FLOAT_TYPES:
+        raise r.fail(f"element type {helper.tensor_dtype_to_string(elem)} is not a float type")
     rank = r.varint("rank", 16)
     shape = tuple(r.varint(f"dim {k}", MAX_ELEMENTS) for k in range(rank))
     numel = element_count(shape)
