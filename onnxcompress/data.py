@@ -85,7 +85,7 @@ class Dataset:
         self.labels = None if labels is None else np.asarray(labels)
         self.source = source
         self.synthetic = False
-        self.guessed: list[str] = []  # synthesized inputs whose symbolic dims (after the first) were set to 1
+        self.guessed: list[str] = []  # synthesized inputs whose symbolic dims were set to 1
         if self.stacked is not None:
             counts = {name: (a.shape[0] if a.ndim else -1) for name, a in self.stacked.items()}
             if len(set(counts.values())) > 1 or -1 in counts.values():
@@ -339,7 +339,7 @@ def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ..
     data = Dataset(feeds, source="synthesized inputs")
     data.synthetic = True
     data.guessed = [s.name for s in specs if s.name not in (shapes or {}) and s.shape is not None
-                    and not all(isinstance(d, int) and d > 0 for d in s.shape[1:])]
+                    and not all(isinstance(d, int) and d > 0 for d in s.shape)]
     return data
 
 

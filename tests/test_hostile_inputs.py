@@ -503,3 +503,17 @@ def test_unpack_refuses_a_blob_shape_against_a_declared_value_info(tmp_path, cap
     model.graph.value_info.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 32]))
     err = _unpack_fails(capsys, tmp_path, model)
     assert "declares shape [32, 64]" in err
+
+
+def test_huffman_decode_table_is_bounded_by_the_stream():
+    """25 symbols with code lengths 1, 2, ..., 24, 24 form a complete code whose decode table has 2**24
+    entries; a few bytes declaring it are refused before the table is built."""
+    from onnxcompress.codecs import huffman
+    from onnxcompress.codecs._wire import write_symbol_set
+    from onnxcompress.codecs.bitpack import pack
+
+    lengths = np.array([*range(1, 25), 24])
+    stream = (uvarint(2) + uvarint(25) + write_symbol_set(np.arange(25), 25) + pack(lengths, 5) + uvarint(1)
+              + uvarint(2) + uvarint(1) + b"\x01" + b"\x00" * 2)
+    with pytest.raises(CodecError, match="not what the encoder writes"):
+        huffman.decode(stream)
