@@ -50,16 +50,18 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"'{path}' is {what}; give an .npz whose keys are the input names")
     arrays = {}
     try:
+        size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 where = f"'{path}', array '{key}'"
                 if not info.filename.endswith(".npy"):
                     raise DataError(f"{where} is not an .npy member; an .npz holds only .npy arrays")
-                limit = info.compress_size * (_DEFLATE_MAX_RATIO if info.compress_type else 1) + 1024
+                limit = min(info.compress_size, size) * (_DEFLATE_MAX_RATIO if info.compress_type else 1) + 1024
                 if info.file_size > limit:
-                    raise DataError(f"{where} declares {info.file_size} bytes, more than its {info.compress_size} "
-                                    "stored bytes can hold (a corrupt or hostile archive)")
+                    raise DataError(f"{where} declares {info.file_size} bytes, more than its "
+                                    f"{min(info.compress_size, size)} stored bytes can hold (a corrupt or hostile "
+                                    "archive)")
                 with archive.open(info) as member:
                     arrays[key] = _read_array(member, info.file_size, where)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:

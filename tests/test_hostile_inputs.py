@@ -517,3 +517,21 @@ def test_huffman_decode_table_is_bounded_by_the_stream():
               + uvarint(2) + uvarint(1) + b"\x01" + b"\x00" * 2)
     with pytest.raises(CodecError, match="not what the encoder writes"):
         huffman.decode(stream)
+
+
+def test_npz_member_declaring_more_bytes_than_the_archive_holds(tmp_path, capsys):
+    """A stored member whose zip entry and .npy header both declare 1 GiB, in a file of a few hundred bytes."""
+    onnx.save(gemm(k=64, n=32), tmp_path / "m.onnx")
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (2097152, 64), }"
+    header += b" " * (118 - len(header)) + b"\n"
+    raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(64)
+    with zipfile.ZipFile(tmp_path / "calib.npz", "w") as archive:
+        archive.writestr("x.npy", raw)
+    data = bytearray((tmp_path / "calib.npz").read_bytes())
+    declared = (len(raw) - 64 + (1 << 30)).to_bytes(4, "little")
+    for at in (i for i in range(len(data) - 4) if data[i:i + 4] in (b"PK\x03\x04", b"PK\x01\x02")):
+        offset = at + (18 if data[at + 2] == 3 else 20)  # compressed and uncompressed sizes
+        data[offset:offset + 4] = data[offset + 4:offset + 8] = declared
+    (tmp_path / "calib.npz").write_bytes(bytes(data))
+    err = _fails_cleanly(capsys, tmp_path, tmp_path / "m.onnx", "--data", str(tmp_path / "calib.npz"))
+    assert "array 'x' declares 1073741" in err and "stored bytes can hold" in err
