@@ -19,7 +19,6 @@ from .errors import ModelError
 from .graphs import DOMAIN, iter_graphs
 
 log = logging.getLogger(__name__)
-ort.set_default_logger_severity(4)  # onnxruntime's own log lines never print before (or instead of) our message
 
 Outputs = list[np.ndarray]
 
