@@ -297,12 +297,12 @@ def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
 def synthesis_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None
                      ) -> dict[str, tuple[int, ...]]:
     """The shape of each synthesized input: `shapes` (from --shape), else the declared one with 1 for
-    symbolic dims. DataError for a --shape that contradicts the model or any input over MAX_SYNTH_ELEMENTS."""
+    symbolic dims. DataError for a --shape that contradicts the model or a feed over MAX_SYNTH_ELEMENTS."""
     shapes = dict(shapes or {})
     names = [s.name for s in specs]
     for name in shapes.keys() - set(names):
         raise DataError(f"--shape names '{name}', which is not an input of the model (its inputs: {names})")
-    out = {}
+    out, total = {}, 0
     for spec in specs:
         if spec.name in shapes:
             shape = shapes[spec.name]
@@ -318,9 +318,11 @@ def synthesis_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int,
             shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
             where = f"input '{spec.name}' declared as {spec.describe()}"
         count = element_count(shape)
-        if count > MAX_SYNTH_ELEMENTS:
-            raise DataError(f"{where} asks for {count} elements per synthesized feed, more than the "
-                            f"{MAX_SYNTH_ELEMENTS} onnxcompress synthesizes; give --data (or a smaller --shape)")
+        total += count
+        if count > MAX_SYNTH_ELEMENTS or total > MAX_SYNTH_ELEMENTS:
+            raise DataError(f"{where} asks for {count} elements per synthesized feed ({total} with the inputs "
+                            f"before it), more than the {MAX_SYNTH_ELEMENTS} onnxcompress synthesizes; give --data "
+                            "(or a smaller --shape)")
         out[spec.name] = shape
     return out
 

@@ -13,7 +13,7 @@ import numpy as np
 #: Largest tensor, in elements, a declaration may make us allocate: 2**28 (1 GiB as float32).
 #: Larger than any single weight of the models onnxcompress targets (VGG-19's fc6 holds 2**26.6).
 MAX_TENSOR_ELEMENTS = 1 << 28
-#: Largest input we synthesize when no data is given, in elements per input of one feed (8 feeds):
+#: Largest feed we synthesize when no data is given, in elements over all inputs of one feed (8 feeds):
 #: 2**23 (32 MiB as float32); a 3x224x224 image is 2**17.2, a 16-frame clip of them 2**21.2.
 MAX_SYNTH_ELEMENTS = 1 << 23
 

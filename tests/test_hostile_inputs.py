@@ -535,3 +535,12 @@ def test_npz_member_declaring_more_bytes_than_the_archive_holds(tmp_path, capsys
     (tmp_path / "calib.npz").write_bytes(bytes(data))
     err = _fails_cleanly(capsys, tmp_path, tmp_path / "m.onnx", "--data", str(tmp_path / "calib.npz"))
     assert "array 'x' declares 1073741" in err and "stored bytes can hold" in err
+
+
+def test_synthesis_limit_counts_every_input_of_a_feed():
+    from onnxcompress.data import InputSpec, synthesize
+    from onnxcompress.errors import DataError
+
+    specs = [InputSpec(f"x{i}", np.dtype(np.float32), (MAX_SYNTH_ELEMENTS // 4,)) for i in range(5)]
+    with pytest.raises(DataError, match="input 'x4'"):
+        synthesize(specs, n=1)
