@@ -544,3 +544,15 @@ def test_synthesis_limit_counts_every_input_of_a_feed():
     specs = [InputSpec(f"x{i}", np.dtype(np.float32), (MAX_SYNTH_ELEMENTS // 4,)) for i in range(5)]
     with pytest.raises(DataError, match="input 'x4'"):
         synthesize(specs, n=1)
+
+
+def test_ans_decodes_by_chunks_exactly():
+    """ANS decodes into the output by chunks of 2**20 symbols (never all int32 indices at once)."""
+    from onnxcompress.codecs import ans
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 32, (1 << 20) * 2 + 5)
+    s[rng.random(s.size) < 0.9] = 0
+    out = ans.decode(ans.encode(s, 32))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, s)
