@@ -36,7 +36,7 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
             return None
         log.warning("no %s given: using random inputs from the model's shapes, which measure fidelity weakly", name)
         return synthesize(specs, shapes=shapes)
-    dataset = load_data(data, name=name)
+    dataset = load_data(data, name=name, specs=specs)
     dataset.check(specs)
     return dataset
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import math
 import sys
 from pathlib import Path
@@ -160,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    # without -v, warnings are held until the command ends: a failure prints its one line alone
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    held = logging.handlers.MemoryHandler(1 << 16, flushLevel=logging.CRITICAL + 1, target=stream) \
+        if not args.verbose else None
+    logging.basicConfig(level=level, handlers=[held or stream])
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
@@ -170,11 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except OnnxCompressError as e:
+        if held is not None:
+            held.buffer.clear()
         print(f"onnxcompress: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:  # a size no check foresaw: still one line, nothing written (outputs are atomic)
+        if held is not None:
+            held.buffer.clear()
+        print("onnxcompress: error: out of memory; nothing was written (the input may declare sizes beyond what "
+              "this machine holds)", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if held is not None:
+            held.flush()
 
 
 def _one_line(error: BaseException) -> str:

@@ -6,6 +6,7 @@ Accepted forms (detected automatically):
   scalars allowed, samples ordered by the number before the slash; optional ``labels``;
 - a folder of ``.npz`` files, one feed each (keys = input names), in sorted file-name order;
 - a folder of ``.npy`` files named ``<input>.npy`` (stacked) and optionally ``labels.npy``;
+- a single ``.npy`` file: the stacked samples of the model's only input (or of the input it is named after);
 - from Python, a dict of stacked arrays or any iterable of feed dicts.
 
 Stacked data is the only kind ever batched, and only when the model's first axis is dynamic;
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 
 from .errors import DataError
+from .limits import MAX_SYNTH_ELEMENTS, element_count
+from .npz import file_kind, read_npy, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class Dataset:
         self.labels = None if labels is None else np.asarray(labels)
         self.source = source
         self.synthetic = False
+        self.guessed: list[str] = []  # synthesized inputs whose symbolic dims were set to 1
         if self.stacked is not None:
             counts = {name: (a.shape[0] if a.ndim else -1) for name, a in self.stacked.items()}
             if len(set(counts.values())) > 1 or -1 in counts.values():
@@ -103,7 +106,7 @@ class Dataset:
             out = Dataset(stacked={k: v[:n] for k, v in self.stacked.items()}, labels=labels, source=self.source)
         else:
             out = Dataset([self._feeds[i] for i in range(n)], labels=labels, source=self.source)
-        out.synthetic = self.synthetic
+        out.synthetic, out.guessed = self.synthetic, self.guessed
         return out
 
     def feed(self, index: int, specs: Sequence[InputSpec]) -> Feed:
@@ -144,6 +147,9 @@ class Dataset:
                 raise DataError(f"{where}: the model has no input '{name}' (it has {sorted(required)})")
             for spec in specs:
                 _check_value(where, spec, feed[spec.name])
+        if self.stacked is not None:
+            for name, array in self.stacked.items():
+                _check_finite(self.source, name, array)
         if self.labels is not None and self.labels.shape[0] != len(self):
             raise DataError(f"{self.source}: {self.labels.shape[0]} labels for {len(self)} samples")
 
@@ -159,9 +165,19 @@ def _one_sample(array: np.ndarray, index: int, spec: InputSpec | None) -> np.nda
     return array[index]
 
 
+def _check_finite(where: str, name: str, value: np.ndarray) -> None:
+    """Calibration statistics and fidelity figures mean nothing over NaN or Inf inputs."""
+    if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        bad = value.size - int(np.isfinite(value).sum())
+        first = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+        raise DataError(f"{where}, input '{name}': holds NaN or Inf ({bad} of {value.size} values, the first at "
+                        f"index {first}); give finite data")
+
+
 def _check_value(where: str, spec: InputSpec, value) -> None:
     if not isinstance(value, np.ndarray):
         raise DataError(f"{where}, input '{spec.name}': expected a numpy array, got {type(value).__name__}")
+    _check_finite(where, spec.name, value)
     if value.dtype != spec.dtype:
         raise DataError(f"{where}, input '{spec.name}': dtype {value.dtype} does not match the model's {spec.dtype} "
                         f"(convert with .astype(np.{spec.dtype}))")
@@ -176,12 +192,13 @@ def _check_value(where: str, spec: InputSpec, value) -> None:
                             f"(axis {axis} must be {want})")
 
 
-def load_data(source, *, name: str | None = None) -> Dataset:
-    """A Dataset from a path (.npz file or folder), a dict of stacked arrays, or an iterable of feeds."""
+def load_data(source, *, name: str | None = None, specs: Sequence[InputSpec] = ()) -> Dataset:
+    """A Dataset from a path (.npz or .npy file, or folder), a dict of stacked arrays, or an iterable of
+    feeds. `specs` (the model's inputs) says which input a single .npy file feeds."""
     if isinstance(source, Dataset):
         return source
     if isinstance(source, (str, Path)):
-        return _load_path(Path(source))
+        return _load_path(Path(source), specs)
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
         labels = arrays.pop("labels", None)
@@ -192,12 +209,16 @@ def load_data(source, *, name: str | None = None) -> Dataset:
     raise DataError(f"cannot read data from a {type(source).__name__}; give an .npz file, a folder, or feed dicts")
 
 
-def _load_path(path: Path) -> Dataset:
+def _load_path(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
     if path.is_dir():
         return _load_folder(path)
-    arrays = _read_npz(path)
+    if not path.is_file():
+        raise DataError(f"data path '{path}' is not a regular file or folder")
+    if file_kind(path) == "npy":
+        return _single_npy(path, specs)
+    arrays = read_npz(path)
     labels = arrays.pop("labels", None)
     if not arrays:
         raise DataError(f"'{path}' holds no arrays")
@@ -206,16 +227,14 @@ def _load_path(path: Path) -> Dataset:
     return Dataset(stacked=arrays, labels=labels, source=str(path))
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"'{path}' is a single .npy array; give an .npz whose keys are the input names")
-            return {k: archive[k] for k in archive.files}
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read '{path}' as .npz data: {e}") from e
+def _single_npy(path: Path, specs: Sequence[InputSpec]) -> Dataset:
+    """One .npy file: the stacked samples of the input it is named after, else of the only input."""
+    names = [s.name for s in specs]
+    if path.stem in names or len(names) == 1:
+        name = path.stem if path.stem in names else names[0]
+        return Dataset(stacked={name: read_npy(path)}, source=str(path))
+    raise DataError(f"'{path}' is a single array but the model has inputs {names}; give an .npz whose keys are "
+                    "the input names, or a folder of <input>.npy files")
 
 
 def _feed_list(arrays: dict[str, np.ndarray], path: Path) -> list[Feed]:
@@ -238,10 +257,7 @@ def _load_folder(path: Path) -> Dataset:
     if npy:
         arrays = {}
         for file in npy:
-            try:
-                arrays[file.stem] = np.load(file, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read '{file}': {e}") from e
+            arrays[file.stem] = read_npy(file)
         labels = arrays.pop("labels", None)
         return Dataset(stacked=arrays, labels=labels, source=str(path))
     raise DataError(f"folder '{path}' holds no .npz or .npy files")
@@ -257,14 +273,14 @@ class _LazyFeeds(Sequence):
         return len(self._files)
 
     def __getitem__(self, index: int) -> Feed:
-        feed = _read_npz(self._files[index])
+        feed = read_npz(self._files[index])
         if not feed:
             raise DataError(f"'{self._files[index]}' (sample {index}) holds no arrays")
         return feed
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``name=1,3,224,224`` strings from the command line."""
+    """Parse ``name=1,3,224,224`` strings from the command line (every dimension >= 1)."""
     shapes = {}
     for item in items:
         name, sep, dims = item.partition("=")
@@ -274,7 +290,42 @@ def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
             sep = ""
         if not sep or not name:
             raise DataError(f"--shape '{item}' is not of the form name=1,3,224,224")
+        if any(d < 1 for d in shapes[name]):
+            raise DataError(f"--shape '{item}': every dimension must be at least 1")
     return shapes
+
+
+def synthesis_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """The shape of each synthesized input: `shapes` (from --shape), else the declared one with 1 for
+    symbolic dims. DataError for a --shape that contradicts the model or a feed over MAX_SYNTH_ELEMENTS."""
+    shapes = dict(shapes or {})
+    names = [s.name for s in specs]
+    for name in shapes.keys() - set(names):
+        raise DataError(f"--shape names '{name}', which is not an input of the model (its inputs: {names})")
+    out, total = {}, 0
+    for spec in specs:
+        if spec.name in shapes:
+            shape = shapes[spec.name]
+            fixed = spec.shape is not None and (len(shape) != len(spec.shape) or any(
+                isinstance(want, int) and want > 0 and want != got for want, got in zip(spec.shape, shape)))
+            if fixed:
+                raise DataError(f"--shape {spec.name}={','.join(map(str, shape))} does not fit the model's "
+                                f"declared shape {spec.describe()}")
+            where = f"--shape {spec.name}={','.join(map(str, shape))}"
+        elif spec.shape is None:
+            raise DataError(f"input '{spec.name}' has no declared shape; give --shape {spec.name}=... or --data")
+        else:
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
+            where = f"input '{spec.name}' declared as {spec.describe()}"
+        count = element_count(shape)
+        total += count
+        if count > MAX_SYNTH_ELEMENTS or total > MAX_SYNTH_ELEMENTS:
+            raise DataError(f"{where} asks for {count} elements per synthesized feed ({total} with the inputs "
+                            f"before it), more than the {MAX_SYNTH_ELEMENTS} onnxcompress synthesizes; give --data "
+                            "(or a smaller --shape)")
+        out[spec.name] = shape
+    return out
 
 
 def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -283,22 +334,15 @@ def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ..
 
     Random inputs exercise the model but measure fidelity weakly; callers warn the user.
     """
-    shapes = dict(shapes or {})
+    sizes = synthesis_shapes(specs, shapes)
+    for spec in specs:
+        _random(np.random.default_rng(seed), spec.dtype, (0,))  # an unsupported dtype fails before any work
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(n):
-        feed = {}
-        for spec in specs:
-            if spec.name in shapes:
-                shape = shapes[spec.name]
-            elif spec.shape is None:
-                raise DataError(f"input '{spec.name}' has no declared shape; give --shape {spec.name}=...")
-            else:
-                shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
-            feed[spec.name] = _random(rng, spec.dtype, shape)
-        feeds.append(feed)
+    feeds = [{spec.name: _random(rng, spec.dtype, sizes[spec.name]) for spec in specs} for _ in range(n)]
     data = Dataset(feeds, source="synthesized inputs")
     data.synthetic = True
+    data.guessed = [s.name for s in specs if s.name not in (shapes or {}) and s.shape is not None
+                    and not all(isinstance(d, int) and d > 0 for d in s.shape)]
     return data
 
 

@@ -65,9 +65,74 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
-    _check_structure(model, path)
     check_runnable_opset(model, str(path))
+    densify_sparse_initializers(model)
+    _fill_output_shapes(model)
+    _check_structure(model, path)
     return model
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> None:
+    """Every sparse_initializer becomes a dense initializer, as onnxruntime does at load (onnx's checker
+    and shape inference reject sparse tensors as op inputs); ModelError for one whose declared shape or
+    indices its bytes do not back."""
+    from .graphs import iter_graphs
+
+    for graph, path in iter_graphs(model.graph):
+        dense = [_densify(sparse, path) for sparse in graph.sparse_initializer]
+        if dense:
+            del graph.sparse_initializer[:]
+            graph.initializer.extend(dense)
+            log.info("%s: %d sparse initializers stored dense (onnxruntime densifies them at load too)", path, len(dense))
+
+
+def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
+    import numpy as np
+    from onnx import numpy_helper
+
+    from .limits import check_elements, element_count
+
+    name = sparse.values.name
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims):
+        raise ModelError(f"sparse initializer '{name}' ({path}) declares a negative dimension {dims}")
+    numel = check_elements(element_count(dims), f"sparse initializer '{name}' ({path})", ModelError)
+    try:
+        values = numpy_helper.to_array(sparse.values).reshape(-1)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"sparse initializer '{name}' ({path}) cannot be read: {e}") from e
+    if indices.ndim == 2 and indices.shape[1] == len(dims) and dims:  # coordinates -> linear
+        if indices.size and ((indices < 0).any() or (indices >= np.array(dims)).any()):
+            raise ModelError(f"sparse initializer '{name}' ({path}) has an index outside its shape {dims}")
+        indices = np.ravel_multi_index(indices.T, dims) if indices.size else indices.reshape(-1)
+    indices = indices.reshape(-1)
+    if indices.size != values.size or (indices.size and (indices.min() < 0 or indices.max() >= numel)):
+        raise ModelError(f"sparse initializer '{name}' ({path}) has {indices.size} indices for {values.size} "
+                         f"values, or an index outside its {numel} elements")
+    out = np.zeros(numel, values.dtype)
+    out[indices] = values
+    return numpy_helper.from_array(out.reshape(dims), name)
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> None:
+    """Graph outputs that declare a type but no shape (onnxruntime runs them, onnx's checker refuses
+    them) get the shape onnx's inference finds; one it cannot find is refused with a sentence."""
+    missing = [v for v in model.graph.output if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
+        inferred = model
+    found = {v.name: v for v in inferred.graph.output if v.type.tensor_type.HasField("shape")}
+    for value in missing:
+        if value.name not in found:
+            raise ModelError(f"graph output '{value.name}' declares no shape and onnx's shape inference cannot "
+                             "find one; give it a shape (dims may be symbolic) in the model")
+        value.type.tensor_type.shape.CopyFrom(found[value.name].type.tensor_type.shape)
+        log.info("graph output '%s' declared no shape; using the inferred %s", value.name,
+                 [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
 
 
 def _check_structure(model: onnx.ModelProto, path: Path) -> None:
@@ -149,8 +214,10 @@ def max_runnable_opset(domain: str = "") -> int:
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)], ir_version=9)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a refused probe prints nothing
         try:
-            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             return True
         except Exception:  # onnxruntime raises its own Fail type
             return False
@@ -169,9 +236,18 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+#: Lowest ONNX opset onnxcompress reads: onnxruntime implements no op below it (opset 7 models compress,
+#: opset 6 ones are refused by onnxruntime at load).
+MIN_OPSET = 7
+
+
 def check_runnable_opset(model: onnx.ModelProto, name: str = "model") -> None:
     opset = opset_of(model)
     limit = max_runnable_opset()
+    imports_onnx = any(entry.domain in ("", "ai.onnx") for entry in model.opset_import)
+    if imports_onnx and opset < MIN_OPSET:
+        raise ModelError(f"{name} uses ONNX opset {opset}; onnxcompress supports opsets {MIN_OPSET} to {limit}: "
+                         f"convert it first (onnx.version_converter.convert_version(model, {MIN_OPSET + 6}))")
     if opset > limit:
         raise ModelError(
             f"{name} uses ONNX opset {opset}, but the installed onnxruntime runs at most opset {limit}; "

@@ -24,21 +24,24 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .codebook import SharedWeight
 from .codecs import bitpack, encode_best, entropy_bits, relidx
-from .codecs.choice import METHODS, decode_any
+from .codecs.choice import METHODS, declared_count, decode_any
 from .codecs.frame import pack_streams, unpack_streams
 from .codecs._wire import Reader, uvarint, bit_length
 from .errors import CodecError
+from .limits import MAX_TENSOR_ELEMENTS, element_count
 
 log = logging.getLogger(__name__)
 
 OP_TYPE = "DecodeWeight"
 FORMAT_VERSION = 1
-MAX_ELEMENTS = 1 << 34  # a header declaring more is corrupt (guards the allocation)
+MAX_ELEMENTS = MAX_TENSOR_ELEMENTS  # a header declaring more is refused before any allocation
 INDEX_BITS_CANDIDATES = tuple(range(1, 13))
+#: element types a blob may decode to (DecodeWeight computes float32; a Cast after it restores the others)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 @dataclass
@@ -177,11 +180,14 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     except (KeyError, TypeError, ValueError) as e:
         raise r.fail(f"element type {elem} is unknown") from e
+    if elem not in FLOAT_TYPES:
+        raise r.fail(f"element type {helper.tensor_dtype_to_string(elem)} is not a float type")
     rank = r.varint("rank", 16)
     shape = tuple(r.varint(f"dim {k}", MAX_ELEMENTS) for k in range(rank))
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = element_count(shape)
     if numel > MAX_ELEMENTS:
-        raise r.fail(f"{numel} elements exceed the limit")
+        raise r.fail(f"the shape {list(shape)} declares {numel} elements, more than the {MAX_ELEMENTS} "
+                     "onnxcompress allocates")
     bits = r.varint("bits", 16)
     kind = r.varint("layout", 1)
     index_bits = r.varint("index bits", 16)
@@ -196,6 +202,10 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
     if kind == 1:
         if not 1 <= index_bits <= 16 or "i" not in streams or "v" not in streams:
             raise r.fail("the csr layout lacks its index bits or streams")
+        entries = {k: declared_count(streams[k]) for k in "iv"}
+        if entries["i"] != entries["v"] or entries["i"] > numel:
+            raise CodecError(f"packed weight '{name}' declares {entries['i']} relative indices and {entries['v']} "
+                             f"sparse codes for a tensor of {numel} entries.")
         gaps = decode_any(streams["i"]).astype(np.int64) + 1
         values = decode_any(streams["v"])
         if gaps.size and int(gaps.max()) > (1 << index_bits):
@@ -204,6 +214,9 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
     else:
         if "c" not in streams:
             raise r.fail("the dense layout lacks its code stream")
+        count = declared_count(streams["c"])
+        if count != numel:
+            raise CodecError(f"packed weight '{name}' declares {count} codes for its {numel} entries.")
         symbols = decode_any(streams["c"])
         if symbols.size != numel:
             raise CodecError(f"packed weight '{name}' holds {symbols.size} codes for {numel} entries.")
@@ -219,6 +232,9 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
         if channels is None:
             raise r.fail("per-channel streams need a channel axis")
     if "g" in streams:
+        if declared_count(streams["g"]) != channels:
+            raise CodecError(f"packed weight '{name}' declares {declared_count(streams['g'])} group offsets "
+                             f"for {channels} channels.")
         group_offsets = decode_any(streams["g"]).astype(np.int32)
         if group_offsets.size != channels:
             raise CodecError(f"packed weight '{name}' has {group_offsets.size} group offsets for {channels} channels.")

@@ -26,7 +26,7 @@ from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .runtime import foreign_domains
 from .packed import Layout, PackedWeight
-from .weights import WeightInfo, find_weights
+from .weights import NONFINITE, WeightInfo, find_weights, nonfinite_weights
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class Context:
     # a pass that rewrites the graph exactly (BatchNorm folded into its Conv) -> later layer fits:
     # the original with the same rewrite, so each layer's fit target is its own output there
     rewritten_original: onnx.ModelProto | None = None
+    # the manager -> every pass: weights holding NaN or Inf on purpose (a -inf attention mask, a scalar
+    # -inf in a Max); they stay float, marked skipped in weights()
+    nonfinite: set[str] = field(default_factory=set)
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -80,7 +83,11 @@ class Context:
         return self.rewritten_original if self.rewritten_original is not None else self.original
 
     def weights(self, min_elements: int = 0) -> list[WeightInfo]:
-        return find_weights(self.model, min_elements=min_elements)
+        found = find_weights(self.model, min_elements=min_elements)
+        for info in found:
+            if info.name in self.nonfinite and info.skip is None:
+                info.skip = NONFINITE
+        return found
 
     def record(self, *args, **kwargs) -> WeightRecord:
         rec = WeightRecord(*args, **kwargs)
@@ -226,6 +233,12 @@ class PassManager:
         ctx.plan = {name: dict(settings) for name, settings in (plan or {}).items()}
         if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
             ctx.masks, ctx.shared = external.SpillingDict(working), external.SpillingDict(working)
+        ctx.nonfinite = set(nonfinite_weights(working))
+        for name in sorted(ctx.nonfinite):
+            ctx.record(name, "load", f"kept float: {NONFINITE}")
+        if ctx.nonfinite:
+            ctx.note(f"{len(ctx.nonfinite)} float tensor(s) hold NaN or Inf ({', '.join(sorted(ctx.nonfinite)[:5])}"
+                     f"{', ...' if len(ctx.nonfinite) > 5 else ''}): every pass keeps them float")
         report = Report(recipe=self.recipe, form=self.form)
         done: list[str] = []
         check_data = eval_data or data

@@ -110,7 +110,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
     """A CPU session; packed models are decoded first; errors become ModelError. `arrays`: the
     weights of a model made by :func:`detached`."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; onnxruntime prints nothing itself
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
@@ -173,7 +173,11 @@ def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
         try:
             results.append(session.run(list(output_names) if output_names else None, feed))
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}") from e
+            hint = ""
+            if data.guessed:  # symbolic dims were set to 1: the user must say what they are
+                hint = (f" (the symbolic dims of input(s) {data.guessed} were set to 1: give their sizes with "
+                        f"--shape {data.guessed[0]}=..., or give --data)")
+            raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}{hint}") from e
         if progress is not None:
             progress.update(count)
     return results

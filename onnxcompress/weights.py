@@ -225,6 +225,16 @@ def is_bias(info: WeightInfo) -> bool:
         for c in info.consumers)
 
 
+#: WeightInfo.skip of a float tensor holding NaN or Inf (Context.weights sets it; passes keep the tensor float)
+NONFINITE = "holds NaN or Inf"
+
+
+def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the float tensors holding NaN or Inf, whatever their size (each read once)."""
+    return [info.name for info in find_weights(model, min_elements=0)
+            if info.is_float and not np.isfinite(get_array(model, info)).all()]
+
+
 def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:
     """The weight's values as a numpy array (float tensors in their own dtype).
 

@@ -38,7 +38,7 @@ from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
                                  sparsegpt)
 from onnxcompress.runtime import make_session
-from onnxcompress.weights import WeightInfo, find_weights, get_array
+from onnxcompress.weights import WeightInfo, get_array
 
 from .prune import DEFAULT_DAMPING, PruneConfig
 from .share import fit_codebook
@@ -353,7 +353,7 @@ class BitWidthPass(Pass):
         source = next(d for d in preferred if d is not None)
         data = source.limit(cfg.max_samples)
         start = time.perf_counter()
-        weights = [w for w in find_weights(ctx.model, min_elements=cfg.min_elements) if w.skip is None]
+        weights = [w for w in ctx.weights(cfg.min_elements) if w.skip is None]
         if not weights:
             ctx.note("bitwidth: no weight large enough to search over")
             return PassResult(False, {"weights": 0})

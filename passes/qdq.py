@@ -202,7 +202,7 @@ class QdqPass(Pass):
         model, graph = ctx.model, ctx.model.graph
         scope = NameScope(model)
         qt = TYPES[cfg.activation_type]
-        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"}
+        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main" and w.name not in ctx.nonfinite}
         done_weights: dict[str, np.ndarray] = {}  # weight name -> its scale vector
         pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
         for i, kind in sorted(plan.nodes.items()):

@@ -6,11 +6,13 @@ import numpy as np
 
 from onnxcompress.errors import CodecError
 from onnxcompress.codecs.bitpack import pack, unpack, packed_size
+from onnxcompress.limits import MAX_TENSOR_ELEMENTS
 
 #: Largest alphabet any entropy codec accepts (symbols are < 2**24).
 MAX_ALPHABET = 1 << 24
-#: Largest symbol count a stream header may declare (guards allocation on corrupt input).
-MAX_SYMBOLS = 1 << 32
+#: Largest symbol count a stream header may declare (guards allocation on corrupt input): the
+#: largest tensor onnxcompress allocates from a declaration (onnxcompress.limits).
+MAX_SYMBOLS = MAX_TENSOR_ELEMENTS
 
 
 def uvarint(n: int) -> bytes:
@@ -153,6 +155,12 @@ def read_symbol_set(r: Reader, alphabet_size: int) -> np.ndarray:
             raise r.fail("symbol list is not strictly increasing inside the alphabet")
         return used
     raise r.fail(f"unknown symbol-set mode {mode}")
+
+
+def declared_count(data: bytes, what: str) -> int:
+    """The symbol count a Huffman, ANS or raw stream declares (its first varint), read without
+    decoding, so that a caller can compare it with the size it expects before any allocation."""
+    return Reader(data, what).varint("symbol count", MAX_SYMBOLS)
 
 
 def read_header(data: bytes, what: str) -> tuple[Reader, int, np.dtype, np.ndarray, np.ndarray | None]:

@@ -28,6 +28,7 @@ from onnxcompress.errors import CodecError
 __all__ = ["encode", "decode", "quantize_counts"]
 
 _FREQ_BITS = range(1, 17)
+_CHUNK = 1 << 20  # symbols decoded per call
 
 
 def _constriction():
@@ -98,15 +99,21 @@ def decode(data: bytes) -> np.ndarray:
         raise r.fail(f"{n} symbols cannot fit in {words} payload words")
     model = _model(freqs)
     c = _constriction()
+    symbols = used.astype(dtype)
+    out = np.empty(n, dtype)  # filled by chunks: the coder's int32 indices never exist all at once
     try:
         coder = c.stream.stack.AnsCoder(payload)
-        index = coder.decode(model, n)
+        for start in range(0, n, _CHUNK):
+            index = np.asarray(coder.decode(model, min(_CHUNK, n - start)))
+            if index.size != min(_CHUNK, n - start) or (index.size and (index.min() < 0
+                                                                         or index.max() >= used.size)):
+                raise r.fail("the ANS payload decoded to symbols outside the model")
+            out[start:start + index.size] = symbols[index]
         ok = coder.is_empty()
+    except CodecError:
+        raise
     except Exception as e:  # constriction rejects some invalid states itself
         raise r.fail(f"the ANS payload is invalid ({e})") from e
     if not ok:
         raise r.fail("the ANS coder did not end empty after decoding all symbols")
-    index = np.asarray(index)
-    if index.size != n or (index.size and (index.min() < 0 or index.max() >= used.size)):
-        raise r.fail("the ANS payload decoded to symbols outside the model")
-    return used.astype(dtype)[index]
+    return out

@@ -11,9 +11,10 @@ import zlib
 import numpy as np
 
 from onnxcompress.codecs import ans, huffman, raw
+from onnxcompress.codecs._wire import declared_count as _declared_count
 from onnxcompress.errors import CodecError
 
-__all__ = ["METHODS", "entropy_bits", "encode", "encode_best", "decode_any"]
+__all__ = ["METHODS", "entropy_bits", "encode", "encode_best", "decode_any", "declared_count"]
 
 METHODS = ("raw", "huffman", "ans")
 _CODECS = {"raw": raw, "huffman": huffman, "ans": ans}
@@ -61,8 +62,8 @@ def encode_best(symbols: np.ndarray, alphabet_size: int | None = None,
     return best
 
 
-def decode_any(data: bytes) -> np.ndarray:
-    """Decode a tagged stream from :func:`encode` or :func:`encode_best`."""
+def _checked_body(data: bytes) -> bytes:
+    """The method stream inside a tagged stream, after the length, CRC and tag checks."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"a tagged stream must be bytes, got {type(data).__name__}.")
     data = bytes(data)
@@ -75,4 +76,16 @@ def decode_any(data: bytes) -> np.ndarray:
     if tag >= len(METHODS):
         raise CodecError(f"tagged stream has unknown method tag {tag}; "
                          "it was written by a newer onnxcompress.")
-    return _CODECS[METHODS[tag]].decode(body[1:])
+    return body
+
+
+def declared_count(data: bytes) -> int:
+    """The symbol count a tagged stream declares, without decoding it (CodecError if corrupt)."""
+    body = _checked_body(data)
+    return _declared_count(body[1:], f"{METHODS[body[0]]} stream")
+
+
+def decode_any(data: bytes) -> np.ndarray:
+    """Decode a tagged stream from :func:`encode` or :func:`encode_best`."""
+    body = _checked_body(data)
+    return _CODECS[METHODS[body[0]]].decode(body[1:])

@@ -202,6 +202,10 @@ def decode(data: bytes) -> np.ndarray:
         raise r.fail("block size is 0")
     if n > total_bits:
         raise r.fail(f"{n} symbols cannot fit in {total_bits} payload bits")
+    # the 2**top decode table is bounded by what the encoder writes or the payload backs, not by 5 bits
+    if 1 << top > max(1 << DEFAULT_MAX_LEN, 1 << int(k - 1).bit_length(), 8 * total_bits):
+        raise r.fail(f"codes of up to {top} bits for {k} symbols and {total_bits} payload bits are not "
+                     "what the encoder writes")
     nblocks = -(-n // block)
     base = r.varint("block length base", total_bits)
     dbits = r.u8("block length width")

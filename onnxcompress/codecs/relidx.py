@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcompress.errors import CodecError
+from onnxcompress.limits import check_elements
 
 __all__ = ["encode", "decode", "entry_count", "total_bits", "best_index_bits"]
 
@@ -61,6 +62,9 @@ def decode(gaps: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
         raise CodecError(f"relative index stream has {g.size} gaps but {v.size} values.")
     if length < 0:
         raise CodecError(f"dense length {length} is negative.")
+    check_elements(int(length), "a relative-index stream's dense length", CodecError)
+    if g.size > length:
+        raise CodecError(f"relative index stream has {g.size} entries for a dense length of {length}.")
     out = np.zeros(int(length), v.dtype)
     if g.size == 0:
         return out

@@ -112,7 +112,7 @@ def custom_op_session(model: onnx.ModelProto, *, optimize: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; onnxruntime prints nothing itself
     options.register_custom_ops_library(register_extension_ops())
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -2,6 +2,8 @@
 back (the dense fast path before a session, or the portable codebook form written by `unpack`)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -11,7 +13,8 @@ from ..codecs._wire import Reader
 from ..codecs.choice import METHODS
 from ..codecs.frame import unpack_streams
 from ..errors import ModelError
-from ..external import read_tensor, spill_tensor
+from .. import runtime
+from ..external import check_model, read_tensor, spill_tensor
 from ..graphs import DOMAIN, NameScope, consumers, iter_graphs, mark, producers
 from ..packed import OP_TYPE, PackedWeight, decode_blob, read_blob
 
@@ -156,14 +159,61 @@ def to_dense(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def unpack(model: onnx.ModelProto, *, pass_name: str = "unpack") -> onnx.ModelProto:
     """The portable form of a packed model: each weight as uint codes + Cast + Gather(codebook)
-    (standard ONNX, small on disk), exactly the SharedWeight the blob stores."""
+    (standard ONNX, small on disk), exactly the SharedWeight the blob stores.
+
+    ModelError unless the result is a model onnx and onnxruntime accept: every DecodeWeight reads a
+    constant blob, each blob's shape agrees with what the model declares for its output, no op of our
+    domain is left, the full onnx check (strict shape inference) passes and onnxruntime loads it."""
     from ..model import opset_of
 
     opset = opset_of(model)
+    declared = {v.name: v for g, _ in iter_graphs(model.graph) for v in [*g.value_info, *g.output]}
 
     def rewrite(node, blob, scope):
-        return portable_nodes(read_blob(blob, node.output[0]), scope, opset, pass_name)
-    return decode_nodes(model, rewrite)
+        shared = read_blob(blob, node.output[0])
+        _check_declared_shape(node, shared.shape, declared.get(node.output[0]))
+        # DecodeWeight outputs float32 whatever dtype the header names (a Cast after it restores that)
+        return portable_nodes(replace(shared, dtype=np.dtype(np.float32)), scope, opset, pass_name)
+    for graph, path in iter_graphs(model.graph):
+        constants = {t.name for t in graph.initializer}
+        for node in graph.node:
+            if node.domain == DOMAIN and (node.op_type != OP_TYPE or len(node.input) != 1
+                                          or node.input[0] not in constants):
+                raise ModelError(f"cannot unpack: node '{node.name or node.op_type}' ({path}) is a {DOMAIN} "
+                                 f"{node.op_type} that does not read a constant blob initializer")
+    out = decode_nodes(model, rewrite)
+    check_runnable(out, "the unpacked model")
+    return out
+
+
+def _check_declared_shape(node: onnx.NodeProto, shape: tuple[int, ...], value: onnx.ValueInfoProto | None) -> None:
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != len(shape) or any(d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, shape)):
+        want = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+        raise ModelError(f"cannot unpack: the blob of '{node.output[0]}' declares shape {list(shape)} but the model "
+                         f"declares {want} for it")
+
+
+def check_runnable(model: onnx.ModelProto, what: str) -> None:
+    """ModelError (one line) unless onnx's full check (strict shape inference) passes and onnxruntime
+    builds a session (decode ops of our domain already gone; not judged with other libraries' ops)."""
+    left = [n.op_type for g, _ in iter_graphs(model.graph) for n in g.node if n.domain == DOMAIN]
+    if left:
+        raise ModelError(f"{what} still holds {len(left)} {DOMAIN} op(s) ({left[0]})")
+    foreign = runtime.foreign_domains(model)  # ops of other libraries: onnx and onnxruntime cannot judge them
+    try:  # the full check includes strict shape inference, as at the end of every compress
+        check_model(model, full_check=model.ByteSize() < 2**31 - 1)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{what} is not a valid ONNX model: {first[:300]}") from e
+    if foreign:
+        return
+    try:
+        runtime.make_session(model)
+    except ModelError as e:
+        raise ModelError(f"{what} does not load in onnxruntime: {e}") from e
 
 
 def packed_weights(model: onnx.ModelProto) -> list[dict]:

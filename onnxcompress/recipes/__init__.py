@@ -107,8 +107,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise RecipeError(f"'{text}' is neither a built-in recipe ({', '.join(sorted(BUILTIN))}) "
                           f"nor an existing .yaml recipe file{hint}")
+    if not path.is_file():
+        raise RecipeError(f"recipe '{path}' is not a file (a folder?); give a .yaml recipe file")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file '{path}' is not UTF-8 text (byte {e.start} is invalid)") from e
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file '{path}': {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
     return _parse(doc, path.stem, str(path))
