@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import OnnxCompressError
+from .errors import BugError, OnnxCompressError
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
 
 
 def _json_default(value):
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxCompressError as e:
         print(f"onnxcompress: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BugError as e:
+        print(f"onnxcompress: internal error (a bug in onnxcompress, not in your input; please report it "
+              f"with the command and the model): {e}", file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130

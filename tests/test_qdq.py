@@ -17,7 +17,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
 from onnxcompress.pipeline import PassManager
-from onnxcompress.quantmath import sqnr_db
+from onnxcompress.numerics import sqnr_db_of as sqnr_db
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
