@@ -14,6 +14,7 @@ fuses into MatMulNBits); activations stay float.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_
 
 from .calibrate import CalibrationResult
 from .qdq_fold import fold_batch_norms
-from .qdq_weights import dq_nodes, quantize_weights_only
+from .qdq_weights import dq_nodes, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,18 @@ class QdqPass(Pass):
         folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []
         if folded:
             ctx.note(f"qdq: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
+        hoist_constants(ctx.model)  # weights in main-graph Constant nodes are planned like initializers
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
         plan = self._plan(ctx, cfg)
-        self._means = {}
+        self._means, self._biases = {}, defaultdict(list)
         if cfg.bias_correction and ctx.data is not None:
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
         renamed = self._rewrite(ctx, cfg, plan, per_channel)
+        # every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains): int8 + DQ, weight only
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
+                                     keep=self._float_biases)
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
@@ -132,8 +137,9 @@ class QdqPass(Pass):
         kinds = defaultdict(int)
         for kind in plan.nodes.values():
             kinds[kind] += 1
-        return PassResult(bool(plan.nodes), {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
+        return PassResult(bool(plan.nodes) or rest["weights"] > 0, {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
                                              "float_nodes": sum(map(len, plan.floats.values())),
+                                             "weight_only": rest["weights"],
                                              "layer_errors_data": error_data, **kinds})
 
     def ensures(self, ctx: Context, result: PassResult) -> None:
@@ -202,7 +208,8 @@ class QdqPass(Pass):
         model, graph = ctx.model, ctx.model.graph
         scope = NameScope(model)
         qt = TYPES[cfg.activation_type]
-        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"}
+        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"  # graph inputs, sparse...: left alone
+                 and (w.skip is None or w.skip.startswith("tiny"))}
         done_weights: dict[str, np.ndarray] = {}  # weight name -> its scale vector
         pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
         for i, kind in sorted(plan.nodes.items()):
@@ -254,9 +261,27 @@ class QdqPass(Pass):
                 ordered += pairs.get(out, [])
         del graph.node[:]
         graph.node.extend(ordered)
+        self._float_biases = self._shared_biases(ctx, scope, pending)
         for info, nodes, inits in pending:
             replace_weight(model, info, nodes, inits)
         return renamed
+
+    def _shared_biases(self, ctx, scope, pending) -> dict[str, str]:
+        """One int32 DQ for a bias several quantized layers read when they agree on its scale
+        s_x * s_w (no mean-shift correction: it differs by layer); else it stays float. Returns
+        the biases kept float, with the reason."""
+        kept = {}
+        for name, asks in self._biases.items():
+            bias, b_scale, values = asks[0]
+            if len(asks) > 1 and not all(np.array_equal(b, b_scale) for _, b, _ in asks):
+                kept[name] = f"a bias shared by {len(asks)} layers whose input scales differ"
+                ctx.record(name, self.name, f"kept float: {kept[name]}", bias.nbytes, bias.nbytes)
+                continue
+            q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
+            nodes, inits = dq_nodes(name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
+            pending.append((bias, nodes, inits))
+            ctx.record(name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
+        return kept
 
     def _weight_and_bias(self, ctx, node, plan, infos, done, per_channel, scope, pending) -> None:
         w_name = node.input[1]
@@ -279,13 +304,10 @@ class QdqPass(Pass):
         b_scale = np.where(b_scale > 0, b_scale, 1.0).astype(np.float32)
         values = get_array(ctx.model, bias).astype(np.float32)
         mean = self._means.get(node.input[0])
-        if mean is not None:
+        if mean is not None and len(bias.consumers) == 1:
             delta = w_dequantized.astype(np.float64) - get_array(ctx.model, info).astype(np.float64)
             values = (values - output_shift(delta, mean, _layout(node), groups=_groups(node))).astype(np.float32)
-        q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
-        nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
-        pending.append((bias, nodes, inits))
-        ctx.record(bias.name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
+        self._biases[bias.name].append((bias, b_scale, values))  # written once per tensor by _shared_biases
 
     def _constant(self, ctx, info, qtype, scope, pending, *, axis, symmetric: bool = False):
         """int8/uint8 initializer + DQ producing the weight's own name; returns the scale."""

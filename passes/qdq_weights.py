@@ -95,21 +95,58 @@ def _gemm_to_matmul(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodePro
         graph.node.insert(position + 1, add)
 
 
-def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str) -> dict:
-    """Weight-only quantization of every eligible float weight; returns the pass summary."""
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def hoist_constants(model: onnx.ModelProto) -> int:
+    """Main-graph Constant nodes holding a float tensor become initializers of the same name (what
+    onnxruntime does at load), so that a node reading one is planned like one reading an
+    initializer; returns how many moved."""
+    graph = model.graph
+    moved = [n for n in graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+             and n.attribute[0].name == "value" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT]
+    for node in moved:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    return len(moved)
+
+
+def _skip_reason(info: WeightInfo) -> str | None:
+    """Why weight-only quantization leaves `info` alone (None: it quantizes it)."""
+    if info.consumers and all(c.op_type in QDQ_OPS and c.input_index > 0 for c in info.consumers):
+        return "a scale or zero point"
+    if info.location == "sparse_initializer":
+        return "already stored sparse"
+    return info.skip
+
+
+def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str, *,
+                          keep: dict[str, str] | None = None) -> dict:
+    """Weight-only quantization of every eligible float weight of every graph (initializers,
+    Constant nodes, If/Loop/Scan bodies; a weight shared by several nodes gets one DequantizeLinear
+    that all of them read); `keep` names weights to leave float, with the reason. Every float
+    weight left float above the size threshold gets a report line saying why; returns the summary."""
     scope = NameScope(ctx.model)
     excluded = set(map(str, cfg.exclude))
+    keep = keep or {}
     int4 = cfg.int4_matmul
     if int4 and opset < INT4_MIN_OPSET:
         ctx.note(f"qdq: int4 weights need opset >= {INT4_MIN_OPSET} (model has {opset}); using int8 instead")
         int4 = False
-    counts = {"weights": 0, "int4": 0, "int8": 0, "bytes_before": 0, "bytes_after": 0}
+    counts = {"weights": 0, "int4": 0, "int8": 0, "bytes_before": 0, "bytes_after": 0, "tiny_float": 0}
     for info in ctx.weights(cfg.min_elements):
-        if not info.compressible or info.location == "sparse_initializer":
-            log.debug("qdq: %s left alone: %s", info.name, info.skip or "sparse")
-            continue
-        if _excluded(info, excluded):
-            ctx.record(info.name, pass_name, "kept float: excluded by the user")
+        reason = _skip_reason(info) or keep.get(info.name)
+        if reason is None and _excluded(info, excluded):
+            reason = "excluded by the user"
+        if reason is not None:
+            log.debug("qdq: %s left alone: %s", info.name, reason)
+            if info.is_float and info.skip is not None and info.skip.startswith("tiny"):
+                counts["tiny_float"] += info.nbytes
+            elif info.is_float and reason != "a scale or zero point":
+                ctx.record(info.name, pass_name, f"kept float: {reason}", info.nbytes, info.nbytes)
             continue
         w = get_array(ctx.model, info).astype(np.float32)
         node = _matmul_like(ctx.model, info) if int4 else None
