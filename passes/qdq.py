@@ -34,6 +34,7 @@ from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift,
 from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
 
 from .calibrate import CalibrationResult
+from . import qdq_guard as guard
 from .qdq_fold import fold_batch_norms
 from .qdq_weights import dq_nodes, hoist_constants, quantize_weights_only
 
@@ -63,6 +64,13 @@ class QdqConfig:
     fold_batch_norm: bool = True  # static: Conv -> BatchNormalization becomes one Conv (then QLinearConv)
     latency_check: bool = True  # static: time float vs int8 on one calibration batch; note when int8 is slower
     correction_samples: int = 256  # calibration samples that estimate the layer input means
+    # static: the fidelity bound on calibration data (top-1 agreement of class scores, SQNR of other outputs);
+    # activations that break it stay float, else weight-only int8 (agreement None: no check)
+    agreement: float | None = 0.99
+    min_output_sqnr: float = 20.0
+    guard_samples: int = 256
+    guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
+    max_probes: int = 64  # activations quantized alone to rank them (the widest range against RMS first)
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -108,15 +116,12 @@ class QdqPass(Pass):
         hoist_constants(ctx.model)  # weights in main-graph Constant nodes are planned like initializers
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
-        plan = self._plan(ctx, cfg)
-        self._means, self._biases = {}, defaultdict(list)
+        self._means = {}
         if cfg.bias_correction and ctx.data is not None:
+            plan = self._plan(ctx, cfg, set())
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
-        renamed = self._rewrite(ctx, cfg, plan, per_channel)
-        # every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains): int8 + DQ, weight only
-        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
-                                     keep=self._float_biases)
+        plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
@@ -152,8 +157,52 @@ class QdqPass(Pass):
         if result.modified and not ctx.layer_errors:  # the error table already ran the model
             make_session(ctx.model)  # raises ModelError if onnxruntime cannot load what we made
 
+    def _quantize(self, ctx, cfg, reference, per_channel, opset, keep_float: set[str]):
+        """Static QDQ of `reference` into ctx.model with `keep_float` activations float, then weight-only
+        int8 for every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains)."""
+        ctx.model.CopyFrom(reference)
+        self._biases = defaultdict(list)
+        plan = self._plan(ctx, cfg, keep_float)
+        renamed = self._rewrite(ctx, cfg, plan, per_channel)
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
+                                     keep=self._float_biases)
+        return plan, renamed, rest
+
+    def _guarded(self, ctx, cfg, reference, per_channel, opset):
+        """Quantize; while the fidelity check fails, keep the activations that break it float (worst
+        alone-quantized output SQNR first, 1, 2, 4... more each round); weight-only int8 if that fails."""
+        data = ctx.data.limit(cfg.guard_samples) if ctx.data is not None and cfg.agreement is not None else None
+        records, notes, keep_float, order = len(ctx.records), len(ctx.notes), set(), None
+        bounds = dict(agreement=cfg.agreement, min_sqnr=cfg.min_output_sqnr)
+        for _ in range(cfg.guard_rounds + 1):
+            del ctx.records[records:], ctx.notes[notes:]
+            plan, renamed, rest = self._quantize(ctx, cfg, reference, per_channel, opset, keep_float)
+            if keep_float and not plan.tensors:  # every activation kept float: that is the weight-only model
+                break
+            result = guard.check(reference, ctx.model, data, **bounds) if data is not None and plan.tensors else None
+            if result is None or result.holds:
+                if keep_float:
+                    ctx.note(f"qdq: kept float to hold {result.worst} (bound: agreement >= {cfg.agreement}, other "
+                             f"outputs >= {cfg.min_output_sqnr:g} dB, {len(data)} calibration samples): "
+                             + ", ".join(f"{n} ({order[n]:.1f} dB at the outputs quantized alone)" for n in order if n in keep_float))
+                return plan, renamed, rest
+            if order is None:
+                order = dict(guard.sensitivities(reference, plan.tensors, cfg.activation_type, data, cfg.max_probes))
+            more = [n for n in order if n not in keep_float][:max(1, len(keep_float))]
+            if not more:
+                break
+            log.info("qdq: %s after static int8; keeping %s float", result.worst, more)
+            keep_float |= set(more)
+        del ctx.records[records:], ctx.notes[notes:]
+        ctx.model.CopyFrom(reference)
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name)
+        ctx.note(f"qdq: static int8 missed the fidelity bound ({result.worst}; agreement >= {cfg.agreement}, other "
+                 f"outputs >= {cfg.min_output_sqnr:g} dB) even with {len(keep_float)} activation(s) kept float; "
+                 "weight-only int8 instead (activations float)")
+        return _Plan(), {}, rest
+
     # -- planning ---------------------------------------------------------------------------
-    def _plan(self, ctx: Context, cfg: QdqConfig) -> _Plan:
+    def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:
         graph, calib = ctx.model.graph, ctx.calibration
         inits = {t.name: t for t in graph.initializer}
         uses = consumers(graph)
@@ -167,6 +216,11 @@ class QdqPass(Pass):
                 continue
             if excluded & ({label, node.op_type} | set(node.output)):
                 plan.floats["excluded by the user"].append(label)
+                continue
+            follow = uses.get(node.output[0], []) if node.output else []
+            fused = {follow[0][0].output[0]} if len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS else set()
+            if keep_float & (set(_activation_inputs(node, inits)) | set(node.output) | fused):
+                plan.floats["an activation it reads or writes breaks the model in int8"].append(label)
                 continue
             reason = _unsupported(node, inits, calib)
             if reason:
@@ -197,7 +251,7 @@ class QdqPass(Pass):
         # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
         for i, node in enumerate(graph.node):
             if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
-                    and not excluded & {node.name, node.op_type}):
+                    and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
                 plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
                 plan.nodes[i] = "same_scale"
         return plan

@@ -32,6 +32,9 @@ def optimized_ops(model: onnx.ModelProto, folder: Path) -> list[str]:
 
 
 def quantize(model, data, **qdq):
+    # these tests are about the graph onnxruntime runs: the fidelity guard (which may keep layers of
+    # these random tiny models float over one flipped near-tie) is off unless a test asks for it
+    qdq.setdefault("agreement", None)
     passes = [CalibratePass(), QdqPass(**qdq)] if qdq.get("mode", "static") == "static" else [QdqPass(**qdq)]
     return PassManager(passes, validate="none").run(model, data)
 
