@@ -6,7 +6,9 @@ initializer -> DQ (symmetric, per output channel), its bias as int32 -> DQ with 
 s_x * s_w, and its output as Q -> DQ, so onnxruntime sees DQ -> op -> Q and runs QLinearConv,
 QGemm, QLinearMatMul, QLinearAdd... A Relu/Clip right after a node is a fusion boundary: the
 Q/DQ goes after the activation, never between. Pooling and reshaping ops reuse their input's
-scale. Ops without an integer kernel stay in float, with the reason in the report.
+scale. Ops without an integer kernel stay in float, with the reason in the report. Every other float
+weight (Constant nodes, If/Loop bodies, LSTM/GRU, float nodes) gets a weight-only int8 DQ. The
+result is checked on calibration data; activations that break it stay float (:mod:`.qdq_guard`).
 
 Weight-only mode (``int8-weights``, ``int4-weights``): each float weight becomes an int8
 initializer + DQ (or, for MatMul/Gemm, blocked int4 + DQ with ``block_size``, which onnxruntime
@@ -31,21 +33,17 @@ from onnxcompress.model import opset_of
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.runtime import make_session
 from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
-from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
+from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 
 from .calibrate import CalibrationResult
 from . import qdq_guard as guard
 from .qdq_fold import fold_batch_norms
+from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
+                      out_channels, unsupported, weight_axis)
 from .qdq_weights import dq_nodes, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
-LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-ELEMENTWISE = {"Add", "Mul"}
-OWN_SCALE = {"Concat", "AveragePool", "GlobalAveragePool"}  # inputs and output with their own ranges
-SAME_SCALE = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
-FUSED_ACTIVATIONS = {"Relu", "Clip"}
-SILENT = {"Constant", "Shape", "Size", "Cast", "ConstantOfShape", "Relu", "Clip"} | SAME_SCALE
 PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET = 13, 10
 
 
@@ -134,7 +132,7 @@ class QdqPass(Pass):
                                                     renamed, _labels(reference))
             error_data = "evaluation" if given is not ctx.data else "calibration"
         if cfg.latency_check and ctx.data is not None and plan.nodes:
-            ratio = latency_ratio(reference, ctx.model, ctx.data)
+            ratio = guard.latency_ratio(reference, ctx.model, ctx.data)
             if ratio > 1.05:
                 ctx.note(f"qdq: the int8 model runs {ratio:.2f}x slower than float in onnxruntime on this machine "
                          "(small convolutions favour float kernels); consider the int8-weights recipe or excluding "
@@ -219,10 +217,10 @@ class QdqPass(Pass):
                 continue
             follow = uses.get(node.output[0], []) if node.output else []
             fused = {follow[0][0].output[0]} if len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS else set()
-            if keep_float & (set(_activation_inputs(node, inits)) | set(node.output) | fused):
+            if keep_float & (set(activation_inputs(node, inits)) | set(node.output) | fused):
                 plan.floats["an activation it reads or writes breaks the model in int8"].append(label)
                 continue
-            reason = _unsupported(node, inits, calib)
+            reason = unsupported(node, inits, calib)
             if reason:
                 plan.floats[reason].append(label)
                 continue
@@ -233,7 +231,7 @@ class QdqPass(Pass):
             node = graph.node[i]
             if kind == "Gather":
                 continue
-            wanted += [x for x in _activation_inputs(node, inits)]
+            wanted += [x for x in activation_inputs(node, inits)]
             out = node.output[0]
             if node.op_type in ("Gemm", "MatMul") and out in outputs:
                 continue  # QGemm / MatMulIntegerToFloat give a float output directly
@@ -342,7 +340,7 @@ class QdqPass(Pass):
         info = infos.get(w_name)
         if info is None:  # activation x activation MatMul: both inputs are already Q/DQ'd
             return
-        axis = _weight_axis(node, info) if per_channel else None
+        axis = weight_axis(node, info) if per_channel else None
         if w_name not in done:
             done[w_name] = self._constant(ctx, info, INT8, scope, pending, axis=axis, symmetric=True)
         w_scale, w_dequantized = done[w_name]
@@ -350,8 +348,8 @@ class QdqPass(Pass):
             return
         bias = infos[node.input[2]]
         x_scale = plan.tensors.get(node.input[0], (None, None))[0]
-        out_channels = _out_channels(node, info)
-        if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != out_channels:
+        channels = out_channels(node, info)
+        if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != channels:
             return
         w_scale = np.asarray(w_scale, dtype=np.float64)  # 0-d when per tensor (then so is the bias scale)
         b_scale = (x_scale * w_scale).astype(np.float32)
@@ -360,7 +358,7 @@ class QdqPass(Pass):
         mean = self._means.get(node.input[0])
         if mean is not None and len(bias.consumers) == 1:
             delta = w_dequantized.astype(np.float64) - get_array(ctx.model, info).astype(np.float64)
-            values = (values - output_shift(delta, mean, _layout(node), groups=_groups(node))).astype(np.float32)
+            values = (values - output_shift(delta, mean, layout(node), groups=groups(node))).astype(np.float32)
         self._biases[bias.name].append((bias, b_scale, values))  # written once per tensor by _shared_biases
 
     def _constant(self, ctx, info, qtype, scope, pending, *, axis, symmetric: bool = False):
@@ -379,28 +377,6 @@ class QdqPass(Pass):
         shape = w.shape if axis is None else tuple(d if k == axis else 1 for k, d in enumerate(w.shape))
         return scale, dequantize(q, np.reshape(scale, shape) if axis is not None else scale,
                                  np.reshape(zero, shape) if axis is not None else zero)
-
-
-def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, rounds: int = 3) -> float:
-    """Median int8 / float seconds per call on the first chunk of `data`, the two sessions interleaved."""
-    from onnxcompress.data import model_inputs
-    from onnxcompress.runtime import median_latency
-
-    feed, _ = next(iter(data.chunks(model_inputs(reference), max_batch=64)))
-    ref, cand = make_session(reference), make_session(quantized)
-    times = [(median_latency(ref, feed, repeat=10), median_latency(cand, feed, repeat=10)) for _ in range(rounds)]
-    return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
-
-
-def _layout(node: onnx.NodeProto) -> str:
-    if node.op_type == "Conv":
-        return "conv"
-    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-    return "gemm" if node.op_type == "Gemm" and trans_b else "gemm_t"
-
-
-def _groups(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
@@ -429,52 +405,3 @@ def _labels(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _activation_inputs(node: onnx.NodeProto, inits) -> list[str]:
-    if node.op_type in LINEAR:
-        return [x for x in node.input[:2] if x and x not in inits]
-    return [x for x in node.input if x and x not in inits]
-
-
-def _unsupported(node: onnx.NodeProto, inits, calib: CalibrationResult) -> str | None:
-    """Why `node` stays float, or None when its integer form is supported."""
-    op = node.op_type
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if op == "Gather":
-        t = inits.get(node.input[0])
-        return None if t is not None and t.data_type == onnx.TensorProto.FLOAT else "Gather of a non-constant table"
-    if op not in LINEAR | ELEMENTWISE | OWN_SCALE:
-        return f"no integer kernel for {op} in onnxruntime"
-    if op in LINEAR:
-        w = inits.get(node.input[1])
-        if op == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-            return "Gemm with transA/alpha/beta"
-        if op != "MatMul" and (w is None or w.data_type != onnx.TensorProto.FLOAT):
-            return f"{op} weight is not a float initializer"
-        if op == "MatMul" and w is not None and (w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2):
-            return "MatMul weight is not a 2-D float initializer"
-        if op == "ConvTranspose" and attrs.get("group", 1) != 1:
-            return "grouped ConvTranspose"
-    for x in _activation_inputs(node, inits):
-        if x not in calib:
-            return "an input has no calibration range (not float?)"
-    for x in node.input:
-        if x in inits and inits[x].data_type != onnx.TensorProto.FLOAT:
-            return "a non-float constant input"
-    return None
-
-
-def _weight_axis(node: onnx.NodeProto, info) -> int | None:
-    if info.channel_axis is not None and info.role in (Role.CONV, Role.CONV_TRANSPOSE, Role.GEMM, Role.MATMUL):
-        return info.channel_axis
-    return None
-
-
-def _out_channels(node: onnx.NodeProto, info) -> int:
-    axis = _weight_axis(node, info)
-    if axis is None:
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0 if trans_b else 1}[node.op_type]
-    if node.op_type == "ConvTranspose":
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return info.shape[1] * group
-    return info.shape[axis]

@@ -22,8 +22,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.graphs import NameScope
+from onnxcompress.data import model_inputs
 from onnxcompress.metrics import Comparison, compare_models
 from onnxcompress.quantmath import TYPES
+from onnxcompress.runtime import make_session, median_latency
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +108,11 @@ def _widest(model: onnx.ModelProto, names: list[str], data) -> list[str]:
             count[n] += v.size
     crest = {n: peak[n] / math.sqrt(energy[n] / count[n]) if energy[n] > 0 else 0.0 for n in names}
     return sorted(names, key=lambda n: -crest[n])
+
+
+def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, rounds: int = 3) -> float:
+    """Median int8 / float seconds per call on the first chunk of `data`, the two sessions interleaved."""
+    feed, _ = next(iter(data.chunks(model_inputs(reference), max_batch=64)))
+    ref, cand = make_session(reference), make_session(quantized)
+    times = [(median_latency(ref, feed, repeat=10), median_latency(cand, feed, repeat=10)) for _ in range(rounds)]
+    return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
