@@ -40,7 +40,7 @@ from . import qdq_guard as guard
 from .qdq_fold import fold_batch_norms
 from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
                       out_channels, unsupported, weight_axis)
-from .qdq_weights import dq_nodes, hoist_constants, quantize_weights_only
+from .qdq_weights import NAMES, dq_nodes, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,10 @@ class QdqPass(Pass):
         pairs: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer output name -> Q/DQ nodes
         head: list[onnx.NodeProto] = []
         for name, (scale, zero) in plan.tensors.items():
-            s_name, z_name = scope.fresh(f"{name}_scale"), scope.fresh(f"{name}_zero_point")
+            s_name, z_name = scope.fresh(NAMES.scale), scope.fresh(NAMES.zero_point)
             graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
                                       numpy_helper.from_array(np.array(zero, qt.np_dtype), z_name)])
-            q_out = scope.fresh(f"{name}_quantized")
+            q_out = scope.fresh(NAMES.quantized)
             if name in graph_inputs:
                 dq_out = scope.fresh(f"{name}_dequantized")
                 for node in graph.node:
@@ -301,9 +301,9 @@ class QdqPass(Pass):
                             node.output[k] = source
                 target = name
             nodes = [mark(helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
-                                           name=scope.fresh(f"{name}_Q")), self.name),
+                                           name=scope.fresh(NAMES.q_node)), self.name),
                      mark(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [target],
-                                           name=scope.fresh(f"{name}_DQ")), self.name)]
+                                           name=scope.fresh(NAMES.dq_node)), self.name)]
             (head if name in graph_inputs else pairs[source]).extend(nodes)
             renamed[name] = target
         ordered = list(head)  # graph-input Q/DQ depend on nothing but the input

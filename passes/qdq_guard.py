@@ -23,9 +23,9 @@ from onnx import helper, numpy_helper
 
 from onnxcompress.graphs import NameScope
 from onnxcompress.data import model_inputs
-from onnxcompress.metrics import Comparison, compare_models
+from onnxcompress.metrics import Comparison, compare_models, compare_outputs
 from onnxcompress.quantmath import TYPES
-from onnxcompress.runtime import make_session, median_latency
+from onnxcompress.runtime import make_session, median_latency, run
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,15 @@ def sensitivities(reference: onnx.ModelProto, tensors: dict[str, tuple[float, in
     names = list(tensors)
     if len(names) > max_probes:
         names = _widest(reference, names, data)[:max_probes]
+    session = make_session(reference)
+    outputs = [o.name for o in session.get_outputs()]
+    want = run(session, data, reference, output_names=outputs)  # the float outputs, once
     found = []
     for name in names:
         scale, zero = tensors[name]
         probe = single_qdq(reference, name, scale, zero, qtype)
-        found.append((name, min(o.sqnr_db for o in compare_models(reference, probe, data).outputs)))
+        got = run(make_session(probe), data, probe, output_names=outputs)
+        found.append((name, min(o.sqnr_db for o in compare_outputs(outputs, want, got))))
         log.debug("qdq: %s alone quantized: %.1f dB at the outputs", name, found[-1][1])
     found.sort(key=lambda item: item[1])
     return found

@@ -9,6 +9,7 @@ for that, with its weight stored (K, N).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,6 +21,22 @@ from onnxcompress.weights import WeightInfo, get_array, replace_weight
 
 log = logging.getLogger(__name__)
 INT4_MIN_OPSET = 21
+
+
+@dataclass(frozen=True)
+class _Names:
+    """Short bases for the names the qdq pass makes (the DQ output keeps the weight's own name, the
+    metadata_props name the pass): exporters' long tensor names repeated in every generated name
+    took ~15% of a small int8 file."""
+
+    quantized: str = "qdq.q"
+    scale: str = "qdq.s"
+    zero_point: str = "qdq.z"
+    q_node: str = "qdq.Q"
+    dq_node: str = "qdq.DQ"
+
+
+NAMES = _Names()
 
 
 def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
@@ -34,13 +51,15 @@ def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
 def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int | None,
              scope: NameScope, pass_name: str, *, block_size: int | None = None
              ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """DequantizeLinear(q, scale[, zero]) -> `output`, with its initializers."""
-    q_name, s_name = scope.fresh(f"{output}_quantized"), scope.fresh(f"{output}_scale")
+    """DequantizeLinear(q, scale[, zero]) -> `output`, with its initializers. An int32 bias's zero
+    point of 0 is left out (the default; onnxruntime still fuses QGemm/QLinearConv). An int8
+    weight keeps its zero point: without it onnxruntime 1.32 no longer fuses QGemm."""
+    q_name, s_name = scope.fresh(NAMES.quantized), scope.fresh(NAMES.scale)
     q_tensor = int4_tensor(q_name, q) if block_size else numpy_helper.from_array(q, q_name)
     inits = [q_tensor, numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name)]
     inputs = [q_name, s_name]
-    if zero is not None:
-        z_name = scope.fresh(f"{output}_zero_point")
+    if zero is not None and not (np.asarray(q).dtype == np.int32 and not np.any(zero)):
+        z_name = scope.fresh(NAMES.zero_point)
         inits.append(numpy_helper.from_array(np.asarray(zero), z_name))
         inputs.append(z_name)
     attrs = {}
@@ -48,7 +67,7 @@ def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | N
         attrs["axis"] = axis
     if block_size:
         attrs["block_size"] = block_size
-    node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(f"{output}_DQ"), **attrs)
+    node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(NAMES.dq_node), **attrs)
     return [mark(node, pass_name)], inits
 
 
