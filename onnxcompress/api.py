@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 
 from .external import release_spill
-from .data import Dataset, load_data, model_inputs, synthesize
+from .data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
 from .metrics import Comparison, compare_models
-from .model import check_output_path, file_bytes, load_model, save_model
+from .model import file_bytes, load_model, model_files, output_roles, save_model
+from .outputs import OutputPlan, Role
 from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
 from .search import run_with_backoff
@@ -42,12 +43,14 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
 
 def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None, *, eval_data: Any = None,
              form: str | None = None, validate: str = "end", shapes: dict | None = None,
-             progress: bool = False, jobs: int = 1, budget: dict | None = None) -> tuple[onnx.ModelProto, Report]:
+             progress: bool = False, jobs: int = 1, budget: dict | None = None,
+             tolerance: tuple[float, float] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe on a model; returns the compressed model and the report.
 
     `data` calibrates data-driven passes; `eval_data` (default: `data`, else synthesized
     inputs) measures the fidelity of the result in onnxruntime. `budget` sets the options of
-    the recipe's bit-width search, e.g. {"max_drop": 0.5} or {"target_ratio": 30}.
+    the recipe's bit-width search, e.g. {"max_drop": 0.5} or {"target_ratio": 30}. `tolerance`
+    (atol, rtol): the validation also counts the values outside it (a gate.Gate's tolerance).
     """
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -59,7 +62,7 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
     passes = recipe.build()
     manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
-                          jobs=jobs, progress=progress)
+                          jobs=jobs, progress=progress, tolerance=tolerance)
     compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
@@ -78,25 +81,50 @@ def _note_if_not_smaller(report) -> None:
         report.notes.append(text)
 
 
+def input_roles(model: str | os.PathLike, *, data: Any = None, eval_data: Any = None,
+                recipe: str | Recipe | None = None) -> list[Role]:
+    """Every file a command reads that names a path: the model and its external data, the data, the recipe."""
+    path, *external_files = model_files(model)
+    roles = [Role("the input model", path)] + [Role("the input model's external data", f) for f in external_files]
+    roles += [Role(what, Path(value), DATA_SUFFIXES) for what, value in (("--data", data), ("--eval-data", eval_data))
+              if isinstance(value, (str, os.PathLike))]
+    if isinstance(recipe, (str, os.PathLike)) and Path(recipe).suffix.lower() in (".yaml", ".yml"):
+        roles.append(Role("the recipe", Path(recipe)))
+    return roles
+
+
 def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: str | Recipe = "share", *,
-                  data: Any = None, eval_data: Any = None, **options) -> Report:
-    """Compress a model file into `output` (written atomically; the source is only read)."""
-    check_output_path(output, source)
+                  data: Any = None, eval_data: Any = None, plan: OutputPlan | None = None, **options) -> Report:
+    """Compress a model file into `output` (written atomically; the source is only read).
+
+    With `plan` (an OutputPlan holding `output` and its data file, checked by the caller) the
+    output is staged and the caller commits; without, every output is checked against every
+    input before any work and the file is in place when this returns.
+    """
+    if plan is None:
+        own = OutputPlan(output_roles(output), input_roles(source, data=data, eval_data=eval_data, recipe=recipe))
+        with own.check():
+            report = compress_file(source, output, recipe, data=data, eval_data=eval_data, plan=own, **options)
+            own.commit()
+        return report
     compressed, report = compress(load_model(source), recipe, data, eval_data=eval_data, **options)
     try:
-        save_model(compressed, output)
+        save_model(compressed, output, plan=plan)
     finally:
         release_spill(compressed)  # a streamed model's temporary tensors
-    report.input_bytes, report.output_bytes = file_bytes(source), file_bytes(output)
+    report.input_bytes = file_bytes(source)
+    report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
     _note_if_not_smaller(report)
     return report
 
 
 def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, shapes: dict | None = None,
-             latency: bool = False) -> Comparison:
-    """Compare two models' outputs on the same data (synthesized from shapes when none is given)."""
+             latency: bool = False, tolerance: tuple[float, float] | None = None) -> Comparison:
+    """Compare two models' outputs on the same data (synthesized from shapes when none is given);
+    tolerance (atol, rtol): also count the values outside it."""
     ref, cand = _as_model(reference), _as_model(candidate)
-    comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes), latency=latency)
+    comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes), latency=latency,
+                                tolerance=tolerance)
     for which, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, onnx.ModelProto):
             setattr(comparison, f"{which}_bytes", file_bytes(model))
@@ -114,12 +142,14 @@ def unpack_file(source: str | os.PathLike, output: str | os.PathLike) -> tuple[i
     """Unpack a packed model file into `output` (atomically); returns (bytes before, bytes after)."""
     from .runtime import uses_domain
 
-    check_output_path(output, source)
-    model = load_model(source)
-    if not uses_domain(model):
-        log.warning("'%s' holds no packed weights; writing it unchanged", source)
-    save_model(unpack(model), output)
-    return file_bytes(source), file_bytes(output)
+    with OutputPlan(output_roles(output), input_roles(source)).check() as plan:
+        model = load_model(source)
+        if not uses_domain(model):
+            log.warning("'%s' holds no packed weights; writing it unchanged", source)
+        save_model(unpack(model), output, plan=plan)
+        after = plan.staged_bytes(*(role.path for role in output_roles(output)))
+        plan.commit()
+    return file_bytes(source), after
 
 
 def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:

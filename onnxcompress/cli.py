@@ -1,6 +1,7 @@
 """The `onnxcompress` command: compress, validate, inspect, recipes.
 
-Errors a user can fix print one line and exit with code 2; nothing is written on failure.
+Errors a user can fix print one line and exit with code 2; a missed gate threshold prints one line
+and exits with code 1; nothing is written on any failure (onnxcompress.outputs).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from . import __version__
 from .errors import BugError, OnnxCompressError
 
 EXIT_USER_ERROR = 2
-EXIT_BUG = 1
+EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
+EXIT_BUG = 1  # a failed pre- or postcondition inside onnxcompress (BugError)
 
 
 def _json_default(value):
@@ -58,6 +60,25 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="shape of a dynamic input for synthesized data (repeatable), e.g. input=1,3,224,224")
 
 
+def _add_gate_options(group, prefix: str) -> None:
+    group.add_argument(f"--{prefix}min-agreement", type=float, metavar="PCT",
+                       help="smallest top-1 agreement with the reference, in percent, on every class-score output")
+    group.add_argument(f"--{prefix}max-drop", type=float, metavar="POINTS",
+                       help="largest accuracy loss in points against the data's labels (needs labels)")
+    group.add_argument(f"--{prefix}min-sqnr", type=float, metavar="DB", help="smallest SQNR in dB, on every output")
+    group.add_argument(f"--{prefix}atol", type=float, metavar="A",
+                       help="every output value within A + R x |reference| (with --rtol R; default 0)")
+    group.add_argument(f"--{prefix}rtol", type=float, metavar="R", help="see --atol (default 0)")
+
+
+def _gate(args, prefix: str):
+    from .gate import Gate
+
+    names = ("min_agreement", "max_drop", "min_sqnr", "atol", "rtol")
+    flags = {name: f"--{prefix}{name.replace('_', '-')}" for name in names}
+    return Gate(**{name: getattr(args, f"{prefix.replace('-', '_')}{name}") for name in names}), flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import BUILTIN, DESCRIPTIONS
 
@@ -98,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
     budget.add_argument("--metric", metavar="MODULE:FUNCTION",
                         help="your metric f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
+    gate = p.add_argument_group("gate: fail (exit 1, nothing written) when the validated result misses a threshold; "
+                                "the same checks as validate's --min-agreement, --max-drop, --min-sqnr, --atol, "
+                                "--rtol, named --gate-* here because --max-drop/--min-sqnr set the search budget")
+    _add_gate_options(gate, prefix="gate-")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
     _add_data_options(p)
@@ -110,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--data", help="data to compare on (default: random inputs from the model's shapes)")
     p.add_argument("--latency", action="store_true", help="also time both models (median, same process)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (with the gate's verdict)")
+    _add_gate_options(p.add_argument_group("gate: exit 1 with one line naming the output and the figure when a "
+                                           "threshold is missed"), prefix="")
     _add_data_options(p)
 
     p = sub.add_parser("inspect", help="list a model's weights, sizes and roles",
@@ -138,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    from .external import exit_on_termination
+
+    exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary outputs are removed
     try:
         return _COMMANDS[args.command](args)
     except OnnxCompressError as e:
-        print(f"onnxcompress: error: {e}", file=sys.stderr)
+        print(f"onnxcompress: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BugError as e:
         print(f"onnxcompress: internal error (a bug in onnxcompress, not in your input; please report it "
@@ -152,10 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def _compress(args) -> int:
-    from .api import compress_file
+    from .api import compress_file, input_roles
     from .data import parse_shapes
+    from .errors import OutputError
+    from .model import output_roles
+    from .outputs import OutputPlan, Role
     from .parallel import available_cores
+    from .plots import plot_paths, plot_report
     from .report import report_text
 
     if getattr(args, "quiet", False):
@@ -163,25 +201,42 @@ def _compress(args) -> int:
     budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
                                             ("target_ratio", args.target_ratio), ("metric", args.metric))
               if value is not None}
-    report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
-                           form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                           progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs or available_cores(), budget=budget)
+    gate, flags = _gate(args, "gate-")
+    if gate.active and args.validate == "none":
+        raise OnnxCompressError("the --gate-* thresholds are checked on the validation: drop --validate none")
+    writes = output_roles(args.output)
     if args.report:
-        from .model import check_output_path
-        from .plots import plot_report
-
-        path = check_output_path(args.report, args.model)
-        _write_text_atomic(path, _dump(report.as_dict()))
-        for note in plot_report(report, path.with_suffix("")):
-            print(note, file=sys.stderr)
-    print(_dump(report.as_dict()) if args.json else report_text(report))
+        prefix = Path(args.report).with_suffix("")
+        writes += [Role("the report", Path(args.report))] + [Role("a plot", path) for path in plot_paths(prefix)]
+    reads = input_roles(args.model, data=args.data, eval_data=args.eval_data, recipe=args.recipe)
+    notes = []
+    with OutputPlan(writes, reads).check() as plan:
+        report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
+                               form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
+                               progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs or available_cores(),
+                               budget=budget, tolerance=gate.tolerance, plan=plan)
+        verdict = None
+        if gate.active:
+            if report.validation is None:
+                raise OnnxCompressError("the --gate-* thresholds cannot be checked: the validation was skipped "
+                                        f"({'; '.join(report.notes) or 'no data'}); nothing was written")
+            verdict = gate.verdict(report.validation, flags)
+        result = report.as_dict() | ({"verdict": verdict.as_dict()} if verdict else {})
+        if verdict is not None and not verdict.passed:
+            print(_dump(result) if args.json else report_text(report))
+            print(f"onnxcompress: gate failed: {verdict.sentence()}; nothing was written", file=sys.stderr)
+            return EXIT_GATE_FAILED
+        if args.report:
+            try:
+                plan.temp(args.report).write_text(_dump(result))
+                notes = plot_report(report, prefix, plan.temp)
+            except OSError as e:
+                raise OutputError(f"cannot write the report '{args.report}': {e.strerror or e}") from e
+        plan.commit()
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(_dump(result) if args.json else report_text(report))
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _validate(args) -> int:
@@ -189,9 +244,19 @@ def _validate(args) -> int:
     from .data import parse_shapes
     from .report import comparison_text
 
+    gate, flags = _gate(args, "")
     comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
-                          latency=args.latency)
-    print(_dump(comparison.as_dict()) if args.json else comparison_text(comparison))
+                          latency=args.latency, tolerance=gate.tolerance)
+    verdict = gate.verdict(comparison, flags)
+    if args.json:
+        print(_dump(comparison.as_dict() | {"verdict": verdict.as_dict()}))
+    else:
+        print(comparison_text(comparison))
+        if gate.active:
+            print(f"gate: {'passed' if verdict.passed else 'FAILED'} ({len(verdict.checks)} checks)")
+    if not verdict.passed:
+        print(f"onnxcompress: validate failed: {verdict.sentence()}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     return 0
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 Dim = int | str | None
 _FEED_KEY = re.compile(r"^(\d+)/(.+)$")
+DATA_SUFFIXES = (".npz", ".npy")  # the files a data folder is read from (_load_folder)
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,21 @@ every external tensor chunk by chunk into the output's data file, so peak memory
 the largest single weight, not the model.
 
 Design: ONNX external locations are relative paths, and protobuf messages take no weak
-references, so the folder each location is relative to is recorded IN the model, in
-``metadata_props[EXTERNAL_DIRS_KEY]`` as JSON ``{location: absolute folder}``. It survives
-``CopyFrom`` (passes copy models freely), and :func:`strip_bookkeeping` removes it from anything
-written to disk (model.save_model does). onnxruntime and the ONNX checker both refuse absolute
-locations, so locations themselves stay relative and untouched.
+references, so which load a streamed model (and every copy of it) belongs to is recorded IN the
+model, as an opaque token under a metadata key that holds a random secret of this process
+(:data:`_STREAM_KEY`). The folders and the spill file live in our own registry (:data:`_LOADS`),
+keyed by that token: no path is ever read from metadata, and a model file cannot name a key or a
+token of ours. :func:`strip_foreign_bookkeeping` drops look-alike keys from every loaded file,
+and :func:`strip_bookkeeping` removes ours from anything written to disk (model.save_model does).
+The token survives ``CopyFrom`` (passes copy models freely). onnxruntime and the ONNX checker
+both refuse absolute locations, so locations themselves stay relative and untouched; each was
+checked at load to resolve inside its model's folder (model.check_external_data).
 """
 from __future__ import annotations
 
 import atexit
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -40,8 +43,10 @@ from .graphs import all_tensors
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_DIRS_KEY = "onnxcompress.external_data_dirs"  # JSON {location: absolute folder}
-SPILL_KEY = "onnxcompress.spill_location"  # this load's spill file (a location in EXTERNAL_DIRS_KEY)
+BOOKKEEPING_PREFIX = "onnxcompress.stream."
+_STREAM_KEY = BOOKKEEPING_PREFIX + uuid.uuid4().hex  # this process's key: no model file can hold it
+# keys older versions kept paths under; a file holding them is hostile or stale, never ours
+LEGACY_KEYS = ("onnxcompress.external_data_dirs", "onnxcompress.spill_location")
 SPILL_MIN_BYTES = 256 * 1024  # tensors and arrays at least this big leave memory for the spill file
 COPY_CHUNK = 64 * 1024 * 1024
 ALIGN_MIN_BYTES = 1024 * 1024  # tensors at least this big start at a multiple of ALIGNMENT (mmap-friendly)
@@ -60,11 +65,11 @@ def _spill_dir() -> Path:
     if _spill_root is None or not _spill_root.is_dir():
         _spill_root = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
         atexit.register(shutil.rmtree, _spill_root, True)
-        _exit_on_termination()
+        exit_on_termination()
     return _spill_root
 
 
-def _exit_on_termination() -> None:
+def exit_on_termination() -> None:
     """Turn SIGTERM and SIGHUP into SystemExit(128 + signal) in this process, so that atexit and
     `finally` blocks run (spill folder and half-written outputs removed). SIGINT already raises
     KeyboardInterrupt. Only default handlers are replaced, and only from the main thread; forked
@@ -87,7 +92,18 @@ def _exit_on_termination() -> None:
             signal.signal(sig, handler)
 
 
-# ---- bookkeeping in metadata_props ----------------------------------------------------------
+# ---- bookkeeping: a token in metadata_props, everything else in our registry -----------------
+
+@dataclasses.dataclass
+class _Load:
+    """One streamed load: {location: folder} it reads from, and its spill file's location if any."""
+
+    dirs: dict[str, Path]
+    spill: str | None = None
+
+
+_LOADS: dict[str, _Load] = {}
+
 
 def _meta(model: onnx.ModelProto, key: str) -> str | None:
     return next((e.value for e in model.metadata_props if e.key == key), None)
@@ -102,26 +118,54 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
     entry.key, entry.value = key, value
 
 
+def _load_of(model: onnx.ModelProto) -> _Load | None:
+    token = _meta(model, _STREAM_KEY)
+    return _LOADS.get(token) if token else None
+
+
 def external_dirs(model: onnx.ModelProto) -> dict[str, Path]:
     """{location: folder} of a streamed model (empty for any other model)."""
-    text = _meta(model, EXTERNAL_DIRS_KEY)
-    return {k: Path(v) for k, v in json.loads(text).items()} if text else {}
+    load = _load_of(model)
+    return dict(load.dirs) if load else {}
 
 
 def attach_dirs(model: onnx.ModelProto, dirs: dict[str, Path]) -> None:
-    merged = {k: str(v) for k, v in external_dirs(model).items()}
-    merged.update({k: str(Path(v).resolve()) for k, v in dirs.items()})
-    _set_meta(model, EXTERNAL_DIRS_KEY, json.dumps(merged, sort_keys=True))
+    """Record where the model's external locations live (folders we chose, never the model)."""
+    load = _load_of(model)
+    if load is None:
+        token = uuid.uuid4().hex
+        load = _LOADS[token] = _Load({})
+        _set_meta(model, _STREAM_KEY, token)
+    load.dirs.update({k: Path(v).resolve() for k, v in dirs.items()})
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key in LEGACY_KEYS or key.startswith(BOOKKEEPING_PREFIX)
+
+
+def _remove_keys(model: onnx.ModelProto, drop) -> list[tuple[str, str]]:
+    removed = [(e.key, e.value) for e in model.metadata_props if drop(e.key)]
+    if removed:
+        keep = [(e.key, e.value) for e in model.metadata_props if not drop(e.key)]
+        del model.metadata_props[:]
+        for key, value in keep:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    return removed
+
+
+def strip_foreign_bookkeeping(model: onnx.ModelProto, source: str = "the model") -> None:
+    """Drop metadata keys that look like our bookkeeping from a model read from a file: they were
+    not written by this process, so they are ignored (a hostile file could set them to any path)."""
+    removed = _remove_keys(model, _is_bookkeeping)
+    if removed:
+        log.info("%s: ignored metadata %s (internal keys are never read from a file)", source,
+                    sorted(k for k, _ in removed))
 
 
 def strip_bookkeeping(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """Remove our keys from metadata_props; returns them so the caller can put them back."""
-    ours = [(e.key, e.value) for e in model.metadata_props if e.key in (EXTERNAL_DIRS_KEY, SPILL_KEY)]
-    keep = [(e.key, e.value) for e in model.metadata_props if e.key not in (EXTERNAL_DIRS_KEY, SPILL_KEY)]
-    del model.metadata_props[:]
-    for key, value in keep:
-        _set_meta(model, key, value)
-    return ours
+    return _remove_keys(model, _is_bookkeeping)
 
 
 def restore_bookkeeping(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> None:
@@ -130,7 +174,7 @@ def restore_bookkeeping(model: onnx.ModelProto, entries: list[tuple[str, str]]) 
 
 
 def is_streamed(model: onnx.ModelProto) -> bool:
-    return _meta(model, EXTERNAL_DIRS_KEY) is not None
+    return _load_of(model) is not None
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -139,23 +183,41 @@ def has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
 
 
+_MAX_EXTENT = 2**62  # larger offsets or lengths than any file can have
+
+
+def extent(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    """(location, offset, length or None) an external tensor declares; ModelError when they are not
+    whole numbers >= 0 (length None: up to the end of the file)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    numbers = []
+    for key in ("offset", "length"):
+        text = info.get(key)
+        if text is None:
+            numbers.append(None)
+            continue
+        if not (text.isascii() and text.isdigit()) or int(text) > _MAX_EXTENT:
+            raise ModelError(f"tensor '{tensor.name}' declares external {key} {text[:40]!r}, which is not a "
+                             "whole number of bytes >= 0; the model is corrupt")
+        numbers.append(int(text))
+    return info.get("location", ""), numbers[0] or 0, numbers[1]
+
+
 def locate(model: onnx.ModelProto, tensor: onnx.TensorProto, dirs: dict[str, Path] | None = None
            ) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor, or ModelError when its file is unknown or short."""
-    info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
+    location, offset, declared = extent(tensor)
     dirs = external_dirs(model) if dirs is None else dirs
     if location not in dirs:
         raise ModelError(f"tensor '{tensor.name}' keeps its data in external file '{location}', whose folder is "
                          "unknown; load the model with onnxcompress.load_model(path)")
     path = dirs[location] / location
-    offset = int(info.get("offset", 0))
     try:
         size = path.stat().st_size
     except OSError as e:
         raise ModelError(f"external data file '{path}' of tensor '{tensor.name}' is missing") from e
-    length = int(info["length"]) if "length" in info else size - offset
-    if offset + length > size:
+    length = size - offset if declared is None else declared
+    if offset + length > size or length < 0:
         raise ModelError(f"external data file '{path}' is truncated: tensor '{tensor.name}' needs bytes "
                          f"{offset}..{offset + length}, the file has {size}")
     return path, offset, length
@@ -189,12 +251,13 @@ def read_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
 # ---- spilling -----------------------------------------------------------------------------------
 
 def _spill_file(model: onnx.ModelProto) -> tuple[str, Path]:
-    location = _meta(model, SPILL_KEY)
-    if location is None:
-        location = f"spill-{uuid.uuid4().hex[:12]}.data"
-        _set_meta(model, SPILL_KEY, location)
-        attach_dirs(model, {location: _spill_dir()})
-    return location, _spill_dir() / location
+    load = _load_of(model)
+    if load is None:
+        raise ValueError("only a streamed model has a spill file")
+    if load.spill is None:
+        load.spill = f"spill-{uuid.uuid4().hex[:12]}.data"
+        load.dirs[load.spill] = _spill_dir().resolve()
+    return load.spill, _spill_dir() / load.spill
 
 
 def _append(path: Path, data) -> int:
@@ -329,9 +392,9 @@ class _Spilled:
 
 def release_spill(model: onnx.ModelProto) -> None:
     """Delete the spill file of a streamed model (and of every copy made from the same load)."""
-    location = _meta(model, SPILL_KEY)
-    if location:
-        (_spill_dir() / location).unlink(missing_ok=True)
+    load = _load_of(model)
+    if load is not None and load.spill:
+        (_spill_dir() / load.spill).unlink(missing_ok=True)
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class OutputMetrics:
     accuracy_reference: float | None = None
     accuracy_candidate: float | None = None
     expected_loss: float | None = None
+    outside_tolerance: int | None = None  # values with |cand - ref| > atol + rtol |ref|, when a tolerance is given
 
 
 @dataclass
@@ -122,8 +123,11 @@ def expected_loss(reference: list[np.ndarray], ref_top: np.ndarray, cand_top: np
 
 
 def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-                    labels: np.ndarray | None = None) -> list[OutputMetrics]:
-    """Metrics per output over all chunks; chunks may differ in shape (never stacked)."""
+                    labels: np.ndarray | None = None, tolerance: tuple[float, float] | None = None
+                    ) -> list[OutputMetrics]:
+    """Metrics per output over all chunks; chunks may differ in shape (never stacked).
+    tolerance (atol, rtol): also count the values numpy.isclose(cand, ref, rtol, atol) refuses (NaN
+    matches NaN)."""
     results = []
     for k, name in enumerate(names):
         refs = [np.asarray(chunk[k]) for chunk in reference]
@@ -134,6 +138,10 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
         ref = np.concatenate([r.astype(np.float64).ravel() for r in refs]) if refs else np.zeros(0)
         cand = np.concatenate([c.astype(np.float64).ravel() for c in cands]) if cands else np.zeros(0)
         metric = _numeric(name, ref, cand)
+        if tolerance is not None:
+            atol, rtol = tolerance
+            metric.outside_tolerance = int(np.count_nonzero(~np.isclose(cand, ref, rtol=rtol, atol=atol,
+                                                                        equal_nan=True)))
         if refs and all(_is_class_scores(r) for r in refs):
             ref_top = np.concatenate([r.argmax(-1).ravel() for r in refs])
             cand_top = np.concatenate([c.argmax(-1).ravel() for c in cands])
@@ -165,8 +173,9 @@ def _numeric(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,
-                   latency: bool = False, max_batch: int = 64, progress=None) -> Comparison:
-    """Run both models on the same feeds and compare every output."""
+                   latency: bool = False, max_batch: int = 64, progress=None,
+                   tolerance: tuple[float, float] | None = None) -> Comparison:
+    """Run both models on the same feeds and compare every output (tolerance: see compare_outputs)."""
     specs = model_inputs(reference)
     data.check(specs)
     ref_session, cand_session = make_session(reference), make_session(candidate)
@@ -176,7 +185,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, data:
         raise ModelError(f"the models have different outputs: {sorted(names)} vs {sorted(cand_names)}")
     ref_out = run(ref_session, data, reference, max_batch=max_batch, output_names=names, progress=progress)
     cand_out = run(cand_session, data, candidate, max_batch=max_batch, output_names=names, progress=progress)
-    comparison = Comparison(compare_outputs(names, ref_out, cand_out, data.labels), len(data), data.synthetic)
+    comparison = Comparison(compare_outputs(names, ref_out, cand_out, data.labels, tolerance), len(data),
+                            data.synthetic)
     if latency:
         feed = data.feed(0, specs)
         # interleave so both see the same machine state

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -17,6 +16,7 @@ from google.protobuf.message import DecodeError
 from . import external
 from .graphs import all_tensors
 from .errors import ModelError, OutputError
+from .outputs import OutputPlan, Role
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,11 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     (onnxcompress.external); None streams when the external data exceeds STREAM_THRESHOLD.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long, a loop of links
+        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not exists:
         raise ModelError(f"model file '{path}' does not exist")
     if path.is_dir():
         raise ModelError(f"'{path}' is a folder, not an ONNX model file")
@@ -48,6 +52,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         raise ModelError(f"'{path}' is not a readable ONNX model (corrupt or truncated file?): {e}") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
+    external.strip_foreign_bookkeeping(model, str(path))
     if load_external_data:
         check_external_data(model, path.parent)
         files = external_data_files(model)
@@ -58,7 +63,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     if load_external_data and not (stream and files):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     _check_structure(model, path)
     check_runnable_opset(model, str(path))
@@ -75,28 +80,61 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
 
 
 def external_data_files(model: onnx.ModelProto) -> dict[str, int]:
-    """Map each external-data file a model references to the bytes it must hold at least."""
+    """Map each external-data file a model references to the bytes it must hold at least
+    (ModelError when an offset or length is not a whole number >= 0)."""
     needed: dict[str, int] = {}
     for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        location = info.get("location", "")
-        needed[location] = max(needed.get(location, 0), end)
+        location, offset, length = external.extent(tensor)
+        needed[location] = max(needed.get(location, 0), offset + (length or 0))
     return needed
 
 
+def external_file(base_dir: Path, location: str) -> Path:
+    """The file an external `location` names: relative, inside `base_dir` once links are resolved,
+    else ModelError (a model never makes us read outside its own folder)."""
+    if not location:
+        raise ModelError("a tensor is stored in an external file but names none; the model is corrupt")
+    shown = repr(location[:200])
+    if "\0" in location or os.path.isabs(location):
+        raise ModelError(f"external data location {shown} is not a path relative to the model's folder; "
+                         "refusing to read it")
+    folder = os.path.realpath(base_dir)
+    named = os.path.normpath(os.path.join(folder, location))
+    target = os.path.realpath(named)
+    if os.path.commonpath([folder, target]) != folder or target == folder:
+        raise ModelError(f"external data location {shown} points outside the model's folder '{base_dir}' "
+                         "(through '..' or a link); refusing to read it")
+    if target != named:  # onnx and onnxruntime refuse links too
+        raise ModelError(f"external data location {shown} goes through a symbolic link; keep the data file itself "
+                         "in the model's folder")
+    return Path(target)
+
+
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Every referenced external-data file exists and is as long as its tensors declare."""
+    """Every referenced external-data file is inside the model's folder, exists, and is as long as its
+    tensors declare."""
     for location, end in external_data_files(model).items():
-        file = base_dir / location
-        if not location or not file.is_file():
-            raise ModelError(f"external data file '{file}' is missing; keep it next to the model file")
+        file = external_file(base_dir, location)
+        if file.exists() and not file.is_file():
+            raise ModelError(f"external data file '{base_dir / location}' is not a regular file")
+        if not file.is_file():
+            raise ModelError(f"external data file '{base_dir / location}' is missing; keep it next to the model file")
         actual = file.stat().st_size
         if actual < end:
             raise ModelError(
-                f"external data file '{file}' is truncated: {actual} bytes, tensors need {end}")
+                f"external data file '{base_dir / location}' is truncated: {actual} bytes, tensors need {end}")
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file it reads (each checked as load_model does)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return [path]  # load_model says what is wrong with it
+    return [path] + [external_file(path.parent, location) for location in external_data_files(proto)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,8 +183,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tensor.external_data}
-            total += int(info.get("length", 0))
+            total += external.extent(tensor)[2] or 0
         else:
             total += tensor.ByteSize()
     return total
@@ -158,71 +195,65 @@ def file_bytes(path: str | os.PathLike) -> int:
     total = path.stat().st_size
     model = onnx.load(str(path), load_external_data=False)
     for location in external_data_files(model):
-        extra = path.parent / location
+        extra = external_file(path.parent, location)
         if extra.is_file():
             total += extra.stat().st_size
     return total
 
 
-def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """The output can be written: its folder exists and it is none of the inputs."""
+def output_roles(output: str | os.PathLike) -> list[Role]:
+    """What writing a model to `output` may create: the file, and its external-data file beside it."""
     out = Path(output)
-    if not out.parent.exists() or not out.parent.is_dir():
-        raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist")
-    if out.is_dir():
-        raise OutputError(f"cannot write '{out}': it is a folder")
-    for source in inputs:
-        if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
-            raise OutputError(f"output '{out}' is the input model; choose another path (the input is never overwritten)")
-    return out
+    return [Role("the output model", out), Role("the output's data file", out.parent / data_file_name(out))]
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def data_file_name(output: Path) -> str:
+    return output.name + ".data"
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               plan: OutputPlan | None = None) -> Path:
     """Write `model` to `path` atomically; with external data beside it when large or asked.
 
     The model and its data file are written under temporary names in the destination folder
-    and renamed into place only when both are complete. Tensors of a streamed model that still
-    live in the source's external file (or the spill file) are copied chunk by chunk, never
-    loaded whole; `model` is left as it was.
+    and renamed into place only when both are complete: here, or by `plan`'s commit when given
+    (then `path` must be one of the plan's outputs, checked up front). Tensors of a streamed model
+    that still live in the source's external file (or the spill file) are copied chunk by chunk,
+    never loaded whole; `model` is left as it was. A failed write leaves nothing behind.
     """
     out = Path(path)
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    if plan is None:
+        with OutputPlan(output_roles(out)).check() as own:
+            save_model(model, out, external_data=external_data, plan=own)
+            own.commit()
+        return out
     streamed = external.has_external(model)
     if external_data is None:
         external_data = streamed or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = out.name + ".data"
-    if external_data and (out.parent / data_name).resolve() in external.source_files(model):
+    data_name = data_file_name(out)
+    data_path = out.parent / data_name
+    if external_data and data_path.resolve() in external.source_files(model):
         raise OutputError(f"cannot write '{out}': its data file '{data_name}' would overwrite the data of the "
                           "model being saved; choose another output name")
-    fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp_data = Path(tmp_data)
     undo: list = []
     bookkeeping: list = []
     try:
+        tmp_model = plan.temp(out)
         if external_data:
-            undo = external.write_data_file(model, tmp_data, data_name)
+            undo = external.write_data_file(model, plan.temp(data_path), data_name)
             bookkeeping = external.strip_bookkeeping(model)
-            Path(tmp_model).write_bytes(model.SerializeToString())
-            if undo:
-                os.replace(tmp_data, out.parent / data_name)
-            else:
-                tmp_data.unlink()
+            tmp_model.write_bytes(model.SerializeToString())
+            if not undo:
+                plan.drop(data_path)
         else:
-            tmp_data.unlink()
+            plan.drop(data_path)
             to_write = external.inline_copy(model) if streamed else model
             bookkeeping = external.strip_bookkeeping(model)
-            Path(tmp_model).write_bytes(to_write.SerializeToString())
-        os.replace(tmp_model, out)
-    except BaseException:
-        for leftover in (Path(tmp_model), tmp_data):
-            leftover.unlink(missing_ok=True)
-        raise
+            tmp_model.write_bytes(to_write.SerializeToString())
+    except OSError as e:
+        raise OutputError(f"cannot write '{out}': {e.strerror or e}") from e
     finally:
         external.undo_writes(undo)
         external.restore_bookkeeping(model, bookkeeping)
-    log.debug("wrote %s (%d bytes)", out, file_bytes(out))
+    log.debug("staged %s (%d bytes)", out, plan.staged_bytes(out, data_path))
     return out

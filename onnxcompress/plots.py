@@ -4,7 +4,7 @@ matplotlib is optional (`pip install onnxcompress[plot]`); without it the report
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .pipeline import Report
@@ -14,8 +14,14 @@ def search_summary(report: Report) -> dict | None:
     return next((p.summary for p in report.passes if p.name == "bitwidth" and "evaluated" in p.summary), None)
 
 
-def plot_report(report: Report, prefix: Path) -> list[str]:
-    """Write PREFIX.pareto.png and PREFIX.sensitivity.png for a bit-width search; return notes."""
+def plot_paths(prefix: Path) -> list[Path]:
+    """The files plot_report may write."""
+    return [Path(f"{prefix}.pareto.png"), Path(f"{prefix}.sensitivity.png")]
+
+
+def plot_report(report: Report, prefix: Path, stage: Callable[[Path], Path]) -> list[str]:
+    """Draw PREFIX.pareto.png and PREFIX.sensitivity.png for a bit-width search; return notes.
+    stage: the temporary file to write for each of them (an OutputPlan's temp, committed by the caller)."""
     summary = search_summary(report)
     if summary is None:
         return []
@@ -26,8 +32,8 @@ def plot_report(report: Report, prefix: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return ["plots skipped: matplotlib is not installed (pip install 'onnxcompress[plot]')"]
-    written = [_pareto(plt, summary, Path(f"{prefix}.pareto.png")),
-               _sensitivity(plt, summary, Path(f"{prefix}.sensitivity.png"))]
+    pareto, sensitivity = plot_paths(prefix)
+    written = [_pareto(plt, summary, pareto, stage), _sensitivity(plt, summary, sensitivity, stage)]
     return [f"wrote {path}" for path in written]
 
 
@@ -38,14 +44,12 @@ def _loss_label(summary: dict) -> str:
     return "loss (accuracy points, or top-1 disagreement without labels)"
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+def _save(fig, path: Path, stage) -> Path:
+    fig.savefig(stage(path), dpi=120, bbox_inches="tight", format="png")
     return path
 
 
-def _pareto(plt, summary: dict, path: Path) -> Path:
+def _pareto(plt, summary: dict, path: Path, stage) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     points = summary["evaluated"]
     ok = [p for p in points if p["ok"]]
@@ -63,12 +67,12 @@ def _pareto(plt, summary: dict, path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     try:
-        return _save(fig, path)
+        return _save(fig, path, stage)
     finally:
         plt.close(fig)
 
 
-def _sensitivity(plt, summary: dict, path: Path) -> Path:
+def _sensitivity(plt, summary: dict, path: Path, stage) -> Path:
     table = summary["sensitivity"]
     fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 3.2), squeeze=False, sharey=True)
     for ax, (name, candidates) in zip(axes[0], table.items()):
@@ -87,6 +91,6 @@ def _sensitivity(plt, summary: dict, path: Path) -> Path:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Per-layer sensitivity (cf. Han et al. 2016, Figure 7)", fontsize=10, y=1.08)
     try:
-        return _save(fig, path)
+        return _save(fig, path, stage)
     finally:
         plt.close(fig)

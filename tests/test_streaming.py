@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from onnxcompress import external, model as model_io, parallel
 from onnxcompress.api import compress, compress_file
-from onnxcompress.errors import ModelError
+from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.model import load_model, save_model
 from onnxcompress.weights import find_weights, get_array
 from tiny import conv_gemm, make_model, random_feeds, value
@@ -106,7 +106,7 @@ def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(external, "copy_range", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):
         save_model(streamed, tmp_path / "out" / "o.onnx")
     assert list((tmp_path / "out").iterdir()) == []
 

@@ -117,6 +117,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 FORMS: dict[str, str] = {"deep-compression": "packed", "deep-compression-fixed": "packed", "auto": "packed"}
 
 
+# options whose value names code to import and run: only the command line or the Python API may set them
+CODE_OPTIONS = frozenset({"metric"})
+
+
 def _parse(doc: Any, default_name: str, where: str) -> Recipe:
     if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list):
         raise RecipeError(f"recipe '{where}' must be a mapping with a 'passes' list")
@@ -131,6 +135,10 @@ def _parse(doc: Any, default_name: str, where: str) -> Recipe:
             (pass_name, options), = entry.items()
             if options is not None and not isinstance(options, dict):
                 raise RecipeError(f"recipe '{where}': options of pass '{pass_name}' must be a mapping")
+            if isinstance(options, dict) and CODE_OPTIONS & set(options):
+                raise RecipeError(f"recipe '{where}': option(s) {sorted(CODE_OPTIONS & set(options))} of pass "
+                                  f"'{pass_name}' name code to run, which a recipe file may not do; give "
+                                  "--metric MODULE:FUNCTION on the command line instead")
             steps.append((str(pass_name), dict(options or {})))
         else:
             raise RecipeError(f"recipe '{where}': each pass is a name or a one-key mapping name: {{options}}, "
