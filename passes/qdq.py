@@ -37,6 +37,7 @@ from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 
 from .calibrate import CalibrationResult
 from . import qdq_guard as guard
+from .qdq_dynamic import quantize_dynamic_matmuls
 from .qdq_fold import fold_batch_norms
 from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
                       out_channels, unsupported, weight_axis)
@@ -69,6 +70,9 @@ class QdqConfig:
     guard_samples: int = 256
     guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
     max_probes: int = 64  # activations quantized alone to rank them (the widest range against RMS first)
+    # where keeping activations float does not hold the bound: dynamic int8 MatMul/Gemm if that holds it, else
+    # weight-only int8 ("weights": weight-only directly)
+    fallback: Literal["dynamic", "weights"] = "dynamic"
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -191,13 +195,25 @@ class QdqPass(Pass):
                 break
             log.info("qdq: %s after static int8; keeping %s float", result.worst, more)
             keep_float |= set(more)
-        del ctx.records[records:], ctx.notes[notes:]
-        ctx.model.CopyFrom(reference)
-        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name)
-        ctx.note(f"qdq: static int8 missed the fidelity bound ({result.worst}; agreement >= {cfg.agreement}, other "
-                 f"outputs >= {cfg.min_output_sqnr:g} dB) even with {len(keep_float)} activation(s) kept float; "
-                 "weight-only int8 instead (activations float)")
-        return _Plan(), {}, rest
+        missed = (f"qdq: static int8 missed the fidelity bound ({result.worst}; agreement >= {cfg.agreement}, other "
+                  f"outputs >= {cfg.min_output_sqnr:g} dB) even with {len(keep_float)} activation(s) kept float; ")
+        for dynamic in ((True, False) if cfg.fallback == "dynamic" else (False,)):
+            del ctx.records[records:], ctx.notes[notes:]
+            ctx.model.CopyFrom(reference)
+            matmuls = quantize_dynamic_matmuls(ctx, self.name) if dynamic else []
+            if dynamic and not matmuls:
+                continue
+            rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset,
+                                         self.name)
+            rest["dynamic"] = len(matmuls)
+            if not dynamic:
+                ctx.note(missed + "weight-only int8 instead (activations float)")
+            elif (again := guard.check(reference, ctx.model, data, **bounds)).holds:
+                ctx.note(missed + f"dynamic int8 (ranges at run time) for {len(matmuls)} MatMul/Gemm instead "
+                         f"({again.worst}), weight-only int8 elsewhere")
+            else:
+                continue
+            return _Plan(), {}, rest
 
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import tiny
@@ -112,3 +113,42 @@ def test_int8_recipe_on_lenet5_holds_the_bound_end_to_end():
     out, report = compress(model, "int8", calib, eval_data=SAMPLES / "mnist_test.npz")
     assert report.validation.outputs[0].top1_agreement >= 0.99
     assert report.output_bytes * 3.5 <= report.input_bytes
+
+
+def scale_free_mlp(seed: int = 3, classes: int = 4) -> onnx.ModelProto:
+    """x[1, 16] -> MatMul -> Relu -> MatMul -> Relu -> MatMul -> y, no biases: the decision does not
+    depend on the input's scale, and the model takes one sample a call (batch fixed at 1)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(16, 32), (32, 32), (32, classes)]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"W{k}")
+             for k, s in enumerate(sizes)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"], name="mm0"), helper.make_node("Relu", ["m0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "W1"], ["m1"], name="mm1"), helper.make_node("Relu", ["m1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"], name="mm2")]
+    return tiny.make_model(nodes, [tiny.value("x", [1, 16])], [tiny.value("y", [1, classes])], inits)
+
+
+def scaled_inputs(n: int, seed: int) -> Dataset:
+    """Samples whose scale spreads over 10^4 (as raw sensor or score inputs can): no fixed range fits all."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 1, 16)) * 10 ** rng.uniform(-2, 2, size=(n, 1, 1))
+    return Dataset([{"x": row.astype(np.float32)} for row in x])
+
+
+def test_guard_falls_back_to_dynamic_int8_where_no_fixed_range_fits(tmp_path):
+    model = scale_free_mlp()
+    calib, test = scaled_inputs(128, 1), scaled_inputs(256, 2)
+    static, _ = int8(model, calib, agreement=None)
+    assert agreement(model, static, test) < 0.9  # one fixed range per activation loses the small samples
+    quantized, report = int8(model, calib)
+    onnx.checker.check_model(quantized, full_check=True)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMulInteger") == 3 and ops.count("DynamicQuantizeLinear") == 3
+    assert any("dynamic int8 (ranges at run time) for 3 MatMul/Gemm" in n for n in report.notes)
+    assert agreement(model, quantized, test) >= 0.98
+    assert quantized.ByteSize() < model.ByteSize() / 1.9  # tiny model: node overhead; the weights are int8
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "MatMul" not in fused and "MatMulInteger" not in fused  # onnxruntime runs one fused integer kernel
