@@ -69,7 +69,8 @@ class QdqConfig:
     min_output_sqnr: float = 20.0
     guard_samples: int = 256
     guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
-    max_probes: int = 64  # activations quantized alone to rank them (the widest range against RMS first)
+    max_probes: int = 32  # activations quantized alone to rank them (the widest range against RMS first)
+    probe_samples: int = 64  # calibration samples each probe runs
     # where keeping activations float does not hold the bound: dynamic int8 MatMul/Gemm if that holds it, else
     # weight-only int8 ("weights": weight-only directly)
     fallback: Literal["dynamic", "weights"] = "dynamic"
@@ -189,7 +190,8 @@ class QdqPass(Pass):
                              + ", ".join(f"{n} ({order[n]:.1f} dB at the outputs quantized alone)" for n in order if n in keep_float))
                 return plan, renamed, rest
             if order is None:
-                order = dict(guard.sensitivities(reference, plan.tensors, cfg.activation_type, data, cfg.max_probes))
+                order = dict(guard.sensitivities(reference, plan.tensors, cfg.activation_type,
+                                                 data.limit(cfg.probe_samples), cfg.max_probes))
             more = [n for n in order if n not in keep_float][:max(1, len(keep_float))]
             if not more:
                 break
