@@ -66,7 +66,19 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
+    _note_if_not_smaller(report)
     return compressed, report
+
+
+def _note_if_not_smaller(report) -> None:
+    """A warning (and a report note) when the output is not smaller than the input; the per-weight
+    lines of the report say why each weight was left as it was."""
+    text = (f"the output ({report.output_bytes} bytes) is not smaller than the input ({report.input_bytes} bytes): "
+            "see the report's per-weight lines for what was left float and why")
+    report.notes = [n for n in report.notes if not n.startswith("the output (")]
+    if report.output_bytes >= report.input_bytes:
+        log.warning("%s", text)
+        report.notes.append(text)
 
 
 def input_roles(model: str | os.PathLike, *, data: Any = None, eval_data: Any = None,
@@ -102,6 +114,7 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
         release_spill(compressed)  # a streamed model's temporary tensors
     report.input_bytes = file_bytes(source)
     report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
+    _note_if_not_smaller(report)
     return report
 
 

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import OnnxCompressError
+from .errors import BugError, OnnxCompressError
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
+EXIT_BUG = 1  # a failed pre- or postcondition inside onnxcompress (BugError)
 
 
 def _json_default(value):
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print("onnxcompress: error: out of memory; nothing was written (the input may declare sizes beyond what "
               "this machine holds)", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BugError as e:
+        if held is not None:
+            held.buffer.clear()
+        print(f"onnxcompress: internal error (a bug in onnxcompress, not in your input; please report it "
+              f"with the command and the model): {_one_line(e)}", file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -1,9 +1,14 @@
 """The one family of errors onnxcompress raises on purpose.
 
 Each message is a single sentence a user can act on. The CLI prints it on one line and exits
-with code 2; anything else escaping is a bug in onnxcompress.
+with code 2; anything else escaping (BugError among them) is a bug in onnxcompress.
 """
 from __future__ import annotations
+
+
+class BugError(Exception):
+    """A failed pre- or postcondition inside onnxcompress: our bug, never the user's. The CLI
+    exits with code 1 and asks for a report."""
 
 
 class OnnxCompressError(Exception):

@@ -13,19 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kmeans import assign
+from .numerics import nearest_codes
 
 FLOAT16_TINY, FLOAT16_MAX = 2.0 ** -14, 65504.0
-
-
-def nearest_codes(u: np.ndarray, book: np.ndarray, keep_zero: bool) -> np.ndarray:
-    """Nearest centroid; with keep_zero, nonzero values only take centroids 1.. and zeros take 0."""
-    if not keep_zero:
-        return assign(u, book).astype(np.int64)
-    if book.size == 1:
-        return np.zeros(u.shape, np.int64)
-    codes = assign(u, book[1:]).astype(np.int64) + 1
-    return np.where(u == 0, 0, codes)
 
 
 def normalize(w, s):
@@ -122,7 +112,7 @@ def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: 
             err = np.zeros((rows.size, hi - lo))
             for k in range(lo, hi):
                 col = sub[:, k]
-                c = nearest_codes(normalize(col[:, None], s[rows])[:, 0], book, keep_zero)
+                c = nearest_codes(normalize(col[:, None], s[rows])[:, 0], book, keep_zero=keep_zero)
                 q = np.where(kept_g[:, k], book[c] * s[rows], 0.0)
                 q = np.where(exact_g[:, k], col, q)
                 codes[rows, order[k]] = c

@@ -48,10 +48,10 @@ from typing import Literal, Sequence
 import numpy as np
 
 from .codebook import SharedWeight
-from .gptq import (LayerHessians, gptq_codes, nearest_codes, normalize, refit_under_hessians, store_scale,
+from .gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
                    use_float16)
 from .kmeans import kmeans_1d
-from .metrics import sqnr_db
+from .numerics import nearest_codes, sqnr_db
 from .sensitivity import OutputGains, mean_part
 
 Kind = Literal["tensor", "channel", "group", "float"]
@@ -207,7 +207,7 @@ def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
 
 def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
     book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
-    return nearest_codes(w, book, keep_zero), book
+    return nearest_codes(w, book, keep_zero=keep_zero), book
 
 
 def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
@@ -235,12 +235,12 @@ def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dty
     u = normalize(w, s)
     book = _kmeans(u[fitted], (weight * np.square(s)[:, None])[fitted] if a is not None else None,
                    bits, keep_zero, init, seed)
-    codes = nearest_codes(u, book, keep_zero)
+    codes = nearest_codes(u, book, keep_zero=keep_zero)
     for _ in range(iterations):
         q = book[codes]
         num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
         s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes = nearest_codes(normalize(w, s), book, keep_zero)
+        codes = nearest_codes(normalize(w, s), book, keep_zero=keep_zero)
         ws = weight * np.square(s)[:, None]
         num = np.bincount(codes.ravel(), (weight * s[:, None] * w).ravel(), book.size)
         den = np.bincount(codes.ravel(), ws.ravel(), book.size)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .numerics import sqnr_db
+
 
 @dataclass
 class LayerError:
@@ -46,9 +48,7 @@ class _Acc:
 
     @property
     def db(self) -> float:
-        if self.noise <= 0:
-            return math.inf
-        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        return sqnr_db(self.signal, self.noise)
 
 
 def _pre_quantize(model: onnx.ModelProto, names: Mapping[str, str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from .codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
 from .data import Dataset
 from .errors import ModelError
 from .granular import Candidate, Choice, LayerHessians, Option, choose, from_matrix, options_for, to_matrix
-from .metrics import sqnr_db
+from .numerics import sqnr_db
 from .sensitivity import OutputGains
 from .graphs import NameScope, find_graph
 from .weights import WeightInfo, is_bias

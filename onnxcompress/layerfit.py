@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import refine
+from .numerics import nearest_codes, sqnr_db
 from .capture import LinearLayer, PairedGrams, collect_paired_grams, graph_position, linear_layer
 from .codebook import SharedWeight
 from .pipeline import Context
@@ -113,7 +114,7 @@ def refine_shared(ctx: Context, info: WeightInfo, shared: SharedWeight, *, targe
                 break
             movable = ~np.isin(idx, fixed) if free_mask is None else free_mask & ~np.isin(idx, fixed)
             idx = idx.copy()
-            idx[movable] = refine.nearest_codes(current[movable], best[1], allowed)
+            idx[movable] = nearest_codes(current[movable], best[1], allowed=allowed)
         new_book = book_fit(fit, idx, best[1], scale, fixed, ridge, free_mask)
         err, _ = fit.error(decode(new_book, idx))
         if err < best[0]:
@@ -121,8 +122,8 @@ def refine_shared(ctx: Context, info: WeightInfo, shared: SharedWeight, *, targe
         elif round_ > 0:
             break
     after, new_book, new_index = best
-    details = {"refine": "least squares", "sqnr_db_kmeans": round(refine.sqnr_db(before, signal), 2),
-               "sqnr_db_refined": round(refine.sqnr_db(after, signal), 2), "refine_rows": fit.grams.count}
+    details = {"refine": "least squares", "sqnr_db_kmeans": round(sqnr_db(signal, before), 2),
+               "sqnr_db_refined": round(sqnr_db(signal, after), 2), "refine_rows": fit.grams.count}
     if after >= before:
         details["refine"] = "kept k-means centroids (no improvement)"
         return shared, details

@@ -10,6 +10,7 @@ import onnx
 
 from .data import Dataset, model_inputs
 from .errors import ModelError
+from .numerics import sqnr_db
 from .runtime import make_session, median_latency, run
 
 
@@ -169,15 +170,6 @@ def _numeric(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
         cosine=float(ref @ cand) / norm if norm > 0 else (1.0 if noise == 0 else 0.0),
         sqnr_db=sqnr_db(signal, noise),
     )
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise), +inf for an exact match."""
-    if noise <= 0:
-        return math.inf
-    if signal <= 0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,

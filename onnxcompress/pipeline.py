@@ -21,7 +21,7 @@ import onnx
 from . import external
 from .codebook import SharedWeight
 from .data import Dataset
-from .errors import OnnxCompressError, PassError, RecipeError
+from .errors import BugError, OnnxCompressError, PassError, RecipeError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .runtime import foreign_domains
@@ -254,6 +254,8 @@ class PassManager:
                 p.ensures(ctx, result)
             except OnnxCompressError as e:
                 raise PassError(p.name, list(done), e) from e
+            except BugError as e:  # a failed postcondition: ours to fix, not the user's
+                raise BugError(f"in pass '{p.name}'" + (f", after passes {done}" if done else "") + f": {e}") from e
             except Exception as e:  # a bug in a pass: keep the traceback as the cause
                 raise PassError(p.name, list(done), RuntimeError(f"{type(e).__name__}: {e}")) from e
             timing = PassTiming(p.name, time.perf_counter() - start, result.modified, result.summary)

@@ -134,16 +134,6 @@ def output_shift(delta_w: np.ndarray, mean: np.ndarray, kind: str, *, groups: in
     return (per_tap * mean.reshape(groups, -1)[group_of]).sum(axis=1)
 
 
-def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    """10 log10(sum ref^2 / sum (ref - approx)^2); +inf for an exact match."""
-    ref = np.asarray(ref, dtype=np.float64).ravel()
-    diff = ref - np.asarray(approx, dtype=np.float64).ravel()
-    noise, signal = float(diff @ diff), float(ref @ ref)
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 class StreamingHistogram:
     """A fixed-size histogram over [-R, R] updated batch by batch, with the running min and max.
 

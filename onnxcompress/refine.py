@@ -147,8 +147,11 @@ def lstsq_cost(keep: np.ndarray) -> float:
     return float(np.sum(kept ** 3) / 3)
 
 
+SPARSEGPT_BLOCK = 128  # columns over which SparseGPT chooses each row's own mask
+
+
 def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None = None,
-              sparsity: float | None = None, damping: float = 0.01, block: int = 128
+              sparsity: float | None = None, damping: float = 0.01, block: int = SPARSEGPT_BLOCK
               ) -> tuple[np.ndarray, np.ndarray]:
     """OBS pruning column by column (Frantar & Alistarh, SparseGPT, 2023) in the metric H.
 
@@ -209,13 +212,6 @@ def output_error(weight: np.ndarray, reference: np.ndarray, gram: np.ndarray, cr
     signal = float(np.sum((wr @ ref_gram) * wr))
     error = float(np.sum((wq @ gram) * wq)) - 2 * float(np.sum((wq @ cross) * wr)) + signal
     return max(error, 0.0), signal
-
-
-def sqnr_db(error: float, signal: float) -> float:
-    """10 log10(signal / error); inf for an exact result."""
-    if error <= 0:
-        return float("inf")
-    return float(10 * np.log10(max(signal, 1e-300) / error))
 
 
 def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, grams: Sequence[np.ndarray],
@@ -307,16 +303,3 @@ def _code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray
             present = sorted_codes[starts]
             g[np.ix_(present, present)] += (z.T @ z) * s[j] ** 2
     return g
-
-
-def nearest_codes(values: np.ndarray, centroids: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid among `allowed` (bool over centroids) for every value."""
-    idx = np.flatnonzero(allowed)
-    order = np.argsort(centroids[idx], kind="stable")
-    sorted_c = centroids[idx][order]
-    pos = np.clip(np.searchsorted(sorted_c, values), 1, max(len(sorted_c) - 1, 1))
-    if len(sorted_c) == 1:
-        return np.full(values.shape, idx[0])
-    lo, hi = sorted_c[pos - 1], sorted_c[pos]
-    pick = np.where(np.abs(values - lo) <= np.abs(hi - values), pos - 1, pos)
-    return idx[order][pick]

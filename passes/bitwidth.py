@@ -33,6 +33,7 @@ from onnxcompress.capture import collect_layer_inputs, linear_layer
 from onnxcompress.data import Dataset, model_inputs
 from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.metrics import compare_outputs
+from onnxcompress.numerics import magnitude_mask
 from onnxcompress.packed import choose_layout, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
@@ -200,14 +201,6 @@ def _load_metric(spec: str):
     if fn is None or not callable(fn):
         raise RecipeError(f"metric '{spec}' must name a function as module:function")
     return fn
-
-
-def magnitude_mask(array: np.ndarray, sparsity: float) -> np.ndarray:
-    """True for the (1 - sparsity) fraction of entries largest in magnitude."""
-    magnitude = np.abs(array).reshape(-1)
-    mask = np.ones(magnitude.size, dtype=bool)
-    mask[np.argsort(magnitude, kind="stable")[: int(round(sparsity * magnitude.size))]] = False
-    return mask.reshape(array.shape)
 
 
 class _Pruner:

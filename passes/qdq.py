@@ -6,7 +6,9 @@ initializer -> DQ (symmetric, per output channel), its bias as int32 -> DQ with 
 s_x * s_w, and its output as Q -> DQ, so onnxruntime sees DQ -> op -> Q and runs QLinearConv,
 QGemm, QLinearMatMul, QLinearAdd... A Relu/Clip right after a node is a fusion boundary: the
 Q/DQ goes after the activation, never between. Pooling and reshaping ops reuse their input's
-scale. Ops without an integer kernel stay in float, with the reason in the report.
+scale. Ops without an integer kernel stay in float, with the reason in the report. Every other float
+weight (Constant nodes, If/Loop bodies, LSTM/GRU, float nodes) gets a weight-only int8 DQ. The
+result is checked on calibration data; activations that break it stay float (:mod:`.qdq_guard`).
 
 Weight-only mode (``int8-weights``, ``int4-weights``): each float weight becomes an int8
 initializer + DQ (or, for MatMul/Gemm, blocked int4 + DQ with ``block_size``, which onnxruntime
@@ -14,6 +16,7 @@ fuses into MatMulNBits); activations stay float.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,20 +33,18 @@ from onnxcompress.model import opset_of
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.runtime import make_session
 from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
-from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, Role, get_array, replace_weight
+from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 
 from .calibrate import CalibrationResult
+from . import qdq_guard as guard
+from .qdq_dynamic import quantize_dynamic_matmuls
 from .qdq_fold import fold_batch_norms
-from .qdq_weights import dq_nodes, quantize_weights_only
+from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
+                      out_channels, unsupported, weight_axis)
+from .qdq_weights import NAMES, dq_nodes, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
-LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-ELEMENTWISE = {"Add", "Mul"}
-OWN_SCALE = {"Concat", "AveragePool", "GlobalAveragePool"}  # inputs and output with their own ranges
-SAME_SCALE = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
-FUSED_ACTIVATIONS = {"Relu", "Clip"}
-SILENT = {"Constant", "Shape", "Size", "Cast", "ConstantOfShape", "Relu", "Clip"} | SAME_SCALE
 PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET = 13, 10
 
 
@@ -62,6 +63,17 @@ class QdqConfig:
     fold_batch_norm: bool = True  # static: Conv -> BatchNormalization becomes one Conv (then QLinearConv)
     latency_check: bool = True  # static: time float vs int8 on one calibration batch; note when int8 is slower
     correction_samples: int = 256  # calibration samples that estimate the layer input means
+    # static: the fidelity bound on calibration data (top-1 agreement of class scores, SQNR of other outputs);
+    # activations that break it stay float, else weight-only int8 (agreement None: no check)
+    agreement: float | None = 0.99
+    min_output_sqnr: float = 20.0
+    guard_samples: int = 256
+    guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
+    max_probes: int = 32  # activations quantized alone to rank them (the widest range against RMS first)
+    probe_samples: int = 64  # calibration samples each probe runs
+    # where keeping activations float does not hold the bound: dynamic int8 MatMul/Gemm if that holds it, else
+    # weight-only int8 ("weights": weight-only directly)
+    fallback: Literal["dynamic", "weights"] = "dynamic"
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -104,14 +116,15 @@ class QdqPass(Pass):
         folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []
         if folded:
             ctx.note(f"qdq: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
+        hoist_constants(ctx.model)  # weights in main-graph Constant nodes are planned like initializers
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
-        plan = self._plan(ctx, cfg)
         self._means = {}
         if cfg.bias_correction and ctx.data is not None:
+            plan = self._plan(ctx, cfg, set())
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
-        renamed = self._rewrite(ctx, cfg, plan, per_channel)
+        plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
@@ -124,7 +137,7 @@ class QdqPass(Pass):
                                                     renamed, _labels(reference))
             error_data = "evaluation" if given is not ctx.data else "calibration"
         if cfg.latency_check and ctx.data is not None and plan.nodes:
-            ratio = latency_ratio(reference, ctx.model, ctx.data)
+            ratio = guard.latency_ratio(reference, ctx.model, ctx.data)
             if ratio > 1.05:
                 ctx.note(f"qdq: the int8 model runs {ratio:.2f}x slower than float in onnxruntime on this machine "
                          "(small convolutions favour float kernels); consider the int8-weights recipe or excluding "
@@ -132,8 +145,9 @@ class QdqPass(Pass):
         kinds = defaultdict(int)
         for kind in plan.nodes.values():
             kinds[kind] += 1
-        return PassResult(bool(plan.nodes), {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
+        return PassResult(bool(plan.nodes) or rest["weights"] > 0, {"quantized_nodes": len(plan.nodes), "activations": len(plan.tensors),
                                              "float_nodes": sum(map(len, plan.floats.values())),
+                                             "weight_only": rest["weights"],
                                              "layer_errors_data": error_data, **kinds})
 
     def ensures(self, ctx: Context, result: PassResult) -> None:
@@ -146,8 +160,65 @@ class QdqPass(Pass):
         if result.modified and not ctx.layer_errors:  # the error table already ran the model
             make_session(ctx.model)  # raises ModelError if onnxruntime cannot load what we made
 
+    def _quantize(self, ctx, cfg, reference, per_channel, opset, keep_float: set[str]):
+        """Static QDQ of `reference` into ctx.model with `keep_float` activations float, then weight-only
+        int8 for every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains)."""
+        ctx.model.CopyFrom(reference)
+        self._biases = defaultdict(list)
+        plan = self._plan(ctx, cfg, keep_float)
+        renamed = self._rewrite(ctx, cfg, plan, per_channel)
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
+                                     keep=self._float_biases)
+        return plan, renamed, rest
+
+    def _guarded(self, ctx, cfg, reference, per_channel, opset):
+        """Quantize; while the fidelity check fails, keep the activations that break it float (worst
+        alone-quantized output SQNR first, 1, 2, 4... more each round); weight-only int8 if that fails."""
+        data = ctx.data.limit(cfg.guard_samples) if ctx.data is not None and cfg.agreement is not None else None
+        records, notes, keep_float, order = len(ctx.records), len(ctx.notes), set(), None
+        bounds = dict(agreement=cfg.agreement, min_sqnr=cfg.min_output_sqnr)
+        for _ in range(cfg.guard_rounds + 1):
+            del ctx.records[records:], ctx.notes[notes:]
+            plan, renamed, rest = self._quantize(ctx, cfg, reference, per_channel, opset, keep_float)
+            if keep_float and not plan.tensors:  # every activation kept float: that is the weight-only model
+                break
+            result = guard.check(reference, ctx.model, data, **bounds) if data is not None and plan.tensors else None
+            if result is None or result.holds:
+                if keep_float:
+                    ctx.note(f"qdq: kept float to hold {result.worst} (bound: agreement >= {cfg.agreement}, other "
+                             f"outputs >= {cfg.min_output_sqnr:g} dB, {len(data)} calibration samples): "
+                             + ", ".join(f"{n} ({order[n]:.1f} dB at the outputs quantized alone)" for n in order if n in keep_float))
+                return plan, renamed, rest
+            if order is None:
+                order = dict(guard.sensitivities(reference, plan.tensors, cfg.activation_type,
+                                                 data.limit(cfg.probe_samples), cfg.max_probes))
+            more = [n for n in order if n not in keep_float][:max(1, len(keep_float))]
+            if not more:
+                break
+            log.info("qdq: %s after static int8; keeping %s float", result.worst, more)
+            keep_float |= set(more)
+        missed = (f"qdq: static int8 missed the fidelity bound ({result.worst}; agreement >= {cfg.agreement}, other "
+                  f"outputs >= {cfg.min_output_sqnr:g} dB) even with {len(keep_float)} activation(s) kept float; ")
+        for dynamic in ((True, False) if cfg.fallback == "dynamic" else (False,)):
+            del ctx.records[records:], ctx.notes[notes:]
+            ctx.model.CopyFrom(reference)
+            matmuls = quantize_dynamic_matmuls(ctx, self.name) if dynamic else []
+            if dynamic and not matmuls:
+                continue
+            rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset,
+                                         self.name)
+            rest["dynamic"] = len(matmuls)
+            if not dynamic:
+                ctx.note(missed + "weight-only int8 instead (activations float)")
+            elif (again := guard.check(reference, ctx.model, data, **bounds)).holds:
+                ctx.note(missed + f"dynamic int8 (ranges at run time) for {len(matmuls)} MatMul/Gemm instead "
+                         f"({again.worst}), weight-only int8 elsewhere")
+            else:
+                continue
+            return _Plan(), {}, rest
+
     # -- planning ---------------------------------------------------------------------------
-    def _plan(self, ctx: Context, cfg: QdqConfig) -> _Plan:
+    def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:
         graph, calib = ctx.model.graph, ctx.calibration
         inits = {t.name: t for t in graph.initializer}
         uses = consumers(graph)
@@ -162,7 +233,12 @@ class QdqPass(Pass):
             if excluded & ({label, node.op_type} | set(node.output)):
                 plan.floats["excluded by the user"].append(label)
                 continue
-            reason = _unsupported(node, inits, calib)
+            follow = uses.get(node.output[0], []) if node.output else []
+            fused = {follow[0][0].output[0]} if len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS else set()
+            if keep_float & (set(activation_inputs(node, inits)) | set(node.output) | fused):
+                plan.floats["an activation it reads or writes breaks the model in int8"].append(label)
+                continue
+            reason = unsupported(node, inits, calib)
             if reason:
                 plan.floats[reason].append(label)
                 continue
@@ -173,7 +249,7 @@ class QdqPass(Pass):
             node = graph.node[i]
             if kind == "Gather":
                 continue
-            wanted += [x for x in _activation_inputs(node, inits)]
+            wanted += [x for x in activation_inputs(node, inits)]
             out = node.output[0]
             if node.op_type in ("Gemm", "MatMul") and out in outputs:
                 continue  # QGemm / MatMulIntegerToFloat give a float output directly
@@ -191,7 +267,7 @@ class QdqPass(Pass):
         # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
         for i, node in enumerate(graph.node):
             if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
-                    and not excluded & {node.name, node.op_type}):
+                    and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
                 plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
                 plan.nodes[i] = "same_scale"
         return plan
@@ -202,7 +278,8 @@ class QdqPass(Pass):
         model, graph = ctx.model, ctx.model.graph
         scope = NameScope(model)
         qt = TYPES[cfg.activation_type]
-        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main" and w.name not in ctx.nonfinite}
+        infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"  # graph inputs, sparse...: left alone
+                 and w.name not in ctx.nonfinite and (w.skip is None or w.skip.startswith("tiny"))}
         done_weights: dict[str, np.ndarray] = {}  # weight name -> its scale vector
         pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
         for i, kind in sorted(plan.nodes.items()):
@@ -223,10 +300,10 @@ class QdqPass(Pass):
         pairs: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer output name -> Q/DQ nodes
         head: list[onnx.NodeProto] = []
         for name, (scale, zero) in plan.tensors.items():
-            s_name, z_name = scope.fresh(f"{name}_scale"), scope.fresh(f"{name}_zero_point")
+            s_name, z_name = scope.fresh(NAMES.scale), scope.fresh(NAMES.zero_point)
             graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
                                       numpy_helper.from_array(np.array(zero, qt.np_dtype), z_name)])
-            q_out = scope.fresh(f"{name}_quantized")
+            q_out = scope.fresh(NAMES.quantized)
             if name in graph_inputs:
                 dq_out = scope.fresh(f"{name}_dequantized")
                 for node in graph.node:
@@ -242,9 +319,9 @@ class QdqPass(Pass):
                             node.output[k] = source
                 target = name
             nodes = [mark(helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
-                                           name=scope.fresh(f"{name}_Q")), self.name),
+                                           name=scope.fresh(NAMES.q_node)), self.name),
                      mark(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [target],
-                                           name=scope.fresh(f"{name}_DQ")), self.name)]
+                                           name=scope.fresh(NAMES.dq_node)), self.name)]
             (head if name in graph_inputs else pairs[source]).extend(nodes)
             renamed[name] = target
         ordered = list(head)  # graph-input Q/DQ depend on nothing but the input
@@ -254,16 +331,34 @@ class QdqPass(Pass):
                 ordered += pairs.get(out, [])
         del graph.node[:]
         graph.node.extend(ordered)
+        self._float_biases = self._shared_biases(ctx, scope, pending)
         for info, nodes, inits in pending:
             replace_weight(model, info, nodes, inits)
         return renamed
+
+    def _shared_biases(self, ctx, scope, pending) -> dict[str, str]:
+        """One int32 DQ for a bias several quantized layers read when they agree on its scale
+        s_x * s_w (no mean-shift correction: it differs by layer); else it stays float. Returns
+        the biases kept float, with the reason."""
+        kept = {}
+        for name, asks in self._biases.items():
+            bias, b_scale, values = asks[0]
+            if len(asks) > 1 and not all(np.array_equal(b, b_scale) for _, b, _ in asks):
+                kept[name] = f"a bias shared by {len(asks)} layers whose input scales differ"
+                ctx.record(name, self.name, f"kept float: {kept[name]}", bias.nbytes, bias.nbytes)
+                continue
+            q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
+            nodes, inits = dq_nodes(name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
+            pending.append((bias, nodes, inits))
+            ctx.record(name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
+        return kept
 
     def _weight_and_bias(self, ctx, node, plan, infos, done, per_channel, scope, pending) -> None:
         w_name = node.input[1]
         info = infos.get(w_name)
         if info is None:  # activation x activation MatMul: both inputs are already Q/DQ'd
             return
-        axis = _weight_axis(node, info) if per_channel else None
+        axis = weight_axis(node, info) if per_channel else None
         if w_name not in done:
             done[w_name] = self._constant(ctx, info, INT8, scope, pending, axis=axis, symmetric=True)
         w_scale, w_dequantized = done[w_name]
@@ -271,21 +366,18 @@ class QdqPass(Pass):
             return
         bias = infos[node.input[2]]
         x_scale = plan.tensors.get(node.input[0], (None, None))[0]
-        out_channels = _out_channels(node, info)
-        if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != out_channels:
+        channels = out_channels(node, info)
+        if x_scale is None or len(bias.shape) != 1 or bias.shape[0] != channels:
             return
         w_scale = np.asarray(w_scale, dtype=np.float64)  # 0-d when per tensor (then so is the bias scale)
         b_scale = (x_scale * w_scale).astype(np.float32)
         b_scale = np.where(b_scale > 0, b_scale, 1.0).astype(np.float32)
         values = get_array(ctx.model, bias).astype(np.float32)
         mean = self._means.get(node.input[0])
-        if mean is not None:
+        if mean is not None and len(bias.consumers) == 1:
             delta = w_dequantized.astype(np.float64) - get_array(ctx.model, info).astype(np.float64)
-            values = (values - output_shift(delta, mean, _layout(node), groups=_groups(node))).astype(np.float32)
-        q = quantize(values, b_scale, 0, INT32.qmin, INT32.qmax).astype(np.int32)
-        nodes, inits = dq_nodes(bias.name, q, b_scale, np.zeros(b_scale.shape, np.int32), 0, scope, self.name)
-        pending.append((bias, nodes, inits))
-        ctx.record(bias.name, self.name, "int32 bias (scale = s_x * s_w)", bias.nbytes, q.nbytes)
+            values = (values - output_shift(delta, mean, layout(node), groups=groups(node))).astype(np.float32)
+        self._biases[bias.name].append((bias, b_scale, values))  # written once per tensor by _shared_biases
 
     def _constant(self, ctx, info, qtype, scope, pending, *, axis, symmetric: bool = False):
         """int8/uint8 initializer + DQ producing the weight's own name; returns the scale."""
@@ -303,28 +395,6 @@ class QdqPass(Pass):
         shape = w.shape if axis is None else tuple(d if k == axis else 1 for k, d in enumerate(w.shape))
         return scale, dequantize(q, np.reshape(scale, shape) if axis is not None else scale,
                                  np.reshape(zero, shape) if axis is not None else zero)
-
-
-def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, rounds: int = 3) -> float:
-    """Median int8 / float seconds per call on the first chunk of `data`, the two sessions interleaved."""
-    from onnxcompress.data import model_inputs
-    from onnxcompress.runtime import median_latency
-
-    feed, _ = next(iter(data.chunks(model_inputs(reference), max_batch=64)))
-    ref, cand = make_session(reference), make_session(quantized)
-    times = [(median_latency(ref, feed, repeat=10), median_latency(cand, feed, repeat=10)) for _ in range(rounds)]
-    return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
-
-
-def _layout(node: onnx.NodeProto) -> str:
-    if node.op_type == "Conv":
-        return "conv"
-    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-    return "gemm" if node.op_type == "Gemm" and trans_b else "gemm_t"
-
-
-def _groups(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
@@ -353,52 +423,3 @@ def _labels(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _activation_inputs(node: onnx.NodeProto, inits) -> list[str]:
-    if node.op_type in LINEAR:
-        return [x for x in node.input[:2] if x and x not in inits]
-    return [x for x in node.input if x and x not in inits]
-
-
-def _unsupported(node: onnx.NodeProto, inits, calib: CalibrationResult) -> str | None:
-    """Why `node` stays float, or None when its integer form is supported."""
-    op = node.op_type
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if op == "Gather":
-        t = inits.get(node.input[0])
-        return None if t is not None and t.data_type == onnx.TensorProto.FLOAT else "Gather of a non-constant table"
-    if op not in LINEAR | ELEMENTWISE | OWN_SCALE:
-        return f"no integer kernel for {op} in onnxruntime"
-    if op in LINEAR:
-        w = inits.get(node.input[1])
-        if op == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-            return "Gemm with transA/alpha/beta"
-        if op != "MatMul" and (w is None or w.data_type != onnx.TensorProto.FLOAT):
-            return f"{op} weight is not a float initializer"
-        if op == "MatMul" and w is not None and (w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2):
-            return "MatMul weight is not a 2-D float initializer"
-        if op == "ConvTranspose" and attrs.get("group", 1) != 1:
-            return "grouped ConvTranspose"
-    for x in _activation_inputs(node, inits):
-        if x not in calib:
-            return "an input has no calibration range (not float?)"
-    for x in node.input:
-        if x in inits and inits[x].data_type != onnx.TensorProto.FLOAT:
-            return "a non-float constant input"
-    return None
-
-
-def _weight_axis(node: onnx.NodeProto, info) -> int | None:
-    if info.channel_axis is not None and info.role in (Role.CONV, Role.CONV_TRANSPOSE, Role.GEMM, Role.MATMUL):
-        return info.channel_axis
-    return None
-
-
-def _out_channels(node: onnx.NodeProto, info) -> int:
-    axis = _weight_axis(node, info)
-    if axis is None:
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0 if trans_b else 1}[node.op_type]
-    if node.op_type == "ConvTranspose":
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return info.shape[1] * group
-    return info.shape[axis]

@@ -29,7 +29,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> list[str]:
     uses = consumers(graph)
     outputs = {o.name for o in graph.output}
     scope = NameScope(model)
-    folded, drop = [], set()
+    folded, drop, freed = [], set(), set()
     for conv in list(graph.node):
         if conv.op_type != "Conv" or len(conv.input) < 2 or conv.output[0] in outputs:
             continue
@@ -64,14 +64,15 @@ def fold_batch_norms(model: onnx.ModelProto) -> list[str]:
             graph.initializer.append(numpy_helper.from_array(new_b, bias_name))
             conv.input.append(bias_name)
         drop.add(conv.output[0])  # the BN is the one node reading the old Conv output
+        freed.update(bn.input[1:5])
         conv.output[0] = bn.output[0]
         folded.append(bn.name or bn.output[0])
     if folded:
         keep = [n for n in graph.node if not (n.op_type == "BatchNormalization" and n.input[0] in drop)]
         del graph.node[:]
         graph.node.extend(keep)
-        used = {i for n in graph.node for i in n.input}
-        stale = [t for t in graph.initializer if t.name not in used and t.name not in {i.name for i in graph.input}]
+        used = set(consumers(graph)) | {i.name for i in graph.input}  # subgraphs' outer-scope reads count
+        stale = [t for t in graph.initializer if t.name in freed and t.name not in used]
         for t in stale:
             graph.initializer.remove(t)
         log.info("folded %d BatchNormalization nodes into their convolutions", len(folded))

@@ -9,6 +9,7 @@ for that, with its weight stored (K, N).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,6 +21,22 @@ from onnxcompress.weights import WeightInfo, get_array, replace_weight
 
 log = logging.getLogger(__name__)
 INT4_MIN_OPSET = 21
+
+
+@dataclass(frozen=True)
+class _Names:
+    """Short bases for the names the qdq pass makes (the DQ output keeps the weight's own name, the
+    metadata_props name the pass): exporters' long tensor names repeated in every generated name
+    took ~15% of a small int8 file."""
+
+    quantized: str = "qdq.q"
+    scale: str = "qdq.s"
+    zero_point: str = "qdq.z"
+    q_node: str = "qdq.Q"
+    dq_node: str = "qdq.DQ"
+
+
+NAMES = _Names()
 
 
 def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
@@ -34,13 +51,15 @@ def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
 def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int | None,
              scope: NameScope, pass_name: str, *, block_size: int | None = None
              ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """DequantizeLinear(q, scale[, zero]) -> `output`, with its initializers."""
-    q_name, s_name = scope.fresh(f"{output}_quantized"), scope.fresh(f"{output}_scale")
+    """DequantizeLinear(q, scale[, zero]) -> `output`, with its initializers. An int32 bias's zero
+    point of 0 is left out (the default; onnxruntime still fuses QGemm/QLinearConv). An int8
+    weight keeps its zero point: without it onnxruntime 1.32 no longer fuses QGemm."""
+    q_name, s_name = scope.fresh(NAMES.quantized), scope.fresh(NAMES.scale)
     q_tensor = int4_tensor(q_name, q) if block_size else numpy_helper.from_array(q, q_name)
     inits = [q_tensor, numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name)]
     inputs = [q_name, s_name]
-    if zero is not None:
-        z_name = scope.fresh(f"{output}_zero_point")
+    if zero is not None and not (np.asarray(q).dtype == np.int32 and not np.any(zero)):
+        z_name = scope.fresh(NAMES.zero_point)
         inits.append(numpy_helper.from_array(np.asarray(zero), z_name))
         inputs.append(z_name)
     attrs = {}
@@ -48,7 +67,7 @@ def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | N
         attrs["axis"] = axis
     if block_size:
         attrs["block_size"] = block_size
-    node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(f"{output}_DQ"), **attrs)
+    node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(NAMES.dq_node), **attrs)
     return [mark(node, pass_name)], inits
 
 
@@ -95,21 +114,58 @@ def _gemm_to_matmul(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodePro
         graph.node.insert(position + 1, add)
 
 
-def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str) -> dict:
-    """Weight-only quantization of every eligible float weight; returns the pass summary."""
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def hoist_constants(model: onnx.ModelProto) -> int:
+    """Main-graph Constant nodes holding a float tensor become initializers of the same name (what
+    onnxruntime does at load), so that a node reading one is planned like one reading an
+    initializer; returns how many moved."""
+    graph = model.graph
+    moved = [n for n in graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+             and n.attribute[0].name == "value" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT]
+    for node in moved:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    return len(moved)
+
+
+def _skip_reason(info: WeightInfo) -> str | None:
+    """Why weight-only quantization leaves `info` alone (None: it quantizes it)."""
+    if info.consumers and all(c.op_type in QDQ_OPS and c.input_index > 0 for c in info.consumers):
+        return "a scale or zero point"
+    if info.location == "sparse_initializer":
+        return "already stored sparse"
+    return info.skip
+
+
+def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str, *,
+                          keep: dict[str, str] | None = None) -> dict:
+    """Weight-only quantization of every eligible float weight of every graph (initializers,
+    Constant nodes, If/Loop/Scan bodies; a weight shared by several nodes gets one DequantizeLinear
+    that all of them read); `keep` names weights to leave float, with the reason. Every float
+    weight left float above the size threshold gets a report line saying why; returns the summary."""
     scope = NameScope(ctx.model)
     excluded = set(map(str, cfg.exclude))
+    keep = keep or {}
     int4 = cfg.int4_matmul
     if int4 and opset < INT4_MIN_OPSET:
         ctx.note(f"qdq: int4 weights need opset >= {INT4_MIN_OPSET} (model has {opset}); using int8 instead")
         int4 = False
-    counts = {"weights": 0, "int4": 0, "int8": 0, "bytes_before": 0, "bytes_after": 0}
+    counts = {"weights": 0, "int4": 0, "int8": 0, "bytes_before": 0, "bytes_after": 0, "tiny_float": 0}
     for info in ctx.weights(cfg.min_elements):
-        if not info.compressible or info.location == "sparse_initializer":
-            log.debug("qdq: %s left alone: %s", info.name, info.skip or "sparse")
-            continue
-        if _excluded(info, excluded):
-            ctx.record(info.name, pass_name, "kept float: excluded by the user")
+        reason = _skip_reason(info) or keep.get(info.name)
+        if reason is None and _excluded(info, excluded):
+            reason = "excluded by the user"
+        if reason is not None:
+            log.debug("qdq: %s left alone: %s", info.name, reason)
+            if info.is_float and info.skip is not None and info.skip.startswith("tiny"):
+                counts["tiny_float"] += info.nbytes
+            elif info.is_float and reason != "a scale or zero point":
+                ctx.record(info.name, pass_name, f"kept float: {reason}", info.nbytes, info.nbytes)
             continue
         w = get_array(ctx.model, info).astype(np.float32)
         node = _matmul_like(ctx.model, info) if int4 else None

@@ -12,7 +12,8 @@ from onnxcompress import refine
 from onnxcompress.data import load_data
 from onnxcompress.errors import ModelError, PreconditionError, RecipeError
 from onnxcompress.passes import PASSES
-from onnxcompress.passes.prune import PruneConfig, PrunePass, magnitude_mask
+from onnxcompress.numerics import magnitude_mask
+from onnxcompress.passes.prune import PruneConfig, PrunePass
 from onnxcompress.pipeline import Context
 from onnxcompress.weights import find_weights, get_array
 

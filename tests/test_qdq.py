@@ -17,7 +17,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
 from onnxcompress.pipeline import PassManager
-from onnxcompress.quantmath import sqnr_db
+from onnxcompress.numerics import sqnr_db_of as sqnr_db
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -32,6 +32,9 @@ def optimized_ops(model: onnx.ModelProto, folder: Path) -> list[str]:
 
 
 def quantize(model, data, **qdq):
+    # these tests are about the graph onnxruntime runs: the fidelity guard (which may keep layers of
+    # these random tiny models float over one flipped near-tie) is off unless a test asks for it
+    qdq.setdefault("agreement", None)
     passes = [CalibratePass(), QdqPass(**qdq)] if qdq.get("mode", "static") == "static" else [QdqPass(**qdq)]
     return PassManager(passes, validate="none").run(model, data)
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from onnxcompress import refine
+from onnxcompress.numerics import nearest_codes
 import tiny
 
 
@@ -142,7 +143,7 @@ def test_refine_centroids_sparse_and_dense_paths_agree():
 def test_nearest_codes_skips_disallowed_centroids():
     centroids = np.array([0.0, -1.0, 1.0, 0.2])
     allowed = np.array([False, True, True, True])
-    got = refine.nearest_codes(np.array([-0.05, 0.7, -2.0, 5.0]), centroids, allowed)
+    got = nearest_codes(np.array([-0.05, 0.7, -2.0, 5.0]), centroids, allowed=allowed)
     np.testing.assert_array_equal(got, [3, 2, 1, 2])
 
 
@@ -279,7 +280,7 @@ def test_heldout_damping_prefers_more_ridge_when_rows_are_scarce():
 
 
 def refine_mask(weight, sparsity):
-    from onnxcompress.passes.prune import magnitude_mask
+    from onnxcompress.numerics import magnitude_mask
     return magnitude_mask(weight, sparsity)
 
 

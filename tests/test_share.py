@@ -130,7 +130,7 @@ def conv_bn_model(seed: int = 7, wide: bool = True) -> onnx.ModelProto:
 
 def test_share_folds_batch_norm_and_fits_toward_the_folded_original():
     from onnxcompress.data import load_data
-    from onnxcompress.metrics import sqnr_db
+    from onnxcompress.numerics import sqnr_db
     from onnxcompress.passes.qdq_fold import fold_batch_norms
     from onnxcompress.passes.share import SharePass
     from tiny import run
@@ -169,6 +169,39 @@ def test_batch_norm_whose_weights_are_still_on_disk_is_not_folded():
     weight = next(t for t in model.graph.initializer if t.name == "W")
     weight.data_location = onnx.TensorProto.EXTERNAL
     assert fold_batch_norms(model) == []
+
+
+def test_batch_norm_fold_keeps_an_initializer_an_if_branch_reads():
+    """The BN's `mean` is also read from the outer scope by an If branch: folding must not delete it."""
+    from onnx import helper
+
+    from onnxcompress.passes.qdq_fold import fold_batch_norms
+    from tiny import make_model, run, value
+
+    base = conv_bn_model()
+    branch = lambda name, op: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["mean"], [f"{name}_out"], name=f"{name}_node")], name, [],
+        [value(f"{name}_out", [16])])
+    nodes = list(base.graph.node) + [
+        helper.make_node("If", ["flag"], ["m"], name="if", then_branch=branch("then", "Identity"),
+                         else_branch=branch("else", "Neg")),
+        helper.make_node("Unsqueeze", ["m", "axes"], ["m4"], name="unsq"),
+        helper.make_node("Add", ["y", "m4"], ["z"], name="add")]
+    inits = list(base.graph.initializer) + [onnx.numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes")]
+    model = make_model(nodes, [value("x", ["N", 8, 6, 6]), value("flag", [], TensorProto.BOOL)],
+                       [value("z", ["N", 16, 6, 6])], inits)
+    onnx.checker.check_model(model, full_check=True)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_batch_norms(folded) == ["bn"]
+    assert "BatchNormalization" not in op_types(folded)
+    names = {t.name for t in folded.graph.initializer}
+    assert "mean" in names and not {"gamma", "beta", "var"} & names  # only what nothing reads is dropped
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)}
+    for flag in (True, False):
+        feeds["flag"] = np.array(flag)
+        np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_portable_chain_is_lean_and_its_output_node_names_the_pass():

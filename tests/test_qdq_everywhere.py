@@ -1,0 +1,148 @@
+"""The QDQ passes see every weight: Constant nodes, If branches, LSTM, weights shared by several nodes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import tiny
+from onnxcompress.data import Dataset
+from onnxcompress.passes.calibrate import CalibratePass
+from onnxcompress.passes.qdq import QdqPass
+from onnxcompress.pipeline import PassManager
+from onnxcompress.numerics import sqnr_db_of
+
+
+def int8(model, data, **qdq):
+    qdq.setdefault("agreement", None)  # the fidelity guard has its own tests
+    return PassManager([CalibratePass(), QdqPass(**qdq)], validate="none").run(model, data)
+
+
+def dq_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """DQ output name -> dtype of its quantized input, over every graph."""
+    from onnxcompress.graphs import iter_graphs
+    out = {}
+    for graph, _ in iter_graphs(model.graph):
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        out.update({n.output[0]: inits[n.input[0]].dtype.name for n in graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in inits})
+    return out
+
+
+def constant_and_if_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv whose weight is a Constant node -> Relu -> Flatten -> If(mean(x) > 0) choosing one of
+    two MatMul heads whose weights are Constant nodes inside the branches."""
+    rng = np.random.default_rng(seed)
+    w = tiny.weights(rng, 8, 4, 3, 3, scale=0.3)
+
+    def head(name: str) -> onnx.GraphProto:
+        wt = numpy_helper.from_array(tiny.weights(rng, 8 * 6 * 6, 10, scale=0.1), f"{name}_W")
+        return helper.make_graph([helper.make_node("Constant", [], [f"{name}_W"], value=wt, name=f"{name}_const"),
+                                  helper.make_node("MatMul", ["f", f"{name}_W"], [f"{name}_y"], name=f"{name}_mm")],
+                                 name, [], [tiny.value(f"{name}_y", ["N", 10])])
+    nodes = [helper.make_node("Constant", [], ["convW"], value=numpy_helper.from_array(w, "convW"), name="cw"),
+             helper.make_node("Conv", ["x", "convW"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], axis=1, name="flatten"),
+             helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0, name="mean"),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32)),
+                              name="zero_const"),
+             helper.make_node("Greater", ["mean", "zero"], ["flag"], name="flag"),
+             helper.make_node("If", ["flag"], ["y"], then_branch=head("then"), else_branch=head("else"), name="if")]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", 4, 8, 8])], [tiny.value("y", ["N", 10])])
+
+
+def test_int8_quantizes_weights_in_constant_nodes_and_if_branches():
+    model = constant_and_if_model()
+    x = np.random.default_rng(0).standard_normal((32, 4, 8, 8)).astype(np.float32)
+    data = Dataset(stacked={"x": x})
+    quantized, report = int8(model, data)
+    onnx.checker.check_model(quantized, full_check=True)
+    made = dq_outputs(quantized)
+    assert made["convW"] == "int8" and made["then_W"] == "int8" and made["else_W"] == "int8"
+    assert quantized.ByteSize() < model.ByteSize() / 3
+    for sign in (1, -1):  # both branches
+        feeds = {"x": sign * np.abs(x[:8])}
+        assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(quantized, feeds)[0]) > 25
+
+
+def unrolled_cells(steps: int = 3, hidden: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """h_{t+1} = Tanh(Gemm(h_t, W, b)) for `steps` steps, every Gemm reading the same W and b
+    (an exporter's unrolled recurrent cell)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(tiny.weights(rng, hidden, hidden, scale=0.4), "cell.W"),
+             numpy_helper.from_array(tiny.weights(rng, hidden, scale=0.4), "cell.bias_ih")]
+    nodes, h = [], "x"
+    for t in range(steps):
+        nodes += [helper.make_node("Gemm", [h, "cell.W", "cell.bias_ih"], [f"g{t}"], transB=1, name=f"gemm{t}"),
+                  helper.make_node("Tanh", [f"g{t}"], [f"h{t}"], name=f"tanh{t}")]
+        h = f"h{t}"
+    return tiny.make_model(nodes, [tiny.value("x", ["N", hidden])], [tiny.value(h, ["N", hidden])], inits)
+
+
+def test_weight_and_bias_shared_by_unrolled_cells_get_one_dequantize_each():
+    model = unrolled_cells()
+    data = Dataset(stacked=tiny.random_feeds(model, n=64))
+    quantized, report = int8(model, data)  # was: Duplicate definition of name (cell.bias_ih)
+    onnx.checker.check_model(quantized, full_check=True)
+    dq = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    assert sum(n.output[0] == "cell.W" for n in dq) == 1
+    assert sum(n.output[0] == "cell.bias_ih" for n in dq) <= 1
+    readers = [n for n in quantized.graph.node if n.op_type == "Gemm"]
+    assert len(readers) == 3 and all(n.input[1] == "cell.W" and n.input[2] == "cell.bias_ih" for n in readers)
+    bias = [r for r in report.weights if r.name == "cell.bias_ih"]
+    assert len(bias) == 1 and (bias[0].action.startswith("int32") or "input scales differ" in bias[0].action)
+    feeds = {"x": data.stacked["x"][:16]}
+    assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(quantized, feeds)[0]) > 25
+
+
+def lstm_model(hidden: int = 16, inputs: int = 8, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(tiny.weights(rng, 1, 4 * hidden, inputs, scale=0.3), "lstm.W"),
+             numpy_helper.from_array(tiny.weights(rng, 1, 4 * hidden, hidden, scale=0.3), "lstm.R"),
+             numpy_helper.from_array(tiny.weights(rng, 1, 8 * hidden, scale=0.1), "lstm.B")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_time_major"),
+             helper.make_node("LSTM", ["xt", "lstm.W", "lstm.R", "lstm.B"], ["yt"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Transpose", ["yt"], ["y"], perm=[2, 0, 1, 3], name="to_batch_major")]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", 5, inputs])], [tiny.value("y", ["N", 5, 1, hidden])], inits)
+
+
+def test_lstm_weights_go_through_a_weight_only_dequantize_that_onnxruntime_runs():
+    model = lstm_model()
+    x = np.random.default_rng(1).standard_normal((32, 5, 8)).astype(np.float32)
+    data = Dataset(stacked={"x": x})
+    quantized, report = int8(model, data)
+    onnx.checker.check_model(quantized, full_check=True)
+    made = dq_outputs(quantized)
+    assert made["lstm.W"] == "int8" and made["lstm.R"] == "int8"
+    lstm = next(n for n in quantized.graph.node if n.op_type == "LSTM")
+    assert list(lstm.input[1:3]) == ["lstm.W", "lstm.R"]
+    feeds = {"x": x[:8]}
+    assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(quantized, feeds)[0]) > 25
+    assert quantized.ByteSize() < model.ByteSize()
+
+
+def test_weights_left_float_each_get_a_reason_in_the_report():
+    """A weight that is also a graph input may be overridden at run time: it stays float, said so."""
+    model = unrolled_cells(hidden=16)
+    model.graph.input.append(tiny.value("cell.W", [16, 16]))
+    data = Dataset(stacked={"x": tiny.random_feeds(model, n=16)["x"]})
+    quantized, report = int8(model, data)
+    onnx.checker.check_model(quantized, full_check=True)
+    assert "cell.W" not in dq_outputs(quantized)
+    lines = [r.action for r in report.weights if r.name == "cell.W"]
+    assert lines == ["kept float: also a graph input, so it may be overridden at run time"]
+
+
+def test_a_result_that_did_not_shrink_says_so(tmp_path):
+    from onnxcompress.api import compress_file
+
+    model = unrolled_cells(hidden=8)  # 64-element weights: int8-weights leaves them all float (tiny)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    report = compress_file(src, tmp_path / "out.onnx", "int8-weights")
+    assert report.output_bytes >= report.input_bytes
+    assert any("is not smaller than the input" in n for n in report.notes)
+    big = tmp_path / "big.onnx"
+    onnx.save(unrolled_cells(hidden=32), big)
+    assert not any("not smaller" in n for n in compress_file(big, tmp_path / "o2.onnx", "int8-weights").notes)
