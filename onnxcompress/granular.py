@@ -285,6 +285,9 @@ def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | N
     """SQNR (dB) of the shared weight: in the layer's output with `hessians`, at the model's outputs
     with `gains` too (:mod:`onnxcompress.sensitivity`), else in weight space. mean_free: the layer's
     bias will take up the error's mean D E[x] (bias correction), so that part does not count."""
+    if hessians is None and shared.scale is None and shared.group_offsets is None and shared.outlier_index is None:
+        book = shared.codebook.astype(np.float32).astype(shared.dtype)  # what decode() gives, without the full copy
+        return sqnr_db(*signal_and_error(array, codebook=book, codes=shared.codes))
     if hessians is None:
         return sqnr_db(*signal_and_error(array, shared.decode()))
     w = np.asarray(array, np.float64)

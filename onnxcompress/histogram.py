@@ -115,14 +115,18 @@ def below(boundaries: np.ndarray, values: np.ndarray, centroids: np.ndarray | No
     return labels if c is None else (labels, counts, error)
 
 
-def signal_and_error(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
-    """(sum x^2, sum (x - y)^2) over two same-shaped arrays, in float64, chunk by chunk."""
-    x, y = np.asarray(reference).reshape(-1), np.asarray(approx).reshape(-1)
+def signal_and_error(reference: np.ndarray, approx: np.ndarray | None = None, *, codebook: np.ndarray | None = None,
+                     codes: np.ndarray | None = None) -> tuple[float, float]:
+    """(sum x^2, sum (x - y)^2) in float64, chunk by chunk, with y = `approx`, or y = codebook[codes]
+    (decoded a chunk at a time, in the codebook's precision) when `codebook` is given."""
+    x = np.asarray(reference).reshape(-1)
+    y = None if approx is None else np.asarray(approx).reshape(-1)
+    flat_codes = None if codes is None else np.asarray(codes).reshape(-1)
     signal = noise = 0.0
     with np.errstate(over="ignore"):
         for part in chunks(x):
             a = x[part].astype(np.float64)
-            d = a - y[part]
+            d = a - (y[part] if y is not None else codebook[flat_codes[part]])
             signal, noise = signal + float(np.dot(a, a)), noise + float(np.dot(d, d))
     return signal, noise
 

@@ -22,7 +22,7 @@ centroid everywhere: in the Lloyd steps, in the final labels and in :func:`assig
 :func:`kmeans_1d_optimal` finds the global minimum instead, by dynamic programming over the
 distinct values (O(k m log m) for m distinct values): for small m, or to judge Lloyd.
 
-Over HISTOGRAM_ABOVE values, Lloyd runs on a histogram of HISTOGRAM_BINS bins instead of the
+Over HISTOGRAM_ABOVE values (2M), Lloyd runs on a histogram of HISTOGRAM_BINS bins instead of the
 sorted values (:mod:`onnxcompress.histogram`): each bin is one value, its mean, weighted by its
 count, so the prefix sums above still give each centroid as the exact mean of its bins' values;
 only the values of a bin that a boundary cuts go to one side together. O(n) instead of
@@ -42,9 +42,9 @@ INITS = ("linear", "density", "random")
 
 _DP_MAX_CELLS = 2**26  # largest split table of kmeans_1d_optimal (512 MB of intp)
 _SCALE_ABOVE = 2.0**500  # larger magnitudes are fit at an (exact) power-of-two scale: see _scaled
-HISTOGRAM_ABOVE = 1 << 22  # larger inputs are fit on a histogram (module docstring)
+HISTOGRAM_ABOVE = 1 << 21  # larger inputs are fit on a histogram (module docstring)
 HISTOGRAM_BINS = 1 << 16
-DP_POINTS = 1 << 13  # the histogram's bins are merged to about this many for the exact k-means start
+DP_POINTS = 1 << 12  # the histogram's bins are merged to about this many for the exact k-means start
 
 
 @dataclass(frozen=True)
