@@ -250,22 +250,31 @@ def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
 
 
 def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
-    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries."""
-    weight = np.ones(w.shape) if a is None else a
-    weight = np.where(fitted, weight, 0.0)
-    s = np.where(fitted, np.abs(w), 0.0).max(axis=1)
+    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
+
+    Unweighted with every entry fitted (a = 1), the products by a are skipped: the same numbers,
+    fewer full-size temporaries."""
+    plain = a is None and bool(fitted.all())
+    weight = None if plain else np.where(fitted, np.ones(w.shape) if a is None else a, 0.0)
+    s = (np.abs(w) if plain else np.where(fitted, np.abs(w), 0.0)).max(axis=1)
     s = store_scale(s, scale_dtype)
     u = normalize(w, s)
-    book = _kmeans(u[fitted], (weight * np.square(s)[:, None])[fitted] if a is not None else None,
-                   bits, keep_zero, init, seed)
+    book = _kmeans(u.reshape(-1) if plain else u[fitted],
+                   (weight * np.square(s)[:, None])[fitted] if a is not None else None, bits, keep_zero, init, seed)
     codes = nearest_codes(u, book, keep_zero)
+    del u
     for _ in range(iterations):
         q = book[codes]
-        num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        if plain:
+            num, den = (q * w).sum(1), (q * q).sum(1)
+        else:
+            num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        del q
         s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
         codes = nearest_codes(normalize(w, s), book, keep_zero)
-        ws = weight * np.square(s)[:, None]
-        num = np.bincount(codes.ravel(), (weight * s[:, None] * w).ravel(), book.size)
+        square = np.square(s)[:, None]
+        ws = np.broadcast_to(square, w.shape) if plain else weight * square
+        num = np.bincount(codes.ravel(), (s[:, None] * w if plain else weight * s[:, None] * w).ravel(), book.size)
         den = np.bincount(codes.ravel(), ws.ravel(), book.size)
         book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
         if keep_zero:
