@@ -12,7 +12,11 @@ a temporary folder), times, in this process and one thread of numpy:
   share tensor  share_weight as `deep-compression` runs it (granularity tensor, no pruning mask)
   prune+share   share_weight on a 90%-pruned weight (mask, zeros kept exact), as `deep-compression` after prune
 
-weights/s/core = elements / seconds of that stage. With --json the rows are written for
+The share rows also give the task's peak allocations over the weight's float32 bytes (tracemalloc, a
+separate run), the memory a worker needs per weight (benchmarks/scale_plan.py).
+
+weights/s/core = elements / CPU seconds of that stage (one thread: set OMP_NUM_THREADS=1; CPU time,
+not wall time, so that a shared machine's load does not count against it; wall seconds are shown too). With --json the rows are written for
 benchmarks/scale_plan.py. With --baseline PATH, also runs `share auto` and `share tensor` with the
 onnxcompress package found in PATH (e.g. the main branch's checkout) in a subprocess, alternating
 with this checkout's, and prints the ratio per pair.
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +61,25 @@ def _info(shape):
                       role=Role.MATMUL, channel_axis=1, consumers=[], location="initializer", graph="main")
 
 
-def _time(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
+def _time(fn, repeat: int) -> tuple[tuple[float, float], object]:
+    """((median wall s, median CPU s of this process), the last result)."""
+    walls, cpus, out = [], [], None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return (statistics.median(walls), statistics.median(cpus)), out
+
+
+def _peak(fn) -> int:
+    """Peak bytes allocated while fn runs (numpy's buffers included), beyond what was allocated before."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
@@ -80,9 +97,12 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
     info = _info(shape)
     rows = []
 
-    def row(stage, seconds):
-        rows.append({"shape": "x".join(map(str, shape)), "elements": n, "stage": stage, "seconds": round(seconds, 4),
-                     "weights_per_s_core": round(n / seconds)})
+    def row(stage, seconds, peak=None):
+        wall, cpu = seconds
+        rows.append({"shape": "x".join(map(str, shape)), "elements": n, "stage": stage, "seconds": round(wall, 4),
+                     "cpu_seconds": round(cpu, 4), "weights_per_s_core": round(n / max(cpu, 1e-9))})
+        if peak is not None:  # the task's own peak allocations over the weight's float32 bytes (tracemalloc)
+            rows[-1]["peak_over_weight"] = round(peak / (4 * n), 2)
 
     t, w = _time(ref.load, repeat)
     row("read", t)
@@ -100,9 +120,9 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
     t, _ = _time(portable, repeat)
     row("portable", t)
     t, _ = _time(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n), repeat)
-    row("share auto", t)
+    row("share auto", t, _peak(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n)))
     t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n), repeat)
-    row("share tensor", t)
+    row("share tensor", t, _peak(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n)))
     mask = np.abs(w) >= np.quantile(np.abs(w[:64]), 0.9)
     t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n, mask=mask), repeat)
     row("prune+share tensor", t)
@@ -148,10 +168,11 @@ def main() -> int:
                                    "this_s": [round(a, 2) for a, _ in pairs], "baseline_s": [round(b, 2) for _, b in pairs],
                                    "speedup_median": round(statistics.median(b / a for a, b in pairs), 2)})
             path.unlink()
-    print("| shape | stage | seconds | weights/s/core |")
-    print("|---|---|---|---|")
+    print("| shape | stage | wall s | CPU s | weights/s/core | peak memory / weight bytes |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['stage']} | {r['seconds']} | {r['weights_per_s_core'] / 1e6:.1f}M |")
+        print(f"| {r['shape']} | {r['stage']} | {r['seconds']} | {r['cpu_seconds']} | {r['weights_per_s_core'] / 1e6:.1f}M | "
+              f"{r.get('peak_over_weight', '')} |")
     if ratios:
         print("\n| shape | granularity | this s | baseline s | baseline / this (median of pairs) |")
         print("|---|---|---|---|---|")
