@@ -18,6 +18,12 @@ Validation in onnxruntime (which must hold both models dense) is measured separa
 
     python benchmarks/bench_scale.py                        # 0.5, 1, 3 GB; share, deep-compression; jobs 1, 2
     python benchmarks/bench_scale.py --sizes 0.5 --recipes share --jobs 1
+    python benchmarks/bench_scale.py --sizes 3 --recipes share --jobs 1,2 --ray 2 --baseline /path/to/main
+
+--ray N adds a run with `--executor ray --jobs N` (a local Ray instance of N CPUs). --baseline PATH runs
+each --jobs value a second time, right after this checkout's run, with the onnxcompress package of
+PATH (e.g. the main branch's checkout): the "code" column says which, and the speedup is the ratio of
+the paired wall times (the machine's load drifts; pairs keep the comparison fair).
 """
 from __future__ import annotations
 
@@ -92,10 +98,11 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str]) -> dict:
-    """Run `cmd`; wall seconds, exit code, peak single-process RSS and peak sampled tree RSS."""
+def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run `cmd` (in `cwd`, so `python -m` imports the package PYTHONPATH names, not the current folder's);
+    wall seconds, exit code, peak single-process RSS and peak sampled tree RSS."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     peak_tree = 0
     done = threading.Event()
 
@@ -146,6 +153,14 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def importable_copy(checkout: Path, dest: Path) -> Path:
+    """A copy of a checkout's onnxcompress/ with its passes/ inside (onnxcompress.passes), importable from
+    `dest` by PYTHONPATH whatever onnxcompress is installed; returns dest."""
+    shutil.copytree(checkout / "onnxcompress", dest / "onnxcompress")
+    shutil.copytree(checkout / "passes", dest / "onnxcompress" / "passes")
+    return dest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5,1,3", help="GB of weights per model (comma-separated)")
@@ -157,6 +172,8 @@ def main() -> int:
     parser.add_argument("--validate-size", type=float, default=None,
                         help="also time `onnxcompress validate` of the first recipe's output at this size")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--ray", type=int, default=0, metavar="N", help="also run --executor ray --jobs N")
+    parser.add_argument("--baseline", metavar="PATH", help="also run each --jobs value with the onnxcompress of PATH")
     args = parser.parse_args()
 
     from onnxcompress.recipes import BUILTIN
@@ -177,6 +194,7 @@ def main() -> int:
             print(f"skipping recipe '{r}': not built in", file=sys.stderr)
     free = shutil.disk_usage(folder).free
     print(f"free disk: {free / GB:.1f} GB", file=sys.stderr)
+    baseline = str(importable_copy(Path(args.baseline), folder / "baseline")) if args.baseline else None
     wrapper = folder / "wrap.py"
     wrapper.write_text(WRAPPER)
     rows = []
@@ -188,20 +206,26 @@ def main() -> int:
             weight_bytes = layers * args.width * args.width * 4
             print(f"built {model.name}: {layers} layers, {weight_bytes / GB:.2f} GB in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+            runs = [("this", "local", j) for j in jobs_list]
+            if args.baseline:  # each right after this checkout's run with the same jobs
+                runs = [run for j in jobs_list for run in (("this", "local", j), ("baseline", "local", j))]
+            if args.ray:
+                runs.append(("this", "ray", args.ray))
             for recipe in recipes:
                 reference = None
-                for jobs in jobs_list:
-                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs}.onnx"
+                for code, executor, jobs in runs:
+                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs}_{code}_{executor}.onnx"
                     cmd = [sys.executable, str(wrapper), sys.executable, "-m", "onnxcompress.cli", "compress",
                            str(model), "-o", str(out), "--recipe", recipe, "--validate", "none", "--jobs", str(jobs),
-                           "-q"]
-                    r = measure(cmd)
+                           "-q"] + (["--executor", "ray"] if executor == "ray" else [])
+                    root = baseline if code == "baseline" else str(Path(__file__).resolve().parent.parent)
+                    r = measure(cmd, env=dict(os.environ, PYTHONPATH=root), cwd=folder)
                     ok = r["rc"] == 0
                     this = digest(out) if ok else None
                     reference = reference or this
                     out_bytes = sum(p.stat().st_size for p in (out, out.with_name(out.name + ".data")) if p.exists())
                     row = {"size_gb": round(weight_bytes / GB, 2), "layers": layers, "recipe": recipe, "jobs": jobs,
-                           "ok": ok, "wall_s": round(r["wall_s"], 1), "cpu_s": round(r.get("cpu_s", 0), 1),
+                           "code": code, "executor": executor, "ok": ok, "wall_s": round(r["wall_s"], 1), "cpu_s": round(r.get("cpu_s", 0), 1),
                            "peak_rss_mb": round(r.get("peak_rss_mb", 0)), "tree_rss_mb": round(r["peak_tree_rss_mb"]),
                            "weights_per_s": round(layers / r["wall_s"], 2),
                            "mb_per_s": round(weight_bytes / 2**20 / r["wall_s"], 1),
@@ -210,7 +234,7 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                 if args.validate_size == size and reference:
-                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs_list[0]}.onnx"
+                    out = folder / f"out_{size:g}_{Path(recipe).stem}_j{jobs_list[0]}_this_local.onnx"
                     cmd = [sys.executable, str(wrapper), sys.executable, "-m", "onnxcompress.cli", "validate",
                            str(model), str(out)]
                     r = measure(cmd)
@@ -229,15 +253,23 @@ def main() -> int:
     finally:
         if not args.folder:
             shutil.rmtree(folder, ignore_errors=True)
-    header = ("| GB | layers | recipe | jobs | wall s | CPU s | peak RSS MB | tree PSS MB | weights/s | MB/s | out MB "
-              "| same as first jobs |")
+    header = ("| GB | layers | recipe | code | executor | jobs | wall s | CPU s | peak RSS MB | tree PSS MB | weights/s "
+              "| MB/s | out MB | same as first run |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         status = "" if r["ok"] else f" FAILED: {r['error']}"
-        print(f"| {r['size_gb']} | {r['layers']} | {r['recipe']} | {r['jobs']} | {r['wall_s']} | {r['cpu_s']} | "
+        print(f"| {r['size_gb']} | {r['layers']} | {r['recipe']} | {r.get('code', '-')} | {r.get('executor', '-')} | "
+              f"{r['jobs']} | {r['wall_s']} | {r['cpu_s']} | "
               f"{r['peak_rss_mb']} | {r['tree_rss_mb']} | {r['weights_per_s']} | {r['mb_per_s']} | {r['out_mb']} | "
               f"{r['same_as_first']}{status} |")
+    for r in rows:  # paired speedups: the baseline's wall time over this checkout's, same size, recipe and jobs
+        if r.get("code") == "baseline" and r["ok"]:
+            mine = next((m for m in rows if m.get("code") == "this" and m.get("executor") == "local" and m["ok"]
+                         and (m["size_gb"], m["recipe"], m["jobs"]) == (r["size_gb"], r["recipe"], r["jobs"])), None)
+            if mine:
+                print(f"speedup {r['size_gb']} GB {r['recipe']} jobs {r['jobs']}: {r['wall_s'] / mine['wall_s']:.2f}x "
+                      f"({r['wall_s']} s -> {mine['wall_s']} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1

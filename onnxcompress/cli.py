@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="REPORT.json", help="also write the full report as JSON")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes for per-weight work (default: the number of cores; results do not "
-                        "depend on it)")
+                        "depend on it); with --executor ray, the CPUs of the local Ray instance")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where per-weight work runs: worker processes here (local), or Ray tasks (pip install "
+                        "'onnxcompress[ray]'; the model's folder must be on a filesystem the workers share); same "
+                        "output either way")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="a running Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray instance")
     budget = p.add_argument_group("budget of the bit-width search (recipes 'auto' and 'deep-compression', whose "
                                   "own default is --max-drop 1); give one")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
@@ -230,10 +236,19 @@ def _compress(args) -> int:
     reads = input_roles(args.model, data=args.data, eval_data=args.eval_data, recipe=args.recipe)
     notes = []
     with OutputPlan(writes, reads).check() as plan:
-        report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
-                               form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                               progress=not args.quiet and sys.stderr.isatty(), jobs=args.jobs or available_cores(),
-                               budget=budget, tolerance=gate.tolerance, plan=plan)
+        jobs = args.jobs or available_cores()
+        if args.executor == "ray":
+            from .ray_executor import RayExecutor
+
+            jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
+        try:
+            report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
+                                   form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
+                                   progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
+                                   budget=budget, tolerance=gate.tolerance, plan=plan)
+        finally:
+            if args.executor == "ray":
+                jobs.close()
         verdict = None
         if gate.active:
             if report.validation is None:

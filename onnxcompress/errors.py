@@ -47,3 +47,8 @@ class PassError(OnnxCompressError):
 
 class OutputError(OnnxCompressError):
     """The output path cannot be written (missing folder, same as the input, ...)."""
+
+
+class ExecutorError(OnnxCompressError):
+    """Per-weight work could not run: the executor is missing or unreachable, or a task kept failing
+    after its retries (the message names the weight)."""

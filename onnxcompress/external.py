@@ -40,6 +40,7 @@ from onnx import numpy_helper
 
 from .errors import ModelError
 from .graphs import all_tensors
+from .parallel import Lazy
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,40 @@ def read_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
     inline.data_location = onnx.TensorProto.DEFAULT
     inline.raw_data = raw
     return numpy_helper.to_array(inline)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRef(Lazy):
+    """A plain external tensor by file, offset and layout: what a worker needs to read it itself
+    (on another machine, the file must be at the same path, e.g. on a shared filesystem)."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str  # little-endian numpy dtype string
+
+    def load(self) -> np.ndarray:
+        dtype = np.dtype(self.dtype)
+        count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        try:
+            array = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset)
+        except OSError as e:
+            raise ModelError(f"cannot read external data file '{self.path}' here: {e}") from e
+        if array.size != count:
+            raise ModelError(f"external data file '{self.path}' is shorter here than when the model was loaded")
+        return array.astype(dtype.newbyteorder("="), copy=False).reshape(self.shape)
+
+
+def array_ref(model: onnx.ModelProto, tensor: onnx.TensorProto) -> ArrayRef | None:
+    """An ArrayRef to the tensor's values when they are plain external data, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN:
+        return None
+    path, offset, length = locate(model, tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    if length != (int(np.prod(shape, dtype=np.int64)) if shape else 1) * dtype.itemsize:
+        return None  # read_tensor names the inconsistency
+    return ArrayRef(str(path.resolve()), offset, shape, dtype.str)
 
 
 # ---- spilling -----------------------------------------------------------------------------------

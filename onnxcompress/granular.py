@@ -50,6 +50,7 @@ import numpy as np
 from .codebook import SharedWeight
 from .gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
                    use_float16)
+from .histogram import signal_and_error
 from .kmeans import kmeans_1d
 from .numerics import nearest_codes, sqnr_db
 from .sensitivity import OutputGains, mean_part
@@ -144,6 +145,8 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
         raise ValueError(f"'{option.kind}' sharing needs an output-channel axis; '{name}' has none")
     if option.gptq and (hessians is None or option.kind == "group"):
         raise ValueError("gptq codes need the layer's Hessians and one codebook for all channels")
+    if option.kind == "tensor" and not option.outlier_fraction and not option.gptq and not option.weighted:
+        return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=init, seed=seed)
     axis = channel_axis
     w = to_matrix(np.asarray(array, dtype=np.float64), axis)
     kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
@@ -177,6 +180,26 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
+                        zero_code=0 if keep_zero else None)
+
+
+def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | None, mask: np.ndarray | None,
+               init: str, seed: int) -> SharedWeight:
+    """One unweighted codebook for the whole tensor: k-means on the values in their own layout and
+    precision (no channel-first or float64 copy), its labels the codes. The same codebook and codes
+    as the general path: the values and their order-free fit are the same, and the labels are the
+    nearest centroids with zeros on code 0 under a mask, as nearest_codes gives."""
+    values = np.asarray(array)
+    if values.dtype not in (np.float16, np.float32, np.float64):
+        values = values.astype(np.float64)
+    keep_zero = mask is not None
+    if keep_zero:
+        values = np.where(np.asarray(mask, bool), values, values.dtype.type(0))
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
+    book = result.centroids if result.centroids.size else np.zeros(1)
+    codes = result.labels.astype(np.uint8 if bits <= 8 else np.uint16, copy=False)
+    return SharedWeight(name=name, shape=tuple(array.shape), dtype=array.dtype, codes=codes,
+                        codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         zero_code=0 if keep_zero else None)
 
 
@@ -227,22 +250,31 @@ def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
 
 
 def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
-    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries."""
-    weight = np.ones(w.shape) if a is None else a
-    weight = np.where(fitted, weight, 0.0)
-    s = np.where(fitted, np.abs(w), 0.0).max(axis=1)
+    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
+
+    Unweighted with every entry fitted (a = 1), the products by a are skipped: the same numbers,
+    fewer full-size temporaries."""
+    plain = a is None and bool(fitted.all())
+    weight = None if plain else np.where(fitted, np.ones(w.shape) if a is None else a, 0.0)
+    s = (np.abs(w) if plain else np.where(fitted, np.abs(w), 0.0)).max(axis=1)
     s = store_scale(s, scale_dtype)
     u = normalize(w, s)
-    book = _kmeans(u[fitted], (weight * np.square(s)[:, None])[fitted] if a is not None else None,
-                   bits, keep_zero, init, seed)
+    book = _kmeans(u.reshape(-1) if plain else u[fitted],
+                   (weight * np.square(s)[:, None])[fitted] if a is not None else None, bits, keep_zero, init, seed)
     codes = nearest_codes(u, book, keep_zero=keep_zero)
+    del u
     for _ in range(iterations):
         q = book[codes]
-        num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        if plain:
+            num, den = (q * w).sum(1), (q * q).sum(1)
+        else:
+            num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        del q
         s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
         codes = nearest_codes(normalize(w, s), book, keep_zero=keep_zero)
-        ws = weight * np.square(s)[:, None]
-        num = np.bincount(codes.ravel(), (weight * s[:, None] * w).ravel(), book.size)
+        square = np.square(s)[:, None]
+        ws = np.broadcast_to(square, w.shape) if plain else weight * square
+        num = np.bincount(codes.ravel(), (s[:, None] * w if plain else weight * s[:, None] * w).ravel(), book.size)
         den = np.bincount(codes.ravel(), ws.ravel(), book.size)
         book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
         if keep_zero:
@@ -262,10 +294,13 @@ def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | N
     """SQNR (dB) of the shared weight: in the layer's output with `hessians`, at the model's outputs
     with `gains` too (:mod:`onnxcompress.sensitivity`), else in weight space. mean_free: the layer's
     bias will take up the error's mean D E[x] (bias correction), so that part does not count."""
+    if hessians is None and shared.scale is None and shared.group_offsets is None and shared.outlier_index is None:
+        book = shared.codebook.astype(np.float32).astype(shared.dtype)  # what decode() gives, without the full copy
+        return sqnr_db(*signal_and_error(array, codebook=book, codes=shared.codes))
+    if hessians is None:
+        return sqnr_db(*signal_and_error(array, shared.decode()))
     w = np.asarray(array, np.float64)
     d = w - shared.decode().astype(np.float64)
-    if hessians is None:
-        return sqnr_db(float(np.sum(w * w)), float(np.sum(d * d)))
     w, d = to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)
     signal, noise = hessians.signal_and_noise(w, d)
     mean = mean_part(hessians, d) if gains is not None or mean_free else 0.0

@@ -26,6 +26,7 @@ from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .runtime import foreign_domains
 from .packed import Layout, PackedWeight
+from .parallel import Executor
 from .weights import NONFINITE, WeightInfo, find_weights, nonfinite_weights
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Context:
     data: Dataset | None = None  # calibration data (None: passes fall back to data-free methods)
     eval_data: Dataset | None = None  # validation data (searches measure fidelity on it)
     form: str = "portable"  # "portable" | "packed"
-    jobs: int = 1
+    jobs: int | Executor = 1  # cores for per-weight work, or an executor (onnxcompress.parallel)
     progress: bool = True
     # prune -> share, sparse: True where a weight entry is kept
     masks: dict[str, np.ndarray] = field(default_factory=dict)

@@ -243,6 +243,13 @@ def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:
     return external.read_tensor(model, _tensor_of(model, info))
 
 
+def weight_source(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray | external.ArrayRef:
+    """What a per-weight task is given: a reference to the weight's external data (read where the task
+    runs, onnxcompress.parallel), else its values."""
+    tensor = _tensor_of(model, info)
+    return external.array_ref(model, tensor) or external.read_tensor(model, tensor)
+
+
 def _tensor_of(model: onnx.ModelProto, info: WeightInfo) -> onnx.TensorProto:
     graph = find_graph(model, info.graph)
     if info.location == "initializer":

@@ -36,7 +36,7 @@ from onnxcompress.model import opset_of
 from onnxcompress.sensitivity import OutputGains, Probe, measure_gains
 from onnxcompress.parallel import map_ordered
 from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array
+from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array, weight_source
 
 from .qdq_fold import fold_batch_norms
 
@@ -245,10 +245,11 @@ class SharePass(Pass):
 
     def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
              links=None, absorb=None, gains=None, mean_free=frozenset(), only=None, fitted=None):
-        """share_weight for each weight, in order; independent fits, in ctx.jobs worker processes (same results)."""
+        """share_weight for each weight, in order; independent fits on the ctx.jobs executor (same results), each
+        reading its own weight where it runs when the weight is in an external-data file."""
         cfg: ShareConfig = self.config
         links, absorb, gains, only, fitted = links or {}, absorb or {}, gains or {}, only or {}, fitted or {}
-        return map_ordered(share_weight, (((get_array(ctx.model, w), w, bits_of[w.name]), dict(
+        return map_ordered(share_weight, (((weight_source(ctx.model, w), w, bits_of[w.name]), dict(
             granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
             target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
             init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),

@@ -1,0 +1,216 @@
+"""Executors for per-weight work (onnxcompress.parallel, onnxcompress.ray_executor): same results in
+the same order whatever runs them; external weights read where the task runs; Ray tasks whose worker
+dies are retried, and one that keeps dying stops the run naming its weight, with no output written.
+
+The Ray tests start a local Ray instance (slow: run with --runslow) and skip when ray is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxcompress import external, model as model_io, parallel
+from onnxcompress.api import compress_file
+from onnxcompress.errors import ExecutorError, ModelError
+from onnxcompress.external import ArrayRef
+from onnxcompress.graphs import all_tensors
+from onnxcompress.model import load_model, save_model
+from onnxcompress.weights import find_weights, get_array, weight_source
+from tiny import make_model, random_feeds, run, value
+
+
+def _mlp(layers: int = 3, width: int = 96, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out], name=f"mm{i}"))
+        current = out
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            current = f"r{i}"
+    return make_model(nodes, [value("x", ["N", width])], [value("y", ["N", width])], inits)
+
+
+@pytest.fixture
+def streaming(monkeypatch):
+    monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
+    monkeypatch.setattr(external, "SPILL_MIN_BYTES", 1024)
+
+
+def _digest(path: Path) -> str:
+    """The output model and its external data, the data file's name blanked (it is named per output)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "data"
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        h.update(data.read_bytes())
+    return h.hexdigest()
+
+
+class Recording:
+    """An executor that runs tasks inline and keeps what each task was given."""
+
+    def __init__(self):
+        self.args = []
+
+    def map(self, fn, tasks, work=None):
+        for args, kwargs in tasks:
+            self.args.append(args)
+            yield parallel.call(fn, args, kwargs)
+
+
+def _square(n):
+    return n * n
+
+
+def _total(array):
+    return float(np.sum(array))
+
+
+def _fail_on_three(n):
+    if n == 3:
+        raise ModelError("bad 3")
+    return n
+
+
+def test_executors_keep_order_and_raise_task_errors(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
+    tasks = [((n,), {}) for n in range(7)]
+    for jobs in (1, 2, parallel.Serial(), parallel.Processes(2), Recording()):
+        assert list(parallel.map_ordered(_square, tasks, jobs=jobs)) == [n * n for n in range(7)]
+        with pytest.raises(ModelError, match="bad 3"):
+            list(parallel.map_ordered(_fail_on_three, tasks, jobs=jobs))
+    assert isinstance(parallel.executor_for(1), parallel.Serial)
+    assert isinstance(parallel.executor_for(3), parallel.Processes)
+
+
+def test_lazy_weights_are_read_where_the_task_runs(tmp_path, streaming, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
+    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "m.onnx")
+    infos = find_weights(streamed)
+    refs = [weight_source(streamed, info) for info in infos]
+    assert all(isinstance(r, ArrayRef) for r in refs)
+    assert all(len(repr(r)) < 300 for r in refs)  # a few bytes travel, not the weight
+    expected = [float(np.sum(get_array(streamed, info))) for info in infos]
+    for jobs in (1, 2):
+        assert list(parallel.map_ordered(_total, [((r,), {}) for r in refs], jobs=jobs)) == expected
+    # an in-memory model's weights are passed as arrays
+    assert isinstance(weight_source(_mlp(), find_weights(_mlp())[0]), np.ndarray)
+    assert parallel.task_name((refs[0], infos[0], 5)) == infos[0].name
+
+
+def test_array_ref_fails_cleanly_on_a_shortened_file(tmp_path, streaming):
+    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    streamed = load_model(tmp_path / "m.onnx")
+    ref = weight_source(streamed, find_weights(streamed)[-1])
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:ref.offset + 8])
+    with pytest.raises(ModelError, match="shorter"):
+        ref.load()
+
+
+def test_share_on_any_executor_gives_identical_files(tmp_path, streaming, monkeypatch):
+    """End to end: the same output bytes serially, in processes and on an executor given external
+    weights by reference; the output runs in onnxruntime close to the original."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
+    model = _mlp(layers=4, width=64)
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    recording = Recording()
+    digests = []
+    for name, jobs in (("one", 1), ("two", 2), ("rec", recording)):
+        compress_file(tmp_path / "m.onnx", tmp_path / f"{name}.onnx", "share", validate="none", jobs=jobs)
+        digests.append(_digest(tmp_path / f"{name}.onnx"))
+    assert digests[0] == digests[1] == digests[2]
+    assert recording.args and all(isinstance(args[0], ArrayRef) for args in recording.args)
+    feeds = {"x": random_feeds(model)["x"]}
+    out = run(onnx.load(str(tmp_path / "one.onnx")), feeds)[0]
+    ref = run(model, feeds)[0]
+    assert float(np.sum((out - ref) ** 2) / np.sum(ref ** 2)) < 0.05
+
+
+def test_ray_executor_without_ray_is_a_clean_error(monkeypatch):
+    from onnxcompress.ray_executor import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(ExecutorError, match="pip install"):
+        list(RayExecutor().map(_square, [((2,), {})]))
+
+
+# ----------------------------------------------------------------------------- Ray (slow)
+
+def _die_once(n, marker):
+    """Kills its worker the first time it runs for n == 2 (the marker file remembers), then works."""
+    if n == 2 and not os.path.exists(marker):
+        Path(marker).write_text("died")
+        os._exit(1)
+    return n * n
+
+
+def _always_die(*args, **kwargs):
+    os._exit(1)
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_gives_identical_files_and_retries_killed_workers(tmp_path, streaming, local_ray):
+    from onnxcompress.ray_executor import RayExecutor
+
+    model = _mlp(layers=4, width=64)
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    compress_file(tmp_path / "m.onnx", tmp_path / "one.onnx", "share", validate="none", jobs=1)
+    for shared_files in (True, False):
+        out = tmp_path / f"ray_{shared_files}.onnx"
+        compress_file(tmp_path / "m.onnx", out, "share", validate="none",
+                      jobs=RayExecutor(shared_files=shared_files))
+        assert _digest(out) == _digest(tmp_path / "one.onnx")
+    marker = tmp_path / "died"
+    tasks = [((n, str(marker)), {}) for n in range(5)]
+    assert list(RayExecutor(max_retries=2).map(_die_once, tasks)) == [n * n for n in range(5)]
+    assert marker.read_text() == "died"  # the task ran, killed its worker, and was run again
+    with pytest.raises(ExecutorError, match="weight 'W7'.*after 1 retries"):
+        list(RayExecutor(max_retries=1).map(_always_die, [((_Named("W7"),), {})]))
+    with pytest.raises(ModelError, match="bad 3"):  # the task's own error, raised as inline, not retried
+        list(RayExecutor().map(_fail_on_three, [((n,), {}) for n in range(5)]))
+
+
+@pytest.mark.slow
+def test_ray_run_that_keeps_failing_writes_nothing(tmp_path, streaming, local_ray, monkeypatch):
+    from onnxcompress.passes import share as share_module
+    from onnxcompress.ray_executor import RayExecutor
+
+    save_model(_mlp(layers=2, width=64), tmp_path / "m.onnx", external_data=True)
+    monkeypatch.setattr(share_module, "share_weight", _always_die)
+    with pytest.raises(Exception, match="W0"):
+        compress_file(tmp_path / "m.onnx", tmp_path / "out.onnx", "share", validate="none",
+                      jobs=RayExecutor(max_retries=0))
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
