@@ -16,6 +16,7 @@ from .model import check_output_path, file_bytes, load_model, save_model
 from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
 from .search import run_with_backoff
+from .shipped import ORT_FORMAT_NOTE, shipped_size
 from .weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     finally:
         release_spill(compressed)  # a streamed model's temporary tensors
     report.input_bytes, report.output_bytes = file_bytes(source), file_bytes(output)
+    report.shipped = shipped_size(output)
+    if report.form == "portable" and any(r.pass_name == "share" for r in report.weights):
+        report.notes.append(ORT_FORMAT_NOTE)
     return report
 
 
