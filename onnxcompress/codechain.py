@@ -80,15 +80,16 @@ def _packed_bytes(count: int, bits: int) -> int:
     return -(-count // k) * m
 
 
-def sparse_codes(codes: np.ndarray, bits: int) -> SparseCodes | None:
-    """The gap width of fewest bytes and the entries it needs; None when there is no nonzero code."""
+def sparse_codes(codes: np.ndarray, bits: int, gap_bits: int | None = None) -> SparseCodes | None:
+    """The gap width of fewest bytes (or `gap_bits`) and the entries it needs; None when there is no
+    nonzero code."""
     flat = np.asarray(codes).reshape(-1)
     where = np.flatnonzero(flat)
     if where.size == 0:
         return None
     diff = np.diff(where, prepend=0)
     best = None
-    for gap_bits in range(1, MAX_BITS + 1):
+    for gap_bits in [gap_bits] if gap_bits else range(1, MAX_BITS + 1):
         step = 2 ** gap_bits - 1
         # an entry of gap d needs (d - 1) // step fillers before it (the first may have d = 0)
         fillers = int(np.sum(np.maximum(diff - 1, 0) // step))
