@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from .model import external_data_files, file_bytes
-from .runtime import to_runnable
+from .runtime import to_runnable, uses_domain
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,14 @@ def brotli_bytes(files: list[Path], total: int) -> int | None:
 
 
 def resident_float_bytes(path: Path) -> int | None:
-    """Float initializer bytes of the graph onnxruntime runs (constant folding applied)."""
-    model = onnx.load(str(path))
-    runnable = to_runnable(model)
+    """Float initializer bytes of the graph onnxruntime runs (constant folding applied). A packed
+    model is decoded first (as the runtime backend does); a portable one is given as it is."""
     with tempfile.TemporaryDirectory(prefix="onnxcompress-") as folder:
-        source, optimized = Path(folder) / "model.onnx", Path(folder) / "optimized.onnx"
-        onnx.save(runnable, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.data", size_threshold=1024)
+        source, optimized = path, Path(folder) / "optimized.onnx"
+        if uses_domain(onnx.load(str(path), load_external_data=False)):
+            source = Path(folder) / "model.onnx"
+            onnx.save(to_runnable(onnx.load(str(path))), str(source), save_as_external_data=True,
+                      all_tensors_to_one_file=True, location="model.data", size_threshold=1024)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

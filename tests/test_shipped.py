@@ -53,3 +53,12 @@ def test_cli_text_and_json_show_shipped_sizes(tmp_path, capsys):
     assert main(["compress", str(source), "-o", str(tmp_path / "b.onnx"), "--recipe", "share", "-q", "--json"]) in (0, None)
     shipped = json.loads(capsys.readouterr().out)["shipped"]
     assert set(shipped) == {"disk", "gzip", "brotli", "resident"} and shipped["resident"] == (256 * 64 + 64) * 4
+
+
+def test_resident_size_of_a_packed_output_is_the_decoded_float_model(tmp_path):
+    source, out = tmp_path / "model.onnx", tmp_path / "packed.onnx"
+    onnx.save(gemm(k=512, n=64), source)
+    report = api.compress_file(source, out, "deep-compression-fixed", validate="none")
+    assert report.form == "packed" and report.shipped.disk < (512 * 64) * 4 // 4
+    assert report.shipped.resident == (512 * 64 + 64) * 4
+    assert not any(".ort" in note for note in report.notes)  # the advice is about the portable form
