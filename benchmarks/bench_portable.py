@@ -10,7 +10,9 @@ at `--opset`, 13 by default, as exporters write them), in one process, one intra
 - with --layout, the streams of each pruned shared weight of `deep-compression-portable`: bytes
   raw and gzip -9 with relative indices packed at each gap width, as bytes (gaps and codes one a
   byte), and interleaved (gap, code) byte pairs, against the packed form's entropy coder on the
-  same codes (what layout a general-purpose compressor models best).
+  same codes (what layout a general-purpose compressor models best);
+- with --ort, each output converted to ORT format (.ort) at optimization levels all, basic and
+  disable: the .ort file's size and its latency (batch 1) against the .onnx it came from.
 
     python benchmarks/bench_portable.py [--models lenet300 lenet5] [--recipes share share-4bit ...]
                                         [--rounds 9] [--opset 13]
@@ -80,10 +82,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--opset", type=int, default=13)
     parser.add_argument("--layout", action="store_true", help="only the stream layout table (see above)")
+    parser.add_argument("--ort", action="store_true", help="only the ORT-format conversion table (see above)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.layout:
         return layout_table(args.models, args.opset)
+    if args.ort:
+        return ort_table(args.models, args.recipes, args.opset, args.rounds)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -106,6 +111,32 @@ def main() -> None:
     for model, recipe, batch, shipped, ref, got, ratio, load_ref, load_out in rows:
         print(f"| {model} | `{recipe}` | {shipped.disk / 1024:.1f} KB | {shipped.gzip / 1024:.1f} KB | {batch} | "
               f"{ref:.3f} | {got:.3f} | {ratio:.3f} | {load_ref:.1f} -> {load_out:.1f} |")
+
+
+def ort_table(models: list[str], recipes: list[str], opset: int, rounds: int) -> None:
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    print("| model | recipe | .onnx bytes | .ort level | .ort bytes | .onnx ms | .ort ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            calib, test = DATA.get(model, ("mnist_calib.npz", "mnist_test.npz"))
+            source = at_opset(SAMPLES / f"{model}.onnx", opset, Path(tmp), SAMPLES / calib)
+            feed = {"input": np.load(SAMPLES / test)["input"][:1]}
+            for recipe in recipes:
+                out = Path(tmp) / f"{model}.{recipe}.onnx"
+                api.compress_file(source, out, recipe, data=SAMPLES / calib, validate="none")
+                for name, level in levels.items():
+                    options = ort.SessionOptions()
+                    options.log_severity_level = 3
+                    options.graph_optimization_level = level
+                    options.optimized_model_filepath = str(Path(tmp) / f"{model}.{recipe}.{name}.ort")
+                    options.add_session_config_entry("session.save_model_format", "ORT")
+                    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+                    converted = Path(options.optimized_model_filepath)
+                    ref, got, ratio = paired(out, converted, feed, rounds, 50)
+                    print(f"| {model} | `{recipe}` | {out.stat().st_size:,} | {name} | {converted.stat().st_size:,} | "
+                          f"{ref:.3f} | {got:.3f} | {ratio:.2f} |", flush=True)
 
 
 def shared_codes(path: Path) -> dict:

@@ -27,7 +27,7 @@ already there). Gaps and codes are both packed as above and decoded by
     codes = Reshape(ScatterElements(ConstantOfShape([N], 0), CumSum(gaps), kept codes), shape)
 
 The gap width ``g`` (1..8) is the one with the fewest bytes; the sparse form is used only when
-smaller than the dense one. Both decode to exactly the same codes (:func:`decode_reference`).
+its nodes and tensors serialize smaller than the dense form's. Both decode to exactly the same codes (:func:`decode_reference`).
 """
 from __future__ import annotations
 
@@ -123,29 +123,48 @@ def dense_code_bytes(count: int, bits: int, opset: int) -> int:
 
 
 def code_bytes(codes: np.ndarray, bits: int, opset: int) -> int:
-    """Tensor bytes of the codes as :func:`codes_nodes` writes them (dense or sparse, the smaller)."""
+    """Tensor bytes of the codes as :func:`codes_nodes` writes them (dense or sparse)."""
     dense = dense_code_bytes(np.size(codes), bits, opset)
-    if opset < PACK_MIN_OPSET or bits > MAX_BITS:
-        return dense
-    sparse = sparse_codes(codes, bits)
-    return dense if sparse is None else min(dense, sparse.nbytes(bits))
+    sparse = _relative(codes, bits, opset)
+    return dense if sparse is None else sparse.nbytes(bits)
 
 
 def codes_nodes(codes: np.ndarray, bits: int, opset: int, scope: NameScope, base: str
                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """Nodes and initializers computing `codes` as an int32/int64 tensor of their shape; returns
-    (nodes, initializers, name of the codes tensor). Below opset 13 or above 8 bits, the codes are
-    one uint8/uint16 a code and a Cast."""
+    """Nodes and initializers computing `codes` as an int32 tensor of their shape; returns (nodes,
+    initializers, name of the codes tensor). Below opset 11 or above 8 bits, the codes are one
+    uint8/uint16 a code and a Cast."""
     codes = np.asarray(codes)
-    shape = tuple(codes.shape)
     if opset < PACK_MIN_OPSET or bits > MAX_BITS:
         name = scope.fresh(f"{base}__codes")
         init = numpy_helper.from_array(codes.astype(np.uint8 if bits <= 8 else np.uint16), name)
         out = scope.fresh(_STEP)
         return [helper.make_node("Cast", [name], [out], to=TensorProto.INT32)], [init], out
+    sparse = _relative(codes, bits, opset)
+    if sparse is None:
+        return _dense_nodes(codes, bits, tuple(codes.shape), scope, f"{base}__codes", opset)
+    return _sparse_nodes(codes, bits, sparse, scope, base, opset)
+
+
+def _relative(codes: np.ndarray, bits: int, opset: int) -> SparseCodes | None:
+    """The relative-index form of the codes when its nodes and tensors serialize smaller than the
+    dense form's (the CumSum/ScatterElements chain costs a few hundred bytes), else None."""
+    if opset < PACK_MIN_OPSET or bits > MAX_BITS:
+        return None
+    codes = np.asarray(codes)
     sparse = sparse_codes(codes, bits)
     if sparse is None or sparse.nbytes(bits) >= _packed_bytes(codes.size, bits):
-        return _dense_nodes(codes, bits, shape, scope, f"{base}__codes", opset)
+        return None
+    scope = NameScope(onnx.ModelProto())
+    dense = _dense_nodes(codes, bits, tuple(codes.shape), scope, "w__codes", opset)
+    relative = _sparse_nodes(codes, bits, sparse, scope, "w", opset)
+    size = [sum(p.ByteSize() for p in nodes + inits) for nodes, inits, _ in (dense, relative)]
+    return sparse if size[1] < size[0] else None
+
+
+def _sparse_nodes(codes: np.ndarray, bits: int, sparse: SparseCodes, scope: NameScope, base: str, opset: int
+                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    shape = tuple(codes.shape)
     nodes, inits, gaps = _dense_nodes(sparse.gaps, sparse.gap_bits, (sparse.gaps.size,), scope, f"{base}__gaps",
                                       opset)
     more, more_inits, kept = _dense_nodes(sparse.codes, bits, (sparse.codes.size,), scope, f"{base}__codes", opset)
