@@ -95,7 +95,7 @@ def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, sh
 
 
 def unpack(model: ModelLike) -> onnx.ModelProto:
-    """The portable form of a packed model: codes + Cast + Gather(codebook) per packed weight."""
+    """The portable form of a packed model: bit-packed codes + unpacking ops + Gather(codebook) per packed weight."""
     from .ops.graph import unpack as unpack_model
 
     return unpack_model(_as_model(model))

@@ -27,7 +27,8 @@ already there). Gaps and codes are both packed as above and decoded by
     codes = Reshape(ScatterElements(ConstantOfShape([N], 0), CumSum(gaps), kept codes), shape)
 
 The gap width ``g`` (1..8) is the one with the fewest bytes; the sparse form is used only when
-its nodes and tensors serialize smaller than the dense form's. Both decode to exactly the same codes (:func:`decode_reference`).
+its nodes and tensors serialize smaller than the dense form's. Both decode to exactly the codes
+(tests/test_fold.py reads them back with ``bitpack.unpack`` and a cumulative sum).
 """
 from __future__ import annotations
 
@@ -106,13 +107,6 @@ def sparse_codes(codes: np.ndarray, bits: int, gap_bits: int | None = None) -> S
     kept = np.zeros(total, flat.dtype)
     kept[slot] = flat[where]
     return SparseCodes(gaps, kept, gap_bits)
-
-
-def decode_reference(codes_shape: tuple[int, ...], sparse: SparseCodes) -> np.ndarray:
-    """The sparse chain's result in numpy (int64 codes of `codes_shape`)."""
-    out = np.zeros(int(np.prod(codes_shape, dtype=np.int64)), np.int64)
-    out[np.cumsum(sparse.gaps)] = sparse.codes
-    return out.reshape(codes_shape)
 
 
 def dense_code_bytes(count: int, bits: int, opset: int) -> int:
@@ -202,7 +196,8 @@ def _dense_nodes(values: np.ndarray, bits: int, shape: tuple[int, ...], scope: N
         return [helper.make_node("Cast", [stream], [out], to=TensorProto.INT32)], [init], out
     if bits == 4 and opset >= UINT4_MIN_OPSET:  # the same bytes as a standard uint4 tensor, and no unpacking
         out = scope.fresh(_STEP)
-        return [helper.make_node("Cast", [stream], [out], to=TensorProto.INT32)], [_uint4_tensor(stream, values, shape)], out
+        init = _uint4_tensor(stream, values, shape)
+        return [helper.make_node("Cast", [stream], [out], to=TensorProto.INT32)], [init], out
     inits = [numpy_helper.from_array(pack_words(values, bits), stream)]
     word = scope.fresh(_STEP)
     nodes = [helper.make_node("Cast", [stream], [word], to=TensorProto.INT32)]

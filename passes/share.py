@@ -1,8 +1,9 @@
 """Weight sharing (Deep Compression stage 2): per-weight k-means codebooks.
 
 Each float weight above the size threshold becomes k = 2**bits centroids and one small code
-per entry, written in portable ONNX as codes (uint4 or uint8) -> Cast -> Gather(codebook),
-which onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
+per entry, written in portable ONNX as bit-packed codes (dense, or relative indices + kept codes
+when smaller: onnxcompress.codechain) -> integer unpacking ops -> Gather(codebook), which
+onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
 prune pass) stay exactly zero: they get the reserved code of centroid 0.0. A weight whose portable
 form would not be smaller than its float initializer stays float.
 

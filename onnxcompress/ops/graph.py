@@ -155,8 +155,8 @@ def to_dense(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def unpack(model: onnx.ModelProto, *, pass_name: str = "unpack") -> onnx.ModelProto:
-    """The portable form of a packed model: each weight as uint codes + Cast + Gather(codebook)
-    (standard ONNX, small on disk), exactly the SharedWeight the blob stores."""
+    """The portable form of a packed model: each weight as bit-packed codes + unpacking ops +
+    Gather(codebook) (standard ONNX, small on disk), exactly the SharedWeight the blob stores."""
     from ..model import opset_of
 
     opset = opset_of(model)

@@ -23,7 +23,7 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
-    # 4-bit codebooks everywhere (uint4 codes, ~8x), granularity chosen per layer by measured
+    # 4-bit codebooks everywhere (codes two a byte at any opset, ~8x), granularity chosen per layer by measured
     # output error (per-tensor, per-channel scales, per-group, outliers; GPTQ codes with --data)
     "share-4bit": [("share", {"bits_conv": 4, "bits_fc": 4, "bits_other": 4, "min_elements": 0,
                               "granularity": "auto"})],
