@@ -39,7 +39,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .codecs.bitpack import pack
 from .graphs import NameScope
 
 PACK_MIN_OPSET = 11  # CumSum, ScatterElements, Slice with inputs: every op of the chains exists from 11 on
@@ -55,13 +54,18 @@ def word_shape(bits: int) -> tuple[int, int]:
 
 
 def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
-    """`values` (< 2**bits) as a (G, m) uint8 array of whole words, zero codes padding the last."""
+    """`values` (< 2**bits) as a (G, m) uint8 array of whole words, zero codes padding the last:
+    the bytes of ``bitpack.pack`` (each word ``sum_i v[g, i] * 2**(bits*i)``, at most 56 bits,
+    little-endian), computed word by word."""
     k, m = word_shape(bits)
     flat = np.asarray(values).reshape(-1)
     words = -(-flat.size // k)
-    padded = np.zeros(words * k, np.uint8)
+    padded = np.zeros(words * k, np.uint64)
     padded[:flat.size] = flat
-    return np.frombuffer(pack(padded, bits), np.uint8).reshape(words, m) if words else np.zeros((0, m), np.uint8)
+    word = np.zeros(words, np.uint64)
+    for i, column in enumerate(padded.reshape(words, k).T):
+        word |= column << np.uint64(bits * i)
+    return np.ascontiguousarray(word.astype("<u8").view(np.uint8).reshape(words, 8)[:, :m])
 
 
 @dataclass
@@ -83,8 +87,10 @@ def _packed_bytes(count: int, bits: int) -> int:
 
 def sparse_codes(codes: np.ndarray, bits: int, gap_bits: int | None = None) -> SparseCodes | None:
     """The gap width of fewest bytes (or `gap_bits`) and the entries it needs; None when there is no
-    nonzero code."""
+    nonzero code, or (width not given) too many for relative indices to be smaller."""
     flat = np.asarray(codes).reshape(-1)
+    if gap_bits is None and np.count_nonzero(flat) * (bits + 1) >= flat.size * bits:
+        return None  # a gap of at least 1 bit an entry: never smaller than the dense codes
     where = np.flatnonzero(flat)
     if where.size == 0:
         return None
