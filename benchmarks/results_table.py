@@ -87,6 +87,7 @@ def main() -> None:
                              "samples' own opset (21) only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    print(HEADER, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -106,20 +107,23 @@ def main() -> None:
                     validation = api.validate(source, out, SAMPLES / test)
                     o = next(o for o in validation.outputs if o.accuracy_reference is not None)
                     shipped = shipped_size(out)
-                    rows.append((model, opset, label, file_bytes(source), shipped, o.accuracy_reference,
-                                 o.accuracy_candidate, o.top1_agreement, seconds))
-                    print(f"{model} opset {opset} {label}: {file_bytes(source) / shipped.disk:.2f}x disk, "
-                          f"{file_bytes(source) / shipped.gzip:.2f}x gzip "
-                          f"{100 * o.accuracy_reference:.1f}% -> {100 * o.accuracy_candidate:.1f}%", flush=True)
-    print("\n| model | opset | recipe | size | ratio | gzip -9 | brotli -q 11 | resident | "
-          "accuracy (float -> compressed) | top-1 agreement | time s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for model, opset, label, before, shipped, ref, cand, agree, seconds in rows:
-        brotli = f"{shipped.brotli / 1024:.1f} KB ({before / shipped.brotli:.1f}x)" if shipped.brotli else "-"
-        resident = f"{shipped.resident / 1024:.0f} KB" if shipped.resident is not None else "-"
-        print(f"| {model} | {opset} | `{label}` | {shipped.disk / 1024:.1f} KB | {before / shipped.disk:.1f}x | "
-              f"{shipped.gzip / 1024:.1f} KB ({before / shipped.gzip:.1f}x) | {brotli} | {resident} | "
-              f"{100 * ref:.1f}% -> {100 * cand:.1f}% | {100 * agree:.1f}% | {seconds:.0f} |")
+                    rows.append(row(model, opset, label, file_bytes(source), shipped, o.accuracy_reference,
+                                    o.accuracy_candidate, o.top1_agreement, seconds))
+                    print(rows[-1], flush=True)
+    print("\n" + HEADER)
+    print("\n".join(rows))
+
+
+HEADER = ("| model | opset | recipe | size | ratio | gzip -9 | brotli -q 11 | resident | accuracy (float -> compressed) "
+          "| top-1 agreement | time s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(model, opset, label, before, shipped, ref, cand, agree, seconds) -> str:
+    brotli = f"{shipped.brotli / 1024:.1f} KB ({before / shipped.brotli:.1f}x)" if shipped.brotli else "-"
+    resident = f"{shipped.resident / 1024:.0f} KB" if shipped.resident is not None else "-"
+    return (f"| {model} | {opset} | `{label}` | {shipped.disk / 1024:.1f} KB | {before / shipped.disk:.1f}x | "
+            f"{shipped.gzip / 1024:.1f} KB ({before / shipped.gzip:.1f}x) | {brotli} | {resident} | "
+            f"{100 * ref:.1f}% -> {100 * cand:.1f}% | {100 * agree:.1f}% | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
