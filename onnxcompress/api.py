@@ -17,6 +17,7 @@ from .outputs import OutputPlan, Role
 from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
 from .search import run_with_backoff
+from .shipped import ORT_FORMAT_NOTE, shipped_of_staged
 from .weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     report.input_bytes = file_bytes(source)
     report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
     _note_if_not_smaller(report)
+    report.shipped = shipped_of_staged(plan, output)
+    if report.form == "portable" and any(r.pass_name == "share" for r in report.weights):
+        report.notes.append(ORT_FORMAT_NOTE)
     return report
 
 
@@ -132,7 +136,7 @@ def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, sh
 
 
 def unpack(model: ModelLike) -> onnx.ModelProto:
-    """The portable form of a packed model: codes + Cast + Gather(codebook) per packed weight."""
+    """The portable form of a packed model: bit-packed codes + unpacking ops + Gather(codebook) per packed weight."""
     from .ops.graph import unpack as unpack_model
 
     return unpack_model(_as_model(model))

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("unpack", help="turn a packed model into a portable one (standard ONNX ops only)",
                        description="Decode every packed weight of PACKED and write the portable codebook form "
-                                   "(uint codes + Cast + Gather) that stock onnxruntime runs.")
+                                   "(bit-packed codes, integer ops, Gather) that stock onnxruntime runs.")
     p.add_argument("model", help="the packed model")
     p.add_argument("-o", "--output", required=True, help="where to write the portable model")
 

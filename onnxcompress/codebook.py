@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .codechain import PACK_MIN_OPSET, code_bytes, codes_nodes
 from .graphs import NameScope, mark
 
-UINT4_MIN_OPSET = 21
 _STEP = "sw"  # base of the decode chains' intermediate tensor names ("sw", "sw_1", ...)
 
 
@@ -60,10 +60,10 @@ class SharedWeight:
             weight = flat.reshape(self.shape)
         return weight.astype(self.dtype)
 
-    def payload_bytes(self) -> int:
-        """Bytes of tensor data in the portable form (codes at their storage width)."""
-        code_bytes = self.codes.size if self.bits > 4 else (self.codes.size + 1) // 2
-        total = code_bytes + self.codebook.size * 4
+    def payload_bytes(self, opset: int = PACK_MIN_OPSET) -> int:
+        """Bytes of tensor data in the portable form written at `opset` (codes bit-packed, dense or
+        sparse, see :mod:`onnxcompress.codechain`)."""
+        total = code_bytes(self.codes, self.bits, opset) + self.codebook.size * 4
         for extra in (self.group_offsets, self.scale, self.outlier_value):
             total += 0 if extra is None else extra.nbytes
         if self.outlier_index is not None:  # flat indices, int32 where they fit
@@ -76,26 +76,10 @@ def _index_dtype(weight: SharedWeight) -> type:
     return np.int32 if int(np.prod(weight.shape, dtype=np.int64)) < 2**31 else np.int64
 
 
-def code_tensor(name: str, codes: np.ndarray, bits: int, opset: int) -> onnx.TensorProto:
-    """Codes as the narrowest standard integer tensor: uint4 (opset >= 21), uint8 or uint16.
-
-    uint4 data is written packed, two codes a byte, low nibble first, as ONNX specifies.
-    """
-    if bits <= 4 and opset >= UINT4_MIN_OPSET:
-        flat = codes.astype(np.uint8).reshape(-1)
-        if flat.size % 2:
-            flat = np.append(flat, np.uint8(0))
-        packed = (flat[0::2] & 0x0F) | (flat[1::2] << 4)
-        tensor = TensorProto(name=name, data_type=TensorProto.UINT4, dims=list(codes.shape))
-        tensor.raw_data = packed.astype(np.uint8).tobytes()
-        return tensor
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    return numpy_helper.from_array(codes.astype(dtype), name)
-
-
 def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name: str
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Standard ONNX computing the weight under its own name: Cast -> [Add offsets] -> Gather -> [Mul] ->
+    """Standard ONNX computing the weight under its own name: codes unpacked (bit-packed, dense or
+    sparse: :func:`onnxcompress.codechain.codes_nodes`) -> [Add offsets] -> Gather -> [Mul] ->
     [Reshape -> ScatterElements -> Reshape].
 
     Every input is constant, so onnxruntime folds the whole chain into a dense tensor at load.
@@ -105,12 +89,9 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
     other nodes carry no names or metadata, their outputs short opaque names.
     """
     base = weight.name
-    codes_name = scope.fresh(f"{base}__codes")
+    nodes, inits, index = codes_nodes(weight.codes, weight.bits, opset, scope, base)
     book_name = scope.fresh(f"{base}__codebook")
-    inits = [code_tensor(codes_name, weight.codes, weight.bits, opset),
-             numpy_helper.from_array(weight.codebook.astype(np.float32), book_name)]
-    index = scope.fresh(_STEP)
-    nodes = [helper.make_node("Cast", [codes_name], [index], to=TensorProto.INT32)]
+    inits.append(numpy_helper.from_array(weight.codebook.astype(np.float32), book_name))
     if weight.group_offsets is not None:
         offsets_name = scope.fresh(f"{base}__group_offsets")
         inits.append(numpy_helper.from_array(

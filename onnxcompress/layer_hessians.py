@@ -18,7 +18,8 @@ import onnx
 
 from .bias_error import BiasLink, absorbing_target, mean_solutions
 from .capture import capture, collect_layer_inputs, linear_layer
-from .codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
+from .codebook import SharedWeight, portable_nodes
+from .codechain import UINT4_MIN_OPSET
 from .data import Dataset
 from .errors import ModelError
 from .granular import Candidate, Choice, LayerHessians, Option, choose, from_matrix, options_for, to_matrix

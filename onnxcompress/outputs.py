@@ -106,6 +106,10 @@ class OutputPlan:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
 
+    def staged(self, final: str | os.PathLike) -> Path | None:
+        """The temporary file that becomes `final` at :meth:`commit`, if one was written."""
+        return self._staged.get(Path(final))
+
     def staged_bytes(self, *finals: str | os.PathLike) -> int:
         """Bytes written so far for these outputs (those staged)."""
         return sum(self._staged[Path(f)].stat().st_size for f in finals if Path(f) in self._staged)

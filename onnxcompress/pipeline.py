@@ -190,6 +190,7 @@ class Report:
     output_bytes: int | None = None
     form: str = "portable"
     layer_errors: list[LayerError] = field(default_factory=list)  # per quantized tensor, worst first
+    shipped: Any = None  # the output file's shipped.ShippedSize (disk, gzip, brotli, resident), when written
 
     @property
     def ratio(self) -> float | None:
@@ -199,6 +200,7 @@ class Report:
         return {
             "recipe": self.recipe, "form": self.form, "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes, "ratio": self.ratio,
+            "shipped": self.shipped.as_dict() if self.shipped is not None else None,
             "passes": [{"name": p.name, "seconds": p.seconds, "modified": p.modified, "summary": p.summary,
                         "validation": p.validation.as_dict() if p.validation else None} for p in self.passes],
             "weights": [dataclasses.asdict(w) for w in self.weights],

@@ -61,6 +61,8 @@ def report_text(report: Report) -> str:
     if report.input_bytes and report.output_bytes:
         lines.append(f"{report.recipe} ({report.form}): {human_bytes(report.input_bytes)} -> "
                      f"{human_bytes(report.output_bytes)}, {report.ratio:.2f}x smaller")
+    if report.shipped is not None:
+        lines.append(shipped_text(report.shipped, report.input_bytes))
     lines.append("passes: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes))
     if report.validation is not None:
         lines.append(comparison_text(report.validation))
@@ -68,6 +70,19 @@ def report_text(report: Report) -> str:
         lines.append(layer_errors_text(report.layer_errors))
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def shipped_text(shipped, original_bytes: int | None) -> str:
+    """One line: the output's bytes on disk, gzip -9, brotli -q 11, and float bytes resident once loaded."""
+    def size(n: int | None) -> str:
+        if n is None:
+            return "not measured (over 1 GiB)"
+        ratio = f" ({original_bytes / n:.1f}x)" if n and original_bytes else ""
+        return human_bytes(n) + ratio
+    brotli = size(shipped.brotli) if shipped.brotli is not None else "n/a (pip install brotli)"
+    resident = human_bytes(shipped.resident) if shipped.resident is not None else "not measured"
+    return (f"shipped: {size(shipped.disk)} on disk, {size(shipped.gzip)} gzip -9, {brotli} brotli -q 11; "
+            f"{resident} of float weights resident in onnxruntime")
 
 
 def layer_errors_text(errors, limit: int = 12) -> str:

@@ -1,8 +1,9 @@
 """Weight sharing (Deep Compression stage 2): per-weight k-means codebooks.
 
 Each float weight above the size threshold becomes k = 2**bits centroids and one small code
-per entry, written in portable ONNX as codes (uint4 or uint8) -> Cast -> Gather(codebook),
-which onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
+per entry, written in portable ONNX as bit-packed codes (dense, or relative indices + kept codes
+when smaller: onnxcompress.codechain) -> integer unpacking ops -> Gather(codebook), which
+onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
 prune pass) stay exactly zero: they get the reserved code of centroid 0.0. A weight whose portable
 form would not be smaller than its float initializer stays float.
 
@@ -25,7 +26,8 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.codebook import UINT4_MIN_OPSET, SharedWeight, portable_nodes
+from onnxcompress.codebook import SharedWeight, portable_nodes
+from onnxcompress.codechain import MAX_BITS, PACK_MIN_OPSET
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.layer_hessians import bias_links, float_size, layer_hessians, share_weight
 from onnxcompress.graphs import NameScope
@@ -113,7 +115,7 @@ class SharePass(Pass):
         if refining:  # each layer's inputs are captured after the layers before it are shared
             candidates = in_layer_order(ctx.model, candidates)
         before = after = 0
-        wanted_uint4 = []
+        unpacked = []
         hessians = layer_hessians(ctx.model, ctx.data, candidates)
         total = sum(info.numel for info in candidates)
         bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
@@ -153,8 +155,8 @@ class SharePass(Pass):
             if _stays_float(info, choice.chosen):
                 self._keep(ctx, info, choice, absorbed_from)
                 continue
-            if bits <= 4 and opset < UINT4_MIN_OPSET:
-                wanted_uint4.append(info.name)
+            if bits < MAX_BITS and opset < PACK_MIN_OPSET:
+                unpacked.append(info.name)
             if refining and choice.target is None:
                 shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
                                                 reassign_rounds=cfg.reassign_rounds)
@@ -168,16 +170,17 @@ class SharePass(Pass):
             nodes, inits = portable_nodes(shared, scope, opset, self.name)
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
-            before, after = before + info.nbytes, after + shared.payload_bytes()
+            before, after = before + info.nbytes, after + shared.payload_bytes(opset)
             details = {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value,
                        **choice.details()}
             if choice.target is not None:
                 details["cancels_coding_error_of"] = absorbed_from[info.name]
             ctx.record(info.name, self.name, f"shared {bits} bits, {choice.chosen.option.label}", info.nbytes,
-                       shared.payload_bytes(), details)
-        if wanted_uint4:
-            ctx.note(f"share: {len(wanted_uint4)} weights use <= 4 bits but the model's opset {opset} is below "
-                     f"{UINT4_MIN_OPSET}, so their codes are stored as uint8 (the opset was left unchanged)")
+                       shared.payload_bytes(opset), details)
+        if unpacked:
+            ctx.note(f"share: {len(unpacked)} weights use fewer than 8 bits but the model's opset {opset} is below "
+                     f"{PACK_MIN_OPSET}, so their codes are stored one a byte, not bit-packed (the opset was left "
+                     "unchanged)")
         log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
         return PassResult(bool(ctx.shared) or bool(folded), {"weights": len(ctx.shared), "bytes_before": before,
                                                              "bytes_after": after, "folded_batch_norms": folded})

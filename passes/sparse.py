@@ -1,11 +1,11 @@
 """Sparse storage of pruned weights (Deep Compression §2).
 
-portable form: per weight, the smaller (measured serialized bytes) of
-  - dense storage (shared weights: uint4/uint8 codes with the pruned entries at their code;
-    unshared pruned weights: the float tensor with its zeros), and
-  - an ONNX sparse tensor (int64 flat indices + the nonzero values) held by a standard
-    ``Constant(sparse_value=...)`` node, which onnx's checker and onnxruntime both accept
-    (a graph ``sparse_initializer`` fails onnx shape inference in front of standard ops).
+portable form: shared weights are already written by the share pass as bit-packed codes, dense or
+as relative indices + the kept codes (whichever is smaller, :mod:`onnxcompress.codechain`); this
+pass only records which. Unshared pruned weights: the smaller (measured serialized bytes) of the
+float tensor with its zeros and an ONNX sparse tensor (int64 flat indices + the nonzero values)
+held by a standard ``Constant(sparse_value=...)`` node, which onnx's checker and onnxruntime both
+accept (a graph ``sparse_initializer`` fails onnx shape inference in front of standard ops).
 packed form: shared weights are marked for CSR with relative indices of ``index_bits`` bits and
 filler zeros (codecs.relidx) when that is smaller than dense codes once entropy coded (measured
 here with the coders of ``measure_with``); the entropy pass writes them. Unshared pruned weights
@@ -20,10 +20,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.codebook import SharedWeight, code_tensor, portable_nodes
+from onnxcompress.codebook import SharedWeight
+from onnxcompress.codechain import code_bytes, dense_code_bytes
 from onnxcompress.codecs import METHODS
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graphs import NameScope, mark
+from onnxcompress.graphs import mark
 from onnxcompress.model import opset_of
 from onnxcompress.ops.graph import replace_constant_subgraph
 from onnxcompress.packed import Layout, choose_layout
@@ -67,21 +68,6 @@ def sparse_constant(name: str, dense: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], sparse_value=tensor)
 
 
-def sparse_codes_nodes(shared: SharedWeight, scope: NameScope, opset: int, pass_name: str
-                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], int, int]:
-    """The portable codebook subgraph of `shared`, with its codes as a sparse Constant when
-    that is smaller. Returns (nodes, initializers, dense code bytes, sparse code bytes)."""
-    nodes, inits = portable_nodes(shared, scope, opset, pass_name)
-    codes_name = nodes[0].input[0]  # portable_nodes starts with Cast(codes)
-    codes = next(t for t in inits if t.name == codes_name)
-    sparse = sparse_constant(codes_name, shared.codes.astype(np.uint8 if shared.bits <= 8 else np.uint16))
-    dense_bytes, sparse_bytes = codes.ByteSize(), sparse.ByteSize()
-    if sparse_bytes < dense_bytes:
-        inits = [t for t in inits if t.name != codes_name]
-        nodes = [mark(sparse, pass_name)] + nodes
-    return nodes, inits, dense_bytes, sparse_bytes
-
-
 class SparsePass(Pass):
     name = "sparse"
     Config = SparseConfig
@@ -98,10 +84,9 @@ class SparsePass(Pass):
         cfg: SparseConfig = self.config
         ctx.layouts.clear()
         opset = opset_of(ctx.model)
-        scope = NameScope(ctx.model)
         infos = {w.name: w for w in ctx.weights(0)}
         roles = {w.name: w.role for w in find_weights(ctx.original, min_elements=0)}  # roles survive rewrites
-        modified, counts = False, {"csr": 0, "dense": 0, "sparse_constant": 0}
+        modified, counts = False, {"csr": 0, "dense": 0, "relative_indices": 0, "sparse_constant": 0}
         names = []
         for name, shared in ctx.shared.items():
             if self._has_zero(shared):
@@ -119,17 +104,13 @@ class SparsePass(Pass):
                                                                       if layout.kind == "csr" else ""),
                            details={"measured_bytes": layout.sizes,
                                     "nonzero": float(np.mean(ctx.shared[name].codes != 0))})
-        for name in names if ctx.form != "packed" else []:  # portable: a sparse Constant where smaller
-            shared = ctx.shared[name]
-            nodes, inits, dense, sparse = sparse_codes_nodes(shared, scope, opset, self.name)
-            if sparse < dense:
-                replace_constant_subgraph(ctx.model, name, nodes, inits)
-                modified = True
-                counts["sparse_constant"] += 1
-            else:
-                counts["dense"] += 1
-            ctx.record(name, self.name, "sparse codes" if sparse < dense else "dense codes (smaller)", dense,
-                       min(dense, sparse), {"dense_bytes": dense, "sparse_bytes": sparse})
+        for name in names if ctx.form != "packed" else []:  # portable: written by share already
+            codes, bits = ctx.shared[name].codes, ctx.shared[name].bits
+            dense, sparse = dense_code_bytes(codes.size, bits, opset), code_bytes(codes, bits, opset)
+            counts["relative_indices" if sparse < dense else "dense"] += 1
+            ctx.record(name, self.name, "relative indices + kept codes (written by share)" if sparse < dense
+                       else "dense packed codes (smaller; written by share)", dense, sparse,
+                       {"dense_bytes": dense, "sparse_bytes": sparse})
         for name, mask in ctx.masks.items():
             info = infos.get(name)
             if name in ctx.shared or info is None or info.location not in ("initializer", "constant"):

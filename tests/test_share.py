@@ -1,4 +1,5 @@
-"""The share pass: k-means codebooks rewritten as codes -> Cast -> Gather, folded by onnxruntime."""
+"""The share pass: k-means codebooks rewritten as bit-packed codes -> unpacking ops -> Gather, folded by
+onnxruntime."""
 import os
 
 import numpy as np
@@ -26,7 +27,12 @@ def test_share_rewrites_and_matches_decoded_weights_exactly(build):
     model = build()
     assert any(w.name == "W" and w.skip is None for w in find_weights(model))  # precondition
     ctx = run_share(model, bits_conv=4, bits_fc=3, bits_other=4, min_elements=64)
-    assert op_types(ctx.model)[:2] == ["Cast", "Gather"]
+    ops = op_types(ctx.model)
+    assert ops[0] == "Cast" and ops[-1] in ("Gemm", "Conv") and "Gather" in ops
+    assert set(ops[:-1]) <= {"Cast", "Gather", "Div", "Mul", "Add", "Mod", "Reshape", "Slice"}
+    codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
+    size = ctx.shared["W"].codes.size  # 3-bit codes: 8 in 3 bytes; 4-bit: 2 a byte
+    assert len(codes.raw_data) == (3 * -(-size // 8) if ops[-1] == "Gemm" else -(-size // 2))
     assert not any(t.name == "W" for t in ctx.model.graph.initializer)
     assert ctx.shared["W"].codebook.size <= 16
     assert_valid_and_close(decoded_reference(ctx), ctx.model, random_feeds(model), atol=1e-5)
@@ -34,16 +40,24 @@ def test_share_rewrites_and_matches_decoded_weights_exactly(build):
     assert record.bytes_after < record.bytes_before
 
 
-def test_uint4_codes_at_opset_21_and_uint8_below_with_a_note():
+@pytest.mark.parametrize("opset", [11, 13, 17, 19])
+def test_4bit_codes_packed_two_a_byte_below_opset_21(opset):
+    ctx = run_share(gemm(k=128, n=64, opset=opset), bits_fc=4)
+    codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
+    assert codes.data_type == TensorProto.UINT8 and len(codes.raw_data) == 128 * 64 // 2
+    assert ctx.model.opset_import[0].version == opset and not ctx.notes
+    assert {"Div", "Mod"} <= set(op_types(ctx.model))
+
+
+def test_uint4_codes_at_opset_21_and_one_a_byte_below_opset_11_with_a_note():
     model = gemm(k=128, n=64)
     codes = next(t for t in run_share(model, bits_fc=4).model.graph.initializer if t.name.startswith("W__codes"))
     assert codes.data_type == TensorProto.UINT4 and len(codes.raw_data) == 128 * 64 // 2
-    old = gemm(k=128, n=64, opset=19)
-    ctx = run_share(old, bits_fc=4)
+    ctx = run_share(gemm(k=128, n=64, opset=10), bits_fc=4)
     codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
-    assert codes.data_type == TensorProto.UINT8
-    assert ctx.model.opset_import[0].version == 19
-    assert any("opset 19" in n for n in ctx.notes)
+    assert codes.data_type == TensorProto.UINT8 and len(codes.raw_data) == 128 * 64
+    assert ctx.model.opset_import[0].version == 10
+    assert any("opset 10" in n for n in ctx.notes)
 
 
 def test_weights_inside_if_branches_are_shared():

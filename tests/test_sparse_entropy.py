@@ -67,20 +67,22 @@ def test_sparse_requires_pruned_weights():
 
 
 @pytest.mark.parametrize("which", sorted(BUILDERS))
-def test_sparse_portable_stores_very_sparse_codes_as_sparse_constant(which):
+def test_share_writes_very_sparse_codes_as_relative_indices_and_sparse_records_it(which):
     ctx = context(BUILDERS[which](), keep=0.02)
+    assert {"CumSum", "ScatterElements"} <= set(tiny.op_types(ctx.model))
+    record = next(r for r in ctx.records if r.pass_name == "share")
+    shared = ctx.shared[record.name]
+    assert record.bytes_after < shared.codes.size * 5 // 8 + shared.codebook.nbytes  # below dense 5-bit codes
     before = snapshot(ctx)
-    feeds = tiny.random_feeds(ctx.original)
     result = run_pass(SparsePass(), ctx)
-    assert result.modified and result.summary["sparse_constant"] == 1
-    constants = [n for n in ctx.model.graph.node if n.op_type == "Constant"]
-    assert len(constants) == 1 and constants[0].attribute[0].name == "sparse_value"
-    assert ctx.model.ByteSize() < before.ByteSize()
-    tiny.assert_valid_and_close(before, ctx.model, feeds, atol=0.0)
+    assert not result.modified and result.summary["relative_indices"] == 1
+    assert ctx.model.SerializeToString() == before.SerializeToString()
+    tiny.assert_valid_and_close(tiny.decoded_reference(ctx), ctx.model, tiny.random_feeds(ctx.original), atol=1e-6)
 
 
-def test_sparse_portable_keeps_dense_codes_when_smaller():
-    ctx = context(tiny.gemm(k=256, n=64), keep=0.5, bits_fc=4)  # uint4 codes: 0.5 B an entry vs 9 B a nonzero
+def test_share_keeps_dense_codes_when_smaller():
+    ctx = context(tiny.gemm(k=256, n=64), keep=0.9, bits_fc=4)  # 1-bit gaps + 4-bit codes on 90%: > 4 bits an entry
+    assert not {"CumSum", "ScatterElements"} & set(tiny.op_types(ctx.model))
     before = snapshot(ctx)
     result = run_pass(SparsePass(), ctx)
     assert not result.modified and result.summary["dense"] == 1

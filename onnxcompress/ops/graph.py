@@ -158,8 +158,8 @@ def to_dense(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def unpack(model: onnx.ModelProto, *, pass_name: str = "unpack") -> onnx.ModelProto:
-    """The portable form of a packed model: each weight as uint codes + Cast + Gather(codebook)
-    (standard ONNX, small on disk), exactly the SharedWeight the blob stores.
+    """The portable form of a packed model: each weight as bit-packed codes + unpacking ops +
+    Gather(codebook) (standard ONNX, small on disk), exactly the SharedWeight the blob stores.
 
     ModelError unless the result is a model onnx and onnxruntime accept: every DecodeWeight reads a
     constant blob, each blob's shape agrees with what the model declares for its output, no op of our

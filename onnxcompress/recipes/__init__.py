@@ -23,7 +23,7 @@ from ..pipeline import Pass
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
     "share": [("share", {})],
-    # 4-bit codebooks everywhere (uint4 codes, ~8x), granularity chosen per layer by measured
+    # 4-bit codebooks everywhere (codes two a byte at any opset, ~8x), granularity chosen per layer by measured
     # output error (per-tensor, per-channel scales, per-group, outliers; GPTQ codes with --data)
     "share-4bit": [("share", {"bits_conv": 4, "bits_fc": 4, "bits_other": 4, "min_elements": 0,
                               "granularity": "auto"})],
@@ -48,8 +48,10 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "deep-compression-fixed": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
     # magnitude pruning alone (refit on the calibration data when given)
     "prune": [("prune", {})],
-    # the portable half of Deep Compression: prune, then share with the zeros kept exact
-    "deep-compression-portable": [("prune", {}), ("share", {})],
+    # Deep Compression in standard ONNX: the same search, pricing the portable form (bit-packed codes,
+    # relative indices where smaller), then prune and share; without data the paper's per-role settings
+    "deep-compression-portable": [("bitwidth", {"max_drop": 1.0, "without_data": "skip", "form": "portable"}),
+                                  ("prune", {}), ("share", {"granularity": "tensor"})],
     # per-layer bits and sparsity searched to a budget (--max-drop, --min-sqnr or --target-ratio),
     # then Deep Compression with those settings
     "auto": [("bitwidth", {}), ("prune", {}), ("share", {"granularity": "tensor"}), ("sparse", {}), ("entropy", {})],
@@ -65,7 +67,8 @@ DESCRIPTIONS = {
                         "sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
     "deep-compression-fixed": "deep-compression with the paper's fixed per-role sparsity and bits (no search), packed",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
-    "deep-compression-portable": "prune then share (Deep Compression stages 1-2), standard ONNX ops only",
+    "deep-compression-portable": "deep-compression's search (--data) then prune + share, in standard ONNX ops only: "
+                                 "bit-packed codes, relative indices, folded by onnxruntime at load",
     "auto": "bits and sparsity per layer searched to --max-drop/--min-sqnr/--target-ratio, then deep-compression",
 }
 
