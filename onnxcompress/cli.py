@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "counts every changed decision instead)")
     budget.add_argument("--min-sqnr", type=float, metavar="DB", help="smallest output SQNR in dB")
     budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
-    budget.add_argument("--metric", metavar="MODULE:FUNCTION",
-                        help="your metric f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
+    budget.add_argument("--metric", metavar="KIND|MODULE:FUNCTION",
+                        help="what agreement means: top1, probability[:T], embedding, sequence, ctc[:BLANK] or "
+                             "regression[:TOL], optionally @OUTPUT[+OUTPUT] (default: detected per output), or your "
+                             "function f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
     _add_data_options(p)
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--data", help="data to compare on (default: random inputs from the model's shapes)")
     p.add_argument("--latency", action="store_true", help="also time both models (median, same process)")
+    p.add_argument("--metric", metavar="KIND", help="what agreement means: top1, probability[:T], embedding, sequence, "
+                                                    "ctc[:BLANK], regression[:TOL] [@OUTPUT] (default: detected)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_data_options(p)
 
@@ -185,7 +189,7 @@ def _validate(args) -> int:
     from .report import comparison_text
 
     comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
-                          latency=args.latency)
+                          latency=args.latency, metric=args.metric)
     print(_dump(comparison.as_dict()) if args.json else comparison_text(comparison))
     return 0
 

@@ -24,6 +24,7 @@ from .data import Dataset
 from .errors import OnnxCompressError, PassError, RecipeError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
+from .tasks import TaskMetric
 from .runtime import foreign_domains
 from .packed import Layout, PackedWeight
 from .weights import WeightInfo, find_weights
@@ -208,11 +209,12 @@ class PassManager:
     """
 
     def __init__(self, passes: list[Pass], *, recipe: str = "custom", validate: str = "end",
-                 form: str = "portable", jobs: int = 1, progress: bool = True):
+                 form: str = "portable", jobs: int = 1, progress: bool = True, task: TaskMetric | None = None):
         if validate not in ("end", "each", "none"):
             raise ValueError(f"validate must be 'end', 'each' or 'none', not {validate!r}")
         self.passes, self.recipe, self.validate = passes, recipe, validate
         self.form, self.jobs, self.progress = form, jobs, progress
+        self.task = task  # the task kind the user chose for the validation (None: detected per output)
 
     def run(self, model: onnx.ModelProto, data: Dataset | None = None, eval_data: Dataset | None = None,
             plan: dict[str, dict[str, Any]] | None = None) -> tuple[onnx.ModelProto, Report]:
@@ -257,6 +259,6 @@ class PassManager:
 
     def _validate(self, ctx: Context, data: Dataset, where: str, done: list[str]) -> Comparison:
         try:
-            return compare_models(ctx.original, ctx.model, data)
+            return compare_models(ctx.original, ctx.model, data, task=self.task)
         except OnnxCompressError as e:
             raise PassError(where, list(done), e) from e
