@@ -55,9 +55,9 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     task = parse_metric(budget["metric"]) if budget and is_builtin(budget.get("metric")) else None
     searches = any(p == "bitwidth" for p, _ in recipe.steps)
     if budget and (searches or set(budget) != {"metric"} or task is None):
-        # the given budget replaces the recipe's own (the search takes exactly one)
-        recipe = recipe.with_options("bitwidth", **{"max_drop": None, "min_sqnr": None, "target_ratio": None,
-                                                    **budget})
+        # the given budget replaces the recipe's own (the search takes exactly one); a metric alone keeps it
+        reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
+        recipe = recipe.with_options("bitwidth", **{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
