@@ -132,11 +132,19 @@ def run_one(name: str, label: str) -> dict:
 
 
 def _cell(name: str, label: str, timeout: float) -> dict:
+    import os
+    import signal
+
     cmd = [sys.executable, __file__, "--one", name, label]
+    # its own process group, so that a timeout also ends the workers the compression started
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": name, "recipe": label, "error": f"did not finish in {timeout:.0f} s"}
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return {"model": name, "recipe": label, "error": f"did not finish in {timeout:.0f} s (wall, shared machine)"}
+    done = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])

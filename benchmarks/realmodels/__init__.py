@@ -63,7 +63,7 @@ def split(module, which: str, n: int | None = None) -> tuple[list[dict], list]:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"feed/{i:05d}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()}
     flat.update({f"item/{i:05d}/{k}": v for i, f in enumerate(items) for k, v in f.items()})
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, **flat)
     tmp.replace(path)
     return feeds, items
