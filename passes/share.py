@@ -289,8 +289,9 @@ class SharePass(Pass):
         if info.name in self.config.exclude:
             log.debug("share: %s skipped: excluded by the recipe", info.name)
             return False
-        if not np.all(np.isfinite(get_array(ctx.model, info))):  # an attention mask's -inf, say: no codebook holds it
-            ctx.record(info.name, self.name, "left as it is: holds Inf or NaN (a mask constant, say)")
+        if info.role is Role.OTHER and not np.all(np.isfinite(array := get_array(ctx.model, info))) \
+                and not np.any(np.isnan(array)):  # an attention mask's -inf: no codebook holds it
+            ctx.record(info.name, self.name, "left as it is: holds Inf (a mask constant, say)")
             return False
         return True
 
