@@ -18,6 +18,7 @@ from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
 from .search import run_with_backoff
 from .shipped import ORT_FORMAT_NOTE, shipped_of_staged
+from .tasks import is_builtin, parse_metric
 from .weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,18 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     """
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if budget:  # the given budget replaces the recipe's own (the search takes exactly one)
-        recipe = recipe.with_options("bitwidth", **{"max_drop": None, "min_sqnr": None, "target_ratio": None,
-                                                    **budget})
+    task = parse_metric(budget["metric"]) if budget and is_builtin(budget.get("metric")) else None
+    searches = any(p == "bitwidth" for p, _ in recipe.steps)
+    if budget and (searches or set(budget) != {"metric"} or task is None):
+        # the given budget replaces the recipe's own (the search takes exactly one); a metric alone keeps it
+        reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
+        recipe = recipe.with_options("bitwidth", **{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
     passes = recipe.build()
     manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
-                          jobs=jobs, progress=progress, tolerance=tolerance)
+                          jobs=jobs, progress=progress, tolerance=tolerance, task=task)
     compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
@@ -123,12 +127,15 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
 
 
 def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, shapes: dict | None = None,
-             latency: bool = False, tolerance: tuple[float, float] | None = None) -> Comparison:
+             latency: bool = False, tolerance: tuple[float, float] | None = None,
+             metric: str | None = None) -> Comparison:
     """Compare two models' outputs on the same data (synthesized from shapes when none is given);
-    tolerance (atol, rtol): also count the values outside it."""
+    tolerance (atol, rtol): also count the values outside it; `metric` names the task kind (e.g.
+    'probability:0.5', see tasks.py), else each output's is detected."""
     ref, cand = _as_model(reference), _as_model(candidate)
+    task = parse_metric(metric) if metric else None
     comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes), latency=latency,
-                                tolerance=tolerance)
+                                tolerance=tolerance, task=task)
     for which, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, onnx.ModelProto):
             setattr(comparison, f"{which}_bytes", file_bytes(model))

@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "counts every changed decision instead)")
     budget.add_argument("--min-sqnr", type=float, metavar="DB", help="smallest output SQNR in dB")
     budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
-    budget.add_argument("--metric", metavar="MODULE:FUNCTION",
-                        help="your metric f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
+    budget.add_argument("--metric", metavar="KIND|MODULE:FUNCTION",
+                        help="what agreement means: top1, probability[:T], embedding, sequence, ctc[:BLANK] or "
+                             "regression[:TOL], optionally @OUTPUT[+OUTPUT] (default: detected per output), or your "
+                             "function f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
     gate = p.add_argument_group("gate: fail (exit 1, nothing written) when the validated result misses a threshold; "
                                 "the same checks as validate's --min-agreement, --max-drop, --min-sqnr, --atol, "
                                 "--rtol, named --gate-* here because --max-drop/--min-sqnr set the search budget")
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--data", help="data to compare on (default: random inputs from the model's shapes)")
     p.add_argument("--latency", action="store_true", help="also time both models (median, same process)")
+    p.add_argument("--metric", metavar="KIND", help="what agreement means: top1, probability[:T], embedding, sequence, "
+                                                    "ctc[:BLANK], regression[:TOL] [@OUTPUT] (default: detected)")
     p.add_argument("--json", action="store_true", help="print JSON (with the gate's verdict)")
     _add_gate_options(p.add_argument_group("gate: exit 1 with one line naming the output and the figure when a "
                                            "threshold is missed"), prefix="")
@@ -280,7 +284,7 @@ def _validate(args) -> int:
 
     gate, flags = _gate(args, "")
     comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
-                          latency=args.latency, tolerance=gate.tolerance)
+                          latency=args.latency, tolerance=gate.tolerance, metric=args.metric)
     verdict = gate.verdict(comparison, flags)
     if args.json:
         print(_dump(comparison.as_dict() | {"verdict": verdict.as_dict()}))

@@ -122,8 +122,28 @@ class Dataset:
                 stop = min(start + max_batch, len(self))
                 yield {k: v[start:stop] for k, v in self.stacked.items()}, stop - start
             return
+        if max_batch > 1 and self._uniform_singles(specs):
+            # one-sample feeds of equal shapes run as batches, as the same data stacked would
+            for start in range(0, len(self), max_batch):
+                group = self._feeds[start:start + max_batch]
+                yield {k: np.concatenate([f[k] for f in group]) for k in group[0]}, len(group)
+            return
         for i in range(len(self)):
             yield self.feed(i, specs), 1
+
+    def _uniform_singles(self, specs: Sequence[InputSpec]) -> bool:
+        """In-memory feeds that all hold one sample (batch axis 1, dynamic in the model) of the same shapes."""
+        if not isinstance(self._feeds, list) or len(self._feeds) < 2:
+            return False
+        first = self._feeds[0]
+        for name, value in first.items():
+            spec = _spec(specs, name)
+            if spec is None or spec.shape is None or not spec.batch_dynamic or np.ndim(value) != len(spec.shape) \
+                    or np.shape(value)[0] != 1:
+                return False
+        shapes = {k: np.shape(v) for k, v in first.items()}
+        return all(f.keys() == shapes.keys() and all(np.shape(f[k]) == s for k, s in shapes.items())
+                   for f in self._feeds)
 
     def _batchable(self, specs: Sequence[InputSpec]) -> bool:
         for name, array in self.stacked.items():

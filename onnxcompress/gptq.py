@@ -123,8 +123,32 @@ def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: 
     return codes, work
 
 
+def code_normal_equations(codes, coded, s, target, hessians: LayerHessians, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A = sum_j s_j^2 O_j^T H O_j and b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the
+    (K, k) indicator of row j's coded entries: with the columns of row j sorted by code, H O_j sums
+    H's columns per code and O_j^T (H O_j) its rows, so a row costs K^2 additions, not K^2 k."""
+    a, b = np.zeros((k, k)), np.zeros(k)
+    for g, h in enumerate(hessians.hessians):
+        rows = np.flatnonzero(hessians.group_of_channel == g)
+        if rows.size == 0:
+            continue
+        ht = (target[rows] * s[rows][:, None]) @ h  # row j: s_j (H t_j)^T
+        for i, j in enumerate(rows):
+            cols = np.flatnonzero(coded[j])
+            if cols.size == 0:
+                continue
+            row_codes = codes[j, cols]
+            b += np.bincount(row_codes, weights=ht[i, cols], minlength=k)
+            order = np.argsort(row_codes, kind="stable")
+            cols, row_codes = cols[order], row_codes[order]
+            present, starts = np.unique(row_codes, return_index=True)
+            per_code = np.add.reduceat(h[np.ix_(cols, cols)], starts, axis=1)  # (coded, present)
+            a[np.ix_(present, present)] += s[j] ** 2 * np.add.reduceat(per_code, starts, axis=0)
+    return a, b
+
+
 def refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: LayerHessians, keep_zero: bool,
-                         scale_dtype: str, rounds: int = 1, chunk: int = 128):
+                         scale_dtype: str, rounds: int = 1):
     """Codes fixed, centroids then scales by least squares on the layer output error.
 
     With W_hat = F + s_j sum_m c_m O_jm (O_jm the indicator of row j's coded entries with code m,
@@ -138,18 +162,7 @@ def refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: LayerHes
     target = w - fixed
     free = np.arange(1 if keep_zero else 0, k)
     for _ in range(rounds):
-        a, b = np.zeros((k, k)), np.zeros(k)
-        for g, h in enumerate(hessians.hessians):
-            for lo in range(0, w.shape[0], chunk):
-                rows = np.flatnonzero(hessians.group_of_channel == g)
-                rows = rows[lo:lo + chunk]
-                if rows.size == 0:
-                    break
-                # O_j for the chunk's rows as one (K, r k) matrix, so that H O_j is a single GEMM
-                onehot = ((codes[rows].T[..., None] == np.arange(k)) & coded[rows].T[..., None]).astype(np.float64)
-                weighted = (h @ onehot.reshape(h.shape[0], -1)).reshape(onehot.shape)  # (K, r, k)
-                a += (onehot * (s[rows] ** 2)[None, :, None]).reshape(-1, k).T @ weighted.reshape(-1, k)
-                b += weighted.reshape(-1, k).T @ (target[rows].T * s[rows][None, :]).reshape(-1)
+        a, b = code_normal_equations(codes, coded, s, target, hessians, k)
         sub = a[np.ix_(free, free)]
         sub = sub + 1e-9 * max(float(np.trace(sub)) / max(free.size, 1), 1e-30) * np.eye(free.size)
         try:

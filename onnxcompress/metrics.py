@@ -12,6 +12,7 @@ from .data import Dataset, model_inputs
 from .errors import ModelError
 from .numerics import sqnr_db
 from .runtime import make_session, median_latency, run
+from .tasks import OutputKind, TaskMetric, agreement, output_producers, resolve_kinds
 
 
 @dataclass
@@ -39,6 +40,9 @@ class OutputMetrics:
     accuracy_candidate: float | None = None
     expected_loss: float | None = None
     outside_tolerance: int | None = None  # values with |cand - ref| > atol + rtol |ref|, when a tolerance is given
+    task: str | None = None  # the kind it is measured by, e.g. "probability:0.5 (chosen)" (see tasks.py)
+    agreement: float | None = None  # the fraction of the task's answers that stayed the same
+    budgeted: bool = False  # whether a loss budget counts this output's agreement
 
 
 @dataclass
@@ -74,12 +78,18 @@ class Comparison:
 
     @property
     def expected_drop(self) -> float | None:
-        """Estimated percentage points of accuracy lost (the worst output's expected_loss), without labels."""
+        """Estimated percentage points of accuracy lost (the worst output's expected_loss), without labels;
+        None when a budgeted output is measured by another kind than top-1 (its agreement counts instead)."""
+        if any(o.budgeted and not (o.task or "").startswith("top1") for o in self.outputs):
+            return None
         values = [o.expected_loss for o in self.outputs if o.expected_loss is not None]
         return 100.0 * max(values) if values else None
 
     def worst_agreement(self) -> float | None:
-        values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        """The least task agreement over the budgeted outputs (top-1 agreement where no kind applies)."""
+        values = [o.agreement for o in self.outputs if o.budgeted and o.agreement is not None]
+        if not values:
+            values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         return min(values) if values else None
 
     def as_dict(self) -> dict:
@@ -123,11 +133,13 @@ def expected_loss(reference: list[np.ndarray], ref_top: np.ndarray, cand_top: np
 
 
 def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-                    labels: np.ndarray | None = None, tolerance: tuple[float, float] | None = None
-                    ) -> list[OutputMetrics]:
+                    labels: np.ndarray | None = None, tolerance: tuple[float, float] | None = None, *,
+                    kinds: dict[str, OutputKind] | None = None) -> list[OutputMetrics]:
     """Metrics per output over all chunks; chunks may differ in shape (never stacked).
     tolerance (atol, rtol): also count the values numpy.isclose(cand, ref, rtol, atol) refuses (NaN
-    matches NaN)."""
+    matches NaN). `kinds` (default: detected from the reference's values, see tasks.resolve_kinds)
+    says what agreement means per output."""
+    kinds = resolve_kinds(names, reference) if kinds is None else kinds
     results = []
     for k, name in enumerate(names):
         refs = [np.asarray(chunk[k]) for chunk in reference]
@@ -151,6 +163,9 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
                 truth = labels.ravel()
                 metric.accuracy_reference = float(np.mean(ref_top == truth))
                 metric.accuracy_candidate = float(np.mean(cand_top == truth))
+        if name in kinds:
+            metric.task, metric.budgeted = kinds[name].describe(), kinds[name].budgeted
+            metric.agreement = agreement(kinds[name], refs, cands)
         results.append(metric)
     return results
 
@@ -174,8 +189,9 @@ def _numeric(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset, *,
                    latency: bool = False, max_batch: int = 64, progress=None,
-                   tolerance: tuple[float, float] | None = None) -> Comparison:
-    """Run both models on the same feeds and compare every output (tolerance: see compare_outputs)."""
+                   tolerance: tuple[float, float] | None = None, task: TaskMetric | None = None) -> Comparison:
+    """Run both models on the same feeds and compare every output (tolerance: see compare_outputs);
+    `task` is the kind the user chose (default: each output's kind detected)."""
     specs = model_inputs(reference)
     data.check(specs)
     ref_session, cand_session = make_session(reference), make_session(candidate)
@@ -185,7 +201,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, data:
         raise ModelError(f"the models have different outputs: {sorted(names)} vs {sorted(cand_names)}")
     ref_out = run(ref_session, data, reference, max_batch=max_batch, output_names=names, progress=progress)
     cand_out = run(cand_session, data, candidate, max_batch=max_batch, output_names=names, progress=progress)
-    comparison = Comparison(compare_outputs(names, ref_out, cand_out, data.labels, tolerance), len(data),
+    kinds = resolve_kinds(names, ref_out, output_producers(reference), task)
+    comparison = Comparison(compare_outputs(names, ref_out, cand_out, data.labels, tolerance, kinds=kinds), len(data),
                             data.synthetic)
     if latency:
         feed = data.feed(0, specs)

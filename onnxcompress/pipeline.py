@@ -24,6 +24,7 @@ from .data import Dataset
 from .errors import BugError, OnnxCompressError, PassError, RecipeError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
+from .tasks import TaskMetric
 from .runtime import foreign_domains
 from .packed import Layout, PackedWeight
 from .parallel import Executor
@@ -219,12 +220,13 @@ class PassManager:
 
     def __init__(self, passes: list[Pass], *, recipe: str = "custom", validate: str = "end",
                  form: str = "portable", jobs: int = 1, progress: bool = True,
-                 tolerance: tuple[float, float] | None = None):
+                 tolerance: tuple[float, float] | None = None, task: TaskMetric | None = None):
         if validate not in ("end", "each", "none"):
             raise ValueError(f"validate must be 'end', 'each' or 'none', not {validate!r}")
         self.passes, self.recipe, self.validate = passes, recipe, validate
         self.form, self.jobs, self.progress = form, jobs, progress
         self.tolerance = tolerance  # (atol, rtol) the validation also counts values outside of (a gate's)
+        self.task = task  # the task kind the user chose for the validation (None: detected per output)
 
     def run(self, model: onnx.ModelProto, data: Dataset | None = None, eval_data: Dataset | None = None,
             plan: dict[str, dict[str, Any]] | None = None) -> tuple[onnx.ModelProto, Report]:
@@ -277,6 +279,6 @@ class PassManager:
 
     def _validate(self, ctx: Context, data: Dataset, where: str, done: list[str]) -> Comparison:
         try:
-            return compare_models(ctx.original, ctx.model, data, tolerance=self.tolerance)
+            return compare_models(ctx.original, ctx.model, data, tolerance=self.tolerance, task=self.task)
         except OnnxCompressError as e:
             raise PassError(where, list(done), e) from e

@@ -39,9 +39,16 @@ def comparison_text(comparison: Comparison) -> str:
         acc = (f"{100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
                if o.accuracy_reference is not None else
                f"est. -{100 * o.expected_loss:.2f} pts" if o.expected_loss is not None else "-")
-        agree = f"{100 * o.top1_agreement:.2f}%" if o.top1_agreement is not None else "-"
-        rows.append([o.name, _fmt(o.max_abs), _fmt(o.rel_l2), _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"), agree, acc])
-    lines = [table(["output", "max|diff|", "rel L2", "cosine", "SQNR dB", "top-1 agree", "accuracy"], rows)]
+        value = o.agreement if o.agreement is not None else o.top1_agreement
+        agree = f"{100 * value:.2f}%" + ("" if o.budgeted or o.agreement is None else " (not budgeted)") \
+            if value is not None else "-"
+        rows.append([o.name, _fmt(o.max_abs), _fmt(o.rel_l2), _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"),
+                     o.task or "-", agree, acc])
+    lines = [table(["output", "max|diff|", "rel L2", "cosine", "SQNR dB", "task", "agreement", "accuracy"], rows)]
+    if any(o.task for o in comparison.outputs):
+        lines.append("task: what agreement means per output (chosen with --metric KIND, else detected): top1 "
+                     "argmax, probability:T decision p >= T, embedding nearest neighbour, sequence whole argmax "
+                     "path, ctc greedy text, regression:TOL RMS error <= TOL x the output's RMS")
     where = "random synthesized inputs (weak evidence)" if comparison.synthetic_data else "the given data"
     lines.append(f"{comparison.samples} samples from {where}")
     if any(o.accuracy_reference is None and o.expected_loss is not None for o in comparison.outputs):

@@ -14,6 +14,7 @@ import onnx
 from .data import Dataset
 from .metrics import Comparison
 from .pipeline import Pass, PassManager, Report, WeightRecord
+from .tasks import is_builtin
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
@@ -23,12 +24,12 @@ def budget_check(config, comparison: Comparison | None, ratio: float) -> tuple[b
     """(met, measured) for the budget of a bit-width config: the ratio for a size budget, else the loss."""
     if config.target_ratio is not None:
         return ratio >= config.target_ratio, ratio
-    if comparison is None or config.metric:
+    if comparison is None or (config.metric and not is_builtin(config.metric)):
         return True, None
     if config.min_sqnr is not None:
         worst = min(o.sqnr_db for o in comparison.outputs)
         return worst >= config.min_sqnr, worst
-    drop = comparison.accuracy_drop
+    drop = None if config.metric else comparison.accuracy_drop  # a chosen kind: its agreement
     if drop is None and config.unlabelled == "expected":
         drop = comparison.expected_drop
     if drop is None:
@@ -44,9 +45,9 @@ def run_with_backoff(passes: list[Pass], manager: PassManager, model: onnx.Model
     if index is None or manager.validate == "none":
         return manager.run(model, data, eval_data)
     head = PassManager(passes[: index + 1], recipe=manager.recipe, validate="none", form=manager.form,
-                       jobs=manager.jobs, progress=manager.progress)
+                       jobs=manager.jobs, progress=manager.progress, task=manager.task)
     tail = PassManager(passes[index + 1:], recipe=manager.recipe, validate=manager.validate, form=manager.form,
-                       jobs=manager.jobs, progress=manager.progress)
+                       jobs=manager.jobs, progress=manager.progress, task=manager.task)
     searched, head_report = head.run(model, data, eval_data)
     summary = head_report.passes[index].summary
     config = passes[index].config

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -126,19 +126,24 @@ def shipped_size(path: str | Path, *, resident: bool = True) -> ShippedSize:
 
 
 def shipped_of_staged(plan, output: str | Path) -> ShippedSize | None:
-    """:func:`shipped_size` of an output still staged in an OutputPlan (not yet renamed into place):
-    its staged files are hard-linked under their final names into a temporary folder beside it,
-    so the model finds its external data where it will be. None when that cannot be done."""
+    """:func:`shipped_size` of an output still staged in an OutputPlan (not yet renamed into place).
+    Its staged files are copied under their final names into a private temporary folder (onnx refuses
+    external data with several hard links), so the model finds its external data where it will be;
+    above MEASURE_MAX_BYTES only the bytes on disk are given, without a copy. None when the copy fails."""
     from .model import output_roles
 
     output = Path(output)
+    staged = [(role.path.name, plan.staged(role.path)) for role in output_roles(output)]
+    staged = [(name, path) for name, path in staged if path is not None]
+    disk = sum(path.stat().st_size for _, path in staged)
+    if disk > MEASURE_MAX_BYTES:
+        log.info("gzip and resident sizes not measured: %d bytes is above %d", disk, MEASURE_MAX_BYTES)
+        return ShippedSize(disk=disk, gzip=None)
     try:
-        with tempfile.TemporaryDirectory(prefix=".onnxcompress-ship-", dir=output.parent) as folder:
-            for role in output_roles(output):
-                staged = plan.staged(role.path)
-                if staged is not None:
-                    os.link(staged, Path(folder) / role.path.name)
+        with tempfile.TemporaryDirectory(prefix="onnxcompress-ship-") as folder:
+            for name, path in staged:
+                shutil.copyfile(path, Path(folder) / name)
             return shipped_size(Path(folder) / output.name)
-    except OSError as e:  # a file system without hard links: the sizes are a report figure, not the job
+    except OSError as e:  # the sizes are a report figure, not the job
         log.info("shipped size not measured: %s", e)
         return None

@@ -34,6 +34,7 @@ from onnxcompress.data import Dataset, model_inputs
 from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.metrics import compare_outputs
 from onnxcompress.numerics import magnitude_mask
+from onnxcompress.tasks import is_builtin, output_producers, parse_metric, resolve_kinds
 from onnxcompress.packed import choose_layout, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
@@ -155,13 +156,19 @@ def _weights_as_inputs(model: onnx.ModelProto, weights: list[WeightInfo]) -> onn
     return copy
 
 
-def make_score(cfg: BitWidthConfig, labels_present: bool):
-    """The loss function: returns {"cost": additive loss for allocation, "check": budgeted quantity}."""
-    user = _load_metric(cfg.metric) if cfg.metric else None
+def make_score(cfg: BitWidthConfig, labels_present: bool, producers: dict[str, str] | None = None):
+    """The loss function: returns {"cost": additive loss for allocation, "check": budgeted quantity}.
+
+    Decisions are counted by each output's task kind (tasks.py: the one `cfg.metric` names, else
+    detected): the budget holds the worst agreement over the budgeted outputs."""
+    task = parse_metric(cfg.metric) if is_builtin(cfg.metric) else None
+    user = _load_metric(cfg.metric) if cfg.metric and task is None else None
+    kinds_of: dict[int, dict] = {}  # the reference is the same list on every call of one search
 
     def score(names, reference, candidate, data) -> dict[str, float]:
-        metrics = compare_outputs(names, reference, candidate, data.labels)
-        classes = [m for m in metrics if m.top1_agreement is not None]
+        kinds = kinds_of.setdefault(id(reference), resolve_kinds(names, reference, producers, task))
+        metrics = compare_outputs(names, reference, candidate, data.labels, kinds=kinds)
+        counted = [m for m in metrics if m.budgeted and m.agreement is not None]
         signal = sum(float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
                      for k in range(len(names)))
         noise = sum(float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
@@ -169,18 +176,20 @@ def make_score(cfg: BitWidthConfig, labels_present: bool):
                     for k in range(len(names)))
         nsr = noise / signal if signal > 0 else 0.0
         out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}
-        if classes:
-            out["disagree"] = 100.0 * (1.0 - classes[0].top1_agreement)
-            if classes[0].expected_loss is not None:
-                out["expected_drop"] = 100.0 * classes[0].expected_loss
-            if classes[0].accuracy_reference is not None:
-                out["drop"] = 100.0 * (classes[0].accuracy_reference - classes[0].accuracy_candidate)
+        if counted:
+            out["disagree"] = 100.0 * (1.0 - min(m.agreement for m in counted))
+            losses = [m.expected_loss for m in counted]
+            if all(m.task.startswith("top1") for m in counted) and None not in losses:
+                out["expected_drop"] = 100.0 * max(losses)
+            labelled = [m for m in counted if m.accuracy_reference is not None]
+            if task is None and labelled:
+                out["drop"] = 100.0 * (labelled[0].accuracy_reference - labelled[0].accuracy_candidate)
         if user is not None:
             ref_value = user(dict(zip(names, zip(*reference))), data)
             out["metric_drop"] = float(ref_value - user(dict(zip(names, zip(*candidate))), data))
         if user is not None:
             out["cost"], out["check"] = max(out["metric_drop"], 0.0), out["metric_drop"]
-        elif cfg.min_sqnr is not None or not classes:
+        elif cfg.min_sqnr is not None or not counted:
             out["cost"], out["check"] = nsr, nsr
         else:  # decisions counted on the data: zero until one flips (see floor_disagreement)
             estimated = cfg.unlabelled == "expected" and "expected_drop" in out
@@ -350,7 +359,8 @@ class BitWidthPass(Pass):
         if not weights:
             ctx.note("bitwidth: no weight large enough to search over")
             return PassResult(False, {"weights": 0})
-        evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None))
+        evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None,
+                                                                      output_producers(ctx.model)))
         # score out of fold when the refits learn from the very samples the search scores on
         self._pruner = _Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data)
         table = self._sensitivities(ctx, evaluator, weights)

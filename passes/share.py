@@ -293,6 +293,10 @@ class SharePass(Pass):
         if info.name in self.config.exclude:
             log.debug("share: %s skipped: excluded by the recipe", info.name)
             return False
+        if info.role is Role.OTHER and not np.all(np.isfinite(array := get_array(ctx.model, info))) \
+                and not np.any(np.isnan(array)):  # an attention mask's -inf: no codebook holds it
+            ctx.record(info.name, self.name, "left as it is: holds Inf (a mask constant, say)")
+            return False
         return True
 
     def ensures(self, ctx: Context, result: PassResult) -> None:

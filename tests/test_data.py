@@ -162,3 +162,20 @@ def test_labels_must_match_samples():
 
     with pytest.raises(DataError, match="3 labels for 4 samples"):
         data.check(model_inputs(gemm()))
+
+
+def test_one_sample_feeds_of_equal_shapes_run_in_batches_like_stacked_data():
+    from onnxcompress.data import Dataset, model_inputs
+    from tiny import gemm
+
+    model = gemm(k=8, n=4)
+    x = np.random.default_rng(0).normal(size=(70, 8)).astype(np.float32)
+    specs = model_inputs(model)
+    name = specs[0].name
+    listed = Dataset([{name: x[i:i + 1]} for i in range(70)])
+    stacked = Dataset(stacked={name: x})
+    got = [(f[name].shape, n) for f, n in listed.chunks(specs)]
+    assert got == [(f[name].shape, n) for f, n in stacked.chunks(specs)] == [((64, 8), 64), ((6, 8), 6)]
+    assert np.array_equal(np.concatenate([f[name] for f, _ in listed.chunks(specs)]), x)
+    ragged = Dataset([{name: x[:1]}, {name: x[:2]}])  # not one sample each: one call a feed
+    assert [n for _, n in ragged.chunks(specs)] == [1, 1]

@@ -329,3 +329,25 @@ def test_recurrent_bias_lands_on_gate_rows_and_a_gru_reset_bias_is_not_linked(op
     ctx = run_share(model, data=data, granularity="auto", bits_other=4, min_elements=64)
     feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 8)).astype(np.float32)}
     assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)
+
+
+def test_code_normal_equations_match_the_indicator_products():
+    from types import SimpleNamespace
+
+    from onnxcompress.gptq import code_normal_equations
+
+    rng = np.random.default_rng(0)
+    K, rows, k = 20, 9, 6
+    x = rng.normal(size=(100, K))
+    h = x.T @ x / 100
+    hessians = SimpleNamespace(hessians=[h, 0.5 * h], group_of_channel=np.array([0] * 5 + [1] * 4))
+    codes, coded = rng.integers(0, k, (rows, K)), rng.random((rows, K)) > 0.3
+    s, t = rng.uniform(0.5, 2, rows), rng.normal(size=(rows, K))
+    a, b = code_normal_equations(codes, coded, s, t, hessians, k)
+    want_a, want_b = np.zeros((k, k)), np.zeros(k)
+    for j in range(rows):
+        o = ((codes[j][:, None] == np.arange(k)) & coded[j][:, None]).astype(float)
+        hj = hessians.hessians[hessians.group_of_channel[j]]
+        want_a += s[j] ** 2 * o.T @ hj @ o
+        want_b += s[j] * o.T @ hj @ t[j]
+    assert np.allclose(a, want_a) and np.allclose(b, want_b)

@@ -228,3 +228,21 @@ def test_portable_chain_is_lean_and_its_output_node_names_the_pass():
     assert len(producing) == len(ctx.shared) >= 1 and len(made) > len(producing)  # Cast, Gather feed it
     assert all({(e.key, e.value) for e in n.metadata_props} == {(PROVENANCE_KEY, "share")} for n in producing)
     assert all(not n.metadata_props and not n.name for n in made if n not in producing)
+
+
+def test_a_constant_holding_inf_is_left_as_it_is_not_an_error():
+    from onnx import helper, numpy_helper
+
+    from onnxcompress.passes.share import SharePass
+    from tiny import make_model, value
+
+    rng = np.random.default_rng(0)
+    mask = np.triu(np.full((16, 16), -np.inf, np.float32), 1)  # an attention mask
+    w = rng.normal(size=(16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "M"], ["y"])]
+    model = make_model(nodes, [value("x", ["N", 16])], [value("y", ["N", 16])],
+                       [numpy_helper.from_array(w, "W"), numpy_helper.from_array(mask, "M")])
+    ctx = run_pass(SharePass(bits_fc=4, bits_other=4, min_elements=0), model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
+    assert np.array_equal(arrays["M"], mask)
+    assert any(r.name == "M" and "Inf" in r.action for r in ctx.records)

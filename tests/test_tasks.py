@@ -1,0 +1,138 @@
+"""Task kinds: what agreement means per output (detected or chosen), and the budget honouring it."""
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import api
+from onnxcompress.errors import RecipeError
+from onnxcompress.metrics import compare_models, compare_outputs
+from onnxcompress.recipes import Recipe
+from onnxcompress.tasks import (TaskMetric, ctc_greedy, detect_kind, neighbour_agreement, output_producers,
+                                parse_metric, resolve_kinds)
+from tiny import make_model, value, weights
+
+
+def _head(op: str, n: int = 1, k: int = 16, seed: int = 0, steps: int | None = None):
+    """x [batch(, steps), k] -> MatMul W [k, n] -> op (None: no op after the MatMul)."""
+    rng = np.random.default_rng(seed)
+    shape = ["N", k] if steps is None else ["N", steps, k]
+    out = ["N", n] if steps is None else ["N", steps, n]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h" if op else "y"])]
+    inits = [numpy_helper.from_array(weights(rng, k, n, scale=0.5), "W")]
+    if op == "LayerNormalization":
+        inits += [numpy_helper.from_array(np.ones(n, np.float32), "g"), numpy_helper.from_array(np.zeros(n, np.float32), "b")]
+        nodes.append(helper.make_node(op, ["h", "g", "b"], ["y"], axis=-1))
+    elif op:
+        nodes.append(helper.make_node(op, ["h"], ["y"], **({"axis": -1} if op == "Softmax" else {})))
+    return make_model(nodes, [value("x", shape)], [value("y", out)], inits)
+
+
+def _feeds(model, n=64, seed=1):
+    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return {"x": np.random.default_rng(seed).normal(size=shape).astype(np.float32)}
+
+
+def test_metric_specs_parse_and_bad_ones_say_why():
+    assert parse_metric("probability:0.3") == TaskMetric("probability", threshold=0.3)
+    assert parse_metric("ctc:-1@logits").blank == -1 and parse_metric("ctc:-1@logits").outputs == ("logits",)
+    assert parse_metric("regression").tolerance == 0.05
+    assert parse_metric("embedding@a+b").outputs == ("a", "b")
+    for bad, why in (("probability:1.5", "between 0 and 1"), ("colour", "unknown metric kind"),
+                     ("top1:3", "takes no parameter"), ("regression:-1", "positive")):
+        with pytest.raises(RecipeError, match=why):
+            parse_metric(bad)
+
+
+def test_kinds_are_detected_from_values_and_the_producing_op():
+    from tiny import run
+
+    for op, n, steps, want in (("Sigmoid", 1, None, "probability"), ("Softmax", 5, None, "top1"),
+                               ("Softmax", 4, 7, "sequence"), ("LayerNormalization", 32, None, "embedding"),
+                               (None, 1, None, "regression"), (None, 10, None, "top1")):
+        model = _head(op, n=n, steps=steps)
+        out, = run(model, _feeds(model))
+        assert detect_kind([out], output_producers(model).get("y")) == want, (op, n, steps)
+    assert detect_kind([np.arange(4, dtype=np.int64)]) is None  # not floating: compared exactly
+
+
+def test_probability_agreement_counts_decisions_at_the_threshold():
+    ref = np.array([[0.1], [0.49], [0.51], [0.9]], np.float32)
+    cand = np.array([[0.2], [0.52], [0.51], [0.6]], np.float32)  # one decision (0.49 -> 0.52) flips at 0.5
+    metric, = compare_outputs(["p"], [[ref]], [[cand]])
+    assert metric.task == "probability (detected)" and metric.agreement == pytest.approx(0.75)
+    chosen = resolve_kinds(["p"], [[ref]], task=parse_metric("probability:0.7"))
+    metric, = compare_outputs(["p"], [[ref]], [[cand]], kinds=chosen)  # 0.9 -> 0.6 flips at 0.7
+    assert metric.task == "probability:0.7 (chosen)" and metric.agreement == pytest.approx(0.75)
+
+
+def test_ctc_compares_decoded_text_and_sequence_the_whole_path():
+    assert ctc_greedy(np.eye(4)[[0, 1, 1, 0, 2, 2, 3]]) == (1, 2, 3)
+    path_a, path_b = np.eye(3)[[1, 1, 0, 2]], np.eye(3)[[1, 0, 0, 2]]  # same text "1 2", other path
+    ref, cand = np.stack([path_a, path_a]), np.stack([path_b, path_a])
+    kinds = resolve_kinds(["y"], [[ref]], task=parse_metric("ctc"))
+    assert compare_outputs(["y"], [[ref]], [[cand]], kinds=kinds)[0].agreement == 1.0
+    metric, = compare_outputs(["y"], [[ref]], [[cand]])  # detected: per-step scores, whole path
+    assert metric.task == "sequence (detected)" and metric.agreement == 0.5
+
+
+def test_embedding_agreement_is_nearest_neighbour():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50, 16))
+    assert neighbour_agreement(ref, ref + 1e-6 * rng.normal(size=ref.shape)) == 1.0
+    assert neighbour_agreement(ref, rng.normal(size=ref.shape)) < 0.3
+    model = _head("LayerNormalization", n=32)
+    noisy = _head("LayerNormalization", n=32, seed=5)  # other weights: other neighbours
+    comparison = compare_models(model, noisy, api.prepare_data(model, _feeds(model)))
+    assert comparison.outputs[0].task == "embedding (detected)" and comparison.worst_agreement() < 0.5
+
+
+def test_regression_is_reported_but_budgeted_by_sqnr_unless_chosen():
+    ref = np.linspace(-2, 2, 40).reshape(20, 2)
+    cand = ref.copy()
+    cand[0] += 1.0  # one row far off
+    metric, = compare_outputs(["y"], [[ref[:, :1]]], [[cand[:, :1]]])
+    assert metric.task == "regression (detected)" and metric.agreement == 0.95 and not metric.budgeted
+    kinds = resolve_kinds(["y"], [[ref]], task=parse_metric("regression:0.1"))
+    metric, = compare_outputs(["y"], [[ref]], [[cand]], kinds=kinds)
+    assert metric.budgeted and metric.agreement == 0.95
+
+
+def test_named_outputs_must_exist_and_fit():
+    ref = [[np.zeros((4, 3), np.float32) + 2, np.full((4, 1), 0.3, np.float32)]]
+    with pytest.raises(RecipeError, match="does not have"):
+        resolve_kinds(["a", "b"], ref, task=parse_metric("probability@c"))
+    with pytest.raises(RecipeError, match="cannot measure output 'a'"):
+        resolve_kinds(["a", "b"], ref, task=parse_metric("probability@a"))
+    kinds = resolve_kinds(["a", "b"], ref, task=parse_metric("probability@b"))
+    assert kinds["b"].chosen and kinds["b"].budgeted and not kinds["a"].budgeted
+
+
+def test_the_search_budget_holds_the_chosen_probability_decisions():
+    model = _head("Sigmoid", n=1, k=256)
+    data = {"x": np.random.default_rng(3).normal(size=(300, 256)).astype(np.float32)}
+    recipe = Recipe("t", [("bitwidth", {"bits": [1, 2, 8], "sparsities": [0.0, 0.9], "min_elements": 64}),
+                          ("prune", {}), ("share", {})])
+    _, report = api.compress(model, recipe, data, budget={"max_drop": 1.0, "metric": "probability:0.5"})
+    out, = report.validation.outputs
+    assert out.task == "probability:0.5 (chosen)" and out.budgeted
+    assert report.validation.worst_agreement() >= 0.99
+    summary = report.passes[0].summary
+    assert all(a["measured"] is not None for a in summary["end_to_end"])  # the end-to-end check counted it
+    # without a search the chosen kind still measures the result
+    _, report = api.compress(model, "share", data, budget={"metric": "probability:0.5"})
+    assert report.validation.outputs[0].task == "probability:0.5 (chosen)"
+
+
+def test_cli_validate_takes_a_metric(tmp_path, capsys):
+    import onnx
+
+    from onnxcompress.cli import main
+
+    model = _head("Sigmoid", n=1)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", **_feeds(model))
+    assert main(["validate", str(path), str(path), "--data", str(tmp_path / "d.npz"), "--metric", "probability:0.2"]) == 0
+    assert "probability:0.2 (chosen)" in capsys.readouterr().out
+    assert main(["validate", str(path), str(path), "--metric", "nope"]) == 2
+    assert "unknown metric kind" in capsys.readouterr().err
