@@ -53,7 +53,8 @@ BISECTIONS = 3  # extra allocations verified between the loosest budget scale th
 
 @dataclass(kw_only=True)
 class BitWidthConfig:
-    bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])  # codebook widths the search may choose
+    # sparsities the search may choose per weight
     sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
     max_drop: float | None = None  # points of accuracy (with labels; estimated without, see `unlabelled`)
     min_sqnr: float | None = None  # dB, over all outputs
@@ -64,7 +65,7 @@ class BitWidthConfig:
     # on labelled data, so it sweeps on the evaluation data when that has labels; other budgets
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
     sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
-    max_samples: int = 1000
+    max_samples: int = 1000  # samples the sweep and the checks run on
     # what a max_drop budget bounds on data without labels: "expected" accuracy loss (the float
     # model's own class probabilities standing in for the labels: a changed decision costs
     # p(old class) - p(new class)), or "agreement" (every changed top-1 decision a whole sample)
@@ -72,8 +73,8 @@ class BitWidthConfig:
     # no data at all: "error"; or "skip" whenever no calibration data is given (--data): the passes
     # after it then keep their fixed defaults, with a note (they could not refit without it anyway)
     without_data: Literal["error", "skip"] = "error"
-    min_elements: int = 256
-    seed: int = 0
+    min_elements: int = 256  # smaller tensors are left alone
+    seed: int = 0  # k-means seed of the simulated candidates
 
     def __post_init__(self):
         budgets = [b for b in (self.max_drop, self.min_sqnr, self.target_ratio) if b is not None]

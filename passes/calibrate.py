@@ -69,10 +69,10 @@ class CalibrationResult:
 
 @dataclass(kw_only=True)
 class CalibrateConfig:
-    method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"  # how a range is chosen from the activations
     symmetric: bool = False  # symmetric activation ranges ([-a, a]); asymmetric by default
     activation_type: Literal["uint8", "int8"] = "uint8"  # the type the ranges are tuned for (mse)
-    percentile: float = 99.999
+    percentile: float = 99.999  # method "percentile": keep this % of |x| (symmetric), else (100-p)/2 % off each tail
     bins: int = 2048  # histogram bins over [-R, R] (histogram methods)
     entropy_levels: int = 128  # quantized bins of the KL search over |x| (TensorRT: 128; doubled for x >= 0)
     max_samples: int | None = None  # use only the first N calibration samples

@@ -32,19 +32,19 @@ DEFAULT_DAMPING = 0.01  # "auto" damping where the held-out choice is not made
 
 @dataclass(kw_only=True)
 class PruneConfig:
-    method: Literal["sparsity", "threshold"] = "sparsity"
+    method: Literal["sparsity", "threshold"] = "sparsity"  # a fixed fraction per role, or |w| below quality * std(w)
     # defaults from Han et al. (LeNet-300-100 keeps 8%/9% of its hidden fc layers, AlexNet ~9-10%
     # of fc and 35-40% of conv2-5; LeNet-5 keeps 66% of conv1, AlexNet 84%)
     sparsity_fc: float = 0.91  # Gemm / MatMul
     sparsity_conv: float = 0.65  # Conv / ConvTranspose
     sparsity_head: float = 0.75  # layers with at most `head_channels` outputs (classifiers: the paper keeps 19-26%)
-    head_channels: int = 16
+    head_channels: int = 16  # see sparsity_head
     sparsity_stem: float = 0.35  # convolutions with a fan-in of at most `stem_fan_in` (first layer on raw inputs)
-    stem_fan_in: int = 75
+    stem_fan_in: int = 75  # see sparsity_stem
     sparsity_other: float = 0.5  # weights of any other consumer (embeddings, recurrent, Mul/Add constants)
     quality: float = 1.0  # method "threshold": prune |w| < quality * std(w)
     sparsity: dict = field(default_factory=dict)  # weight name -> sparsity, over every default
-    compensation: Literal["lstsq", "sparsegpt", "none"] = "lstsq"
+    compensation: Literal["lstsq", "sparsegpt", "none"] = "lstsq"  # with data: how kept weights are refit
     # with data, which entries to keep: the largest |w| (the paper), or the largest |w| * ||x||, the
     # weight's contribution at the layer's input scale (Wanda, Sun et al. 2023); without data, |w|
     criterion: Literal["magnitude", "activation"] = "magnitude"
@@ -57,8 +57,8 @@ class PruneConfig:
     max_cv_flops: float = 2e10  # "auto" damping: the held-out refits of a layer may cost this many flops
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
-    min_elements: int = 256
-    exclude: list = field(default_factory=list)
+    min_elements: int = 256  # smaller tensors are left alone (unless named in `sparsity`)
+    exclude: list = field(default_factory=list)  # weight names to leave alone
 
     def __post_init__(self):
         for name in ("sparsity_fc", "sparsity_conv", "sparsity_head", "sparsity_stem", "sparsity_other"):

@@ -51,8 +51,8 @@ PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET = 13, 10
 @dataclass(kw_only=True)
 class QdqConfig:
     mode: Literal["static", "weights"] = "static"  # static: weights and activations; weights: weight-only
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    symmetric_activations: bool = False
+    activation_type: Literal["uint8", "int8"] = "uint8"  # static: the quantized type of activations
+    symmetric_activations: bool = False  # static: activation ranges [-a, a] with a zero point of 0
     per_channel: bool = True  # weights: one scale per output channel (else one per tensor)
     int4_matmul: bool = False  # weight-only: blocked int4 for MatMul/Gemm weights (opset >= 21)
     block_size: int = 32  # int4 block along the input (K) axis
@@ -66,8 +66,8 @@ class QdqConfig:
     # static: the fidelity bound on calibration data (top-1 agreement of class scores, SQNR of other outputs);
     # activations that break it stay float, else weight-only int8 (agreement None: no check)
     agreement: float | None = 0.99
-    min_output_sqnr: float = 20.0
-    guard_samples: int = 256
+    min_output_sqnr: float = 20.0  # static: the bound in dB on outputs that are not class scores
+    guard_samples: int = 256  # calibration samples the bound is checked on
     guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
     max_probes: int = 32  # activations quantized alone to rank them (the widest range against RMS first)
     probe_samples: int = 64  # calibration samples each probe runs

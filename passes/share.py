@@ -50,10 +50,10 @@ class ShareConfig:
     bits_conv: int = 8  # Conv and ConvTranspose weights (the paper: conv layers need 8)
     bits_fc: int = 5  # Gemm and MatMul weights (the paper: 5 bits, down to 2)
     bits_other: int = 8  # everything else: embeddings, recurrent, Mul/Add constants
-    init: Literal["linear", "density", "random"] = "linear"
+    init: Literal["linear", "density", "random"] = "linear"  # k-means start: evenly spaced, at quantiles, or random
     min_elements: int = 256  # smaller tensors are left alone
     exclude: list = field(default_factory=list)  # weight names to leave alone
-    seed: int = 0
+    seed: int = 0  # random generator seed (init "random")
     # least-squares centroids on the calibration data (onnxcompress.refine), toward the original model's
     # layer outputs; only with data and for weights of a single Gemm/MatMul/Conv
     refine: bool = True

@@ -40,8 +40,8 @@ class SparseConfig:
     # relative-index bits of CSR in the packed form; None measures every width 1..12 and keeps
     # the smallest (the paper fixes 5 for fully connected and 8 for conv layers)
     index_bits_fc: int | None = None
-    index_bits_conv: int | None = None
-    index_bits_other: int | None = None
+    index_bits_conv: int | None = None  # the same for conv layers
+    index_bits_other: int | None = None  # the same for any other weight
     measure_with: list = field(default_factory=lambda: list(METHODS))  # coders used to compare layouts
 
     def __post_init__(self):
