@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the packed model")
     p.add_argument("-o", "--output", required=True, help="where to write the portable model")
 
-    sub.add_parser("recipes", help="list the built-in recipes")
+    p = sub.add_parser("recipes", help="list the built-in recipes, or every pass option (--options)")
+    p.add_argument("--options", action="store_true",
+                   help="list every option of every pass: type, default and help (what a recipe file may set)")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
     return parser
 
 
@@ -331,8 +334,18 @@ def _unpack(args) -> int:
 
 
 def _recipes(args) -> int:
-    from .recipes import BUILTIN, DESCRIPTIONS
+    from .recipes import BUILTIN, DESCRIPTIONS, FORMS
 
+    if args.options:
+        from .recipes.options import options_json, options_text
+
+        print(options_json() if args.json else options_text(), end="\n" if args.json else "")
+        return 0
+    if args.json:
+        print(json.dumps([{"recipe": name, "description": DESCRIPTIONS.get(name, ""),
+                           "form": FORMS.get(name, "portable"), "passes": [{"pass": p, "options": o} for p, o in steps]}
+                          for name, steps in BUILTIN.items()], indent=2))
+        return 0
     for name, steps in BUILTIN.items():
         width = max(map(len, BUILTIN)) + 1
         print(f"{name:{width}s} {DESCRIPTIONS.get(name, '')}")
