@@ -49,6 +49,10 @@ class OutputError(OnnxCompressError):
     """The output path cannot be written (missing folder, same as the input, ...)."""
 
 
+class RuntimeMissingError(OnnxCompressError, ImportError):
+    """No onnxruntime distribution can be imported (the message names what to install)."""
+
+
 class ExecutorError(OnnxCompressError):
     """Per-weight work could not run: the executor is missing or unreachable, or a task kept failing
     after its retries (the message names the weight)."""

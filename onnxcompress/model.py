@@ -205,7 +205,7 @@ def model_files(path: str | os.PathLike) -> list[Path]:
 @functools.lru_cache(maxsize=None)
 def max_runnable_opset(domain: str = "") -> int:
     """Highest opset of `domain` this onnxruntime accepts, found by loading tiny models."""
-    import onnxruntime as ort
+    from .runtime import ort
     from onnx import TensorProto, helper
 
     def loads(opset: int) -> bool:

@@ -10,13 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from . import external
 from .data import Dataset, model_inputs
-from .errors import ModelError
+from .errors import ModelError, RuntimeMissingError
 from .graphs import DOMAIN, iter_graphs
+
+# the one import of onnxruntime: any of its distributions provides the module (onnxruntime, onnxruntime-gpu,
+# -directml, -openvino), so none is a hard dependency (pyproject: the `cpu` extra) and a missing one is named here
+try:
+    import onnxruntime as ort
+except ImportError as e:
+    raise RuntimeMissingError(
+        f"onnxruntime cannot be imported ({e}); install a runtime: pip install 'onnxcompress[cpu]' for the CPU one, "
+        "or one of onnxruntime-gpu, onnxruntime-directml, onnxruntime-openvino") from e
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
 from .model import external_data_files, file_bytes
-from .runtime import to_runnable, uses_domain
+from .runtime import ort, to_runnable, uses_domain
 
 log = logging.getLogger(__name__)
 

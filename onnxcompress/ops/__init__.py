@@ -109,7 +109,7 @@ def register_extension_ops() -> str:
 
 def custom_op_session(model: onnx.ModelProto, *, optimize: bool = True):
     """An onnxruntime session that executes our ops itself (Python custom ops), on the packed model as is."""
-    import onnxruntime as ort
+    ort = runtime.ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions; onnxruntime prints nothing itself

@@ -13,12 +13,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..errors import RecipeError
-from ..pipeline import Pass
+
+if TYPE_CHECKING:  # the pipeline imports onnxruntime: listing recipes and --help work without a runtime
+    from ..pipeline import Pass
 
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)
