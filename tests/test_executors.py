@@ -23,22 +23,7 @@ from onnxcompress.external import ArrayRef
 from onnxcompress.graphs import all_tensors
 from onnxcompress.model import load_model, save_model
 from onnxcompress.weights import find_weights, get_array, weight_source
-from tiny import make_model, random_feeds, run, value
-
-
-def _mlp(layers: int = 3, width: int = 96, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    nodes, inits, current = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"W{i}"))
-        out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out], name=f"mm{i}"))
-        current = out
-        if i < layers - 1:
-            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
-            current = f"r{i}"
-    return make_model(nodes, [value("x", ["N", width])], [value("y", ["N", width])], inits)
+from tiny import mlp, make_model, random_feeds, run, value
 
 
 @pytest.fixture
@@ -100,7 +85,7 @@ def test_executors_keep_order_and_raise_task_errors(monkeypatch):
 
 def test_lazy_weights_are_read_where_the_task_runs(tmp_path, streaming, monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
-    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    save_model(mlp(), tmp_path / "m.onnx", external_data=True)
     streamed = load_model(tmp_path / "m.onnx")
     infos = find_weights(streamed)
     refs = [weight_source(streamed, info) for info in infos]
@@ -110,12 +95,12 @@ def test_lazy_weights_are_read_where_the_task_runs(tmp_path, streaming, monkeypa
     for jobs in (1, 2):
         assert list(parallel.map_ordered(_total, [((r,), {}) for r in refs], jobs=jobs)) == expected
     # an in-memory model's weights are passed as arrays
-    assert isinstance(weight_source(_mlp(), find_weights(_mlp())[0]), np.ndarray)
+    assert isinstance(weight_source(mlp(), find_weights(mlp())[0]), np.ndarray)
     assert parallel.task_name((refs[0], infos[0], 5)) == infos[0].name
 
 
 def test_array_ref_fails_cleanly_on_a_shortened_file(tmp_path, streaming):
-    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    save_model(mlp(), tmp_path / "m.onnx", external_data=True)
     streamed = load_model(tmp_path / "m.onnx")
     ref = weight_source(streamed, find_weights(streamed)[-1])
     data = tmp_path / "m.onnx.data"
@@ -128,7 +113,7 @@ def test_share_on_any_executor_gives_identical_files(tmp_path, streaming, monkey
     """End to end: the same output bytes serially, in processes and on an executor given external
     weights by reference; the output runs in onnxruntime close to the original."""
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)
-    model = _mlp(layers=4, width=64)
+    model = mlp(layers=4, width=64)
     save_model(model, tmp_path / "m.onnx", external_data=True)
     recording = Recording()
     digests = []
@@ -185,7 +170,7 @@ def local_ray():
 def test_ray_gives_identical_files_and_retries_killed_workers(tmp_path, streaming, local_ray):
     from onnxcompress.ray_executor import RayExecutor
 
-    model = _mlp(layers=4, width=64)
+    model = mlp(layers=4, width=64)
     save_model(model, tmp_path / "m.onnx", external_data=True)
     compress_file(tmp_path / "m.onnx", tmp_path / "one.onnx", "share", validate="none", jobs=1)
     for shared_files in (True, False):
@@ -208,7 +193,7 @@ def test_ray_run_that_keeps_failing_writes_nothing(tmp_path, streaming, local_ra
     from onnxcompress.passes import share as share_module
     from onnxcompress.ray_executor import RayExecutor
 
-    save_model(_mlp(layers=2, width=64), tmp_path / "m.onnx", external_data=True)
+    save_model(mlp(layers=2, width=64), tmp_path / "m.onnx", external_data=True)
     monkeypatch.setattr(share_module, "share_weight", _always_die)
     with pytest.raises(Exception, match="W0"):
         compress_file(tmp_path / "m.onnx", tmp_path / "out.onnx", "share", validate="none",

@@ -13,22 +13,7 @@ from onnxcompress.api import compress, compress_file
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.model import load_model, save_model
 from onnxcompress.weights import find_weights, get_array
-from tiny import conv_gemm, make_model, random_feeds, value
-
-
-def _mlp(layers: int = 3, width: int = 96, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    nodes, inits, current = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"W{i}"))
-        out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out], name=f"mm{i}"))
-        current = out
-        if i < layers - 1:
-            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
-            current = f"r{i}"
-    return make_model(nodes, [value("x", ["N", width])], [value("y", ["N", width])], inits)
+from tiny import mlp, conv_gemm, make_model, random_feeds, value
 
 
 @pytest.fixture
@@ -82,7 +67,7 @@ def test_streamed_compression_equals_in_memory(tmp_path, streaming, recipe):
 
 
 def test_save_copies_source_tensors_and_leaves_the_model_as_it_was(tmp_path, streaming):
-    model = _mlp()
+    model = mlp()
     (tmp_path / "src").mkdir()
     save_model(model, tmp_path / "src" / "m.onnx", external_data=True)
     streamed = load_model(tmp_path / "src" / "m.onnx")
@@ -98,7 +83,7 @@ def test_save_copies_source_tensors_and_leaves_the_model_as_it_was(tmp_path, str
 
 
 def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
-    save_model(_mlp(), tmp_path / "m.onnx", external_data=True)
+    save_model(mlp(), tmp_path / "m.onnx", external_data=True)
     streamed = load_model(tmp_path / "m.onnx")
     (tmp_path / "out").mkdir()
 
@@ -114,7 +99,7 @@ def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
 @pytest.mark.parametrize("recipe", ["share", "deep-compression"])
 def test_jobs_give_identical_results(tmp_path, monkeypatch, recipe):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 0)  # use workers even for a tiny model
-    model = _mlp(layers=4, width=64)
+    model = mlp(layers=4, width=64)
     one, _ = compress(model, recipe, validate="none", jobs=1)
     two, _ = compress(model, recipe, validate="none", jobs=2)
     assert one.SerializeToString(deterministic=True) == two.SerializeToString(deterministic=True)
@@ -144,7 +129,7 @@ def test_streamed_deep_compression_writes_blobs_as_external_data(tmp_path, strea
     from onnxcompress.api import unpack_file
     from onnxcompress.runtime import uses_domain
 
-    model = _mlp(layers=3, width=128)
+    model = mlp(layers=3, width=128)
     save_model(model, tmp_path / "m.onnx", external_data=True)
     compress_file(tmp_path / "m.onnx", tmp_path / "p.onnx", "deep-compression", validate="none")
     written = onnx.load(tmp_path / "p.onnx", load_external_data=False)
@@ -191,7 +176,7 @@ def test_spill_files_and_partial_outputs_do_not_survive_a_signal(tmp_path, signu
     import sys
     from pathlib import Path
 
-    save_model(_mlp(layers=3, width=64), tmp_path / "m.onnx", external_data=True)
+    save_model(mlp(layers=3, width=64), tmp_path / "m.onnx", external_data=True)
     (tmp_path / "out").mkdir()
     child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_CHILD, str(tmp_path / "m.onnx"),
                               str(tmp_path / "out" / "o.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -68,6 +68,22 @@ def conv_gemm(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [value("x", ["N", 1, 8, 8])], [value("y", ["N", 10])], inits)
 
 
+def mlp(layers: int = 3, width: int = 96, seed: int = 0) -> onnx.ModelProto:
+    """A stack of square MatMul layers with Relu between, He-initialized, seeded."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out], name=f"mm{i}"))
+        current = out
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            current = f"r{i}"
+    return make_model(nodes, [value("x", ["N", width])], [value("y", ["N", width])], inits)
+
+
 def random_feeds(model: onnx.ModelProto, n: int = 16, seed: int = 0, batch: int = 4) -> dict[str, np.ndarray]:
     """Stacked random inputs (axis 0 = samples) for the model's float inputs, dynamic dims -> `batch`."""
     rng = np.random.default_rng(seed)
