@@ -80,10 +80,18 @@ def _gate(args, prefix: str):
     return Gate(**{name: getattr(args, f"{prefix.replace('-', '_')}{name}") for name in names}), flags
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit 2), like every other error of ours."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"onnxcompress: error: {' '.join(message.split())} "
+                                   f"(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import BUILTIN, DESCRIPTIONS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxcompress",
         description="Make trained ONNX models much smaller (pruning, k-means weight sharing, quantization, "
                     "entropy coding) and check in onnxruntime that they still compute the same thing.")

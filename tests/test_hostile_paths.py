@@ -399,3 +399,18 @@ def test_output_that_is_a_link_out_of_the_folder_replaces_the_link_only(place, c
     assert main(["compress", str(model), "-o", str(work / "out.onnx"), "--jobs", "1", "-q"]) == 0
     assert _tree(victim.parent) == outside
     assert not (work / "out.onnx").is_symlink() and onnx.load(work / "out.onnx").graph.node
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "m.onnx", "-o", "x.onnx", "--form", "foo"],  # a choice argparse refuses
+    ["unpack"],  # required arguments missing
+    ["validate", "a", "b", "--bogus"],  # an unknown flag
+    ["no-such-command"],
+    ["compress", "m.onnx", "-o", "x.onnx", "--jobs", "zero"],  # a value of the wrong type
+])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert len(err) == 1 and err[0].startswith("onnxcompress: error:") and "--help" in err[0], err
