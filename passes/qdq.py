@@ -41,7 +41,7 @@ from .qdq_dynamic import quantize_dynamic_matmuls
 from .qdq_fold import fold_batch_norms
 from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
                       out_channels, unsupported, weight_axis)
-from .qdq_weights import NAMES, dq_nodes, hoist_constants, quantize_weights_only
+from .qdq_weights import NAMES, dq_nodes, gather_before_dequantize, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class QdqPass(Pass):
             per_channel = False
         if cfg.mode == "weights":
             summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name)
+            gather_before_dequantize(ctx.model, self.name)
             return PassResult(summary["weights"] > 0, summary)
         folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []
         if folded:
@@ -125,6 +126,7 @@ class QdqPass(Pass):
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
         plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
+        gather_before_dequantize(ctx.model, self.name)  # after the guard: the same values, fewer dequantized
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))

@@ -253,7 +253,12 @@ def test_static_embedding_then_matmul_quantizes_the_table_weight_only(tmp_path):
     data = Dataset(stacked={"ids": rng.integers(0, 50, (40, 5))})
     quantized, _ = quantize(model, data)
     made = {o: n for n in quantized.graph.node for o in n.output}
-    assert made["emb"].op_type == "DequantizeLinear" and made["W"].op_type == "DequantizeLinear"
+    assert made["W"].op_type == "DequantizeLinear"
+    inits = {t.name: t for t in quantized.graph.initializer}
+    lookups = [n for n in quantized.graph.node if n.op_type == "Gather" and n.input[1] == "ids"
+               and list(inits[n.input[0]].dims) == [50, 16]]
+    # the table is int8, gathered before it is dequantized (only the rows read, not all 50 per call)
+    assert [inits[n.input[0]].data_type for n in lookups] == [onnx.TensorProto.INT8]
     assert "MatMulIntegerToFloat" in optimized_ops(quantized, tmp_path)
     ids = data.stacked["ids"]
     assert sqnr_db(tiny.run(model, {"ids": ids})[0], tiny.run(quantized, {"ids": ids})[0]) > 25

@@ -146,3 +146,44 @@ def test_a_result_that_did_not_shrink_says_so(tmp_path):
     big = tmp_path / "big.onnx"
     onnx.save(unrolled_cells(hidden=32), big)
     assert not any("not smaller" in n for n in compress_file(big, tmp_path / "o2.onnx", "int8-weights").notes)
+
+
+def _embedding_model(rows: int = 3000, dim: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """ids -> Gather(table) -> MatMul(w): an embedding table read by rows, then a projection."""
+    rng = np.random.default_rng(seed)
+    table = (rng.standard_normal((rows, dim)) * rng.uniform(0.1, 3.0, (rows, 1))).astype(np.float32)
+    w = (rng.standard_normal((dim, 8)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")]
+    return tiny.make_model(nodes, [tiny.value("ids", ["N", 5], onnx.TensorProto.INT64)],
+                           [tiny.value("y", ["N", 5, 8])],
+                           [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+
+
+def test_an_embedding_table_is_dequantized_by_the_rows_gathered_not_whole(monkeypatch):
+    """onnxruntime does not fold DequantizeLinear of a constant: DQ(table) -> Gather dequantized the
+    whole table at every call. The rewrite gathers int8 rows and dequantizes only them, same values."""
+    from onnxcompress.passes import qdq
+    from onnxcompress.passes.qdq_weights import gather_before_dequantize
+
+    model = _embedding_model()
+    ids = np.random.default_rng(1).integers(0, 3000, (64, 5)).astype(np.int64)
+    data = Dataset(stacked={"ids": ids})
+    for mode in ("weights", "static"):
+        out, _ = int8(model, data, mode=mode)
+        inits = {t.name: t for t in out.graph.initializer}
+        gathers = [n for n in out.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and list(inits[n.input[0]].dims) == [3000, 16]]
+        assert gathers and all(inits[g.input[0]].data_type == onnx.TensorProto.INT8 for g in gathers), mode
+        assert not any(n.op_type == "DequantizeLinear" and n.input[0] == gathers[0].input[0] for n in out.graph.node)
+        onnx.checker.check_model(out, full_check=True)
+        assert sqnr_db_of(tiny.run(model, {"ids": ids})[0], tiny.run(out, {"ids": ids})[0]) > 30, mode
+    # bit for bit what dequantizing the whole table first gives
+    monkeypatch.setattr(qdq, "gather_before_dequantize", lambda model, name: 0)
+    for per_channel in (True, False):
+        whole, _ = int8(model, data, mode="weights", per_channel=per_channel)
+        rows = onnx.ModelProto()
+        rows.CopyFrom(whole)
+        assert gather_before_dequantize(rows, "qdq") == 1
+        assert not any(n.op_type == "DequantizeLinear" and n.output[0] == "table" for n in rows.graph.node)
+        np.testing.assert_array_equal(tiny.run(whole, {"ids": ids})[0], tiny.run(rows, {"ids": ids})[0])
