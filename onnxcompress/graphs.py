@@ -128,3 +128,20 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
             entry.version = max(entry.version, version)
             return
     model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    """Remove from the main graph's inputs every name an initializer also defines, and return them.
+
+    Such an input (IR < 4 required it; some exporters still write it) is a default a caller could
+    override, so onnxruntime neither folds nor optimizes through it, and a compressed weight could
+    not be one. Treated as the constant it is in practice, as onnxruntime advises; IR 4 is the first
+    that allows initializers outside the inputs, so an older model is declared IR 4."""
+    names = {t.name for t in model.graph.initializer}
+    dropped = [value.name for value in model.graph.input if value.name in names]
+    if dropped:
+        keep = [value for value in model.graph.input if value.name not in names]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
+    return dropped

@@ -21,6 +21,7 @@ import onnx
 from . import external
 from .codebook import SharedWeight
 from .data import Dataset
+from .graphs import drop_initializer_inputs
 from .errors import BugError, OnnxCompressError, PassError, RecipeError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
@@ -244,6 +245,10 @@ class PassManager:
         if ctx.nonfinite:
             ctx.note(f"{len(ctx.nonfinite)} float tensor(s) hold NaN or Inf ({', '.join(sorted(ctx.nonfinite)[:5])}"
                      f"{', ...' if len(ctx.nonfinite) > 5 else ''}): every pass keeps them float")
+        if dropped := drop_initializer_inputs(working):
+            ctx.note(f"{len(dropped)} initializer(s) were also listed as graph inputs ({', '.join(dropped[:5])}"
+                     f"{', ...' if len(dropped) > 5 else ''}), defaults a caller could override: they are treated as "
+                     "the constants they are and are no longer inputs of the output, so they can be compressed")
         report = Report(recipe=self.recipe, form=self.form)
         done: list[str] = []
         check_data = eval_data or data

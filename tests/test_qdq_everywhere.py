@@ -122,16 +122,29 @@ def test_lstm_weights_go_through_a_weight_only_dequantize_that_onnxruntime_runs(
     assert quantized.ByteSize() < model.ByteSize()
 
 
-def test_weights_left_float_each_get_a_reason_in_the_report():
-    """A weight that is also a graph input may be overridden at run time: it stays float, said so."""
+def test_a_weight_also_listed_as_a_graph_input_is_treated_as_a_constant():
+    """An initializer also listed as a graph input (IR < 4 exports) is a default a caller could
+    override; the manager drops it from the inputs, with a note, so it is quantized like any other."""
     model = unrolled_cells(hidden=16)
     model.graph.input.append(tiny.value("cell.W", [16, 16]))
     data = Dataset(stacked={"x": tiny.random_feeds(model, n=16)["x"]})
     quantized, report = int8(model, data)
     onnx.checker.check_model(quantized, full_check=True)
-    assert "cell.W" not in dq_outputs(quantized)
-    lines = [r.action for r in report.weights if r.name == "cell.W"]
-    assert lines == ["kept float: also a graph input, so it may be overridden at run time"]
+    assert "cell.W" in dq_outputs(quantized)
+    assert "cell.W" not in [i.name for i in quantized.graph.input]
+    assert any("also listed as graph inputs (cell.W)" in note for note in report.notes)
+    feeds = {"x": tiny.random_feeds(model, n=8)["x"]}
+    assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(quantized, feeds)[0]) > 25
+
+
+def test_weights_left_float_each_get_a_reason_in_the_report():
+    """Without the manager's clean-up, a weight that is also a graph input stays float, said so."""
+    from onnxcompress.pipeline import Context
+
+    model = unrolled_cells(hidden=16)
+    model.graph.input.append(tiny.value("cell.W", [16, 16]))
+    info = next(w for w in Context(original=model, model=model).weights(0) if w.name == "cell.W")
+    assert info.skip == "also a graph input, so it may be overridden at run time"
 
 
 def test_a_result_that_did_not_shrink_says_so(tmp_path):

@@ -246,3 +246,27 @@ def test_a_constant_holding_inf_is_left_as_it_is_not_an_error():
     arrays = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
     assert np.array_equal(arrays["M"], mask)
     assert any(r.name == "M" and "Inf" in r.action for r in ctx.records)
+
+
+def test_share_compresses_a_weight_also_listed_as_a_graph_input():
+    """IR < 4 exports list every initializer as a graph input too; such weights used to be left float
+    by every pass (nothing shrank). The manager drops them from the inputs with a note."""
+    from onnx import helper, numpy_helper
+
+    from onnxcompress.api import compress
+    from onnxcompress.numerics import sqnr_db_of
+    import tiny
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((128, 64)) * 0.1).astype(np.float32)
+    model = tiny.make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                            [tiny.value("x", ["N", 128]), tiny.value("W", [128, 64])], [tiny.value("y", ["N", 64])],
+                            [numpy_helper.from_array(w, "W")])
+    model.ir_version = 3
+    out, report = compress(model, "share", validate="none")
+    assert [i.name for i in out.graph.input] == ["x"] and out.ir_version >= 4
+    assert out.ByteSize() < model.ByteSize() / 3
+    assert any("also listed as graph inputs (W)" in note for note in report.notes)
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": rng.standard_normal((16, 128)).astype(np.float32)}
+    assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(out, feeds)[0]) > 20
