@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.graphs import NameScope, find_graph, mark
+from onnxcompress.graphs import NameScope, consumers, find_graph, mark
 from onnxcompress.quantmath import INT4, INT8, quantize_blocked, quantize_per_channel
 from onnxcompress.weights import WeightInfo, get_array, replace_weight
 
@@ -207,19 +207,17 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
     so the gathered ones broadcast. Returns how many tables were rewritten."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for x in node.input:
-            consumers.setdefault(x, []).append(node)
+    readers = consumers(graph)  # a subgraph reading a name counts as a reader (input index -1)
     outputs = {o.name for o in graph.output}
     scope = NameScope(model)
     done = 0
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
-        users = consumers.get(dq.output[0], [])
-        if (dq.output[0] in outputs or not users or not all(x in inits for x in dq.input if x)
-                or any(u.op_type != "Gather" or u.input[0] != dq.output[0] or u.input[1] == dq.output[0]
-                       or any(a.name == "axis" and a.i != 0 for a in u.attribute) for u in users)):
+        uses = readers.get(dq.output[0], [])
+        if (dq.output[0] in outputs or not uses or not all(x in inits for x in dq.input if x)
+                or any(u.op_type != "Gather" or index != 0 or any(a.name == "axis" and a.i != 0 for a in u.attribute)
+                       for u, index in uses)):
             continue
+        users = [u for u, _ in uses]  # each reads it once, as its table (index 0)
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         rank = len(inits[dq.input[0]].dims)
         scale = numpy_helper.to_array(inits[dq.input[1]])
@@ -262,7 +260,7 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
         del graph.node[:]
         graph.node.extend(kept)
         graph.initializer.extend(new_inits)
-        still_read = {x for node in graph.node for x in node.input}
+        still_read = consumers(graph)
         for name in dq.input[1:]:
             if name and name not in still_read and name in inits:
                 graph.initializer.remove(inits.pop(name))

@@ -200,3 +200,23 @@ def test_an_embedding_table_is_dequantized_by_the_rows_gathered_not_whole(monkey
         assert gather_before_dequantize(rows, "qdq") == 1
         assert not any(n.op_type == "DequantizeLinear" and n.output[0] == "table" for n in rows.graph.node)
         np.testing.assert_array_equal(tiny.run(whole, {"ids": ids})[0], tiny.run(rows, {"ids": ids})[0])
+
+
+def test_a_table_an_if_branch_also_reads_keeps_its_dequantize_linear():
+    """A subgraph reading the dequantized table from the outer scope is a reader too: the table is
+    then left dequantized whole (gathering it first would leave the branch without its input)."""
+    from onnxcompress.passes.qdq_weights import gather_before_dequantize
+
+    q = numpy_helper.from_array(np.arange(-32, 32, dtype=np.int8).reshape(16, 4), "q")
+    s = numpy_helper.from_array(np.full(16, 0.5, np.float32), "s")
+    branch = helper.make_graph([helper.make_node("ReduceSum", ["table"], ["t"], keepdims=0)], "then", [],
+                               [tiny.value("t", [])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["e"], value_float=0.0)], "else", [],
+                              [tiny.value("e", [])])
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["table"], axis=0),
+             helper.make_node("Gather", ["table", "ids"], ["y"]),
+             helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
+    model = tiny.make_model(nodes, [tiny.value("ids", [3], onnx.TensorProto.INT64), tiny.value("c", [], onnx.TensorProto.BOOL)],
+                            [tiny.value("y", [3, 4]), tiny.value("z", [])], [q, s])
+    assert gather_before_dequantize(model, "qdq") == 0
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Gather", "If"]
