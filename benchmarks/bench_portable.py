@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import DATA, SAMPLES, at_opset  # noqa: E402
 
 from onnxcompress import api  # noqa: E402
+from onnxcompress.runtime import median_latency  # noqa: E402
 from onnxcompress.shipped import shipped_size  # noqa: E402
 
 
@@ -43,24 +44,13 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def per_call(s: ort.InferenceSession, feed: dict, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def paired(original: Path, output: Path, feed: dict, rounds: int, calls: int) -> tuple[float, float, float]:
     """(median ms original, median ms output, median of the per-round ratios output/original)."""
     sessions = [session(original), session(output)]
-    for s in sessions:
-        s.run(None, feed)
-    ref, got = [], []
+    ref, got = [], []  # median_latency warms each session up before it times
     for _ in range(rounds):
-        ref.append(per_call(sessions[0], feed, calls))
-        got.append(per_call(sessions[1], feed, calls))
+        ref.append(median_latency(sessions[0], feed, calls))
+        got.append(median_latency(sessions[1], feed, calls))
     ratio = float(np.median(np.array(got) / np.array(ref)))
     return 1e3 * float(np.median(ref)), 1e3 * float(np.median(got)), ratio
 

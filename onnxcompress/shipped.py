@@ -126,8 +126,9 @@ def shipped_size(path: str | Path, *, resident: bool = True) -> ShippedSize:
 
 def shipped_of_staged(plan, output: str | Path) -> ShippedSize | None:
     """:func:`shipped_size` of an output still staged in an OutputPlan (not yet renamed into place).
-    Its staged files are copied under their final names into a private temporary folder (onnx refuses
-    external data with several hard links), so the model finds its external data where it will be;
+    A model with external data has its staged files copied under their final names into a private
+    temporary folder (onnx refuses external data with several hard links), so the model finds its
+    external data where it will be; a single-file model is measured in place;
     above MEASURE_MAX_BYTES only the bytes on disk are given, without a copy. None when the copy fails."""
     from .model import output_roles
 
@@ -138,6 +139,8 @@ def shipped_of_staged(plan, output: str | Path) -> ShippedSize | None:
     if disk > MEASURE_MAX_BYTES:
         log.info("gzip and resident sizes not measured: %d bytes is above %d", disk, MEASURE_MAX_BYTES)
         return ShippedSize(disk=disk, gzip=None)
+    if len(staged) == 1:  # no external data: the staged file is measured where it is, no copy
+        return shipped_size(staged[0][1])
     try:
         with tempfile.TemporaryDirectory(prefix="onnxcompress-ship-") as folder:
             for name, path in staged:
