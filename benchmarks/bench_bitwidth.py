@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from onnxcompress import api
-from onnxcompress.model import file_bytes
+from onnxcompress.graph.model import file_bytes
 from onnxcompress.recipes import Recipe
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from onnxcompress.codecs import ans, entropy_bits, huffman, raw  # noqa: E402
+from onnxcompress.formats.codecs import ans, entropy_bits, huffman, raw  # noqa: E402
 
 try:
     from dahuffman import HuffmanCodec

@@ -35,15 +35,20 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxcompress import ops, packed, runtime  # noqa: E402
-from onnxcompress.ops.graph import packed_weights, unpack  # noqa: E402
-from onnxcompress.codebook import SharedWeight  # noqa: E402
-from onnxcompress.codecs import ans, huffman, relidx  # noqa: E402
-from onnxcompress.data import load_data  # noqa: E402
-from onnxcompress.kmeans import kmeans_1d  # noqa: E402
-from onnxcompress.model import load_model, save_model  # noqa: E402
+from onnxcompress.formats import customop  # noqa: E402
+from onnxcompress.runtime import extension_ops  # noqa: E402
+
+from onnxcompress.formats import packed
+
+from onnxcompress.runtime import sessions as runtime
+from onnxcompress.formats.blobs import packed_weights, unpack  # noqa: E402
+from onnxcompress.formats.codebook import SharedWeight  # noqa: E402
+from onnxcompress.formats.codecs import ans, huffman, relidx  # noqa: E402
+from onnxcompress.graph.data import load_data  # noqa: E402
+from onnxcompress.numerics.kmeans import kmeans_1d  # noqa: E402
+from onnxcompress.graph.model import load_model, save_model  # noqa: E402
 from onnxcompress.passes import PASSES  # noqa: E402
-from onnxcompress.pipeline import Context  # noqa: E402
+from onnxcompress.pipeline.manager import Context  # noqa: E402
 from onnxcompress.recipes import BUILTIN  # noqa: E402
 
 try:
@@ -132,7 +137,7 @@ def stages(name: str, model: onnx.ModelProto, calib, test) -> list[dict]:
             _, fast = accuracy(row["model"], test)
             assert np.array_equal(logits, fast), "unpacked and packed outputs differ"
             if row is rows[-1]:
-                session = ops.custom_op_session(row["model"])
+                session = extension_ops.custom_op_session(row["model"])
                 custom = np.concatenate([out[0] for out in runtime.run(session, test, row["model"])])
                 row["custom_op_max_diff"] = float(np.abs(custom - logits).max())
         else:
@@ -248,7 +253,7 @@ def decode_speed(packed_models: dict[str, onnx.ModelProto]) -> str:
              "| what | coder | float32 MB | seconds | MB/s |", "|---|---|---:|---:|---:|"]
     for name, model in packed_models.items():
         mb = sum(4 * int(np.prod(r["shape"])) for r in packed_weights(model)) / 1e6
-        seconds, _ = best_time(lambda: ops.to_portable(model))
+        seconds, _ = best_time(lambda: customop.to_portable(model))
         lines.append(f"| {name} packed model load (all weights, fast path) | per stream | {mb:.2f} | {seconds:.4f} | "
                      f"{mb / seconds:.0f} |")
     sw = synthetic_shared()

@@ -30,7 +30,7 @@ from pathlib import Path
 import onnx
 
 from onnxcompress.api import compress
-from onnxcompress.model import file_bytes, save_model
+from onnxcompress.graph.model import file_bytes, save_model
 from onnxcompress.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent / "samples"

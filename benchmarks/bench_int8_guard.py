@@ -22,8 +22,8 @@ MODELS = {"lenet5": "mnist", "resnet_bn": "mnist", "dwsep_bnfold": "mnist", "lst
 
 
 def agreement(reference: onnx.ModelProto, candidate: onnx.ModelProto, x: np.ndarray) -> float:
-    from onnxcompress.data import Dataset
-    from onnxcompress.metrics import compare_models
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.runtime.metrics import compare_models
 
     return compare_models(reference, candidate, Dataset(stacked={"input": x})).outputs[0].top1_agreement
 

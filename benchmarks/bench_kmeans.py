@@ -1,4 +1,4 @@
-"""onnxcompress.kmeans.kmeans_1d against scikit-learn's KMeans on weight-like data.
+"""onnxcompress.numerics.kmeans.kmeans_1d against scikit-learn's KMeans on weight-like data.
 
 Data: a seeded float32 mixture, 90% normal(0, 0.05) + 10% laplace(0, 0.1), of 1M and 10M
 values.  Both sides start from the same linear init (k points evenly spaced between min and max)
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxcompress.kmeans import kmeans_1d, quantization_mse  # noqa: E402
+from onnxcompress.numerics.kmeans import kmeans_1d, quantization_mse  # noqa: E402
 
 # scikit-learn cells whose projected time exceeds this are skipped with a note.
 SKLEARN_BUDGET_S = 300.0

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import DATA, SAMPLES, at_opset  # noqa: E402
 
 from onnxcompress import api  # noqa: E402
-from onnxcompress.runtime import median_latency  # noqa: E402
-from onnxcompress.shipped import shipped_size  # noqa: E402
+from onnxcompress.runtime.sessions import median_latency  # noqa: E402
+from onnxcompress.runtime.shipped import shipped_size  # noqa: E402
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -134,7 +134,7 @@ def shared_codes(path: Path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from onnxcompress.codebook import SharedWeight
+    from onnxcompress.formats.codebook import SharedWeight
 
     model = onnx.load(str(path))
     books = {t.name[: -len("__codebook")]: numpy_helper.to_array(t) for t in model.graph.initializer
@@ -158,8 +158,8 @@ def shared_codes(path: Path) -> dict:
 def layout_table(models: list[str], opset: int) -> None:
     import gzip
 
-    from onnxcompress.codechain import pack_words, sparse_codes
-    from onnxcompress.packed import choose_layout, write_blob
+    from onnxcompress.formats.codechain import pack_words, sparse_codes
+    from onnxcompress.formats.packed import choose_layout, write_blob
 
     print("| model | weight | kept | layout | raw bytes | gzip -9 |")
     print("|---|---|---|---|---|---|")

@@ -93,7 +93,7 @@ def worker(spec: dict) -> dict:
     if spec["tool"] == "ours":
         import onnx
 
-        from onnxcompress.data import Dataset
+        from onnxcompress.graph.data import Dataset
         from onnxcompress.passes.calibrate import CalibrateConfig, calibrate
 
         model = onnx.load(str(path))
@@ -147,8 +147,8 @@ def measure_pair(ours: dict, theirs: dict, repeat: int) -> tuple[dict, dict]:
 # -- models ----------------------------------------------------------------------------------------
 def quantize_ours(name: str, method: str, folder: Path, recipe_steps=None) -> tuple[Path, float]:
     from onnxcompress.api import compress
-    from onnxcompress.data import Dataset
-    from onnxcompress.model import save_model
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.model import save_model
     from onnxcompress.recipes import Recipe
 
     steps = recipe_steps or [("calibrate", {"method": method}), ("qdq", {})]

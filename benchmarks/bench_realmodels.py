@@ -43,7 +43,7 @@ RUNS = {  # label -> (recipe, extra budget)
 
 
 def _gzip_bytes(path: Path) -> int:
-    from onnxcompress.model import external_data_files
+    from onnxcompress.graph.model import external_data_files
 
     import onnx
 
@@ -100,7 +100,7 @@ def _latency(reference: Path, candidate: Path, feeds: list[dict]) -> float:
 def run_one(name: str, label: str) -> dict:
     """One (model, recipe) cell, in this process."""
     from onnxcompress import api
-    from onnxcompress.model import file_bytes
+    from onnxcompress.graph.model import file_bytes
 
     module = rm.load(name)
     source = module.model_path()

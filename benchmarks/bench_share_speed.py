@@ -42,8 +42,8 @@ import numpy as np
 _ONE = r"""
 import sys, time, json
 import numpy as np
-from onnxcompress.layer_hessians import share_weight
-from onnxcompress.weights import Role, WeightInfo
+from onnxcompress.fitting.sharing import share_weight
+from onnxcompress.graph.weights import Role, WeightInfo
 rows, cols, granularity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 w = np.fromfile(sys.argv[4], dtype=np.float32).reshape(rows, cols)
 info = WeightInfo(name="w", shape=(rows, cols), dtype="float32", nbytes=w.nbytes, role=Role.MATMUL,
@@ -55,7 +55,7 @@ print(json.dumps(time.perf_counter() - start))
 
 
 def _info(shape):
-    from onnxcompress.weights import Role, WeightInfo
+    from onnxcompress.graph.weights import Role, WeightInfo
 
     return WeightInfo(name="w", shape=shape, dtype="float32", nbytes=int(np.prod(shape)) * 4,
                       role=Role.MATMUL, channel_axis=1, consumers=[], location="initializer", graph="main")
@@ -83,13 +83,13 @@ def _peak(fn) -> int:
 
 
 def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
-    from onnxcompress.codebook import portable_nodes
-    from onnxcompress.external import ArrayRef
-    from onnxcompress.granular import measure
-    from onnxcompress.graphs import NameScope
-    from onnxcompress.kmeans import kmeans_1d
-    from onnxcompress.layer_hessians import share_weight
-    from onnxcompress.codebook import SharedWeight
+    from onnxcompress.formats.codebook import portable_nodes
+    from onnxcompress.graph.external import ArrayRef
+    from onnxcompress.fitting.granular import measure
+    from onnxcompress.graph.edit import NameScope
+    from onnxcompress.numerics.kmeans import kmeans_1d
+    from onnxcompress.fitting.sharing import share_weight
+    from onnxcompress.formats.codebook import SharedWeight
     import onnx
 
     n = int(np.prod(shape))

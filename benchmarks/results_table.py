@@ -26,11 +26,11 @@ import numpy as np
 import onnx
 
 from onnxcompress import api
-from onnxcompress.data import load_data
-from onnxcompress.model import file_bytes
+from onnxcompress.graph.data import load_data
+from onnxcompress.graph.model import file_bytes
 from onnxcompress.recipes import load_recipe
-from onnxcompress.runtime import make_session, run
-from onnxcompress.shipped import shipped_size
+from onnxcompress.runtime.sessions import make_session, run
+from onnxcompress.runtime.shipped import shipped_size
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 DATA = {"lstm_rows": ("rows_calib.npz", "rows_test.npz")}

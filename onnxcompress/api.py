@@ -9,24 +9,27 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .external import release_spill
-from .data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
-from .metrics import Comparison, compare_models
-from .model import file_bytes, load_model, model_files, output_roles, save_model
-from .outputs import OutputPlan, Role
-from .pipeline import PassManager, Report
-from .recipes import Recipe, load_recipe
-from .search import run_with_backoff
-from .shipped import ORT_FORMAT_NOTE, shipped_of_staged
-from .tasks import is_builtin, parse_metric
-from .weights import find_weights, get_array
+from onnxcompress.formats.blobs import packed_weights
+from onnxcompress.formats.blobs import unpack as unpack_model
+from onnxcompress.graph.spill import release_spill
+from onnxcompress.graph.data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
+from onnxcompress.runtime.metrics import Comparison, compare_models
+from onnxcompress.graph.model import file_bytes, load_model, model_files, output_roles, save_model
+from onnxcompress.graph.outputs import OutputPlan, Role
+from onnxcompress.pipeline.manager import PassManager, Report
+from onnxcompress.recipes import Recipe, load_recipe
+from onnxcompress.pipeline.search import run_with_backoff
+from onnxcompress.runtime.shipped import ORT_FORMAT_NOTE, shipped_of_staged
+from onnxcompress.runtime.sessions import check_runnable, max_runnable_opset, uses_domain
+from onnxcompress.runtime.tasks import is_builtin, parse_metric
+from onnxcompress.graph.weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 
 def _as_model(model: ModelLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, max_opset=max_runnable_opset())
 
 
 def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = None, name: str = "data",
@@ -112,7 +115,7 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
             report = compress_file(source, output, recipe, data=data, eval_data=eval_data, plan=own, **options)
             own.commit()
         return report
-    compressed, report = compress(load_model(source), recipe, data, eval_data=eval_data, **options)
+    compressed, report = compress(load_model(source, max_opset=max_runnable_opset()), recipe, data, eval_data=eval_data, **options)
     try:
         save_model(compressed, output, plan=plan)
     finally:
@@ -144,17 +147,15 @@ def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, sh
 
 def unpack(model: ModelLike) -> onnx.ModelProto:
     """The portable form of a packed model: bit-packed codes + unpacking ops + Gather(codebook) per packed weight."""
-    from .ops.graph import unpack as unpack_model
-
-    return unpack_model(_as_model(model))
+    out = unpack_model(_as_model(model))
+    check_runnable(out, "the unpacked model")
+    return out
 
 
 def unpack_file(source: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int]:
     """Unpack a packed model file into `output` (atomically); returns (bytes before, bytes after)."""
-    from .runtime import uses_domain
-
     with OutputPlan(output_roles(output), input_roles(source)).check() as plan:
-        model = load_model(source)
+        model = load_model(source, max_opset=max_runnable_opset())
         if not uses_domain(model):
             log.warning("'%s' holds no packed weights; writing it unchanged", source)
         save_model(unpack(model), output, plan=plan)
@@ -173,7 +174,6 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
         row["sparsity"] = float(np.mean(array == 0)) if array.size else 0.0
         row["distinct"] = int(np.unique(array).size) if array.size else 0
         rows.append(row)
-    from .runtime import uses_domain  # the packed form's custom ops
 
     floats = [r for r in rows if r["dtype"] in ("float32", "float16", "bfloat16", "float64")]
     return {
@@ -191,6 +191,5 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
 
 def _packed_rows(proto: onnx.ModelProto) -> list[dict]:
     """Per packed weight: stored bytes and bits per weight of each stream (empty for portable models)."""
-    from .ops.graph import packed_weights
 
     return packed_weights(proto)

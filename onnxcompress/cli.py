@@ -1,7 +1,7 @@
 """The `onnxcompress` command: compress, validate, inspect, recipes.
 
 Errors a user can fix print one line and exit with code 2; a missed gate threshold prints one line
-and exits with code 1; nothing is written on any failure (onnxcompress.outputs).
+and exits with code 1; nothing is written on any failure (onnxcompress.graph.outputs).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import BugError, OnnxCompressError
+from onnxcompress import __version__
+from onnxcompress.errors import BugError, OnnxCompressError
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
@@ -73,7 +73,7 @@ def _add_gate_options(group, prefix: str) -> None:
 
 
 def _gate(args, prefix: str):
-    from .gate import Gate
+    from onnxcompress.runtime.gate import Gate
 
     names = ("min_agreement", "max_drop", "min_sqnr", "atol", "rtol")
     flags = {name: f"--{prefix}{name.replace('_', '-')}" for name in names}
@@ -89,7 +89,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes import BUILTIN, DESCRIPTIONS
+    from onnxcompress.recipes import BUILTIN, DESCRIPTIONS
 
     parser = _Parser(
         prog="onnxcompress",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    from .external import exit_on_termination
+    from onnxcompress.graph.spill import exit_on_termination
 
     exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary outputs are removed
     try:
@@ -227,14 +227,14 @@ def _one_line(error: BaseException) -> str:
 
 
 def _compress(args) -> int:
-    from .api import compress_file, input_roles
-    from .data import parse_shapes
-    from .errors import OutputError
-    from .model import output_roles
-    from .outputs import OutputPlan, Role
-    from .parallel import available_cores
-    from .plots import plot_paths, plot_report
-    from .report import report_text
+    from onnxcompress.api import compress_file, input_roles
+    from onnxcompress.graph.data import parse_shapes
+    from onnxcompress.errors import OutputError
+    from onnxcompress.graph.model import output_roles
+    from onnxcompress.graph.outputs import OutputPlan, Role
+    from onnxcompress.execution.parallel import available_cores
+    from onnxcompress.plots import plot_paths, plot_report
+    from onnxcompress.report import report_text
 
     if getattr(args, "quiet", False):
         logging.getLogger().setLevel(logging.ERROR)
@@ -253,7 +253,7 @@ def _compress(args) -> int:
     with OutputPlan(writes, reads).check() as plan:
         jobs = args.jobs or available_cores()
         if args.executor == "ray":
-            from .ray_executor import RayExecutor
+            from onnxcompress.execution.ray_executor import RayExecutor
 
             jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
         try:
@@ -289,9 +289,9 @@ def _compress(args) -> int:
 
 
 def _validate(args) -> int:
-    from .api import validate
-    from .data import parse_shapes
-    from .report import comparison_text
+    from onnxcompress.api import validate
+    from onnxcompress.graph.data import parse_shapes
+    from onnxcompress.report import comparison_text
 
     gate, flags = _gate(args, "")
     comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
@@ -310,8 +310,8 @@ def _validate(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .api import inspect
-    from .report import inspect_text
+    from onnxcompress.api import inspect
+    from onnxcompress.report import inspect_text
 
     info = inspect(args.model, min_elements=args.min_elements)
     print(_dump(info) if args.json else inspect_text(info))
@@ -321,7 +321,7 @@ def _inspect(args) -> int:
 
 
 def _packed_text(rows: list[dict]) -> str:
-    from .report import human_bytes, table
+    from onnxcompress.report import human_bytes, table
 
     body = [[r["name"], "x".join(map(str, r["shape"])), str(r["bits"]), r["layout"], f"{100 * r['nonzero']:.1f}%",
              human_bytes(r["stored_bytes"]), f"{r['bits_per_weight']:.3f}",
@@ -333,8 +333,8 @@ def _packed_text(rows: list[dict]) -> str:
 
 
 def _unpack(args) -> int:
-    from .api import unpack_file
-    from .report import human_bytes
+    from onnxcompress.api import unpack_file
+    from onnxcompress.report import human_bytes
 
     before, after = unpack_file(args.model, args.output)
     print(f"unpacked {args.model} ({human_bytes(before)}) -> {args.output} ({human_bytes(after)}, portable)")
@@ -342,10 +342,10 @@ def _unpack(args) -> int:
 
 
 def _recipes(args) -> int:
-    from .recipes import BUILTIN, DESCRIPTIONS, FORMS
+    from onnxcompress.recipes import BUILTIN, DESCRIPTIONS, FORMS
 
     if args.options:
-        from .recipes.options import options_json, options_text
+        from onnxcompress.recipes.options import options_json, options_text
 
         print(options_json() if args.json else options_text(), end="\n" if args.json else "")
         return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .pipeline import Report
+from onnxcompress.pipeline.manager import Report
 
 
 def search_summary(report: Report) -> dict | None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from .metrics import Comparison
-from .pipeline import Report
+from onnxcompress.runtime.metrics import Comparison
+from onnxcompress.pipeline.manager import Report
 
 
 def human_bytes(n: int | None) -> str:

@@ -1,15 +1,15 @@
 """The passes, by the name recipes use for them."""
 from __future__ import annotations
 
-from onnxcompress.pipeline import Pass
+from onnxcompress.pipeline.manager import Pass
 
-from .prune import PrunePass
-from .bitwidth import BitWidthPass
-from .calibrate import CalibratePass
-from .qdq import QdqPass
-from .share import SharePass
-from .sparse import SparsePass
-from .entropy import EntropyPass
+from onnxcompress.passes.prune import PrunePass
+from onnxcompress.passes.bitwidth import BitWidthPass
+from onnxcompress.passes.calibrate import CalibratePass
+from onnxcompress.passes.qdq import QdqPass
+from onnxcompress.passes.share import SharePass
+from onnxcompress.passes.sparse import SparsePass
+from onnxcompress.passes.entropy import EntropyPass
 
 PASSES: dict[str, type[Pass]] = {
     CalibratePass.name: CalibratePass,

@@ -4,7 +4,7 @@
    magnitude-pruned to s, k-means coded at b bits, and the model run on the evaluation data
    with only that weight changed. The candidate weights are turned into inputs of ONE
    evaluation session, so each candidate is a different feed, not a new session.
-2. Allocation: a multiple-choice knapsack (onnxcompress.allocate) picks one candidate per weight,
+2. Allocation: a multiple-choice knapsack (onnxcompress.numerics.allocate) picks one candidate per weight,
    minimizing the stored bytes under the fidelity budget (or the loss under a size budget),
    treating per-layer losses as additive.
 3. Verification: losses do not add up exactly, so the chosen set is applied jointly and measured
@@ -28,22 +28,21 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress import allocate
-from onnxcompress.capture import collect_layer_inputs, linear_layer
-from onnxcompress.data import Dataset, model_inputs
+from onnxcompress.numerics import allocate
+from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
+from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
-from onnxcompress.metrics import compare_outputs
-from onnxcompress.numerics import magnitude_mask
-from onnxcompress.tasks import is_builtin, output_producers, parse_metric, resolve_kinds
-from onnxcompress.packed import choose_layout, write_blob
-from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
-                                 sparsegpt)
-from onnxcompress.runtime import make_session
-from onnxcompress.weights import WeightInfo, get_array
+from onnxcompress.runtime.metrics import compare_outputs
+from onnxcompress.numerics.measures import magnitude_mask
+from onnxcompress.runtime.tasks import is_builtin, output_producers, parse_metric, resolve_kinds
+from onnxcompress.formats.packed import choose_layout, write_blob
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.formats.codebook import fit_codebook
+from onnxcompress.numerics.refine import (DAMPING_GRID, DEFAULT_DAMPING, MAX_CV_FLOPS, damping_for_all_rows,
+                                         heldout_damping, lstsq_cost, masked_lstsq, sparsegpt)
+from onnxcompress.runtime.sessions import make_session
+from onnxcompress.graph.weights import WeightInfo, get_array
 
-from .prune import DEFAULT_DAMPING, PruneConfig
-from .share import fit_codebook
 
 log = logging.getLogger(__name__)
 SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -139,7 +138,7 @@ class _Evaluator:
 
 def _weights_as_inputs(model: onnx.ModelProto, weights: list[WeightInfo]) -> onnx.ModelProto:
     """A copy where each searched weight is a main-graph input (subgraphs read it from the outer scope)."""
-    from onnxcompress.graphs import find_graph
+    from onnxcompress.graph.edit import find_graph
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -284,7 +283,7 @@ class _Pruner:
     @staticmethod
     def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
         """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
-        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > PruneConfig.max_cv_flops:
+        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
             return DEFAULT_DAMPING
         errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
                      for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))

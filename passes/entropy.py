@@ -8,10 +8,10 @@ bits per weight of the codes and of the indices next to their empirical entropy
 
 In the packed form (``ctx.form == "packed"``) this pass also assembles the model: each shared
 weight's portable subgraph is replaced by one ``ai.onnxcompress::DecodeWeight`` node reading a
-uint8 initializer that holds the blob (onnxcompress.packed). In the portable form the model is
+uint8 initializer that holds the blob (onnxcompress.formats.packed). In the portable form the model is
 left as it is and the report says what the packed form would store.
 
-Weights are coded independently, in ``ctx.jobs`` worker processes (onnxcompress.parallel). For a
+Weights are coded independently, in ``ctx.jobs`` worker processes (onnxcompress.execution.parallel). For a
 streamed model each blob leaves memory as soon as it is made: the model's blob initializer and
 the context's copy both go to the spill file, so the output is written with external data and
 memory holds one weight's streams at a time, whatever the model's size.
@@ -23,15 +23,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from onnxcompress.codebook import SharedWeight
-from onnxcompress.codecs import METHODS
+from onnxcompress.formats.codebook import SharedWeight
+from onnxcompress.formats.codecs import METHODS
 from onnxcompress.errors import PreconditionError
-from onnxcompress.external import SpillingDict, is_streamed
-from onnxcompress.graphs import NameScope
-from onnxcompress.ops.graph import replace_with_blob  # importing ops registers the DecodeWeight schema
-from onnxcompress.packed import Layout, PackedWeight, read_blob, write_blob
-from onnxcompress.parallel import map_ordered
-from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.graph.external import is_streamed
+from onnxcompress.graph.spill import SpillingDict
+from onnxcompress.graph.edit import NameScope
+from onnxcompress.formats.blobs import replace_with_blob  # importing ops registers the DecodeWeight schema
+from onnxcompress.formats.packed import Layout, PackedWeight, read_blob, write_blob
+from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Per weight, a mask (True = kept) is chosen by magnitude, either at a target spar
 paper's threshold rule |w| < quality * std(w). With calibration data, each Gemm/MatMul/Conv
 layer is then compensated, in graph order so that every layer sees the inputs of the already
 pruned layers before it: the kept weights of each output channel are refit by least squares to
-reproduce the original model's layer output (see :mod:`onnxcompress.refine`), or updated
+reproduce the original model's layer output (see :mod:`onnxcompress.numerics.refine`), or updated
 column by column with OBS (SparseGPT), which also chooses its own mask. The weights stay dense
 with exact zeros; storing them sparsely is the job of later passes (`ctx.masks` carries the
 masks to them).
@@ -18,16 +18,15 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxcompress import refine
-from onnxcompress.capture import LinearLayer, graph_position, linear_layer
-from onnxcompress.layerfit import layer_fit
-from onnxcompress.numerics import kept_count, magnitude_mask, sqnr_db, top_mask
+from onnxcompress.numerics import refine
+from onnxcompress.runtime.capture import LinearLayer, graph_position, linear_layer
+from onnxcompress.fitting.layerfit import layer_fit
+from onnxcompress.numerics.measures import kept_count, magnitude_mask, sqnr_db, top_mask
 from onnxcompress.errors import BugError, ModelError, PreconditionError
-from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.weights import Role, WeightInfo, find_weights, get_array, set_array
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.graph.weights import Role, WeightInfo, find_weights, get_array, set_array
 
 log = logging.getLogger(__name__)
-DEFAULT_DAMPING = 0.01  # "auto" damping where the held-out choice is not made
 
 
 @dataclass(kw_only=True)
@@ -54,7 +53,7 @@ class PruneConfig:
     # ridge of the refits, relative to mean(diag H); "auto": per layer, the value of refine.DAMPING_GRID
     # with the least two-fold held-out output error on the calibration rows (0.01 where unaffordable)
     damping: float | Literal["auto"] = "auto"
-    max_cv_flops: float = 2e10  # "auto" damping: the held-out refits of a layer may cost this many flops
+    max_cv_flops: float = refine.MAX_CV_FLOPS  # "auto" damping: the held-out refits of a layer may cost this many flops
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
     min_elements: int = 256  # smaller tensors are left alone (unless named in `sparsity`)
@@ -247,7 +246,7 @@ class PrunePass(Pass):
             return float(cfg.damping)
         cost = refine.lstsq_cost(keep) * 4 * len(refine.DAMPING_GRID)
         if method != "lstsq" or fit.grams.folds is None or cost > cfg.max_cv_flops:
-            return DEFAULT_DAMPING
+            return refine.DEFAULT_DAMPING
         errors = sum(refine.heldout_damping(fit.reference[rows], keep[rows], fit.grams.fold_groups(g))
                      for g, rows, *_ in fit.groups())
         chosen = refine.damping_for_all_rows(errors)

@@ -27,21 +27,21 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graphs import NameScope, consumers, mark
-from onnxcompress.layer_errors import measure_layer_errors
-from onnxcompress.model import opset_of
-from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.runtime import make_session
-from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
-from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
+from onnxcompress.graph.edit import NameScope, consumers, mark
+from onnxcompress.runtime.layer_errors import measure_layer_errors
+from onnxcompress.graph.model import opset_of
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.runtime.sessions import make_session
+from onnxcompress.numerics.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
+from onnxcompress.graph.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 
-from .calibrate import CalibrationResult
-from . import qdq_guard as guard
-from .qdq_dynamic import quantize_dynamic_matmuls
-from .qdq_fold import fold_batch_norms
-from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
+from onnxcompress.numerics.quantmath import CalibrationResult
+from onnxcompress.passes import qdq_guard as guard
+from onnxcompress.formats.qdq_dynamic import quantize_dynamic_matmuls
+from onnxcompress.graph.fold import fold_batch_norms
+from onnxcompress.formats.qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
                       out_channels, unsupported, weight_axis)
-from .qdq_weights import NAMES, dq_nodes, gather_before_dequantize, hoist_constants, quantize_weights_only
+from onnxcompress.formats.qdq_weights import NAMES, dq_nodes, gather_before_dequantize, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ class QdqPass(Pass):
 
 def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
     """Mean per input channel of each Conv/Gemm/MatMul input (axis 1 for Conv, the last otherwise)."""
-    from onnxcompress.capture import capture
+    from onnxcompress.runtime.capture import capture
 
     axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in nodes
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2 and n.input[2]}

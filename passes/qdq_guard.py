@@ -2,7 +2,7 @@
 break it, keep them float, and fall back to weight-only int8 when that is not enough.
 
 The check runs the float and the quantized model on calibration samples: every class-score
-output (see :class:`onnxcompress.metrics.OutputMetrics`) must keep `agreement` of its top-1
+output (see :class:`onnxcompress.runtime.metrics.OutputMetrics`) must keep `agreement` of its top-1
 decisions, every other output an SQNR of at least `min_sqnr` dB.
 
 Which activations are responsible is measured, not guessed: each quantized activation is
@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.graphs import NameScope
-from onnxcompress.data import model_inputs
-from onnxcompress.metrics import Comparison, compare_models, compare_outputs
-from onnxcompress.quantmath import TYPES
-from onnxcompress.runtime import make_session, median_latency, run
+from onnxcompress.graph.edit import NameScope
+from onnxcompress.graph.data import model_inputs
+from onnxcompress.runtime.metrics import Comparison, compare_models, compare_outputs
+from onnxcompress.numerics.quantmath import TYPES
+from onnxcompress.runtime.sessions import make_session, median_latency, run
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def sensitivities(reference: onnx.ModelProto, tensors: dict[str, tuple[float, in
 
 def _widest(model: onnx.ModelProto, names: list[str], data) -> list[str]:
     """`names` by max |t| / rms(t) over `data`, largest first (outlier-heavy activations first)."""
-    from onnxcompress.capture import capture
+    from onnxcompress.runtime.capture import capture
 
     peak, energy, count = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     for values in capture(model, data, names):

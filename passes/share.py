@@ -2,7 +2,7 @@
 
 Each float weight above the size threshold becomes k = 2**bits centroids and one small code
 per entry, written in portable ONNX as bit-packed codes (dense, or relative indices + kept codes
-when smaller: onnxcompress.codechain) -> integer unpacking ops -> Gather(codebook), which
+when smaller: onnxcompress.formats.codechain) -> integer unpacking ops -> Gather(codebook), which
 onnxruntime folds back into a dense tensor at load. Pruned entries (a mask from the
 prune pass) stay exactly zero: they get the reserved code of centroid 0.0. A weight whose portable
 form would not be smaller than its float initializer stays float.
@@ -10,9 +10,9 @@ form would not be smaller than its float initializer stays float.
 With granularity "auto" and data, every option (per-tensor, per-channel scales, groups, outliers,
 importance-weighted, GPTQ codes) is judged where its error lands at the model's outputs, through two
 gains per weight measured by running the model with only that weight perturbed
-(onnxcompress.sensitivity), and the options of all weights are chosen together there
+(onnxcompress.runtime.sensitivity), and the options of all weights are chosen together there
 (granular.choose_jointly). Biases are coded first, measured in their layer's output, and the layer's
-weight is coded so as to cancel what it can of the bias's coding error (onnxcompress.bias_error); a
+weight is coded so as to cancel what it can of the bias's coding error (onnxcompress.numerics.bias_error); a
 bias that stays float takes up its weight's mean output error instead (bias correction).
 """
 from __future__ import annotations
@@ -26,21 +26,20 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.codebook import SharedWeight, portable_nodes
-from onnxcompress.codechain import MAX_BITS, PACK_MIN_OPSET
+from onnxcompress.formats.codebook import SharedWeight, portable_nodes
+from onnxcompress.formats.codechain import MAX_BITS, PACK_MIN_OPSET
 from onnxcompress.errors import ModelError, PreconditionError
-from onnxcompress.layer_hessians import bias_links, float_size, layer_hessians, share_weight
-from onnxcompress.graphs import NameScope
-from onnxcompress.kmeans import kmeans_1d
-from onnxcompress.layerfit import in_layer_order, refine_shared
-from onnxcompress.granular import DB_PER_BIT, Choice, Option, choose_jointly, fit, from_matrix, to_matrix
-from onnxcompress.model import opset_of
-from onnxcompress.sensitivity import OutputGains, Probe, measure_gains
-from onnxcompress.parallel import map_ordered
-from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.weights import Role, WeightInfo, get_array, replace_weight, set_array, weight_source
+from onnxcompress.fitting.sharing import bias_links, float_size, layer_hessians, share_weight
+from onnxcompress.graph.edit import NameScope
+from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
+from onnxcompress.fitting.granular import DB_PER_BIT, Choice, Option, choose_jointly, fit, from_matrix, to_matrix
+from onnxcompress.graph.model import opset_of
+from onnxcompress.runtime.sensitivity import OutputGains, Probe, measure_gains
+from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.graph.weights import Role, WeightInfo, get_array, replace_weight, set_array, weight_source
 
-from .qdq_fold import fold_batch_norms
+from onnxcompress.graph.fold import fold_batch_norms
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,12 @@ class ShareConfig:
     min_elements: int = 256  # smaller tensors are left alone
     exclude: list = field(default_factory=list)  # weight names to leave alone
     seed: int = 0  # random generator seed (init "random")
-    # least-squares centroids on the calibration data (onnxcompress.refine), toward the original model's
+    # least-squares centroids on the calibration data (onnxcompress.numerics.refine), toward the original model's
     # layer outputs; only with data and for weights of a single Gemm/MatMul/Conv
     refine: bool = True
     refine_ridge: float = 1e-3  # pull toward the k-means centroids, relative to mean(diag G)
     reassign_rounds: int = 1  # move entries to the nearest refined centroid and refit, if it helps
-    # which values share a codebook (onnxcompress.granular): one per tensor, one around per-channel
+    # which values share a codebook (onnxcompress.fitting.granular): one per tensor, one around per-channel
     # scales, one per group of channels, outliers kept exact, or "auto": the smallest candidate whose
     # layer-output SQNR (weight-space without data) reaches target_sqnr_db, else the best SQNR net of its bytes
     granularity: Literal["tensor", "channel", "group", "outlier", "auto"] = "auto"
@@ -68,7 +67,7 @@ class ShareConfig:
     target_sqnr_db: float = 36.0  # per-layer SQNR target of "auto": ~27 dB at the logits after ~8 layers add up
     # "auto" with data: judge each layer's error at the model's outputs, through two gains per weight
     # measured by running this many calibration samples with only that weight perturbed
-    # (onnxcompress.sensitivity); 0: judge it in the layer's output
+    # (onnxcompress.runtime.sensitivity); 0: judge it in the layer's output
     gain_samples: int = 32
     # fold Conv -> BatchNormalization pairs into the Conv first (W' = k W per output channel), as
     # exporters do: the BN's four vectors and node go, and per-channel scales absorb k exactly.
@@ -120,7 +119,7 @@ class SharePass(Pass):
         total = sum(info.numel for info in candidates)
         bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
         # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
-        # weight then cancels what it can of that error (onnxcompress.bias_error)
+        # weight then cancels what it can of that error (onnxcompress.numerics.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
             if cfg.granularity == "auto" else {}
         gains, probe_fits = self._output_gains(ctx, candidates, hessians, bits_of)
@@ -188,7 +187,7 @@ class SharePass(Pass):
     def _output_gains(self, ctx: Context, candidates: list[WeightInfo], hessians, bits_of
                       ) -> tuple[dict[str, OutputGains], dict[str, dict[Option, SharedWeight]]]:
         """How each weight's coding error reaches the model's outputs, probed with the error of its
-        per-tensor GPTQ coding (onnxcompress.sensitivity); only "auto" chooses by it. Also returns
+        per-tensor GPTQ coding (onnxcompress.runtime.sensitivity); only "auto" chooses by it. Also returns
         those codings, one of the candidates the weight will be measured with."""
         cfg: ShareConfig = self.config
         probed = [w for w in candidates if w.name in hessians]
@@ -316,18 +315,3 @@ def _dominated(candidate, candidates) -> bool:
 def _stays_float(info: WeightInfo, chosen) -> bool:
     """Chosen so, or its portable form (nodes and initializers) is no smaller than the float initializer."""
     return chosen.shared is None or chosen.bytes >= float_size(info)
-
-
-def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,
-                 mask: np.ndarray | None = None) -> SharedWeight:
-    """One k-means codebook for the whole tensor; masked-out entries keep code 0 = exactly 0.0."""
-    values = np.asarray(array, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
-    keep_zero = mask is not None
-    if keep_zero:
-        values = np.where(mask, values, 0.0)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
-    return SharedWeight(name=info.name, shape=tuple(array.shape), dtype=array.dtype, codes=result.labels,
-                        codebook=result.centroids.astype(np.float32), bits=bits, channel_axis=info.channel_axis,
-                        zero_code=0 if keep_zero else None)

@@ -1,7 +1,7 @@
 """Sparse storage of pruned weights (Deep Compression §2).
 
 portable form: shared weights are already written by the share pass as bit-packed codes, dense or
-as relative indices + the kept codes (whichever is smaller, :mod:`onnxcompress.codechain`); this
+as relative indices + the kept codes (whichever is smaller, :mod:`onnxcompress.formats.codechain`); this
 pass only records which. Unshared pruned weights: the smaller (measured serialized bytes) of the
 float tensor with its zeros and an ONNX sparse tensor (int64 flat indices + the nonzero values)
 held by a standard ``Constant(sparse_value=...)`` node, which onnx's checker and onnxruntime both
@@ -20,17 +20,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.codebook import SharedWeight
-from onnxcompress.codechain import code_bytes, dense_code_bytes
-from onnxcompress.codecs import METHODS
+from onnxcompress.formats.codebook import SharedWeight
+from onnxcompress.formats.codechain import code_bytes, dense_code_bytes
+from onnxcompress.formats.codecs import METHODS
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graphs import mark
-from onnxcompress.model import opset_of
-from onnxcompress.ops.graph import replace_constant_subgraph
-from onnxcompress.packed import Layout, choose_layout
-from onnxcompress.parallel import map_ordered
-from onnxcompress.pipeline import Context, Pass, PassResult
-from onnxcompress.weights import Role, find_weights, get_array
+from onnxcompress.graph.edit import mark
+from onnxcompress.graph.model import opset_of
+from onnxcompress.formats.blobs import replace_constant_subgraph
+from onnxcompress.formats.packed import Layout, choose_layout
+from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.graph.weights import Role, find_weights, get_array
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from onnxcompress.allocate import Option, min_cost, min_size, pareto_front, totals
+from onnxcompress.numerics.allocate import Option, min_cost, min_size, pareto_front, totals
 
 
 def brute(options, budget, constrained, objective):

@@ -4,7 +4,7 @@ import onnx
 import pytest
 
 from onnxcompress import api
-from onnxcompress.allocate import Option
+from onnxcompress.numerics.allocate import Option
 from onnxcompress.errors import ModelError, PassError, RecipeError
 from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass, make_score
 from onnxcompress.recipes import Recipe
@@ -107,7 +107,7 @@ def test_bad_user_input_stops_the_search():
 
 
 def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
-    import onnxcompress.search as search
+    import onnxcompress.pipeline.search as search
 
     calls = []
     real = search.budget_check
@@ -178,7 +178,7 @@ def test_vectors_are_planned_dense_because_prune_leaves_them_dense():
 
 
 def test_expected_loss_charges_a_changed_decision_by_the_reference_probabilities():
-    from onnxcompress.metrics import class_probabilities, compare_outputs
+    from onnxcompress.runtime.metrics import class_probabilities, compare_outputs
 
     # sample 0: confident (logits 4 vs 0) and flipped; sample 1: a near tie, flipped; sample 2 kept
     reference = np.array([[4.0, 0.0], [0.1, 0.0], [0.0, 3.0]], dtype=np.float32)
@@ -212,8 +212,8 @@ def test_an_unlabelled_budget_bounds_the_expected_loss_or_the_agreement():
 
 
 def test_layer_input_folds_hold_out_each_chunk_group():
-    from onnxcompress.capture import LayerInputs, linear_layer
-    from onnxcompress.weights import find_weights
+    from onnxcompress.runtime.capture import LayerInputs, linear_layer
+    from onnxcompress.graph.weights import find_weights
 
     model = gemm(k=16, n=8)
     info = next(w for w in find_weights(model) if len(w.shape) == 2)
@@ -233,9 +233,9 @@ def test_layer_input_folds_hold_out_each_chunk_group():
 
 
 def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
-    from onnxcompress.data import load_data
+    from onnxcompress.graph.data import load_data
     from onnxcompress.passes.bitwidth import _Evaluator, _Pruner
-    from onnxcompress.weights import find_weights, get_array
+    from onnxcompress.graph.weights import find_weights, get_array
 
     model = gemm(k=64, n=16)
     data = load_data(tiny_data(model, n=256))  # 4 chunks of 64 samples, one per fold

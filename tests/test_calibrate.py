@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tiny
-from onnxcompress.capture import capture
-from onnxcompress.data import Dataset
+from onnxcompress.runtime.capture import capture
+from onnxcompress.graph.data import Dataset
 from onnxcompress.errors import PassError, PreconditionError
-from onnxcompress.passes.calibrate import CalibrateConfig, CalibratePass, CalibrationResult, calibrate, derived_tensors
-from onnxcompress.pipeline import Context, PassManager
-from onnxcompress.quantmath import (INT8, UINT8, StreamingHistogram, dequantize, entropy_threshold, mse_range,
+from onnxcompress.numerics.quantmath import CalibrationResult
+from onnxcompress.passes.calibrate import CalibrateConfig, CalibratePass, calibrate, derived_tensors
+from onnxcompress.pipeline.manager import Context, PassManager
+from onnxcompress.numerics.quantmath import (INT8, UINT8, StreamingHistogram, dequantize, entropy_threshold, mse_range,
                                     percentile_range, quantize, quantize_blocked, quantize_per_channel,
                                     scale_zero_point)
 

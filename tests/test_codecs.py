@@ -1,4 +1,4 @@
-"""Property tests for onnxcompress.codecs: exact round trips, and CodecError (never another
+"""Property tests for onnxcompress.formats.codecs: exact round trips, and CodecError (never another
 exception, never a hang) on truncated or corrupted streams."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from onnxcompress import codecs as C
-from onnxcompress.codecs import ans, bitpack, frame, huffman, raw, relidx
+from onnxcompress.formats import codecs as C
+from onnxcompress.formats.codecs import ans, bitpack, frame, huffman, raw, relidx
 from onnxcompress.errors import CodecError
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,

@@ -107,7 +107,7 @@ def test_recipe_on_architecture(name, recipe, capsys):
     compressed, report = _compress(model, recipe, calib, evaluation)
     seconds = time.perf_counter() - start
     onnx.checker.check_model(compressed, full_check=True)
-    from onnxcompress.runtime import to_runnable  # packed models: our decode ops become plain tensors
+    from onnxcompress.runtime.sessions import to_runnable  # packed models: our decode ops become plain tensors
 
     reference, got = _run(model, evaluation), _run(to_runnable(compressed), evaluation)
     assert got.shape == reference.shape and np.all(np.isfinite(got))

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import api
 from onnxcompress.cli import main
-from onnxcompress.data import Dataset, load_data, model_inputs
+from onnxcompress.graph.data import Dataset, load_data, model_inputs
 from onnxcompress.errors import DataError
 from tiny import make_model, value
 
@@ -165,7 +165,7 @@ def test_labels_must_match_samples():
 
 
 def test_one_sample_feeds_of_equal_shapes_run_in_batches_like_stacked_data():
-    from onnxcompress.data import Dataset, model_inputs
+    from onnxcompress.graph.data import Dataset, model_inputs
     from tiny import gemm
 
     model = gemm(k=8, n=4)

@@ -1,4 +1,4 @@
-"""Executors for per-weight work (onnxcompress.parallel, onnxcompress.ray_executor): same results in
+"""Executors for per-weight work (onnxcompress.execution.parallel, onnxcompress.execution.ray_executor): same results in
 the same order whatever runs them; external weights read where the task runs; Ray tasks whose worker
 dies are retried, and one that keeps dying stops the run naming its weight, with no output written.
 
@@ -16,20 +16,24 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress import external, model as model_io, parallel
+from onnxcompress.graph import external, spill
+
+from onnxcompress.graph import model as model_io
+
+from onnxcompress.execution import parallel
 from onnxcompress.api import compress_file
 from onnxcompress.errors import ExecutorError, ModelError
-from onnxcompress.external import ArrayRef
-from onnxcompress.graphs import all_tensors
-from onnxcompress.model import load_model, save_model
-from onnxcompress.weights import find_weights, get_array, weight_source
+from onnxcompress.graph.external import ArrayRef
+from onnxcompress.graph.edit import all_tensors
+from onnxcompress.graph.model import load_model, save_model
+from onnxcompress.graph.weights import find_weights, get_array, weight_source
 from tiny import mlp, make_model, random_feeds, run, value
 
 
 @pytest.fixture
 def streaming(monkeypatch):
     monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
-    monkeypatch.setattr(external, "SPILL_MIN_BYTES", 1024)
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 1024)
 
 
 def _digest(path: Path) -> str:
@@ -129,7 +133,7 @@ def test_share_on_any_executor_gives_identical_files(tmp_path, streaming, monkey
 
 
 def test_ray_executor_without_ray_is_a_clean_error(monkeypatch):
-    from onnxcompress.ray_executor import RayExecutor
+    from onnxcompress.execution.ray_executor import RayExecutor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(ExecutorError, match="pip install"):
@@ -168,7 +172,7 @@ def local_ray():
 
 @pytest.mark.slow
 def test_ray_gives_identical_files_and_retries_killed_workers(tmp_path, streaming, local_ray):
-    from onnxcompress.ray_executor import RayExecutor
+    from onnxcompress.execution.ray_executor import RayExecutor
 
     model = mlp(layers=4, width=64)
     save_model(model, tmp_path / "m.onnx", external_data=True)
@@ -191,7 +195,7 @@ def test_ray_gives_identical_files_and_retries_killed_workers(tmp_path, streamin
 @pytest.mark.slow
 def test_ray_run_that_keeps_failing_writes_nothing(tmp_path, streaming, local_ray, monkeypatch):
     from onnxcompress.passes import share as share_module
-    from onnxcompress.ray_executor import RayExecutor
+    from onnxcompress.execution.ray_executor import RayExecutor
 
     save_model(mlp(layers=2, width=64), tmp_path / "m.onnx", external_data=True)
     monkeypatch.setattr(share_module, "share_weight", _always_die)

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.codebook import SharedWeight, portable_nodes
-from onnxcompress.codechain import pack_words, sparse_codes, word_shape
-from onnxcompress.codecs.bitpack import unpack
-from onnxcompress.graphs import NameScope
+from onnxcompress.formats.codebook import SharedWeight, portable_nodes
+from onnxcompress.formats.codechain import pack_words, sparse_codes, word_shape
+from onnxcompress.formats.codecs.bitpack import unpack
+from onnxcompress.graph.edit import NameScope
 
 OPSETS = [11, 13, 17, 18, 21]
 SHAPE = (24, 13)  # 312 codes: not a whole number of words at 3, 5 or 7 bits (padding sliced off)

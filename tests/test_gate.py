@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from onnxcompress.cli import main
-from onnxcompress.gate import Gate
-from onnxcompress.metrics import Comparison, OutputMetrics, compare_outputs
+from onnxcompress.runtime.gate import Gate
+from onnxcompress.runtime.metrics import Comparison, OutputMetrics, compare_outputs
 from tiny import cli_error, gemm, run
 
 

@@ -4,10 +4,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import granular
-from onnxcompress.data import Dataset
-from onnxcompress.granular import LayerHessians, Option, fit, measure
-from onnxcompress.weights import find_weights
+from onnxcompress.fitting import granular
+from onnxcompress.graph.data import Dataset
+from onnxcompress.fitting.granular import LayerHessians, Option, fit, measure
+from onnxcompress.graph.weights import find_weights
 from tiny import (assert_valid_and_close, decoded_reference, gemm, make_model, op_types, random_feeds, run, run_pass,
                   value)
 
@@ -197,8 +197,8 @@ def test_options_need_a_channel_axis_and_unknown_granularity_is_refused():
 
 
 def test_recurrent_hessians_are_the_step_inputs_and_previous_hidden_states():
-    from onnxcompress.capture import capture
-    from onnxcompress.layer_hessians import layer_hessians
+    from onnxcompress.runtime.capture import capture
+    from onnxcompress.fitting.sharing import layer_hessians
 
     model = lstm_model()
     x = np.random.default_rng(4).standard_normal((5, 3, 8)).astype(np.float32)
@@ -230,7 +230,7 @@ def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_sp
 
 
 def test_no_outliers_below_opset_11_where_scatternd_does_not_exist():
-    from onnxcompress.layer_hessians import share_weight
+    from onnxcompress.fitting.sharing import share_weight
 
     model = scaled_gemm(spread=1.0, outliers=10)
     info = next(w for w in find_weights(model) if w.name == "W")
@@ -257,7 +257,7 @@ def relu_rows(n: int, k: int, seed: int) -> np.ndarray:
 
 
 def test_a_weight_moved_to_w_plus_e_v_leaves_exactly_the_residual_the_link_reports():
-    from onnxcompress.bias_error import BiasLink, absorbing_target, mean_solutions
+    from onnxcompress.numerics.bias_error import BiasLink, absorbing_target, mean_solutions
 
     rng = np.random.default_rng(6)
     x = relu_rows(4000, 24, seed=7).astype(np.float64)
@@ -306,7 +306,7 @@ def test_without_data_a_bias_stays_float_and_a_weight_whose_codebook_form_is_not
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU-linear-before-reset"])
 def test_recurrent_bias_lands_on_gate_rows_and_a_gru_reset_bias_is_not_linked(op):
-    from onnxcompress.layer_hessians import bias_links, layer_hessians
+    from onnxcompress.fitting.sharing import bias_links, layer_hessians
 
     model = lstm_model(hidden=16)
     if op != "LSTM":  # its hidden gate's Rb is multiplied by the reset gate: not a plain added bias
@@ -334,7 +334,7 @@ def test_recurrent_bias_lands_on_gate_rows_and_a_gru_reset_bias_is_not_linked(op
 def test_code_normal_equations_match_the_indicator_products():
     from types import SimpleNamespace
 
-    from onnxcompress.gptq import code_normal_equations
+    from onnxcompress.numerics.gptq import code_normal_equations
 
     rng = np.random.default_rng(0)
     K, rows, k = 20, 9, 6

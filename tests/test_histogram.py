@@ -1,4 +1,4 @@
-"""Tests for onnxcompress.histogram and the large-tensor paths built on it: the histogram k-means
+"""Tests for onnxcompress.numerics.histogram and the large-tensor paths built on it: the histogram k-means
 stays within 1.01x of the MSE of the full (sorted) k-means, table look-up labels equal
 np.searchsorted's exactly, and the plain per-tensor fit equals the general one."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import onnxcompress.kmeans as kmeans
-from onnxcompress.granular import Option, fit
-from onnxcompress.histogram import below, signal_and_error, value_histogram
-from onnxcompress.kmeans import kmeans_1d, quantization_mse
+import onnxcompress.numerics.kmeans as kmeans
+from onnxcompress.fitting.granular import Option, fit
+from onnxcompress.numerics.histogram import below, signal_and_error, value_histogram
+from onnxcompress.numerics.kmeans import kmeans_1d, quantization_mse
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.api import compress_file
 from onnxcompress.cli import main
 from onnxcompress.errors import OutputError
-from onnxcompress.model import save_model
+from onnxcompress.graph.model import save_model
 from tiny import assert_valid_and_close, cli_error, gemm, make_model, random_feeds, run, value
 
 
@@ -66,7 +66,7 @@ def test_output_data_file_would_overwrite_the_inputs_data(tmp_path):
             if entry.key == "location":
                 entry.value = "out.onnx.data"
     path.write_bytes(proto.SerializeToString())
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
 
     streamed = load_model(path, stream=True)
     before = _snapshot(tmp_path)
@@ -114,7 +114,7 @@ def _conv_and_matmul_sharing_a_weight() -> onnx.ModelProto:
 
 def test_weight_shared_by_conv_and_matmul(tmp_path):
     model = _conv_and_matmul_sharing_a_weight()
-    from onnxcompress.weights import find_weights
+    from onnxcompress.graph.weights import find_weights
 
     info = next(w for w in find_weights(model) if w.name == "W")
     assert {c.op_type for c in info.consumers} == {"Conv", "MatMul"}

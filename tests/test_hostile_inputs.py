@@ -19,13 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import packed
-from onnxcompress.codecs import encode
-from onnxcompress.codecs._wire import uvarint
-from onnxcompress.codecs.choice import decode_any
-from onnxcompress.codecs.frame import pack_streams
+from onnxcompress.formats import packed
+from onnxcompress.formats.codecs import encode
+from onnxcompress.formats.codecs._wire import uvarint
+from onnxcompress.formats.codecs.choice import decode_any
+from onnxcompress.formats.codecs.frame import pack_streams
 from onnxcompress.errors import CodecError
-from onnxcompress.limits import MAX_SYNTH_ELEMENTS, MAX_TENSOR_ELEMENTS
+from onnxcompress.numerics.limits import MAX_SYNTH_ELEMENTS, MAX_TENSOR_ELEMENTS
 from test_hostile import _compresses, _fails_cleanly, _snapshot
 from tiny import cli_error, gemm, make_model, random_feeds, run, value
 
@@ -108,10 +108,10 @@ def test_decoder_bombs_refused_before_allocating(tmp_path):
 import resource, json
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 import numpy as np
-from onnxcompress.codecs import huffman, ans, raw, relidx, bitpack, frame
-from onnxcompress.codecs.choice import decode_any
-from onnxcompress.codecs._wire import uvarint
-from onnxcompress import packed
+from onnxcompress.formats.codecs import huffman, ans, raw, relidx, bitpack, frame
+from onnxcompress.formats.codecs.choice import decode_any
+from onnxcompress.formats.codecs._wire import uvarint
+from onnxcompress.formats import packed
 big = 1 << 32
 cases = {{
     "huffman": lambda: huffman.decode({_HUGE_CONSTANT!r}),
@@ -192,7 +192,7 @@ def test_cli_bombs_under_2gib(tmp_path):
 
 
 def test_synthesis_limit_is_per_feed_and_documented():
-    from onnxcompress.data import InputSpec, synthesize
+    from onnxcompress.graph.data import InputSpec, synthesize
     from onnxcompress.errors import DataError
 
     spec = InputSpec("x", np.dtype(np.float32), ("N", 64))
@@ -353,7 +353,7 @@ def test_minus_inf_constants_stay_float_in_every_recipe(tmp_path, recipe, which)
         next(t for t in model.graph.initializer if t.name == which)))
     assert any(which in note and "NaN or Inf" in note for note in report.notes)
     assert any(r.name == which and "kept float" in r.action for r in report.weights)
-    from onnxcompress.runtime import to_runnable
+    from onnxcompress.runtime.sessions import to_runnable
 
     feeds = {"x": data["x"][:4]}
     ref, got = run(model, feeds)[0], run(to_runnable(out), feeds)[0]
@@ -508,9 +508,9 @@ def test_unpack_refuses_a_blob_shape_against_a_declared_value_info(tmp_path, cap
 def test_huffman_decode_table_is_bounded_by_the_stream():
     """25 symbols with code lengths 1, 2, ..., 24, 24 form a complete code whose decode table has 2**24
     entries; a few bytes declaring it are refused before the table is built."""
-    from onnxcompress.codecs import huffman
-    from onnxcompress.codecs._wire import write_symbol_set
-    from onnxcompress.codecs.bitpack import pack
+    from onnxcompress.formats.codecs import huffman
+    from onnxcompress.formats.codecs._wire import write_symbol_set
+    from onnxcompress.formats.codecs.bitpack import pack
 
     lengths = np.array([*range(1, 25), 24])
     stream = (uvarint(2) + uvarint(25) + write_symbol_set(np.arange(25), 25) + pack(lengths, 5) + uvarint(1)
@@ -538,7 +538,7 @@ def test_npz_member_declaring_more_bytes_than_the_archive_holds(tmp_path, capsys
 
 
 def test_synthesis_limit_counts_every_input_of_a_feed():
-    from onnxcompress.data import InputSpec, synthesize
+    from onnxcompress.graph.data import InputSpec, synthesize
     from onnxcompress.errors import DataError
 
     specs = [InputSpec(f"x{i}", np.dtype(np.float32), (MAX_SYNTH_ELEMENTS // 4,)) for i in range(5)]
@@ -548,7 +548,7 @@ def test_synthesis_limit_counts_every_input_of_a_feed():
 
 def test_ans_decodes_by_chunks_exactly():
     """ANS decodes into the output by chunks of 2**20 symbols (never all int32 indices at once)."""
-    from onnxcompress.codecs import ans
+    from onnxcompress.formats.codecs import ans
 
     rng = np.random.default_rng(0)
     s = rng.integers(0, 32, (1 << 20) * 2 + 5)

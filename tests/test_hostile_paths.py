@@ -16,9 +16,11 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxcompress import external, model as model_io
+from onnxcompress.graph import external, spill
+
+from onnxcompress.graph import model as model_io
 from onnxcompress.cli import main
-from onnxcompress.model import load_model, save_model
+from onnxcompress.graph.model import load_model, save_model
 from tiny import cli_error, gemm, random_feeds, run
 
 VICTIM_TEXT = b"precious, not to be touched\n"
@@ -76,10 +78,10 @@ def _rewrite_external(path: Path, **entries: str) -> None:
 # ---- 1. bookkeeping never read from a model ------------------------------------------------------
 
 def _with_bookkeeping(model: onnx.ModelProto, victim: Path) -> onnx.ModelProto:
-    spill_rel = os.path.relpath(victim, external._spill_dir())
+    spill_rel = os.path.relpath(victim, spill._spill_dir())
     helper.set_model_props(model, {
         "onnxcompress.spill_location": spill_rel,
-        "onnxcompress.external_data_dirs": json.dumps({spill_rel: str(external._spill_dir()),
+        "onnxcompress.external_data_dirs": json.dumps({spill_rel: str(spill._spill_dir()),
                                                         "m.onnx.data": str(victim.parent)}),
         external.BOOKKEEPING_PREFIX + "0" * 32: "guess", "author": "kept"})
     return model
@@ -92,7 +94,7 @@ def test_bookkeeping_keys_in_a_model_are_ignored(place, capsys, monkeypatch, str
     work, victim = place
     if streamed:
         monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
-        monkeypatch.setattr(external, "SPILL_MIN_BYTES", 1024)
+        monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 1024)
     path = work / "m.onnx"
     onnx.save_model(_with_bookkeeping(gemm(k=256, n=64), victim), path, save_as_external_data=streamed,
                     location="m.onnx.data", size_threshold=0)
@@ -264,7 +266,7 @@ def test_unwritable_output_is_refused_before_the_work(tmp_path, capsys, monkeypa
         out = tmp_path / ("o" * 300 + ".onnx")
 
     elif case == "read-only-folder":  # as the file system answers for a read-only mount or folder
-        monkeypatch.setattr("onnxcompress.outputs.os.open", _fail(PermissionError(13, "Permission denied")))
+        monkeypatch.setattr("onnxcompress.graph.outputs.os.open", _fail(PermissionError(13, "Permission denied")))
 
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before the outputs were checked")
@@ -310,7 +312,7 @@ def test_failure_after_the_work_leaves_nothing(tmp_path, capsys, monkeypatch, wh
                 raise PermissionError(13, "Permission denied")
             return real(src, dst)
 
-        monkeypatch.setattr("onnxcompress.outputs.os.replace", replace)
+        monkeypatch.setattr("onnxcompress.graph.outputs.os.replace", replace)
     elif where == "report":
         monkeypatch.setattr("onnxcompress.cli._dump", _fail(OSError(28, "No space left on device")))
     elif where == "interrupt-save":
@@ -378,7 +380,7 @@ def test_sigterm_while_writing_leaves_nothing(tmp_path):
     before = _tree(tmp_path)
     script = (
         "import os, signal, sys\n"
-        "from onnxcompress import external\n"
+        "from onnxcompress.graph import external\n"
         "from onnxcompress.cli import main\n"
         "external.strip_bookkeeping = lambda m: os.kill(os.getpid(), signal.SIGTERM)  # inside save_model\n"
         f"sys.exit(main(['compress', {str(model)!r}, '-o', {str(tmp_path / 'o.onnx')!r}, '--jobs', '1', '-q',"

@@ -1,4 +1,4 @@
-"""Tests for onnxcompress.kmeans: agreement with a naive Lloyd, init rules, keep_zero,
+"""Tests for onnxcompress.numerics.kmeans: agreement with a naive Lloyd, init rules, keep_zero,
 edge cases, weights, properties (hypothesis) and MSE parity with scikit-learn."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxcompress.kmeans import (KMeansResult, assign, kmeans_1d, kmeans_1d_optimal,
+from onnxcompress.numerics.kmeans import (KMeansResult, assign, kmeans_1d, kmeans_1d_optimal,
                                  quantization_mse)
 
 

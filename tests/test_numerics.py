@@ -10,10 +10,10 @@ from onnx import helper, numpy_helper
 
 import tiny
 from onnxcompress.errors import BugError
-from onnxcompress.numerics import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
+from onnxcompress.numerics.measures import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
 from onnxcompress.passes.bitwidth import _Pruner, candidate_weights
 from onnxcompress.passes.prune import PrunePass
-from onnxcompress.weights import find_weights
+from onnxcompress.graph.weights import find_weights
 
 
 def test_sqnr_db_is_signal_over_noise():
@@ -80,7 +80,7 @@ def test_prune_pass_and_search_simulation_choose_the_same_mask(build, sparsity):
 
 
 def test_prune_and_search_agree_with_data_on_the_first_mask():
-    from onnxcompress.data import load_data
+    from onnxcompress.graph.data import load_data
     model = depthwise()
     data = load_data(tiny.random_feeds(model, n=8, seed=1))
     want = mask_of_search(model, 0.5, data)
@@ -93,7 +93,7 @@ def test_prune_and_search_agree_with_data_on_the_first_mask():
 def test_depthwise_5x5_at_half_sparsity_passes_its_postcondition(compensation, rounds):
     """The real-model crash: a depthwise 5x5 conv at 50% ended at 52% (25 entries per channel, each
     channel rounded on its own) and the check called it an error."""
-    from onnxcompress.data import load_data
+    from onnxcompress.graph.data import load_data
     model = depthwise(c=16, k=5)
     data = load_data(tiny.random_feeds(model, n=8, seed=2))
     keep = mask_of_prune(model, 0.5, data, compensation=compensation, rounds=rounds)

@@ -10,14 +10,17 @@ from hypothesis import given, settings, strategies as st
 from onnx import numpy_helper
 
 import tiny
-from onnxcompress import codecs, ops, packed, runtime
-from onnxcompress.ops.graph import replace_with_blob
+from onnxcompress.formats import codecs
+from onnxcompress.runtime import extension_ops
+from onnxcompress.formats import packed
+from onnxcompress.runtime import sessions as runtime
+from onnxcompress.formats.blobs import replace_with_blob
 from onnxcompress.api import inspect, unpack
-from onnxcompress.codebook import SharedWeight
-from onnxcompress.codecs.frame import pack_streams, unpack_streams
+from onnxcompress.formats.codebook import SharedWeight
+from onnxcompress.formats.codecs.frame import pack_streams, unpack_streams
 from onnxcompress.errors import CodecError
-from onnxcompress.graphs import DOMAIN, NameScope
-from onnxcompress.kmeans import kmeans_1d
+from onnxcompress.graph.edit import DOMAIN, NameScope
+from onnxcompress.numerics.kmeans import kmeans_1d
 
 
 def shared_of(w: np.ndarray, name: str = "W", *, bits: int = 4, keep: float | None = 0.2, axis: int = 0,
@@ -189,7 +192,7 @@ def session(model: onnx.ModelProto, names, optimize: bool, custom_op: bool = Fal
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
     if custom_op:
-        options.register_custom_ops_library(ops.register_extension_ops())
+        options.register_custom_ops_library(extension_ops.register_extension_ops())
     else:
         model = runtime.to_runnable(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -287,7 +290,7 @@ CORRUPTIBLE = [pack_model(tiny.gemm(k=64, n=16), scale=True, outliers=2)[0]]
 
 def test_cli_unpack_and_inspect(tmp_path, capsys):
     from onnxcompress.cli import main
-    from onnxcompress.model import save_model
+    from onnxcompress.graph.model import save_model
 
     packed_model, _ = pack_model(tiny.gemm(k=128, n=32), keep=0.1)
     source, target = tmp_path / "packed.onnx", tmp_path / "portable.onnx"

@@ -8,14 +8,14 @@ import onnx
 import pytest
 
 import tiny
-from onnxcompress import refine
-from onnxcompress.data import load_data
+from onnxcompress.numerics import refine
+from onnxcompress.graph.data import load_data
 from onnxcompress.errors import ModelError, PreconditionError, RecipeError
 from onnxcompress.passes import PASSES
-from onnxcompress.numerics import magnitude_mask
+from onnxcompress.numerics.measures import magnitude_mask
 from onnxcompress.passes.prune import PruneConfig, PrunePass
-from onnxcompress.pipeline import Context
-from onnxcompress.weights import find_weights, get_array
+from onnxcompress.pipeline.manager import Context
+from onnxcompress.graph.weights import find_weights, get_array
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -216,7 +216,7 @@ def test_bias_refit_joins_the_least_squares():
 
 def test_planned_sparsity_zero_leaves_the_weight_alone():
     """A plan (from the bit-width search) may keep a weight dense: no mask, no refit, same values."""
-    from onnxcompress.weights import find_weights, get_array
+    from onnxcompress.graph.weights import find_weights, get_array
 
     model = tiny.conv_gemm()
     ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan={"fc.W": {"sparsity": 0.0}})

@@ -12,12 +12,12 @@ from onnx import helper, numpy_helper
 
 import tiny
 from onnxcompress.api import compress
-from onnxcompress.data import Dataset, load_data
+from onnxcompress.graph.data import Dataset, load_data
 from onnxcompress.errors import PassError
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
-from onnxcompress.pipeline import PassManager
-from onnxcompress.numerics import sqnr_db_of as sqnr_db
+from onnxcompress.pipeline.manager import PassManager
+from onnxcompress.numerics.measures import sqnr_db_of as sqnr_db
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -6,11 +6,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 import tiny
-from onnxcompress.data import Dataset
+from onnxcompress.graph.data import Dataset
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
-from onnxcompress.pipeline import PassManager
-from onnxcompress.numerics import sqnr_db_of
+from onnxcompress.pipeline.manager import PassManager
+from onnxcompress.numerics.measures import sqnr_db_of
 
 
 def int8(model, data, **qdq):
@@ -20,7 +20,7 @@ def int8(model, data, **qdq):
 
 def dq_outputs(model: onnx.ModelProto) -> dict[str, str]:
     """DQ output name -> dtype of its quantized input, over every graph."""
-    from onnxcompress.graphs import iter_graphs
+    from onnxcompress.graph.edit import iter_graphs
     out = {}
     for graph, _ in iter_graphs(model.graph):
         inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -139,7 +139,7 @@ def test_a_weight_also_listed_as_a_graph_input_is_treated_as_a_constant():
 
 def test_weights_left_float_each_get_a_reason_in_the_report():
     """Without the manager's clean-up, a weight that is also a graph input stays float, said so."""
-    from onnxcompress.pipeline import Context
+    from onnxcompress.pipeline.manager import Context
 
     model = unrolled_cells(hidden=16)
     model.graph.input.append(tiny.value("cell.W", [16, 16]))
@@ -177,7 +177,7 @@ def test_an_embedding_table_is_dequantized_by_the_rows_gathered_not_whole(monkey
     """onnxruntime does not fold DequantizeLinear of a constant: DQ(table) -> Gather dequantized the
     whole table at every call. The rewrite gathers int8 rows and dequantizes only them, same values."""
     from onnxcompress.passes import qdq
-    from onnxcompress.passes.qdq_weights import gather_before_dequantize
+    from onnxcompress.formats.qdq_weights import gather_before_dequantize
 
     model = _embedding_model()
     ids = np.random.default_rng(1).integers(0, 3000, (64, 5)).astype(np.int64)
@@ -205,7 +205,7 @@ def test_an_embedding_table_is_dequantized_by_the_rows_gathered_not_whole(monkey
 def test_a_table_an_if_branch_also_reads_keeps_its_dequantize_linear():
     """A subgraph reading the dequantized table from the outer scope is a reader too: the table is
     then left dequantized whole (gathering it first would leave the branch without its input)."""
-    from onnxcompress.passes.qdq_weights import gather_before_dequantize
+    from onnxcompress.formats.qdq_weights import gather_before_dequantize
 
     q = numpy_helper.from_array(np.arange(-32, 32, dtype=np.int8).reshape(16, 4), "q")
     s = numpy_helper.from_array(np.full(16, 0.5, np.float32), "s")

@@ -10,12 +10,12 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import tiny
-from onnxcompress.data import Dataset, load_data
-from onnxcompress.metrics import compare_models
+from onnxcompress.graph.data import Dataset, load_data
+from onnxcompress.runtime.metrics import compare_models
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
 from onnxcompress.passes.qdq_guard import single_qdq
-from onnxcompress.pipeline import PassManager
+from onnxcompress.pipeline.manager import PassManager
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -1,11 +1,11 @@
-"""The least-squares kernels of onnxcompress.refine against brute-force references."""
+"""The least-squares kernels of onnxcompress.numerics.refine against brute-force references."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnxcompress import refine
-from onnxcompress.numerics import nearest_codes
+from onnxcompress.numerics import refine
+from onnxcompress.numerics.measures import nearest_codes
 import tiny
 
 
@@ -152,10 +152,10 @@ def test_nearest_codes_skips_disallowed_centroids():
 def _share_after_prune(model, calib, *, refine_on: bool, bits: int):
     import onnx
 
-    from onnxcompress.data import load_data
+    from onnxcompress.graph.data import load_data
     from onnxcompress.passes.prune import PrunePass
     from onnxcompress.passes.share import SharePass
-    from onnxcompress.pipeline import Context
+    from onnxcompress.pipeline.manager import Context
 
     working = onnx.ModelProto()
     working.CopyFrom(model)
@@ -172,9 +172,9 @@ def _share_after_prune(model, calib, *, refine_on: bool, bits: int):
 def _pruned_context(model, calib):
     import onnx
 
-    from onnxcompress.data import load_data
+    from onnxcompress.graph.data import load_data
     from onnxcompress.passes.prune import PrunePass
-    from onnxcompress.pipeline import Context
+    from onnxcompress.pipeline.manager import Context
 
     working = onnx.ModelProto()
     working.CopyFrom(model)
@@ -190,10 +190,10 @@ def test_refined_centroids_beat_plain_kmeans_and_keep_zero_exact(builder):
     import tiny
     from test_prune import BUILDERS, correlated_feeds
 
-    from onnxcompress.codebook import SharedWeight
-    from onnxcompress.kmeans import kmeans_1d
-    from onnxcompress.layerfit import refine_shared
-    from onnxcompress.weights import find_weights, get_array, set_array
+    from onnxcompress.formats.codebook import SharedWeight
+    from onnxcompress.numerics.kmeans import kmeans_1d
+    from onnxcompress.fitting.layerfit import refine_shared
+    from onnxcompress.graph.weights import find_weights, get_array, set_array
 
     model = BUILDERS[builder]()
     calib, held_out = correlated_feeds(model, 256, seed=1), correlated_feeds(model, 64, seed=2)
@@ -240,7 +240,7 @@ def test_share_without_data_does_not_refine():
     import tiny
 
     from onnxcompress.passes.share import SharePass
-    from onnxcompress.pipeline import Context
+    from onnxcompress.pipeline.manager import Context
 
     model = tiny.gemm()
     working = onnx.ModelProto()
@@ -280,14 +280,14 @@ def test_heldout_damping_prefers_more_ridge_when_rows_are_scarce():
 
 
 def refine_mask(weight, sparsity):
-    from onnxcompress.numerics import magnitude_mask
+    from onnxcompress.numerics.measures import magnitude_mask
     return magnitude_mask(weight, sparsity)
 
 
 def test_paired_gram_folds_average_to_the_whole():
-    from onnxcompress.capture import collect_paired_grams, linear_layer
-    from onnxcompress.data import load_data
-    from onnxcompress.weights import find_weights
+    from onnxcompress.runtime.capture import collect_paired_grams, linear_layer
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights
     model = tiny.gemm(trans_b=True)
     info = next(w for w in find_weights(model, min_elements=0) if len(w.shape) == 2)
     layer = linear_layer(model, info)
@@ -304,10 +304,10 @@ def test_paired_gram_folds_average_to_the_whole():
 
 
 def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
-    import onnxcompress.capture as capture
-    from onnxcompress.data import Dataset
-    from onnxcompress.layer_hessians import layer_hessians
-    from onnxcompress.weights import find_weights
+    import onnxcompress.runtime.capture as capture
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.fitting.sharing import layer_hessians
+    from onnxcompress.graph.weights import find_weights
 
     model = tiny.gemm(k=64, n=32)
     info = next(w for w in find_weights(model) if w.name == "W")
@@ -319,9 +319,9 @@ def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
 
 
 def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values(monkeypatch):
-    import onnxcompress.capture as capture
-    from onnxcompress.data import Dataset
-    from onnxcompress.weights import find_weights
+    import onnxcompress.runtime.capture as capture
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
 
     model = tiny.conv_gemm()
     layers = [layer for w in find_weights(model) if (layer := capture.linear_layer(model, w)) is not None]

@@ -1,4 +1,4 @@
-"""Output gains (onnxcompress.sensitivity): how much of a layer's coding error reaches the model's
+"""Output gains (onnxcompress.runtime.sensitivity): how much of a layer's coding error reaches the model's
 outputs, split into its mean part D E[x] and the rest, and the joint choice built on them."""
 from functools import partial
 
@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.data import Dataset
-from onnxcompress.granular import Candidate, Choice, Option, choose_jointly, fit, from_matrix, measure, to_matrix
-from onnxcompress.layer_hessians import layer_hessians
-from onnxcompress.sensitivity import OutputGains, Probe, measure_gains
-from onnxcompress.weights import find_weights, get_array
+from onnxcompress.graph.data import Dataset
+from onnxcompress.fitting.granular import Candidate, Choice, Option, choose_jointly, fit, from_matrix, measure, to_matrix
+from onnxcompress.fitting.sharing import layer_hessians
+from onnxcompress.runtime.sensitivity import OutputGains, Probe, measure_gains
+from onnxcompress.graph.weights import find_weights, get_array
 from tiny import make_model, run, value, weights
 
 

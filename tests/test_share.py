@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto
 
 from onnxcompress import api
-from onnxcompress.model import file_bytes
-from onnxcompress.weights import find_weights
+from onnxcompress.graph.model import file_bytes
+from onnxcompress.graph.weights import find_weights
 from tiny import assert_valid_and_close, conv, conv_gemm, decoded_reference, gemm, op_types, random_feeds, run_pass
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "..", "samples")
@@ -143,9 +143,9 @@ def conv_bn_model(seed: int = 7, wide: bool = True) -> onnx.ModelProto:
 
 
 def test_share_folds_batch_norm_and_fits_toward_the_folded_original():
-    from onnxcompress.data import load_data
-    from onnxcompress.numerics import sqnr_db
-    from onnxcompress.passes.qdq_fold import fold_batch_norms
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.numerics.measures import sqnr_db
+    from onnxcompress.graph.fold import fold_batch_norms
     from onnxcompress.passes.share import SharePass
     from tiny import run
 
@@ -177,7 +177,7 @@ def test_share_folds_batch_norm_only_where_channels_get_their_own_scale():
 
 
 def test_batch_norm_whose_weights_are_still_on_disk_is_not_folded():
-    from onnxcompress.passes.qdq_fold import fold_batch_norms
+    from onnxcompress.graph.fold import fold_batch_norms
 
     model = conv_bn_model()
     weight = next(t for t in model.graph.initializer if t.name == "W")
@@ -189,7 +189,7 @@ def test_batch_norm_fold_keeps_an_initializer_an_if_branch_reads():
     """The BN's `mean` is also read from the outer scope by an If branch: folding must not delete it."""
     from onnx import helper
 
-    from onnxcompress.passes.qdq_fold import fold_batch_norms
+    from onnxcompress.graph.fold import fold_batch_norms
     from tiny import make_model, run, value
 
     base = conv_bn_model()
@@ -219,7 +219,7 @@ def test_batch_norm_fold_keeps_an_initializer_an_if_branch_reads():
 
 
 def test_portable_chain_is_lean_and_its_output_node_names_the_pass():
-    from onnxcompress.graphs import PROVENANCE_KEY
+    from onnxcompress.graph.edit import PROVENANCE_KEY
 
     model = conv_gemm()
     ctx = run_share(model, min_elements=16, bits_conv=4, bits_fc=4)
@@ -254,7 +254,7 @@ def test_share_compresses_a_weight_also_listed_as_a_graph_input():
     from onnx import helper, numpy_helper
 
     from onnxcompress.api import compress
-    from onnxcompress.numerics import sqnr_db_of
+    from onnxcompress.numerics.measures import sqnr_db_of
     import tiny
 
     rng = np.random.default_rng(3)

@@ -8,7 +8,7 @@ import zlib
 import onnx
 
 from onnxcompress import api
-from onnxcompress.shipped import shipped_size
+from onnxcompress.runtime.shipped import shipped_size
 from tiny import gemm
 
 

@@ -7,14 +7,15 @@ import onnx
 import pytest
 
 import tiny
-from onnxcompress import api, runtime
+from onnxcompress import api
+from onnxcompress.runtime import sessions as runtime
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graphs import DOMAIN
-from onnxcompress.pipeline import Context
+from onnxcompress.graph.edit import DOMAIN
+from onnxcompress.pipeline.manager import Context
 from onnxcompress.passes.entropy import EntropyPass
 from onnxcompress.passes.share import SharePass
 from onnxcompress.passes.sparse import SparsePass
-from onnxcompress.weights import get_array, set_array
+from onnxcompress.graph.weights import get_array, set_array
 
 
 def magnitude_prune(ctx: Context, keep: float) -> None:

@@ -8,22 +8,26 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress import external, model as model_io, parallel
+from onnxcompress.graph import datafile, external, spill
+
+from onnxcompress.graph import model as model_io
+
+from onnxcompress.execution import parallel
 from onnxcompress.api import compress, compress_file
 from onnxcompress.errors import ModelError, OutputError
-from onnxcompress.model import load_model, save_model
-from onnxcompress.weights import find_weights, get_array
+from onnxcompress.graph.model import load_model, save_model
+from onnxcompress.graph.weights import find_weights, get_array
 from tiny import mlp, conv_gemm, make_model, random_feeds, value
 
 
 @pytest.fixture
 def streaming(monkeypatch):
     monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
-    monkeypatch.setattr(external, "SPILL_MIN_BYTES", 1024)
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 1024)
 
 
 def _outputs(path_or_model, feeds):
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.sessions import make_session
 
     return make_session(path_or_model).run(None, feeds)
 
@@ -90,7 +94,7 @@ def test_failed_streamed_save_leaves_nothing(tmp_path, streaming, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(external, "copy_range", boom)
+    monkeypatch.setattr(datafile, "copy_range", boom)
     with pytest.raises(OutputError, match="disk full"):
         save_model(streamed, tmp_path / "out" / "o.onnx")
     assert list((tmp_path / "out").iterdir()) == []
@@ -125,9 +129,9 @@ def _fail_on_three(n):
 def test_streamed_deep_compression_writes_blobs_as_external_data(tmp_path, streaming):
     """The packed form of a streamed model: blobs spilled as made, written as external data; the file
     runs through the fast path, onnxruntime's custom-op path and `unpack` with the in-memory result's outputs."""
-    from onnxcompress import ops
+    from onnxcompress.runtime import extension_ops
     from onnxcompress.api import unpack_file
-    from onnxcompress.runtime import uses_domain
+    from onnxcompress.runtime.sessions import uses_domain
 
     model = mlp(layers=3, width=128)
     save_model(model, tmp_path / "m.onnx", external_data=True)
@@ -144,7 +148,7 @@ def test_streamed_deep_compression_writes_blobs_as_external_data(tmp_path, strea
     assert external.is_streamed(streamed)  # the blobs stay on disk
     np.testing.assert_array_equal(_outputs(str(tmp_path / "p.onnx"), feeds)[0], expected)
     np.testing.assert_array_equal(_outputs(streamed, feeds)[0], expected)
-    custom = ops.custom_op_session(streamed, optimize=False).run(None, feeds)[0]
+    custom = extension_ops.custom_op_session(streamed, optimize=False).run(None, feeds)[0]
     np.testing.assert_allclose(custom, expected, rtol=0, atol=1e-5)
     unpack_file(tmp_path / "p.onnx", tmp_path / "u.onnx")
     assert not uses_domain(onnx.load(tmp_path / "u.onnx", load_external_data=False))
@@ -154,14 +158,15 @@ def test_streamed_deep_compression_writes_blobs_as_external_data(tmp_path, strea
 
 _INTERRUPTED_CHILD = r"""
 import sys, time
-from onnxcompress import external, model as model_io
+from onnxcompress.graph import external, spill
+from onnxcompress.graph import model as model_io
 from onnxcompress.api import compress_file
 from onnxcompress.passes import PASSES
 
-model_io.STREAM_THRESHOLD, external.SPILL_MIN_BYTES = 0, 1024
+model_io.STREAM_THRESHOLD, spill.SPILL_MIN_BYTES = 0, 1024
 
 def stall(self, ctx):  # mid-compression, with the spill file written: tell the parent, then wait
-    print(external._spill_dir(), flush=True)
+    print(spill._spill_dir(), flush=True)
     time.sleep(60)
 
 PASSES["entropy"].call = stall
@@ -192,9 +197,9 @@ def test_spill_files_and_partial_outputs_do_not_survive_a_signal(tmp_path, signu
 def test_auto_granularity_without_data_chooses_on_a_sample_of_a_large_weight(monkeypatch):
     """Above CHOICE_SAMPLE_ELEMENTS, auto without data measures its candidates on whole sampled channels
     and fits only the chosen one on the weight: the same choice as measuring every candidate fully here."""
-    from onnxcompress import layer_hessians
-    from onnxcompress.granular import measure
-    from onnxcompress.weights import Role, WeightInfo
+    from onnxcompress.fitting import sharing as layer_hessians
+    from onnxcompress.fitting.granular import measure
+    from onnxcompress.graph.weights import Role, WeightInfo
 
     rng = np.random.default_rng(3)
     array = (rng.standard_normal((256, 512)) * np.exp(rng.normal(0, 1.5, (256, 1)))).astype(np.float32)

@@ -5,9 +5,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import api
 from onnxcompress.errors import RecipeError
-from onnxcompress.metrics import compare_models, compare_outputs
+from onnxcompress.runtime.metrics import compare_models, compare_outputs
 from onnxcompress.recipes import Recipe
-from onnxcompress.tasks import (TaskMetric, ctc_greedy, detect_kind, neighbour_agreement, output_producers,
+from onnxcompress.runtime.tasks import (TaskMetric, ctc_greedy, detect_kind, neighbour_agreement, output_producers,
                                 parse_metric, resolve_kinds)
 from tiny import make_model, value, weights
 

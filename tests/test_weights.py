@@ -6,7 +6,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.cli import main
-from onnxcompress.weights import Role, find_weights, get_array
+from onnxcompress.graph.weights import Role, find_weights, get_array
 from tiny import conv, gemm, make_model, matmul, value
 
 

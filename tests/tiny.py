@@ -114,7 +114,7 @@ def assert_valid_and_close(original: onnx.ModelProto, candidate: onnx.ModelProto
 
 def run_pass(pass_, model: onnx.ModelProto, data=None):
     """Run one pass through a Context (requires, call, ensures) so a test sees what it recorded."""
-    from onnxcompress.pipeline import Context
+    from onnxcompress.pipeline.manager import Context
 
     ctx = Context(original=model, model=onnx.ModelProto(), data=data, progress=False)
     ctx.model.CopyFrom(model)
@@ -126,7 +126,7 @@ def run_pass(pass_, model: onnx.ModelProto, data=None):
 
 def decoded_reference(ctx) -> onnx.ModelProto:
     """The original with every shared weight overwritten by its SharedWeight.decode()."""
-    from onnxcompress.weights import find_weights, set_array
+    from onnxcompress.graph.weights import find_weights, set_array
 
     reference = onnx.ModelProto()
     reference.CopyFrom(ctx.original)

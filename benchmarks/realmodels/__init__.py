@@ -82,7 +82,7 @@ def runner(model):
     """run(feed) -> list of outputs, for a model path or proto in any onnxcompress form."""
     import onnx
 
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.sessions import make_session
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     session = make_session(proto)

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..errors import RecipeError
+from onnxcompress.errors import RecipeError
 
 if TYPE_CHECKING:  # the pipeline imports onnxruntime: listing recipes and --help work without a runtime
-    from ..pipeline import Pass
+    from onnxcompress.pipeline.manager import Pass
 
 BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # k-means weight sharing alone: 8 bits for conv, 5 for fully connected (Han et al.)

@@ -1,0 +1,428 @@
+"""Granularity of weight sharing, and its choice per layer by measured error and bytes.
+
+Every option yields a :class:`~onnxcompress.formats.codebook.SharedWeight`, decoded as
+
+    W_hat[j, k] = codebook[codes[j, k] + offset[group(j)]] * scale[j]     (outliers written over it)
+
+with j the output channel and k the rest of the weight (the weight is viewed channel-first as a
+(C, K) matrix; for Gemm/MatMul/Conv this is exactly ``LinearLayer.weight_matrix``):
+
+- ``tensor``: one k-means codebook for the whole tensor (Han et al.).
+- ``channel``: one codebook shared by all channels around a scale per channel. Start from
+  s_j = max_k |w_jk|, fit the codebook to u = w / s, then alternate exact minimisations of
+  E = sum a_jk (w_jk - s_j c[code_jk])^2: codes (nearest centroid to w_jk / s_j), centroids
+  (c_m = sum a s w / sum a s^2 over the entries of m), scales (s_j = sum_k a q w / sum_k a q^2,
+  q = c[code]); each step cannot increase E. Scales are stored float16 when that is exact enough.
+- ``group``: one codebook per group of ``group_size`` output channels (offsets into the
+  concatenated codebook).
+- ``+outlier``: the ``outlier_fraction`` of entries largest in magnitude (relative to their
+  channel's RMS when scaled) stored exactly and written over the decoded tensor; the codebook is
+  fitted to the rest (dense-and-sparse).
+
+Weighted k-means: ``importance`` a_jk weighs each entry's squared error. Given calibration data,
+a_jk = H_g[k, k], the diagonal of the layer-input Hessian H_g = E[x x^T] of channel j's group:
+the output error sum_g tr(D_g H_g D_g^T) (D = W - W_hat) with its off-diagonal terms dropped.
+With the full H_g, ``gptq`` candidates choose codes column by column feeding each column's error
+forward (:func:`onnxcompress.numerics.gptq.gptq_codes`), then refit centroids and scales by least squares on
+that output error (:func:`onnxcompress.numerics.gptq.refit_under_hessians`).
+
+Choice (:func:`choose`): every candidate is measured by its SQNR, in output space when the layer's
+Hessians are known (signal sum_g tr(W_g H_g W_g^T), noise sum_g tr(D_g H_g D_g^T)), else in weight
+space (|W|^2 / |D|^2), and by its bytes in the portable form; a bias by the error it leaves in its
+layer's output (:mod:`onnxcompress.numerics.bias_error`), with leaving it unshared ("float", no error, its
+initializer's bytes) as one more candidate. The smallest coded candidate reaching the SQNR target
+wins, or "float" when smaller still. When none does, the one maximising min(SQNR, target) - 6.02 dB
+* (8 * bytes / N) wins, N the number of weights shared in the whole model: extra bytes are priced at
+what spreading them over every weight as extra bits would buy (6.02 dB a bit), and fidelity beyond
+the target buys nothing. Layers are treated as contributing alike to
+the model's error, so a small layer's fidelity is as precious as a large one's: per-channel scales
+(2 bytes a channel) are taken for a fraction of a dB, while outliers (20-36 bytes each in the
+portable form) on a large layer must earn their keep.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from onnxcompress.formats.codebook import SharedWeight
+from onnxcompress.numerics.gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
+                   use_float16)
+from onnxcompress.numerics.histogram import signal_and_error
+from onnxcompress.numerics.kmeans import kmeans_1d
+from onnxcompress.numerics.measures import nearest_codes, sqnr_db
+from onnxcompress.runtime.sensitivity import OutputGains, mean_part
+
+Kind = Literal["tensor", "channel", "group", "float"]
+GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
+DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
+JOINT_TARGET_LAYERS = 8  # the joint choice's target at the outputs: the per-layer target over this many layers
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to share a weight."""
+
+    kind: Kind = "tensor"  # "float": not shared at all, the weight stays as it is
+    group_size: int = 0  # channels per codebook (kind "group")
+    outlier_fraction: float = 0.0  # of the kept entries, stored exactly
+    weighted: bool = False  # k-means weighted by importance
+    gptq: bool = False  # codes chosen column by column with error feedback (needs Hessians)
+
+    @property
+    def label(self) -> str:
+        text = f"group{self.group_size}" if self.kind == "group" else self.kind
+        if self.outlier_fraction:
+            text += f"+outlier{self.outlier_fraction:g}"
+        return text + ("/weighted" if self.weighted else "") + ("/gptq" if self.gptq else "")
+
+
+@dataclass
+class Candidate:
+    option: Option
+    shared: SharedWeight | None  # None for the "float" option
+    bytes: int
+    sqnr_db: float
+
+
+@dataclass
+class Choice:
+    """The chosen candidate, every candidate measured, and why."""
+
+    chosen: Candidate
+    candidates: list[Candidate]
+    space: Literal["output", "weight", "model output"]
+    target_db: float
+    reason: str
+    target: np.ndarray | None = None  # what the candidates approximate, when not the weight itself
+    gains: OutputGains | None = None  # how the layer's error reaches the model's outputs, when measured
+
+    def details(self) -> dict:
+        gain = {} if self.gains is None else {"output_gains": self.gains.as_dict()}
+        return {"granularity": self.chosen.option.label, "sqnr_db": _round(self.chosen.sqnr_db),
+                "error_space": self.space, **gain, "target_sqnr_db": self.target_db, "reason": self.reason,
+                "candidates": {c.option.label: {"bytes": c.bytes, "sqnr_db": _round(c.sqnr_db)}
+                               for c in self.candidates}}
+
+
+def _round(x: float) -> float | str:
+    return round(x, 2) if math.isfinite(x) else str(x)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+def to_matrix(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """Channel-first (C, K) view of a weight; one row (C = 1) when it has no channel axis."""
+    if channel_axis is None or array.ndim == 0:
+        return array.reshape(1, -1)
+    return np.moveaxis(array, channel_axis, 0).reshape(array.shape[channel_axis], -1)
+
+
+def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    if channel_axis is None or len(shape) == 0:
+        return matrix.reshape(shape)
+    moved = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
+    return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
+        importance: np.ndarray | None = None, mask: np.ndarray | None = None, init: str = "linear",
+        seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto",
+        hessians: LayerHessians | None = None) -> SharedWeight:
+    """Share `array` at `bits` the way `option` says (see the module docstring).
+
+    importance: (C, K) nonnegative weights a_jk in the channel-first layout (used when
+    option.weighted). mask: True where an entry is kept; pruned entries get code 0 of centroid 0.0
+    (per group: code 0 of each group's codebook) and decode to exactly 0. hessians: the layer's
+    input Hessians, which option.gptq needs (see :func:`onnxcompress.numerics.gptq.gptq_codes`).
+    """
+    shape, dtype = tuple(array.shape), array.dtype
+    if option.kind != "tensor" and channel_axis is None:
+        raise ValueError(f"'{option.kind}' sharing needs an output-channel axis; '{name}' has none")
+    if option.gptq and (hessians is None or option.kind == "group"):
+        raise ValueError("gptq codes need the layer's Hessians and one codebook for all channels")
+    if option.kind == "tensor" and not option.outlier_fraction and not option.gptq and not option.weighted:
+        return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=init, seed=seed)
+    axis = channel_axis
+    w = to_matrix(np.asarray(array, dtype=np.float64), axis)
+    kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
+    w = np.where(kept, w, 0.0)
+    a = None
+    if option.weighted and importance is not None:
+        a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
+    keep_zero = mask is not None
+    outliers = _pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
+    fitted = kept & ~outliers
+    if option.kind == "group":
+        codes, book, offsets = _fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
+        scale = None
+    else:
+        offsets = None
+        codes, book, scale = _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
+            if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+    exact = w
+    if option.gptq:
+        codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
+        book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
+                                            np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
+    codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
+    out_index = out_value = None
+    if outliers.any():
+        where = to_matrix(np.arange(w.size, dtype=np.int64).reshape(shape), axis)
+        out_index = where[outliers]
+        order = np.argsort(out_index)
+        out_index = out_index[order]
+        out_value = exact[outliers][order].astype(np.float32)
+    return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
+                        codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
+                        group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
+                        zero_code=0 if keep_zero else None)
+
+
+def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | None, mask: np.ndarray | None,
+               init: str, seed: int) -> SharedWeight:
+    """One unweighted codebook for the whole tensor: k-means on the values in their own layout and
+    precision (no channel-first or float64 copy), its labels the codes. The same codebook and codes
+    as the general path: the values and their order-free fit are the same, and the labels are the
+    nearest centroids with zeros on code 0 under a mask, as nearest_codes gives."""
+    values = np.asarray(array)
+    if values.dtype not in (np.float16, np.float32, np.float64):
+        values = values.astype(np.float64)
+    keep_zero = mask is not None
+    if keep_zero:
+        values = np.where(np.asarray(mask, bool), values, values.dtype.type(0))
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
+    book = result.centroids if result.centroids.size else np.zeros(1)
+    codes = result.labels.astype(np.uint8 if bits <= 8 else np.uint16, copy=False)
+    return SharedWeight(name=name, shape=tuple(array.shape), dtype=array.dtype, codes=codes,
+                        codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
+                        zero_code=0 if keep_zero else None)
+
+
+def _pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
+    """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative)."""
+    count = int(round(fraction * int(kept.sum())))
+    picked = np.zeros(w.shape, bool)
+    if count <= 0:
+        return picked
+    score = np.abs(w)
+    if relative:
+        rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
+        score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
+    score = np.where(kept, score, -1.0).ravel()
+    top = np.argpartition(score, score.size - count)[score.size - count:]
+    picked.ravel()[top] = True
+    return picked
+
+
+def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
+    """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
+    if values.size == 0:
+        return np.zeros(1)
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
+                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
+    return result.centroids if result.centroids.size else np.zeros(1)
+
+
+def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
+    book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
+    return nearest_codes(w, book, keep_zero=keep_zero), book
+
+
+def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, not {group_size}")
+    codes = np.zeros(w.shape, np.int64)
+    books, offsets = [], np.zeros(w.shape[0], np.int32)
+    start = 0
+    for lo in range(0, w.shape[0], group_size):
+        rows = slice(lo, lo + group_size)
+        sub = _fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
+        codes[rows], book = sub
+        offsets[rows] = start
+        books.append(book)
+        start += book.size
+    return codes, np.concatenate(books), offsets
+
+
+def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
+    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
+
+    Unweighted with every entry fitted (a = 1), the products by a are skipped: the same numbers,
+    fewer full-size temporaries."""
+    plain = a is None and bool(fitted.all())
+    weight = None if plain else np.where(fitted, np.ones(w.shape) if a is None else a, 0.0)
+    s = (np.abs(w) if plain else np.where(fitted, np.abs(w), 0.0)).max(axis=1)
+    s = store_scale(s, scale_dtype)
+    u = normalize(w, s)
+    book = _kmeans(u.reshape(-1) if plain else u[fitted],
+                   (weight * np.square(s)[:, None])[fitted] if a is not None else None, bits, keep_zero, init, seed)
+    codes = nearest_codes(u, book, keep_zero=keep_zero)
+    del u
+    for _ in range(iterations):
+        q = book[codes]
+        if plain:
+            num, den = (q * w).sum(1), (q * q).sum(1)
+        else:
+            num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
+        del q
+        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+        codes = nearest_codes(normalize(w, s), book, keep_zero=keep_zero)
+        square = np.square(s)[:, None]
+        ws = np.broadcast_to(square, w.shape) if plain else weight * square
+        num = np.bincount(codes.ravel(), (s[:, None] * w if plain else weight * s[:, None] * w).ravel(), book.size)
+        den = np.bincount(codes.ravel(), ws.ravel(), book.size)
+        book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
+        if keep_zero:
+            book[0] = 0.0
+        order = np.argsort(book[1:] if keep_zero else book, kind="stable")
+        if keep_zero:
+            order = np.concatenate(([0], order + 1))
+        book = book[order]
+        codes = np.argsort(order)[codes]
+    return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | None,
+            gains: OutputGains | None = None, *, mean_free: bool = False) -> float:
+    """SQNR (dB) of the shared weight: in the layer's output with `hessians`, at the model's outputs
+    with `gains` too (:mod:`onnxcompress.runtime.sensitivity`), else in weight space. mean_free: the layer's
+    bias will take up the error's mean D E[x] (bias correction), so that part does not count."""
+    if hessians is None and shared.scale is None and shared.group_offsets is None and shared.outlier_index is None:
+        book = shared.codebook.astype(np.float32).astype(shared.dtype)  # what decode() gives, without the full copy
+        return sqnr_db(*signal_and_error(array, codebook=book, codes=shared.codes))
+    if hessians is None:
+        return sqnr_db(*signal_and_error(array, shared.decode()))
+    w = np.asarray(array, np.float64)
+    d = w - shared.decode().astype(np.float64)
+    w, d = to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)
+    signal, noise = hessians.signal_and_noise(w, d)
+    mean = mean_part(hessians, d) if gains is not None or mean_free else 0.0
+    if mean_free:
+        noise, mean = max(noise - mean, 0.0), 0.0
+    return sqnr_db(signal, noise) if gains is None else gains.output_sqnr_db(signal, noise, mean)
+
+
+def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weighted: bool,
+                group_size: int, outlier_fraction: float, keep_float: bool = False) -> list[Option]:
+    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted);
+    keep_float adds leaving the weight unshared (with "auto")."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    kinds: list[Option] = []
+    channel_ok = has_channel_axis and channels > 1
+    if granularity in ("tensor", "auto") or not channel_ok:
+        kinds.append(Option("tensor"))
+    if granularity in ("channel", "auto") and channel_ok:
+        kinds.append(Option("channel"))
+    if granularity in ("group", "auto") and channel_ok and group_size < channels:
+        kinds.append(Option("group", group_size=group_size))
+    if granularity in ("outlier", "auto") and outlier_fraction > 0:
+        kinds.append(Option("tensor", outlier_fraction=outlier_fraction))
+        if granularity == "auto" and channel_ok:
+            kinds.append(Option("channel", outlier_fraction=outlier_fraction))
+    if weighted:  # with data: importance-weighted k-means, and codes with error feedback
+        kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds] + \
+                 [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True, gptq=True)
+                  for o in kinds if o.kind != "group"]
+    if keep_float and granularity == "auto":  # leaving the weight as it is (a bias, whose error lands on every output)
+        kinds.append(Option("float"))
+    return kinds or [Option("tensor")]  # e.g. "group" with one group, "outlier" with a zero fraction
+
+
+def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str, channel_axis: int | None,
+           hessians: LayerHessians | None = None, mask: np.ndarray | None = None, target_db: float = 30.0,
+           init: str = "linear", seed: int = 0, model_elements: int | None = None,
+           portable_bytes=None, float_bytes: int | None = None, measure_with=None,
+           space: Literal["output", "weight", "model output"] | None = None, gains: OutputGains | None = None,
+           mean_free: bool = False, fitted: dict[Option, SharedWeight] | None = None) -> Choice:
+    """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
+
+    portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes); the
+    "float" option costs `float_bytes` (default the array's bytes) and has no error. measure_with(shared)
+    -> SQNR dB replaces :func:`measure` (a bias measured in its layer's output, say), in `space`.
+    gains: how the layer's error reaches the model's outputs (:mod:`onnxcompress.runtime.sensitivity`);
+    with them :func:`measure` judges every candidate there, in space "model output". mean_free: the
+    error's mean will be corrected in the layer's bias (see :func:`measure`). fitted: options already
+    fitted to this very array with these arguments (reused, not fitted again).
+    In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing.
+    """
+    price = portable_bytes or (lambda s: s.payload_bytes())
+    sqnr = measure_with or (lambda shared: measure(array, shared, hessians, gains, mean_free=mean_free))
+    importance = hessians.importance() if hessians is not None else None
+    candidates = []
+    for option in options:
+        if option.kind == "float":
+            size = float_bytes if float_bytes is not None else int(np.asarray(array).nbytes)
+            candidates.append(Candidate(option, None, int(size), math.inf))
+            continue
+        shared = (fitted or {}).get(option) or fit(array, bits, option, name=name, channel_axis=channel_axis,
+                                                    importance=importance, mask=mask, init=init, seed=seed,
+                                                    hessians=hessians)
+        candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
+    space = space or ("weight" if hessians is None else "output" if gains is None else "model output")
+    # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below
+    good = [c for c in candidates if c.sqnr_db >= target_db and c.shared is not None]
+    if len(candidates) == 1:
+        chosen, reason = candidates[0], "the only option tried"
+    elif good:
+        chosen = min(good + [c for c in candidates if c.shared is None], key=lambda c: (c.bytes, -c.sqnr_db))
+        reason = f"smallest option reaching the {target_db:g} dB {space} SQNR target"
+    else:
+        per_byte = DB_PER_BIT * 8 / max(model_elements or int(np.size(array)), 1)
+        chosen = max(candidates, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
+        reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
+                  f"{DB_PER_BIT} dB per extra bit per weight")
+    return Choice(chosen, candidates, space, target_db, reason, gains=gains)
+
+
+def choose_jointly(choices: dict[str, Choice], *, per_byte: float, fixed: Sequence[Candidate] = (),
+                   rounds: int = 20) -> dict[str, Candidate]:
+    """Re-pick every weight's candidate together, judged at the model's outputs.
+
+    Each candidate's SQNR is measured where its error lands at the outputs (space "model output"),
+    so the errors of all layers add up there: S = sum of 10^(-SQNR/10), `fixed` (the picks of weights
+    decided already, measured there too) included. Maximise min(-10 log10 S, target) - per_byte * total bytes, where the
+    target is the per-layer target with every layer at it, over at most JOINT_TARGET_LAYERS layers
+    (target_db - 10 log10(min(layers, 8)): 27 dB at 36 dB per layer): in a deep model, every layer at
+    the per-layer target would add up to too little at the outputs (13 dB over 200 layers). By
+    coordinate ascent from the layers' own choices (on ties fewer bytes, then the higher SQNR);
+    deterministic.
+    """
+    if not choices:
+        return {}
+    layers = min(len(choices), JOINT_TARGET_LAYERS)
+    target = min(c.target_db for c in choices.values()) - 10 * math.log10(layers)
+    picked = {name: c.chosen for name, c in choices.items()}
+
+    def noise(c: Candidate) -> float:
+        return 0.0 if c.sqnr_db == math.inf else 10 ** (-c.sqnr_db / 10)
+
+    noise_sum = sum(noise(c) for c in fixed) + sum(noise(c) for c in picked.values())
+    byte_sum = sum(c.bytes for c in picked.values())
+
+    def value(s: float, b: int) -> float:
+        return (target if s <= 0 else min(-10 * math.log10(s), target)) - per_byte * b
+
+    for _ in range(rounds):
+        moved = False
+        for name, choice in choices.items():
+            now = picked[name]
+            rest_noise, rest_bytes = noise_sum - noise(now), byte_sum - now.bytes
+
+            def key(c: Candidate) -> tuple[float, int, float]:
+                return round(value(rest_noise + noise(c), rest_bytes + c.bytes), 9), -c.bytes, c.sqnr_db
+
+            best = max(choice.candidates, key=key)
+            if best is not now and key(best) > key(now):
+                picked[name], moved = best, True
+                noise_sum, byte_sum = rest_noise + noise(best), rest_bytes + best.bytes
+        if not moved:
+            break
+    return picked

@@ -1,0 +1,310 @@
+"""Loading and saving models: external data, the 2 GB limit, atomic writes, opset checks.
+
+The input file is only ever read. Every write goes to a temporary file in the destination
+folder and is renamed into place once complete, so a failure never leaves a partial output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxcompress.graph import datafile, external
+from onnxcompress.graph.edit import all_tensors
+from onnxcompress.errors import ModelError, OutputError
+from onnxcompress.graph.outputs import OutputPlan, Role
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+# models whose tensors add up to more than this are written with external data
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# models with more external data than this are streamed: weights read from disk one at a time
+STREAM_THRESHOLD = 256 * 1024 * 1024
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
+               stream: bool | None = None, max_opset: int | None = None) -> onnx.ModelProto:
+    """Read an ONNX model, with its external data, or raise ModelError with a sentence.
+
+    max_opset: the highest ONNX opset accepted (the runtime's: onnxcompress.runtime.sessions.max_runnable_opset);
+    None accepts any opset from MIN_OPSET on.
+
+    stream: keep external data on disk and read each tensor when a pass asks for it
+    (onnxcompress.graph.external); None streams when the external data exceeds STREAM_THRESHOLD.
+    """
+    path = Path(path)
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long, a loop of links
+        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not exists:
+        raise ModelError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a folder, not an ONNX model file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"model file '{path}' is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelError(f"'{path}' is not a readable ONNX model (corrupt or truncated file?): {e}") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
+    external.strip_foreign_bookkeeping(model, str(path))
+    if load_external_data:
+        check_external_data(model, path.parent)
+        files = external_data_files(model)
+        if stream is None:
+            stream = sum(files.values()) > STREAM_THRESHOLD
+        if stream and files:
+            external.attach_dirs(model, {location: path.parent for location in files})
+    if load_external_data and not (stream and files):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise ModelError(f"cannot read external data of '{path}': {e}") from e
+    check_opset(model, str(path), max_opset)
+    densify_sparse_initializers(model)
+    _fill_output_shapes(model)
+    _check_structure(model, path)
+    return model
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> None:
+    """Every sparse_initializer becomes a dense initializer, as onnxruntime does at load (onnx's checker
+    and shape inference reject sparse tensors as op inputs); ModelError for one whose declared shape or
+    indices its bytes do not back."""
+    from onnxcompress.graph.edit import iter_graphs
+
+    for graph, path in iter_graphs(model.graph):
+        dense = [_densify(sparse, path) for sparse in graph.sparse_initializer]
+        if dense:
+            del graph.sparse_initializer[:]
+            graph.initializer.extend(dense)
+            log.info("%s: %d sparse initializers stored dense (onnxruntime densifies them at load too)", path, len(dense))
+
+
+def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
+    import numpy as np
+    from onnx import numpy_helper
+
+    from onnxcompress.numerics.limits import check_elements, element_count
+
+    name = sparse.values.name
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims):
+        raise ModelError(f"sparse initializer '{name}' ({path}) declares a negative dimension {dims}")
+    numel = check_elements(element_count(dims), f"sparse initializer '{name}' ({path})", ModelError)
+    try:
+        values = numpy_helper.to_array(sparse.values).reshape(-1)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"sparse initializer '{name}' ({path}) cannot be read: {e}") from e
+    if indices.ndim == 2 and indices.shape[1] == len(dims) and dims:  # coordinates -> linear
+        if indices.size and ((indices < 0).any() or (indices >= np.array(dims)).any()):
+            raise ModelError(f"sparse initializer '{name}' ({path}) has an index outside its shape {dims}")
+        indices = np.ravel_multi_index(indices.T, dims) if indices.size else indices.reshape(-1)
+    indices = indices.reshape(-1)
+    if indices.size != values.size or (indices.size and (indices.min() < 0 or indices.max() >= numel)):
+        raise ModelError(f"sparse initializer '{name}' ({path}) has {indices.size} indices for {values.size} "
+                         f"values, or an index outside its {numel} elements")
+    out = np.zeros(numel, values.dtype)
+    out[indices] = values
+    return numpy_helper.from_array(out.reshape(dims), name)
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> None:
+    """Graph outputs that declare a type but no shape (onnxruntime runs them, onnx's checker refuses
+    them) get the shape onnx's inference finds; one it cannot find is refused with a sentence."""
+    missing = [v for v in model.graph.output if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
+        inferred = model
+    found = {v.name: v for v in inferred.graph.output if v.type.tensor_type.HasField("shape")}
+    for value in missing:
+        if value.name not in found:
+            raise ModelError(f"graph output '{value.name}' declares no shape and onnx's shape inference cannot "
+                             "find one; give it a shape (dims may be symbolic) in the model")
+        value.type.tensor_type.shape.CopyFrom(found[value.name].type.tensor_type.shape)
+        log.info("graph output '%s' declared no shape; using the inferred %s", value.name,
+                 [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """A truncated protobuf often still parses; the checker catches the dangling pieces."""
+    try:
+        external.check_model(model, full_check=False) if model.ByteSize() < PROTOBUF_LIMIT else None
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
+        raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+
+
+def external_data_files(model: onnx.ModelProto) -> dict[str, int]:
+    """Map each external-data file a model references to the bytes it must hold at least
+    (ModelError when an offset or length is not a whole number >= 0)."""
+    needed: dict[str, int] = {}
+    for tensor in all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location, offset, length = external.extent(tensor)
+        needed[location] = max(needed.get(location, 0), offset + (length or 0))
+    return needed
+
+
+def external_file(base_dir: Path, location: str) -> Path:
+    """The file an external `location` names: relative, inside `base_dir` once links are resolved,
+    else ModelError (a model never makes us read outside its own folder)."""
+    if not location:
+        raise ModelError("a tensor is stored in an external file but names none; the model is corrupt")
+    shown = repr(location[:200])
+    if "\0" in location or os.path.isabs(location):
+        raise ModelError(f"external data location {shown} is not a path relative to the model's folder; "
+                         "refusing to read it")
+    folder = os.path.realpath(base_dir)
+    named = os.path.normpath(os.path.join(folder, location))
+    target = os.path.realpath(named)
+    if os.path.commonpath([folder, target]) != folder or target == folder:
+        raise ModelError(f"external data location {shown} points outside the model's folder '{base_dir}' "
+                         "(through '..' or a link); refusing to read it")
+    if target != named:  # onnx and onnxruntime refuse links too
+        raise ModelError(f"external data location {shown} goes through a symbolic link; keep the data file itself "
+                         "in the model's folder")
+    return Path(target)
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Every referenced external-data file is inside the model's folder, exists, and is as long as its
+    tensors declare."""
+    for location, end in external_data_files(model).items():
+        file = external_file(base_dir, location)
+        if file.exists() and not file.is_file():
+            raise ModelError(f"external data file '{base_dir / location}' is not a regular file")
+        if not file.is_file():
+            raise ModelError(f"external data file '{base_dir / location}' is missing; keep it next to the model file")
+        actual = file.stat().st_size
+        if actual < end:
+            raise ModelError(
+                f"external data file '{base_dir / location}' is truncated: {actual} bytes, tensors need {end}")
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file it reads (each checked as load_model does)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return [path]  # load_model says what is wrong with it
+    return [path] + [external_file(path.parent, location) for location in external_data_files(proto)]
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for entry in model.opset_import:
+        if entry.domain in ((domain,) if domain else ("", "ai.onnx")):
+            return entry.version
+    return 0
+
+
+#: Lowest ONNX opset onnxcompress reads: onnxruntime implements no op below it (opset 7 models compress,
+#: opset 6 ones are refused by onnxruntime at load).
+MIN_OPSET = 7
+
+
+def check_opset(model: onnx.ModelProto, name: str = "model", limit: int | None = None) -> None:
+    """ModelError unless the model's ONNX opset is between MIN_OPSET and `limit` (None: no upper bound)."""
+    opset = opset_of(model)
+    imports_onnx = any(entry.domain in ("", "ai.onnx") for entry in model.opset_import)
+    if imports_onnx and opset < MIN_OPSET:
+        raise ModelError(f"{name} uses ONNX opset {opset}; onnxcompress supports opsets {MIN_OPSET} to {limit or 'the latest'}: "
+                         f"convert it first (onnx.version_converter.convert_version(model, {MIN_OPSET + 6}))")
+    if limit is not None and opset > limit:
+        raise ModelError(
+            f"{name} uses ONNX opset {opset}, but the installed onnxruntime runs at most opset {limit}; "
+            "upgrade onnxruntime or re-export the model at a lower opset")
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the model holds (inline or external)."""
+    total = 0
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += external.extent(tensor)[2] or 0
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Whole-file size on disk: the .onnx file plus every external-data file it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    for location in external_data_files(model):
+        extra = external_file(path.parent, location)
+        if extra.is_file():
+            total += extra.stat().st_size
+    return total
+
+
+def output_roles(output: str | os.PathLike) -> list[Role]:
+    """What writing a model to `output` may create: the file, and its external-data file beside it."""
+    out = Path(output)
+    return [Role("the output model", out), Role("the output's data file", out.parent / data_file_name(out))]
+
+
+def data_file_name(output: Path) -> str:
+    return output.name + ".data"
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               plan: OutputPlan | None = None) -> Path:
+    """Write `model` to `path` atomically; with external data beside it when large or asked.
+
+    The model and its data file are written under temporary names in the destination folder
+    and renamed into place only when both are complete: here, or by `plan`'s commit when given
+    (then `path` must be one of the plan's outputs, checked up front). Tensors of a streamed model
+    that still live in the source's external file (or the spill file) are copied chunk by chunk,
+    never loaded whole; `model` is left as it was. A failed write leaves nothing behind.
+    """
+    out = Path(path)
+    if plan is None:
+        with OutputPlan(output_roles(out)).check() as own:
+            save_model(model, out, external_data=external_data, plan=own)
+            own.commit()
+        return out
+    streamed = external.has_external(model)
+    if external_data is None:
+        external_data = streamed or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = data_file_name(out)
+    data_path = out.parent / data_name
+    if external_data and data_path.resolve() in external.source_files(model):
+        raise OutputError(f"cannot write '{out}': its data file '{data_name}' would overwrite the data of the "
+                          "model being saved; choose another output name")
+    undo: list = []
+    bookkeeping: list = []
+    try:
+        tmp_model = plan.temp(out)
+        if external_data:
+            undo = datafile.write_data_file(model, plan.temp(data_path), data_name)
+            bookkeeping = external.strip_bookkeeping(model)
+            tmp_model.write_bytes(model.SerializeToString())
+            if not undo:
+                plan.drop(data_path)
+        else:
+            plan.drop(data_path)
+            to_write = external.inline_copy(model) if streamed else model
+            bookkeeping = external.strip_bookkeeping(model)
+            tmp_model.write_bytes(to_write.SerializeToString())
+    except OSError as e:
+        raise OutputError(f"cannot write '{out}': {e.strerror or e}") from e
+    finally:
+        datafile.undo_writes(undo)
+        external.restore_bookkeeping(model, bookkeeping)
+    log.debug("staged %s (%d bytes)", out, plan.staged_bytes(out, data_path))
+    return out

@@ -1,0 +1,185 @@
+"""Hessian-aware code selection (GPTQ) and the code and scale primitives of weight sharing.
+
+A weight is viewed channel-first as a (C, K) matrix W (rows j = output channels); the rows of
+group g see the layer inputs x with Hessian H_g = E[x x^T], so replacing W by W_hat = W - D adds
+sum_g tr(D_g H_g D_g^T) to the squared layer output error (:class:`LayerHessians`).
+:func:`gptq_codes` picks each entry's code column by column feeding the error forward, and
+:func:`refit_under_hessians` then solves for the centroids and per-channel scales that minimise
+that output error with the codes fixed. :mod:`onnxcompress.fitting.granular` builds the candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxcompress.numerics.measures import nearest_codes
+
+FLOAT16_TINY, FLOAT16_MAX = 2.0 ** -14, 65504.0
+
+
+def normalize(w, s):
+    """w_jk / s_j, 0 where a channel's scale is 0."""
+    return np.divide(w, s[:, None], out=np.zeros_like(w), where=s[:, None] != 0)
+
+
+def use_float16(s: np.ndarray, scale_dtype: str) -> bool:
+    """Whether scales are stored as float16: asked for, or ("auto") every nonzero one is a normal float16."""
+    if scale_dtype != "auto":
+        return scale_dtype == "float16"
+    mags = np.abs(s[s != 0])
+    return bool(mags.size == 0 or (mags.min() >= FLOAT16_TINY and mags.max() <= FLOAT16_MAX))
+
+
+def store_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """Scales rounded to the precision they will be stored in (so decode matches the fit)."""
+    return s.astype(np.float16).astype(np.float64) if use_float16(s, scale_dtype) else \
+        s.astype(np.float32).astype(np.float64)
+
+
+@dataclass
+class LayerHessians:
+    """Per group of output channels, H_g = E[x x^T] of the layer's input rows (channel-first layout)."""
+
+    hessians: list[np.ndarray]
+    group_of_channel: np.ndarray  # (C,) group index of each output channel
+    means: list[np.ndarray] | None = None  # per group, the mean input row E[x] (None: not measured)
+    _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
+
+    def importance(self) -> np.ndarray:
+        """a_jk = H_g(j)[k, k], floored at 1% of its mean so that unseen inputs still count a little."""
+        diag = np.stack([np.diag(self.hessians[g]) for g in self.group_of_channel])
+        return np.maximum(diag, 0.01 * max(float(diag.mean()), 1e-30))
+
+    def feedback(self, group: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+        """Column order (decreasing diag H: "act-order") and the upper Cholesky factor U of the
+        damped, reordered H^-1 (H + damp * mean(diag H) I; dead inputs get diag 1), cached."""
+        key = (group, damp)
+        if key not in self._feedback:
+            h = np.array(self.hessians[group], dtype=np.float64)
+            order = np.argsort(-np.diag(h), kind="stable")
+            h = h[np.ix_(order, order)]
+            dead = np.diag(h) <= 0
+            h[dead, dead] = 1.0
+            h[np.diag_indices(h.shape[0])] += damp * float(np.mean(np.diag(h)))
+            try:
+                u = np.linalg.cholesky(np.linalg.inv(h)).T
+            except np.linalg.LinAlgError:
+                u = np.diag(1.0 / np.sqrt(np.diag(h)))  # nearly singular even when damped: no feedback
+            self._feedback[key] = (order, u)
+        return self._feedback[key]
+
+    def mean_shift(self, d: np.ndarray) -> np.ndarray:
+        """(C,) the mean output change D_g E[x] of each row of a (C, K) weight change D (0 without means)."""
+        shift = np.zeros(d.shape[0])
+        for g, mu in enumerate(self.means or []):
+            rows = self.group_of_channel == g
+            shift[rows] = d[rows] @ mu
+        return shift
+
+    def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+        """(sum_g tr(W_g H_g W_g^T), sum_g tr(D_g H_g D_g^T)) for (C, K) matrices W and D."""
+        signal = noise = 0.0
+        for g, h in enumerate(self.hessians):
+            rows = self.group_of_channel == g
+            signal += float(np.sum((w[rows] @ h) * w[rows]))
+            noise += float(np.sum((d[rows] @ h) * d[rows]))
+        return signal, noise
+
+
+def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: bool, damp: float = 0.01,
+               block: int = 64):
+    """Codes chosen column by column with the error fed forward (GPTQ, Frantar et al. 2023).
+
+    For the rows of each input group with Hessian H (damped by `damp` * mean(diag H)), columns
+    taken in decreasing order of H's diagonal, let U be the upper Cholesky factor of H^-1. Column k is quantized to q_k (nearest s_j c_m; 0 when
+    pruned; the working value itself for entries kept exact) and the remaining columns absorb its
+    error: W[:, k+1:] -= ((W[:, k] - q_k) / U[k, k]) U[k, k+1:], which is the least-squares update
+    of the not yet quantized weights for the layer output on the calibration inputs. Returns the
+    codes and the working weights (whose values at the exact entries are what to store).
+    """
+    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
+    codes = np.zeros(w.shape, np.int64)
+    work = w.copy()
+    for g, h in enumerate(hessians.hessians):
+        rows = np.flatnonzero(hessians.group_of_channel == g)
+        k_count = w.shape[1]
+        order, u = hessians.feedback(g, damp)
+        sub = work[rows][:, order]
+        kept_g, exact_g = kept[rows][:, order], exact[rows][:, order]
+        for lo in range(0, k_count, block):  # lazy batch updates: rank-1 inside a block, one GEMM after it
+            hi = min(lo + block, k_count)
+            err = np.zeros((rows.size, hi - lo))
+            for k in range(lo, hi):
+                col = sub[:, k]
+                c = nearest_codes(normalize(col[:, None], s[rows])[:, 0], book, keep_zero=keep_zero)
+                q = np.where(kept_g[:, k], book[c] * s[rows], 0.0)
+                q = np.where(exact_g[:, k], col, q)
+                codes[rows, order[k]] = c
+                err[:, k - lo] = (col - q) / u[k, k]
+                sub[:, k + 1:hi] -= np.outer(err[:, k - lo], u[k, k + 1:hi])
+            sub[:, hi:] -= err @ u[lo:hi, hi:]
+        work[np.ix_(rows, order)] = sub
+    return codes, work
+
+
+def code_normal_equations(codes, coded, s, target, hessians: LayerHessians, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A = sum_j s_j^2 O_j^T H O_j and b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the
+    (K, k) indicator of row j's coded entries: with the columns of row j sorted by code, H O_j sums
+    H's columns per code and O_j^T (H O_j) its rows, so a row costs K^2 additions, not K^2 k."""
+    a, b = np.zeros((k, k)), np.zeros(k)
+    for g, h in enumerate(hessians.hessians):
+        rows = np.flatnonzero(hessians.group_of_channel == g)
+        if rows.size == 0:
+            continue
+        ht = (target[rows] * s[rows][:, None]) @ h  # row j: s_j (H t_j)^T
+        for i, j in enumerate(rows):
+            cols = np.flatnonzero(coded[j])
+            if cols.size == 0:
+                continue
+            row_codes = codes[j, cols]
+            b += np.bincount(row_codes, weights=ht[i, cols], minlength=k)
+            order = np.argsort(row_codes, kind="stable")
+            cols, row_codes = cols[order], row_codes[order]
+            present, starts = np.unique(row_codes, return_index=True)
+            per_code = np.add.reduceat(h[np.ix_(cols, cols)], starts, axis=1)  # (coded, present)
+            a[np.ix_(present, present)] += s[j] ** 2 * np.add.reduceat(per_code, starts, axis=0)
+    return a, b
+
+
+def refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: LayerHessians, keep_zero: bool,
+                         scale_dtype: str, rounds: int = 1):
+    """Codes fixed, centroids then scales by least squares on the layer output error.
+
+    With W_hat = F + s_j sum_m c_m O_jm (O_jm the indicator of row j's coded entries with code m,
+    F the exact entries), E(c) = sum_j r_j^T H r_j is quadratic in c: A c = b with
+    A_mn = sum_j s_j^2 O_jm^T H O_jn and b_m = sum_j s_j O_jm^T H (w_j - F_j) (code 0 stays 0.0 with
+    keep_zero; a 1e-9 ridge keeps A invertible); then each s_j = q_j^T H t_j / q_j^T H q_j with
+    q_j = c[codes_j] on the coded entries and t_j = w_j - F_j. Each step lowers E or leaves it.
+    """
+    k = book.size
+    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
+    target = w - fixed
+    free = np.arange(1 if keep_zero else 0, k)
+    for _ in range(rounds):
+        a, b = code_normal_equations(codes, coded, s, target, hessians, k)
+        sub = a[np.ix_(free, free)]
+        sub = sub + 1e-9 * max(float(np.trace(sub)) / max(free.size, 1), 1e-30) * np.eye(free.size)
+        try:
+            book = book.copy()
+            book[free] = np.linalg.solve(sub, b[free])
+        except np.linalg.LinAlgError:
+            pass
+        if scale is None:
+            continue
+        q = np.where(coded, book[codes], 0.0)
+        num = np.zeros(w.shape[0])
+        den = np.zeros(w.shape[0])
+        for g, h in enumerate(hessians.hessians):
+            rows = hessians.group_of_channel == g
+            qh = q[rows] @ h
+            num[rows], den[rows] = np.sum(qh * target[rows], 1), np.sum(qh * q[rows], 1)
+        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+    if scale is not None:
+        scale = s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
+    return book, scale

@@ -1,0 +1,402 @@
+"""Intermediate tensors on demand, and a weight's layer seen as a matrix product.
+
+`capture` runs the model with chosen tensors exposed as outputs, one chunk at a time, holding
+nothing but the current chunk. `LinearLayer` views Gemm/MatMul/Conv as
+
+    out[r, j] = rows_g[r] . W_mat[j]        (g = the group of output channel j)
+
+where rows are the layer's input samples (im2col patches for Conv) and W_mat is the weight
+reshaped to (output channels, K). `LayerInputs` accumulates, batch by batch, the Gram matrix
+H_g = sum rows_g^T rows_g (the Hessian of the layer's squared output error) and a bounded
+uniform sample of rows, which is what pruning compensation and centroid refinement need.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.errors import ModelError
+from onnxcompress.graph.edit import find_graph
+from onnxcompress.runtime.sessions import detached, make_session, run
+from onnxcompress.graph.weights import WeightInfo
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose main graph also outputs `names`."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return exposed
+
+
+def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *,
+            max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Yield, per chunk of `data`, the values of the main-graph tensors `names`."""
+    # the exposed copy holds the graph only: the weights go to onnxruntime as arrays
+    light, arrays = detached(model)
+    session = make_session(with_outputs(light, names), arrays=arrays)
+    del light, arrays
+    specs = model_inputs(model)
+    for feed, _ in data.chunks(specs, max_batch=max_batch):
+        values = session.run(list(names), feed)
+        yield dict(zip(names, values))
+
+
+@dataclass
+class LinearLayer:
+    """The consumer of a weight, as a matrix product over rows of its input."""
+
+    weight: str
+    node: onnx.NodeProto
+    input_name: str
+    kind: str  # "gemm" | "matmul" | "conv"
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+    transposed: bool = False  # weight stored (K, out) rather than (out, K)
+    conv: dict = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind == "conv":
+            return self.weight_shape[0]
+        return self.weight_shape[1] if self.transposed else self.weight_shape[0]
+
+    def weight_matrix(self, weight: np.ndarray) -> np.ndarray:
+        """(out channels, K) view of the weight; row j multiplies group(j)'s input rows."""
+        if self.kind == "conv":
+            return weight.reshape(weight.shape[0], -1)
+        return weight.T if self.transposed else weight
+
+    def weight_from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return matrix.reshape(self.weight_shape)
+        return matrix.T if self.transposed else matrix
+
+    def group_of_channels(self) -> np.ndarray:
+        return np.arange(self.out_channels) // (self.out_channels // self.groups)
+
+    def input_rows(self, x: np.ndarray, max_rows: int | None = None,
+                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        """Per group, (rows, K) samples of the input, at most `max_rows` (random) each."""
+        if self.kind == "gemm":
+            rows = x.T if self.conv.get("transA") else x
+            return [_subsample(rows.reshape(-1, rows.shape[-1]), max_rows, rng)]
+        if self.kind == "matmul":
+            return [_subsample(x.reshape(-1, x.shape[-1]), max_rows, rng)]
+        return _im2col(x, self, max_rows, rng)
+
+
+def _subsample(rows: np.ndarray, max_rows: int | None, rng) -> np.ndarray:
+    if max_rows is None or rows.shape[0] <= max_rows:
+        return rows
+    pick = (rng or np.random.default_rng(0)).choice(rows.shape[0], max_rows, replace=False)
+    return rows[np.sort(pick)]
+
+
+def _im2col(x: np.ndarray, layer: LinearLayer, max_rows: int | None, rng) -> list[np.ndarray]:
+    """Patches of a 1-D or 2-D convolution's input, ordered (channel, kernel...) like W.reshape(M, -1)."""
+    c = layer.conv
+    spatial = x.ndim - 2
+    if spatial == 1:
+        x = x[:, :, None, :]
+    elif spatial != 2:
+        raise ModelError(f"layer inputs of {spatial}-D convolutions are not supported ({layer.node.name})")
+    kernel = tuple(layer.weight_shape[2:]) if spatial == 2 else (1, layer.weight_shape[2])
+    strides = _two(c.get("strides"), spatial, 1)
+    dilations = _two(c.get("dilations"), spatial, 1)
+    pads = _pads(c, x.shape[2:], kernel, strides, dilations, spatial)
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    n, channels, oh, ow = windows.shape[:4]
+    positions = n * oh * ow
+    pick = np.arange(positions)
+    if max_rows is not None and positions > max_rows:
+        pick = np.sort((rng or np.random.default_rng(0)).choice(positions, max_rows, replace=False))
+    b, i, j = np.unravel_index(pick, (n, oh, ow))
+    patches = windows[b, :, i, j]  # (rows, C, kh, kw)
+    per_group = channels // layer.groups
+    return [np.ascontiguousarray(patches[:, g * per_group:(g + 1) * per_group].reshape(len(pick), -1))
+            for g in range(layer.groups)]
+
+
+def _two(values, spatial: int, default: int) -> tuple[int, int]:
+    values = list(values) if values else [default] * spatial
+    return (1, values[0]) if spatial == 1 else (values[0], values[1])
+
+
+def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int, int, int, int]:
+    auto = c.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for dim, k, s, d in zip(size, kernel, strides, dilations):
+            out = -(-dim // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - dim, 0)
+            small = total // 2
+            pads.append((total - small, small) if auto == "SAME_LOWER" else (small, total - small))
+        return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
+    p = list(c.get("pads") or [0] * (2 * spatial))
+    return (0, p[0], 0, p[1]) if spatial == 1 else (p[0], p[1], p[2], p[3])
+
+
+# a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
+# K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
+MAX_ROW_LENGTH = 8192
+# the statistics of one pass over the data (Grams and row samples of the layers captured together);
+# more layers than this holds take more passes
+MAX_STATS_BYTES = 2 << 30
+
+
+def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
+    """The weight's consumer as a LinearLayer, or None when it is not a single direct Gemm/MatMul/Conv
+    or its input rows are longer than MAX_ROW_LENGTH (the fits on data then leave it out)."""
+    if info.graph != "main" or len(info.consumers) != 1 or info.consumers[0].via:
+        return None
+    layer = _linear_layer(model, info)
+    if layer is None or info.numel // max(layer.out_channels, 1) > MAX_ROW_LENGTH:
+        return None
+    return layer
+
+
+def _linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
+    consumer = info.consumers[0]
+    graph = find_graph(model, info.graph)
+    node = next((n for n in graph.node if (n.name or n.op_type) == consumer.node
+                 and info.name in n.input), None)
+    if node is None:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = tuple(info.shape)
+    if node.op_type == "Gemm" and consumer.input_index == 1 and len(shape) == 2:
+        return LinearLayer(info.name, node, node.input[0], "gemm", shape, transposed=not attrs.get("transB", 0),
+                           conv={"transA": attrs.get("transA", 0)})
+    if node.op_type == "MatMul" and consumer.input_index == 1 and len(shape) == 2:
+        return LinearLayer(info.name, node, node.input[0], "matmul", shape, transposed=True)
+    if node.op_type == "Conv" and consumer.input_index == 1 and len(shape) in (3, 4):
+        return LinearLayer(info.name, node, node.input[0], "conv", shape, groups=int(attrs.get("group", 1)), conv=attrs)
+    return None
+
+
+class LayerInputs:
+    """Streaming statistics of a layer's input rows: Gram matrices and a bounded uniform sample."""
+
+    def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0,
+                 folds: int = 0):
+        self.layer = layer
+        # with folds >= 2, the Gram matrices of the updates (data chunks) are also summed per fold,
+        # update i into fold i % folds (see fold_hessians, heldout_hessians)
+        self.folds = int(folds)
+        self._fold_grams: list[list[np.ndarray]] | None = None
+        self._fold_counts = [0] * self.folds
+        self._updates = 0
+        self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
+        self.rng = np.random.default_rng(seed)
+        self.gram: list[np.ndarray] | None = None
+        self.count = 0
+        self._sample: list[np.ndarray] | None = None
+        self._keys: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        groups = self.layer.input_rows(np.asarray(x, dtype=np.float64), self.rows_per_chunk, self.rng)
+        if self.gram is None:
+            self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
+            self._sample = [np.zeros((0, g.shape[1])) for g in groups]
+            self._keys = np.zeros(0)
+            if self.folds >= 2:
+                self._fold_grams = [[np.zeros_like(g) for g in self.gram] for _ in range(self.folds)]
+        fold = self._updates % self.folds if self.folds >= 2 else None
+        for k, rows in enumerate(groups):
+            product = rows.T @ rows
+            self.gram[k] += product
+            if fold is not None:
+                self._fold_grams[fold][k] += product
+        if fold is not None:
+            self._fold_counts[fold] += groups[0].shape[0]
+        self._updates += 1
+        self.count += groups[0].shape[0]
+        # reservoir by random keys: keep the rows with the smallest keys seen so far
+        keys = np.concatenate([self._keys, self.rng.random(groups[0].shape[0])])
+        keep = np.argsort(keys, kind="stable")[: self.max_rows]
+        self._keys = keys[keep]
+        self._sample = [np.concatenate([old, new])[keep] for old, new in zip(self._sample, groups)]
+
+    @property
+    def rows(self) -> list[np.ndarray]:
+        """Per group, the sampled input rows (at most max_rows)."""
+        return self._sample or []
+
+    def hessian(self, group: int = 0) -> np.ndarray:
+        """H = (1/n) sum x x^T of the sampled rows of `group`."""
+        return self.gram[group] / max(self.count, 1)
+
+    @property
+    def fold_count(self) -> int:
+        """`folds` once two updates went into different folds, else 0 (a fold may still be empty)."""
+        return self.folds if self.folds >= 2 and self._updates >= 2 else 0
+
+    def fold_hessians(self, group: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """H of the even and of the odd folds apart (None: folds off, odd in number, or too few updates)."""
+        if not self.fold_count or self.folds % 2:
+            return None
+        halves = []
+        for parity in (0, 1):
+            members = range(parity, self.folds, 2)
+            gram = sum(self._fold_grams[f][group] for f in members)
+            halves.append(gram / max(sum(self._fold_counts[f] for f in members), 1))
+        return halves[0], halves[1]
+
+    def heldout_hessians(self, group: int = 0) -> list[np.ndarray] | None:
+        """Per fold f, H of every update outside fold f: the data a fit scored on fold f may learn from."""
+        if not self.fold_count:
+            return None
+        return [(self.gram[group] - self._fold_grams[f][group]) / max(self.count - self._fold_counts[f], 1)
+                for f in range(self.folds)]
+
+
+def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
+                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0,
+                         folds: int = 0, max_bytes: int = MAX_STATS_BYTES) -> dict[str, LayerInputs]:
+    """Passes over `data` gathering LayerInputs for each layer (keyed by weight name); `folds` as
+    LayerInputs (update i is data chunk i of `max_batch` samples). One pass when all the layers'
+    statistics fit in `max_bytes`, else one pass per batch of layers that does (same results)."""
+    stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed, folds=folds) for layer in layers}
+    for batch in _batches(layers, lambda layer: _stats_bytes(layer, max_rows, folds), max_bytes):
+        names = sorted({layer.input_name for layer in batch})
+        for values in capture(model, data, names, max_batch=max_batch):
+            for layer in batch:
+                stats[layer.weight].update(values[layer.input_name])
+    return stats
+
+
+def _stats_bytes(layer: LinearLayer, max_rows: int, folds: int) -> int:
+    """About the float64 bytes of a layer's LayerInputs: a Gram matrix per group (and per fold), and
+    the row sample."""
+    row = int(np.prod(layer.weight_shape)) // max(layer.out_channels, 1)
+    return 8 * layer.groups * (row * row * (1 + (folds if folds >= 2 else 0)) + max_rows * row)
+
+
+def _batches(items: Sequence, size_of, budget: int) -> list[list]:
+    """`items` in order, cut into runs whose sizes add up to at most `budget` (an item larger than
+    the budget on its own)."""
+    batches, current, used = [], [], 0
+    for item in items:
+        size = size_of(item)
+        if current and used + size > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    return batches + ([current] if current else [])
+
+
+@dataclass
+class PairedGrams:
+    """Gram matrices of one layer's input rows in the current model (X_c) and a reference model (X_r).
+
+    Per group g, averaged over rows: current[g] = X_c^T X_c, cross[g] = X_c^T X_r,
+    reference[g] = X_r^T X_r. Without a reference, cross and reference are None (X_r = X_c).
+    The same rows are sampled from both models (same data chunk, same random pick).
+    """
+
+    layer: LinearLayer
+    current: list[np.ndarray]
+    cross: list[np.ndarray] | None
+    reference: list[np.ndarray] | None
+    count: int
+    current_mean: list[np.ndarray] | None = None  # per group, mean input row of X_c
+    reference_mean: list[np.ndarray] | None = None  # per group, mean input row of X_r (None: X_r = X_c)
+    # the same statistics over two disjoint halves of the rows (alternate data chunks), to choose
+    # regularization by held-out error; None unless asked for and the data has two chunks or more
+    folds: tuple["PairedGrams", "PairedGrams"] | None = None
+
+    def fold_groups(self, group: int) -> tuple[tuple, tuple] | None:
+        """((H, C, R) of fold A, (H, C, R) of fold B) for one group, or None without folds."""
+        if self.folds is None:
+            return None
+        return tuple((f.current[group], None if f.cross is None else f.cross[group],
+                      None if f.reference is None else f.reference[group]) for f in self.folds)
+
+
+class _GramSums:
+    """Running sums of X_c^T X_c, X_c^T X_r, X_r^T X_r and the mean rows, per group."""
+
+    def __init__(self, rows: list[np.ndarray], paired: bool):
+        self.h = [np.zeros((g.shape[1], g.shape[1])) for g in rows]
+        self.mc = [np.zeros(g.shape[1]) for g in rows]
+        self.mr = [np.zeros(g.shape[1]) for g in rows]
+        self.c = [np.zeros_like(x) for x in self.h] if paired else None
+        self.r = [np.zeros_like(x) for x in self.h] if paired else None
+        self.count = 0
+
+    def add(self, current: list[np.ndarray], reference: list[np.ndarray] | None) -> None:
+        for g, xc in enumerate(current):
+            self.h[g] += xc.T @ xc
+            self.mc[g] += xc.sum(axis=0)
+            if reference is not None:
+                xr = reference[g]
+                self.mr[g] += xr.sum(axis=0)
+                self.c[g] += xc.T @ xr
+                self.r[g] += xr.T @ xr
+        self.count += current[0].shape[0]
+
+    def minus(self, other: "_GramSums") -> "_GramSums":
+        out = object.__new__(_GramSums)
+        sub = lambda a, b: None if a is None else [x - y for x, y in zip(a, b)]  # noqa: E731
+        out.h, out.mc, out.mr, out.c, out.r = (sub(self.h, other.h), sub(self.mc, other.mc),
+                                               sub(self.mr, other.mr), sub(self.c, other.c), sub(self.r, other.r))
+        out.count = self.count - other.count
+        return out
+
+    def averaged(self, layer: LinearLayer, paired: bool, folds=None) -> PairedGrams:
+        scale = 1.0 / max(self.count, 1)
+        norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
+        return PairedGrams(layer, norm(self.h), norm(self.c), norm(self.r), self.count, norm(self.mc),
+                           norm(self.mr) if paired else None, folds)
+
+
+def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
+                         layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
+                         seed: int = 0, folds: bool = False) -> PairedGrams:
+    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer.
+
+    With `folds`, the statistics of the even and the odd data chunks are also returned apart
+    (PairedGrams.folds), when there are at least two chunks.
+    """
+    name = layer.input_name
+    paired = reference is not None
+    streams = [capture(current, data, [name], max_batch=max_batch)]
+    if paired:
+        streams.append(capture(reference, data, [name], max_batch=max_batch))
+    total = even = None
+    chunks = 0
+    for chunk, values in enumerate(zip(*streams)):
+        rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
+                                 np.random.default_rng((seed, chunk))) for v in values]
+        if total is None:
+            total = _GramSums(rows[0], paired)
+            even = _GramSums(rows[0], paired) if folds else None
+        total.add(rows[0], rows[1] if paired else None)
+        if even is not None and chunk % 2 == 0:
+            even.add(rows[0], rows[1] if paired else None)
+        chunks += 1
+    if total is None:
+        raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
+    halves = None
+    if even is not None and chunks >= 2:
+        halves = (even.averaged(layer, paired), total.minus(even).averaged(layer, paired))
+    return total.averaged(layer, paired, halves)
+
+
+def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:
+    """Index of the layer's node in the main graph (for processing layers in graph order)."""
+    for i, node in enumerate(model.graph.node):
+        if node is layer.node or (node.name == layer.node.name and list(node.output) == list(layer.node.output)):
+            return i
+    return len(model.graph.node)

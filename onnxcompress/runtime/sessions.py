@@ -1,0 +1,237 @@
+"""onnxruntime sessions for any model we write, and running a Dataset through them."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.graph import external
+from onnxcompress.graph.external import check_model
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.errors import ModelError, RuntimeMissingError
+from onnxcompress.formats.customop import to_portable
+from onnxcompress.graph.edit import DOMAIN, iter_graphs
+
+# the one import of onnxruntime: any of its distributions provides the module (onnxruntime, onnxruntime-gpu,
+# -directml, -openvino), so none is a hard dependency (pyproject: the `cpu` extra) and a missing one is named here
+try:
+    import onnxruntime as ort
+except ImportError as e:
+    raise RuntimeMissingError(
+        f"onnxruntime cannot be imported ({e}); install a runtime: pip install 'onnxcompress[cpu]' for the CPU one, "
+        "or one of onnxruntime-gpu, onnxruntime-directml, onnxruntime-openvino") from e
+
+log = logging.getLogger(__name__)
+
+Outputs = list[np.ndarray]
+
+def uses_domain(model: onnx.ModelProto, domain: str = DOMAIN) -> bool:
+    return any(n.domain == domain for g, _ in iter_graphs(model.graph) for n in g.node)
+
+
+def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with our own domain's constant subgraphs decoded (identity for portable models)."""
+    if not uses_domain(model):
+        return model
+    return to_portable(model)
+
+
+def foreign_domains(model: onnx.ModelProto) -> set[str]:
+    """Custom op domains that stock onnxruntime cannot run (neither standard nor ours)."""
+    known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", DOMAIN}
+    return {n.domain for g, _ in iter_graphs(model.graph) for n in g.node if n.domain not in known}
+
+
+# external-data location of the weights a detached model hands to onnxruntime as arrays
+IN_MEMORY = "onnxcompress-in-memory"
+_DETACHABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.UINT8,
+               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL}
+
+
+def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool = True, also: Collection[str] = ()
+             ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of `model` without the bytes of its large main-graph initializers, and those as arrays.
+
+    The copy refers to each detached weight as external data at IN_MEMORY; give the arrays to
+    make_session(..., arrays=...), which hands them to onnxruntime directly. Building a session
+    this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
+    the model with extra outputs for calibration or capture costs its graph, not its weights).
+    The initializers named in `also` are detached whatever their size (small integer tensors stay,
+    since onnxruntime reads shapes and axes from them while it builds the session).
+    With arrays=False only the copy is made (shape inference needs the types and dims alone). A
+    packed model comes back as it is, with no arrays: make_session decodes it first.
+    """
+    if uses_domain(model):
+        return model, {}
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip={"graph"})
+    _copy_fields(model.graph, light.graph, skip={"initializer"})
+    detached_arrays = {}
+    for tensor in model.graph.initializer:
+        if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type not in _DETACHABLE
+                or not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in also)):
+            light.graph.initializer.append(tensor)
+            continue
+        placeholder = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                  data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(len(tensor.raw_data)))):
+            entry = placeholder.external_data.add()
+            entry.key, entry.value = key, value
+        light.graph.initializer.append(placeholder)
+        if arrays:
+            detached_arrays[tensor.name] = numpy_helper.to_array(tensor)
+    return light, detached_arrays
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None,
+                 optimize: bool = True, arrays: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A CPU session; packed models are decoded first; errors become ModelError. `arrays`: the
+    weights of a model made by :func:`detached`."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions; onnxruntime prints nothing itself
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = None
+    try:
+        if arrays:
+            # onnxruntime reads these buffers in place for the session's lifetime: they must own their
+            # contiguous memory (not views), and the session keeps them alive
+            owned = [a if a.flags.owndata and a.flags.c_contiguous else np.array(a, order="C")
+                     for a in arrays.values()]
+            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in owned])
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session.onnxcompress_buffers = owned
+            return session
+        if isinstance(model, (str, os.PathLike)):
+            proto = onnx.load(str(model), load_external_data=False)
+            if not uses_domain(proto):
+                return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            model = onnx.load(str(model))
+        model = to_runnable(model)
+        folders = external.folders_in_use(model) if external.has_external(model) else set()
+        if len(folders) == 1 and model.ByteSize() < 2**31 - 1:  # a streamed model: data read from its folder
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(folders.pop()))
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not folders and model.ByteSize() < 2**31 - 1:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _session_via_file(model, options)
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as e:
+        graph = model if isinstance(model, onnx.ModelProto) else proto
+        domains = foreign_domains(graph)
+        hint = (f"; it uses custom ops of {sorted(domains)}: register their library to validate" if domains else "")
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}{hint}") from e
+
+
+def _session_via_file(model: onnx.ModelProto, options) -> ort.InferenceSession:
+    from onnxcompress.graph.model import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path, external_data=True)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:400] if text else type(error).__name__
+
+
+def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
+        max_batch: int = 64, output_names: Sequence[str] | None = None, progress=None) -> list[Outputs]:
+    """Run every feed (batched where allowed); one list of outputs per chunk, in order."""
+    specs = model_inputs(model)
+    results = []
+    for feed, count in data.chunks(specs, max_batch=max_batch):
+        try:
+            results.append(session.run(list(output_names) if output_names else None, feed))
+        except Exception as e:  # onnxruntime raises its own exception types
+            hint = ""
+            if data.guessed:  # symbolic dims were set to 1: the user must say what they are
+                hint = (f" (the symbolic dims of input(s) {data.guessed} were set to 1: give their sizes with "
+                        f"--shape {data.guessed[0]}=..., or give --data)")
+            raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}{hint}") from e
+        if progress is not None:
+            progress.update(count)
+    return results
+
+
+def median_latency(session: ort.InferenceSession, feed: dict, repeat: int = 30) -> float:
+    """Median seconds of one call, after a warm-up call."""
+    session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def check_runnable(model: onnx.ModelProto, what: str) -> None:
+    """ModelError (one line) unless onnx's full check (strict shape inference) passes and onnxruntime
+    builds a session (decode ops of our domain already gone; not judged with other libraries' ops)."""
+    left = [n.op_type for g, _ in iter_graphs(model.graph) for n in g.node if n.domain == DOMAIN]
+    if left:
+        raise ModelError(f"{what} still holds {len(left)} {DOMAIN} op(s) ({left[0]})")
+    foreign = foreign_domains(model)  # ops of other libraries: onnx and onnxruntime cannot judge them
+    try:  # the full check includes strict shape inference, as at the end of every compress
+        check_model(model, full_check=model.ByteSize() < 2**31 - 1)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{what} is not a valid ONNX model: {first[:300]}") from e
+    if foreign:
+        return
+    try:
+        make_session(model)
+    except ModelError as e:
+        raise ModelError(f"{what} does not load in onnxruntime: {e}") from e
+
+
+@functools.lru_cache(maxsize=None)
+def max_runnable_opset(domain: str = "") -> int:
+    """Highest opset of `domain` this onnxruntime accepts, found by loading tiny models."""
+
+    def loads(opset: int) -> bool:
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)], ir_version=9)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a refused probe prints nothing
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return True
+        except Exception:  # onnxruntime raises its own Fail type
+            return False
+
+    lo, hi = 7, 64
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if loads(mid) else (lo, mid - 1)
+    return lo

@@ -1,0 +1,247 @@
+"""What "the same answer" means for one output: its task kind, detected or named by the user.
+
+A model's outputs are not all class scores. Each output gets one kind, and each kind its own
+agreement between a reference and a candidate, a fraction in [0, 1]:
+
+- top1: class scores or logits (last axis >= 2): the argmax at every position is the same.
+- probability[:T]: probabilities of independent events (a sigmoid; values in [0, 1], last axis
+  1 or none): the decision p >= T (default 0.5) is the same, element by element.
+- embedding: float vectors (the last axis) compared by nearest neighbour: row i agrees when its
+  nearest other row (cosine) is the same in both; with fewer than three rows, cosine >= 0.99.
+- sequence: per-step class scores [batch, steps, classes] (a tagger): a sample agrees when its
+  whole argmax sequence is the same.
+- ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
+  blank index default 0, negative counts from the end): a sample agrees when its text is the same.
+- regression[:TOL]: numbers: a sample (a row along the first axis) agrees when its RMS error is
+  at most TOL (default 0.05) times the reference's RMS over the whole output.
+
+A user names a kind as `KIND[:PARAM][@OUTPUT[+OUTPUT...]]` (e.g. `probability:0.5@activation`);
+without @ it applies to every output it fits, with @ only the named outputs count toward a
+budget. Without a name each output's kind is detected from its values and the op producing it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from onnxcompress.errors import RecipeError
+
+Kind = Literal["top1", "probability", "embedding", "sequence", "ctc", "regression"]
+KINDS: tuple[str, ...] = ("top1", "probability", "embedding", "sequence", "ctc", "regression")
+EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "Div",
+                                 "LpNormalization", "GlobalAveragePool"})
+MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """A kind named by the user (chosen) for some or all outputs."""
+
+    kind: Kind
+    threshold: float = 0.5  # probability
+    blank: int = 0  # ctc
+    tolerance: float = 0.05  # regression
+    outputs: tuple[str, ...] = ()  # empty: every output the kind fits
+
+    def describe(self) -> str:
+        param = {"probability": f":{self.threshold:g}", "ctc": f":{self.blank}",
+                 "regression": f":{self.tolerance:g}"}.get(self.kind, "")
+        return self.kind + param + (f"@{'+'.join(self.outputs)}" if self.outputs else "")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """The kind one output is measured by, and whether it counts toward a loss budget."""
+
+    kind: Kind
+    metric: TaskMetric = field(default_factory=lambda: TaskMetric("top1"))
+    chosen: bool = False  # named by the user, else detected
+    budgeted: bool = True
+
+    def describe(self) -> str:
+        return f"{self.metric.describe() if self.chosen else self.kind} ({'chosen' if self.chosen else 'detected'})"
+
+
+def is_builtin(spec: str | None) -> bool:
+    """True when `spec` names a built-in kind (else it may be a user's module:function)."""
+    return bool(spec) and spec.split("@")[0].split(":")[0].strip() in KINDS
+
+
+def parse_metric(spec: str) -> TaskMetric:
+    """`KIND[:PARAM][@OUTPUT[+OUTPUT...]]`, e.g. 'probability:0.5', 'ctc:0', 'embedding@pooled'."""
+    head, _, where = spec.partition("@")
+    kind, _, param = head.strip().partition(":")
+    if kind not in KINDS:
+        raise RecipeError(f"unknown metric kind '{kind}': use one of {', '.join(KINDS)} (or module:function)")
+    outputs = tuple(o for o in where.split("+") if o) if where else ()
+    if param and kind not in ("probability", "ctc", "regression"):
+        raise RecipeError(f"metric '{kind}' takes no parameter, got '{param}'")
+    try:
+        if kind == "probability":
+            value = float(param) if param else 0.5
+            if not 0.0 < value < 1.0:
+                raise ValueError("the threshold must lie strictly between 0 and 1")
+            return TaskMetric(kind, threshold=value, outputs=outputs)
+        if kind == "ctc":
+            return TaskMetric(kind, blank=int(param) if param else 0, outputs=outputs)
+        if kind == "regression":
+            value = float(param) if param else 0.05
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError("the tolerance must be a positive number")
+            return TaskMetric(kind, tolerance=value, outputs=outputs)
+    except ValueError as e:
+        raise RecipeError(f"metric '{spec}': {e}") from e
+    return TaskMetric(kind, outputs=outputs)
+
+
+def output_producers(model: onnx.ModelProto) -> dict[str, str]:
+    """The op type producing each graph output (Identity looked through), for kind detection."""
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    producers = {}
+    for out in model.graph.output:
+        node, seen = by_output.get(out.name), 0
+        while node is not None and node.op_type == "Identity" and seen < 8:
+            node, seen = by_output.get(node.input[0]), seen + 1
+        if node is not None:
+            producers[out.name] = node.op_type
+    return producers
+
+
+def _floating(chunks: Sequence[np.ndarray]) -> bool:
+    return bool(chunks) and all(np.issubdtype(np.asarray(c).dtype, np.floating) for c in chunks)
+
+
+def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Kind | None:
+    """The kind of an output from its reference values (chunks along the batch) and its producing op;
+    None for outputs that are not floating point (compared exactly elsewhere)."""
+    if not _floating(chunks):
+        return None
+    first = np.asarray(chunks[0])
+    finite = [np.asarray(c)[np.isfinite(c)] for c in chunks]
+    in_unit = all(f.size == 0 or (f.min() >= 0 and f.max() <= 1) for f in finite)
+    last = first.shape[-1] if first.ndim else 1
+    if producer in ("Softmax", "LogSoftmax") and last >= 2:
+        return "sequence" if first.ndim == 3 else "top1"
+    if producer == "Sigmoid" or (in_unit and (first.ndim <= 1 or last == 1)):
+        return "probability"
+    if in_unit and last >= 2 and not all(np.allclose(np.asarray(c).sum(-1), 1.0, atol=1e-3) for c in chunks):
+        return "probability"  # independent sigmoids side by side, not one distribution
+    if producer in EMBEDDING_PRODUCERS and first.ndim >= 2 and last >= 8:
+        return "embedding"
+    if first.ndim == 3 and last >= 2:
+        return "sequence"
+    if first.ndim >= 2 and last >= 2:
+        return "top1"
+    return "regression"
+
+
+def fits(kind: Kind, chunks: Sequence[np.ndarray]) -> bool:
+    """Whether a chosen kind can measure this output."""
+    if not _floating(chunks):
+        return False
+    first = np.asarray(chunks[0])
+    if kind == "probability":
+        return all(np.asarray(c).size == 0 or np.nanmin(c) >= 0 and np.nanmax(c) <= 1 for c in chunks)
+    if kind in ("top1", "embedding"):
+        return first.ndim >= 1 and first.shape[-1] >= 2
+    if kind in ("sequence", "ctc"):
+        return first.ndim >= 2 and first.shape[-1] >= 2
+    return True
+
+
+def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], producers: dict[str, str] | None = None,
+                  task: TaskMetric | None = None) -> dict[str, OutputKind]:
+    """One OutputKind per output that has one: the chosen kind where it applies, else the detected one.
+    With a chosen kind naming outputs, only those count toward a budget."""
+    producers = producers or {}
+    if task is not None and task.outputs:
+        missing = sorted(set(task.outputs) - set(names))
+        if missing:
+            raise RecipeError(f"metric '{task.describe()}' names outputs the model does not have: {missing}; "
+                              f"its outputs are {list(names)}")
+    kinds = {}
+    for k, name in enumerate(names):
+        chunks = [np.asarray(chunk[k]) for chunk in reference]
+        named = task is not None and (not task.outputs or name in task.outputs)
+        if named and fits(task.kind, chunks):
+            kinds[name] = OutputKind(task.kind, task, chosen=True)
+            continue
+        if named and task.outputs:
+            raise RecipeError(f"metric '{task.kind}' cannot measure output '{name}' "
+                              f"(shape {chunks[0].shape}, {chunks[0].dtype})")
+        detected = detect_kind(chunks, producers.get(name))
+        if detected is not None:
+            # with outputs named, the others are reported but not budgeted; a detected regression is
+            # budgeted by its SQNR, not by a tolerance nobody chose
+            budgeted = not (task is not None and task.outputs) and detected != "regression"
+            kinds[name] = OutputKind(detected, TaskMetric(detected), chosen=False, budgeted=budgeted)
+    return kinds
+
+
+def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float | None:
+    """The fraction of the task's answers that are the same (see the module docstring); None when
+    there is nothing to compare."""
+    m = kind.metric
+    refs = [np.asarray(r, dtype=np.float64) for r in reference]
+    cands = [np.asarray(c, dtype=np.float64) for c in candidate]
+    if not refs or sum(r.size for r in refs) == 0:
+        return None
+    if kind.kind == "top1":
+        same = [r.argmax(-1) == c.argmax(-1) for r, c in zip(refs, cands)]
+    elif kind.kind == "probability":
+        same = [(r >= m.threshold) == (c >= m.threshold) for r, c in zip(refs, cands)]
+    elif kind.kind == "sequence":
+        same = [np.all((r.argmax(-1) == c.argmax(-1)).reshape(r.shape[0], -1), axis=1) for r, c in zip(refs, cands)]
+    elif kind.kind == "ctc":
+        same = [np.array([ctc_greedy(a, m.blank) == ctc_greedy(b, m.blank) for a, b in zip(_samples(r), _samples(c))])
+                for r, c in zip(refs, cands)]
+    elif kind.kind == "embedding":
+        return neighbour_agreement(np.concatenate([r.reshape(-1, r.shape[-1]) for r in refs]),
+                                   np.concatenate([c.reshape(-1, c.shape[-1]) for c in cands]))
+    else:
+        scale = math.sqrt(sum(float(np.sum(r * r)) for r in refs) / sum(r.size for r in refs))
+        same = []
+        for r, c in zip(refs, cands):
+            rows = (r - c).reshape(r.shape[0], -1) if r.ndim >= 2 else (r - c).reshape(-1, 1)
+            same.append(np.sqrt(np.mean(rows * rows, axis=1)) <= m.tolerance * scale)
+    flat = np.concatenate([np.asarray(s).ravel() for s in same])
+    return float(np.mean(flat)) if flat.size else None
+
+
+def _samples(scores: np.ndarray) -> list[np.ndarray]:
+    """[batch, steps, classes] -> one [steps, classes] per sample; [steps, classes] is one sample."""
+    return [scores] if scores.ndim == 2 else list(scores.reshape(-1, *scores.shape[-2:]))
+
+
+def ctc_greedy(scores: np.ndarray, blank: int = 0) -> tuple[int, ...]:
+    """Greedy CTC decoding of [steps, classes]: argmax per step, repeats merged, blanks dropped."""
+    path = np.asarray(scores).argmax(-1)
+    blank = blank % np.asarray(scores).shape[-1]
+    keep = np.ones(path.size, dtype=bool)
+    keep[1:] = path[1:] != path[:-1]
+    return tuple(int(p) for p in path[keep] if p != blank)
+
+
+def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of rows whose nearest other row by cosine is the same in both sets of vectors."""
+    if reference.shape[0] > MAX_NEIGHBOUR_ROWS:
+        pick = np.linspace(0, reference.shape[0] - 1, MAX_NEIGHBOUR_ROWS).astype(np.int64)
+        reference, candidate = reference[pick], candidate[pick]
+    if reference.shape[0] < 3:
+        num = np.sum(reference * candidate, axis=1)
+        den = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+        return float(np.mean(cos >= 0.99))
+
+    def nearest(x: np.ndarray) -> np.ndarray:
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        sim = unit @ unit.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return float(np.mean(nearest(reference) == nearest(candidate)))
