@@ -164,6 +164,20 @@ def write_blob(shared: SharedWeight, layout: Layout | None = None, *, methods=ME
 
 # ---------------------------------------------------------------- decoding one weight
 
+@dataclass(frozen=True)
+class _Header:
+    """The fixed fields of a blob's header stream, checked against the limits."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    numel: int
+    bits: int
+    kind: int  # 0 dense, 1 csr
+    index_bits: int
+    zero_code: int  # -1: none
+    channel_axis: int  # -1: none
+
+
 def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
     """The SharedWeight stored in a blob; CodecError on any corrupt or inconsistent field."""
     data = blob.tobytes() if isinstance(blob, np.ndarray) else bytes(blob)
@@ -171,9 +185,37 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
     if "h" not in streams or "b" not in streams:
         raise CodecError(f"packed weight '{name}' lacks its header or codebook stream.")
     r = Reader(streams["h"], f"header of packed weight '{name}'")
+    h = _read_header(r)
+    if len(streams["b"]) % 4:
+        raise CodecError(f"codebook of packed weight '{name}' is not a whole number of float32 values.")
+    codebook = np.frombuffer(streams["b"], "<f4").astype(np.float32)
+    symbols = _read_symbols(streams, h, r, name)
+    top = int(symbols.max()) if symbols.size else -1
+    if top >= (1 << h.bits):
+        raise CodecError(f"codes of packed weight '{name}' do not fit {h.bits} bits.")
+    if h.zero_code >= (1 << h.bits):
+        raise r.fail(f"zero code {h.zero_code} does not fit {h.bits} bits")
+    codes = _swap(symbols, h.zero_code if h.zero_code >= 0 else None).reshape(h.shape)
+    group_offsets, scale = _read_channel_streams(streams, h, r, name)
+    outlier_index, outlier_value = _read_outliers(streams, h.numel, name)
+    shared = SharedWeight(name=name, shape=h.shape, dtype=h.dtype, codes=codes, codebook=codebook, bits=h.bits,
+                          channel_axis=h.channel_axis if h.channel_axis >= 0 else None, group_offsets=group_offsets,
+                          scale=scale, outlier_index=outlier_index, outlier_value=outlier_value,
+                          zero_code=h.zero_code if h.zero_code >= 0 else None)
+    if group_offsets is not None and h.numel:  # codes + offsets must index the codebook
+        index = shared.indices()
+        bad = int(index.max()) >= codebook.size or int(index.min()) < 0
+    else:  # the largest code (zero_code is swapped back, so take the larger of the two)
+        bad = max(top, h.zero_code) >= codebook.size and h.numel > 0
+    if bad:
+        raise CodecError(f"codes of packed weight '{name}' point outside its codebook of {codebook.size} entries.")
+    return shared
+
+
+def _read_header(r: Reader) -> _Header:
     version = r.varint("version", 255)
     if version != FORMAT_VERSION:
-        raise CodecError(f"packed weight '{name}' has format version {version}; this onnxcompress reads "
+        raise CodecError(f"{r.what} has format version {version}; this onnxcompress reads "
                          f"version {FORMAT_VERSION}: upgrade onnxcompress.")
     elem = r.varint("element type", 64)
     try:
@@ -196,41 +238,41 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
     r.done()
     if bits < 1:
         raise r.fail("bits is 0")
-    if len(streams["b"]) % 4:
-        raise CodecError(f"codebook of packed weight '{name}' is not a whole number of float32 values.")
-    codebook = np.frombuffer(streams["b"], "<f4").astype(np.float32)
-    if kind == 1:
-        if not 1 <= index_bits <= 16 or "i" not in streams or "v" not in streams:
+    return _Header(dtype, shape, numel, bits, kind, index_bits, zero_code, channel_axis)
+
+
+def _read_symbols(streams: dict[str, bytes], h: _Header, r: Reader, name: str) -> np.ndarray:
+    """Every entry's code (pruned entries: the zero code's symbol 0), from the csr or the dense layout."""
+    if h.kind == 1:
+        if not 1 <= h.index_bits <= 16 or "i" not in streams or "v" not in streams:
             raise r.fail("the csr layout lacks its index bits or streams")
         entries = {k: declared_count(streams[k]) for k in "iv"}
-        if entries["i"] != entries["v"] or entries["i"] > numel:
+        if entries["i"] != entries["v"] or entries["i"] > h.numel:
             raise CodecError(f"packed weight '{name}' declares {entries['i']} relative indices and {entries['v']} "
-                             f"sparse codes for a tensor of {numel} entries.")
+                             f"sparse codes for a tensor of {h.numel} entries.")
         gaps = decode_any(streams["i"]).astype(np.int64) + 1
         values = decode_any(streams["v"])
-        if gaps.size and int(gaps.max()) > (1 << index_bits):
-            raise CodecError(f"relative indices of packed weight '{name}' exceed {index_bits} bits.")
-        symbols = relidx.decode(gaps, values, numel)
-    else:
-        if "c" not in streams:
-            raise r.fail("the dense layout lacks its code stream")
-        count = declared_count(streams["c"])
-        if count != numel:
-            raise CodecError(f"packed weight '{name}' declares {count} codes for its {numel} entries.")
-        symbols = decode_any(streams["c"])
-        if symbols.size != numel:
-            raise CodecError(f"packed weight '{name}' holds {symbols.size} codes for {numel} entries.")
-    top = int(symbols.max()) if symbols.size else -1
-    if top >= (1 << bits):
-        raise CodecError(f"codes of packed weight '{name}' do not fit {bits} bits.")
-    if zero_code >= (1 << bits):
-        raise r.fail(f"zero code {zero_code} does not fit {bits} bits")
-    codes = _swap(symbols, zero_code if zero_code >= 0 else None).reshape(shape)
-    channels = shape[channel_axis] if channel_axis >= 0 else None
-    group_offsets = scale = outlier_index = outlier_value = None
-    if "g" in streams or "s" in streams:
-        if channels is None:
-            raise r.fail("per-channel streams need a channel axis")
+        if gaps.size and int(gaps.max()) > (1 << h.index_bits):
+            raise CodecError(f"relative indices of packed weight '{name}' exceed {h.index_bits} bits.")
+        return relidx.decode(gaps, values, h.numel)
+    if "c" not in streams:
+        raise r.fail("the dense layout lacks its code stream")
+    count = declared_count(streams["c"])
+    if count != h.numel:
+        raise CodecError(f"packed weight '{name}' declares {count} codes for its {h.numel} entries.")
+    symbols = decode_any(streams["c"])
+    if symbols.size != h.numel:
+        raise CodecError(f"packed weight '{name}' holds {symbols.size} codes for {h.numel} entries.")
+    return symbols
+
+
+def _read_channel_streams(streams: dict[str, bytes], h: _Header, r: Reader, name: str
+                          ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(group offsets, scales), one per output channel, where the blob has them."""
+    channels = h.shape[h.channel_axis] if h.channel_axis >= 0 else None
+    group_offsets = scale = None
+    if ("g" in streams or "s" in streams) and channels is None:
+        raise r.fail("per-channel streams need a channel axis")
     if "g" in streams:
         if declared_count(streams["g"]) != channels:
             raise CodecError(f"packed weight '{name}' declares {declared_count(streams['g'])} group offsets "
@@ -242,33 +284,27 @@ def read_blob(blob: bytes | np.ndarray, name: str = "weight") -> SharedWeight:
         if len(streams["s"]) != 4 * channels:
             raise CodecError(f"packed weight '{name}' has a scale stream of the wrong length.")
         scale = np.frombuffer(streams["s"], "<f4").astype(np.float32)
-    if "o" in streams:
-        ro = Reader(streams["o"], f"outliers of packed weight '{name}'")
-        count = ro.varint("outlier count", numel)
-        width = ro.u8("delta width")
-        if not 1 <= width <= 32:
-            raise ro.fail(f"delta width {width} is outside 1..32")
-        deltas = ro.packed(count, width, "deltas").astype(np.int64)
-        ro.done()
-        outlier_index = np.cumsum(deltas)
-        if count and int(outlier_index[-1]) >= numel:
-            raise CodecError(f"an outlier of packed weight '{name}' lies outside the tensor.")
-        raw = streams.get("u", b"")
-        if len(raw) != 4 * count:
-            raise CodecError(f"packed weight '{name}' has {len(raw) // 4} outlier values for {count} indices.")
-        outlier_value = np.frombuffer(raw, "<f4").astype(np.float32)
-    shared = SharedWeight(name=name, shape=shape, dtype=dtype, codes=codes, codebook=codebook, bits=bits,
-                          channel_axis=channel_axis if channel_axis >= 0 else None, group_offsets=group_offsets,
-                          scale=scale, outlier_index=outlier_index, outlier_value=outlier_value,
-                          zero_code=zero_code if zero_code >= 0 else None)
-    if group_offsets is not None and numel:  # codes + offsets must index the codebook
-        index = shared.indices()
-        bad = int(index.max()) >= codebook.size or int(index.min()) < 0
-    else:  # the largest code (zero_code is swapped back, so take the larger of the two)
-        bad = max(top, zero_code) >= codebook.size and numel > 0
-    if bad:
-        raise CodecError(f"codes of packed weight '{name}' point outside its codebook of {codebook.size} entries.")
-    return shared
+    return group_offsets, scale
+
+
+def _read_outliers(streams: dict[str, bytes], numel: int, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(flat indices, values) of the entries stored exactly, where the blob has them."""
+    if "o" not in streams:
+        return None, None
+    ro = Reader(streams["o"], f"outliers of packed weight '{name}'")
+    count = ro.varint("outlier count", numel)
+    width = ro.u8("delta width")
+    if not 1 <= width <= 32:
+        raise ro.fail(f"delta width {width} is outside 1..32")
+    deltas = ro.packed(count, width, "deltas").astype(np.int64)
+    ro.done()
+    outlier_index = np.cumsum(deltas)
+    if count and int(outlier_index[-1]) >= numel:
+        raise CodecError(f"an outlier of packed weight '{name}' lies outside the tensor.")
+    raw = streams.get("u", b"")
+    if len(raw) != 4 * count:
+        raise CodecError(f"packed weight '{name}' has {len(raw) // 4} outlier values for {count} indices.")
+    return outlier_index, np.frombuffer(raw, "<f4").astype(np.float32)
 
 
 def decode_blob(blob: bytes | np.ndarray) -> np.ndarray:
