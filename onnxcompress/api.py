@@ -12,7 +12,7 @@ import onnx
 from onnxcompress.formats.blobs import packed_weights
 from onnxcompress.formats.blobs import unpack as unpack_model
 from onnxcompress.graph.spill import release_spill
-from onnxcompress.graph.data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
+from onnxcompress.graph.data import DATA_SUFFIXES, Dataset, load_data, model_inputs
 from onnxcompress.runtime.metrics import Comparison, compare_models
 from onnxcompress.graph.model import file_bytes, load_model, model_files, output_roles, save_model
 from onnxcompress.graph.outputs import OutputPlan, Role
@@ -21,6 +21,7 @@ from onnxcompress.recipes import Recipe, load_recipe
 from onnxcompress.pipeline.search import run_with_backoff
 from onnxcompress.runtime.shipped import ORT_FORMAT_NOTE, shipped_of_staged
 from onnxcompress.runtime.sessions import check_runnable, max_runnable_opset, uses_domain
+from onnxcompress.runtime.synthesis import runnable_data
 from onnxcompress.runtime.tasks import is_builtin, parse_metric
 from onnxcompress.graph.weights import find_weights, get_array
 
@@ -40,7 +41,7 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
         if not synthesize_if_missing:
             return None
         log.warning("no %s given: using random inputs from the model's shapes, which measure fidelity weakly", name)
-        return synthesize(specs, shapes=shapes)
+        return runnable_data(model, specs, shapes=shapes)
     dataset = load_data(data, name=name, specs=specs)
     dataset.check(specs)
     return dataset
@@ -72,6 +73,8 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress, tolerance=tolerance, task=task)
     compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
+    if evaluation is not None and evaluation.note:
+        report.notes.append(evaluation.note)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
     _note_if_not_smaller(report)

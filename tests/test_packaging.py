@@ -78,4 +78,4 @@ def test_onnxruntime_is_imported_in_one_place():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             if any(m == "onnxruntime" or m.startswith("onnxruntime.") for m in modules):
                 importers.add(path.relative_to(ROOT).as_posix())
-    assert importers == {"onnxcompress/runtime.py"}
+    assert importers == {"onnxcompress/runtime/sessions.py"}

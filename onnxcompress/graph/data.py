@@ -86,7 +86,8 @@ class Dataset:
         self.labels = None if labels is None else np.asarray(labels)
         self.source = source
         self.synthetic = False
-        self.guessed: list[str] = []  # synthesized inputs whose symbolic dims were set to 1
+        self.guessed: list[str] = []  # synthesized inputs whose symbolic dims were guessed
+        self.note: str | None = None  # how the guessed dims were chosen, for the report
         if self.stacked is not None:
             counts = {name: (a.shape[0] if a.ndim else -1) for name, a in self.stacked.items()}
             if len(set(counts.values())) > 1 or -1 in counts.values():
@@ -106,7 +107,7 @@ class Dataset:
             out = Dataset(stacked={k: v[:n] for k, v in self.stacked.items()}, labels=labels, source=self.source)
         else:
             out = Dataset([self._feeds[i] for i in range(n)], labels=labels, source=self.source)
-        out.synthetic, out.guessed = self.synthetic, self.guessed
+        out.synthetic, out.guessed, out.note = self.synthetic, self.guessed, self.note
         return out
 
     def feed(self, index: int, specs: Sequence[InputSpec]) -> Feed:

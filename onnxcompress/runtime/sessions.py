@@ -172,8 +172,8 @@ def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
             results.append(session.run(list(output_names) if output_names else None, feed))
         except Exception as e:  # onnxruntime raises its own exception types
             hint = ""
-            if data.guessed:  # symbolic dims were set to 1: the user must say what they are
-                hint = (f" (the symbolic dims of input(s) {data.guessed} were set to 1: give their sizes with "
+            if data.guessed:  # symbolic dims were guessed: the user must say what they are
+                hint = (f" (the symbolic dims of input(s) {data.guessed} were guessed: give their sizes with "
                         f"--shape {data.guessed[0]}=..., or give --data)")
             raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}{hint}") from e
         if progress is not None:
