@@ -50,8 +50,8 @@ import numpy as np
 from .codebook import SharedWeight
 from .gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
                    use_float16)
-from .histogram import signal_and_error
-from .kmeans import kmeans_1d
+from .histogram import CHUNK, signal_and_error
+from .kmeans import assign, kmeans_1d
 from .numerics import nearest_codes, sqnr_db
 from .sensitivity import OutputGains, mean_part
 
@@ -148,9 +148,12 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
     if option.kind == "tensor" and not option.outlier_fraction and not option.gptq and not option.weighted:
         return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=init, seed=seed)
     axis = channel_axis
-    w = to_matrix(np.asarray(array, dtype=np.float64), axis)
+    # float32 weights are fitted in float32 (every sum in float64) unless data drives the fit
+    narrow = array.dtype in (np.float16, np.float32) and not option.weighted and not option.gptq
+    w = np.ascontiguousarray(to_matrix(np.asarray(array, dtype=np.float32 if narrow else np.float64), axis))
     kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
-    w = np.where(kept, w, 0.0)
+    if mask is not None:
+        w = np.where(kept, w, 0)
     a = None
     if option.weighted and importance is not None:
         a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
@@ -169,14 +172,11 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
         codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
         book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
                                             np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
-    codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
+    codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
-    if outliers.any():
-        where = to_matrix(np.arange(w.size, dtype=np.int64).reshape(shape), axis)
-        out_index = where[outliers]
-        order = np.argsort(out_index)
-        out_index = out_index[order]
-        out_value = exact[outliers][order].astype(np.float32)
+    if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
+        out_index = np.flatnonzero(from_matrix(outliers, shape, axis))
+        out_value = from_matrix(exact, shape, axis)[np.unravel_index(out_index, shape)].astype(np.float32)
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
@@ -209,14 +209,27 @@ def _pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative
     picked = np.zeros(w.shape, bool)
     if count <= 0:
         return picked
+    w = np.asarray(w, np.float64)
     score = np.abs(w)
     if relative:
         rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
         score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
-    score = np.where(kept, score, -1.0).ravel()
-    top = np.argpartition(score, score.size - count)[score.size - count:]
-    picked.ravel()[top] = True
+    score = (score if kept.all() else np.where(kept, score, -1.0)).ravel()
+    picked.ravel()[_top(score, count)] = True
     return picked
+
+
+def _top(score: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest scores (0 < count <= size). On a large array, among the
+    scores at least a threshold (a strided sample's quantile, loose by a factor of two) when at
+    least `count` reach it: the same set as a partition of all of them, up to ties at the cut."""
+    if score.size > 1 << 20 and count * 8 < score.size:
+        sample = score[::64]
+        cut = np.partition(sample, sample.size - 1 - min(sample.size - 1, 2 * count // 64 + 8))
+        high = np.flatnonzero(score >= cut[sample.size - 1 - min(sample.size - 1, 2 * count // 64 + 8)])
+        if high.size >= count:
+            return high[np.argpartition(score[high], high.size - count)[high.size - count:]]
+    return np.argpartition(score, score.size - count)[score.size - count:]
 
 
 def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
@@ -252,39 +265,63 @@ def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
 def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
     """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
 
-    Unweighted with every entry fitted (a = 1), the products by a are skipped: the same numbers,
-    fewer full-size temporaries."""
-    plain = a is None and bool(fitted.all())
-    weight = None if plain else np.where(fitted, np.ones(w.shape) if a is None else a, 0.0)
-    s = (np.abs(w) if plain else np.where(fitted, np.abs(w), 0.0)).max(axis=1)
+    Each round needs, per channel j and code m, A_jm = sum_{k: code_jk = m} a_jk w_jk and
+    B_jm = sum_{k: code_jk = m} a_jk over the fitted entries (:func:`_code_sums`): then the scale
+    step is s_j = sum_m c_m A_jm / sum_m c_m^2 B_jm and the centroid step
+    c_m = sum_j s_j A_jm / sum_j s_j^2 B_jm, so one pass over the weight per round (the codes and
+    their sums, a block of channels at a time) instead of a full-size temporary per product. w is
+    float32 or float64; the codes are found in its precision, every sum is accumulated in float64."""
+    every = bool(fitted.all())
+    s = (np.abs(w) if every else np.where(fitted, np.abs(w), 0)).max(axis=1).astype(np.float64)
     s = store_scale(s, scale_dtype)
-    u = normalize(w, s)
-    book = _kmeans(u.reshape(-1) if plain else u[fitted],
-                   (weight * np.square(s)[:, None])[fitted] if a is not None else None, bits, keep_zero, init, seed)
-    codes = nearest_codes(u, book, keep_zero=keep_zero)
+    u = normalize(w, s.astype(w.dtype))
+    book = _kmeans(u.reshape(-1) if every else u[fitted],
+                   None if a is None else (a * np.square(s)[:, None])[fitted], bits, keep_zero, init, seed)
     del u
+    mask = None if every else fitted
+    codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
     for _ in range(iterations):
-        q = book[codes]
-        if plain:
-            num, den = (q * w).sum(1), (q * q).sum(1)
-        else:
-            num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
-        del q
+        num, den = sums @ book, counts @ np.square(book)
         s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes = nearest_codes(normalize(w, s), book, keep_zero=keep_zero)
-        square = np.square(s)[:, None]
-        ws = np.broadcast_to(square, w.shape) if plain else weight * square
-        num = np.bincount(codes.ravel(), (s[:, None] * w if plain else weight * s[:, None] * w).ravel(), book.size)
-        den = np.bincount(codes.ravel(), ws.ravel(), book.size)
+        codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
+        num, den = s @ sums, np.square(s) @ counts
         book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
         if keep_zero:
             book[0] = 0.0
         order = np.argsort(book[1:] if keep_zero else book, kind="stable")
         if keep_zero:
             order = np.concatenate(([0], order + 1))
-        book = book[order]
-        codes = np.argsort(order)[codes]
+        book, sums, counts = book[order], sums[:, order], counts[:, order]
+        codes = np.argsort(order).astype(codes.dtype)[codes]
     return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
+
+
+def _code_sums(w, s, book, fitted, a, keep_zero):
+    """(codes, A, B): the nearest centroid of each w_jk / s_j (codes in the smallest unsigned type),
+    A_jm = sum a_jk w_jk and B_jm = sum a_jk over the fitted entries (all when `fitted` is None) of
+    code m in channel j (a = 1 when None), in float64; a block of about CHUNK entries at a time."""
+    rows, cols = w.shape
+    m = book.size
+    codes = np.empty(w.shape, np.uint8 if m <= 256 else np.uint16)
+    sums, counts = np.zeros((rows, m)), np.zeros((rows, m))
+    scale = s.astype(w.dtype)
+    step = max(1, CHUNK // max(cols, 1))
+    base = np.repeat(np.arange(0, step * m, m), cols)
+    for lo in range(0, rows, step):
+        block = slice(lo, lo + step)
+        u = normalize(w[block], scale[block])
+        part = nearest_codes(u, book, keep_zero=True) if keep_zero else assign(u, book)  # the same codes
+        codes[block] = part
+        n = part.shape[0]
+        index = part.astype(np.intp).reshape(-1)
+        index += base[:index.size]
+        if fitted is not None:  # the others go to a bin past the end
+            index[~fitted[block].reshape(-1)] = n * m
+        values = w[block].reshape(-1)
+        weight = None if a is None else a[block].reshape(-1)
+        sums[block] = np.bincount(index, values if weight is None else weight * values, n * m + 1)[:-1].reshape(n, m)
+        counts[block] = np.bincount(index, weight, n * m + 1)[:-1].reshape(n, m)
+    return codes, sums, counts
 
 
 # ----------------------------------------------------------------------------- measuring
