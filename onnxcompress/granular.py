@@ -48,11 +48,11 @@ from typing import Literal, Sequence
 import numpy as np
 
 from .codebook import SharedWeight
-from .gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
-                   use_float16)
-from .histogram import CHUNK, signal_and_error
-from .kmeans import assign, kmeans_1d
-from .numerics import nearest_codes, sqnr_db
+from .gptq import LayerHessians, gptq_codes, refit_under_hessians
+from .granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
+from .histogram import signal_and_error
+from .kmeans import kmeans_1d
+from .numerics import sqnr_db
 from .sensitivity import OutputGains, mean_part
 
 Kind = Literal["tensor", "channel", "group", "float"]
@@ -111,22 +111,6 @@ def _round(x: float) -> float | str:
     return round(x, 2) if math.isfinite(x) else str(x)
 
 
-# ----------------------------------------------------------------------------- layout helpers
-
-def to_matrix(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
-    """Channel-first (C, K) view of a weight; one row (C = 1) when it has no channel axis."""
-    if channel_axis is None or array.ndim == 0:
-        return array.reshape(1, -1)
-    return np.moveaxis(array, channel_axis, 0).reshape(array.shape[channel_axis], -1)
-
-
-def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
-    if channel_axis is None or len(shape) == 0:
-        return matrix.reshape(shape)
-    moved = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
-    return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
-
-
 # ----------------------------------------------------------------------------- fitting
 
 def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
@@ -158,15 +142,15 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
     if option.weighted and importance is not None:
         a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
     keep_zero = mask is not None
-    outliers = _pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
+    outliers = pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
     fitted = kept & ~outliers
     if option.kind == "group":
-        codes, book, offsets = _fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
+        codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
         scale = None
     else:
         offsets = None
-        codes, book, scale = _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
-            if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+        codes, book, scale = fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
+            if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
     exact = w
     if option.gptq:
         codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
@@ -201,127 +185,6 @@ def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | N
     return SharedWeight(name=name, shape=tuple(array.shape), dtype=array.dtype, codes=codes,
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         zero_code=0 if keep_zero else None)
-
-
-def _pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
-    """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative)."""
-    count = int(round(fraction * int(kept.sum())))
-    picked = np.zeros(w.shape, bool)
-    if count <= 0:
-        return picked
-    w = np.asarray(w, np.float64)
-    score = np.abs(w)
-    if relative:
-        rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
-        score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
-    score = (score if kept.all() else np.where(kept, score, -1.0)).ravel()
-    picked.ravel()[_top(score, count)] = True
-    return picked
-
-
-def _top(score: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the `count` largest scores (0 < count <= size). On a large array, among the
-    scores at least a threshold (a strided sample's quantile, loose by a factor of two) when at
-    least `count` reach it: the same set as a partition of all of them, up to ties at the cut."""
-    if score.size > 1 << 20 and count * 8 < score.size:
-        sample = score[::64]
-        cut = np.partition(sample, sample.size - 1 - min(sample.size - 1, 2 * count // 64 + 8))
-        high = np.flatnonzero(score >= cut[sample.size - 1 - min(sample.size - 1, 2 * count // 64 + 8)])
-        if high.size >= count:
-            return high[np.argpartition(score[high], high.size - count)[high.size - count:]]
-    return np.argpartition(score, score.size - count)[score.size - count:]
-
-
-def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
-    """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
-    if values.size == 0:
-        return np.zeros(1)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
-                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
-    return result.centroids if result.centroids.size else np.zeros(1)
-
-
-def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
-    book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
-    return nearest_codes(w, book, keep_zero=keep_zero), book
-
-
-def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
-    if group_size < 1:
-        raise ValueError(f"group_size must be at least 1, not {group_size}")
-    codes = np.zeros(w.shape, np.int64)
-    books, offsets = [], np.zeros(w.shape[0], np.int32)
-    start = 0
-    for lo in range(0, w.shape[0], group_size):
-        rows = slice(lo, lo + group_size)
-        sub = _fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
-        codes[rows], book = sub
-        offsets[rows] = start
-        books.append(book)
-        start += book.size
-    return codes, np.concatenate(books), offsets
-
-
-def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
-    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
-
-    Each round needs, per channel j and code m, A_jm = sum_{k: code_jk = m} a_jk w_jk and
-    B_jm = sum_{k: code_jk = m} a_jk over the fitted entries (:func:`_code_sums`): then the scale
-    step is s_j = sum_m c_m A_jm / sum_m c_m^2 B_jm and the centroid step
-    c_m = sum_j s_j A_jm / sum_j s_j^2 B_jm, so one pass over the weight per round (the codes and
-    their sums, a block of channels at a time) instead of a full-size temporary per product. w is
-    float32 or float64; the codes are found in its precision, every sum is accumulated in float64."""
-    every = bool(fitted.all())
-    s = (np.abs(w) if every else np.where(fitted, np.abs(w), 0)).max(axis=1).astype(np.float64)
-    s = store_scale(s, scale_dtype)
-    u = normalize(w, s.astype(w.dtype))
-    book = _kmeans(u.reshape(-1) if every else u[fitted],
-                   None if a is None else (a * np.square(s)[:, None])[fitted], bits, keep_zero, init, seed)
-    del u
-    mask = None if every else fitted
-    codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
-    for _ in range(iterations):
-        num, den = sums @ book, counts @ np.square(book)
-        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
-        num, den = s @ sums, np.square(s) @ counts
-        book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
-        if keep_zero:
-            book[0] = 0.0
-        order = np.argsort(book[1:] if keep_zero else book, kind="stable")
-        if keep_zero:
-            order = np.concatenate(([0], order + 1))
-        book, sums, counts = book[order], sums[:, order], counts[:, order]
-        codes = np.argsort(order).astype(codes.dtype)[codes]
-    return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
-
-
-def _code_sums(w, s, book, fitted, a, keep_zero):
-    """(codes, A, B): the nearest centroid of each w_jk / s_j (codes in the smallest unsigned type),
-    A_jm = sum a_jk w_jk and B_jm = sum a_jk over the fitted entries (all when `fitted` is None) of
-    code m in channel j (a = 1 when None), in float64; a block of about CHUNK entries at a time."""
-    rows, cols = w.shape
-    m = book.size
-    codes = np.empty(w.shape, np.uint8 if m <= 256 else np.uint16)
-    sums, counts = np.zeros((rows, m)), np.zeros((rows, m))
-    scale = s.astype(w.dtype)
-    step = max(1, CHUNK // max(cols, 1))
-    base = np.repeat(np.arange(0, step * m, m), cols)
-    for lo in range(0, rows, step):
-        block = slice(lo, lo + step)
-        u = normalize(w[block], scale[block])
-        part = nearest_codes(u, book, keep_zero=True) if keep_zero else assign(u, book)  # the same codes
-        codes[block] = part
-        n = part.shape[0]
-        index = part.astype(np.intp).reshape(-1)
-        index += base[:index.size]
-        if fitted is not None:  # the others go to a bin past the end
-            index[~fitted[block].reshape(-1)] = n * m
-        values = w[block].reshape(-1)
-        weight = None if a is None else a[block].reshape(-1)
-        sums[block] = np.bincount(index, values if weight is None else weight * values, n * m + 1)[:-1].reshape(n, m)
-        counts[block] = np.bincount(index, weight, n * m + 1)[:-1].reshape(n, m)
-    return codes, sums, counts
 
 
 # ----------------------------------------------------------------------------- measuring
