@@ -38,12 +38,13 @@ def pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative:
         return picked
     every = bool(kept.all())
     rms = None
-    if relative:
-        square = np.square(w, dtype=np.float64)  # exact for float32 w
-        if not every:
-            square *= kept
-        rms = np.sqrt(square.sum(1) / np.maximum(kept.sum(1), 1))
-        del square
+    if relative:  # sums of squares a block of channels at a time (each row's sum is the same)
+        total = np.empty(w.shape[0])
+        step = max(1, CHUNK // max(w.shape[1], 1))
+        for lo in range(0, w.shape[0], step):
+            square = np.square(w[lo:lo + step], dtype=np.float64)  # exact for float32 w
+            total[lo:lo + step] = (square if every else square * kept[lo:lo + step]).sum(1)
+        rms = np.sqrt(total / np.maximum(kept.sum(1), 1))
     cols = w.shape[1]
 
     def score(index: np.ndarray) -> np.ndarray:  # exact scores of flat indices
