@@ -19,7 +19,9 @@ weights/s/core = elements / CPU seconds of that stage (one thread: set OMP_NUM_T
 not wall time, so that a shared machine's load does not count against it; wall seconds are shown too). With --json the rows are written for
 benchmarks/scale_plan.py. With --baseline PATH, also runs `share auto` and `share tensor` with the
 onnxcompress package found in PATH (e.g. the main branch's checkout) in a subprocess, alternating
-with this checkout's, and prints the ratio per pair.
+with this checkout's, and prints the ratios of wall and of CPU seconds per pair (CPU: what a loaded
+machine distorts least); --layers N prices bytes as in a model of N such weights, as the share pass
+does (with N = 1 the weight is the whole model, and the choice differs from a stack's).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_share_speed.py
     OMP_NUM_THREADS=1 python benchmarks/bench_share_speed.py --shapes 4096x4096 --repeat 3 --baseline /path/to/main
@@ -48,9 +50,9 @@ rows, cols, granularity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 w = np.fromfile(sys.argv[4], dtype=np.float32).reshape(rows, cols)
 info = WeightInfo(name="w", shape=(rows, cols), dtype="float32", nbytes=w.nbytes, role=Role.MATMUL,
                   channel_axis=1, consumers=[], location="initializer", graph="main")
-start = time.perf_counter()
-share_weight(w, info, 5, granularity=granularity, model_elements=w.size)
-print(json.dumps(time.perf_counter() - start))
+start, cpu = time.perf_counter(), time.process_time()
+share_weight(w, info, 5, granularity=granularity, model_elements=w.size * int(sys.argv[5]))
+print(json.dumps([time.perf_counter() - start, time.process_time() - cpu]))
 """
 
 
@@ -82,7 +84,7 @@ def _peak(fn) -> int:
         tracemalloc.stop()
 
 
-def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
+def stages(path: Path, shape: tuple[int, int], repeat: int, layers: int = 1) -> list[dict]:
     from onnxcompress.formats.codebook import portable_nodes
     from onnxcompress.graph.external import ArrayRef
     from onnxcompress.fitting.granular import measure
@@ -119,8 +121,8 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
 
     t, _ = _time(portable, repeat)
     row("portable", t)
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n), repeat)
-    row("share auto", t, _peak(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n)))
+    t, _ = _time(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n * layers), repeat)
+    row("share auto", t, _peak(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n * layers)))
     t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n), repeat)
     row("share tensor", t, _peak(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n)))
     mask = np.abs(w) >= np.quantile(np.abs(w[:64]), 0.9)
@@ -129,17 +131,20 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
     return rows
 
 
-def baseline_pairs(path: Path, shape, granularity: str, baseline: str, repeat: int) -> list[tuple[float, float]]:
-    """(this checkout, baseline) seconds of share_weight, each in a fresh process, alternating."""
+def baseline_pairs(path: Path, shape, granularity: str, baseline: str, repeat: int, layers: int = 1
+                   ) -> list[tuple[list[float], list[float]]]:
+    """(this checkout, baseline) [wall, CPU] seconds of share_weight, each in a fresh process, alternating;
+    layers: the model holds this many such weights (the bytes-for-dB exchange rate of the choice)."""
     here = str(Path(__file__).resolve().parent.parent)
     pairs = []
     for _ in range(repeat):
         got = []
         for root in (here, baseline):
             env = dict(os.environ, PYTHONPATH=root)
-            out = subprocess.run([sys.executable, "-c", _ONE, str(shape[0]), str(shape[1]), granularity, str(path)],
+            out = subprocess.run([sys.executable, "-c", _ONE, str(shape[0]), str(shape[1]), granularity, str(path),
+                                  str(layers)],
                                  env=env, capture_output=True, text=True, check=True, cwd=root)
-            got.append(float(out.stdout.strip().splitlines()[-1]))
+            got.append(json.loads(out.stdout.strip().splitlines()[-1]))
         pairs.append(tuple(got))
     return pairs
 
@@ -150,6 +155,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per stage (the median is shown)")
     parser.add_argument("--baseline", help="a checkout whose onnxcompress to compare share_weight with")
     parser.add_argument("--json", help="also write the rows as JSON here (for scale_plan.py)")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="`share auto` prices bytes as in a model of this many such weights (180: the 3 GB stack)")
     args = parser.parse_args()
     rows, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcompress-share-speed-") as folder:
@@ -160,13 +167,16 @@ def main() -> int:
             path = Path(folder) / f"w_{text}.bin"
             w.tofile(path)
             del w
-            rows += stages(path, shape, args.repeat)
+            rows += stages(path, shape, args.repeat, args.layers)
             if args.baseline:
                 for granularity in ("auto", "tensor"):
-                    pairs = baseline_pairs(path, shape, granularity, args.baseline, args.repeat)
+                    pairs = baseline_pairs(path, shape, granularity, args.baseline, args.repeat, args.layers)
                     ratios.append({"shape": text, "granularity": granularity,
-                                   "this_s": [round(a, 2) for a, _ in pairs], "baseline_s": [round(b, 2) for _, b in pairs],
-                                   "speedup_median": round(statistics.median(b / a for a, b in pairs), 2)})
+                                   "this_s": [round(a[0], 2) for a, _ in pairs], "baseline_s": [round(b[0], 2) for _, b in pairs],
+                                   "this_cpu_s": [round(a[1], 2) for a, _ in pairs],
+                                   "baseline_cpu_s": [round(b[1], 2) for _, b in pairs],
+                                   "speedup_median": round(statistics.median(b[0] / a[0] for a, b in pairs), 2),
+                                   "cpu_speedup_median": round(statistics.median(b[1] / a[1] for a, b in pairs), 2)})
             path.unlink()
     print("| shape | stage | wall s | CPU s | weights/s/core | peak memory / weight bytes |")
     print("|---|---|---|---|---|---|")
@@ -174,10 +184,12 @@ def main() -> int:
         print(f"| {r['shape']} | {r['stage']} | {r['seconds']} | {r['cpu_seconds']} | {r['weights_per_s_core'] / 1e6:.1f}M | "
               f"{r.get('peak_over_weight', '')} |")
     if ratios:
-        print("\n| shape | granularity | this s | baseline s | baseline / this (median of pairs) |")
-        print("|---|---|---|---|---|")
+        print("\n| shape | granularity | this wall s | baseline wall s | this CPU s | baseline CPU s "
+              "| baseline / this, wall | baseline / this, CPU (medians of pairs) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in ratios:
-            print(f"| {r['shape']} | {r['granularity']} | {r['this_s']} | {r['baseline_s']} | {r['speedup_median']}x |")
+            print(f"| {r['shape']} | {r['granularity']} | {r['this_s']} | {r['baseline_s']} | {r['this_cpu_s']} | "
+                  f"{r['baseline_cpu_s']} | {r['speedup_median']}x | {r['cpu_speedup_median']}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"stages": rows, "baseline": ratios}, indent=2))
     return 0

@@ -126,7 +126,7 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     report.input_bytes = file_bytes(source)
     report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
     _note_if_not_smaller(report)
-    report.shipped = shipped_of_staged(plan, output)
+    report.shipped = shipped_of_staged(plan, output, float_bytes=report.input_bytes)
     if report.form == "portable" and any(r.pass_name == "share" for r in report.weights):
         report.notes.append(ORT_FORMAT_NOTE)
     return report

@@ -62,3 +62,19 @@ def test_resident_size_of_a_packed_output_is_the_decoded_float_model(tmp_path):
     assert report.form == "packed" and report.shipped.disk < (512 * 64) * 4 // 4
     assert report.shipped.resident == (512 * 64 + 64) * 4
     assert not any(".ort" in note for note in report.notes)  # the advice is about the portable form
+
+
+def test_resident_size_is_not_measured_above_its_limit(tmp_path, monkeypatch):
+    """Folding holds the dense float model in memory: above RESIDENT_MAX_BYTES of input it is skipped
+    (gzip and disk still measured); at or below, measured."""
+    from onnxcompress.runtime import shipped as module
+
+    source = tmp_path / "model.onnx"
+    onnx.save(gemm(k=256, n=64), source)
+    size = source.stat().st_size
+    monkeypatch.setattr(module, "RESIDENT_MAX_BYTES", size - 1)
+    report = api.compress_file(source, tmp_path / "a.onnx", "share", validate="none")
+    assert report.shipped.resident is None and report.shipped.gzip is not None and report.shipped.disk > 0
+    monkeypatch.setattr(module, "RESIDENT_MAX_BYTES", size)
+    report = api.compress_file(source, tmp_path / "b.onnx", "share", validate="none")
+    assert report.shipped.resident == (256 * 64 + 64) * 4

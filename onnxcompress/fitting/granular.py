@@ -48,11 +48,11 @@ from typing import Literal, Sequence
 import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
-from onnxcompress.numerics.gptq import (LayerHessians, gptq_codes, normalize, refit_under_hessians, store_scale,
-                   use_float16)
+from onnxcompress.numerics.gptq import LayerHessians, gptq_codes, refit_under_hessians
+from onnxcompress.numerics.granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
-from onnxcompress.numerics.measures import nearest_codes, sqnr_db
+from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sensitivity import OutputGains, mean_part
 
 Kind = Literal["tensor", "channel", "group", "float"]
@@ -111,22 +111,6 @@ def _round(x: float) -> float | str:
     return round(x, 2) if math.isfinite(x) else str(x)
 
 
-# ----------------------------------------------------------------------------- layout helpers
-
-def to_matrix(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
-    """Channel-first (C, K) view of a weight; one row (C = 1) when it has no channel axis."""
-    if channel_axis is None or array.ndim == 0:
-        return array.reshape(1, -1)
-    return np.moveaxis(array, channel_axis, 0).reshape(array.shape[channel_axis], -1)
-
-
-def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
-    if channel_axis is None or len(shape) == 0:
-        return matrix.reshape(shape)
-    moved = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
-    return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
-
-
 # ----------------------------------------------------------------------------- fitting
 
 def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
@@ -148,35 +132,35 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
     if option.kind == "tensor" and not option.outlier_fraction and not option.gptq and not option.weighted:
         return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=init, seed=seed)
     axis = channel_axis
-    w = to_matrix(np.asarray(array, dtype=np.float64), axis)
+    # float32 weights are fitted in float32 (every sum in float64) unless data drives the fit
+    narrow = array.dtype in (np.float16, np.float32) and not option.weighted and not option.gptq
+    w = np.ascontiguousarray(to_matrix(np.asarray(array, dtype=np.float32 if narrow else np.float64), axis))
     kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
-    w = np.where(kept, w, 0.0)
+    if mask is not None:
+        w = np.where(kept, w, 0)
     a = None
     if option.weighted and importance is not None:
         a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
     keep_zero = mask is not None
-    outliers = _pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
+    outliers = pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
     fitted = kept & ~outliers
     if option.kind == "group":
-        codes, book, offsets = _fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
+        codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
         scale = None
     else:
         offsets = None
-        codes, book, scale = _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
-            if option.kind == "channel" else (*_fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+        codes, book, scale = fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
+            if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
     exact = w
     if option.gptq:
         codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
         book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
                                             np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
-    codes = np.where(kept, codes, 0).astype(np.uint8 if bits <= 8 else np.uint16)
+    codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
-    if outliers.any():
-        where = to_matrix(np.arange(w.size, dtype=np.int64).reshape(shape), axis)
-        out_index = where[outliers]
-        order = np.argsort(out_index)
-        out_index = out_index[order]
-        out_value = exact[outliers][order].astype(np.float32)
+    if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
+        out_index = np.flatnonzero(from_matrix(outliers, shape, axis))
+        out_value = from_matrix(exact, shape, axis)[np.unravel_index(out_index, shape)].astype(np.float32)
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
@@ -201,90 +185,6 @@ def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | N
     return SharedWeight(name=name, shape=tuple(array.shape), dtype=array.dtype, codes=codes,
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         zero_code=0 if keep_zero else None)
-
-
-def _pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
-    """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative)."""
-    count = int(round(fraction * int(kept.sum())))
-    picked = np.zeros(w.shape, bool)
-    if count <= 0:
-        return picked
-    score = np.abs(w)
-    if relative:
-        rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
-        score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
-    score = np.where(kept, score, -1.0).ravel()
-    top = np.argpartition(score, score.size - count)[score.size - count:]
-    picked.ravel()[top] = True
-    return picked
-
-
-def _kmeans(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
-    """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
-    if values.size == 0:
-        return np.zeros(1)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
-                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
-    return result.centroids if result.centroids.size else np.zeros(1)
-
-
-def _fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
-    book = _kmeans(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
-    return nearest_codes(w, book, keep_zero=keep_zero), book
-
-
-def _fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
-    if group_size < 1:
-        raise ValueError(f"group_size must be at least 1, not {group_size}")
-    codes = np.zeros(w.shape, np.int64)
-    books, offsets = [], np.zeros(w.shape[0], np.int32)
-    start = 0
-    for lo in range(0, w.shape[0], group_size):
-        rows = slice(lo, lo + group_size)
-        sub = _fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
-        codes[rows], book = sub
-        offsets[rows] = start
-        books.append(book)
-        start += book.size
-    return codes, np.concatenate(books), offsets
-
-
-def _fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
-    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
-
-    Unweighted with every entry fitted (a = 1), the products by a are skipped: the same numbers,
-    fewer full-size temporaries."""
-    plain = a is None and bool(fitted.all())
-    weight = None if plain else np.where(fitted, np.ones(w.shape) if a is None else a, 0.0)
-    s = (np.abs(w) if plain else np.where(fitted, np.abs(w), 0.0)).max(axis=1)
-    s = store_scale(s, scale_dtype)
-    u = normalize(w, s)
-    book = _kmeans(u.reshape(-1) if plain else u[fitted],
-                   (weight * np.square(s)[:, None])[fitted] if a is not None else None, bits, keep_zero, init, seed)
-    codes = nearest_codes(u, book, keep_zero=keep_zero)
-    del u
-    for _ in range(iterations):
-        q = book[codes]
-        if plain:
-            num, den = (q * w).sum(1), (q * q).sum(1)
-        else:
-            num, den = (weight * q * w).sum(1), (weight * q * q).sum(1)
-        del q
-        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes = nearest_codes(normalize(w, s), book, keep_zero=keep_zero)
-        square = np.square(s)[:, None]
-        ws = np.broadcast_to(square, w.shape) if plain else weight * square
-        num = np.bincount(codes.ravel(), (s[:, None] * w if plain else weight * s[:, None] * w).ravel(), book.size)
-        den = np.bincount(codes.ravel(), ws.ravel(), book.size)
-        book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
-        if keep_zero:
-            book[0] = 0.0
-        order = np.argsort(book[1:] if keep_zero else book, kind="stable")
-        if keep_zero:
-            order = np.concatenate(([0], order + 1))
-        book = book[order]
-        codes = np.argsort(order)[codes]
-    return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
 
 
 # ----------------------------------------------------------------------------- measuring

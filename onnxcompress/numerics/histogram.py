@@ -152,8 +152,8 @@ class _Grid:
     def cells(self, x: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             f = (x - self.lo) * self.scale + x.dtype.type(1)
-            np.clip(f, 0, GRID + 1, out=f)
-            np.nan_to_num(f, copy=False, nan=GRID + 1)  # NaN sorts last, as in np.searchsorted
+            np.fmin(f, GRID + 1, out=f)  # NaN (fmin takes the number) sorts last, as in np.searchsorted
+            np.maximum(f, 0, out=f)
         return f.astype(np.int32)
 
     def below(self, x: np.ndarray) -> np.ndarray:

@@ -37,11 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.numerics.histogram import below, histogram_dtype, histogram_fits, value_histogram
+from onnxcompress.numerics.kmeans_sorted import boundaries, fit_sorted, lloyd_sorted, optimal_sorted, scaled
 
 INITS = ("linear", "density", "random")
 
-_DP_MAX_CELLS = 2**26  # largest split table of kmeans_1d_optimal (512 MB of intp)
-_SCALE_ABOVE = 2.0**500  # larger magnitudes are fit at an (exact) power-of-two scale: see _scaled
 HISTOGRAM_ABOVE = 1 << 21  # larger inputs are fit on a histogram (module docstring)
 HISTOGRAM_BINS = 1 << 16
 DP_POINTS = 1 << 12  # the histogram's bins are merged to about this many for the exact k-means start
@@ -75,22 +74,6 @@ def label_dtype(k_eff: int) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def _boundaries(c: np.ndarray) -> np.ndarray:
-    """Decision boundaries b_j = (c_j + c_{j+1}) / 2 of ascending centroids ``c``.
-
-    Computed without overflow and nudged so that c_j <= b_j < c_{j+1} holds in floating point
-    whenever c_j < c_{j+1}; a value x then belongs to cluster #{j : b_j < x} (ties go lower), and
-    a value equal to a centroid always gets that centroid.
-    """
-    lo, hi = c[:-1], c[1:]
-    with np.errstate(over="ignore"):
-        b = (lo + hi) * 0.5
-    bad = ~np.isfinite(b)
-    if bad.any():
-        b[bad] = lo[bad] * 0.5 + hi[bad] * 0.5
-    return np.where(hi > lo, np.minimum(b, np.nextafter(hi, -np.inf)), b)
-
-
 def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid for each value: argmin_j |x - c_j|.
 
@@ -106,7 +89,7 @@ def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         return np.zeros(v.shape, dtype=np.uint8)
     order = None if np.all(c[1:] >= c[:-1]) else np.argsort(c, kind="stable")
     c = c if order is None else c[order]
-    idx = below(_boundaries(c), v)
+    idx = below(boundaries(c), v)
     if order is not None:
         idx = order[idx]
     return idx.astype(label_dtype(c.size), copy=False)
@@ -130,191 +113,6 @@ def quantization_mse(values, centroids, labels, sample_weight=None) -> float:
         w = np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), x.shape)
         total = float(np.sum(w))
         return float(np.sum(w * err2) / total) if total > 0 else 0.0
-
-
-def _init_centroids(xs, ws, k, init, seed) -> np.ndarray:
-    """Initial centroids on sorted values ``xs`` (with ``> k`` distinct values), ascending and
-    distinct, so fewer than k when several fall on one value (density init on tied data).
-
-    linear:  c_j = min + j (max - min) / (k - 1)                  (Han et al.'s best)
-    density: c_j = F^{-1}((j + 1/2) / k), F the (weighted) empirical CDF of the values
-    random:  k distinct values drawn uniformly without replacement (Forgy), seeded
-    """
-    if init == "linear":
-        c = np.linspace(xs[0], xs[-1], k)
-    elif init == "density":
-        n = xs.size
-        cw = np.arange(1, n + 1, dtype=np.float64) if ws is None else np.cumsum(ws)
-        if cw[-1] <= 0:  # all weights zero: fall back to the unweighted CDF
-            cw = np.arange(1, n + 1, dtype=np.float64)
-        targets = (np.arange(k) + 0.5) / k * cw[-1]
-        c = xs[np.minimum(np.searchsorted(cw, targets, side="left"), n - 1)]
-    else:
-        distinct = xs[np.concatenate(([True], xs[1:] != xs[:-1]))]
-        pick = np.random.default_rng(seed).choice(distinct.size, size=k, replace=False)
-        c = distinct[np.sort(pick)]
-    return np.unique(c)
-
-
-def _farthest_values(xs, ws, first, c, cuts, m, binned=False) -> np.ndarray:
-    """Up to ``m`` distinct values x_i (of positive weight) farthest from their own centroid,
-    |x_i - c_{l_i}| > 0, farthest first: where scikit-learn re-seeds empty clusters. binned (the
-    values are histogram bins of weight ws): ranked by ws_i (x_i - c_{l_i})^2 instead, the error
-    a bin would stop adding, since one bin stands for many values."""
-    d = np.abs(xs - np.repeat(c, np.diff(cuts)))
-    if binned:
-        d = ws * d * d
-    d[~first] = -1.0
-    if ws is not None:
-        d[ws <= 0] = -1.0
-    m = min(m, d.size)
-    top = np.argpartition(d, d.size - m)[d.size - m:]
-    top = top[np.argsort(-d[top], kind="stable")]
-    return xs[top[d[top] > 0]]
-
-
-def _lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.ndarray, int]:
-    """Lloyd iterations for ``k`` clusters on sorted values ``xs`` (weights ``ws`` or None) from
-    ascending distinct ``c`` (fewer than k when the init had duplicates: those count as empty).
-
-    Step: cuts t_j = #{i : x_i <= b_j}, then c_j = m + (P[t_{j+1}] - P[t_j]) / (W[t_{j+1}] - W[t_j])
-    for clusters of positive weight; each new c_j is clipped to its cluster's [min, max], which
-    the exact mean satisfies, so the order stays strict.  Clusters of zero weight are re-seeded
-    as in scikit-learn: the e empty ones (in index order, then the missing ones) move to the e
-    distinct values farthest from their centroids, farthest first (``first`` marks the first of
-    each run of equal values), then centroids are re-sorted.  Stops when the cuts repeat (an
-    exact fixed point), when max_j |c_j' - c_j| <= tol * (max - min), or after ``max_iter``
-    steps.
-    """
-    n = xs.size
-    if ws is None:
-        m, wcum, dev = float(np.mean(xs)), None, xs - float(np.mean(xs))
-    else:
-        total = float(np.sum(ws))
-        m = float(np.sum(ws * xs) / total) if total > 0 else float(np.mean(xs))
-        wcum, dev = np.concatenate(([0.0], np.cumsum(ws))), ws * (xs - m)
-    p = np.concatenate(([0.0], np.cumsum(dev)))
-    threshold = tol * float(xs[-1] - xs[0])
-    prev = None
-    n_iter = 0
-    while n_iter < max_iter:
-        n_iter += 1
-        cuts = np.concatenate(([0], np.searchsorted(xs, _boundaries(c), side="right"), [n]))
-        if prev is not None and np.array_equal(cuts, prev):
-            break
-        start, stop = cuts[:-1], cuts[1:]
-        sw = (stop - start).astype(np.float64) if wcum is None else wcum[stop] - wcum[start]
-        full = sw > 0
-        new = c.copy()
-        s, e = start[full], stop[full]
-        new[full] = np.clip(m + (p[e] - p[s]) / sw[full], xs[s], xs[e - 1])
-        empty = np.flatnonzero(~full)
-        if empty.size or c.size < k:
-            far = _farthest_values(xs, ws, first, c, cuts, empty.size + k - c.size, binned)
-            new[empty[:far.size]] = far[:empty.size]
-            new = np.unique(np.concatenate((new, far[empty.size:])))
-            shift = np.inf
-        else:
-            shift = float(np.max(np.abs(new - c)))
-        c, prev = new, cuts
-        if shift <= threshold:
-            break
-    return c, n_iter
-
-
-def _scaled(xs):
-    """(xs / 2**e, e): a power-of-two scale (exact) keeping sums and midpoints of huge values
-    finite; e = 0 for ordinary magnitudes."""
-    big = max(abs(float(xs[0])), abs(float(xs[-1])))
-    e = int(np.frexp(big)[1]) if big > _SCALE_ABOVE else 0
-    return (np.ldexp(xs, -e) if e else xs), e
-
-
-def _fit_sorted(xs, ws, k, init, seed, max_iter, tol) -> tuple[np.ndarray, int]:
-    """Ascending distinct centroids for sorted finite ``xs``: the distinct values if there are at
-    most ``k`` of them (zero error), else Lloyd from ``init``."""
-    if xs.size == 0:
-        return np.empty(0), 0
-    new_value = np.concatenate(([True], xs[1:] != xs[:-1]))
-    if np.count_nonzero(new_value) <= k:
-        return xs[new_value] + 0.0, 0  # + 0.0 turns -0.0 into 0.0
-    xs_s, e = _scaled(xs)
-    c0 = _init_centroids(xs_s, ws, k, init, seed)
-    c, n_iter = _lloyd_sorted(xs_s, ws, new_value, c0, k, max_iter, tol)
-    return (np.ldexp(c, e) if e else c), n_iter
-
-
-def _dp_layer(prev, cost, m):
-    """One layer of the 1-D k-means dynamic programme, D(j) = min_{0<=i<=j} prev(i) + cost(i, j)
-    for j = 0..m, with its smallest argmin.  The argmin is nondecreasing in j (the cost is
-    Monge), so divide and conquer over j needs O(m log m) evaluations; all subproblems of one
-    recursion depth are evaluated together as flat arrays."""
-    best_d, best_i = np.empty(m + 1), np.empty(m + 1, dtype=np.intp)
-    jl, jr, ol, orr = (np.array([v], dtype=np.intp) for v in (0, m, 0, m))
-    while jl.size:
-        mid = (jl + jr) // 2
-        lo, length = ol, np.minimum(orr, mid) - ol + 1
-        starts = np.concatenate(([0], np.cumsum(length)[:-1]))
-        seg = np.repeat(np.arange(mid.size), length)
-        i = np.arange(seg.size) - starts[seg] + lo[seg]
-        val = prev[i] + cost(i, mid[seg])
-        low = np.minimum.reduceat(val, starts)
-        hits = np.flatnonzero(val <= low[seg])
-        first = hits[np.concatenate(([True], seg[hits][1:] != seg[hits][:-1]))]
-        best_d[mid], best_i[mid] = low, i[first]
-        arg = i[first]
-        left, right = jl <= mid - 1, mid + 1 <= jr
-        jl, jr, ol, orr = (np.concatenate((a[left], b[right])) for a, b in
-                           ((jl, mid + 1), (mid - 1, jr), (ol, arg), (arg, orr)))
-    return best_d, best_i
-
-
-def _optimal_sorted(xs, ws, k) -> np.ndarray:
-    """Centroids of a globally optimal k-partition of sorted finite ``xs``.
-
-    Over the m distinct values u_t with total weights W_t and prefix sums S0, S1, S2 of W_t,
-    W_t d_t, W_t d_t^2 (d_t = u_t - mean), the cost of one cluster u[i:j] is
-    S2[i:j] - S1[i:j]^2 / S0[i:j]; D_q(j) = min_i D_{q-1}(i) + cost(i, j), D_1(j) = cost(0, j),
-    and the splits are read back from the stored argmins: O(k m log m) time, O(k m) memory.
-    """
-    if xs.size == 0:
-        return np.empty(0)
-    starts = np.flatnonzero(np.concatenate(([True], xs[1:] != xs[:-1])))
-    if starts.size <= k:
-        return xs[starts] + 0.0
-    if (k - 1) * (starts.size + 1) > _DP_MAX_CELLS:
-        raise ValueError(f"{starts.size} distinct values are too many for the exact k-means at "
-                         f"k={k} (needs {k - 1} x {starts.size + 1} split table); use kmeans_1d")
-    xs_s, e = _scaled(xs)
-    u = xs_s[starts]
-    wt = np.diff(np.append(starts, xs.size)).astype(np.float64) if ws is None else \
-        np.add.reduceat(ws, starts)
-    total = float(wt.sum())
-    mean = float(np.dot(wt, u) / total) if total > 0 else float(np.mean(u))
-    d = u - mean
-    s0, s1, s2 = (np.concatenate(([0.0], np.cumsum(v))) for v in (wt, wt * d, wt * d * d))
-
-    def cost(i, j):
-        w, s = s0[j] - s0[i], s1[j] - s1[i]
-        return np.maximum(s2[j] - s2[i] - s * s / np.where(w > 0, w, 1.0), 0.0)
-
-    m = u.size
-    dq = cost(np.zeros(m + 1, dtype=np.intp), np.arange(m + 1))
-    splits = []
-    for _ in range(k - 1):
-        dq, arg = _dp_layer(dq, cost, m)
-        splits.append(arg)
-    j, cuts = m, [m]
-    for arg in reversed(splits):
-        j = int(arg[j])
-        cuts.append(j)
-    cuts = np.array([0] + cuts[::-1])
-    lo, hi = cuts[:-1], cuts[1:]
-    lo, hi = lo[hi > lo], hi[hi > lo]
-    w = s0[hi] - s0[lo]
-    c = np.where(w > 0, mean + (s1[hi] - s1[lo]) / np.where(w > 0, w, 1.0), u[(lo + hi - 1) // 2])
-    c = np.unique(np.clip(c, u[lo], u[hi - 1]))
-    return np.ldexp(c, e) if e else c
 
 
 def _validate(values, k, sample_weight, keep_zero):
@@ -372,11 +170,11 @@ def _finish(x, flat, xs, ws, c, n_iter, keep_zero) -> KMeansResult:
     dropping clusters nobody chose; inertia from the sorted values."""
     if flat.size == 0:
         return KMeansResult(np.empty(0), np.zeros(x.shape, np.uint8), 0.0, n_iter)
-    b = _boundaries(c)
+    b = boundaries(c)
     counts = np.diff(np.concatenate(([0], np.searchsorted(xs, b, side="right"), [xs.size])))
     if c.size and not np.all(counts > 0):
         c, counts = c[counts > 0], counts[counts > 0]
-        b = _boundaries(c)
+        b = boundaries(c)
     with np.errstate(over="ignore"):
         err2 = np.square(xs - np.repeat(c, counts))
         inertia = float(np.sum(err2) if ws is None else np.sum(ws * err2))
@@ -402,7 +200,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
     are the centroids, exactly.  With ``keep_zero`` values equal to 0 take label 0 and the exact
     centroid 0.0 (always reserved, even if no value is zero) and the other k - 1 centroids are fit
     on the nonzero values only (the weights of the zeros do not matter).  Empty clusters are
-    re-seeded during the iterations (see :func:`_lloyd_sorted`); any left empty at the end are
+    re-seeded during the iterations (see :func:`lloyd_sorted`); any left empty at the end are
     dropped, so k_eff <= k.  ``tol`` is relative to the range of the values fit.
     An empty input gives empty centroids.  Computes in float64; deterministic for a fixed seed.
     """
@@ -416,7 +214,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         if found is not None:
             return found
     xs, ws = _sorted(flat, w, keep_zero)
-    c, n_iter = _fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, max_iter, tol)
+    c, n_iter = fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, max_iter, tol)
     return _finish(x, flat, xs, ws, c, n_iter, keep_zero)
 
 
@@ -448,15 +246,15 @@ def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMean
     if means.size <= k:
         return None
     ws = counts if wsum is None else wsum
-    xs, e = _scaled(means)
+    xs, e = scaled(means)
     first = np.concatenate(([True], xs[1:] != xs[:-1]))
-    c, n_iter = _lloyd_sorted(xs, ws, first, _optimal_sorted(*_coarse(xs, ws), k), k, max_iter, tol, binned=True)
+    c, n_iter = lloyd_sorted(xs, ws, first, optimal_sorted(*_coarse(xs, ws), k), k, max_iter, tol, binned=True)
     c = np.ldexp(c, e) if e else c
     zeros = int(flat.size - np.count_nonzero(flat)) if keep_zero else 0
     while True:  # exact nearest-centroid labels; clusters nobody chose are dropped
-        labels, taken, inertia = below(_boundaries(c), flat, c, w)
+        labels, taken, inertia = below(boundaries(c), flat, c, w)
         if zeros:  # the zeros take the reserved centroid 0.0 instead, exactly
-            j = np.searchsorted(_boundaries(c), 0.0, side="left")
+            j = np.searchsorted(boundaries(c), 0.0, side="left")
             taken[j] -= zeros
             inertia -= zeros * float(c[j]) ** 2 if w is None else float(np.sum(w[flat == 0])) * float(c[j]) ** 2
         if np.all(taken > 0):
@@ -475,10 +273,10 @@ def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMean
 def kmeans_1d_optimal(values: np.ndarray, k: int, *, sample_weight: np.ndarray | None = None,
                       keep_zero: bool = False) -> KMeansResult:
     """Globally optimal weighted 1-D k-means, by dynamic programming over the m distinct values
-    (see :func:`_optimal_sorted`): O(k m log m) time and O(k m) memory, so meant for small m
+    (see :func:`optimal_sorted`): O(k m log m) time and O(k m) memory, so meant for small m
     (float16 weights, already-quantized tensors, tests).  Same result conventions as
     :func:`kmeans_1d`; ``n_iter`` is 0.
     """
     x, flat, xs, ws = _prepare(values, k, sample_weight, keep_zero)
-    c = _optimal_sorted(xs, ws, k - 1 if keep_zero else k)
+    c = optimal_sorted(xs, ws, k - 1 if keep_zero else k)
     return _finish(x, flat, xs, ws, c, 0, keep_zero)

@@ -8,7 +8,9 @@
 - resident: the float tensor bytes of the model onnxruntime actually runs: the session's
   optimized graph (basic level: constant folding) saved and its float initializers summed. A
   portable decode chain folds into the dense float weight, so this is the float model's size, not
-  the file's: small files, original memory.
+  the file's: small files, original memory. Not measured for inputs above RESIDENT_MAX_BYTES:
+  folding holds the dense float model and more (a 0.5 GB MatMul stack's `share` output: 6.8 GB of
+  RSS and 30 s), which a multi-GB model cannot afford.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BROTLI_MAX_BYTES = 64 << 20
 MEASURE_MAX_BYTES = 1 << 30  # gzip -9 and the resident size of larger files take minutes: not measured
+RESIDENT_MAX_BYTES = 256 << 20  # float model bytes above which the resident size is not measured (memory)
 CHUNK = 1 << 20
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 ORT_FORMAT_NOTE = ("ship the .onnx file: converting it to ORT format (.ort) with optimizations stores the folded "
@@ -124,12 +127,14 @@ def shipped_size(path: str | Path, *, resident: bool = True) -> ShippedSize:
                        resident=resident_float_bytes(path) if resident else None)
 
 
-def shipped_of_staged(plan, output: str | Path) -> ShippedSize | None:
+def shipped_of_staged(plan, output: str | Path, *, float_bytes: int | None = None) -> ShippedSize | None:
     """:func:`shipped_size` of an output still staged in an OutputPlan (not yet renamed into place).
     A model with external data has its staged files copied under their final names into a private
     temporary folder (onnx refuses external data with several hard links), so the model finds its
     external data where it will be; a single-file model is measured in place;
-    above MEASURE_MAX_BYTES only the bytes on disk are given, without a copy. None when the copy fails."""
+    above MEASURE_MAX_BYTES only the bytes on disk are given, without a copy. float_bytes: the bytes of
+    the model before compression; above RESIDENT_MAX_BYTES the resident size is not measured. None
+    when the copy fails."""
     from onnxcompress.graph.model import output_roles
 
     output = Path(output)
@@ -139,13 +144,16 @@ def shipped_of_staged(plan, output: str | Path) -> ShippedSize | None:
     if disk > MEASURE_MAX_BYTES:
         log.info("gzip and resident sizes not measured: %d bytes is above %d", disk, MEASURE_MAX_BYTES)
         return ShippedSize(disk=disk, gzip=None)
+    resident = float_bytes is None or float_bytes <= RESIDENT_MAX_BYTES
+    if not resident:
+        log.info("resident size not measured: the model's %d bytes are above %d", float_bytes, RESIDENT_MAX_BYTES)
     if len(staged) == 1:  # no external data: the staged file is measured where it is, no copy
-        return shipped_size(staged[0][1])
+        return shipped_size(staged[0][1], resident=resident)
     try:
         with tempfile.TemporaryDirectory(prefix="onnxcompress-ship-") as folder:
             for name, path in staged:
                 shutil.copyfile(path, Path(folder) / name)
-            return shipped_size(Path(folder) / output.name)
+            return shipped_size(Path(folder) / output.name, resident=resident)
     except OSError as e:  # the sizes are a report figure, not the job
         log.info("shipped size not measured: %s", e)
         return None

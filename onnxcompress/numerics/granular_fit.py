@@ -1,0 +1,176 @@
+"""The numeric kernels of weight sharing's granularities, on the channel-first (C, K) matrix of a weight.
+
+:func:`fit_tensor` (one codebook), :func:`fit_groups` (one per group of channels),
+:func:`fit_scaled` (one codebook around a scale per channel, by block coordinate descent) and
+:func:`pick_outliers` (the entries kept exact); :func:`onnxcompress.fitting.granular.fit` assembles them
+into a shared weight, and its docstring states the math. Pure numpy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcompress.numerics.gptq import normalize, store_scale, use_float16
+from onnxcompress.numerics.histogram import CHUNK
+from onnxcompress.numerics.kmeans import assign, kmeans_1d
+from onnxcompress.numerics.measures import nearest_codes
+
+
+def to_matrix(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """Channel-first (C, K) view of a weight; one row (C = 1) when it has no channel axis."""
+    if channel_axis is None or array.ndim == 0:
+        return array.reshape(1, -1)
+    return np.moveaxis(array, channel_axis, 0).reshape(array.shape[channel_axis], -1)
+
+
+def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    if channel_axis is None or len(shape) == 0:
+        return matrix.reshape(shape)
+    moved = (shape[channel_axis],) + tuple(s for i, s in enumerate(shape) if i != channel_axis)
+    return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
+
+
+def pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
+    """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative),
+    the scores in float64 (rms_j over the kept entries of channel j; 0 where rms_j = 0)."""
+    count = int(round(fraction * int(kept.sum())))
+    picked = np.zeros(w.shape, bool)
+    if count <= 0:
+        return picked
+    every = bool(kept.all())
+    rms = None
+    if relative:  # sums of squares a block of channels at a time (each row's sum is the same)
+        total = np.empty(w.shape[0])
+        step = max(1, CHUNK // max(w.shape[1], 1))
+        for lo in range(0, w.shape[0], step):
+            square = np.square(w[lo:lo + step], dtype=np.float64)  # exact for float32 w
+            total[lo:lo + step] = (square if every else square * kept[lo:lo + step]).sum(1)
+        rms = np.sqrt(total / np.maximum(kept.sum(1), 1))
+    cols = w.shape[1]
+
+    def score(index: np.ndarray) -> np.ndarray:  # exact scores of flat indices
+        x = np.abs(w.reshape(-1)[index].astype(np.float64))
+        if rms is not None:
+            r = rms[index // cols]
+            x = np.divide(x, r, out=np.zeros_like(x), where=r > 0)
+        return x if every else np.where(kept.reshape(-1)[index], x, -1.0)
+
+    picked.reshape(-1)[_top(w, rms, None if every else kept, score, count)] = True
+    return picked
+
+
+def _top(w, rms, kept, score, count: int) -> np.ndarray:
+    """Flat indices of the `count` largest score(index) (0 < count <= size): on a large weight,
+    the scores are first estimated in w's precision for every entry, and computed exactly only for
+    those within 1e-5 of a strided sample's quantile (loose by a factor of two); when at least
+    `count` of those reach it, no other entry can (the estimate is within 1e-6 of the score),
+    so the set is that of a partition of every exact score, up to ties at the cut."""
+    size = w.size
+    if size > 1 << 20 and count * 8 < size:
+        estimate = np.abs(w)
+        if rms is not None:
+            estimate *= np.divide(1.0, rms, out=np.zeros_like(rms), where=rms > 0).astype(w.dtype)[:, None]
+        if kept is not None:
+            estimate[~kept] = -1
+        estimate = estimate.reshape(-1)
+        sample = estimate[::64]
+        rank = sample.size - 1 - min(sample.size - 1, 2 * count // 64 + 8)
+        cut = float(np.partition(sample, rank)[rank])
+        if cut > 0:
+            near = np.flatnonzero(estimate >= cut * (1 - 1e-5))
+            exact = score(near)
+            if np.count_nonzero(exact >= cut) >= count:
+                return near[np.argpartition(exact, exact.size - count)[exact.size - count:]]
+    exact = score(np.arange(size))
+    return np.argpartition(exact, size - count)[size - count:]
+
+
+def codebook_of(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
+    """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
+    if values.size == 0:
+        return np.zeros(1)
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
+                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
+    return result.centroids if result.centroids.size else np.zeros(1)
+
+
+def fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
+    book = codebook_of(w[fitted], None if a is None else a[fitted], bits, keep_zero, init, seed)
+    return nearest_codes(w, book, keep_zero=keep_zero), book
+
+
+def fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, not {group_size}")
+    codes = np.zeros(w.shape, np.int64)
+    books, offsets = [], np.zeros(w.shape[0], np.int32)
+    start = 0
+    for lo in range(0, w.shape[0], group_size):
+        rows = slice(lo, lo + group_size)
+        sub = fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
+        codes[rows], book = sub
+        offsets[rows] = start
+        books.append(book)
+        start += book.size
+    return codes, np.concatenate(books), offsets
+
+
+def fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype):
+    """Block coordinate descent on E = sum a (w - s_j c[code])^2 over the fitted entries.
+
+    Each round needs, per channel j and code m, A_jm = sum_{k: code_jk = m} a_jk w_jk and
+    B_jm = sum_{k: code_jk = m} a_jk over the fitted entries (:func:`_code_sums`): then the scale
+    step is s_j = sum_m c_m A_jm / sum_m c_m^2 B_jm and the centroid step
+    c_m = sum_j s_j A_jm / sum_j s_j^2 B_jm, so one pass over the weight per round (the codes and
+    their sums, a block of channels at a time) instead of a full-size temporary per product. w is
+    float32 or float64; the codes are found in its precision, every sum is accumulated in float64."""
+    every = bool(fitted.all())
+    s = (np.abs(w) if every else np.where(fitted, np.abs(w), 0)).max(axis=1).astype(np.float64)
+    s = store_scale(s, scale_dtype)
+    u = normalize(w, s.astype(w.dtype))
+    book = codebook_of(u.reshape(-1) if every else u[fitted],
+                   None if a is None else (a * np.square(s)[:, None])[fitted], bits, keep_zero, init, seed)
+    del u
+    mask = None if every else fitted
+    codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
+    for _ in range(iterations):
+        num, den = sums @ book, counts @ np.square(book)
+        s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
+        codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
+        num, den = s @ sums, np.square(s) @ counts
+        book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
+        if keep_zero:
+            book[0] = 0.0
+        order = np.argsort(book[1:] if keep_zero else book, kind="stable")
+        if keep_zero:
+            order = np.concatenate(([0], order + 1))
+        book, sums, counts = book[order], sums[:, order], counts[:, order]
+        codes = np.argsort(order).astype(codes.dtype)[codes]
+    return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
+
+
+def _code_sums(w, s, book, fitted, a, keep_zero):
+    """(codes, A, B): the nearest centroid of each w_jk / s_j (codes in the smallest unsigned type),
+    A_jm = sum a_jk w_jk and B_jm = sum a_jk over the fitted entries (all when `fitted` is None) of
+    code m in channel j (a = 1 when None), in float64; a block of about CHUNK entries at a time."""
+    rows, cols = w.shape
+    m = book.size
+    codes = np.empty(w.shape, np.uint8 if m <= 256 else np.uint16)
+    sums, counts = np.zeros((rows, m)), np.zeros((rows, m))
+    scale = s.astype(w.dtype)
+    step = max(1, CHUNK // max(cols, 1))
+    base = np.repeat(np.arange(0, step * m, m), cols)
+    for lo in range(0, rows, step):
+        block = slice(lo, lo + step)
+        u = normalize(w[block], scale[block])
+        part = nearest_codes(u, book, keep_zero=True) if keep_zero else assign(u, book)  # the same codes
+        codes[block] = part
+        n = part.shape[0]
+        index = part.astype(np.intp).reshape(-1)
+        index += base[:index.size]
+        if fitted is not None:  # the others go to a bin past the end
+            index[~fitted[block].reshape(-1)] = n * m
+        values = w[block].reshape(-1)
+        weight = None if a is None else a[block].reshape(-1)
+        sums[block] = np.bincount(index, values if weight is None else weight * values, n * m + 1)[:-1].reshape(n, m)
+        counts[block] = np.bincount(index, weight, n * m + 1)[:-1].reshape(n, m)
+    return codes, sums, counts

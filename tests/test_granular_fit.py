@@ -1,0 +1,101 @@
+"""The granularity kernels (onnxcompress.numerics.granular_fit) against brute force, and the per-channel fit in
+float32 against the same fit in float64."""
+import numpy as np
+import pytest
+
+from onnxcompress.numerics import granular_fit
+from onnxcompress.fitting.granular import Option, fit, measure
+from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers
+
+
+def _brute_outliers(w, kept, fraction, relative):
+    w = np.asarray(w, np.float64)
+    count = int(round(fraction * int(kept.sum())))
+    score = np.abs(w)
+    if relative:
+        rms = np.sqrt((np.square(w) * kept).sum(1, keepdims=True) / np.maximum(kept.sum(1, keepdims=True), 1))
+        score = np.divide(score, rms, out=np.zeros_like(score), where=rms > 0)
+    score = np.where(kept, score, -1.0).ravel()
+    picked = np.zeros(w.size, bool)
+    picked[np.argsort(-score, kind="stable")[:count]] = True
+    return picked.reshape(w.shape)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_outliers_are_the_top_scores_on_a_weight_large_enough_for_the_estimated_cut(relative, masked):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((1200, 1000)) * rng.uniform(0.01, 5.0, (1200, 1))).astype(np.float32)
+    w[7] = 0.0  # a channel of zeros: rms 0, score 0
+    kept = rng.random(w.shape) > 0.4 if masked else np.ones(w.shape, bool)
+    got = pick_outliers(w, kept, 0.005, relative=relative)
+    np.testing.assert_array_equal(got, _brute_outliers(w, kept, 0.005, relative))
+    assert not (got & ~kept).any()
+
+
+def test_top_falls_back_to_every_exact_score_when_the_estimate_does_not_bound_them():
+    """An exact score far from its estimate (here: the reverse order) sends _top to a full partition."""
+    from onnxcompress.numerics.granular_fit import _top
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((1100, 1000)).astype(np.float32)
+    reverse = lambda index: -np.abs(w.reshape(-1)[index].astype(np.float64))  # noqa: E731
+    got = np.sort(_top(w, None, None, reverse, 500))
+    np.testing.assert_array_equal(got, np.sort(np.argsort(np.abs(w).reshape(-1), kind="stable")[:500]))
+
+
+def _brute_sums(w, s, book, fitted, a, keep_zero):
+    from onnxcompress.numerics.gptq import normalize
+    from onnxcompress.numerics.measures import nearest_codes
+
+    codes = nearest_codes(normalize(np.asarray(w, np.float64), s), book, keep_zero=keep_zero)
+    weight = np.ones(w.shape) if a is None else a
+    weight = weight if fitted is None else weight * fitted
+    sums, counts = np.zeros((w.shape[0], book.size)), np.zeros((w.shape[0], book.size))
+    rows = np.repeat(np.arange(w.shape[0]), w.shape[1])
+    np.add.at(sums, (rows, codes.ravel()), (weight * w).ravel())
+    np.add.at(counts, (rows, codes.ravel()), weight.ravel())
+    return codes, sums, counts
+
+
+@pytest.mark.parametrize("keep_zero", [False, True])
+@pytest.mark.parametrize("case", ["plain", "masked", "weighted"])
+def test_code_sums_match_brute_force_over_several_blocks(monkeypatch, keep_zero, case):
+    monkeypatch.setattr(granular_fit, "CHUNK", 256)  # blocks of 4 channels, the last one short
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((30, 64))
+    if keep_zero:
+        w[rng.random(w.shape) < 0.3] = 0.0
+    s = np.abs(w).max(1)
+    book = np.concatenate(([0.0], np.linspace(-0.9, 0.9, 15))) if keep_zero else np.linspace(-0.9, 0.9, 16)
+    fitted = rng.random(w.shape) > 0.2 if case == "masked" else None
+    a = rng.uniform(0.0, 2.0, w.shape) if case == "weighted" else None
+    codes, sums, counts = _code_sums(w, s, book, fitted, a, keep_zero)
+    ref_codes, ref_sums, ref_counts = _brute_sums(w, s, book, fitted, a, keep_zero)
+    np.testing.assert_array_equal(codes, ref_codes)
+    assert codes.dtype == np.uint8
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(counts, ref_counts, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.005])
+def test_per_channel_fit_in_float32_is_as_good_as_in_float64(outliers):
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((256, 512)) * rng.uniform(0.2, 3.0, (1, 512))).astype(np.float32)
+    option = Option("channel", outlier_fraction=outliers)
+    narrow = fit(w, 5, option, channel_axis=1)
+    wide = fit(w.astype(np.float64), 5, option, channel_axis=1)  # the same values, fitted in float64
+    assert narrow.scale.dtype == wide.scale.dtype
+    assert abs(measure(w, narrow, None) - measure(w, wide, None)) < 0.01
+    assert np.mean(narrow.codes == wide.codes) > 0.999
+
+
+def test_per_channel_descent_never_raises_the_error_of_its_start():
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 300)) * rng.uniform(0.1, 4.0, (64, 1))).astype(np.float32)
+    fitted = np.ones(w.shape, bool)
+    errors = []
+    for rounds in range(5):
+        codes, book, s = fit_scaled(w, fitted, None, 4, False, "linear", 0, rounds, "float32")
+        errors.append(float(np.sum((w - book[codes] * s[:, None].astype(np.float64)) ** 2)))
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
