@@ -69,7 +69,7 @@ class QdqConfig:
     min_output_sqnr: float = 20.0  # static: the bound in dB on outputs that are not class scores
     guard_samples: int = 256  # calibration samples the bound is checked on
     guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
-    max_probes: int = 32  # activations quantized alone to rank them (the widest range against RMS first)
+    max_probes: int = 32  # activations (the widest range against RMS first), then weights, quantized alone to rank them
     probe_samples: int = 64  # calibration samples each probe runs
     # where keeping activations float does not hold the bound: dynamic int8 MatMul/Gemm if that holds it, else
     # weight-only int8 ("weights": weight-only directly)
