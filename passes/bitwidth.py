@@ -388,20 +388,24 @@ class BitWidthPass(Pass):
 
     def _sensitivities(self, ctx: Context, evaluator: _Evaluator, weights: list[WeightInfo]) -> dict:
         cfg = self.config
-        grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits)]
+        # widest width first at each sparsity: once a candidate costs more than any allocation can take, the
+        # narrower widths at that sparsity and above cost more still (fewer bits, more pruning) and are skipped
+        grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits, reverse=True)]
         table: dict[str, list[Candidate]] = {}
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         bar = tqdm(total=sum(map(len, grids.values())), desc="sensitivity", disable=not ctx.progress, leave=False)
         counting = False  # is the cost a count of changed decisions?
         limit = self._cost_limit()
+        skipped = 0
         for info in weights:
             array = evaluator.base[info.name]
             table[info.name] = []
-            hopeless = None  # a sparsity at which every width cost more than any allocation can take
+            hopeless = 0  # widths up to this one cost more than any allocation can take at a lower sparsity
             for sparsity, bits in grids[info.name]:
-                if hopeless is not None and sparsity > hopeless:
+                if bits <= hopeless:
                     bar.update()
+                    skipped += 1
                     continue
                 candidate = Candidate(sparsity, bits)
                 try:
@@ -415,13 +419,13 @@ class BitWidthPass(Pass):
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
                 table[info.name].append(candidate)
                 bar.update()
-                row = [c for c in table[info.name] if c.sparsity == sparsity]
-                if (limit is not None and hopeless is None and len(row) == len(cfg.bits)
-                        and all(c.error is None and c.cost > limit for c in row)):
-                    hopeless = sparsity  # pruning more only costs more: the higher sparsities are skipped
-                    log.debug("bitwidth: %s costs over %.3g at every width from sparsity %.2f on; higher "
-                              "sparsities skipped", info.name, limit, sparsity)
+                if limit is not None and candidate.error is None and candidate.cost > limit:
+                    hopeless = max(hopeless, bits)
+                    log.debug("bitwidth: %s costs over %.3g at %d bits, sparsity %.2f: narrower widths and higher "
+                              "sparsities from there skipped", info.name, limit, bits, sparsity)
         bar.close()
+        log.info("bitwidth: %d candidates measured, %d skipped as over the cost limit",
+                 sum(map(len, table.values())), skipped)
         if counting:
             resolution = 100.0 * 2 / max(len(evaluator.data), 1)
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)

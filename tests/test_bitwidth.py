@@ -287,8 +287,43 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
     p._pruner = None
     table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
     assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
-    assert len(table["w"]) == 6
+    assert (0.5, 2) not in measured  # 4 bits already cost over the limit there: 2 bits cost more
+    assert len(table["w"]) == 5
     sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     sized._pruner, measured[:] = None, []
     sized._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
     assert len(measured) == 10  # a size budget may need any candidate
+
+
+def test_narrower_widths_past_a_hopeless_one_are_not_measured_at_higher_sparsities(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    class Coded:
+        def __init__(self, sparsity, bits):
+            self.sparsity, self.bits = sparsity, bits
+
+        def decode(self):
+            return self
+
+    measured = []
+
+    class Evaluator:
+        base = {"w": np.zeros((4, 4), np.float32)}
+        data = [0] * 100
+
+        def measure(self, changed):
+            (coded,) = changed["w"]
+            measured.append((coded.sparsity, coded.bits))
+            cost = (5.0 if coded.bits == 2 else 1.0 / coded.bits) + coded.sparsity  # 2 bits: over 8 x 0.5
+            return {"cost": cost, "check": cost, "nsr": 0.0}
+
+    class W:
+        name, shape = "w", (4, 4)
+
+    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Coded(s, b)])
+    monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
+    p = BitWidthPass(max_drop=0.5, bits=[2, 4, 8], sparsities=[0.0, 0.5, 0.9])
+    p._pruner = None
+    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    assert measured == [(0.0, 8), (0.0, 4), (0.0, 2), (0.5, 8), (0.5, 4), (0.9, 8), (0.9, 4)]
+    assert len(table["w"]) == 7
