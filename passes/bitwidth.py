@@ -40,6 +40,7 @@ from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
                                  sparsegpt)
 from onnxcompress.runtime import make_session
+from onnxcompress.suffix import SuffixRunner
 from onnxcompress.weights import WeightInfo, get_array
 
 from .prune import DEFAULT_DAMPING, PruneConfig
@@ -114,11 +115,17 @@ class _Evaluator:
     def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
         self.data, self.score = data, score
         self.specs = model_inputs(model)
-        self.session = make_session(_weights_as_inputs(model, weights))
+        self.model = _weights_as_inputs(model, weights)
+        self.session = make_session(self.model)
         self.names = [o.name for o in self.session.get_outputs()]
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
+        self.suffixes: SuffixRunner | None = None
         self.reference = self.outputs({})
+        # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.suffix)
+        self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
+                                     self.base)
+        self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per data chunk with the weights in `changed` replaced.
@@ -127,6 +134,12 @@ class _Evaluator:
         version f fit without the chunks of fold f (chunk i is in fold i % k, as the layer
         statistics count them), so chunk i runs with version i % k and every sample is scored
         by a weight that did not learn from it."""
+        if len(changed) == 1 and self.suffixes is not None:
+            (name, versions), = changed.items()
+            if self._suffix is None or self._suffix[0] != name:
+                self._suffix = (name, self.suffixes.for_weight(name))
+            if self._suffix[1] is not None:
+                return self._suffix[1](versions)
         outputs = []
         for i, (feed, _) in enumerate(self.chunks):
             weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}

@@ -327,3 +327,36 @@ def test_narrower_widths_past_a_hopeless_one_are_not_measured_at_higher_sparsiti
     table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
     assert measured == [(0.0, 8), (0.0, 4), (0.0, 2), (0.5, 8), (0.5, 4), (0.9, 8), (0.9, 4)]
     assert len(table["w"]) == 7
+
+
+def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outputs(monkeypatch):
+    """x -> MatMul W0 -> Relu -> MatMul W1 -> y, and a second output z = x W2 that W1 does not reach."""
+    from onnx import helper, numpy_helper
+
+    import onnxcompress.passes.bitwidth as bw
+    from onnxcompress.suffix import downstream
+    import tiny
+    from onnxcompress.data import Dataset
+    from onnxcompress.weights import find_weights
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W0", (8, 16)), ("W1", (16, 4)), ("W2", (8, 3)))]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m"]), helper.make_node("Relu", ["m"], ["h"]),
+             helper.make_node("MatMul", ["h", "W1"], ["y"]), helper.make_node("MatMul", ["x", "W2"], ["z"])]
+    model = tiny.make_model(nodes, [tiny.value("x", ["N", 8])], [tiny.value("y", ["N", 4]), tiny.value("z", ["N", 3])],
+                            inits)
+    suffix, cut = downstream(model.graph, {"W1"})
+    assert [n.output[0] for n in suffix] == ["y"] and cut == ["h"]
+    data = Dataset(stacked=tiny.random_feeds(model, n=100, seed=1))
+    weights = [w for w in find_weights(model, min_elements=0) if w.name in ("W0", "W1")]
+    evaluator = bw._Evaluator(model, weights, data, lambda *a: {})
+    changed = {"W1": [rng.standard_normal((16, 4)).astype(np.float32)]}
+    fast = evaluator.outputs(changed)
+    assert evaluator._suffix[0] == "W1" and evaluator._suffix[1] is not None
+    evaluator.suffixes = None  # the whole model, as before
+    whole = evaluator.outputs(changed)
+    for a, b in zip(fast, whole):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a[1], b[1])
+    assert not np.allclose(fast[0][0], evaluator.reference[0][0])  # the change did reach y
