@@ -87,11 +87,16 @@ class SuffixRunner:
         session = make_session(suffix_model(self.model, weight, nodes, cut, dtypes, outputs))
         index = [outputs.index(n) if n in outputs else None for n in self.names]
 
+        # the suffix's own outputs with the weight unchanged: a candidate's outputs are the reference's plus
+        # what the change moves in the suffix, so kernels fused differently there add no noise of their own
+        base = [session.run(outputs, {**feed, weight: self.base[weight]}) if outputs else [] for feed in feeds]
+
         def run(versions: list[np.ndarray]) -> list[list[np.ndarray]]:
             result = []
             for i, feed in enumerate(feeds):
                 got = session.run(outputs, {**feed, weight: versions[i % len(versions)]}) if outputs else []
-                result.append([self.reference[i][k] if j is None else got[j] for k, j in enumerate(index)])
+                result.append([self.reference[i][k] if j is None else _moved(self.reference[i][k], base[i][j], got[j])
+                               for k, j in enumerate(index)])
             return result
 
         log.debug("suffix of %s: %d of %d nodes, %d cut values", weight, len(nodes), len(self.model.graph.node),
@@ -108,3 +113,10 @@ class SuffixRunner:
                 return None
             values.append(got)
         return values
+
+
+def _moved(reference: np.ndarray, base: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """reference + (got - base) for float outputs (exactly the reference where got equals base); other types as got."""
+    if not np.issubdtype(np.asarray(got).dtype, np.floating):
+        return got
+    return np.where(got == base, reference, reference + (got - base)).astype(got.dtype)

@@ -360,3 +360,7 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a[1], b[1])
     assert not np.allclose(fast[0][0], evaluator.reference[0][0])  # the change did reach y
+    evaluator.suffixes, evaluator._suffix = bw.SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks],
+                                                            evaluator.names, evaluator.reference, evaluator.base), None
+    same = evaluator.outputs({"W1": [evaluator.base["W1"]]})  # unchanged: exactly the reference, no kernel noise
+    assert all(np.array_equal(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
