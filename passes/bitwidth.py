@@ -41,6 +41,7 @@ from onnxcompress.formats.codebook import fit_codebook
 from onnxcompress.numerics.refine import (DAMPING_GRID, DEFAULT_DAMPING, MAX_CV_FLOPS, damping_for_all_rows,
                                          heldout_damping, lstsq_cost, masked_lstsq, sparsegpt)
 from onnxcompress.runtime.sessions import make_session
+from onnxcompress.runtime.suffix import SuffixRunner
 from onnxcompress.graph.weights import WeightInfo, get_array
 
 
@@ -113,11 +114,17 @@ class _Evaluator:
     def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
         self.data, self.score = data, score
         self.specs = model_inputs(model)
-        self.session = make_session(_weights_as_inputs(model, weights))
+        self.model = _weights_as_inputs(model, weights)
+        self.session = make_session(self.model)
         self.names = [o.name for o in self.session.get_outputs()]
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
+        self.suffixes: SuffixRunner | None = None
         self.reference = self.outputs({})
+        # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix)
+        self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
+                                     self.base)
+        self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per data chunk with the weights in `changed` replaced.
@@ -126,6 +133,12 @@ class _Evaluator:
         version f fit without the chunks of fold f (chunk i is in fold i % k, as the layer
         statistics count them), so chunk i runs with version i % k and every sample is scored
         by a weight that did not learn from it."""
+        if len(changed) == 1 and self.suffixes is not None:
+            (name, versions), = changed.items()
+            if self._suffix is None or self._suffix[0] != name:
+                self._suffix = (name, self.suffixes.for_weight(name))
+            if self._suffix[1] is not None:
+                return self._suffix[1](versions)
         outputs = []
         for i, (feed, _) in enumerate(self.chunks):
             weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
@@ -387,20 +400,24 @@ class BitWidthPass(Pass):
 
     def _sensitivities(self, ctx: Context, evaluator: _Evaluator, weights: list[WeightInfo]) -> dict:
         cfg = self.config
-        grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits)]
+        # widest width first at each sparsity: once a candidate costs more than any allocation can take, the
+        # narrower widths at that sparsity and above cost more still (fewer bits, more pruning) and are skipped
+        grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits, reverse=True)]
         table: dict[str, list[Candidate]] = {}
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         bar = tqdm(total=sum(map(len, grids.values())), desc="sensitivity", disable=not ctx.progress, leave=False)
         counting = False  # is the cost a count of changed decisions?
         limit = self._cost_limit()
+        skipped = 0
         for info in weights:
             array = evaluator.base[info.name]
             table[info.name] = []
-            hopeless = None  # a sparsity at which every width cost more than any allocation can take
+            hopeless = 0  # widths up to this one cost more than any allocation can take at a lower sparsity
             for sparsity, bits in grids[info.name]:
-                if hopeless is not None and sparsity > hopeless:
+                if bits <= hopeless:
                     bar.update()
+                    skipped += 1
                     continue
                 candidate = Candidate(sparsity, bits)
                 try:
@@ -414,13 +431,13 @@ class BitWidthPass(Pass):
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
                 table[info.name].append(candidate)
                 bar.update()
-                row = [c for c in table[info.name] if c.sparsity == sparsity]
-                if (limit is not None and hopeless is None and len(row) == len(cfg.bits)
-                        and all(c.error is None and c.cost > limit for c in row)):
-                    hopeless = sparsity  # pruning more only costs more: the higher sparsities are skipped
-                    log.debug("bitwidth: %s costs over %.3g at every width from sparsity %.2f on; higher "
-                              "sparsities skipped", info.name, limit, sparsity)
+                if limit is not None and candidate.error is None and candidate.cost > limit:
+                    hopeless = max(hopeless, bits)
+                    log.debug("bitwidth: %s costs over %.3g at %d bits, sparsity %.2f: narrower widths and higher "
+                              "sparsities from there skipped", info.name, limit, bits, sparsity)
         bar.close()
+        log.info("bitwidth: %d candidates measured, %d skipped as over the cost limit",
+                 sum(map(len, table.values())), skipped)
         if counting:
             resolution = 100.0 * 2 / max(len(evaluator.data), 1)
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)

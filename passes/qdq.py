@@ -69,11 +69,14 @@ class QdqConfig:
     min_output_sqnr: float = 20.0  # static: the bound in dB on outputs that are not class scores
     guard_samples: int = 256  # calibration samples the bound is checked on
     guard_rounds: int = 8  # at most 2^8 - 1 activations kept float before falling back to weight-only
-    max_probes: int = 32  # activations quantized alone to rank them (the widest range against RMS first)
+    max_probes: int = 32  # activations (the widest range against RMS first), then weights, quantized alone to rank them
     probe_samples: int = 64  # calibration samples each probe runs
     # where keeping activations float does not hold the bound: dynamic int8 MatMul/Gemm if that holds it, else
     # weight-only int8 ("weights": weight-only directly)
     fallback: Literal["dynamic", "weights"] = "dynamic"
+    # where weight-only int8 misses the bound too: the weights that break it most stay float, at most this
+    # fraction of the quantized weights' bytes (0.03 keeps a float32 model's ratio above 3.5x)
+    max_float_weights: float = 0.03
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -175,10 +178,11 @@ class QdqPass(Pass):
 
     def _guarded(self, ctx, cfg, reference, per_channel, opset):
         """Quantize; while the fidelity check fails, keep the activations that break it float (worst
-        alone-quantized output SQNR first, 1, 2, 4... more each round); weight-only int8 if that fails."""
+        alone-quantized output SQNR first, 1, 2, 4... more each round); else dynamic or weight-only int8
+        (guard.fall_back)."""
         data = ctx.data.limit(cfg.guard_samples) if ctx.data is not None and cfg.agreement is not None else None
         records, notes, keep_float, order = len(ctx.records), len(ctx.notes), set(), None
-        bounds = dict(agreement=cfg.agreement, min_sqnr=cfg.min_output_sqnr)
+        bounds = dict(agreement=cfg.agreement, min_sqnr=cfg.min_output_sqnr, task=ctx.task)
         for _ in range(cfg.guard_rounds + 1):
             del ctx.records[records:], ctx.notes[notes:]
             plan, renamed, rest = self._quantize(ctx, cfg, reference, per_channel, opset, keep_float)
@@ -201,23 +205,20 @@ class QdqPass(Pass):
             keep_float |= set(more)
         missed = (f"qdq: static int8 missed the fidelity bound ({result.worst}; agreement >= {cfg.agreement}, other "
                   f"outputs >= {cfg.min_output_sqnr:g} dB) even with {len(keep_float)} activation(s) kept float; ")
-        for dynamic in ((True, False) if cfg.fallback == "dynamic" else (False,)):
+
+        def build(dynamic: bool, keep: dict[str, str]) -> dict:
             del ctx.records[records:], ctx.notes[notes:]
             ctx.model.CopyFrom(reference)
             matmuls = quantize_dynamic_matmuls(ctx, self.name) if dynamic else []
-            if dynamic and not matmuls:
-                continue
             rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset,
-                                         self.name)
-            rest["dynamic"] = len(matmuls)
-            if not dynamic:
-                ctx.note(missed + "weight-only int8 instead (activations float)")
-            elif (again := guard.check(reference, ctx.model, data, **bounds)).holds:
-                ctx.note(missed + f"dynamic int8 (ranges at run time) for {len(matmuls)} MatMul/Gemm instead "
-                         f"({again.worst}), weight-only int8 elsewhere")
-            else:
-                continue
-            return _Plan(), {}, rest
+                                         self.name, keep=keep)
+            return {**rest, "dynamic": len(matmuls), "kept_float_weights": len(keep)}
+
+        rest = guard.fall_back(ctx, build, reference, data, bounds, dynamic=cfg.fallback == "dynamic",
+                               max_float=cfg.max_float_weights, max_probes=cfg.max_probes,
+                               probe_samples=cfg.probe_samples, rounds=cfg.guard_rounds, pass_name=self.name,
+                               first_record=records, missed=missed)
+        return _Plan(), {}, rest
 
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:

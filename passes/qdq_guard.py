@@ -1,9 +1,10 @@
 """Static int8 that cannot break a model silently: check the result, find the activations that
 break it, keep them float, and fall back to weight-only int8 when that is not enough.
 
-The check runs the float and the quantized model on calibration samples: every class-score
-output (see :class:`onnxcompress.runtime.metrics.OutputMetrics`) must keep `agreement` of its top-1
-decisions, every other output an SQNR of at least `min_sqnr` dB.
+The check runs the float and the quantized model on calibration samples: every output measured
+by a task (the kind the user chose with --metric, or the detected kind of a class-score output:
+top-1 per position, or the whole argmax sequence of a tagger, see :mod:`onnxcompress.runtime.tasks`) must
+keep `agreement` of its task's answers, every other output an SQNR of at least `min_sqnr` dB.
 
 Which activations are responsible is measured, not guessed: each quantized activation is
 quantized ALONE in the float model and the outputs' SQNR measured (the per-layer table's
@@ -26,6 +27,7 @@ from onnxcompress.graph.data import model_inputs
 from onnxcompress.runtime.metrics import Comparison, compare_models, compare_outputs
 from onnxcompress.numerics.quantmath import TYPES
 from onnxcompress.runtime.sessions import make_session, median_latency, run
+from onnxcompress.runtime.tasks import TaskMetric
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +36,31 @@ log = logging.getLogger(__name__)
 class Fidelity:
     holds: bool
     worst: str  # the output furthest from its bound, e.g. "top-1 agreement 0.812 on 'y'"
+    margin: float = math.inf  # the worst output's figure minus its bound (agreement; dB / 100 for SQNR)
+    sqnr_db: float = math.inf  # the lowest output SQNR (ranks candidates whose agreements tie)
 
 
-def fidelity(comparison: Comparison, *, agreement: float, min_sqnr: float) -> Fidelity:
-    """Whether every output keeps its bound, and the worst output's figure."""
+def fidelity(comparison: Comparison, *, agreement: float, min_sqnr: float, chosen: bool = False) -> Fidelity:
+    """Whether every output keeps its bound, and the worst output's figure; `chosen`: the comparison's
+    kinds come from the user's task, whose budgeted outputs are bounded by their task agreement."""
     worst, worst_margin = "", math.inf
     for o in comparison.outputs:
-        if o.top1_agreement is not None:
+        if o.budgeted and o.agreement is not None and (chosen or o.top1_agreement is not None):
+            margin, text = o.agreement - agreement, f"{o.task} agreement {o.agreement:.4f} on '{o.name}'"
+        elif o.top1_agreement is not None:
             margin, text = o.top1_agreement - agreement, f"top-1 agreement {o.top1_agreement:.4f} on '{o.name}'"
         else:
             margin, text = (o.sqnr_db - min_sqnr) / 100.0, f"SQNR {o.sqnr_db:.1f} dB on '{o.name}'"
         if margin < worst_margin:
             worst, worst_margin = text, margin
-    return Fidelity(worst_margin >= 0, worst)
+    return Fidelity(worst_margin >= 0, worst, worst_margin, min((o.sqnr_db for o in comparison.outputs), default=math.inf))
 
 
 def check(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, *, agreement: float,
-          min_sqnr: float) -> Fidelity:
-    return fidelity(compare_models(reference, candidate, data), agreement=agreement, min_sqnr=min_sqnr)
+          min_sqnr: float, task: TaskMetric | None = None) -> Fidelity:
+    """The bound on `data`; `task` is the kind the user chose (None: each output's kind detected)."""
+    return fidelity(compare_models(reference, candidate, data, task=task), agreement=agreement, min_sqnr=min_sqnr,
+                    chosen=task is not None)
 
 
 def single_qdq(model: onnx.ModelProto, name: str, scale: float, zero: int, qtype: str) -> onnx.ModelProto:
@@ -120,3 +129,61 @@ def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, 
     ref, cand = make_session(reference), make_session(quantized)
     times = [(median_latency(ref, feed, repeat=10), median_latency(cand, feed, repeat=10)) for _ in range(rounds)]
     return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
+
+
+def fall_back(ctx, build, reference: onnx.ModelProto, data, bounds: dict, *, dynamic: bool, max_float: float,
+              max_probes: int, probe_samples: int, rounds: int, pass_name: str, first_record: int,
+              missed: str) -> dict:
+    """Where static int8 misses the bound: dynamic int8 MatMul/Gemm (`dynamic`) if that holds it, else
+    weight-only int8 with the weights that break it most kept float, 1, 2, 4... of them, while they
+    hold at most `max_float` of the quantized weights' bytes; else the candidate measured closest to
+    the bound. `build(dynamic, keep) -> summary` writes one candidate into ctx.model (`keep`: weight
+    name -> why it stays float). Each weight is ranked by the outputs with it alone in int8 (the
+    task's agreement, then the lowest output SQNR), smallest weights first, `max_probes` of them."""
+    tried: list[tuple[Fidelity, bool, dict[str, str]]] = []
+    if dynamic:
+        rest = build(True, {})
+        if rest["dynamic"]:
+            found = check(reference, ctx.model, data, **bounds)
+            if found.holds:
+                ctx.note(missed + f"dynamic int8 (ranges at run time) for {rest['dynamic']} MatMul/Gemm instead "
+                         f"({found.worst}), weight-only int8 elsewhere")
+                return rest
+            tried.append((found, True, {}))
+    rest = build(False, {})
+    found = check(reference, ctx.model, data, **bounds) if data is not None else Fidelity(True, "not checked")
+    tried.append((found, False, {}))
+    if not found.holds:
+        sizes = {r.name: r.bytes_before for r in ctx.records[first_record:] if r.pass_name == pass_name
+                 and r.bytes_before and r.bytes_after is not None and r.bytes_after < r.bytes_before}
+        budget = max_float * sum(sizes.values())
+        names = sorted((n for n in sizes if sizes[n] <= budget), key=lambda n: sizes[n])[:max_probes]
+        probes = []
+        for name in names:
+            build(False, {other: "probe" for other in sizes if other != name})
+            alone = check(reference, ctx.model, data.limit(probe_samples), **bounds)
+            probes.append((alone.margin, alone.sqnr_db, name, alone.worst))
+            log.debug("qdq: weight %s alone in int8: %s", name, alone.worst)
+        probes.sort()
+        count = 1
+        for _ in range(rounds):
+            worst = probes[:count]
+            if not worst or sum(sizes[n] for _, _, n, _ in worst) > budget:
+                break
+            keep = {n: f"in int8 alone it moves the outputs most ({text}, {min(probe_samples, len(data))} "
+                       "calibration samples)" for _, _, n, text in worst}
+            build(False, keep)
+            found = check(reference, ctx.model, data, **bounds)
+            tried.append((found, False, keep))
+            if found.holds or count >= len(probes):
+                break
+            count *= 2
+    best, was_dynamic, keep = max(tried, key=lambda t: (t[0].margin, t[0].sqnr_db))
+    rest = build(was_dynamic, keep)  # ctx.model holds the last model built (a probe, or another candidate)
+    how = ("dynamic int8 MatMul/Gemm and weight-only int8 elsewhere" if was_dynamic else "weight-only int8")
+    kept = f" with {len(keep)} weight(s) kept float ({', '.join(keep)})" if keep else ""
+    if best.holds:
+        ctx.note(missed + f"{how}{kept} instead ({best.worst})")
+    else:
+        ctx.note(missed + f"{how}{kept} instead, the closest to the bound of {len(tried)} measured ({best.worst})")
+    return rest

@@ -287,8 +287,80 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
     p._pruner = None
     table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
     assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
-    assert len(table["w"]) == 6
+    assert (0.5, 2) not in measured  # 4 bits already cost over the limit there: 2 bits cost more
+    assert len(table["w"]) == 5
     sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     sized._pruner, measured[:] = None, []
     sized._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
     assert len(measured) == 10  # a size budget may need any candidate
+
+
+def test_narrower_widths_past_a_hopeless_one_are_not_measured_at_higher_sparsities(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    class Coded:
+        def __init__(self, sparsity, bits):
+            self.sparsity, self.bits = sparsity, bits
+
+        def decode(self):
+            return self
+
+    measured = []
+
+    class Evaluator:
+        base = {"w": np.zeros((4, 4), np.float32)}
+        data = [0] * 100
+
+        def measure(self, changed):
+            (coded,) = changed["w"]
+            measured.append((coded.sparsity, coded.bits))
+            cost = (5.0 if coded.bits == 2 else 1.0 / coded.bits) + coded.sparsity  # 2 bits: over 8 x 0.5
+            return {"cost": cost, "check": cost, "nsr": 0.0}
+
+    class W:
+        name, shape = "w", (4, 4)
+
+    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Coded(s, b)])
+    monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
+    p = BitWidthPass(max_drop=0.5, bits=[2, 4, 8], sparsities=[0.0, 0.5, 0.9])
+    p._pruner = None
+    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    assert measured == [(0.0, 8), (0.0, 4), (0.0, 2), (0.5, 8), (0.5, 4), (0.9, 8), (0.9, 4)]
+    assert len(table["w"]) == 7
+
+
+def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outputs(monkeypatch):
+    """x -> MatMul W0 -> Relu -> MatMul W1 -> y, and a second output z = x W2 that W1 does not reach."""
+    from onnx import helper, numpy_helper
+
+    import onnxcompress.passes.bitwidth as bw
+    from onnxcompress.runtime.suffix import downstream
+    import tiny
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W0", (8, 16)), ("W1", (16, 4)), ("W2", (8, 3)))]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m"]), helper.make_node("Relu", ["m"], ["h"]),
+             helper.make_node("MatMul", ["h", "W1"], ["y"]), helper.make_node("MatMul", ["x", "W2"], ["z"])]
+    model = tiny.make_model(nodes, [tiny.value("x", ["N", 8])], [tiny.value("y", ["N", 4]), tiny.value("z", ["N", 3])],
+                            inits)
+    suffix, cut = downstream(model.graph, {"W1"})
+    assert [n.output[0] for n in suffix] == ["y"] and cut == ["h"]
+    data = Dataset(stacked=tiny.random_feeds(model, n=100, seed=1))
+    weights = [w for w in find_weights(model, min_elements=0) if w.name in ("W0", "W1")]
+    evaluator = bw._Evaluator(model, weights, data, lambda *a: {})
+    changed = {"W1": [rng.standard_normal((16, 4)).astype(np.float32)]}
+    fast = evaluator.outputs(changed)
+    assert evaluator._suffix[0] == "W1" and evaluator._suffix[1] is not None
+    evaluator.suffixes = None  # the whole model, as before
+    whole = evaluator.outputs(changed)
+    for a, b in zip(fast, whole):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a[1], b[1])
+    assert not np.allclose(fast[0][0], evaluator.reference[0][0])  # the change did reach y
+    evaluator.suffixes, evaluator._suffix = bw.SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks],
+                                                            evaluator.names, evaluator.reference, evaluator.base), None
+    same = evaluator.outputs({"W1": [evaluator.base["W1"]]})  # unchanged: exactly the reference, no kernel noise
+    assert all(np.array_equal(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))

@@ -152,3 +152,54 @@ def test_guard_falls_back_to_dynamic_int8_where_no_fixed_range_fits(tmp_path):
     ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert "MatMul" not in fused and "MatMulInteger" not in fused  # onnxruntime runs one fused integer kernel
+
+
+def test_a_chosen_sequence_task_bounds_whole_sequences_not_positions():
+    from onnxcompress.runtime.metrics import Comparison, OutputMetrics
+    from onnxcompress.passes.qdq_guard import fidelity
+
+    # 99.5% of positions keep their top-1 but only 90% of the sentences keep every tag
+    tagger = OutputMetrics("tags", 0.1, 0.01, 0.999, 40.0, top1_agreement=0.995, task="sequence (detected)",
+                           agreement=0.90, budgeted=True)
+    assert not fidelity(Comparison([tagger], 100), agreement=0.99, min_sqnr=20.0).holds
+    assert "agreement 0.9000" in fidelity(Comparison([tagger], 100), agreement=0.99, min_sqnr=20.0).worst
+    # a probability output the user named is bounded by its decisions, not by the SQNR of its values
+    prob = OutputMetrics("p", 0.1, 0.3, 0.9, 10.0, task="probability:0.5 (chosen)", agreement=1.0, budgeted=True)
+    assert fidelity(Comparison([prob], 100), agreement=0.99, min_sqnr=20.0, chosen=True).holds
+    assert not fidelity(Comparison([prob], 100), agreement=0.99, min_sqnr=20.0).holds  # detected: the SQNR bound
+
+
+def outlier_weight_mlp(seed: int = 5, classes: int = 4) -> onnx.ModelProto:
+    """x -> MatMul W0 -> Relu -> MatMul W1 -> Relu (h1) -> MatMul W2 -> y, no biases. Unit 0 of h1 is
+    always 0 (W1's column 0 is negative, h0 >= 0) and W2 gives it 1000 in every column: the entry
+    never matters, but int8 per column then rounds every other entry of W2 to zero. W2 is 2.7% of
+    the weights."""
+    rng = np.random.default_rng(seed)
+    w0 = rng.standard_normal((16, 128)) / 4
+    w1 = rng.standard_normal((128, 128)) / np.sqrt(128)
+    w1[:, 0] = -0.1 * np.abs(w1[:, 0])
+    w2 = rng.standard_normal((128, classes)) / np.sqrt(128)
+    w2[0, :] = 1000.0
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"W{k}") for k, w in enumerate((w0, w1, w2))]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"], name="mm0"), helper.make_node("Relu", ["m0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "W1"], ["m1"], name="mm1"), helper.make_node("Relu", ["m1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"], name="mm2")]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", 16])], [tiny.value("y", ["N", classes])], inits)
+
+
+def test_guard_keeps_the_weight_that_breaks_int8_float_and_the_rest_int8():
+    model = outlier_weight_mlp()
+    calib = Dataset(stacked=tiny.random_feeds(model, n=256, seed=1))
+    test = Dataset(stacked=tiny.random_feeds(model, n=512, seed=2))
+    weights_only, _ = PassManager([QdqPass(mode="weights")], validate="none").run(model, calib)
+    assert agreement(model, weights_only, test) < 0.8  # int8 W2 loses the task whatever the activations do
+    quantized, report = int8(model, calib)
+    onnx.checker.check_model(quantized, full_check=True)
+    inits = {t.name: t for t in quantized.graph.initializer}
+    assert inits["W2"].data_type == onnx.TensorProto.FLOAT  # kept float, read directly by its MatMul
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in quantized.graph.node
+               if n.op_type == "DequantizeLinear" and n.output[0] in ("W0", "W1"))
+    assert any("weight(s) kept float (W2)" in n for n in report.notes)
+    assert any(r.name == "W2" and r.action.startswith("kept float: in int8 alone") for r in report.weights)
+    assert agreement(model, quantized, test) >= 0.98
+    assert quantized.ByteSize() < model.ByteSize() / 3.3  # 3.41x measured: W2 float and the tiny model's nodes

@@ -136,3 +136,25 @@ def test_cli_validate_takes_a_metric(tmp_path, capsys):
     assert "probability:0.2 (chosen)" in capsys.readouterr().out
     assert main(["validate", str(path), str(path), "--metric", "nope"]) == 2
     assert "unknown metric kind" in capsys.readouterr().err
+
+
+def test_several_kinds_each_name_their_outputs():
+    """A detector's scores by top-1 and its boxes by regression, in one metric; the third output is reported only."""
+    rng = np.random.default_rng(0)
+    scores, boxes, marks = rng.standard_normal((50, 2)), rng.standard_normal((50, 4)), rng.standard_normal((50, 10))
+    task = parse_metric("top1@scores,regression:0.1@boxes")
+    assert task.describe() == "top1@scores,regression:0.1@boxes"
+    kinds = resolve_kinds(["boxes", "marks", "scores"], [[boxes, marks, scores]], task=task)
+    assert (kinds["scores"].kind, kinds["boxes"].kind) == ("top1", "regression")
+    assert kinds["scores"].budgeted and kinds["boxes"].budgeted and not kinds["marks"].budgeted
+    moved = boxes.copy()
+    moved[:5] += 1.0  # five samples' boxes far off, every decision the same
+    got = compare_outputs(["boxes", "marks", "scores"], [[boxes, marks, scores]], [[moved, marks, scores]],
+                          kinds=kinds)
+    assert [m.agreement for m in got if m.budgeted] == [0.9, 1.0]
+    with pytest.raises(RecipeError, match="each must name its outputs"):
+        parse_metric("top1,regression@boxes")
+    with pytest.raises(RecipeError, match="names an output twice"):
+        parse_metric("top1@boxes,regression@boxes")
+    with pytest.raises(RecipeError, match="does not have"):
+        resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=parse_metric("top1@scores,regression@box"))

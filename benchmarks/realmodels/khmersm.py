@@ -16,6 +16,10 @@ from . import package_file, viterbi
 PACKAGE = "khmersm"
 FAMILY = "transformer (char embeddings, attention, LayerNorm) + CRF"
 METRIC = "sequence"
+# 1000 test sentences, not 200: a whole-sentence answer flips under tiny noise here (1e-4 relative weight noise
+# already changes ~0.5% of them), so agreements sit at 95-98%, where 200 samples have a standard error of
+# ~1.4 points and one sentence is 0.5: too coarse to rank recipes half a point apart
+SIZES = {"calibration": 128, "test": 1000}
 WORDS = ("ខ្ញុំ អ្នក គាត់ យើង ពួកគេ ទៅ មក ផ្ទះ សាលារៀន ភ្នំពេញ ប្រទេស កម្ពុជា ស្រឡាញ់ ញ៉ាំ បាយ ទឹក ធ្វើការ សៀវភៅ អាន "
          "សរសេរ ភាសា ខ្មែរ ថ្ងៃនេះ ស្អែក ម្សិលមិញ ល្អ ណាស់ ធំ តូច ឡាន ផ្សារ ទិញ លក់ ត្រី សាច់ បន្លែ គ្រូ សិស្ស រៀន "
          "និយាយ ចង់ មាន នៅ ក្នុង ជាមួយ និង ដែល ជា មិន ទេ ហើយ ពេល ព្រឹក ល្ងាច រដ្ឋាភិបាល សេដ្ឋកិច្ច អភិវឌ្ឍន៍ "

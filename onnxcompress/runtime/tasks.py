@@ -17,7 +17,10 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
 
 A user names a kind as `KIND[:PARAM][@OUTPUT[+OUTPUT...]]` (e.g. `probability:0.5@activation`);
 without @ it applies to every output it fits, with @ only the named outputs count toward a
-budget. Without a name each output's kind is detected from its values and the op producing it.
+budget. Several outputs of different kinds: parts joined by commas, each naming its outputs
+(`top1@scores,regression:0.2@boxes`): a sample agrees on each output by that output's kind, and a
+budget holds every named output. Without a name each output's kind is detected from its values
+and the op producing it.
 """
 from __future__ import annotations
 
@@ -47,11 +50,21 @@ class TaskMetric:
     blank: int = 0  # ctc
     tolerance: float = 0.05  # regression
     outputs: tuple[str, ...] = ()  # empty: every output the kind fits
+    others: tuple["TaskMetric", ...] = ()  # the further comma-separated parts, each naming its outputs
 
     def describe(self) -> str:
         param = {"probability": f":{self.threshold:g}", "ctc": f":{self.blank}",
                  "regression": f":{self.tolerance:g}"}.get(self.kind, "")
-        return self.kind + param + (f"@{'+'.join(self.outputs)}" if self.outputs else "")
+        own = self.kind + param + (f"@{'+'.join(self.outputs)}" if self.outputs else "")
+        return ",".join([own] + [o.describe() for o in self.others])
+
+    def parts(self) -> tuple["TaskMetric", ...]:
+        return (self, *self.others)
+
+    def for_output(self, name: str) -> "TaskMetric | None":
+        """The part that names `name`, else the part naming no output (it fits any), else None."""
+        parts = [p for p in self.parts() if name in p.outputs] or [p for p in self.parts() if not p.outputs]
+        return parts[0] if parts else None
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,22 @@ def is_builtin(spec: str | None) -> bool:
 
 
 def parse_metric(spec: str) -> TaskMetric:
-    """`KIND[:PARAM][@OUTPUT[+OUTPUT...]]`, e.g. 'probability:0.5', 'ctc:0', 'embedding@pooled'."""
+    """`KIND[:PARAM][@OUTPUT[+OUTPUT...]]`, e.g. 'probability:0.5', 'ctc:0', 'embedding@pooled'; several
+    parts joined by commas, each naming its outputs ('top1@scores,regression:0.2@boxes')."""
+    if "," in spec:
+        parts = [_parse_part(p) for p in spec.split(",")]
+        if any(not p.outputs for p in parts):
+            raise RecipeError(f"metric '{spec}': with several comma-separated kinds each must name its outputs "
+                              "(KIND@OUTPUT)")
+        named = [o for p in parts for o in p.outputs]
+        if len(named) != len(set(named)):
+            raise RecipeError(f"metric '{spec}' names an output twice")
+        return TaskMetric(parts[0].kind, parts[0].threshold, parts[0].blank, parts[0].tolerance, parts[0].outputs,
+                          tuple(parts[1:]))
+    return _parse_part(spec)
+
+
+def _parse_part(spec: str) -> TaskMetric:
     head, _, where = spec.partition("@")
     kind, _, param = head.strip().partition(":")
     if kind not in KINDS:
@@ -159,26 +187,27 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
     """One OutputKind per output that has one: the chosen kind where it applies, else the detected one.
     With a chosen kind naming outputs, only those count toward a budget."""
     producers = producers or {}
-    if task is not None and task.outputs:
-        missing = sorted(set(task.outputs) - set(names))
+    naming = task is not None and any(p.outputs for p in task.parts())
+    if naming:
+        missing = sorted({o for p in task.parts() for o in p.outputs} - set(names))
         if missing:
             raise RecipeError(f"metric '{task.describe()}' names outputs the model does not have: {missing}; "
                               f"its outputs are {list(names)}")
     kinds = {}
     for k, name in enumerate(names):
         chunks = [np.asarray(chunk[k]) for chunk in reference]
-        named = task is not None and (not task.outputs or name in task.outputs)
-        if named and fits(task.kind, chunks):
-            kinds[name] = OutputKind(task.kind, task, chosen=True)
+        part = task.for_output(name) if task is not None else None
+        if part is not None and fits(part.kind, chunks):
+            kinds[name] = OutputKind(part.kind, part, chosen=True)
             continue
-        if named and task.outputs:
-            raise RecipeError(f"metric '{task.kind}' cannot measure output '{name}' "
+        if part is not None and part.outputs:
+            raise RecipeError(f"metric '{part.kind}' cannot measure output '{name}' "
                               f"(shape {chunks[0].shape}, {chunks[0].dtype})")
         detected = detect_kind(chunks, producers.get(name))
         if detected is not None:
             # with outputs named, the others are reported but not budgeted; a detected regression is
             # budgeted by its SQNR, not by a tolerance nobody chose
-            budgeted = not (task is not None and task.outputs) and detected != "regression"
+            budgeted = not naming and detected != "regression"
             kinds[name] = OutputKind(detected, TaskMetric(detected), chosen=False, budgeted=budgeted)
     return kinds
 
