@@ -99,7 +99,7 @@ class QdqPass(Pass):
 
     def requires(self, ctx: Context) -> None:
         opset = opset_of(ctx.model)
-        if opset < QDQ_MIN_OPSET:
+        if opset < QDQ_MIN_OPSET and self.config.mode != "weights":
             raise PreconditionError(f"QuantizeLinear needs opset >= {QDQ_MIN_OPSET}, the model has {opset}; "
                                     "convert it with onnx.version_converter first")
         if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
@@ -109,12 +109,17 @@ class QdqPass(Pass):
         cfg: QdqConfig = self.config
         opset = opset_of(ctx.model)
         per_channel = cfg.per_channel
-        if per_channel and opset < PER_CHANNEL_MIN_OPSET:
+        # weight-only below the opsets of DequantizeLinear (10) or of its per-channel axis (13): Cast + Mul
+        cast = cfg.mode == "weights" and (opset < QDQ_MIN_OPSET or (per_channel and opset < PER_CHANNEL_MIN_OPSET))
+        if cast:
+            ctx.note(f"qdq: opset {opset} has no {'per-channel ' if opset >= QDQ_MIN_OPSET else ''}DequantizeLinear; "
+                     "weights are dequantized by Cast + Mul, which onnxruntime folds at load")
+        elif per_channel and opset < PER_CHANNEL_MIN_OPSET:
             ctx.note(f"qdq: per-channel weights need opset >= {PER_CHANNEL_MIN_OPSET} (model has {opset}); "
                      "using per-tensor scales")
             per_channel = False
         if cfg.mode == "weights":
-            summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name)
+            summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name, cast=cast)
             gather_before_dequantize(ctx.model, self.name)
             return PassResult(summary["weights"] > 0, summary)
         folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []

@@ -21,6 +21,7 @@ from onnxcompress.graph.weights import WeightInfo, get_array, replace_weight
 
 log = logging.getLogger(__name__)
 INT4_MIN_OPSET = 21
+DQ_MIN_OPSET = 10  # DequantizeLinear; per-channel (axis) from 13
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,23 @@ def dq_nodes(output: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | N
         attrs["block_size"] = block_size
     node = helper.make_node("DequantizeLinear", inputs, [output], name=scope.fresh(NAMES.dq_node), **attrs)
     return [mark(node, pass_name)], inits
+
+
+def cast_nodes(output: str, q: np.ndarray, scale: np.ndarray, axis: int | None, scope: NameScope, pass_name: str
+               ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Mul(Cast(q, float), scale) -> `output`: a symmetric weight's dequantization in ops every opset has
+    (DequantizeLinear needs opset 10, its per-channel axis 13). onnxruntime folds the pair at load, so
+    the weight runs as float at the original speed; the file holds the int8 codes and the scales."""
+    q_name, s_name, f_name = scope.fresh(NAMES.quantized), scope.fresh(NAMES.scale), scope.fresh(NAMES.quantized + "f")
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim > 0:
+        shape = [1] * q.ndim
+        shape[axis] = q.shape[axis]
+        scale = scale.reshape(shape)
+    inits = [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)]
+    nodes = [helper.make_node("Cast", [q_name], [f_name], name=scope.fresh(NAMES.dq_node), to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", [f_name, s_name], [output], name=scope.fresh(NAMES.dq_node))]
+    return [mark(n, pass_name) for n in nodes], inits
 
 
 def _excluded(info: WeightInfo, excluded: set[str]) -> bool:
@@ -143,11 +161,12 @@ def _skip_reason(info: WeightInfo) -> str | None:
 
 
 def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: str, *,
-                          keep: dict[str, str] | None = None) -> dict:
+                          keep: dict[str, str] | None = None, cast: bool = False) -> dict:
     """Weight-only quantization of every eligible float weight of every graph (initializers,
     Constant nodes, If/Loop/Scan bodies; a weight shared by several nodes gets one DequantizeLinear
     that all of them read); `keep` names weights to leave float, with the reason. Every float
-    weight left float above the size threshold gets a report line saying why; returns the summary."""
+    weight left float above the size threshold gets a report line saying why; returns the summary.
+    `cast`: dequantize by Cast + Mul (:func:`cast_nodes`) instead of DequantizeLinear (float32 weights only)."""
     scope = NameScope(ctx.model)
     excluded = set(map(str, cfg.exclude))
     keep = keep or {}
@@ -160,6 +179,8 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
         reason = _skip_reason(info) or keep.get(info.name)
         if reason is None and _excluded(info, excluded):
             reason = "excluded by the user"
+        if reason is None and opset < DQ_MIN_OPSET and info.dtype != "float32":
+            reason = f"{info.dtype}: DequantizeLinear needs opset {DQ_MIN_OPSET} (the model has {opset})"
         if reason is not None:
             log.debug("qdq: %s left alone: %s", info.name, reason)
             if info.is_float and info.skip is not None and info.skip.startswith("tiny"):
@@ -182,7 +203,11 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
         else:
             axis = info.channel_axis if per_channel else None
             q, scale, zero = quantize_per_channel(w, axis, INT8, symmetric=True)
-            nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope, pass_name)
+            if cast and info.dtype == "float32":
+                nodes, inits = cast_nodes(info.name, q.astype(np.int8), scale, axis, scope, pass_name)
+            else:
+                nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope,
+                                        pass_name)
             replace_weight(ctx.model, info, nodes, inits)
             after = q.size + scale.nbytes
             action, kind = "int8 " + ("per-channel" if axis is not None else "per-tensor"), "int8"

@@ -1,0 +1,67 @@
+"""Weight-only int8 below the opsets of DequantizeLinear (10) and of its per-channel axis (13):
+Cast + Mul, which every opset has and onnxruntime folds at load."""
+import numpy as np
+import onnx
+import pytest
+
+from onnxcompress.api import compress
+from onnxcompress.passes.qdq import QdqConfig, QdqPass
+from tiny import conv, gemm, op_types, random_feeds, run, run_pass
+
+
+def _at(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    model.opset_import[0].version = opset
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _error(original, candidate, feeds) -> float:
+    ref, got = run(original, feeds)[0], run(candidate, feeds)[0]
+    return float(np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+
+
+@pytest.mark.parametrize("opset", [9, 12])
+def test_weight_only_int8_below_opset_13_is_cast_and_mul_per_channel(opset):
+    model = _at(conv(c=8, m=16), opset)
+    ctx = run_pass(QdqPass(QdqConfig(mode="weights", min_elements=64)), model)
+    ops = op_types(ctx.model)
+    assert "DequantizeLinear" not in ops and ops.count("Cast") == 1 and ops.count("Mul") == 1
+    quantized = [t for t in ctx.model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(quantized) == 1 and list(quantized[0].dims) == [16, 8, 3, 3]
+    scales = [t for t in ctx.model.graph.initializer if list(t.dims) == [16, 1, 1, 1]]
+    assert scales, "one scale per output channel, broadcast along the channel axis"
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert _error(model, ctx.model, random_feeds(model)) < 0.01
+    assert any("Cast + Mul" in note for note in ctx.notes)
+
+
+def test_per_channel_cast_beats_the_per_tensor_fallback_on_uneven_channels():
+    """Channels of very different magnitudes: per-tensor scales (the old fallback at opset < 13) lose the
+    small channels; Cast + Mul keeps one scale per channel."""
+    model = _at(gemm(k=64, n=32), 12)
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[:16] *= 100.0
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+    feeds = random_feeds(model)
+    cast = run_pass(QdqPass(QdqConfig(mode="weights", min_elements=64)), model).model
+    tensor = run_pass(QdqPass(QdqConfig(mode="weights", min_elements=64, per_channel=False)), model).model
+    assert "DequantizeLinear" in op_types(tensor)  # per-tensor DequantizeLinear exists at opset 12
+    ref, a, b = run(model, feeds)[0], run(cast, feeds)[0], run(tensor, feeds)[0]
+    small = slice(16, 32)
+    assert np.abs(a[:, small] - ref[:, small]).max() < 0.2 * np.abs(b[:, small] - ref[:, small]).max()
+
+
+def test_int8_weights_recipe_end_to_end_at_opset_9():
+    model = _at(gemm(k=256, n=64), 9)
+    compressed, report = compress(model, "int8-weights")
+    assert "Cast" in op_types(compressed) and "DequantizeLinear" not in op_types(compressed)
+    assert report.validation is not None
+    assert compressed.ByteSize() < 0.4 * model.ByteSize()
+
+
+def test_static_int8_still_refuses_opset_9():
+    from onnxcompress.errors import PreconditionError
+    model = _at(gemm(), 9)
+    with pytest.raises(PreconditionError, match="opset >= 10"):
+        run_pass(QdqPass(QdqConfig(mode="static")), model)
