@@ -16,7 +16,6 @@ from .model import file_bytes, load_model, model_files, output_roles, save_model
 from .outputs import OutputPlan, Role
 from .pipeline import PassManager, Report
 from .recipes import Recipe, load_recipe
-from .search import run_with_backoff
 from .shipped import ORT_FORMAT_NOTE, shipped_of_staged
 from .tasks import is_builtin, parse_metric
 from .weights import find_weights, get_array
@@ -57,18 +56,16 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     task = parse_metric(budget["metric"]) if budget and is_builtin(budget.get("metric")) else None
-    searches = any(p == "bitwidth" for p, _ in recipe.steps)
-    if budget and (searches or set(budget) != {"metric"} or task is None):
+    if budget and (recipe.search_step() is not None or set(budget) != {"metric"} or task is None):
         # the given budget replaces the recipe's own (the search takes exactly one); a metric alone keeps it
         reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
-        recipe = recipe.with_options("bitwidth", **{**reset, **budget})
+        recipe = recipe.with_budget(**{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
-    passes = recipe.build()
-    manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
-                          jobs=jobs, progress=progress, tolerance=tolerance, task=task)
-    compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
+    manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
+                          jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
+    compressed, report = manager.run(original, calib, evaluation)
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
     _note_if_not_smaller(report)

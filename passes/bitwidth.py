@@ -12,12 +12,13 @@
    measured loss meets the budget wins. Every evaluated configuration is a point of the reported
    size/fidelity front.
 
-The plan goes to ctx.plan[name] = {"bits", "sparsity"} for the prune and share passes, which
+The plan (a typed SearchPlan) goes to ctx.plan for the prune and share passes, which
 compensate and refine on calibration data, so the final model usually does better than the
 plain pruning and clustering simulated here. Its fidelity is measured again at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -36,6 +37,7 @@ from onnxcompress.metrics import compare_outputs
 from onnxcompress.numerics import magnitude_mask
 from onnxcompress.tasks import is_builtin, output_producers, parse_metric, resolve_kinds
 from onnxcompress.packed import choose_layout, write_blob
+from onnxcompress.artifacts import Artifact, Budget, Form, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
                                  sparsegpt)
@@ -60,7 +62,6 @@ class BitWidthConfig:
     min_sqnr: float | None = None  # dB, over all outputs
     target_ratio: float | None = None  # whole-file ratio to reach with the least loss
     metric: str | None = None  # "module:function"(outputs: dict, data) -> number, higher is better
-    form: Literal["packed", "portable"] = "packed"  # which stored size to minimize
     # which data the sweep measures on. "auto": a max_drop budget counts accuracy points, defined
     # on labelled data, so it sweeps on the evaluation data when that has labels; other budgets
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
@@ -88,6 +89,12 @@ class BitWidthConfig:
             raise ValueError(f"sparsities must be fractions in [0, 1), not {self.sparsities}")
         if self.target_ratio is not None and self.target_ratio <= 1:
             raise ValueError(f"target_ratio must be above 1, not {self.target_ratio}")
+
+    @property
+    def budget(self) -> Budget:
+        """What the result must meet, as the search plan carries it."""
+        return Budget(max_drop=self.max_drop, min_sqnr=self.min_sqnr, target_ratio=self.target_ratio,
+                      metric=self.metric, unlabelled=self.unlabelled)
 
     @property
     def loss_budget(self) -> float | None:
@@ -323,13 +330,13 @@ def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits
     return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in versions]
 
 
-def stored_bytes(shared, form: str) -> int:
+def stored_bytes(shared, form: Form) -> int:
     """Measured bytes of one candidate in the chosen form (packed: the encoded blob).
 
     For speed the sweep codes with ANS only and tries three relative-index widths; the entropy
     pass later tries every coder and width, so the stored size can only come out smaller.
     """
-    if form == "portable":
+    if form == Form.PORTABLE:
         return shared.payload_bytes()
     layout = choose_layout(shared, candidates=(4, 5, 8), methods=("ans",))
     return len(write_blob(shared, layout, methods=("ans",)).blob)
@@ -338,6 +345,7 @@ def stored_bytes(shared, form: str) -> int:
 class BitWidthPass(Pass):
     name = "bitwidth"
     Config = BitWidthConfig
+    produces = frozenset({Artifact.PLAN})
 
     def requires(self, ctx: Context) -> None:
         if (ctx.eval_data or ctx.data) is None and self.config.without_data == "error":
@@ -348,6 +356,7 @@ class BitWidthPass(Pass):
         if self.config.without_data == "skip" and ctx.data is None:
             ctx.note("bitwidth: no calibration data (--data), so no per-layer search; the fixed per-role defaults "
                      "of prune and share were used (give --data for settings measured on your model)")
+            ctx.plan = SearchPlan(cfg.budget, searched=False)
             return PassResult(False, {"skipped": "no data"})
         labelled = ctx.eval_data is not None and ctx.eval_data.labels is not None
         on_eval = cfg.sweep_data == "evaluation" or (cfg.sweep_data == "auto" and cfg.max_drop is not None
@@ -359,6 +368,7 @@ class BitWidthPass(Pass):
         weights = [w for w in ctx.weights(cfg.min_elements) if w.skip is None]
         if not weights:
             ctx.note("bitwidth: no weight large enough to search over")
+            ctx.plan = SearchPlan(cfg.budget)
             return PassResult(False, {"weights": 0})
         evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None,
                                                                       output_producers(ctx.model)))
@@ -371,17 +381,19 @@ class BitWidthPass(Pass):
             raise PreconditionError("bitwidth: every candidate of some weight failed; see the log")
         fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
         evaluated, chosen = self._search(cfg, evaluator, weights, options, fixed)
+        ctx.plan = SearchPlan(cfg.budget, {w.name: LayerChoice(**layer[j].settings)
+                                           for w, layer, j in zip(weights, options, chosen)}, evaluated)
         for w, layer, j in zip(weights, options, chosen):
-            ctx.plan.setdefault(w.name, {}).update(layer[j].settings)
-            ctx.record(w.name, self.name, "planned {bits} bits, sparsity {sparsity:.2f}".format(**ctx.plan[w.name]),
-                       w.nbytes, int(layer[j].size), dict(ctx.plan[w.name]))
+            ctx.record(w.name, self.name, "planned {bits} bits, sparsity {sparsity:.2f}".format(**layer[j].settings),
+                       w.nbytes, int(layer[j].size), dict(layer[j].settings))
         summary = {
             "budget": {"max_drop": cfg.max_drop, "min_sqnr": cfg.min_sqnr, "target_ratio": cfg.target_ratio},
-            "form": cfg.form, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
-            "choices": {w.name: ctx.plan[w.name] for w in weights},
+            "form": ctx.form.value, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
+            "choices": {w.name: dict(layer[j].settings) for w, layer, j in zip(weights, options, chosen)},
             "sensitivity": {name: [c.__dict__ for c in cands] for name, cands in table.items()},
-            "evaluated": evaluated,
-            "front": [evaluated[i] for i in allocate.pareto_front([(e["bytes"], e["check"]) for e in evaluated])],
+            "evaluated": [dataclasses.asdict(v) for v in evaluated],
+            "front": [dataclasses.asdict(evaluated[i])
+                      for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
             "seconds": time.perf_counter() - start,
         }
         return PassResult(True, summary)
@@ -406,7 +418,7 @@ class BitWidthPass(Pass):
                 candidate = Candidate(sparsity, bits)
                 try:
                     coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner)
-                    candidate.size = int(np.mean([stored_bytes(c, cfg.form) for c in coded]))
+                    candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
                     measured = evaluator.measure({info.name: [c.decode() for c in coded]})
                     candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
                     counting |= bool(measured.get("counted"))
@@ -457,17 +469,16 @@ class BitWidthPass(Pass):
             measured = evaluator.measure(changed)
             size, predicted = allocate.totals(options, choice)
             ratio = original / max(fixed + size, 1)
-            point = {"bytes": int(fixed + size), "ratio": ratio,
-                     "predicted": predicted, "check": measured["check"], "cost": measured["cost"],
-                     "ok": self._within(cfg, measured, ratio),
-                     "choice": {w.name: options[i][j].settings for i, (w, j) in enumerate(zip(weights, choice))}}
+            point = Verified(int(fixed + size), ratio, predicted, measured["check"], measured["cost"],
+                             self._within(cfg, measured, ratio),
+                             {w.name: LayerChoice(**options[i][j].settings) for i, (w, j) in enumerate(zip(weights, choice))})
             seen[tuple(choice)] = point
             evaluated.append(point)
             return point
 
         points = [verify(choice) for choice in choices]
         if cfg.target_ratio is None:  # bisect between the loosest scale that held and the next that did not
-            tried = sorted((scale, p["ok"]) for scale, p in zip(SCALES, points) if p is not None)
+            tried = sorted((scale, p.ok) for scale, p in zip(SCALES, points) if p is not None)
             for _ in range(BISECTIONS):
                 held = [scale for scale, ok in tried if ok]
                 low = max(held, default=None)
@@ -476,15 +487,14 @@ class BitWidthPass(Pass):
                     break
                 mid = (low * high) ** 0.5 if low > 0 else high / 2
                 point = verify(allocate.min_size(options, budget * mid))
-                tried = sorted(tried + [(mid, point is not None and point["ok"])])
-        feasible = [p for p in evaluated if p["ok"]]
+                tried = sorted(tried + [(mid, point is not None and point.ok)])
+        feasible = [p for p in evaluated if p.ok]
         if not feasible:
             safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
                       for o in options]
             log.warning("bitwidth: no searched configuration met the budget; using the safest candidates")
             return evaluated, safest
-        best = min(feasible, key=lambda p: (p["bytes"], p["check"]) if cfg.target_ratio is None
-                   else (p["check"], p["bytes"]))
+        best = min(feasible, key=lambda p: (p.bytes, p.check) if cfg.target_ratio is None else (p.check, p.bytes))
         chosen = next(c for c, p in seen.items() if p is best)
         return evaluated, list(chosen)
 

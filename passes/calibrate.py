@@ -22,49 +22,16 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from onnxcompress.artifacts import Artifact, CalibrationResult, TensorRange
 from onnxcompress.data import model_inputs
 from onnxcompress.errors import DataError, ModelError, PreconditionError
 from onnxcompress.graphs import NameScope
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.runtime import detached, make_session
-from onnxcompress.quantmath import (TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range,
-                                    scale_zero_point)
+from onnxcompress.quantmath import TYPES, StreamingHistogram, entropy_range, mse_range, percentile_range
 
 log = logging.getLogger(__name__)
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-
-
-@dataclass(frozen=True)
-class TensorRange:
-    """Calibrated range of one tensor, and what was observed."""
-
-    low: float
-    high: float
-    observed_min: float
-    observed_max: float
-
-    def scale_zero_point(self, qtype: str, *, symmetric: bool) -> tuple[float, int]:
-        """(s, z) of this range for an activation type ('uint8' or 'int8')."""
-        t = TYPES[qtype]
-        qmin, qmax = t.symmetric_range() if symmetric else (t.qmin, t.qmax)
-        s, z = scale_zero_point(self.low, self.high, qmin, qmax, symmetric=symmetric)
-        return float(s), int(z)
-
-
-@dataclass
-class CalibrationResult:
-    """Per-tensor ranges from the calibration pass: what QDQ insertion requires."""
-
-    method: str
-    symmetric: bool
-    samples: int
-    ranges: dict[str, TensorRange] = field(default_factory=dict)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.ranges
-
-    def __getitem__(self, name: str) -> TensorRange:
-        return self.ranges[name]
 
 
 @dataclass(kw_only=True)
@@ -113,6 +80,7 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 class CalibratePass(Pass):
     name = "calibrate"
     Config = CalibrateConfig
+    produces = frozenset({Artifact.CALIBRATION})
 
     def requires(self, ctx: Context) -> None:
         if ctx.data is None:

@@ -23,6 +23,7 @@ from onnxcompress.capture import LinearLayer, graph_position, linear_layer
 from onnxcompress.layerfit import layer_fit
 from onnxcompress.numerics import kept_count, magnitude_mask, sqnr_db, top_mask
 from onnxcompress.errors import BugError, ModelError, PreconditionError
+from onnxcompress.artifacts import Artifact
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, find_weights, get_array, set_array
 
@@ -88,6 +89,7 @@ class PruneResult(PassResult):
 class PrunePass(Pass):
     name = "prune"
     Config = PruneConfig
+    produces = frozenset({Artifact.MASKS})
 
     def requires(self, ctx: Context) -> None:
         if ctx.shared:
@@ -157,7 +159,7 @@ class PrunePass(Pass):
 
     def _sparsity(self, ctx: Context, info: WeightInfo, layer: LinearLayer | None, array: np.ndarray) -> float:
         cfg: PruneConfig = self.config
-        planned = ctx.plan.get(info.name, {}).get("sparsity")
+        planned = ctx.plan.sparsity(info.name) if ctx.plan is not None else None
         if planned is not None:
             return float(planned)
         if info.name in cfg.sparsity:

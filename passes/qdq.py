@@ -30,12 +30,12 @@ from onnxcompress.errors import PreconditionError
 from onnxcompress.graphs import NameScope, consumers, mark
 from onnxcompress.layer_errors import measure_layer_errors
 from onnxcompress.model import opset_of
-from onnxcompress.pipeline import Context, Pass, PassResult
+from onnxcompress.artifacts import Artifact, CalibrationResult
+from onnxcompress.pipeline import Context, Pass, PassResult, missing_artifact
 from onnxcompress.runtime import make_session
 from onnxcompress.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
 from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 
-from .calibrate import CalibrationResult
 from . import qdq_guard as guard
 from .qdq_dynamic import quantize_dynamic_matmuls
 from .qdq_fold import fold_batch_norms
@@ -94,13 +94,17 @@ class QdqPass(Pass):
     name = "qdq"
     Config = QdqConfig
 
+    @property
+    def consumes(self) -> frozenset[Artifact]:  # static quantization: the activation ranges
+        return frozenset({Artifact.CALIBRATION}) if self.config.mode == "static" else frozenset()
+
     def requires(self, ctx: Context) -> None:
         opset = opset_of(ctx.model)
         if opset < QDQ_MIN_OPSET:
             raise PreconditionError(f"QuantizeLinear needs opset >= {QDQ_MIN_OPSET}, the model has {opset}; "
                                     "convert it with onnx.version_converter first")
         if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
-            raise PreconditionError("static quantization needs activation ranges: run the 'calibrate' pass first")
+            raise missing_artifact(self, Artifact.CALIBRATION)
 
     def call(self, ctx: Context) -> PassResult:
         cfg: QdqConfig = self.config

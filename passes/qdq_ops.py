@@ -6,7 +6,7 @@ from onnx import helper
 
 from onnxcompress.weights import Role
 
-from .calibrate import CalibrationResult
+from onnxcompress.artifacts import CalibrationResult
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 ELEMENTWISE = {"Add", "Mul"}

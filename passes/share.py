@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from onnxcompress.artifacts import Artifact
 from onnxcompress.codebook import SharedWeight, portable_nodes
 from onnxcompress.codechain import MAX_BITS, PACK_MIN_OPSET
 from onnxcompress.errors import ModelError, PreconditionError
@@ -92,6 +93,7 @@ class ShareConfig:
 class SharePass(Pass):
     name = "share"
     Config = ShareConfig
+    produces = frozenset({Artifact.SHARED})
 
     def requires(self, ctx: Context) -> None:
         if ctx.shared:
@@ -118,7 +120,8 @@ class SharePass(Pass):
         unpacked = []
         hessians = layer_hessians(ctx.model, ctx.data, candidates)
         total = sum(info.numel for info in candidates)
-        bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
+        planned = ctx.plan.bits if ctx.plan is not None else lambda name: None
+        bits_of = {w.name: int(b if (b := planned(w.name)) is not None else cfg.bits_for(w.role)) for w in candidates}
         # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
         # weight then cancels what it can of that error (onnxcompress.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \

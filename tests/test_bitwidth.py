@@ -49,8 +49,8 @@ def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
     # the additive view would allow three 4-bit layers (0.6 <= 0.7), but jointly that costs 1.8
     measured = {tuple(options[i][j].settings["bits"] for i, j in enumerate(chosen))}
     assert measured == {(4, 8, 8)} or measured == {(8, 4, 8)} or measured == {(8, 8, 4)}
-    assert any(not p["ok"] for p in evaluated)  # the over-budget choices were measured and rejected
-    assert all(p["check"] <= 0.7 for p in evaluated if p["ok"])
+    assert any(not p.ok for p in evaluated)  # the over-budget choices were measured and rejected
+    assert all(p.check <= 0.7 for p in evaluated if p.ok)
 
 
 def tiny_data(model, n=64, seed=0):
@@ -102,22 +102,22 @@ def test_bad_user_input_stops_the_search():
     recipe = Recipe("t", [("bitwidth", {"metric": "no_such_module:f", "min_elements": 64})])
     with pytest.raises(PassError, match="cannot load metric"):
         api.compress(model, recipe, data, eval_data=data)
-    with pytest.raises(RecipeError, match="no 'bitwidth' pass"):
+    with pytest.raises(RecipeError, match="no per-layer search"):
         api.compress(model, "share", data, budget={"max_drop": 0.5})
 
 
 def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
-    import onnxcompress.search as search
+    from onnxcompress.artifacts import Budget
 
     calls = []
-    real = search.budget_check
+    real = Budget.check
 
-    def fails_first(config, comparison, ratio):
-        met, measured = real(config, comparison, ratio)
+    def fails_first(budget, comparison, ratio):
+        met, measured = real(budget, comparison, ratio)
         calls.append(measured)
         return (len(calls) > 1 and met), measured
 
-    monkeypatch.setattr(search, "budget_check", fails_first)
+    monkeypatch.setattr(Budget, "check", fails_first)
     model = conv_gemm()
     recipe = Recipe("t", [("bitwidth", {"min_sqnr": 15.0, "bits": [2, 3, 4, 6, 8], "sparsities": [0.0],
                                         "min_elements": 64}), ("share", {"min_elements": 64})])
@@ -285,10 +285,10 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
     monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
     p = BitWidthPass(max_drop=0.5, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     p._pruner = None
-    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    table = p._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
     assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
     assert len(table["w"]) == 6
     sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     sized._pruner, measured[:] = None, []
-    sized._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    sized._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
     assert len(measured) == 10  # a size budget may need any candidate

@@ -10,6 +10,7 @@ import pytest
 import tiny
 from onnxcompress import refine
 from onnxcompress.data import load_data
+from onnxcompress.artifacts import Budget, LayerChoice, SearchPlan
 from onnxcompress.errors import ModelError, PreconditionError, RecipeError
 from onnxcompress.passes import PASSES
 from onnxcompress.numerics import magnitude_mask
@@ -156,7 +157,7 @@ def test_plan_overrides_options():
     model = tiny.gemm()
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    ctx = Context(original=model, model=working, progress=False, plan={"W": {"sparsity": 0.4}})
+    ctx = Context(original=model, model=working, progress=False, plan=SearchPlan(Budget(), {"W": LayerChoice(8, 0.4)}))
     p = PrunePass(sparsity={"W": 0.9})
     p.ensures(ctx, p.call(ctx))
     assert abs(ctx.masks["W"].mean() - 0.6) < 0.01
@@ -219,7 +220,7 @@ def test_planned_sparsity_zero_leaves_the_weight_alone():
     from onnxcompress.weights import find_weights, get_array
 
     model = tiny.conv_gemm()
-    ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan={"fc.W": {"sparsity": 0.0}})
+    ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan=SearchPlan(Budget(), {"fc.W": LayerChoice(8, 0.0)}))
     ctx.model.CopyFrom(model)
     prune = PrunePass(min_elements=64)
     prune.requires(ctx)
