@@ -23,14 +23,14 @@ from onnx import helper, numpy_helper
 from onnxcompress.codebook import SharedWeight
 from onnxcompress.codechain import code_bytes, dense_code_bytes
 from onnxcompress.codecs import METHODS
-from onnxcompress.errors import PreconditionError
+from onnxcompress.errors import MissingArtifactError, PreconditionError
 from onnxcompress.graphs import mark
 from onnxcompress.model import opset_of
 from onnxcompress.ops.graph import replace_constant_subgraph
 from onnxcompress.packed import Layout, choose_layout
 from onnxcompress.parallel import map_ordered
 from onnxcompress.artifacts import Artifact, Form
-from onnxcompress.pipeline import Context, Pass, PassResult, missing_artifact
+from onnxcompress.pipeline import Context, Pass, PassResult, producers
 from onnxcompress.weights import Role, find_weights, get_array
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class SparsePass(Pass):
 
     def requires(self, ctx: Context) -> None:
         if not (ctx.has(Artifact.MASKS) or ctx.has(Artifact.SHARED) or ctx.masks or ctx.shared):
-            raise missing_artifact(self, Artifact.MASKS)
+            raise MissingArtifactError(self.name, f"{Artifact.MASKS.value} or {Artifact.SHARED.value}",
+                                       producers(Artifact.MASKS) + producers(Artifact.SHARED))
         if not ctx.masks and not any(self._has_zero(s) for s in ctx.shared.values()):
             raise PreconditionError("sparse storage needs pruned weights: run 'prune' (and 'share') before 'sparse'")
 
