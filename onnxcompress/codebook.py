@@ -10,13 +10,19 @@ custom ops, `unpack`) computes exactly this, and :meth:`SharedWeight.decode` is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .codechain import PACK_MIN_OPSET, code_bytes, codes_nodes
+from .errors import ModelError
 from .graphs import NameScope, mark
+from .kmeans import kmeans_1d
+
+if TYPE_CHECKING:
+    from .weights import WeightInfo
 
 _STEP = "sw"  # base of the decode chains' intermediate tensor names ("sw", "sw_1", ...)
 
@@ -134,3 +140,18 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
         nodes.append(helper.make_node("Cast", [current], [base], to=to))
     mark(nodes[-1], pass_name)
     return nodes, inits
+
+
+def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,
+                 mask: np.ndarray | None = None) -> SharedWeight:
+    """One k-means codebook for the whole tensor; masked-out entries keep code 0 = exactly 0.0."""
+    values = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
+    keep_zero = mask is not None
+    if keep_zero:
+        values = np.where(mask, values, 0.0)
+    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
+    return SharedWeight(name=info.name, shape=tuple(array.shape), dtype=array.dtype, codes=result.labels,
+                        codebook=result.centroids.astype(np.float32), bits=bits, channel_axis=info.channel_axis,
+                        zero_code=0 if keep_zero else None)

@@ -28,7 +28,6 @@ from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.weights import Role, WeightInfo, find_weights, get_array, set_array
 
 log = logging.getLogger(__name__)
-DEFAULT_DAMPING = 0.01  # "auto" damping where the held-out choice is not made
 
 
 @dataclass(kw_only=True)
@@ -55,7 +54,7 @@ class PruneConfig:
     # ridge of the refits, relative to mean(diag H); "auto": per layer, the value of refine.DAMPING_GRID
     # with the least two-fold held-out output error on the calibration rows (0.01 where unaffordable)
     damping: float | Literal["auto"] = "auto"
-    max_cv_flops: float = 2e10  # "auto" damping: the held-out refits of a layer may cost this many flops
+    max_cv_flops: float = refine.MAX_CV_FLOPS  # "auto" damping: the held-out refits of a layer may cost this many flops
     max_lstsq_flops: float = 3e10  # above this a layer's per-channel solves give way to SparseGPT updates
     rows_per_chunk: int = 2048  # input rows sampled per data chunk for the Gram matrices
     min_elements: int = 256  # smaller tensors are left alone (unless named in `sparsity`)
@@ -249,7 +248,7 @@ class PrunePass(Pass):
             return float(cfg.damping)
         cost = refine.lstsq_cost(keep) * 4 * len(refine.DAMPING_GRID)
         if method != "lstsq" or fit.grams.folds is None or cost > cfg.max_cv_flops:
-            return DEFAULT_DAMPING
+            return refine.DEFAULT_DAMPING
         errors = sum(refine.heldout_damping(fit.reference[rows], keep[rows], fit.grams.fold_groups(g))
                      for g, rows, *_ in fit.groups())
         chosen = refine.damping_for_all_rows(errors)

@@ -32,7 +32,6 @@ from onnxcompress.codechain import MAX_BITS, PACK_MIN_OPSET
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.layer_hessians import bias_links, float_size, layer_hessians, share_weight
 from onnxcompress.graphs import NameScope
-from onnxcompress.kmeans import kmeans_1d
 from onnxcompress.layerfit import in_layer_order, refine_shared
 from onnxcompress.granular import DB_PER_BIT, Choice, Option, choose_jointly, fit, from_matrix, to_matrix
 from onnxcompress.model import opset_of
@@ -319,18 +318,3 @@ def _dominated(candidate, candidates) -> bool:
 def _stays_float(info: WeightInfo, chosen) -> bool:
     """Chosen so, or its portable form (nodes and initializers) is no smaller than the float initializer."""
     return chosen.shared is None or chosen.bytes >= float_size(info)
-
-
-def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,
-                 mask: np.ndarray | None = None) -> SharedWeight:
-    """One k-means codebook for the whole tensor; masked-out entries keep code 0 = exactly 0.0."""
-    values = np.asarray(array, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
-    keep_zero = mask is not None
-    if keep_zero:
-        values = np.where(mask, values, 0.0)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero)
-    return SharedWeight(name=info.name, shape=tuple(array.shape), dtype=array.dtype, codes=result.labels,
-                        codebook=result.centroids.astype(np.float32), bits=bits, channel_axis=info.channel_axis,
-                        zero_code=0 if keep_zero else None)

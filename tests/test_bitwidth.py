@@ -6,7 +6,8 @@ import pytest
 from onnxcompress import api
 from onnxcompress.allocate import Option
 from onnxcompress.errors import ModelError, PassError, RecipeError
-from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass, make_score
+from onnxcompress.bitsearch import make_score
+from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
 from onnxcompress.recipes import Recipe
 from tiny import conv_gemm, gemm, random_feeds
 
@@ -74,7 +75,7 @@ def test_tiny_search_meets_an_sqnr_budget_and_plans_every_weight():
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(monkeypatch):
-    import onnxcompress.passes.bitwidth as bw
+    import onnxcompress.bitsearch as bw
 
     real = bw.fit_codebook
 
@@ -141,7 +142,7 @@ def test_target_ratio_is_met_by_the_final_model():
 
 
 def test_candidates_that_flip_no_counted_decision_still_cost_their_noise():
-    from onnxcompress.passes.bitwidth import Candidate, floor_disagreement
+    from onnxcompress.bitsearch import Candidate, floor_disagreement
 
     counted = [Candidate(0.0, 2, cost=4.0, nsr=0.04), Candidate(0.0, 3, cost=2.0, nsr=0.01)]  # cost/sqrt(nsr) = 20
     silent = Candidate(0.0, 4, cost=0.0, nsr=0.0025)  # flipped none of the samples, noise not zero
@@ -203,8 +204,8 @@ def test_an_unlabelled_budget_bounds_the_expected_loss_or_the_agreement():
 
     reference = [[np.array([[4.0, 0.0], [0.1, 0.0], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
     candidate = [[np.array([[4.0, 0.0], [0.0, 0.1], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
-    expected = make_score(BitWidthConfig(max_drop=1.0), False)(["y"], reference, candidate, Data())
-    counted = make_score(BitWidthConfig(max_drop=1.0, unlabelled="agreement"), False)(["y"], reference, candidate,
+    expected = make_score(BitWidthConfig(max_drop=1.0).budget, False)(["y"], reference, candidate, Data())
+    counted = make_score(BitWidthConfig(max_drop=1.0, unlabelled="agreement").budget, False)(["y"], reference, candidate,
                                                                                       Data())
     assert counted["check"] == pytest.approx(25.0)  # one of four decisions changed
     assert expected["check"] == pytest.approx(expected["expected_drop"]) and expected["check"] < 2.5
@@ -234,13 +235,13 @@ def test_layer_input_folds_hold_out_each_chunk_group():
 
 def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
     from onnxcompress.data import load_data
-    from onnxcompress.passes.bitwidth import _Evaluator, _Pruner
+    from onnxcompress.bitsearch import Evaluator, Pruner
     from onnxcompress.weights import find_weights, get_array
 
     model = gemm(k=64, n=16)
     data = load_data(tiny_data(model, n=256))  # 4 chunks of 64 samples, one per fold
     info = next(w for w in find_weights(model) if len(w.shape) == 2)
-    evaluator = _Evaluator(model, [info], data, make_score(BitWidthConfig(min_sqnr=20.0), False))
+    evaluator = Evaluator(model, [info], data, make_score(BitWidthConfig(min_sqnr=20.0).budget, False))
     versions = [np.full(info.shape, float(f), dtype=np.float32) for f in range(4)]
     outputs = evaluator.outputs({info.name: versions})
     b = get_array(model, next(w for w in find_weights(model) if len(w.shape) == 1))
@@ -248,11 +249,11 @@ def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it
         x = next(iter(feed.values()))
         assert np.allclose(chunk[0], x @ versions[i % 4].T + b, atol=1e-4)
     # the pruner refits once per fold, each from the Gram matrices outside its fold
-    pruner = _Pruner(model, data, [info], crossfit=True)
+    pruner = Pruner(model, data, [info], crossfit=True)
     refits, mask = pruner(evaluator.base[info.name], info, 0.5)
     assert len(refits) == 4 and all(np.all(r[~mask] == 0) for r in refits)
     assert len({r.tobytes() for r in refits}) == 4
-    single, _ = _Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
+    single, _ = Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
     assert len(single) == 1
 
 

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 import tiny
 from onnxcompress.errors import BugError
 from onnxcompress.numerics import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
-from onnxcompress.passes.bitwidth import _Pruner, candidate_weights
+from onnxcompress.bitsearch import Pruner, candidate_weights
 from onnxcompress.passes.prune import PrunePass
 from onnxcompress.weights import find_weights
 
@@ -65,7 +65,7 @@ def mask_of_search(model, sparsity, data=None):
     array = numpy_helper.to_array(model.graph.initializer[0])
     if data is None:
         return magnitude_mask(array, sparsity)
-    return _Pruner(model, data, [info])(array, info, sparsity)[1]
+    return Pruner(model, data, [info])(array, info, sparsity)[1]
 
 
 @pytest.mark.parametrize("build", [lambda: depthwise(), lambda: depthwise(equal=True), lambda: depthwise(c=3, k=3),
