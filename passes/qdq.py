@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graphs import NameScope, consumers, mark
+from onnxcompress.graphs import NameScope, mark
 from onnxcompress.layer_errors import measure_layer_errors
 from onnxcompress.model import opset_of
 from onnxcompress.artifacts import Artifact, CalibrationResult
@@ -39,8 +39,8 @@ from onnxcompress.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
 from . import qdq_guard as guard
 from .qdq_dynamic import quantize_dynamic_matmuls
 from .qdq_fold import fold_batch_norms
-from .qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
-                      out_channels, unsupported, weight_axis)
+from .qdq_ops import groups, layout, out_channels, weight_axis
+from .qdq_plan import StaticPlan, plan_static
 from .qdq_weights import NAMES, dq_nodes, gather_before_dequantize, hoist_constants, quantize_weights_only
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,6 @@ class QdqConfig:
             raise ValueError("error_samples must be >= 0")
 
 
-@dataclass
-class _Plan:
-    nodes: dict[int, str] = field(default_factory=dict)  # node index -> "linear" | "elementwise" | ...
-    tensors: dict[str, tuple[float, int]] = field(default_factory=dict)  # activation -> (scale, zero)
-    fused: set[int] = field(default_factory=set)  # Relu/Clip node indices whose output takes the Q
-    floats: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # reason -> node labels
-
-
 class QdqPass(Pass):
     name = "qdq"
     Config = QdqConfig
@@ -126,7 +118,7 @@ class QdqPass(Pass):
         reference.CopyFrom(ctx.model)
         self._means = {}
         if cfg.bias_correction and ctx.data is not None:
-            plan = self._plan(ctx, cfg, set())
+            plan = self._plan(ctx, set())
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
         plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
@@ -171,7 +163,7 @@ class QdqPass(Pass):
         int8 for every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains)."""
         ctx.model.CopyFrom(reference)
         self._biases = defaultdict(list)
-        plan = self._plan(ctx, cfg, keep_float)
+        plan = self._plan(ctx, keep_float)
         renamed = self._rewrite(ctx, cfg, plan, per_channel)
         rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
                                      keep=self._float_biases)
@@ -221,65 +213,15 @@ class QdqPass(Pass):
                          f"({again.worst}), weight-only int8 elsewhere")
             else:
                 continue
-            return _Plan(), {}, rest
+            return StaticPlan(), {}, rest
 
-    # -- planning ---------------------------------------------------------------------------
-    def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:
-        graph, calib = ctx.model.graph, ctx.calibration
-        inits = {t.name: t for t in graph.initializer}
-        uses = consumers(graph)
-        outputs = {o.name for o in graph.output}
-        excluded = set(map(str, cfg.exclude))
-        plan = _Plan()
-        index_of = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-        for i, node in enumerate(graph.node):
-            label = node.name or f"{node.op_type}_{i}"
-            if node.op_type in SILENT and not (excluded & {label, node.op_type}):
-                continue
-            if excluded & ({label, node.op_type} | set(node.output)):
-                plan.floats["excluded by the user"].append(label)
-                continue
-            follow = uses.get(node.output[0], []) if node.output else []
-            fused = {follow[0][0].output[0]} if len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS else set()
-            if keep_float & (set(activation_inputs(node, inits)) | set(node.output) | fused):
-                plan.floats["an activation it reads or writes breaks the model in int8"].append(label)
-                continue
-            reason = unsupported(node, inits, calib)
-            if reason:
-                plan.floats[reason].append(label)
-                continue
-            plan.nodes[i] = ("linear" if node.op_type in LINEAR else "elementwise" if node.op_type in ELEMENTWISE
-                             else node.op_type if node.op_type == "Gather" else "own_scale")
-        wanted: list[str] = []
-        for i, kind in plan.nodes.items():
-            node = graph.node[i]
-            if kind == "Gather":
-                continue
-            wanted += [x for x in activation_inputs(node, inits)]
-            out = node.output[0]
-            if node.op_type in ("Gemm", "MatMul") and out in outputs:
-                continue  # QGemm / MatMulIntegerToFloat give a float output directly
-            follow = uses.get(out, [])
-            if (len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS and out not in outputs
-                    and not cfg.symmetric_activations and follow[0][0].output[0] in calib
-                    and not excluded & {follow[0][0].name, follow[0][0].op_type}):
-                plan.fused.add(index_of[follow[0][0].output[0]])
-                out = follow[0][0].output[0]
-            wanted.append(out)
-        wanted = list(dict.fromkeys(w for w in wanted if w in calib))
-        qtype = cfg.activation_type
-        for name in wanted:
-            plan.tensors[name] = calib[name].scale_zero_point(qtype, symmetric=cfg.symmetric_activations)
-        # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
-        for i, node in enumerate(graph.node):
-            if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
-                    and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
-                plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
-                plan.nodes[i] = "same_scale"
-        return plan
+    def _plan(self, ctx: Context, keep_float: set[str]) -> StaticPlan:
+        cfg: QdqConfig = self.config
+        return plan_static(ctx.model.graph, ctx.calibration, keep_float, exclude=cfg.exclude,
+                           activation_type=cfg.activation_type, symmetric=cfg.symmetric_activations)
 
     # -- rewriting --------------------------------------------------------------------------
-    def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: _Plan, per_channel: bool) -> dict[str, str]:
+    def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: StaticPlan, per_channel: bool) -> dict[str, str]:
         """Apply the plan; returns tensor name in the float model -> name of its DQ output."""
         model, graph = ctx.model, ctx.model.graph
         scope = NameScope(model)
