@@ -48,8 +48,13 @@ rows, cols, granularity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 w = np.fromfile(sys.argv[4], dtype=np.float32).reshape(rows, cols)
 info = WeightInfo(name="w", shape=(rows, cols), dtype="float32", nbytes=w.nbytes, role=Role.MATMUL,
                   channel_axis=1, consumers=[], location="initializer", graph="main")
+try:  # settings passed as one object since the configs-as-objects change; a baseline checkout may predate it
+    from onnxcompress.layer_hessians import ShareSettings
+    run = lambda: share_weight(w, info, 5, ShareSettings(granularity=granularity, model_elements=w.size))
+except ImportError:
+    run = lambda: share_weight(w, info, 5, granularity=granularity, model_elements=w.size)
 start = time.perf_counter()
-share_weight(w, info, 5, granularity=granularity, model_elements=w.size)
+run()
 print(json.dumps(time.perf_counter() - start))
 """
 
@@ -88,7 +93,7 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
     from onnxcompress.granular import measure
     from onnxcompress.graphs import NameScope
     from onnxcompress.kmeans import kmeans_1d
-    from onnxcompress.layer_hessians import share_weight
+    from onnxcompress.layer_hessians import ShareSettings, WeightEvidence, share_weight
     from onnxcompress.codebook import SharedWeight
     import onnx
 
@@ -119,12 +124,13 @@ def stages(path: Path, shape: tuple[int, int], repeat: int) -> list[dict]:
 
     t, _ = _time(portable, repeat)
     row("portable", t)
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n), repeat)
-    row("share auto", t, _peak(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n)))
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n), repeat)
-    row("share tensor", t, _peak(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n)))
+    auto, tensor = ShareSettings(granularity="auto", model_elements=n), ShareSettings(granularity="tensor", model_elements=n)
+    t, _ = _time(lambda: share_weight(w, info, 5, auto), repeat)
+    row("share auto", t, _peak(lambda: share_weight(w, info, 5, auto)))
+    t, _ = _time(lambda: share_weight(w, info, 5, tensor), repeat)
+    row("share tensor", t, _peak(lambda: share_weight(w, info, 5, tensor)))
     mask = np.abs(w) >= np.quantile(np.abs(w[:64]), 0.9)
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n, mask=mask), repeat)
+    t, _ = _time(lambda: share_weight(w, info, 5, tensor, WeightEvidence(mask=mask)), repeat)
     row("prune+share tensor", t)
     return rows
 

@@ -230,14 +230,14 @@ def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_sp
 
 
 def test_no_outliers_below_opset_11_where_scatternd_does_not_exist():
-    from onnxcompress.layer_hessians import share_weight
+    from onnxcompress.layer_hessians import ShareSettings, share_weight
 
     model = scaled_gemm(spread=1.0, outliers=10)
     info = next(w for w in find_weights(model) if w.name == "W")
     array = numpy_helper.to_array(model.graph.initializer[0])
-    old = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=9)
+    old = share_weight(array, info, 4, ShareSettings(granularity="outlier", outlier_fraction=0.01, opset=9))
     assert all(c.option.outlier_fraction == 0 for c in old.candidates)
-    new = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=21)
+    new = share_weight(array, info, 4, ShareSettings(granularity="outlier", outlier_fraction=0.01, opset=21))
     assert new.chosen.shared.outlier_index.size > 0
 
 
