@@ -23,7 +23,8 @@ from .codebook import SharedWeight, portable_nodes
 from .codechain import UINT4_MIN_OPSET
 from .data import Dataset
 from .errors import ModelError
-from .granular import Candidate, Choice, LayerHessians, Option, choose, from_matrix, options_for, to_matrix
+from .granular import (Candidate, Choice, Fitting, Judging, LayerHessians, Option, choose, from_matrix, options_for,
+                       to_matrix)
 from .numerics import sqnr_db
 from .sensitivity import OutputGains
 from .graphs import NameScope, find_graph
@@ -280,11 +281,11 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: Share
     if hessians is None and len(options) > 1 and array.size > CHOICE_SAMPLE_ELEMENTS:
         choice = _choose_on_sample(array, bits, options, info, mask, settings, price)
     else:
-        choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
-                        target_db=target_db, init=settings.init, seed=settings.seed,
-                        model_elements=settings.model_elements, portable_bytes=price, float_bytes=float_size(info),
-                        measure_with=measure_with, space=space, gains=gains, mean_free=evidence.mean_free,
-                        fitted=evidence.fitted if target is None else None)
+        fitting = Fitting(info.name, axis, hessians, mask, settings.init, settings.seed,
+                          evidence.fitted if target is None else None)
+        choice = choose(array, bits, options, fitting, Judging(target_db, settings.model_elements, price,
+                                                               float_size(info), measure_with, space, gains,
+                                                               evidence.mean_free))
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice
@@ -314,10 +315,10 @@ def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, m
     sample_mask = None if kept is None else (kept[picked] if sample_axis == 0 else kept[picked, 0])
     share = sample.size / array.size
     elements = int(max(model_elements or array.size, 1) * share)
-    trial = choose(sample, bits, options, name=info.name, channel_axis=sample_axis, mask=sample_mask,
-                   target_db=target_db, init=init, seed=seed, model_elements=elements, portable_bytes=price)
-    full = choose(array, bits, [trial.chosen.option], name=info.name, channel_axis=axis, mask=mask,
-                  target_db=target_db, init=init, seed=seed, model_elements=model_elements, portable_bytes=price)
+    trial = choose(sample, bits, options, Fitting(info.name, sample_axis, mask=sample_mask, init=init, seed=seed),
+                   Judging(target_db, elements, price))
+    full = choose(array, bits, [trial.chosen.option], Fitting(info.name, axis, mask=mask, init=init, seed=seed),
+                  Judging(target_db, model_elements, price))
     return Choice(full.chosen, trial.candidates, "weight", target_db,
                   f"{trial.reason}, measured on a sample of {share:.1%} of the entries (no calibration data), "
                   "then fitted on all of them")
