@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .artifacts import Artifact, Form
 from .external import release_spill
 from .data import DATA_SUFFIXES, Dataset, load_data, model_inputs, synthesize
 from .metrics import Comparison, compare_models
@@ -118,7 +119,7 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
     _note_if_not_smaller(report)
     report.shipped = shipped_of_staged(plan, output)
-    if report.form == "portable" and any(r.pass_name == "share" for r in report.weights):
+    if report.form == Form.PORTABLE and Artifact.SHARED in report.artifacts:
         report.notes.append(ORT_FORMAT_NOTE)
     return report
 

@@ -11,10 +11,8 @@ the result (a failed check is our bug). Passes talk to each other only through t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +25,8 @@ from .artifacts import Artifact, CalibrationResult, Form, SearchPlan
 from .codebook import SharedWeight
 from .data import Dataset
 from .graphs import drop_initializer_inputs
-from .errors import BugError, MissingArtifactError, OnnxCompressError, PassError, RecipeError
+from .configs import make_config
+from .errors import BugError, MissingArtifactError, OnnxCompressError, PassError
 from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .tasks import TaskMetric
@@ -251,7 +250,7 @@ def run_step(p: Pass, ctx: Context) -> PassResult:
         raise BugError(f"{where}: postcondition failed: {e}") from e
     ctx.available |= p.produces
     ctx.validation = None
-    timing = PassTiming(p.name, time.perf_counter() - start, result.modified, result.summary)
+    timing = PassTiming(p.name, time.perf_counter() - start, result.modified, result.summary, produced=p.produces)
     log.info("pass %s: %.2f s, %s", p.name, timing.seconds, result.summary)
     if ctx.validate_each and ctx.verify is not None:
         timing.validation = ctx.validation = validated(ctx, p.name)
@@ -267,43 +266,6 @@ def validated(ctx: Context, where: str) -> Comparison:
         raise PassError(where, [t.name for t in ctx.timings], e) from e
 
 
-def make_config(config_type: type, options: dict[str, Any], pass_name: str):
-    """Build a config dataclass from a recipe's options, naming a misspelled option's closest match."""
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    hints = typing.get_type_hints(config_type)
-    for key, value in options.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            suggestion = f"; did you mean '{close[0]}'?" if close else f"; options are {sorted(fields)}"
-            raise RecipeError(f"pass '{pass_name}' has no option '{key}'{suggestion}")
-        _check_type(pass_name, key, value, hints.get(key))
-    try:
-        return config_type(**options)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"pass '{pass_name}': {e}") from e
-
-
-def _check_type(pass_name: str, key: str, value: Any, hint: Any) -> None:
-    if hint is None:
-        return
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else (hint,)
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind
-        if kind is type(None) and value is None:
-            return
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind is typing.Literal:
-            continue
-        if isinstance(kind, type) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return
-    literal = [a for k in allowed if typing.get_origin(k) is typing.Literal for a in typing.get_args(k)]
-    if value in literal:
-        return
-    expected = " or ".join(repr(a) for a in literal) if literal else getattr(hint, "__name__", str(hint))
-    raise RecipeError(f"pass '{pass_name}': option '{key}' must be {expected}, got {value!r}")
-
-
 @dataclass
 class PassTiming:
     name: str
@@ -311,6 +273,7 @@ class PassTiming:
     modified: bool
     summary: dict[str, Any]
     validation: Comparison | None = None
+    produced: frozenset[Artifact] = frozenset()  # what the pass declares it makes (a search plan, say)
 
 
 @dataclass
@@ -325,6 +288,7 @@ class Report:
     form: str = "portable"
     layer_errors: list[LayerError] = field(default_factory=list)  # per quantized tensor, worst first
     shipped: Any = None  # the output file's shipped.ShippedSize (disk, gzip, brotli, resident), when written
+    artifacts: frozenset[Artifact] = frozenset()  # what the passes made (shared weights, a search plan, ...)
 
     @property
     def ratio(self) -> float | None:
@@ -423,5 +387,6 @@ class PassManager(Pass):
         if ctx.verify is not None and ctx.validation is None:
             ctx.validation = validated(ctx, "end")
         report = Report(recipe=self.recipe, form=ctx.form.value, passes=ctx.timings, weights=ctx.records,
-                        validation=ctx.validation, notes=ctx.notes, layer_errors=ctx.layer_errors)
+                        validation=ctx.validation, notes=ctx.notes, layer_errors=ctx.layer_errors,
+                        artifacts=frozenset(ctx.available))
         return ctx.model, report

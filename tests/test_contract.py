@@ -140,3 +140,14 @@ def test_the_output_form_is_decided_once_and_every_pass_reads_it(tmp_path, form)
     assert report.passes[0].summary["form"] == form  # the search priced the form written
     assert any(n.domain for n in compressed.graph.node) == (form == "packed")
     assert report.validation.outputs[0].sqnr_db > 15
+
+
+def test_the_ort_format_note_follows_the_shared_weights_artifact(tmp_path):
+    from onnxcompress.shipped import ORT_FORMAT_NOTE
+
+    src = tmp_path / "m.onnx"
+    onnx.save(gemm(k=128, n=64), src)
+    shared = api.compress_file(src, tmp_path / "s.onnx", "share", validate="none")
+    assert Artifact.SHARED in shared.artifacts and ORT_FORMAT_NOTE in shared.notes
+    quantized = api.compress_file(src, tmp_path / "q.onnx", "int8-weights", validate="none")
+    assert Artifact.SHARED not in quantized.artifacts and ORT_FORMAT_NOTE not in quantized.notes
