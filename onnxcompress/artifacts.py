@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from .forms import Form  # noqa: F401  (the output form is an artifact field of the context too)
 from .quantmath import TYPES, scale_zero_point
 from .tasks import is_builtin
 
@@ -28,16 +29,6 @@ class Artifact(enum.Enum):
     LAYOUTS = "sparse layouts"
     PACKED = "entropy-coded blobs"
     PLAN = "a per-layer search plan"
-
-
-class Form(str, enum.Enum):
-    """How compressed weights are written: standard ONNX ops only, or our custom ops' smallest file."""
-
-    PORTABLE = "portable"
-    PACKED = "packed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,9 @@ class PassManager(Pass):
     def parts(self) -> list[Pass]:
         return [leaf for p in self.passes for leaf in p.parts()]
 
+    def __repr__(self) -> str:
+        return f"PassManager({self.passes!r})"
+
     def call(self, ctx: Context) -> PassResult:
         modified = False
         for p in self.passes:

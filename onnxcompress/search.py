@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .artifacts import Artifact, LayerChoice
+from .artifacts import Artifact, LayerChoice, SearchPlan
 from .pipeline import Context, Pass, PassManager, PassResult, WeightRecord, run_step, validated
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ class SearchThenVerify(Pass):
         if ctx.verify is None or plan is None or not plan.searched:
             # not validating, or nothing searched (no data): the plan as it is, nothing to verify
             return self.rest.call(ctx)
-        base, attempts, trial = ctx.fork(), [], None
+        attempts, trial = [], None  # each attempt runs on a fork of the context as the search left it
         for choices in plan.fallbacks()[: self.attempts]:
-            trial = self._attempt(base, plan, choices)
+            trial = self._attempt(ctx, plan, choices)
             met, measured = plan.budget.check(trial.validation, ctx.original.ByteSize() / max(trial.model.ByteSize(), 1))
             attempts.append({"plan": _settings(choices), "measured": measured, "met": met,
                              "bytes": trial.model.ByteSize(), "choices": choices})
@@ -64,7 +64,7 @@ class SearchThenVerify(Pass):
             pick = max if plan.budget.target_ratio is not None else min
             closest = pick(range(len(attempts)), key=lambda i: attempts[i]["measured"])
             if closest != len(attempts) - 1:
-                trial = self._attempt(base, plan, attempts[closest]["choices"])
+                trial = self._attempt(ctx, plan, attempts[closest]["choices"])
             trial.note(f"{self.search.name}: none of the {len(attempts)} verified plans met the budget end to end; "
                        f"kept the closest (measured {attempts[closest]['measured']:.3g})")
         elif len(attempts) > 1:
@@ -79,7 +79,10 @@ class SearchThenVerify(Pass):
                                     for name, c in ctx.plan.choices.items()]
         return PassResult(True)
 
-    def _attempt(self, base: Context, plan, choices: dict[str, LayerChoice]) -> Context:
+    def __repr__(self) -> str:
+        return f"SearchThenVerify(search={self.search!r}, rest={self.rest!r})"
+
+    def _attempt(self, base: Context, plan: SearchPlan, choices: dict[str, LayerChoice]) -> Context:
         """The passes after the search, run on a fork of `base` with `choices`, validated."""
         trial = base.fork()
         trial.plan = plan.with_choices(choices)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..artifacts import Form
+from ..forms import Form
 from ..errors import RecipeError
 
 if TYPE_CHECKING:  # the pipeline imports onnxruntime: listing recipes and --help work without a runtime
