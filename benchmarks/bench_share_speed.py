@@ -42,16 +42,26 @@ from pathlib import Path
 import numpy as np
 
 _ONE = r"""
-import sys, time, json
+import importlib, sys, time, json
 import numpy as np
-from onnxcompress.fitting.sharing import share_weight
-from onnxcompress.graph.weights import Role, WeightInfo
+try:  # the layered tree, settings passed as one object
+    from onnxcompress.fitting.sharing import ShareSettings, share_weight
+    from onnxcompress.graph.weights import Role, WeightInfo
+except ImportError:  # a baseline checkout from before both changes
+    share_weight = importlib.import_module("onnxcompress." + "layer_hessians").share_weight
+    weights = importlib.import_module("onnxcompress." + "weights")
+    Role, WeightInfo, ShareSettings = weights.Role, weights.WeightInfo, None
 rows, cols, granularity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 w = np.fromfile(sys.argv[4], dtype=np.float32).reshape(rows, cols)
 info = WeightInfo(name="w", shape=(rows, cols), dtype="float32", nbytes=w.nbytes, role=Role.MATMUL,
                   channel_axis=1, consumers=[], location="initializer", graph="main")
+elements = w.size * int(sys.argv[5])
+if ShareSettings is not None:
+    run = lambda: share_weight(w, info, 5, ShareSettings(granularity=granularity, model_elements=elements))
+else:
+    run = lambda: share_weight(w, info, 5, granularity=granularity, model_elements=elements)
 start, cpu = time.perf_counter(), time.process_time()
-share_weight(w, info, 5, granularity=granularity, model_elements=w.size * int(sys.argv[5]))
+run()
 print(json.dumps([time.perf_counter() - start, time.process_time() - cpu]))
 """
 
@@ -90,7 +100,7 @@ def stages(path: Path, shape: tuple[int, int], repeat: int, layers: int = 1) -> 
     from onnxcompress.fitting.granular import measure
     from onnxcompress.graph.edit import NameScope
     from onnxcompress.numerics.kmeans import kmeans_1d
-    from onnxcompress.fitting.sharing import share_weight
+    from onnxcompress.fitting.sharing import ShareSettings, WeightEvidence, share_weight
     from onnxcompress.formats.codebook import SharedWeight
     import onnx
 
@@ -121,12 +131,14 @@ def stages(path: Path, shape: tuple[int, int], repeat: int, layers: int = 1) -> 
 
     t, _ = _time(portable, repeat)
     row("portable", t)
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n * layers), repeat)
-    row("share auto", t, _peak(lambda: share_weight(w, info, 5, granularity="auto", model_elements=n * layers)))
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n), repeat)
-    row("share tensor", t, _peak(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n)))
+    auto = ShareSettings(granularity="auto", model_elements=n * layers)
+    tensor = ShareSettings(granularity="tensor", model_elements=n)
+    t, _ = _time(lambda: share_weight(w, info, 5, auto), repeat)
+    row("share auto", t, _peak(lambda: share_weight(w, info, 5, auto)))
+    t, _ = _time(lambda: share_weight(w, info, 5, tensor), repeat)
+    row("share tensor", t, _peak(lambda: share_weight(w, info, 5, tensor)))
     mask = np.abs(w) >= np.quantile(np.abs(w[:64]), 0.9)
-    t, _ = _time(lambda: share_weight(w, info, 5, granularity="tensor", model_elements=n, mask=mask), repeat)
+    t, _ = _time(lambda: share_weight(w, info, 5, tensor, WeightEvidence(mask=mask)), repeat)
     row("prune+share tensor", t)
     return rows
 

@@ -9,21 +9,21 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress.formats.blobs import packed_weights
-from onnxcompress.formats.blobs import unpack as unpack_model
-from onnxcompress.graph.spill import release_spill
+from onnxcompress.formats.blobs import packed_weights, unpack as unpack_model
 from onnxcompress.graph.data import DATA_SUFFIXES, Dataset, load_data, model_inputs
-from onnxcompress.runtime.metrics import Comparison, compare_models
 from onnxcompress.graph.model import file_bytes, load_model, model_files, output_roles, save_model
 from onnxcompress.graph.outputs import OutputPlan, Role
+from onnxcompress.graph.spill import release_spill
+from onnxcompress.graph.weights import find_weights, get_array
+from onnxcompress.pipeline.artifacts import Artifact
+from onnxcompress.formats.forms import Form
 from onnxcompress.pipeline.manager import PassManager, Report
-from onnxcompress.recipes import Recipe, load_recipe
-from onnxcompress.pipeline.search import run_with_backoff
-from onnxcompress.runtime.shipped import ORT_FORMAT_NOTE, shipped_of_staged
+from onnxcompress.recipes import load_recipe, Recipe
+from onnxcompress.runtime.metrics import compare_models, Comparison
 from onnxcompress.runtime.sessions import check_runnable, max_runnable_opset, uses_domain
+from onnxcompress.runtime.shipped import ORT_FORMAT_NOTE, shipped_of_staged
 from onnxcompress.runtime.synthesis import runnable_data
 from onnxcompress.runtime.tasks import is_builtin, parse_metric
-from onnxcompress.graph.weights import find_weights, get_array
 
 log = logging.getLogger(__name__)
 ModelLike = onnx.ModelProto | str | os.PathLike
@@ -61,18 +61,16 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     original = _as_model(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     task = parse_metric(budget["metric"]) if budget and is_builtin(budget.get("metric")) else None
-    searches = any(p == "bitwidth" for p, _ in recipe.steps)
-    if budget and (searches or set(budget) != {"metric"} or task is None):
+    if budget and (recipe.search_step() is not None or set(budget) != {"metric"} or task is None):
         # the given budget replaces the recipe's own (the search takes exactly one); a metric alone keeps it
         reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
-        recipe = recipe.with_options("bitwidth", **{**reset, **budget})
+        recipe = recipe.with_budget(**{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
     evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
         else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
-    passes = recipe.build()
-    manager = PassManager(passes, recipe=recipe.name, validate=validate, form=form or recipe.form,
-                          jobs=jobs, progress=progress, tolerance=tolerance, task=task)
-    compressed, report = run_with_backoff(passes, manager, original, calib, evaluation)
+    manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
+                          jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
+    compressed, report = manager.run(original, calib, evaluation)
     if evaluation is not None and evaluation.note:
         report.notes.append(evaluation.note)
     report.input_bytes = original.ByteSize()
@@ -127,7 +125,7 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
     report.output_bytes = plan.staged_bytes(*(role.path for role in output_roles(output)))
     _note_if_not_smaller(report)
     report.shipped = shipped_of_staged(plan, output, float_bytes=report.input_bytes)
-    if report.form == "portable" and any(r.pass_name == "share" for r in report.weights):
+    if report.form == Form.PORTABLE and Artifact.SHARED in report.artifacts:
         report.notes.append(ORT_FORMAT_NOTE)
     return report
 

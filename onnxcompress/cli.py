@@ -15,6 +15,7 @@ from pathlib import Path
 
 from onnxcompress import __version__
 from onnxcompress.errors import BugError, OnnxCompressError
+from onnxcompress.formats.forms import Form
 
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="share", help="built-in recipe name or recipe .yaml file (default: share)")
     p.add_argument("--data", help="calibration data: .npz or folder (see README: Data formats)")
     p.add_argument("--eval-data", help="data to measure fidelity on (default: --data, else random inputs)")
-    p.add_argument("--form", choices=["portable", "packed"], help="output form (default: the recipe's)")
+    p.add_argument("--form", choices=[f.value for f in Form], help="output form (default: the recipe's)")
     p.add_argument("--validate", choices=["end", "each", "none"], default="end",
                    help="compare with the original in onnxruntime at the end, after each pass, or not at all")
     p.add_argument("--report", metavar="REPORT.json", help="also write the full report as JSON")

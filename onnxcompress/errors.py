@@ -35,6 +35,17 @@ class PreconditionError(OnnxCompressError):
     """A pass was run without what it requires (e.g. QDQ insertion without calibration)."""
 
 
+class MissingArtifactError(PreconditionError):
+    """A pass runs before the pass that makes what it consumes: a recipe's passes are out of order."""
+
+    def __init__(self, pass_name: str, artifact: str, producers: list[str]):
+        made_by = " or ".join(f"'{p}'" for p in producers)
+        super().__init__(f"pass '{pass_name}' needs {artifact}, which pass {made_by} makes: put it before "
+                         f"'{pass_name}' in the recipe" if producers else
+                         f"pass '{pass_name}' needs {artifact}, which no pass makes")
+        self.pass_name, self.artifact, self.producers = pass_name, artifact, producers
+
+
 class PassError(OnnxCompressError):
     """A pass failed; the message names the pass and the passes that ran before it."""
 

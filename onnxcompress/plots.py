@@ -7,11 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Report
 
 
 def search_summary(report: Report) -> dict | None:
-    return next((p.summary for p in report.passes if p.name == "bitwidth" and "evaluated" in p.summary), None)
+    """The report of the pass that made a search plan, when it searched."""
+    return next((p.summary for p in report.passes if Artifact.PLAN in p.produced and "evaluated" in p.summary), None)
 
 
 def plot_paths(prefix: Path) -> list[Path]:

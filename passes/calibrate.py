@@ -22,13 +22,14 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.graph.data import model_inputs
 from onnxcompress.errors import DataError, ModelError, PreconditionError
+from onnxcompress.graph.data import model_inputs
 from onnxcompress.graph.edit import NameScope
+from onnxcompress.numerics.quantmath import (CalibrationResult, entropy_range, mse_range, percentile_range,
+                                             StreamingHistogram, TensorRange, TYPES)
+from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 from onnxcompress.runtime.sessions import detached, make_session
-from onnxcompress.numerics.quantmath import (TYPES, CalibrationResult, StreamingHistogram, TensorRange, entropy_range,
-                                             mse_range, percentile_range)
 
 log = logging.getLogger(__name__)
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -80,6 +81,8 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 class CalibratePass(Pass):
     name = "calibrate"
     Config = CalibrateConfig
+    produces = frozenset({Artifact.CALIBRATION})
+    needs_data = True
 
     def requires(self, ctx: Context) -> None:
         if ctx.data is None:

@@ -6,7 +6,7 @@ which gets within a fraction of a percent of the entropy). The report gives, per
 bits per weight of the codes and of the indices next to their empirical entropy
 ``H = -sum p log2 p`` times symbols per weight: the limit of any memoryless coder.
 
-In the packed form (``ctx.form == "packed"``) this pass also assembles the model: each shared
+In the packed form (``ctx.form == Form.PACKED``) this pass also assembles the model: each shared
 weight's portable subgraph is replaced by one ``ai.onnxcompress::DecodeWeight`` node reading a
 uint8 initializer that holds the blob (onnxcompress.formats.packed). In the portable form the model is
 left as it is and the report says what the packed form would store.
@@ -23,15 +23,17 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from onnxcompress.errors import PreconditionError
+from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.formats.blobs import replace_with_blob
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.formats.codecs import METHODS
-from onnxcompress.errors import PreconditionError
+from onnxcompress.formats.forms import Form
+from onnxcompress.formats.packed import Layout, PackedWeight, read_blob, write_blob
+from onnxcompress.graph.edit import NameScope
 from onnxcompress.graph.external import is_streamed
 from onnxcompress.graph.spill import SpillingDict
-from onnxcompress.graph.edit import NameScope
-from onnxcompress.formats.blobs import replace_with_blob  # importing ops registers the DecodeWeight schema
-from onnxcompress.formats.packed import Layout, PackedWeight, read_blob, write_blob
-from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -76,9 +78,11 @@ def blob_matches(blob, shared: SharedWeight) -> bool:
 class EntropyPass(Pass):
     name = "entropy"
     Config = EntropyConfig
+    produces = frozenset({Artifact.PACKED})
+    consumes = frozenset({Artifact.SHARED})
 
     def requires(self, ctx: Context) -> None:
-        if not ctx.shared:
+        if not (ctx.has(Artifact.SHARED) or ctx.shared):
             raise PreconditionError("entropy coding needs codebook weights: run 'share' before 'entropy'")
 
     def call(self, ctx: Context) -> PassResult:
@@ -95,18 +99,18 @@ class EntropyPass(Pass):
         for name, packed in zip(names, map_ordered(write_blob, tasks, jobs=ctx.jobs, work=work)):
             stored += len(packed.blob)
             details = stream_report(packed)
-            if ctx.form == "packed":
+            if ctx.form == Form.PACKED:
                 removed += replace_with_blob(ctx.model, packed, scope, self.name)
             ctx.record(name, self.name, f"{details['bits_per_weight']:.2f} bits/weight ({packed.layout.kind})",
                        ctx.shared[name].payload_bytes(), len(packed.blob), details)
             log.debug("entropy: %s %s", name, details)
             ctx.packed[name] = replace(packed, blob=np.frombuffer(packed.blob, np.uint8)) \
                 if isinstance(ctx.packed, SpillingDict) else packed
-        if ctx.form != "packed":
+        if ctx.form != Form.PACKED:
             ctx.note(f"entropy: the packed form would store the {len(ctx.packed)} shared weights in {stored} bytes; "
                      "this run writes the portable form, which cannot hold entropy-coded streams")
         log.info("entropy: %d weights -> %d bytes of blobs (form %s)", len(ctx.packed), stored, ctx.form)
-        return PassResult(ctx.form == "packed" and bool(ctx.packed),
+        return PassResult(ctx.form == Form.PACKED and bool(ctx.packed),
                           {"weights": len(ctx.packed), "blob_bytes": stored, "removed_bytes": removed})
 
     def ensures(self, ctx: Context, result: PassResult) -> None:

@@ -18,13 +18,14 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxcompress.numerics import refine
-from onnxcompress.runtime.capture import LinearLayer, graph_position, linear_layer
-from onnxcompress.fitting.layerfit import layer_fit
-from onnxcompress.numerics.measures import kept_count, magnitude_mask, sqnr_db, top_mask
 from onnxcompress.errors import BugError, ModelError, PreconditionError
+from onnxcompress.fitting.layerfit import layer_fit
+from onnxcompress.graph.weights import find_weights, get_array, Role, set_array, WeightInfo
+from onnxcompress.numerics import refine
+from onnxcompress.numerics.measures import magnitude_mask, sqnr_db, top_mask
+from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.graph.weights import Role, WeightInfo, find_weights, get_array, set_array
+from onnxcompress.runtime.capture import graph_position, linear_layer, LinearLayer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class PruneResult(PassResult):
 class PrunePass(Pass):
     name = "prune"
     Config = PruneConfig
+    produces = frozenset({Artifact.MASKS})
 
     def requires(self, ctx: Context) -> None:
         if ctx.shared:
@@ -156,7 +158,7 @@ class PrunePass(Pass):
 
     def _sparsity(self, ctx: Context, info: WeightInfo, layer: LinearLayer | None, array: np.ndarray) -> float:
         cfg: PruneConfig = self.config
-        planned = ctx.plan.get(info.name, {}).get("sparsity")
+        planned = ctx.plan.sparsity(info.name) if ctx.plan is not None else None
         if planned is not None:
             return float(planned)
         if info.name in cfg.sparsity:

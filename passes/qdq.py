@@ -27,21 +27,23 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.errors import PreconditionError
-from onnxcompress.graph.edit import NameScope, consumers, mark
-from onnxcompress.runtime.layer_errors import measure_layer_errors
-from onnxcompress.graph.model import opset_of
-from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.runtime.sessions import make_session
-from onnxcompress.numerics.quantmath import INT8, INT32, TYPES, dequantize, output_shift, quantize, quantize_per_channel
-from onnxcompress.graph.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
-
-from onnxcompress.numerics.quantmath import CalibrationResult
-from onnxcompress.passes import qdq_guard as guard
 from onnxcompress.formats.qdq_dynamic import quantize_dynamic_matmuls
+from onnxcompress.formats.qdq_ops import groups, layout, out_channels, weight_axis
+from onnxcompress.formats.qdq_weights import (dq_nodes, gather_before_dequantize, hoist_constants, NAMES,
+                                              quantize_weights_only)
+from onnxcompress.graph.edit import mark, NameScope
 from onnxcompress.graph.fold import fold_batch_norms
-from onnxcompress.formats.qdq_ops import (ELEMENTWISE, FUSED_ACTIVATIONS, LINEAR, SAME_SCALE, SILENT, activation_inputs, groups, layout,
-                      out_channels, unsupported, weight_axis)
-from onnxcompress.formats.qdq_weights import NAMES, dq_nodes, gather_before_dequantize, hoist_constants, quantize_weights_only
+from onnxcompress.graph.model import opset_of
+from onnxcompress.graph.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
+from onnxcompress.numerics.quantmath import (CalibrationResult, dequantize, INT32, INT8, output_shift, quantize,
+                                             quantize_per_channel, TYPES)
+from onnxcompress.passes import qdq_guard as guard
+from onnxcompress.passes.qdq_plan import plan_static, StaticPlan
+from onnxcompress.pipeline.artifacts import Artifact
+from onnxcompress.pipeline.manager import Context, missing_artifact, Pass, PassResult
+from onnxcompress.runtime.layer_errors import measure_layer_errors
+from onnxcompress.runtime.sessions import make_session
+
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +87,13 @@ class QdqConfig:
             raise ValueError("error_samples must be >= 0")
 
 
-@dataclass
-class _Plan:
-    nodes: dict[int, str] = field(default_factory=dict)  # node index -> "linear" | "elementwise" | ...
-    tensors: dict[str, tuple[float, int]] = field(default_factory=dict)  # activation -> (scale, zero)
-    fused: set[int] = field(default_factory=set)  # Relu/Clip node indices whose output takes the Q
-    floats: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # reason -> node labels
-
-
 class QdqPass(Pass):
     name = "qdq"
     Config = QdqConfig
+
+    @property
+    def consumes(self) -> frozenset[Artifact]:  # static quantization: the activation ranges
+        return frozenset({Artifact.CALIBRATION}) if self.config.mode == "static" else frozenset()
 
     def requires(self, ctx: Context) -> None:
         opset = opset_of(ctx.model)
@@ -103,7 +101,7 @@ class QdqPass(Pass):
             raise PreconditionError(f"QuantizeLinear needs opset >= {QDQ_MIN_OPSET}, the model has {opset}; "
                                     "convert it with onnx.version_converter first")
         if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
-            raise PreconditionError("static quantization needs activation ranges: run the 'calibrate' pass first")
+            raise missing_artifact(self, Artifact.CALIBRATION)
 
     def call(self, ctx: Context) -> PassResult:
         cfg: QdqConfig = self.config
@@ -130,7 +128,7 @@ class QdqPass(Pass):
         reference.CopyFrom(ctx.model)
         self._means = {}
         if cfg.bias_correction and ctx.data is not None:
-            plan = self._plan(ctx, cfg, set())
+            plan = self._plan(ctx, set())
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
                                       [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
         plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
@@ -175,7 +173,7 @@ class QdqPass(Pass):
         int8 for every other float weight (If/Loop bodies, LSTM/GRU, float nodes, Transpose chains)."""
         ctx.model.CopyFrom(reference)
         self._biases = defaultdict(list)
-        plan = self._plan(ctx, cfg, keep_float)
+        plan = self._plan(ctx, keep_float)
         renamed = self._rewrite(ctx, cfg, plan, per_channel)
         rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
                                      keep=self._float_biases)
@@ -223,65 +221,15 @@ class QdqPass(Pass):
                                max_float=cfg.max_float_weights, max_probes=cfg.max_probes,
                                probe_samples=cfg.probe_samples, rounds=cfg.guard_rounds, pass_name=self.name,
                                first_record=records, missed=missed)
-        return _Plan(), {}, rest
+        return StaticPlan(), {}, rest
 
-    # -- planning ---------------------------------------------------------------------------
-    def _plan(self, ctx: Context, cfg: QdqConfig, keep_float: set[str]) -> _Plan:
-        graph, calib = ctx.model.graph, ctx.calibration
-        inits = {t.name: t for t in graph.initializer}
-        uses = consumers(graph)
-        outputs = {o.name for o in graph.output}
-        excluded = set(map(str, cfg.exclude))
-        plan = _Plan()
-        index_of = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-        for i, node in enumerate(graph.node):
-            label = node.name or f"{node.op_type}_{i}"
-            if node.op_type in SILENT and not (excluded & {label, node.op_type}):
-                continue
-            if excluded & ({label, node.op_type} | set(node.output)):
-                plan.floats["excluded by the user"].append(label)
-                continue
-            follow = uses.get(node.output[0], []) if node.output else []
-            fused = {follow[0][0].output[0]} if len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS else set()
-            if keep_float & (set(activation_inputs(node, inits)) | set(node.output) | fused):
-                plan.floats["an activation it reads or writes breaks the model in int8"].append(label)
-                continue
-            reason = unsupported(node, inits, calib)
-            if reason:
-                plan.floats[reason].append(label)
-                continue
-            plan.nodes[i] = ("linear" if node.op_type in LINEAR else "elementwise" if node.op_type in ELEMENTWISE
-                             else node.op_type if node.op_type == "Gather" else "own_scale")
-        wanted: list[str] = []
-        for i, kind in plan.nodes.items():
-            node = graph.node[i]
-            if kind == "Gather":
-                continue
-            wanted += [x for x in activation_inputs(node, inits)]
-            out = node.output[0]
-            if node.op_type in ("Gemm", "MatMul") and out in outputs:
-                continue  # QGemm / MatMulIntegerToFloat give a float output directly
-            follow = uses.get(out, [])
-            if (len(follow) == 1 and follow[0][0].op_type in FUSED_ACTIVATIONS and out not in outputs
-                    and not cfg.symmetric_activations and follow[0][0].output[0] in calib
-                    and not excluded & {follow[0][0].name, follow[0][0].op_type}):
-                plan.fused.add(index_of[follow[0][0].output[0]])
-                out = follow[0][0].output[0]
-            wanted.append(out)
-        wanted = list(dict.fromkeys(w for w in wanted if w in calib))
-        qtype = cfg.activation_type
-        for name in wanted:
-            plan.tensors[name] = calib[name].scale_zero_point(qtype, symmetric=cfg.symmetric_activations)
-        # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
-        for i, node in enumerate(graph.node):
-            if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
-                    and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
-                plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
-                plan.nodes[i] = "same_scale"
-        return plan
+    def _plan(self, ctx: Context, keep_float: set[str]) -> StaticPlan:
+        cfg: QdqConfig = self.config
+        return plan_static(ctx.model.graph, ctx.calibration, keep_float, exclude=cfg.exclude,
+                           activation_type=cfg.activation_type, symmetric=cfg.symmetric_activations)
 
     # -- rewriting --------------------------------------------------------------------------
-    def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: _Plan, per_channel: bool) -> dict[str, str]:
+    def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: StaticPlan, per_channel: bool) -> dict[str, str]:
         """Apply the plan; returns tensor name in the float model -> name of its DQ output."""
         model, graph = ctx.model, ctx.model.graph
         scope = NameScope(model)

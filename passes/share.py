@@ -17,6 +17,7 @@ bias that stays float takes up its weight's mean output error instead (bias corr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from dataclasses import dataclass, field
@@ -26,20 +27,22 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.formats.codebook import SharedWeight, portable_nodes
-from onnxcompress.formats.codechain import MAX_BITS, PACK_MIN_OPSET
 from onnxcompress.errors import ModelError, PreconditionError
-from onnxcompress.fitting.sharing import bias_links, float_size, layer_hessians, share_weight
-from onnxcompress.graph.edit import NameScope
-from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
-from onnxcompress.fitting.granular import DB_PER_BIT, Choice, Option, choose_jointly, fit, from_matrix, to_matrix
-from onnxcompress.graph.model import opset_of
-from onnxcompress.runtime.sensitivity import OutputGains, Probe, measure_gains
 from onnxcompress.execution.parallel import map_ordered
-from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.graph.weights import Role, WeightInfo, get_array, replace_weight, set_array, weight_source
-
+from onnxcompress.fitting.granular import Choice, choose_jointly, DB_PER_BIT, fit, from_matrix, Option, to_matrix
+from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
+from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
+                                          WeightEvidence)
+from onnxcompress.formats.codebook import portable_nodes, SharedWeight
+from onnxcompress.formats.codechain import MAX_BITS, PACK_MIN_OPSET
+from onnxcompress.graph.edit import NameScope
 from onnxcompress.graph.fold import fold_batch_norms
+from onnxcompress.graph.model import opset_of
+from onnxcompress.graph.weights import get_array, replace_weight, Role, set_array, weight_source, WeightInfo
+from onnxcompress.pipeline.artifacts import Artifact
+from onnxcompress.pipeline.manager import Context, Pass, PassResult
+from onnxcompress.runtime.sensitivity import measure_gains, OutputGains, Probe
+
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class ShareConfig:
 class SharePass(Pass):
     name = "share"
     Config = ShareConfig
+    produces = frozenset({Artifact.SHARED})
 
     def requires(self, ctx: Context) -> None:
         if ctx.shared:
@@ -117,7 +121,8 @@ class SharePass(Pass):
         unpacked = []
         hessians = layer_hessians(ctx.model, ctx.data, candidates)
         total = sum(info.numel for info in candidates)
-        bits_of = {w.name: int(ctx.plan.get(w.name, {}).get("bits", cfg.bits_for(w.role))) for w in candidates}
+        planned = ctx.plan.bits if ctx.plan is not None else lambda name: None
+        bits_of = {w.name: int(b if (b := planned(w.name)) is not None else cfg.bits_for(w.role)) for w in candidates}
         # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
         # weight then cancels what it can of that error (onnxcompress.numerics.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
@@ -129,8 +134,11 @@ class SharePass(Pass):
                                           max(gains[w].mean for w in link.weights))
         biases = [w for w in candidates if w.name in links]
         by_name = {w.name: w for w in candidates}
-        bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, hessians, bits_of, total, opset,
-                                                                    links=links, gains=gains)))
+        settings = ShareSettings(granularity=cfg.granularity, group_size=cfg.group_size,
+                                 outlier_fraction=cfg.outlier_fraction, target_db=cfg.target_sqnr_db, init=cfg.init,
+                                 seed=cfg.seed, model_elements=total, opset=opset)
+        bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, bits_of, settings,
+                                                                    _Known(hessians, links=links, gains=gains))))
         absorb, absorbed_from = {}, {}
         for info in biases:
             chosen, absorber = bias_choices[info.name].chosen, links[info.name].absorber
@@ -142,12 +150,11 @@ class SharePass(Pass):
                         and _stays_float(by_name[bias], bias_choices[bias].chosen)
                         and hessians[link.weights[0]].means is not None}
         # the other weights' choices are consumed as they come (each holds every candidate it measured)
-        fit_args = dict(absorb=absorb, gains=gains, mean_free=set(corrected_by), fitted=probe_fits)
+        known = _Known(hessians, absorb=absorb, gains=gains, mean_free=frozenset(corrected_by), fitted=probe_fits)
         others = [w for w in candidates if w.name not in links]
-        rest = self._fit(ctx, others, hessians, bits_of, total, opset, **fit_args)
+        rest = self._fit(ctx, others, bits_of, settings, known)
         if gains:  # choices judged at the model's outputs are made together there
-            rest = iter(self._choose_jointly(ctx, others, rest, list(bias_choices.values()), hessians, bits_of,
-                                             total, opset, fit_args))
+            rest = iter(self._choose_jointly(ctx, others, rest, list(bias_choices.values()), bits_of, settings, known))
         for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
             choice, bits = bias_choices[info.name] if info.name in links else next(rest), bits_of[info.name]
             shared = choice.chosen.shared
@@ -212,8 +219,8 @@ class SharePass(Pass):
                      "options are judged in each layer's output instead")
             return {}, fits
 
-    def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], hessians,
-                        bits_of, total: int, opset: int, fit_args: dict) -> list[Choice]:
+    def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], bits_of,
+                        settings: ShareSettings, known: _Known) -> list[Choice]:
         """The weights' choices, those measured at the model's outputs re-picked together
         (granular.choose_jointly). While the others are measured, a weight keeps the fits of its
         candidates that no other candidate beats on both bytes and SQNR (the only ones a joint pick can
@@ -229,12 +236,12 @@ class SharePass(Pass):
             return made
         together = {id(c) for c in joint.values()}
         fixed = [c.chosen for c in decided + made if c.space == "model output" and id(c) not in together]
-        picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(total, 1), fixed=fixed)
+        picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(settings.model_elements, 1), fixed=fixed)
         refit = {name: pick.option for name, pick in picked.items()
                  if pick.shared is None and pick.option.kind != "float"}
         by_name = {info.name: info for info in infos}
-        refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], hessians, bits_of, total, opset,
-                                             only=refit, **fit_args)))
+        refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], bits_of, settings,
+                                             dataclasses.replace(known, only=refit))))
         reason = (f"chosen with the {len(joint)} weights measured at the model's outputs for their best SQNR there "
                   f"together, net of their bytes at {DB_PER_BIT} dB per extra bit per weight; no gain beyond each "
                   f"layer at {self.config.target_sqnr_db:g} dB")
@@ -245,19 +252,12 @@ class SharePass(Pass):
             choice.chosen, choice.reason = pick, reason
         return made
 
-    def _fit(self, ctx: Context, infos: list[WeightInfo], hessians, bits_of, total: int, opset: int, *,
-             links=None, absorb=None, gains=None, mean_free=frozenset(), only=None, fitted=None):
+    def _fit(self, ctx: Context, infos: list[WeightInfo], bits_of, settings: ShareSettings, known: _Known):
         """share_weight for each weight, in order; independent fits on the ctx.jobs executor (same results), each
         reading its own weight where it runs when the weight is in an external-data file."""
-        cfg: ShareConfig = self.config
-        links, absorb, gains, only, fitted = links or {}, absorb or {}, gains or {}, only or {}, fitted or {}
-        return map_ordered(share_weight, (((weight_source(ctx.model, w), w, bits_of[w.name]), dict(
-            granularity=cfg.granularity, group_size=cfg.group_size, outlier_fraction=cfg.outlier_fraction,
-            target_db=cfg.target_sqnr_db, hessians=hessians.get(w.name), mask=ctx.masks.get(w.name),
-            init=cfg.init, seed=cfg.seed, model_elements=total, opset=opset, link=links.get(w.name),
-            absorb=absorb.get(w.name), gains=gains.get(w.name), mean_free=w.name in mean_free,
-            only=only.get(w.name), fitted=fitted.get(w.name))) for w in infos),
-            jobs=ctx.jobs, work=sum(w.numel for w in infos))
+        return map_ordered(share_weight, (((weight_source(ctx.model, w), w, bits_of[w.name], settings,
+                                            known.of(w.name, ctx.masks.get(w.name))), {}) for w in infos),
+                           jobs=ctx.jobs, work=sum(w.numel for w in infos))
 
     def _correct_bias(self, ctx: Context, info: WeightInfo, shared, bias: WeightInfo, link, hessians) -> None:
         """Add the coded weight's mean output error D E[x] to its layer's float bias (before the
@@ -304,6 +304,24 @@ class SharePass(Pass):
                 raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
             if shared.decode().shape != shared.shape:
                 raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
+
+
+@dataclass(frozen=True, eq=False)
+class _Known:
+    """What the pass knows of its weights so far, by weight name: each weight's WeightEvidence is read here."""
+
+    hessians: dict
+    links: dict = field(default_factory=dict)
+    absorb: dict = field(default_factory=dict)
+    gains: dict = field(default_factory=dict)
+    mean_free: frozenset = frozenset()
+    only: dict = field(default_factory=dict)
+    fitted: dict = field(default_factory=dict)
+
+    def of(self, name: str, mask) -> WeightEvidence:
+        return WeightEvidence(hessians=self.hessians.get(name), mask=mask, link=self.links.get(name),
+                              absorb=self.absorb.get(name), gains=self.gains.get(name), mean_free=name in self.mean_free,
+                              only=self.only.get(name), fitted=self.fitted.get(name))
 
 
 def _dominated(candidate, candidates) -> bool:

@@ -20,17 +20,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcompress.errors import MissingArtifactError
+from onnxcompress.execution.parallel import map_ordered
+from onnxcompress.formats.blobs import replace_constant_subgraph
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.formats.codechain import code_bytes, dense_code_bytes
 from onnxcompress.formats.codecs import METHODS
-from onnxcompress.errors import PreconditionError
+from onnxcompress.formats.forms import Form
+from onnxcompress.formats.packed import choose_layout
 from onnxcompress.graph.edit import mark
 from onnxcompress.graph.model import opset_of
-from onnxcompress.formats.blobs import replace_constant_subgraph
-from onnxcompress.formats.packed import Layout, choose_layout
-from onnxcompress.execution.parallel import map_ordered
-from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.graph.weights import Role, find_weights, get_array
+from onnxcompress.graph.weights import find_weights, get_array, Role
+from onnxcompress.pipeline.artifacts import Artifact
+from onnxcompress.pipeline.manager import Context, Pass, PassResult, producers
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,12 @@ def sparse_constant(name: str, dense: np.ndarray) -> onnx.NodeProto:
 class SparsePass(Pass):
     name = "sparse"
     Config = SparseConfig
+    produces = frozenset({Artifact.LAYOUTS})
 
     def requires(self, ctx: Context) -> None:
-        if not ctx.masks and not any(self._has_zero(s) for s in ctx.shared.values()):
-            raise PreconditionError("sparse storage needs pruned weights: run 'prune' (and 'share') before 'sparse'")
+        if not (ctx.has(Artifact.MASKS) or ctx.has(Artifact.SHARED) or ctx.masks or ctx.shared):
+            raise MissingArtifactError(self.name, f"{Artifact.MASKS.value} or {Artifact.SHARED.value}",
+                                       producers(Artifact.MASKS) + producers(Artifact.SHARED))
 
     @staticmethod
     def _has_zero(shared: SharedWeight) -> bool:
@@ -93,7 +97,7 @@ class SparsePass(Pass):
                 names.append(name)
             else:
                 log.debug("sparse: %s skipped: no pruned entries", name)
-        if ctx.form == "packed":  # layouts are measured per weight, independently: in ctx.jobs workers
+        if ctx.form == Form.PACKED:  # layouts are measured per weight, independently: in ctx.jobs workers
             tasks = (((ctx.shared[name],), {"index_bits": cfg.index_bits_for(roles.get(name, Role.OTHER)),
                                             "methods": list(cfg.measure_with)}) for name in names)
             work = sum(int(ctx.shared[name].codes.size) for name in names)
@@ -104,7 +108,7 @@ class SparsePass(Pass):
                                                                       if layout.kind == "csr" else ""),
                            details={"measured_bytes": layout.sizes,
                                     "nonzero": float(np.mean(ctx.shared[name].codes != 0))})
-        for name in names if ctx.form != "packed" else []:  # portable: written by share already
+        for name in names if ctx.form != Form.PACKED else []:  # portable: written by share already
             codes, bits = ctx.shared[name].codes, ctx.shared[name].bits
             dense, sparse = dense_code_bytes(codes.size, bits, opset), code_bytes(codes, bits, opset)
             counts["relative_indices" if sparse < dense else "dense"] += 1

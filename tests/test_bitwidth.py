@@ -4,9 +4,10 @@ import onnx
 import pytest
 
 from onnxcompress import api
-from onnxcompress.numerics.allocate import Option
 from onnxcompress.errors import ModelError, PassError, RecipeError
-from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass, make_score
+from onnxcompress.numerics.allocate import Option
+from onnxcompress.passes.bitsearch import make_score
+from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
 from onnxcompress.recipes import Recipe
 from tiny import conv_gemm, gemm, random_feeds
 
@@ -49,8 +50,8 @@ def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
     # the additive view would allow three 4-bit layers (0.6 <= 0.7), but jointly that costs 1.8
     measured = {tuple(options[i][j].settings["bits"] for i, j in enumerate(chosen))}
     assert measured == {(4, 8, 8)} or measured == {(8, 4, 8)} or measured == {(8, 8, 4)}
-    assert any(not p["ok"] for p in evaluated)  # the over-budget choices were measured and rejected
-    assert all(p["check"] <= 0.7 for p in evaluated if p["ok"])
+    assert any(not p.ok for p in evaluated)  # the over-budget choices were measured and rejected
+    assert all(p.check <= 0.7 for p in evaluated if p.ok)
 
 
 def tiny_data(model, n=64, seed=0):
@@ -74,7 +75,7 @@ def test_tiny_search_meets_an_sqnr_budget_and_plans_every_weight():
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(monkeypatch):
-    import onnxcompress.passes.bitwidth as bw
+    import onnxcompress.passes.bitsearch as bw
 
     real = bw.fit_codebook
 
@@ -102,22 +103,23 @@ def test_bad_user_input_stops_the_search():
     recipe = Recipe("t", [("bitwidth", {"metric": "no_such_module:f", "min_elements": 64})])
     with pytest.raises(PassError, match="cannot load metric"):
         api.compress(model, recipe, data, eval_data=data)
-    with pytest.raises(RecipeError, match="no 'bitwidth' pass"):
+    with pytest.raises(RecipeError, match="no per-layer search"):
         api.compress(model, "share", data, budget={"max_drop": 0.5})
 
 
 def test_end_to_end_back_off_reruns_the_passes_with_a_safer_plan(monkeypatch):
     import onnxcompress.pipeline.search as search
+    from onnxcompress.pipeline.artifacts import Budget
 
     calls = []
-    real = search.budget_check
+    real = Budget.check
 
-    def fails_first(config, comparison, ratio):
-        met, measured = real(config, comparison, ratio)
+    def fails_first(budget, comparison, ratio):
+        met, measured = real(budget, comparison, ratio)
         calls.append(measured)
         return (len(calls) > 1 and met), measured
 
-    monkeypatch.setattr(search, "budget_check", fails_first)
+    monkeypatch.setattr(Budget, "check", fails_first)
     model = conv_gemm()
     recipe = Recipe("t", [("bitwidth", {"min_sqnr": 15.0, "bits": [2, 3, 4, 6, 8], "sparsities": [0.0],
                                         "min_elements": 64}), ("share", {"min_elements": 64})])
@@ -141,7 +143,7 @@ def test_target_ratio_is_met_by_the_final_model():
 
 
 def test_candidates_that_flip_no_counted_decision_still_cost_their_noise():
-    from onnxcompress.passes.bitwidth import Candidate, floor_disagreement
+    from onnxcompress.passes.bitsearch import Candidate, floor_disagreement
 
     counted = [Candidate(0.0, 2, cost=4.0, nsr=0.04), Candidate(0.0, 3, cost=2.0, nsr=0.01)]  # cost/sqrt(nsr) = 20
     silent = Candidate(0.0, 4, cost=0.0, nsr=0.0025)  # flipped none of the samples, noise not zero
@@ -203,8 +205,8 @@ def test_an_unlabelled_budget_bounds_the_expected_loss_or_the_agreement():
 
     reference = [[np.array([[4.0, 0.0], [0.1, 0.0], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
     candidate = [[np.array([[4.0, 0.0], [0.0, 0.1], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32)]]
-    expected = make_score(BitWidthConfig(max_drop=1.0), False)(["y"], reference, candidate, Data())
-    counted = make_score(BitWidthConfig(max_drop=1.0, unlabelled="agreement"), False)(["y"], reference, candidate,
+    expected = make_score(BitWidthConfig(max_drop=1.0).budget, False)(["y"], reference, candidate, Data())
+    counted = make_score(BitWidthConfig(max_drop=1.0, unlabelled="agreement").budget, False)(["y"], reference, candidate,
                                                                                       Data())
     assert counted["check"] == pytest.approx(25.0)  # one of four decisions changed
     assert expected["check"] == pytest.approx(expected["expected_drop"]) and expected["check"] < 2.5
@@ -234,13 +236,13 @@ def test_layer_input_folds_hold_out_each_chunk_group():
 
 def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
     from onnxcompress.graph.data import load_data
-    from onnxcompress.passes.bitwidth import _Evaluator, _Pruner
+    from onnxcompress.passes.bitsearch import Evaluator, Pruner
     from onnxcompress.graph.weights import find_weights, get_array
 
     model = gemm(k=64, n=16)
     data = load_data(tiny_data(model, n=256))  # 4 chunks of 64 samples, one per fold
     info = next(w for w in find_weights(model) if len(w.shape) == 2)
-    evaluator = _Evaluator(model, [info], data, make_score(BitWidthConfig(min_sqnr=20.0), False))
+    evaluator = Evaluator(model, [info], data, make_score(BitWidthConfig(min_sqnr=20.0).budget, False))
     versions = [np.full(info.shape, float(f), dtype=np.float32) for f in range(4)]
     outputs = evaluator.outputs({info.name: versions})
     b = get_array(model, next(w for w in find_weights(model) if len(w.shape) == 1))
@@ -248,11 +250,11 @@ def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it
         x = next(iter(feed.values()))
         assert np.allclose(chunk[0], x @ versions[i % 4].T + b, atol=1e-4)
     # the pruner refits once per fold, each from the Gram matrices outside its fold
-    pruner = _Pruner(model, data, [info], crossfit=True)
+    pruner = Pruner(model, data, [info], crossfit=True)
     refits, mask = pruner(evaluator.base[info.name], info, 0.5)
     assert len(refits) == 4 and all(np.all(r[~mask] == 0) for r in refits)
     assert len({r.tobytes() for r in refits}) == 4
-    single, _ = _Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
+    single, _ = Pruner(model, data, [info])(evaluator.base[info.name], info, 0.5)
     assert len(single) == 1
 
 
@@ -285,13 +287,13 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
     monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
     p = BitWidthPass(max_drop=0.5, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     p._pruner = None
-    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    table = p._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
     assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
     assert (0.5, 2) not in measured  # 4 bits already cost over the limit there: 2 bits cost more
     assert len(table["w"]) == 5
     sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
     sized._pruner, measured[:] = None, []
-    sized._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    sized._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
     assert len(measured) == 10  # a size budget may need any candidate
 
 
@@ -324,7 +326,7 @@ def test_narrower_widths_past_a_hopeless_one_are_not_measured_at_higher_sparsiti
     monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
     p = BitWidthPass(max_drop=0.5, bits=[2, 4, 8], sparsities=[0.0, 0.5, 0.9])
     p._pruner = None
-    table = p._sensitivities(type("Ctx", (), {"progress": False})(), Evaluator(), [W()])
+    table = p._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
     assert measured == [(0.0, 8), (0.0, 4), (0.0, 2), (0.5, 8), (0.5, 4), (0.9, 8), (0.9, 4)]
     assert len(table["w"]) == 7
 
@@ -334,7 +336,8 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
     from onnx import helper, numpy_helper
 
     import onnxcompress.passes.bitwidth as bw
-    from onnxcompress.runtime.suffix import downstream
+    from onnxcompress.passes.bitsearch import Evaluator
+    from onnxcompress.runtime.suffix import SuffixRunner, downstream
     import tiny
     from onnxcompress.graph.data import Dataset
     from onnxcompress.graph.weights import find_weights
@@ -350,7 +353,7 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
     assert [n.output[0] for n in suffix] == ["y"] and cut == ["h"]
     data = Dataset(stacked=tiny.random_feeds(model, n=100, seed=1))
     weights = [w for w in find_weights(model, min_elements=0) if w.name in ("W0", "W1")]
-    evaluator = bw._Evaluator(model, weights, data, lambda *a: {})
+    evaluator = Evaluator(model, weights, data, lambda *a: {})
     changed = {"W1": [rng.standard_normal((16, 4)).astype(np.float32)]}
     fast = evaluator.outputs(changed)
     assert evaluator._suffix[0] == "W1" and evaluator._suffix[1] is not None
@@ -360,7 +363,7 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a[1], b[1])
     assert not np.allclose(fast[0][0], evaluator.reference[0][0])  # the change did reach y
-    evaluator.suffixes, evaluator._suffix = bw.SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks],
+    evaluator.suffixes, evaluator._suffix = SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks],
                                                             evaluator.names, evaluator.reference, evaluator.base), None
     same = evaluator.outputs({"W1": [evaluator.base["W1"]]})  # unchanged: exactly the reference, no kernel noise
     assert all(np.array_equal(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import tiny
 from onnxcompress.runtime.capture import capture
 from onnxcompress.graph.data import Dataset
-from onnxcompress.errors import PassError, PreconditionError
+from onnxcompress.errors import DataError, PassError, PreconditionError
 from onnxcompress.numerics.quantmath import CalibrationResult
 from onnxcompress.passes.calibrate import CalibrateConfig, CalibratePass, calibrate, derived_tensors
 from onnxcompress.pipeline.manager import Context, PassManager
@@ -162,8 +162,8 @@ def test_pass_puts_a_typed_result_in_the_context_and_needs_data():
     assert isinstance(ctx.calibration, CalibrationResult) and ctx.calibration.method == "mse"
     with pytest.raises(PreconditionError):
         p.requires(Context(original=model, model=model))
-    with pytest.raises(PassError, match="calibrat"):
-        PassManager([CalibratePass()]).run(model, None)
+    with pytest.raises(DataError, match="needs calibration data for its 'calibrate' pass"):
+        PassManager([CalibratePass()]).run(model, None)  # before any pass runs
     onnx.checker.check_model(model, full_check=True)
 
 

@@ -5,8 +5,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.fitting import granular
+from onnxcompress.fitting.granular import fit, LayerHessians, measure, Option
 from onnxcompress.graph.data import Dataset
-from onnxcompress.fitting.granular import LayerHessians, Option, fit, measure
 from onnxcompress.graph.weights import find_weights
 from tiny import (assert_valid_and_close, decoded_reference, gemm, make_model, op_types, random_feeds, run, run_pass,
                   value)
@@ -230,14 +230,14 @@ def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_sp
 
 
 def test_no_outliers_below_opset_11_where_scatternd_does_not_exist():
-    from onnxcompress.fitting.sharing import share_weight
+    from onnxcompress.fitting.sharing import ShareSettings, share_weight
 
     model = scaled_gemm(spread=1.0, outliers=10)
     info = next(w for w in find_weights(model) if w.name == "W")
     array = numpy_helper.to_array(model.graph.initializer[0])
-    old = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=9)
+    old = share_weight(array, info, 4, ShareSettings(granularity="outlier", outlier_fraction=0.01, opset=9))
     assert all(c.option.outlier_fraction == 0 for c in old.candidates)
-    new = share_weight(array, info, 4, granularity="outlier", outlier_fraction=0.01, opset=21)
+    new = share_weight(array, info, 4, ShareSettings(granularity="outlier", outlier_fraction=0.01, opset=21))
     assert new.chosen.shared.outlier_index.size > 0
 
 

@@ -10,10 +10,11 @@ from onnx import helper, numpy_helper
 
 import tiny
 from onnxcompress.errors import BugError
-from onnxcompress.numerics.measures import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
-from onnxcompress.passes.bitwidth import _Pruner, candidate_weights
-from onnxcompress.passes.prune import PrunePass
 from onnxcompress.graph.weights import find_weights
+from onnxcompress.numerics.measures import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
+from onnxcompress.passes.bitsearch import Pruner
+from onnxcompress.passes.bitwidth import candidate_weights
+from onnxcompress.passes.prune import PrunePass
 
 
 def test_sqnr_db_is_signal_over_noise():
@@ -65,7 +66,7 @@ def mask_of_search(model, sparsity, data=None):
     array = numpy_helper.to_array(model.graph.initializer[0])
     if data is None:
         return magnitude_mask(array, sparsity)
-    return _Pruner(model, data, [info])(array, info, sparsity)[1]
+    return Pruner(model, data, [info])(array, info, sparsity)[1]
 
 
 @pytest.mark.parametrize("build", [lambda: depthwise(), lambda: depthwise(equal=True), lambda: depthwise(c=3, k=3),

@@ -8,14 +8,15 @@ import onnx
 import pytest
 
 import tiny
-from onnxcompress.numerics import refine
-from onnxcompress.graph.data import load_data
 from onnxcompress.errors import ModelError, PreconditionError, RecipeError
-from onnxcompress.passes import PASSES
-from onnxcompress.numerics.measures import magnitude_mask
-from onnxcompress.passes.prune import PruneConfig, PrunePass
-from onnxcompress.pipeline.manager import Context
+from onnxcompress.graph.data import load_data
 from onnxcompress.graph.weights import find_weights, get_array
+from onnxcompress.numerics import refine
+from onnxcompress.numerics.measures import magnitude_mask
+from onnxcompress.passes import PASSES
+from onnxcompress.passes.prune import PruneConfig, PrunePass
+from onnxcompress.pipeline.artifacts import Budget, LayerChoice, SearchPlan
+from onnxcompress.pipeline.manager import Context
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -156,7 +157,7 @@ def test_plan_overrides_options():
     model = tiny.gemm()
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    ctx = Context(original=model, model=working, progress=False, plan={"W": {"sparsity": 0.4}})
+    ctx = Context(original=model, model=working, progress=False, plan=SearchPlan(Budget(), {"W": LayerChoice(8, 0.4)}))
     p = PrunePass(sparsity={"W": 0.9})
     p.ensures(ctx, p.call(ctx))
     assert abs(ctx.masks["W"].mean() - 0.6) < 0.01
@@ -219,7 +220,7 @@ def test_planned_sparsity_zero_leaves_the_weight_alone():
     from onnxcompress.graph.weights import find_weights, get_array
 
     model = tiny.conv_gemm()
-    ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan={"fc.W": {"sparsity": 0.0}})
+    ctx = Context(original=model, model=onnx.ModelProto(), progress=False, plan=SearchPlan(Budget(), {"fc.W": LayerChoice(8, 0.0)}))
     ctx.model.CopyFrom(model)
     prune = PrunePass(min_elements=64)
     prune.requires(ctx)

@@ -12,12 +12,12 @@ from onnx import helper, numpy_helper
 
 import tiny
 from onnxcompress.api import compress
+from onnxcompress.errors import MissingArtifactError
 from onnxcompress.graph.data import Dataset, load_data
-from onnxcompress.errors import PassError
+from onnxcompress.numerics.measures import sqnr_db_of as sqnr_db
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
-from onnxcompress.pipeline.manager import PassManager
-from onnxcompress.numerics.measures import sqnr_db_of as sqnr_db
+from onnxcompress.pipeline.manager import Context, PassManager
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -206,8 +206,11 @@ def test_old_opset_gets_per_tensor_weights_and_never_a_new_opset():
 
 
 def test_static_mode_requires_calibration():
-    with pytest.raises(PassError, match="calibrate"):
+    # a user's pass list without the producer of the ranges: their mistake (exit 2), named before any pass runs
+    with pytest.raises(MissingArtifactError, match="needs activation ranges, which pass 'calibrate' makes"):
         PassManager([QdqPass()], validate="none").run(tiny.conv_gemm(), None)
+    with pytest.raises(MissingArtifactError, match="'calibrate'"):  # the pass checks it when called on its own too
+        QdqPass().requires(Context(original=tiny.conv_gemm(), model=tiny.conv_gemm()))
 
 
 def test_lenet5_int8_recipe_keeps_accuracy_and_runs_integer_kernels(tmp_path):

@@ -8,15 +8,14 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress.graph import datafile, external, spill
-
-from onnxcompress.graph import model as model_io
-
-from onnxcompress.execution import parallel
 from onnxcompress.api import compress, compress_file
 from onnxcompress.errors import ModelError, OutputError
+from onnxcompress.execution import parallel
+from onnxcompress.graph import datafile, external, model as model_io, spill
 from onnxcompress.graph.model import load_model, save_model
 from onnxcompress.graph.weights import find_weights, get_array
+
+
 from tiny import mlp, conv_gemm, make_model, random_feeds, value
 
 
@@ -205,9 +204,9 @@ def test_auto_granularity_without_data_chooses_on_a_sample_of_a_large_weight(mon
     array = (rng.standard_normal((256, 512)) * np.exp(rng.normal(0, 1.5, (256, 1)))).astype(np.float32)
     info = WeightInfo(name="W", shape=array.shape, dtype=np.dtype(np.float32), nbytes=array.nbytes,
                       location="initializer", graph="main", consumers=[], role=Role.GEMM, channel_axis=0)
-    full = layer_hessians.share_weight(array, info, 4, target_db=36.0)
+    full = layer_hessians.share_weight(array, info, 4, layer_hessians.ShareSettings(target_db=36.0))
     monkeypatch.setattr(layer_hessians, "CHOICE_SAMPLE_ELEMENTS", 16384)  # 32 of the 256 channels
-    sampled = layer_hessians.share_weight(array, info, 4, target_db=36.0)
+    sampled = layer_hessians.share_weight(array, info, 4, layer_hessians.ShareSettings(target_db=36.0))
     assert "sample" in sampled.reason and "sample" not in full.reason
     assert sampled.chosen.option == full.chosen.option and sampled.chosen.option.kind == "channel"
     assert sampled.chosen.shared.codes.shape == array.shape

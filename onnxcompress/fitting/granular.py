@@ -43,17 +43,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal, Sequence
 
 import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
-from onnxcompress.numerics.gptq import LayerHessians, gptq_codes, refit_under_hessians
+from onnxcompress.numerics.gptq import gptq_codes, LayerHessians, refit_under_hessians
 from onnxcompress.numerics.granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
 from onnxcompress.numerics.measures import sqnr_db
-from onnxcompress.runtime.sensitivity import OutputGains, mean_part
+from onnxcompress.runtime.sensitivity import mean_part, OutputGains
 
 Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
@@ -236,37 +237,60 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
     return kinds or [Option("tensor")]  # e.g. "group" with one group, "outlier" with a zero fraction
 
 
-def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str, channel_axis: int | None,
-           hessians: LayerHessians | None = None, mask: np.ndarray | None = None, target_db: float = 30.0,
-           init: str = "linear", seed: int = 0, model_elements: int | None = None,
-           portable_bytes=None, float_bytes: int | None = None, measure_with=None,
-           space: Literal["output", "weight", "model output"] | None = None, gains: OutputGains | None = None,
-           mean_free: bool = False, fitted: dict[Option, SharedWeight] | None = None) -> Choice:
-    """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
+@dataclass(frozen=True, eq=False)
+class Fitting:
+    """How :func:`choose` fits its candidates to one weight: its name and channel axis, the layer's input
+    Hessians (with data), the kept-entry mask of a pruned weight, the k-means start, and options already
+    fitted to this very array with these arguments (reused, not fitted again)."""
 
-    portable_bytes(shared) -> int prices a candidate (default SharedWeight.payload_bytes); the
-    "float" option costs `float_bytes` (default the array's bytes) and has no error. measure_with(shared)
-    -> SQNR dB replaces :func:`measure` (a bias measured in its layer's output, say), in `space`.
-    gains: how the layer's error reaches the model's outputs (:mod:`onnxcompress.runtime.sensitivity`);
-    with them :func:`measure` judges every candidate there, in space "model output". mean_free: the
-    error's mean will be corrected in the layer's bias (see :func:`measure`). fitted: options already
-    fitted to this very array with these arguments (reused, not fitted again).
-    In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing.
-    """
-    price = portable_bytes or (lambda s: s.payload_bytes())
-    sqnr = measure_with or (lambda shared: measure(array, shared, hessians, gains, mean_free=mean_free))
+    name: str = "weight"
+    channel_axis: int | None = None
+    hessians: LayerHessians | None = None
+    mask: np.ndarray | None = None
+    init: str = "linear"
+    seed: int = 0
+    fitted: dict[Option, SharedWeight] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Judging:
+    """How :func:`choose` prices, measures and picks: portable_bytes(shared) -> int prices a candidate
+    (default SharedWeight.payload_bytes); the "float" option costs `float_bytes` (default the array's
+    bytes) and has no error. measure_with(shared) -> SQNR dB replaces :func:`measure` (a bias measured in
+    its layer's output, say), in `space`. gains: how the layer's error reaches the model's outputs
+    (:mod:`onnxcompress.runtime.sensitivity`); with them :func:`measure` judges every candidate there, in space
+    "model output". mean_free: the error's mean will be corrected in the layer's bias (see
+    :func:`measure`). model_elements: the model's size, against which bytes trade for dB."""
+
+    target_db: float = 30.0
+    model_elements: int | None = None
+    portable_bytes: Callable[[SharedWeight], int] | None = None
+    float_bytes: int | None = None
+    measure_with: Callable[[SharedWeight], float] | None = None
+    space: Literal["output", "weight", "model output"] | None = None
+    gains: OutputGains | None = None
+    mean_free: bool = False
+
+
+def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fitting, judging: Judging) -> Choice:
+    """Fit every option, measure SQNR and bytes, keep the smallest one good enough (module docstring).
+    In the fallback, a candidate's SQNR counts up to the target only: fidelity beyond it buys nothing."""
+    hessians, gains, target_db = fitting.hessians, judging.gains, judging.target_db
+    price = judging.portable_bytes or (lambda s: s.payload_bytes())
+    sqnr = judging.measure_with or (lambda shared: measure(array, shared, hessians, gains,
+                                                           mean_free=judging.mean_free))
     importance = hessians.importance() if hessians is not None else None
     candidates = []
     for option in options:
         if option.kind == "float":
-            size = float_bytes if float_bytes is not None else int(np.asarray(array).nbytes)
+            size = judging.float_bytes if judging.float_bytes is not None else int(np.asarray(array).nbytes)
             candidates.append(Candidate(option, None, int(size), math.inf))
             continue
-        shared = (fitted or {}).get(option) or fit(array, bits, option, name=name, channel_axis=channel_axis,
-                                                    importance=importance, mask=mask, init=init, seed=seed,
-                                                    hessians=hessians)
+        shared = (fitting.fitted or {}).get(option) or fit(
+            array, bits, option, name=fitting.name, channel_axis=fitting.channel_axis, importance=importance,
+            mask=fitting.mask, init=fitting.init, seed=fitting.seed, hessians=hessians)
         candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
-    space = space or ("weight" if hessians is None else "output" if gains is None else "model output")
+    space = judging.space or ("weight" if hessians is None else "output" if gains is None else "model output")
     # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below
     good = [c for c in candidates if c.sqnr_db >= target_db and c.shared is not None]
     if len(candidates) == 1:
@@ -275,7 +299,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], *, name: str
         chosen = min(good + [c for c in candidates if c.shared is None], key=lambda c: (c.bytes, -c.sqnr_db))
         reason = f"smallest option reaching the {target_db:g} dB {space} SQNR target"
     else:
-        per_byte = DB_PER_BIT * 8 / max(model_elements or int(np.size(array)), 1)
+        per_byte = DB_PER_BIT * 8 / max(judging.model_elements or int(np.size(array)), 1)
         chosen = max(candidates, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
         reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
                   f"{DB_PER_BIT} dB per extra bit per weight")

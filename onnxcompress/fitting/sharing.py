@@ -12,21 +12,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxcompress.numerics.bias_error import BiasLink, absorbing_target, mean_solutions
-from onnxcompress.runtime.capture import capture, collect_layer_inputs, linear_layer
-from onnxcompress.formats.codebook import SharedWeight, portable_nodes
+from onnxcompress.errors import ModelError
+from onnxcompress.fitting.granular import (Candidate, Choice, choose, Fitting, from_matrix, Judging, LayerHessians,
+                                           Option, options_for, to_matrix)
+from onnxcompress.formats.codebook import portable_nodes, SharedWeight
 from onnxcompress.formats.codechain import UINT4_MIN_OPSET
 from onnxcompress.graph.data import Dataset
-from onnxcompress.errors import ModelError
-from onnxcompress.fitting.granular import Candidate, Choice, LayerHessians, Option, choose, from_matrix, options_for, to_matrix
+from onnxcompress.graph.edit import find_graph, NameScope
+from onnxcompress.graph.weights import is_bias, WeightInfo
+from onnxcompress.numerics.bias_error import absorbing_target, BiasLink, mean_solutions
 from onnxcompress.numerics.measures import sqnr_db
+from onnxcompress.runtime.capture import capture, collect_layer_inputs, linear_layer
 from onnxcompress.runtime.sensitivity import OutputGains
-from onnxcompress.graph.edit import NameScope, find_graph
-from onnxcompress.graph.weights import WeightInfo, is_bias
 
 log = logging.getLogger(__name__)
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -196,27 +198,59 @@ def _bias_rows(node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> tupl
     return None
 
 
-def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity: str = "auto",
-                 group_size: int = 8, outlier_fraction: float = 0.005, target_db: float = 30.0,
-                 hessians: LayerHessians | None = None, mask: np.ndarray | None = None, init: str = "linear",
-                 seed: int = 0, model_elements: int | None = None, opset: int = UINT4_MIN_OPSET,
-                 link: BiasLink | None = None, absorb: np.ndarray | None = None,
-                 gains: OutputGains | None = None, mean_free: bool = False, only: Option | None = None,
-                 fitted: dict[Option, SharedWeight] | None = None) -> Choice:
-    """The share pass's entry point: the candidates `granularity` allows, measured, one chosen.
+@dataclass(frozen=True)
+class ShareSettings:
+    """How every weight of one share run is coded: which options `granularity` allows and their target
+    SQNR, the k-means start, and what prices a candidate (the model's element count, against which bytes
+    trade for dB, and the opset its portable form is written at)."""
+
+    granularity: str = "auto"
+    group_size: int = 8  # output channels per codebook ("group")
+    outlier_fraction: float = 0.005  # share of entries stored exactly ("outlier")
+    target_db: float = 30.0
+    init: str = "linear"
+    seed: int = 0
+    model_elements: int | None = None
+    opset: int = UINT4_MIN_OPSET
+
+
+@dataclass(frozen=True, eq=False)
+class WeightEvidence:
+    """What is known of one weight beyond its values, each optional.
+
+    hessians: its layer's input Hessians (with data). mask: True where a pruned weight's entry is kept.
+    link: a bias's link to its layer, by which it is measured in the layer's output. absorb: its bias's
+    coding error per output row, which the weight is coded toward cancelling (W + e v^T). gains: how its
+    error reaches the model's outputs (:mod:`onnxcompress.runtime.sensitivity`). mean_free: the layer's float bias
+    takes up the weight's mean output error (bias correction), which then does not count. only: fit and
+    measure this one option (a choice made elsewhere). fitted: options already fitted to this weight (the
+    gains' probe), reused unless the weight is moved toward a target.
+    """
+
+    hessians: LayerHessians | None = None
+    mask: np.ndarray | None = None
+    link: BiasLink | None = None
+    absorb: np.ndarray | None = None
+    gains: OutputGains | None = None
+    mean_free: bool = False
+    only: Option | None = None
+    fitted: dict[Option, SharedWeight] | None = None
+
+
+def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: ShareSettings = ShareSettings(),
+                 evidence: WeightEvidence = WeightEvidence()) -> Choice:
+    """The share pass's entry point: the candidates `settings.granularity` allows, measured, one chosen.
 
     A candidate is priced at its serialized portable form (nodes and initializers, as written at
-    `opset`), so the few hundred bytes of a Mul/Cast pair count on a small layer; the "float"
-    option at the initializer's bytes. A bias with a `link` is measured by the error it leaves in
-    its layer's output; a weight given `absorb` (its bias's coding error per output row) is coded
-    toward W + e v^T, which cancels what it can of that error (Choice.target holds it). With
-    `gains` (:mod:`onnxcompress.runtime.sensitivity`), errors are judged at the model's outputs; a bias's
-    error is a constant offset, all of it carried by the mean gain. mean_free: the layer's float
-    bias will take up the weight's mean output error (bias correction), which then does not count.
-    only: fit and measure this one option (a choice made elsewhere). fitted: options already fitted
-    to this weight with these arguments (the gains' probe), reused unless the weight is moved toward
-    a target.
+    `settings.opset`), so the few hundred bytes of a Mul/Cast pair count on a small layer; the "float"
+    option at the initializer's bytes. A bias with a link is measured by the error it leaves in
+    its layer's output; a weight given `absorb` is coded toward W + e v^T, which cancels what it can of
+    its bias's error (Choice.target holds it). With gains, errors are judged at the model's outputs; a
+    bias's error is a constant offset, all of it carried by the mean gain.
     """
+    hessians, mask, link, gains = evidence.hessians, evidence.mask, evidence.link, evidence.gains
+    absorb, only = evidence.absorb, evidence.only
+    granularity, outlier_fraction, target_db = settings.granularity, settings.outlier_fraction, settings.target_db
     if not np.all(np.isfinite(array)):
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
     axis = info.channel_axis
@@ -231,10 +265,11 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         measure_with = lambda shared: sqnr_db(link.signal, mean_gain * link.noise(reference - shared.decode()))  # noqa: E731
         space = "output" if gains is None else "model output"
     channels = int(array.shape[axis]) if axis is not None else 1
-    if opset < SCATTER_MIN_OPSET:  # outliers are written back by ScatterElements
+    if settings.opset < SCATTER_MIN_OPSET:  # outliers are written back by ScatterElements
         outlier_fraction = 0.0
     options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
-                          weighted=hessians is not None, group_size=group_size, outlier_fraction=outlier_fraction,
+                          weighted=hessians is not None, group_size=settings.group_size,
+                          outlier_fraction=outlier_fraction,
                           keep_float=link is not None) if only is None else [only]
     if only is None and link is None and granularity == "auto" and is_bias(info):
         # its error lands on every output of the layer; unmeasured there (no data, or no captured layer), it
@@ -242,23 +277,22 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, *, granularity:
         return Choice(Candidate(Option("float"), None, float_size(info), math.inf), [], "weight", target_db,
                       "a bias whose error could not be measured in its layer's output (no data, or no such layer) stays "
                       "exact")
-    price = lambda shared: portable_size(shared, opset)  # noqa: E731
+    price = lambda shared: portable_size(shared, settings.opset)  # noqa: E731
     if hessians is None and len(options) > 1 and array.size > CHOICE_SAMPLE_ELEMENTS:
-        choice = _choose_on_sample(array, bits, options, info, mask=mask, target_db=target_db, init=init,
-                                   seed=seed, model_elements=model_elements, price=price)
+        choice = _choose_on_sample(array, bits, options, info, mask, settings, price)
     else:
-        choice = choose(array, bits, options, name=info.name, channel_axis=axis, hessians=hessians, mask=mask,
-                        target_db=target_db, init=init, seed=seed, model_elements=model_elements,
-                        portable_bytes=price, float_bytes=float_size(info),
-                        measure_with=measure_with, space=space, gains=gains, mean_free=mean_free,
-                        fitted=fitted if target is None else None)
+        fitting = Fitting(info.name, axis, hessians, mask, settings.init, settings.seed,
+                          evidence.fitted if target is None else None)
+        choice = choose(array, bits, options, fitting, Judging(target_db, settings.model_elements, price,
+                                                               float_size(info), measure_with, space, gains,
+                                                               evidence.mean_free))
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice
 
 
-def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, *, mask, target_db: float,
-                      init: str, seed: int, model_elements: int | None, price) -> Choice:
+def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, mask: np.ndarray | None,
+                      settings: ShareSettings, price) -> Choice:
     """The weight-space choice of :func:`granular.choose` made on a seeded sample, then one full fit.
 
     The sample is whole output channels (entries when the weight has no channel axis) adding up
@@ -267,6 +301,7 @@ def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, *
     element count by the same share keeps the bytes-for-dB exchange rate of the full weight.
     """
     axis = info.channel_axis
+    target_db, init, seed, model_elements = settings.target_db, settings.init, settings.seed, settings.model_elements
     rng = np.random.default_rng(seed)
     matrix = to_matrix(array, axis)
     kept = None if mask is None else to_matrix(np.asarray(mask, bool), axis)
@@ -280,10 +315,10 @@ def _choose_on_sample(array: np.ndarray, bits: int, options, info: WeightInfo, *
     sample_mask = None if kept is None else (kept[picked] if sample_axis == 0 else kept[picked, 0])
     share = sample.size / array.size
     elements = int(max(model_elements or array.size, 1) * share)
-    trial = choose(sample, bits, options, name=info.name, channel_axis=sample_axis, mask=sample_mask,
-                   target_db=target_db, init=init, seed=seed, model_elements=elements, portable_bytes=price)
-    full = choose(array, bits, [trial.chosen.option], name=info.name, channel_axis=axis, mask=mask,
-                  target_db=target_db, init=init, seed=seed, model_elements=model_elements, portable_bytes=price)
+    trial = choose(sample, bits, options, Fitting(info.name, sample_axis, mask=sample_mask, init=init, seed=seed),
+                   Judging(target_db, elements, price))
+    full = choose(array, bits, [trial.chosen.option], Fitting(info.name, axis, mask=mask, init=init, seed=seed),
+                  Judging(target_db, model_elements, price))
     return Choice(full.chosen, trial.candidates, "weight", target_db,
                   f"{trial.reason}, measured on a sample of {share:.1%} of the entries (no calibration data), "
                   "then fitted on all of them")

@@ -10,16 +10,17 @@ custom ops, `unpack`) computes exactly this, and :meth:`SharedWeight.decode` is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import ModelError
+from onnxcompress.formats.codechain import code_bytes, codes_nodes, PACK_MIN_OPSET
+from onnxcompress.graph.edit import mark, NameScope
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics.kmeans import kmeans_1d
-from onnxcompress.formats.codechain import PACK_MIN_OPSET, code_bytes, codes_nodes
-from onnxcompress.graph.edit import NameScope, mark
 
 _STEP = "sw"  # base of the decode chains' intermediate tensor names ("sw", "sw_1", ...)
 

@@ -5,8 +5,8 @@ import onnx
 from onnx import helper
 
 from onnxcompress.graph.weights import Role
-
 from onnxcompress.numerics.quantmath import CalibrationResult
+
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 ELEMENTWISE = {"Add", "Mul"}

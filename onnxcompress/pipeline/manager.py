@@ -1,36 +1,42 @@
-"""Passes and the manager that runs them: ordered, timed, validated, reported.
+"""Passes and the manager that runs them: ordered, timed, checked, validated, reported.
 
-A pass is a small class with a typed keyword-only ``Config`` dataclass; ``requires`` raises
-PreconditionError when what it needs is missing, ``call`` rewrites ``ctx.model`` and returns a
-PassResult, ``ensures`` checks the result. Passes talk to each other only through the typed
-fields of :class:`Context`.
+A pass is a small class with a typed keyword-only ``Config`` dataclass. It declares the typed
+artifacts it ``produces`` and ``consumes`` (:class:`~onnxcompress.pipeline.artifacts.Artifact`); the manager
+checks a pass's before it runs (a missing one is a recipe ordering mistake: the user's in their own
+recipe, exit 2, ours in a built-in one, a BugError), then ``requires`` raises PreconditionError for
+anything else it needs, ``call`` rewrites ``ctx.model`` and returns a PassResult, ``ensures`` checks
+the result (a failed check is our bug). Passes talk to each other only through the typed fields of
+:class:`Context`. The manager is itself a pass, so a composite is a pass of passes.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import time
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
-from onnxcompress.graph import external
-from onnxcompress.graph.spill import SpillingDict
+from onnxcompress.errors import BugError, DataError, MissingArtifactError, OnnxCompressError, PassError
+from onnxcompress.execution.parallel import Executor
 from onnxcompress.formats.codebook import SharedWeight
+from onnxcompress.formats.forms import Form
+from onnxcompress.formats.packed import Layout, PackedWeight
+from onnxcompress.graph import external
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import drop_initializer_inputs
-from onnxcompress.errors import BugError, OnnxCompressError, PassError, RecipeError
+from onnxcompress.graph.spill import SpillingDict
+from onnxcompress.graph.weights import find_weights, NONFINITE, nonfinite_weights, WeightInfo
+from onnxcompress.numerics.quantmath import CalibrationResult
+from onnxcompress.pipeline.artifacts import Artifact, SearchPlan
+from onnxcompress.pipeline.configs import make_config
 from onnxcompress.runtime.layer_errors import LayerError
-from onnxcompress.runtime.metrics import Comparison, compare_models
-from onnxcompress.runtime.tasks import TaskMetric
+from onnxcompress.runtime.metrics import compare_models, Comparison
 from onnxcompress.runtime.sessions import foreign_domains
-from onnxcompress.formats.packed import Layout, PackedWeight
-from onnxcompress.execution.parallel import Executor
-from onnxcompress.graph.weights import NONFINITE, WeightInfo, find_weights, nonfinite_weights
+from onnxcompress.runtime.tasks import TaskMetric
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +61,23 @@ class Context:
     model: onnx.ModelProto
     data: Dataset | None = None  # calibration data (None: passes fall back to data-free methods)
     eval_data: Dataset | None = None  # validation data (searches measure fidelity on it)
-    form: str = "portable"  # "portable" | "packed"
+    form: Form = Form.PORTABLE  # the output form: set once per run (recipe, --form), read by the passes that care
     jobs: int | Executor = 1  # cores for per-weight work, or an executor (onnxcompress.execution.parallel)
     progress: bool = True
-    # prune -> share, sparse: True where a weight entry is kept
+    # prune -> share, sparse (Artifact.MASKS): True where a weight entry is kept
     masks: dict[str, np.ndarray] = field(default_factory=dict)
-    # share -> sparse, entropy, packed form: the codebook form of each shared weight
+    # share -> sparse, entropy, packed form (Artifact.SHARED): the codebook form of each shared weight
     shared: dict[str, SharedWeight] = field(default_factory=dict)
-    # sparse -> entropy: how each shared weight's codes are laid out in the packed form
+    # sparse -> entropy (Artifact.LAYOUTS): how each shared weight's codes are laid out in the packed form
     layouts: dict[str, Layout] = field(default_factory=dict)
-    # entropy -> packed form, report: the encoded blob and stream sizes of each shared weight
+    # entropy -> packed form, report (Artifact.PACKED): the encoded blob and stream sizes of each shared weight
     packed: dict[str, PackedWeight] = field(default_factory=dict)
-    # calibrate -> qdq: activation statistics (a passes.calibrate.CalibrationResult)
-    calibration: Any = None
+    # calibrate -> qdq (Artifact.CALIBRATION): activation ranges
+    calibration: CalibrationResult | None = None
     # qdq -> report: SQNR of every quantized tensor against the float model, worst first
     layer_errors: list[LayerError] = field(default_factory=list)
-    # bitwidth -> share/prune/qdq: per-weight settings chosen by the search
-    plan: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # bitwidth -> prune, share, the search-then-verify composite (Artifact.PLAN): per-weight settings
+    plan: SearchPlan | None = None
     # a pass that rewrites the graph exactly (BatchNorm folded into its Conv) -> later layer fits:
     # the original with the same rewrite, so each layer's fit target is its own output there
     rewritten_original: onnx.ModelProto | None = None
@@ -80,8 +86,56 @@ class Context:
     nonfinite: set[str] = field(default_factory=set)
     # the manager -> passes that check fidelity (qdq's guard): the task kind the user chose (None: detected)
     task: TaskMetric | None = None
+    # the manager: the artifacts whose producers have run
+    available: set[Artifact] = field(default_factory=set)
+    # the manager: how the run validates (None: it does not), after every pass or at the end
+    verify: Callable[[onnx.ModelProto], Comparison] | None = None
+    validate_each: bool = False
+    validation: Comparison | None = None  # of `model` as it stands (reset by every pass that runs)
+    timings: list[PassTiming] = field(default_factory=list)
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.form = Form(self.form)
+
+    @classmethod
+    def start(cls, original: onnx.ModelProto, **options) -> Context:
+        """A context on a copy of `original`, its weights holding NaN/Inf and its initializer inputs noted."""
+        working = onnx.ModelProto()
+        working.CopyFrom(original)
+        ctx = cls(original=original, model=working, **options)
+        if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
+            ctx.masks, ctx.shared = SpillingDict(working), SpillingDict(working)
+        ctx.nonfinite = set(nonfinite_weights(working))
+        for name in sorted(ctx.nonfinite):
+            ctx.record(name, "load", f"kept float: {NONFINITE}")
+        if ctx.nonfinite:
+            ctx.note(f"{len(ctx.nonfinite)} float tensor(s) hold NaN or Inf ({', '.join(sorted(ctx.nonfinite)[:5])}"
+                     f"{', ...' if len(ctx.nonfinite) > 5 else ''}): every pass keeps them float")
+        if dropped := drop_initializer_inputs(working):
+            ctx.note(f"{len(dropped)} initializer(s) were also listed as graph inputs ({', '.join(dropped[:5])}"
+                     f"{', ...' if len(dropped) > 5 else ''}), defaults a caller could override: they are treated as "
+                     "the constants they are and are no longer inputs of the output, so they can be compressed")
+        return ctx
+
+    def fork(self) -> Context:
+        """A copy to try passes on (the model and every artifact copied); `adopt` takes it over."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return dataclasses.replace(
+            self, model=model, masks=_copied(self.masks, model), shared=_copied(self.shared, model),
+            layouts=dict(self.layouts), packed=_copied(self.packed, model), layer_errors=list(self.layer_errors),
+            nonfinite=set(self.nonfinite), available=set(self.available), timings=list(self.timings),
+            records=list(self.records), notes=list(self.notes))
+
+    def adopt(self, trial: Context) -> None:
+        """Take over the state of a fork (the model, the artifacts and the report's lines)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(trial, f.name))
+
+    def has(self, artifact: Artifact) -> bool:
+        return artifact in self.available
 
     @property
     def reference(self) -> onnx.ModelProto:
@@ -105,6 +159,16 @@ class Context:
         self.notes.append(text)
 
 
+def _copied(values: dict, model: onnx.ModelProto) -> dict:
+    """A copy of an artifact dict; a spilling one spills again beside `model`."""
+    if not isinstance(values, SpillingDict):
+        return dict(values)
+    copy = SpillingDict(model)
+    for key in values:
+        copy[key] = values[key]
+    return copy
+
+
 @dataclass
 class PassResult:
     modified: bool
@@ -112,9 +176,14 @@ class PassResult:
 
 
 class Pass:
-    """Base class of every pass: subclass, set `name` and `Config`, implement `call`."""
+    """Base class of every pass: subclass, set `name` and `Config`, implement `call`; declare the
+    artifacts it makes (`produces`) and those it cannot run without (`consumes`)."""
 
     name: ClassVar[str] = "pass"
+    produces: ClassVar[frozenset[Artifact]] = frozenset()
+    consumes: ClassVar[frozenset[Artifact]] = frozenset()
+    composite: ClassVar[bool] = False  # its parts are run, checked and timed as passes of their own
+    needs_data: ClassVar[bool] = False  # runs only with calibration data: checked before any pass runs
 
     @dataclass(kw_only=True)
     class Config:
@@ -126,7 +195,7 @@ class Pass:
         self.config = config if config is not None else make_config(self.Config, options, self.name)
 
     def requires(self, ctx: Context) -> None:
-        """Raise PreconditionError when the context lacks what this pass needs."""
+        """Raise PreconditionError when the context lacks what this pass needs (beyond `consumes`)."""
 
     def call(self, ctx: Context) -> PassResult:
         raise NotImplementedError
@@ -134,45 +203,73 @@ class Pass:
     def ensures(self, ctx: Context, result: PassResult) -> None:
         """Raise when the result breaks this pass's invariants."""
 
+    def parts(self) -> list[Pass]:
+        """The passes that run, in order: itself, or a composite's leaves."""
+        return [self]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
 
-def make_config(config_type: type, options: dict[str, Any], pass_name: str):
-    """Build a config dataclass from a recipe's options, naming a misspelled option's closest match."""
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    hints = typing.get_type_hints(config_type)
-    for key, value in options.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            suggestion = f"; did you mean '{close[0]}'?" if close else f"; options are {sorted(fields)}"
-            raise RecipeError(f"pass '{pass_name}' has no option '{key}'{suggestion}")
-        _check_type(pass_name, key, value, hints.get(key))
+def producers(artifact: Artifact) -> list[str]:
+    """Names of the passes (imported so far) that declare they produce `artifact`."""
+    found, stack = set(), list(Pass.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        made = cls.__dict__.get("produces")
+        if isinstance(made, frozenset) and artifact in made:
+            found.add(cls.name)
+    return sorted(found)
+
+
+def missing_artifact(p: Pass, artifact: Artifact) -> MissingArtifactError:
+    return MissingArtifactError(p.name, artifact.value, producers(artifact))
+
+
+def run_step(p: Pass, ctx: Context) -> PassResult:
+    """Run one pass on `ctx`: its artifacts checked, `requires`, `call`, `ensures`, timed (and validated
+    after it when the run validates each pass); a composite runs its parts as steps of their own."""
+    if p.composite:
+        return p.call(ctx)
+    done = [t.name for t in ctx.timings]
+    for artifact in sorted(p.consumes - ctx.available, key=lambda a: a.name):
+        raise missing_artifact(p, artifact)
+    where = f"in pass '{p.name}'" + (f", after passes {done}" if done else "")
+    start = time.perf_counter()
     try:
-        return config_type(**options)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"pass '{pass_name}': {e}") from e
+        p.requires(ctx)
+        result = p.call(ctx)
+    except MissingArtifactError:
+        raise
+    except OnnxCompressError as e:
+        raise PassError(p.name, done, e) from e
+    except BugError as e:
+        raise BugError(f"{where}: {e}") from e
+    except Exception as e:  # a bug in a pass: keep the traceback as the cause
+        raise PassError(p.name, done, RuntimeError(f"{type(e).__name__}: {e}")) from e
+    try:
+        p.ensures(ctx, result)
+    except OnnxCompressError as e:  # a check that names a problem of the input
+        raise PassError(p.name, done, e) from e
+    except Exception as e:  # a failed postcondition: ours to fix, not the user's
+        raise BugError(f"{where}: postcondition failed: {e}") from e
+    ctx.available |= p.produces
+    ctx.validation = None
+    timing = PassTiming(p.name, time.perf_counter() - start, result.modified, result.summary, produced=p.produces)
+    log.info("pass %s: %.2f s, %s", p.name, timing.seconds, result.summary)
+    if ctx.validate_each and ctx.verify is not None:
+        timing.validation = ctx.validation = validated(ctx, p.name)
+    ctx.timings.append(timing)
+    return result
 
 
-def _check_type(pass_name: str, key: str, value: Any, hint: Any) -> None:
-    if hint is None:
-        return
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else (hint,)
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind
-        if kind is type(None) and value is None:
-            return
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind is typing.Literal:
-            continue
-        if isinstance(kind, type) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return
-    literal = [a for k in allowed if typing.get_origin(k) is typing.Literal for a in typing.get_args(k)]
-    if value in literal:
-        return
-    expected = " or ".join(repr(a) for a in literal) if literal else getattr(hint, "__name__", str(hint))
-    raise RecipeError(f"pass '{pass_name}': option '{key}' must be {expected}, got {value!r}")
+def validated(ctx: Context, where: str) -> Comparison:
+    """The run's validation of ctx.model; a failure names where it happened."""
+    try:
+        return ctx.verify(ctx.model)
+    except OnnxCompressError as e:
+        raise PassError(where, [t.name for t in ctx.timings], e) from e
 
 
 @dataclass
@@ -182,6 +279,7 @@ class PassTiming:
     modified: bool
     summary: dict[str, Any]
     validation: Comparison | None = None
+    produced: frozenset[Artifact] = frozenset()  # what the pass declares it makes (a search plan, say)
 
 
 @dataclass
@@ -196,6 +294,7 @@ class Report:
     form: str = "portable"
     layer_errors: list[LayerError] = field(default_factory=list)  # per quantized tensor, worst first
     shipped: Any = None  # the output file's shipped.ShippedSize (disk, gzip, brotli, resident), when written
+    artifacts: frozenset[Artifact] = frozenset()  # what the passes made (shared weights, a search plan, ...)
 
     @property
     def ratio(self) -> float | None:
@@ -215,78 +314,92 @@ class Report:
         }
 
 
-class PassManager:
-    """Runs an explicit, ordered list of passes on a copy of the model.
+class PassManager(Pass):
+    """Runs an explicit, ordered list of passes; itself a pass, so it nests.
 
-    validate: "end" compares the result with the original in onnxruntime once, "each" after
-    every pass (to find the pass that broke fidelity), "none" skips it.
+    As the outermost pass (`run`) it works on a copy of the model and validates: "end" compares
+    the result with the original in onnxruntime once, "each" after every pass (to find the pass
+    that broke fidelity), "none" skips it. `ours`: the passes are a built-in recipe, so one that
+    misses an artifact is our bug (exit 1), not the user's ordering mistake (exit 2).
     """
 
+    name = "manager"
+    composite = True
+
     def __init__(self, passes: list[Pass], *, recipe: str = "custom", validate: str = "end",
-                 form: str = "portable", jobs: int = 1, progress: bool = True,
-                 tolerance: tuple[float, float] | None = None, task: TaskMetric | None = None):
+                 form: Form | str = Form.PORTABLE, jobs: int = 1, progress: bool = True,
+                 tolerance: tuple[float, float] | None = None, task: TaskMetric | None = None, ours: bool = False):
         if validate not in ("end", "each", "none"):
             raise ValueError(f"validate must be 'end', 'each' or 'none', not {validate!r}")
-        self.passes, self.recipe, self.validate = passes, recipe, validate
-        self.form, self.jobs, self.progress = form, jobs, progress
+        self.config = None
+        self.passes, self.recipe, self.validate = list(passes), recipe, validate
+        self.form, self.jobs, self.progress = Form(form), jobs, progress
         self.tolerance = tolerance  # (atol, rtol) the validation also counts values outside of (a gate's)
         self.task = task  # the task kind the user chose for the validation (None: detected per output)
+        self.ours = ours
 
-    def run(self, model: onnx.ModelProto, data: Dataset | None = None, eval_data: Dataset | None = None,
-            plan: dict[str, dict[str, Any]] | None = None) -> tuple[onnx.ModelProto, Report]:
-        """Run the passes on a copy of `model`; `plan` presets ctx.plan (per-weight settings)."""
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
-        ctx = Context(original=model, model=working, data=data, eval_data=eval_data, form=self.form, jobs=self.jobs,
-                      progress=self.progress, task=self.task)
-        ctx.plan = {name: dict(settings) for name, settings in (plan or {}).items()}
-        if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
-            ctx.masks, ctx.shared = SpillingDict(working), SpillingDict(working)
-        ctx.nonfinite = set(nonfinite_weights(working))
-        for name in sorted(ctx.nonfinite):
-            ctx.record(name, "load", f"kept float: {NONFINITE}")
-        if ctx.nonfinite:
-            ctx.note(f"{len(ctx.nonfinite)} float tensor(s) hold NaN or Inf ({', '.join(sorted(ctx.nonfinite)[:5])}"
-                     f"{', ...' if len(ctx.nonfinite) > 5 else ''}): every pass keeps them float")
-        if dropped := drop_initializer_inputs(working):
-            ctx.note(f"{len(dropped)} initializer(s) were also listed as graph inputs ({', '.join(dropped[:5])}"
-                     f"{', ...' if len(dropped) > 5 else ''}), defaults a caller could override: they are treated as "
-                     "the constants they are and are no longer inputs of the output, so they can be compressed")
-        report = Report(recipe=self.recipe, form=self.form)
-        done: list[str] = []
+    @property
+    def produces(self) -> frozenset[Artifact]:
+        return frozenset().union(*(p.produces for p in self.parts()))
+
+    @property
+    def consumes(self) -> frozenset[Artifact]:
+        """What its parts need that no earlier part makes."""
+        needed, made = set(), set()
+        for p in self.parts():
+            needed |= p.consumes - made
+            made |= p.produces
+        return frozenset(needed)
+
+    def parts(self) -> list[Pass]:
+        return [leaf for p in self.passes for leaf in p.parts()]
+
+    def __repr__(self) -> str:
+        return f"PassManager({self.passes!r})"
+
+    def call(self, ctx: Context) -> PassResult:
+        modified = False
+        for p in self.passes:
+            modified |= run_step(p, ctx).modified
+        return PassResult(modified)
+
+    def check_order(self, available: set[Artifact]) -> None:
+        """Raise MissingArtifactError for the first part that needs an artifact no earlier part makes."""
+        made = set(available)
+        for p in self.parts():
+            for artifact in sorted(p.consumes - made, key=lambda a: a.name):
+                raise missing_artifact(p, artifact)
+            made |= p.produces
+
+    def run(self, model: onnx.ModelProto, data: Dataset | None = None,
+            eval_data: Dataset | None = None) -> tuple[onnx.ModelProto, Report]:
+        """Run the passes on a copy of `model`, check and validate the result."""
+        ctx = Context.start(model, data=data, eval_data=eval_data, form=self.form, jobs=self.jobs,
+                            progress=self.progress, task=self.task)
         check_data = eval_data or data
         if self.validate != "none" and check_data is not None and (custom := foreign_domains(model)):
             check_data = None  # onnxruntime cannot run these ops without the user's library
             ctx.note(f"validation skipped: the model uses custom ops of {sorted(custom)}, which onnxruntime runs "
                      "only with their library registered; compare the models yourself with it loaded")
-        for p in self.passes:
-            start = time.perf_counter()
-            try:
-                p.requires(ctx)
-                result = p.call(ctx)
-                p.ensures(ctx, result)
-            except OnnxCompressError as e:
-                raise PassError(p.name, list(done), e) from e
-            except BugError as e:  # a failed postcondition: ours to fix, not the user's
-                raise BugError(f"in pass '{p.name}'" + (f", after passes {done}" if done else "") + f": {e}") from e
-            except Exception as e:  # a bug in a pass: keep the traceback as the cause
-                raise PassError(p.name, list(done), RuntimeError(f"{type(e).__name__}: {e}")) from e
-            timing = PassTiming(p.name, time.perf_counter() - start, result.modified, result.summary)
-            log.info("pass %s: %.2f s, %s", p.name, timing.seconds, result.summary)
-            if self.validate == "each" and check_data is not None:
-                timing.validation = self._validate(ctx, check_data, p.name, done)
-            report.passes.append(timing)
-            done.append(p.name)
-        external.check_model(ctx.model, full_check=ctx.model.ByteSize() < 2**31 - 1)
         if self.validate != "none" and check_data is not None:
-            last = report.passes[-1].validation if report.passes else None
-            report.validation = last or self._validate(ctx, check_data, "end", done)
-        report.weights, report.notes = ctx.records, ctx.notes
-        report.layer_errors = ctx.layer_errors
-        return ctx.model, report
-
-    def _validate(self, ctx: Context, data: Dataset, where: str, done: list[str]) -> Comparison:
+            ctx.verify = lambda candidate: compare_models(model, candidate, check_data, tolerance=self.tolerance,
+                                                          task=self.task)
+            ctx.validate_each = self.validate == "each"
+        if data is None and (needy := [p.name for p in self.parts() if p.needs_data]):
+            raise DataError(f"{'the recipe ' + repr(self.recipe) if self.recipe else 'pass ' + repr(needy[0])} needs "
+                            f"calibration data for its '{needy[0]}' pass: give --data with a few hundred "
+                            "representative inputs")
         try:
-            return compare_models(ctx.original, ctx.model, data, tolerance=self.tolerance, task=self.task)
-        except OnnxCompressError as e:
-            raise PassError(where, list(done), e) from e
+            self.check_order(ctx.available)
+            self.call(ctx)
+        except MissingArtifactError as e:
+            if self.ours:
+                raise BugError(f"the built-in recipe '{self.recipe}' runs its passes out of order: {e}") from e
+            raise
+        external.check_model(ctx.model, full_check=ctx.model.ByteSize() < 2**31 - 1)
+        if ctx.verify is not None and ctx.validation is None:
+            ctx.validation = validated(ctx, "end")
+        report = Report(recipe=self.recipe, form=ctx.form.value, passes=ctx.timings, weights=ctx.records,
+                        validation=ctx.validation, notes=ctx.notes, layer_errors=ctx.layer_errors,
+                        artifacts=frozenset(ctx.available))
+        return ctx.model, report

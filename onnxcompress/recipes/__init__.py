@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.formats.forms import Form
 
 if TYPE_CHECKING:  # the pipeline imports onnxruntime: listing recipes and --help work without a runtime
     from onnxcompress.pipeline.manager import Pass
@@ -52,7 +53,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "prune": [("prune", {})],
     # Deep Compression in standard ONNX: the same search, pricing the portable form (bit-packed codes,
     # relative indices where smaller), then prune and share; without data the paper's per-role settings
-    "deep-compression-portable": [("bitwidth", {"max_drop": 1.0, "without_data": "skip", "form": "portable"}),
+    "deep-compression-portable": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}),
                                   ("prune", {}), ("share", {"granularity": "tensor"})],
     # per-layer bits and sparsity searched to a budget (--max-drop, --min-sqnr or --target-ratio),
     # then Deep Compression with those settings
@@ -80,26 +81,58 @@ DESCRIPTIONS = {
 class Recipe:
     name: str
     steps: list[tuple[str, dict[str, Any]]]
-    form: str = "portable"
+    form: Form = Form.PORTABLE  # the output form the recipe writes unless --form says otherwise
+    builtin: bool = False  # one of ours: passes out of order are our bug, not the user's
+
+    def __post_init__(self):
+        self.form = Form(self.form)
 
     def with_options(self, pass_name: str, **options: Any) -> "Recipe":
         """A copy whose every `pass_name` step also gets `options` (command-line budgets, say)."""
         if not any(p == pass_name for p, _ in self.steps):
             raise RecipeError(f"recipe '{self.name}' has no '{pass_name}' pass to take {sorted(options)}")
         steps = [(p, {**o, **options} if p == pass_name else dict(o)) for p, o in self.steps]
-        return Recipe(self.name, steps, form=self.form)
+        return Recipe(self.name, steps, form=self.form, builtin=self.builtin)
+
+    def search_step(self) -> str | None:
+        """The name of the recipe's per-layer search pass (the one that produces a search plan), if any."""
+        from onnxcompress.pipeline.artifacts import Artifact
+
+        classes = _pass_classes(self.name, [p for p, _ in self.steps])
+        return next((p for (p, _), cls in zip(self.steps, classes) if Artifact.PLAN in cls.produces), None)
+
+    def with_budget(self, **budget: Any) -> "Recipe":
+        """A copy whose search pass takes `budget` (--max-drop, --target-ratio ...)."""
+        search = self.search_step()
+        if search is None:
+            raise RecipeError(f"recipe '{self.name}' has no per-layer search (such as 'bitwidth') to take "
+                              f"{sorted(budget)}")
+        return self.with_options(search, **budget)
 
     def build(self) -> list[Pass]:
-        from onnxcompress.passes import PASSES
+        """The recipe's passes in order; a search pass and every pass after it become one search-then-verify
+        composite, which checks the search's plan on the real passes end to end."""
+        from onnxcompress.pipeline.artifacts import Artifact
+        from onnxcompress.pipeline.manager import PassManager
+        from onnxcompress.pipeline.search import SearchThenVerify
 
-        passes = []
-        for pass_name, options in self.steps:
-            if pass_name not in PASSES:
-                close = difflib.get_close_matches(pass_name, PASSES, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; known passes: {sorted(PASSES)}"
-                raise RecipeError(f"recipe '{self.name}': unknown pass '{pass_name}'{hint}")
-            passes.append(PASSES[pass_name](**options))
-        return passes
+        classes = _pass_classes(self.name, [p for p, _ in self.steps])
+        passes = [cls(**options) for cls, (_, options) in zip(classes, self.steps)]
+        search = next((i for i, p in enumerate(passes) if Artifact.PLAN in p.produces), None)
+        if search is None:
+            return passes
+        return passes[:search] + [SearchThenVerify(search=passes[search], rest=PassManager(passes[search + 1:]))]
+
+
+def _pass_classes(recipe: str, names: list[str]) -> list[type[Pass]]:
+    from onnxcompress.passes import PASSES
+
+    for pass_name in names:
+        if pass_name not in PASSES:
+            close = difflib.get_close_matches(pass_name, PASSES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known passes: {sorted(PASSES)}"
+            raise RecipeError(f"recipe '{recipe}': unknown pass '{pass_name}'{hint}")
+    return [PASSES[name] for name in names]
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -107,7 +140,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     text = str(name_or_path)
     if text in BUILTIN:
         steps = [(p, dict(o)) for p, o in BUILTIN[text]]
-        return Recipe(text, steps, form=FORMS.get(text, "portable"))
+        return Recipe(text, steps, form=FORMS.get(text, Form.PORTABLE), builtin=True)
     path = Path(text)
     if not path.suffix.lower() in (".yaml", ".yml") or not path.exists():
         close = difflib.get_close_matches(text, BUILTIN, n=1)
@@ -127,7 +160,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return _parse(doc, path.stem, str(path))
 
 
-FORMS: dict[str, str] = {"deep-compression": "packed", "deep-compression-fixed": "packed", "auto": "packed"}
+# the built-in recipes that write the packed form (the others: portable)
+FORMS: dict[str, Form] = {"deep-compression": Form.PACKED, "deep-compression-fixed": Form.PACKED, "auto": Form.PACKED}
 
 
 # options whose value names code to import and run: only the command line or the Python API may set them
@@ -157,6 +191,6 @@ def _parse(doc: Any, default_name: str, where: str) -> Recipe:
             raise RecipeError(f"recipe '{where}': each pass is a name or a one-key mapping name: {{options}}, "
                               f"not {entry!r}")
     form = doc.get("form", "portable")
-    if form not in ("portable", "packed"):
+    if form not in [f.value for f in Form]:
         raise RecipeError(f"recipe '{where}': form must be 'portable' or 'packed', not {form!r}")
     return Recipe(str(doc.get("name", default_name)), steps, form=form)

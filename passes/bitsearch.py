@@ -1,0 +1,279 @@
+"""What the bit-width search simulates and measures (runtime layer): candidate weights pruned and coded
+as the prune and share passes would, their stored bytes in the output form, and one onnxruntime
+session in which the searched weights are inputs, scoring each candidate's effect at the outputs.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcompress.errors import RecipeError
+from onnxcompress.formats.codebook import fit_codebook
+from onnxcompress.formats.forms import Form
+from onnxcompress.formats.packed import choose_layout, write_blob
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.weights import get_array, WeightInfo
+from onnxcompress.numerics.measures import magnitude_mask
+from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
+                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt)
+from onnxcompress.pipeline.artifacts import Budget
+from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
+from onnxcompress.runtime.metrics import compare_outputs
+from onnxcompress.runtime.sessions import make_session
+from onnxcompress.runtime.suffix import SuffixRunner
+from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    sparsity: float
+    bits: int
+    size: int = 0
+    cost: float = 0.0
+    nsr: float = 0.0  # output noise-to-signal ratio of the candidate alone
+    error: str | None = None
+
+
+class Evaluator:
+    """One session in which the searched weights are inputs; scores feeds of candidate weights."""
+
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
+        self.data, self.score = data, score
+        self.specs = model_inputs(model)
+        self.model = weights_as_inputs(model, weights)
+        self.session = make_session(self.model)
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.base = {w.name: get_array(model, w) for w in weights}
+        self.chunks = list(data.chunks(self.specs))
+        self.suffixes: SuffixRunner | None = None
+        self.reference = self.outputs({})
+        # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix)
+        self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
+                                     self.base)
+        self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
+
+    def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Outputs per data chunk with the weights in `changed` replaced.
+
+        Each changed weight is a list: one array for every chunk, or k cross-fitted versions,
+        version f fit without the chunks of fold f (chunk i is in fold i % k, as the layer
+        statistics count them), so chunk i runs with version i % k and every sample is scored
+        by a weight that did not learn from it."""
+        if len(changed) == 1 and self.suffixes is not None:
+            (name, versions), = changed.items()
+            if self._suffix is None or self._suffix[0] != name:
+                self._suffix = (name, self.suffixes.for_weight(name))
+            if self._suffix[1] is not None:
+                return self._suffix[1](versions)
+        outputs = []
+        for i, (feed, _) in enumerate(self.chunks):
+            weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
+            outputs.append(self.session.run(self.names, {**feed, **weights}))
+        return outputs
+
+    def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
+        return self.score(self.names, self.reference, self.outputs(changed), self.data)
+
+
+def weights_as_inputs(model: onnx.ModelProto, weights: list[WeightInfo]) -> onnx.ModelProto:
+    """A copy where each searched weight is a main-graph input (subgraphs read it from the outer scope)."""
+    from onnxcompress.graph.edit import find_graph
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in weights:
+        graph = find_graph(copy, info.graph)
+        if info.location == "initializer":
+            keep = [t for t in graph.initializer if t.name != info.name]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+        else:
+            index = next(i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output[0] == info.name)
+            del graph.node[index]
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(get_array(model, info).dtype))
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(info.name, elem, list(info.shape)))
+    return copy
+
+
+def make_score(budget: Budget, labels_present: bool, producers: dict[str, str] | None = None):
+    """The loss function: returns {"cost": additive loss for allocation, "check": budgeted quantity}.
+
+    Decisions are counted by each output's task kind (tasks.py: the one `budget.metric` names, else
+    detected): the budget holds the worst agreement over the budgeted outputs."""
+    task = parse_metric(budget.metric) if is_builtin(budget.metric) else None
+    user = load_metric(budget.metric) if budget.metric and task is None else None
+    kinds_of: dict[int, dict] = {}  # the reference is the same list on every call of one search
+
+    def score(names, reference, candidate, data) -> dict[str, float]:
+        kinds = kinds_of.setdefault(id(reference), resolve_kinds(names, reference, producers, task))
+        metrics = compare_outputs(names, reference, candidate, data.labels, kinds=kinds)
+        counted = [m for m in metrics if m.budgeted and m.agreement is not None]
+        signal = sum(float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
+                     for k in range(len(names)))
+        noise = sum(float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
+                                                           for r, c in zip(reference, candidate)]))))
+                    for k in range(len(names)))
+        nsr = noise / signal if signal > 0 else 0.0
+        out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}
+        if counted:
+            out["disagree"] = 100.0 * (1.0 - min(m.agreement for m in counted))
+            losses = [m.expected_loss for m in counted]
+            if all(m.task.startswith("top1") for m in counted) and None not in losses:
+                out["expected_drop"] = 100.0 * max(losses)
+            labelled = [m for m in counted if m.accuracy_reference is not None]
+            if task is None and labelled:
+                out["drop"] = 100.0 * (labelled[0].accuracy_reference - labelled[0].accuracy_candidate)
+        if user is not None:
+            ref_value = user(dict(zip(names, zip(*reference))), data)
+            out["metric_drop"] = float(ref_value - user(dict(zip(names, zip(*candidate))), data))
+        if user is not None:
+            out["cost"], out["check"] = max(out["metric_drop"], 0.0), out["metric_drop"]
+        elif budget.min_sqnr is not None or not counted:
+            out["cost"], out["check"] = nsr, nsr
+        else:  # decisions counted on the data: zero until one flips (see floor_disagreement)
+            estimated = budget.unlabelled == "expected" and "expected_drop" in out
+            out["cost"] = out["expected_drop"] if estimated else out["disagree"]
+            out["check"] = out["drop"] if labels_present and "drop" in out else out["cost"]
+            out["counted"] = True
+        return out
+
+    return score
+
+
+def load_metric(spec: str):
+    module, sep, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if sep else None
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(f"cannot load metric '{spec}': {e}") from e
+    if fn is None or not callable(fn):
+        raise RecipeError(f"metric '{spec}' must name a function as module:function")
+    return fn
+
+
+class Pruner:
+    """Pruned versions of a weight close to what the prune pass makes: magnitude mask, then (with
+    calibration data) the kept weights refit in the metric of the layer's input Gram matrix.
+
+    Like the prune pass, the exact per-row least squares is used where it is cheap (high
+    sparsity: sum |S_j|^3 / 3 flops below `max_flops`), else the SparseGPT update, which is
+    faster and no better, so simulated sensitivities lean pessimistic there.
+
+    With `crossfit` (the search scores on the same data the refit learns from) each refit is
+    made once per fold of data chunks, from the chunks outside that fold, so that every sample is
+    scored by a refit that did not see it: a refit on a few hundred samples for hundreds of inputs
+    fits those samples far better than new ones, and scoring it on them would plan for fidelity
+    that the compressed model does not have on new data."""
+
+    max_flops = 2e9
+    folds = 4  # cross-fitting folds: each refit learns from 3/4 of the data chunks, near the final fit's all
+    # a least-squares fit of p values per row on n rows matches its own rows better than new ones
+    # by about a factor 1 - p/n; from n >= 20 p on (conv layers: thousands of patches) the bias is
+    # under 5% and one fit on all rows is scored as it is
+    rows_per_kept = 20
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
+                 crossfit: bool = False):
+        layers = {w.name: linear_layer(model, w) for w in weights}
+        self.layers = {name: layer for name, layer in layers.items() if layer is not None}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds) \
+            if data and self.layers else {}
+        self.crossfit = crossfit
+        self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
+
+    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[list[np.ndarray], np.ndarray]:
+        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask)."""
+        key = (info.name, sparsity)
+        if key not in self._cache:
+            mask = magnitude_mask(array, sparsity)
+            versions = [np.where(mask, array, 0).astype(array.dtype)]
+            stats, layer = self.stats.get(info.name), self.layers.get(info.name)
+            if stats is not None:
+                target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
+                keep = layer.weight_matrix(mask)
+                group = layer.group_of_channels()
+                damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep, group)
+                kept = float(keep.sum(axis=1).mean())
+                if self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept:
+                    # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
+                    # (folds - 1) / folds of the rows outside one fold takes a little more
+                    heldout = [stats.heldout_hessians(g) for g in range(layer.groups)]
+                    scale = stats.folds / (stats.folds - 1)
+                    versions = [self._refit(layer, target, keep, group, [h[f] for h in heldout], damping * scale)
+                                for f in range(stats.folds)]
+                else:
+                    versions = [self._refit(layer, target, keep, group,
+                                            [stats.hessian(g) for g in range(layer.groups)], damping)]
+                versions = [v.astype(array.dtype) for v in versions]
+            self._cache[key] = (versions, mask)
+        return self._cache[key]
+
+    def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
+               damping: float) -> np.ndarray:
+        refit = np.zeros_like(target)
+        for g in range(layer.groups):
+            rows = np.flatnonzero(group == g)
+            if lstsq_cost(keep[rows]) <= self.max_flops:
+                refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
+            else:
+                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping)[0]
+        return layer.weight_from_matrix(refit)
+
+    @staticmethod
+    def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
+        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
+        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
+            return DEFAULT_DAMPING
+        errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
+                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))
+        return damping_for_all_rows(errors)
+
+
+def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
+    """Give candidates below the count's resolution a cost from their output noise.
+
+    Changed decisions are counted on a finite sample, so a candidate that flips none of them
+    costs 0 and the allocation takes it for free, however much noise it adds; several such
+    "free" layers then flip many decisions together. A decision flips when the noise exceeds the
+    sample's margin, so for small noise the flipped share grows like the noise's standard
+    deviation, sqrt(NSR). The factor is read off the candidates that flip enough samples to be
+    counted (the median of cost / sqrt(nsr)); each cost becomes max(cost, factor * sqrt(nsr)).
+    """
+    counted = [c.cost / np.sqrt(c.nsr) for c in candidates if c.cost >= resolution and c.nsr > 0]
+    if not counted:
+        return
+    factor = float(np.median(counted))
+    for c in candidates:
+        c.cost = max(c.cost, factor * float(np.sqrt(max(c.nsr, 0.0))))
+
+
+def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                      pruner: Pruner | None = None) -> list:
+    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
+    coded weight, or one per data fold when the pruner cross-fits."""
+    if sparsity <= 0:
+        return [fit_codebook(array, info, bits, seed=seed)]
+    if pruner is not None:
+        versions, mask = pruner(array, info, sparsity)
+    else:
+        mask = magnitude_mask(array, sparsity)
+        versions = [np.where(mask, array, 0)]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in versions]
+
+
+def stored_bytes(shared, form: Form) -> int:
+    """Measured bytes of one candidate in the chosen form (packed: the encoded blob).
+
+    For speed the sweep codes with ANS only and tries three relative-index widths; the entropy
+    pass later tries every coder and width, so the stored size can only come out smaller.
+    """
+    if form == Form.PORTABLE:
+        return shared.payload_bytes()
+    layout = choose_layout(shared, candidates=(4, 5, 8), methods=("ans",))
+    return len(write_blob(shared, layout, methods=("ans",)).blob)
