@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 LADDER = (8, 16, 32, 64, 128, 224, 256)  # sizes tried for every free dim at once (image sides, lengths)
 MAX_WEIGHT_SIZES = 64  # the most frequent distinct weight dims tried per free dim
 MAX_WEIGHT_DIM = 65536
+MAX_TRIES = 400  # onnxruntime runs of one small feed each
 
 
 def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
@@ -60,20 +61,25 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
 
 def _search(session, specs: Sequence[InputSpec], sizes: dict[str, tuple[int, ...]], free: list[tuple[str, int]],
             weight_sizes: list[int]) -> dict[str, tuple[int, ...]] | None:
-    """Sizes that run: one free dim at a time over the weights' sizes (batch axes stay 1), then all
-    free non-batch dims together along the ladder."""
-    for name, axis in free:
-        if axis == 0:
-            continue
-        for size in weight_sizes:
-            trial = _with(sizes, [(name, axis)], size)
-            if trial is not None and _fails(session, specs, trial) is None:
+    """Sizes that run, trying at most MAX_TRIES: for each size of the leading (batch or time) axes, 1 then the
+    ladder, each other free dim alone over the weights' sizes, then all of them together along the ladder."""
+    leading = [(name, axis) for name, axis in free if axis == 0]
+    rest = [(name, axis) for name, axis in free if axis > 0]
+    tries = 0
+    for first in (1,) + (LADDER if leading else ()):
+        base = _with(sizes, leading, first)
+        if base is None:
+            break
+        trials = [base] + [_with(base, [dim], size) for dim in rest for size in weight_sizes] + \
+                 [_with(base, rest, size) for size in LADDER if rest]
+        for trial in trials:
+            if trial is None:
+                continue
+            tries += 1
+            if tries > MAX_TRIES:
+                return None
+            if _fails(session, specs, trial) is None:
                 return trial
-    spread = [(name, axis) for name, axis in free if axis > 0] or free
-    for size in LADDER:
-        trial = _with(sizes, spread, size)
-        if trial is not None and _fails(session, specs, trial) is None:
-            return trial
     return None
 
 
