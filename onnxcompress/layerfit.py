@@ -69,7 +69,7 @@ def layer_fit(ctx: Context, info: WeightInfo, layer: LinearLayer, *, target: str
             reference_model = ctx.reference
             reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
     grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
-                                 folds=folds)
+                                 folds=folds, collector=ctx.statistics)
     return LayerFit(layer, grams, layer.weight_matrix(reference))
 
 

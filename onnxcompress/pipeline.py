@@ -27,6 +27,7 @@ from .layer_errors import LayerError
 from .metrics import Comparison, compare_models
 from .tasks import TaskMetric
 from .runtime import foreign_domains
+from .statistics import Collector
 from .packed import Layout, PackedWeight
 from .parallel import Executor
 from .weights import NONFINITE, WeightInfo, find_weights, nonfinite_weights
@@ -79,6 +80,8 @@ class Context:
     nonfinite: set[str] = field(default_factory=set)
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # every pass's runs of the model for statistics: sessions cached per graph for the whole run
+    statistics: Collector = field(default_factory=Collector)
 
     @property
     def reference(self) -> onnx.ModelProto:

@@ -39,7 +39,7 @@ from onnxcompress.packed import choose_layout, write_blob
 from onnxcompress.pipeline import Context, Pass, PassResult
 from onnxcompress.refine import (DAMPING_GRID, damping_for_all_rows, heldout_damping, lstsq_cost, masked_lstsq,
                                  sparsegpt)
-from onnxcompress.runtime import make_session
+from onnxcompress.statistics import Collector
 from onnxcompress.weights import WeightInfo, get_array
 
 from .prune import DEFAULT_DAMPING, PruneConfig
@@ -109,13 +109,17 @@ class Candidate:
 
 
 class _Evaluator:
-    """One session in which the searched weights are inputs; scores feeds of candidate weights."""
+    """One session in which the searched weights are inputs (the statistics collector's); scores feeds of
+    candidate weights."""
 
-    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score,
+                 collector: Collector | None = None):
         self.data, self.score = data, score
         self.specs = model_inputs(model)
-        self.session = make_session(_weights_as_inputs(model, weights))
-        self.names = [o.name for o in self.session.get_outputs()]
+        # the same graph as the collector's other sessions of this model when every weight is an initializer
+        self.names = [o.name for o in model.graph.output]
+        self.runner = (collector or Collector()).runner(_weights_as_inputs(model, weights), self.names,
+                                                        also=[w.name for w in weights])
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
         self.reference = self.outputs({})
@@ -130,7 +134,8 @@ class _Evaluator:
         outputs = []
         for i, (feed, _) in enumerate(self.chunks):
             weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
-            outputs.append(self.session.run(self.names, {**feed, **weights}))
+            values = self.runner.run(feed, weights).values
+            outputs.append([values[n] for n in self.names])
         return outputs
 
     def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
@@ -235,11 +240,11 @@ class _Pruner:
     rows_per_kept = 20
 
     def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
-                 crossfit: bool = False):
+                 crossfit: bool = False, collector: Collector | None = None):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds) \
-            if data and self.layers else {}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
+                                          collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
         self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
 
@@ -361,9 +366,9 @@ class BitWidthPass(Pass):
             ctx.note("bitwidth: no weight large enough to search over")
             return PassResult(False, {"weights": 0})
         evaluator = _Evaluator(ctx.model, weights, data, make_score(cfg, data.labels is not None,
-                                                                      output_producers(ctx.model)))
+                                                                      output_producers(ctx.model)), ctx.statistics)
         # score out of fold when the refits learn from the very samples the search scores on
-        self._pruner = _Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data)
+        self._pruner = _Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data, collector=ctx.statistics)
         table = self._sensitivities(ctx, evaluator, weights)
         options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity})
                     for c in table[w.name] if c.error is None] for w in weights]
