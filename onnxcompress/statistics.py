@@ -267,6 +267,9 @@ class Collector:
             # every layer's input, asked for or not: the passes after this one ask for them one by one
             outputs = set(names) | (entry.outputs if entry else layer_inputs(light))
             reduced = set(extremes) | set(entry.reduced if entry else ())
+            if fixed_weights:  # a session with constant weights holds them: keep one such session at a time
+                for stale in [k for k in self._sessions if k[1] is not None and k != key]:
+                    del self._sessions[stale]
             entry = self._build(light, outputs, reduced, optimize=optimize, threads=threads, arrays=arrays)
             self._sessions[key] = entry
         self._sessions.move_to_end(key)
