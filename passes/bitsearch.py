@@ -23,7 +23,7 @@ from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DE
 from onnxcompress.pipeline.artifacts import Budget
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.metrics import compare_outputs
-from onnxcompress.runtime.sessions import make_session
+from onnxcompress.runtime.statistics import Collector
 from onnxcompress.runtime.suffix import SuffixRunner
 from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
 
@@ -41,21 +41,24 @@ class Candidate:
 
 
 class Evaluator:
-    """One session in which the searched weights are inputs; scores feeds of candidate weights."""
+    """One session in which the searched weights are inputs (the statistics collector's); scores feeds of
+    candidate weights."""
 
-    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score):
+    def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score,
+                 collector: Collector | None = None):
         self.data, self.score = data, score
         self.specs = model_inputs(model)
         self.model = weights_as_inputs(model, weights)
-        self.session = make_session(self.model)
-        self.names = [o.name for o in self.session.get_outputs()]
+        # the same graph as the collector's other sessions of this model when every weight is an initializer
+        self.names = [o.name for o in model.graph.output]
+        self.runner = (collector or Collector()).runner(self.model, self.names, also=[w.name for w in weights])
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
         self.suffixes: SuffixRunner | None = None
         self.reference = self.outputs({})
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix)
         self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
-                                     self.base)
+                                     self.base, collector=collector)
         self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
@@ -74,7 +77,8 @@ class Evaluator:
         outputs = []
         for i, (feed, _) in enumerate(self.chunks):
             weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
-            outputs.append(self.session.run(self.names, {**feed, **weights}))
+            values = self.runner.run(feed, weights).values
+            outputs.append([values[n] for n in self.names])
         return outputs
 
     def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
@@ -179,11 +183,11 @@ class Pruner:
     rows_per_kept = 20
 
     def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
-                 crossfit: bool = False):
+                 crossfit: bool = False, collector: Collector | None = None):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds) \
-            if data and self.layers else {}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
+                                          collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
         self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
 

@@ -123,9 +123,9 @@ class BitWidthPass(Pass):
             ctx.plan = SearchPlan(cfg.budget)
             return PassResult(False, {"weights": 0})
         evaluator = Evaluator(ctx.model, weights, data, make_score(cfg.budget, data.labels is not None,
-                                                                      output_producers(ctx.model)))
+                                                                      output_producers(ctx.model)), ctx.statistics)
         # score out of fold when the refits learn from the very samples the search scores on
-        self._pruner = Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data)
+        self._pruner = Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data, collector=ctx.statistics)
         table = self._sensitivities(ctx, evaluator, weights)
         options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity})
                     for c in table[w.name] if c.error is None] for w in weights]

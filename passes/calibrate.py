@@ -1,9 +1,9 @@
 """Activation calibration: the range of every float activation, streamed batch by batch.
 
-One augmented onnxruntime session (built in memory by `capture`) exposes every float tensor of
-the main graph; each chunk of calibration data (batched along the model's dynamic batch axis
-where it has one) updates a running min/max and, for the histogram methods, a fixed-size
-:class:`StreamingHistogram` per tensor, then is dropped. Memory therefore depends on the model
+The statistics collector (:mod:`onnxcompress.runtime.statistics`) runs one session exposing every float
+tensor of the main graph; each chunk of calibration data (batched along the model's dynamic batch
+axis where it has one) updates a running min/max (reduced inside onnxruntime) and, for the
+histogram methods, a fixed-size :class:`StreamingHistogram` per tensor, then is dropped. Memory therefore depends on the model
 and the batch size, never on the number of samples.
 
 Methods: ``minmax`` (observed range), ``percentile`` (clip the tails), ``entropy`` (KL
@@ -13,8 +13,6 @@ The result, a :class:`CalibrationResult`, goes to ``ctx.calibration`` for the qd
 from __future__ import annotations
 
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,14 +20,13 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.errors import DataError, ModelError, PreconditionError
-from onnxcompress.graph.data import model_inputs
-from onnxcompress.graph.edit import NameScope
+from onnxcompress.errors import DataError, PreconditionError
 from onnxcompress.numerics.quantmath import (CalibrationResult, entropy_range, mse_range, percentile_range,
-                                             StreamingHistogram, TensorRange, TYPES)
+                                             TensorRange, TYPES)
 from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.runtime.sessions import detached, make_session
+from onnxcompress.runtime.sessions import detached
+from onnxcompress.runtime.statistics import Collector, Extremes, Histogram
 
 log = logging.getLogger(__name__)
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -90,7 +87,8 @@ class CalibratePass(Pass):
 
     def call(self, ctx: Context) -> PassResult:
         cfg: CalibrateConfig = self.config
-        result = calibrate(ctx.model, ctx.data.limit(cfg.max_samples), cfg, progress=ctx.progress)
+        result = calibrate(ctx.model, ctx.data.limit(cfg.max_samples), cfg, progress=ctx.progress,
+                           collector=ctx.statistics)
         ctx.calibration = result
         return PassResult(False, {"method": cfg.method, "tensors": len(result.ranges), "samples": result.samples})
 
@@ -120,49 +118,8 @@ def derived_tensors(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple
     return found
 
 
-def _run_chunks(session, outputs: list[str], chunks, workers: int):
-    """Yield {output: value} per chunk, in order, with up to `workers` chunks in flight at once.
-
-    Small models keep two cores busier with one single-threaded call per chunk than with one
-    two-threaded call; at most `workers` chunks' outputs exist at a time, so memory stays bounded.
-    """
-    def call(feed):
-        try:
-            return dict(zip(outputs, session.run(outputs, feed)))
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime failed on the calibration data: {str(e).strip().splitlines()[0][:300]}") from e
-
-    if workers == 1:
-        for feed, _ in chunks:
-            yield call(feed)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for feed, _ in chunks:
-            pending.append(pool.submit(call, feed))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def with_extremes(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """A copy of `model` computing ReduceMin/ReduceMax (all axes, scalar) of each tensor in `names`."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    scope = NameScope(augmented)
-    reduced = {}
-    for name in names:
-        lo, hi = scope.fresh(f"{name}_calib_min"), scope.fresh(f"{name}_calib_max")
-        augmented.graph.node.extend([
-            onnx.helper.make_node("ReduceMin", [name], [lo], keepdims=0, name=scope.fresh(f"{name}_ReduceMin")),
-            onnx.helper.make_node("ReduceMax", [name], [hi], keepdims=0, name=scope.fresh(f"{name}_ReduceMax"))])
-        reduced[name] = (lo, hi)
-    return augmented, reduced
-
-
 def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = None, *,
-              progress: bool = False) -> CalibrationResult:
+              progress: bool = False, collector: Collector | None = None) -> CalibrationResult:
     """Ranges of the chosen (default: all float activation) tensors of `model` over `data`."""
     cfg = config or CalibrateConfig()
     names = list(cfg.tensors) or float_activations(model)
@@ -172,33 +129,18 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     derived = derived_tensors(model, names)
     captured = [n for n in names if n not in derived]
     use_hist = cfg.method != "minmax"
-    hists = {n: StreamingHistogram(cfg.bins) for n in captured} if use_hist else {}
-    lows = dict.fromkeys(captured, np.inf)
-    highs = dict.fromkeys(captured, -np.inf)
-    # the augmented copy holds the graph only: the weights go to onnxruntime as arrays
-    light, arrays = detached(model)
-    augmented, reduced = with_extremes(light, captured)
-    del light
-    # min/max are reduced inside onnxruntime: only scalars come back unless histograms need the tensor
-    outputs = [r for pair in reduced.values() for r in pair] + (captured if use_hist else [])
-    present = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in present)
+    extremes = {n: Extremes(n) for n in captured}
+    hists = {n: Histogram(n, cfg.bins) for n in captured} if use_hist else {}
     bar = tqdm(desc="calibrate", unit="batch", disable=not progress, leave=False)
-    # graph optimizations would not survive the exposed outputs anyway; skipping them saves load time and memory
-    workers = max(1, cfg.workers)
-    session = make_session(augmented, optimize=False, threads=1 if workers > 1 else None, arrays=arrays)
-    del augmented, arrays  # onnxruntime holds its own copy of the weights
-    # the samples in flight stay max_batch: each of the workers runs its share of them
-    chunks = data.chunks(model_inputs(model), max_batch=max(1, -(-cfg.max_batch // workers)))
-    for values in _run_chunks(session, outputs, chunks, workers):
-        for name in captured:
-            lo_name, hi_name = reduced[name]
-            lo, hi = float(values[lo_name]), float(values[hi_name])
-            if use_hist and values[name].size:
-                hists[name].update(values[name], minmax=(lo, hi))
-            lows[name], highs[name] = min(lows[name], lo), max(highs[name], hi)
-        bar.update(1)
+    # weights constant, as users run the model; graph optimizations would not survive the exposed outputs
+    # anyway: skipping them saves load time and memory
+    (collector or Collector()).gather(model, data, list(extremes.values()) + list(hists.values()),
+                                      max_batch=cfg.max_batch, fixed_weights=True, optimize=False,
+                                      workers=max(1, cfg.workers), progress=bar)
     bar.close()
+    lows = {n: e.low for n, e in extremes.items()}
+    highs = {n: e.high for n, e in extremes.items()}
+    hists = {n: h.histogram for n, h in hists.items()}
     for name, (source, kind) in derived.items():  # graph order: a source is ready before its users
         relu = kind == "relu"
         lows[name] = max(lows[source], 0.0) if relu and np.isfinite(lows[source]) else lows[source]

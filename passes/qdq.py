@@ -43,6 +43,7 @@ from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.manager import Context, missing_artifact, Pass, PassResult
 from onnxcompress.runtime.layer_errors import measure_layer_errors
 from onnxcompress.runtime.sessions import make_session
+from onnxcompress.runtime.statistics import ChannelMeans, Collector
 
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ class QdqPass(Pass):
         if cfg.bias_correction and ctx.data is not None:
             plan = self._plan(ctx, set())
             self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
-                                      [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"])
+                                      [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"],
+                                      collector=ctx.statistics)
         plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
         gather_before_dequantize(ctx.model, self.name)  # after the guard: the same values, fewer dequantized
         for reason, labels in plan.floats.items():
@@ -142,7 +144,7 @@ class QdqPass(Pass):
             else ctx.data
         if cfg.error_samples and given is not None:
             ctx.layer_errors = measure_layer_errors(reference, ctx.model, given.limit(cfg.error_samples),
-                                                    renamed, _labels(reference))
+                                                    renamed, _labels(reference), collector=ctx.statistics)
             error_data = "evaluation" if given is not ctx.data else "calibration"
         if cfg.latency_check and ctx.data is not None and plan.nodes:
             ratio = guard.latency_ratio(reference, ctx.model, ctx.data)
@@ -200,7 +202,8 @@ class QdqPass(Pass):
                 return plan, renamed, rest
             if order is None:
                 order = dict(guard.sensitivities(reference, plan.tensors, cfg.activation_type,
-                                                 data.limit(cfg.probe_samples), cfg.max_probes))
+                                                 data.limit(cfg.probe_samples), cfg.max_probes,
+                                                 collector=ctx.statistics))
             more = [n for n in order if n not in keep_float][:max(1, len(keep_float))]
             if not more:
                 break
@@ -353,21 +356,16 @@ class QdqPass(Pass):
                                  np.reshape(zero, shape) if axis is not None else zero)
 
 
-def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
+def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto], *,
+                collector: Collector | None = None) -> dict[str, np.ndarray]:
     """Mean per input channel of each Conv/Gemm/MatMul input (axis 1 for Conv, the last otherwise)."""
     from onnxcompress.runtime.capture import capture
 
     axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in nodes
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2 and n.input[2]}
-    sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(axes, 0)
-    for values in capture(model, data, list(axes)):
-        for name, axis in axes.items():
-            x = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis, -1)
-            flat = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
-            counts[name] += flat.shape[0]
-    return {name: sums[name] / counts[name] for name in sums if counts[name]}
+    means = [ChannelMeans(name, axis) for name, axis in axes.items()]
+    (collector or Collector()).gather(model, data, means, fixed_weights=True)
+    return {m.tensor: m.mean for m in means if m.count}
 
 
 def _labels(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:

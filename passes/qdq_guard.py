@@ -22,11 +22,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.graph.edit import NameScope
 from onnxcompress.graph.data import model_inputs
-from onnxcompress.runtime.metrics import Comparison, compare_models, compare_outputs
+from onnxcompress.graph.edit import NameScope
 from onnxcompress.numerics.quantmath import TYPES
+from onnxcompress.runtime.metrics import compare_models, compare_outputs, Comparison
 from onnxcompress.runtime.sessions import make_session, median_latency, run
+from onnxcompress.runtime.statistics import Collector
 from onnxcompress.runtime.tasks import TaskMetric
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,16 @@ def single_qdq(model: onnx.ModelProto, name: str, scale: float, zero: int, qtype
 
 
 def sensitivities(reference: onnx.ModelProto, tensors: dict[str, tuple[float, int]], qtype: str, data,
-                  max_probes: int) -> list[tuple[str, float]]:
+                  max_probes: int, *, collector: Collector | None = None) -> list[tuple[str, float]]:
     """(activation, worst output SQNR in dB with it alone quantized), worst first. With more than
-    `max_probes` activations, the ones whose range is widest against their RMS are probed."""
+    `max_probes` activations, the ones whose range is widest against their RMS are probed (the float
+    model's statistics through `collector`; each probe is a graph of its own, one session each)."""
+    collector = collector or Collector()
     names = list(tensors)
     if len(names) > max_probes:
-        names = _widest(reference, names, data)[:max_probes]
-    session = make_session(reference)
-    outputs = [o.name for o in session.get_outputs()]
-    want = run(session, data, reference, output_names=outputs)  # the float outputs, once
+        names = _widest(reference, names, data, collector)[:max_probes]
+    outputs = [o.name for o in reference.graph.output]
+    want = [[chunk[n] for n in outputs] for chunk in collector.stream(reference, data, outputs, fixed_weights=True)]  # once
     found = []
     for name in names:
         scale, zero = tensors[name]
@@ -108,12 +110,12 @@ def sensitivities(reference: onnx.ModelProto, tensors: dict[str, tuple[float, in
     return found
 
 
-def _widest(model: onnx.ModelProto, names: list[str], data) -> list[str]:
+def _widest(model: onnx.ModelProto, names: list[str], data, collector: Collector) -> list[str]:
     """`names` by max |t| / rms(t) over `data`, largest first (outlier-heavy activations first)."""
     from onnxcompress.runtime.capture import capture
 
     peak, energy, count = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
-    for values in capture(model, data, names):
+    for values in collector.stream(model, data, names, fixed_weights=True):
         for n in names:
             v = np.asarray(values[n], dtype=np.float64)
             peak[n] = max(peak[n], float(np.max(np.abs(v))) if v.size else 0.0)

@@ -119,7 +119,7 @@ class SharePass(Pass):
             candidates = in_layer_order(ctx.model, candidates)
         before = after = 0
         unpacked = []
-        hessians = layer_hessians(ctx.model, ctx.data, candidates)
+        hessians = layer_hessians(ctx.model, ctx.data, candidates, collector=ctx.statistics)
         total = sum(info.numel for info in candidates)
         planned = ctx.plan.bits if ctx.plan is not None else lambda name: None
         bits_of = {w.name: int(b if (b := planned(w.name)) is not None else cfg.bits_for(w.role)) for w in candidates}
@@ -213,7 +213,8 @@ class SharePass(Pass):
             probes[info.name] = Probe(matrix, matrix - to_matrix(coded.decode().astype(np.float64), info.channel_axis),
                                       h, partial(from_matrix, shape=tuple(array.shape), channel_axis=info.channel_axis))
         try:
-            return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress), fits
+            return measure_gains(ctx.model, ctx.data, probes, samples=cfg.gain_samples, progress=ctx.progress,
+                                 collector=ctx.statistics), fits
         except ModelError as e:  # the choice still works, per layer, in each layer's output
             ctx.note(f"share: could not run the model to measure how each layer's error reaches its outputs ({e}); "
                      "options are judged in each layer's output instead")

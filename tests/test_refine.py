@@ -318,7 +318,7 @@ def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
     assert layer_hessians(model, data, [info]) == {}
 
 
-def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values(monkeypatch):
+def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values():
     import onnxcompress.runtime.capture as capture
     from onnxcompress.graph.data import Dataset
     from onnxcompress.graph.weights import find_weights
@@ -326,13 +326,14 @@ def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values(m
     model = tiny.conv_gemm()
     layers = [layer for w in find_weights(model) if (layer := capture.linear_layer(model, w)) is not None]
     data = Dataset(stacked=tiny.random_feeds(model, n=24))
-    passes = []
-    real_capture = capture.capture
-    monkeypatch.setattr(capture, "capture", lambda *a, **k: passes.append(1) or real_capture(*a, **k))
-    one_pass = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2)
-    assert len(passes) == 1
-    per_layer = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2, max_bytes=1)
-    assert len(passes) == 1 + len(layers) == 3 and one_pass.keys() == per_layer.keys()
+    from onnxcompress.runtime.statistics import Collector
+    one = Collector()
+    one_pass = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2, collector=one)
+    assert one.runs == 1
+    tight = Collector(max_bytes=1)
+    per_layer = capture.collect_layer_inputs(model, data, layers, max_batch=8, folds=2, collector=tight)
+    assert tight.runs == len(layers) == 2 and one_pass.keys() == per_layer.keys()
+    assert tight.built == 1  # one session (exposing every layer input) serves both runs
     for name in one_pass:
         a, b = one_pass[name], per_layer[name]
         assert a.count == b.count > 0

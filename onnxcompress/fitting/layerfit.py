@@ -16,12 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress.numerics import refine
-from onnxcompress.numerics.measures import nearest_codes, sqnr_db
-from onnxcompress.runtime.capture import LinearLayer, PairedGrams, collect_paired_grams, graph_position, linear_layer
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.graph.data import Dataset
-from onnxcompress.graph.weights import WeightInfo, find_weights, get_array
+from onnxcompress.graph.weights import find_weights, get_array, WeightInfo
+from onnxcompress.numerics import refine
+from onnxcompress.numerics.measures import nearest_codes, sqnr_db
+from onnxcompress.runtime.capture import collect_paired_grams, graph_position, linear_layer, LinearLayer, PairedGrams
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def layer_fit(ctx: FitSource, info: WeightInfo, layer: LinearLayer, *, target: s
             reference_model = ctx.reference
             reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
     grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
-                                 folds=folds)
+                                 folds=folds, collector=ctx.statistics)
     return LayerFit(layer, grams, layer.weight_matrix(reference))
 
 

@@ -27,8 +27,9 @@ from onnxcompress.graph.edit import find_graph, NameScope
 from onnxcompress.graph.weights import is_bias, WeightInfo
 from onnxcompress.numerics.bias_error import absorbing_target, BiasLink, mean_solutions
 from onnxcompress.numerics.measures import sqnr_db
-from onnxcompress.runtime.capture import capture, collect_layer_inputs, linear_layer
+from onnxcompress.runtime.capture import LayerInputs, linear_layer
 from onnxcompress.runtime.sensitivity import OutputGains
+from onnxcompress.runtime.statistics import Chunk, Collector
 
 log = logging.getLogger(__name__)
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -39,40 +40,29 @@ SCATTER_MIN_OPSET = 11  # ScatterElements, which writes outliers back
 CHOICE_SAMPLE_ELEMENTS = 1 << 18
 
 
-def layer_hessians(model: onnx.ModelProto, data: Dataset | None, infos: Sequence[WeightInfo]
-                   ) -> dict[str, LayerHessians]:
-    """Hessians of the weights consumed by one Gemm/MatMul/Conv or recurrent node (others: none)."""
+def layer_hessians(model: onnx.ModelProto, data: Dataset | None, infos: Sequence[WeightInfo], *,
+                   collector: Collector | None = None) -> dict[str, LayerHessians]:
+    """Hessians of the weights consumed by one Gemm/MatMul/Conv or recurrent node (others: none), all
+    gathered by `collector` in one run over `data` where memory allows."""
     if data is None:
         return {}
-    found: dict[str, LayerHessians] = {}
     layers = [layer for info in infos if info.channel_axis is not None
               and (layer := linear_layer(model, info)) is not None]
-    if layers:
-        summing = [_SummingLayer(layer) for layer in layers]
-        stats = collect_layer_inputs(model, data, summing)
-        for layer in summing:
-            s = stats[layer.weight]
-            if s.gram is not None and s.count:
-                found[layer.weight] = LayerHessians([s.hessian(g) for g in range(len(s.gram))],
-                                                    layer.group_of_channels(), [m / s.count for m in layer.sums])
-    found.update(recurrent_hessians(model, data, [i for i in infos if i.name not in found]))
+    linear = [LayerInputs(layer) for layer in layers]
+    taken = {layer.weight for layer in layers}
+    exposed, recurrent = _recurrent_requests(model, [i for i in infos if i.name not in taken])
+    if not linear and not recurrent:
+        return {}
+    (collector or Collector()).gather(exposed, data, linear + recurrent)
+    found: dict[str, LayerHessians] = {}
+    for s in linear:
+        if s.gram is not None and s.count:
+            found[s.layer.weight] = LayerHessians([s.hessian(g) for g in range(len(s.gram))],
+                                                  s.layer.group_of_channels(), s.means())
+    for r in recurrent:
+        if r.gram is not None and r.count:
+            found[r.weight] = LayerHessians([r.gram / r.count], np.zeros(r.channels, np.int64), [r.sums / r.count])
     return found
-
-
-class _SummingLayer:
-    """A LinearLayer that also sums the input rows it hands out, so E[x] comes from the very rows of H."""
-
-    def __init__(self, layer):
-        self._layer, self.sums = layer, None
-
-    def __getattr__(self, name):
-        return getattr(self._layer, name)
-
-    def input_rows(self, *args, **kwargs) -> list[np.ndarray]:
-        groups = self._layer.input_rows(*args, **kwargs)
-        sums = [g.sum(axis=0) for g in groups]
-        self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
-        return groups
 
 
 def _recurrent_uses(model: onnx.ModelProto, infos: Sequence[WeightInfo]) -> list[tuple[WeightInfo, onnx.NodeProto, int]]:
@@ -91,44 +81,54 @@ def _recurrent_uses(model: onnx.ModelProto, infos: Sequence[WeightInfo]) -> list
     return uses
 
 
-def recurrent_hessians(model: onnx.ModelProto, data: Dataset, infos: Sequence[WeightInfo]
-                       ) -> dict[str, LayerHessians]:
-    """H = E[x_t x_t^T] for W and E[h_{t-1} h_{t-1}^T] for R (h_{-1} = 0: initial states are not read)."""
+class _RecurrentRows:
+    """A reducer of the statistics collector: E[x_t x_t^T] and E[x_t] for a recurrent node's W (its
+    step inputs), or of h_{t-1} for its R (its hidden states shifted one step)."""
+
+    wants_values = True
+    wants_extremes = False
+
+    def __init__(self, weight: str, tensor: str, index: int, layout: int, channels: int, width: int):
+        self.weight, self.tensor, self.index, self.layout, self.channels = weight, tensor, index, layout, channels
+        self.nbytes = 8 * width * (width + 1)
+        self.gram: np.ndarray | None = None
+        self.sums, self.count = 0.0, 0
+
+    def add(self, chunk: Chunk) -> None:
+        rows = _recurrent_rows(chunk.values[self.tensor], self.index, self.layout)
+        self.gram = rows.T @ rows if self.gram is None else self.gram + rows.T @ rows
+        self.sums = self.sums + rows.sum(axis=0)
+        self.count += rows.shape[0]
+
+
+def _recurrent_requests(model: onnx.ModelProto, infos: Sequence[WeightInfo]
+                        ) -> tuple[onnx.ModelProto, list[_RecurrentRows]]:
+    """The model (a copy naming the hidden states a recurrent R needs, when an output is unnamed) and
+    a reducer per recurrent weight: H = E[x_t x_t^T] for W and E[h_{t-1} h_{t-1}^T] for R (h_{-1} = 0:
+    initial states are not read)."""
     uses = _recurrent_uses(model, infos)
     if not uses:
-        return {}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
+        return model, []
+    exposed = model
+    if any(index == 2 and (not node.output or not node.output[0]) for _, node, index in uses):
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
     graph = exposed.graph
-    names: dict[str, str] = {}
+    reducers = []
     for info, node, index in uses:
         live = next(n for n in graph.node if n.name == node.name and list(n.input) == list(node.input))
         if index == 1:
-            names[info.name] = live.input[0]
+            tensor = live.input[0]
         else:
             if not live.output or not live.output[0]:
                 if not live.output:
                     live.output.append("")
                 live.output[0] = f"{info.name}__hidden_states"
-            names[info.name] = live.output[0]
-    layout = {info.name: int(next((a.i for a in node.attribute if a.name == "layout"), 0)) for info, node, _ in uses}
-    grams = {info.name: None for info, _, _ in uses}
-    sums = dict.fromkeys(grams, 0.0)
-    counts = dict.fromkeys(grams, 0)
-    for values in capture(exposed, data, sorted(set(names.values()))):
-        for info, _, index in uses:
-            rows = _recurrent_rows(values[names[info.name]], index, layout[info.name])
-            grams[info.name] = rows.T @ rows if grams[info.name] is None else grams[info.name] + rows.T @ rows
-            sums[info.name] = sums[info.name] + rows.sum(axis=0)
-            counts[info.name] += rows.shape[0]
-    found = {}
-    for info, _, _ in uses:
-        n = counts[info.name]
-        if grams[info.name] is None or not n:
-            continue
-        channels = int(info.shape[1])
-        found[info.name] = LayerHessians([grams[info.name] / n], np.zeros(channels, np.int64), [sums[info.name] / n])
-    return found
+            tensor = live.output[0]
+        layout = int(next((a.i for a in node.attribute if a.name == "layout"), 0))
+        width = int(info.shape[2])
+        reducers.append(_RecurrentRows(info.name, tensor, index, layout, int(info.shape[1]), width))
+    return exposed, reducers
 
 
 def _recurrent_rows(value: np.ndarray, index: int, layout: int) -> np.ndarray:

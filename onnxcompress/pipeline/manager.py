@@ -36,6 +36,7 @@ from onnxcompress.pipeline.configs import make_config
 from onnxcompress.runtime.layer_errors import LayerError
 from onnxcompress.runtime.metrics import compare_models, Comparison
 from onnxcompress.runtime.sessions import foreign_domains
+from onnxcompress.runtime.statistics import Collector
 from onnxcompress.runtime.tasks import TaskMetric
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Context:
     timings: list[PassTiming] = field(default_factory=list)
     records: list[WeightRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # every pass's runs of the model for statistics: sessions cached per graph for the whole run
+    statistics: Collector = field(default_factory=Collector)
 
     def __post_init__(self):
         self.form = Form(self.form)

@@ -1,7 +1,7 @@
-"""Intermediate tensors on demand, and a weight's layer seen as a matrix product.
+"""A weight's layer seen as a matrix product, and the statistics of its input rows.
 
-`capture` runs the model with chosen tensors exposed as outputs, one chunk at a time, holding
-nothing but the current chunk. `LinearLayer` views Gemm/MatMul/Conv as
+The model runs in :mod:`onnxcompress.runtime.statistics` (one collector, sessions cached per graph);
+`capture` yields chosen tensors chunk by chunk, holding nothing but the current chunk. `LinearLayer` views Gemm/MatMul/Conv as
 
     out[r, j] = rows_g[r] . W_mat[j]        (g = the group of output channel j)
 
@@ -18,33 +18,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import ModelError
+from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import find_graph
-from onnxcompress.runtime.sessions import detached, make_session, run
 from onnxcompress.graph.weights import WeightInfo
+from onnxcompress.runtime.statistics import Chunk, Collector
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose main graph also outputs `names`."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    return exposed
-
-
-def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *,
-            max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
-    """Yield, per chunk of `data`, the values of the main-graph tensors `names`."""
-    # the exposed copy holds the graph only: the weights go to onnxruntime as arrays
-    light, arrays = detached(model)
-    session = make_session(with_outputs(light, names), arrays=arrays)
-    del light, arrays
-    specs = model_inputs(model)
-    for feed, _ in data.chunks(specs, max_batch=max_batch):
-        values = session.run(list(names), feed)
-        yield dict(zip(names, values))
+def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str], *, max_batch: int = 64,
+            collector: Collector | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield, per chunk of `data`, the values of the main-graph tensors `names` (through `collector`'s
+    cached sessions; a fresh collector when none is given)."""
+    yield from (collector or Collector()).stream(model, data, names, max_batch=max_batch)
 
 
 @dataclass
@@ -149,9 +134,6 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
 # a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
 # K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
 MAX_ROW_LENGTH = 8192
-# the statistics of one pass over the data (Grams and row samples of the layers captured together);
-# more layers than this holds take more passes
-MAX_STATS_BYTES = 2 << 30
 
 
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
@@ -185,7 +167,11 @@ def _linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | Non
 
 
 class LayerInputs:
-    """Streaming statistics of a layer's input rows: Gram matrices and a bounded uniform sample."""
+    """Streaming statistics of a layer's input rows: Gram matrices, the sum of the rows (mean), folds
+    and a bounded uniform sample; a reducer of the statistics collector."""
+
+    wants_values = True
+    wants_extremes = False
 
     def __init__(self, layer: LinearLayer, *, max_rows: int = 4096, rows_per_chunk: int = 2048, seed: int = 0,
                  folds: int = 0):
@@ -199,12 +185,26 @@ class LayerInputs:
         self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
         self.rng = np.random.default_rng(seed)
         self.gram: list[np.ndarray] | None = None
+        self.sums: list[np.ndarray] | None = None  # per group, the sum of the rows the Gram matrices add up
         self.count = 0
         self._sample: list[np.ndarray] | None = None
         self._keys: np.ndarray | None = None
 
+    @property
+    def tensor(self) -> str:
+        return self.layer.input_name
+
+    @property
+    def nbytes(self) -> int:
+        return _stats_bytes(self.layer, self.max_rows, self.folds)
+
+    def add(self, chunk: Chunk) -> None:
+        self.update(chunk.values[self.tensor])
+
     def update(self, x: np.ndarray) -> None:
         groups = self.layer.input_rows(np.asarray(x, dtype=np.float64), self.rows_per_chunk, self.rng)
+        sums = [g.sum(axis=0) for g in groups]
+        self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
         if self.gram is None:
             self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
             self._sample = [np.zeros((0, g.shape[1])) for g in groups]
@@ -236,6 +236,10 @@ class LayerInputs:
         """H = (1/n) sum x x^T of the sampled rows of `group`."""
         return self.gram[group] / max(self.count, 1)
 
+    def means(self) -> list[np.ndarray]:
+        """Per group, E[x] of the rows the Gram matrices add up."""
+        return [s / max(self.count, 1) for s in self.sums or []]
+
     @property
     def fold_count(self) -> int:
         """`folds` once two updates went into different folds, else 0 (a fold may still be empty)."""
@@ -261,17 +265,13 @@ class LayerInputs:
 
 
 def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
-                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0,
-                         folds: int = 0, max_bytes: int = MAX_STATS_BYTES) -> dict[str, LayerInputs]:
-    """Passes over `data` gathering LayerInputs for each layer (keyed by weight name); `folds` as
-    LayerInputs (update i is data chunk i of `max_batch` samples). One pass when all the layers'
-    statistics fit in `max_bytes`, else one pass per batch of layers that does (same results)."""
+                         max_rows: int = 4096, max_batch: int = 64, seed: int = 0, folds: int = 0,
+                         collector: Collector | None = None) -> dict[str, LayerInputs]:
+    """LayerInputs for each layer (keyed by weight name), gathered by `collector` (one run over `data`
+    when all their statistics fit in its memory bound, else one run per cut of them that does: the same
+    results); `folds` as LayerInputs (update i is data chunk i of `max_batch` samples)."""
     stats = {layer.weight: LayerInputs(layer, max_rows=max_rows, seed=seed, folds=folds) for layer in layers}
-    for batch in _batches(layers, lambda layer: _stats_bytes(layer, max_rows, folds), max_bytes):
-        names = sorted({layer.input_name for layer in batch})
-        for values in capture(model, data, names, max_batch=max_batch):
-            for layer in batch:
-                stats[layer.weight].update(values[layer.input_name])
+    (collector or Collector()).gather(model, data, list(stats.values()), max_batch=max_batch)
     return stats
 
 
@@ -280,20 +280,6 @@ def _stats_bytes(layer: LinearLayer, max_rows: int, folds: int) -> int:
     the row sample."""
     row = int(np.prod(layer.weight_shape)) // max(layer.out_channels, 1)
     return 8 * layer.groups * (row * row * (1 + (folds if folds >= 2 else 0)) + max_rows * row)
-
-
-def _batches(items: Sequence, size_of, budget: int) -> list[list]:
-    """`items` in order, cut into runs whose sizes add up to at most `budget` (an item larger than
-    the budget on its own)."""
-    batches, current, used = [], [], 0
-    for item in items:
-        size = size_of(item)
-        if current and used + size > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(item)
-        used += size
-    return batches + ([current] if current else [])
 
 
 @dataclass
@@ -363,7 +349,7 @@ class _GramSums:
 
 def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
                          layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
-                         seed: int = 0, folds: bool = False) -> PairedGrams:
+                         seed: int = 0, folds: bool = False, collector: Collector | None = None) -> PairedGrams:
     """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer.
 
     With `folds`, the statistics of the even and the odd data chunks are also returned apart
@@ -371,9 +357,10 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     """
     name = layer.input_name
     paired = reference is not None
-    streams = [capture(current, data, [name], max_batch=max_batch)]
+    collector = collector or Collector()
+    streams = [collector.stream(current, data, [name], max_batch=max_batch)]
     if paired:
-        streams.append(capture(reference, data, [name], max_batch=max_batch))
+        streams.append(collector.stream(reference, data, [name], max_batch=max_batch))
     total = even = None
     chunks = 0
     for chunk, values in enumerate(zip(*streams)):

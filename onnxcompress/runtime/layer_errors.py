@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.numerics.measures import sqnr_db
+from onnxcompress.runtime.statistics import Collector
 
 
 @dataclass
@@ -66,10 +67,9 @@ def _pre_quantize(model: onnx.ModelProto, names: Mapping[str, str]) -> dict[str,
 
 def measure_layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, data,
                          renamed: Mapping[str, str], labels: Mapping[str, tuple[str, str]],
-                         *, max_batch: int = 64) -> list[LayerError]:
-    """LayerError for every tensor in `renamed` (float name -> DQ output name), worst first."""
-    from onnxcompress.runtime.capture import capture
-
+                         *, max_batch: int = 64, collector: Collector | None = None) -> list[LayerError]:
+    """LayerError for every tensor in `renamed` (float name -> DQ output name), worst first; both models
+    run on the same chunks through `collector`."""
     if not renamed:
         return []
     pre = _pre_quantize(quantized, renamed)
@@ -77,8 +77,10 @@ def measure_layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto,
     q_names = list(dict.fromkeys(list(renamed.values()) + list(pre.values())))
     total = {n: _Acc() for n in ref_names}
     local = {n: _Acc() for n in ref_names}
-    for ref, cand in zip(capture(reference, data, ref_names, max_batch=max_batch),
-                         capture(quantized, data, q_names, max_batch=max_batch)):
+    collector = collector or Collector()
+    # weights constant (folded, prepacked), as in the sessions users deploy
+    for ref, cand in zip(collector.stream(reference, data, ref_names, max_batch=max_batch, fixed_weights=True),
+                         collector.stream(quantized, data, q_names, max_batch=max_batch, fixed_weights=True)):
         for name in ref_names:
             target = renamed[name]
             total[name].add(ref[name], cand[target])

@@ -20,8 +20,9 @@ outputs of any coding is then predicted as
 
     noise_out = g_rest * (tr(D H D^T) - |D mu|^2) / signal + g_mean * |D mu|^2 / signal
 
-(per group of channels, signal = tr(W H W^T)). One onnxruntime session per probe, over at most
-`samples` feeds.
+(per group of channels, signal = tr(W H W^T)). The probed weights are inputs of one session (the
+statistics collector's, shared with the layer statistics of the same model), run once per probe
+over at most `samples` feeds.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.graph.data import Dataset
 from onnxcompress.numerics.gptq import LayerHessians
-from onnxcompress.runtime.sessions import detached, make_session, run
+from onnxcompress.runtime.statistics import Collector, Runner
 
 log = logging.getLogger(__name__)
 GAIN_RANGE = (1e-6, 1e6)  # a probe that moves nothing (or everything) at the outputs stays finite
@@ -76,25 +77,25 @@ def mean_part(hessians: LayerHessians, d: np.ndarray) -> float:
 
 
 def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Probe], *, samples: int = 32,
-                  progress: bool = False) -> dict[str, OutputGains]:
+                  progress: bool = False, collector: Collector | None = None) -> dict[str, OutputGains]:
     """{weight: OutputGains} for the probed weights that are main-graph initializers (others: none)."""
-    light, arrays = detached(model, also=set(probes))
+    floats = [out.name for out in model.graph.output if out.type.tensor_type.elem_type in
+              (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
+    runner = (collector or Collector()).runner(model, floats, also=set(probes))
+    arrays = runner.weights  # the weights fed to the session, probed ones among them
     split = {name: _split(p) for name, p in probes.items() if name in arrays and p.matrix.size == arrays[name].size}
     split = {name: parts for name, parts in split.items() if parts is not None}
     if not split:
         return {}
     feeds = data.limit(samples)
-    floats = [out.name for out in light.graph.output if out.type.tensor_type.elem_type in
-              (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
-    reference = _outputs(light, arrays, feeds, floats)
+    reference = _outputs(runner, feeds, floats)
     signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
     if not any(s > 0 for s in signal):
         return {}
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
-        swapped = dict(arrays)
-        swapped[name] = np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)
-        outputs = _outputs(light, swapped, feeds, floats)
+        swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
+        outputs = _outputs(runner, feeds, floats, swapped)
         return max(sum(float(np.sum(np.square(a[k] - b[k]))) for a, b in zip(outputs, reference)) / signal[k]
                    for k in range(len(floats)) if signal[k] > 0)
 
@@ -141,7 +142,6 @@ def _energy(hessians: LayerHessians, d: np.ndarray) -> float:
     return hessians.signal_and_noise(d, d)[1]
 
 
-def _outputs(light: onnx.ModelProto, arrays: dict[str, np.ndarray], data: Dataset, names: list[str]
+def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str, np.ndarray] | None = None
              ) -> list[list[np.ndarray]]:
-    session = make_session(light, arrays=arrays)
-    return [[np.asarray(o, np.float64) for o in chunk] for chunk in run(session, data, light, output_names=names)]
+    return [[np.asarray(chunk.values[n], np.float64) for n in names] for chunk in runner.chunks(data, swapped=swapped)]

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxcompress.runtime.capture import with_outputs
 from onnxcompress.graph.edit import outer_names
 from onnxcompress.runtime.sessions import make_session
+from onnxcompress.runtime.statistics import Collector
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,11 @@ class SuffixRunner:
     would exceed `max_bytes` or the suffix is the whole model."""
 
     def __init__(self, model: onnx.ModelProto, chunks: list[dict[str, np.ndarray]], names: Sequence[str],
-                 reference: list[list[np.ndarray]], base: dict[str, np.ndarray], *, max_bytes: int = 256 << 20):
+                 reference: list[list[np.ndarray]], base: dict[str, np.ndarray], *, max_bytes: int = 256 << 20,
+                 collector: Collector | None = None):
         self.model, self.chunks, self.names, self.reference, self.base = model, chunks, list(names), reference, base
         self.max_bytes = max_bytes
+        self.collector = collector or Collector()
 
     def for_weight(self, weight: str):
         nodes, cut = downstream(self.model.graph, {weight})
@@ -104,10 +106,11 @@ class SuffixRunner:
         return run
 
     def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]] | None:
-        session = make_session(with_outputs(self.model, names))
+        runner = self.collector.runner(self.model, names)
         values, total = [], 0
         for chunk in self.chunks:
-            got = dict(zip(names, session.run(names, {**chunk, **self.base})))
+            ran = runner.run(chunk, self.base).values
+            got = {n: ran[n] for n in names}
             total += sum(np.asarray(v).nbytes for v in got.values())
             if total > self.max_bytes:
                 return None
