@@ -22,7 +22,7 @@ from onnxcompress.errors import DataError
 from onnxcompress.graph.data import Dataset, InputSpec, synthesis_shapes, synthesize
 from onnxcompress.graph.edit import all_tensors
 from onnxcompress.numerics.limits import MAX_SYNTH_ELEMENTS, element_count
-from onnxcompress.runtime.sessions import _first_line, make_session
+from onnxcompress.runtime.sessions import _first_line, foreign_domains, make_session
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
 
     DataError, before any work, when the model runs with none of the sizes tried."""
     sizes = synthesis_shapes(specs, shapes)
+    if foreign_domains(model):  # other libraries' ops: onnxruntime cannot run it here (validation is skipped too)
+        return synthesize(specs, shapes=shapes, n=n)
     free = [(s.name, axis) for s in specs if s.name not in (shapes or {}) and s.shape is not None
             for axis, d in enumerate(s.shape) if not (isinstance(d, int) and d > 0)]
     session = make_session(model)
