@@ -71,7 +71,11 @@ class Evaluator:
         if len(changed) == 1 and self.suffixes is not None:
             (name, versions), = changed.items()
             if self._suffix is None or self._suffix[0] != name:
-                self._suffix = (name, self.suffixes.for_weight(name))
+                try:
+                    self._suffix = (name, self.suffixes.for_weight(name))
+                except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
+                    log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
+                    self._suffix = (name, None)
             if self._suffix[1] is not None:
                 return self._suffix[1](versions)
         outputs = []

@@ -38,7 +38,10 @@ from onnxcompress.runtime.tasks import output_producers
 
 log = logging.getLogger(__name__)
 SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
-SCALES = (8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
+# budget scales the allocation is solved at, each verified jointly: summed single-layer costs overstate the joint
+# loss (flips counted alone overlap, noise floors add up), so budgets up to 32x are tried
+SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
+COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
 BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
 
 
@@ -255,11 +258,11 @@ class BitWidthPass(Pass):
         return evaluated, list(chosen)
 
     def _cost_limit(self) -> float | None:
-        """The largest cost one candidate may have and still be allocated: the loosest budget scale
-        (a candidate costing more cannot fit any verified allocation). None for a size budget,
-        where the least-loss allocation may need any candidate."""
+        """The cost past which a weight's narrower widths and higher sparsities are not measured
+        (COST_LIMIT budgets: they only cost more, and cannot fit any but the loosest allocations).
+        None for a size budget, where the least-loss allocation may need any candidate."""
         budget = self.config.loss_budget
-        return None if budget is None else max(SCALES) * budget
+        return None if budget is None else COST_LIMIT * budget
 
     @staticmethod
     def _within(cfg: BitWidthConfig, measured: dict, ratio: float) -> bool:

@@ -367,3 +367,19 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
                                                             evaluator.names, evaluator.reference, evaluator.base), None
     same = evaluator.outputs({"W1": [evaluator.base["W1"]]})  # unchanged: exactly the reference, no kernel noise
     assert all(np.array_equal(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
+
+
+def test_a_suffix_that_cannot_be_made_falls_back_to_the_whole_model(monkeypatch):
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import Evaluator
+
+    model = gemm()
+    data = Dataset(stacked=random_feeds(model, n=20, seed=1))
+    weights = [w for w in find_weights(model, min_elements=0) if w.skip is None]
+    evaluator = Evaluator(model, weights, data, lambda *a: {})
+    monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: (_ for _ in ()).throw(RuntimeError("no")))
+    name = weights[0].name
+    same = evaluator.outputs({name: [evaluator.base[name]]})
+    assert evaluator._suffix == (name, None)
+    assert all(np.allclose(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
