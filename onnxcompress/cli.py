@@ -90,8 +90,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onnxcompress.recipes import BUILTIN, DESCRIPTIONS
-
     parser = _Parser(
         prog="onnxcompress",
         description="Make trained ONNX models much smaller (pruning, k-means weight sharing, quantization, "
@@ -99,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxcompress {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_compress, _add_validate, _add_inspect, _add_unpack, _add_recipes):
+        add(sub)
+    return parser
+
+
+def _add_compress(sub) -> None:
+    """The compress command and its options."""
+    from onnxcompress.recipes import BUILTIN, DESCRIPTIONS
 
     recipes = "\n".join(f"  {name:26s} {DESCRIPTIONS.get(name, '')}" for name in BUILTIN)
     p = sub.add_parser("compress", help="compress a model with a recipe",
@@ -125,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "output either way")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="a running Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray instance")
+    _add_budget_and_gate_options(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
+    _add_data_options(p)
+
+
+def _add_budget_and_gate_options(p) -> None:
+    """compress's budget of the bit-width search and its gate."""
     budget = p.add_argument_group("budget of the bit-width search (recipes 'auto' and 'deep-compression', whose "
                                   "own default is --max-drop 1); give one")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
@@ -141,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the same checks as validate's --min-agreement, --max-drop, --min-sqnr, --atol, "
                                 "--rtol, named --gate-* here because --max-drop/--min-sqnr set the search budget")
     _add_gate_options(gate, prefix="gate-")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the result")
-    _add_data_options(p)
 
+
+def _add_validate(sub) -> None:
+    """The validate command and its options."""
     p = sub.add_parser("validate", help="compare a compressed model with its reference",
                        description="Run REFERENCE and CANDIDATE on the same data in onnxruntime and compare every "
                                    "output: max |diff|, relative L2, cosine, SQNR, top-1 agreement, accuracy "
@@ -160,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "threshold is missed"), prefix="")
     _add_data_options(p)
 
+
+def _add_inspect(sub) -> None:
+    """The inspect command."""
     p = sub.add_parser("inspect", help="list a model's weights, sizes and roles",
                        description="File size, opsets, and one row per weight: name, shape, dtype, bytes, role, "
                                    "where it lives, sparsity and distinct values.")
@@ -167,17 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--min-elements", type=int, default=256, help="tensors smaller than this are marked tiny")
 
+
+def _add_unpack(sub) -> None:
+    """The unpack command."""
     p = sub.add_parser("unpack", help="turn a packed model into a portable one (standard ONNX ops only)",
                        description="Decode every packed weight of PACKED and write the portable codebook form "
                                    "(bit-packed codes, integer ops, Gather) that stock onnxruntime runs.")
     p.add_argument("model", help="the packed model")
     p.add_argument("-o", "--output", required=True, help="where to write the portable model")
 
+
+def _add_recipes(sub) -> None:
+    """The recipes command."""
     p = sub.add_parser("recipes", help="list the built-in recipes, or every pass option (--options)")
     p.add_argument("--options", action="store_true",
                    help="list every option of every pass: type, default and help (what a recipe file may set)")
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
