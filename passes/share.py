@@ -103,15 +103,7 @@ class SharePass(Pass):
     def call(self, ctx: Context) -> PassResult:
         cfg: ShareConfig = self.config
         opset = opset_of(ctx.model)
-        fold = cfg.fold_batch_norm == "always" or (cfg.fold_batch_norm == "auto"
-                                                  and cfg.granularity in ("auto", "channel", "group"))
-        folded = fold_batch_norms(ctx.model) if fold else []
-        if folded:  # the layer fits below aim at the folded original's layer outputs
-            reference = onnx.ModelProto()
-            reference.CopyFrom(ctx.reference)
-            fold_batch_norms(reference)
-            ctx.rewritten_original = reference
-            ctx.note(f"share: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
+        folded = self._fold(ctx, cfg)
         scope = NameScope(ctx.model)
         candidates = [w for w in ctx.weights(cfg.min_elements) if self._eligible(ctx, w)]
         refining = cfg.refine and ctx.data is not None
@@ -139,16 +131,7 @@ class SharePass(Pass):
                                  seed=cfg.seed, model_elements=total, opset=opset)
         bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, bits_of, settings,
                                                                     _Known(hessians, links=links, gains=gains))))
-        absorb, absorbed_from = {}, {}
-        for info in biases:
-            chosen, absorber = bias_choices[info.name].chosen, links[info.name].absorber
-            if not _stays_float(info, chosen) and absorber is not None:
-                error = get_array(ctx.model, info).astype(np.float64) - chosen.shared.decode()
-                absorb[absorber], absorbed_from[absorber] = links[info.name].row_error(error), info.name
-        # a float bias takes up the mean output error of its layer's one weight (bias correction)
-        corrected_by = {link.weights[0]: bias for bias, link in links.items() if len(link.weights) == 1
-                        and _stays_float(by_name[bias], bias_choices[bias].chosen)
-                        and hessians[link.weights[0]].means is not None}
+        absorb, absorbed_from, corrected_by = self._bias_effects(ctx, biases, bias_choices, links, hessians, by_name)
         # the other weights' choices are consumed as they come (each holds every candidate it measured)
         known = _Known(hessians, absorb=absorb, gains=gains, mean_free=frozenset(corrected_by), fitted=probe_fits)
         others = [w for w in candidates if w.name not in links]
@@ -163,13 +146,8 @@ class SharePass(Pass):
                 continue
             if bits < MAX_BITS and opset < PACK_MIN_OPSET:
                 unpacked.append(info.name)
-            if refining and choice.target is None:
-                shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
-                                                reassign_rounds=cfg.reassign_rounds)
-                ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
-            elif refining:  # refine fits the original layer output, which ignores the bias error cancelled here
-                ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
-                           "error, which the least-squares refit would not see)")
+            if refining:
+                shared = self._refined(ctx, cfg, info, shared, cancels=choice.target is not None)
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
@@ -177,12 +155,7 @@ class SharePass(Pass):
             replace_weight(ctx.model, info, nodes, inits)
             ctx.shared[info.name] = shared
             before, after = before + info.nbytes, after + shared.payload_bytes(opset)
-            details = {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value,
-                       **choice.details()}
-            if choice.target is not None:
-                details["cancels_coding_error_of"] = absorbed_from[info.name]
-            ctx.record(info.name, self.name, f"shared {bits} bits, {choice.chosen.option.label}", info.nbytes,
-                       shared.payload_bytes(opset), details)
+            self._record(ctx, info, choice, shared, bits, opset, absorbed_from)
         if unpacked:
             ctx.note(f"share: {len(unpacked)} weights use fewer than 8 bits but the model's opset {opset} is below "
                      f"{PACK_MIN_OPSET}, so their codes are stored one a byte, not bit-packed (the opset was left "
@@ -190,6 +163,57 @@ class SharePass(Pass):
         log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
         return PassResult(bool(ctx.shared) or bool(folded), {"weights": len(ctx.shared), "bytes_before": before,
                                                              "bytes_after": after, "folded_batch_norms": folded})
+
+    def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool
+                 ) -> SharedWeight:
+        """Least-squares centroids on the calibration data, unless the weight cancels its bias's coding
+        error (the refit fits the original layer output, which would not see that error)."""
+        if cancels:
+            ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
+                       "error, which the least-squares refit would not see)")
+            return shared
+        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds)
+        ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
+        return shared
+
+    def _record(self, ctx: Context, info: WeightInfo, choice, shared: SharedWeight, bits: int, opset: int,
+                absorbed_from: dict[str, str]) -> None:
+        details = {"bits": bits, "centroids": int(shared.codebook.size), "role": info.role.value, **choice.details()}
+        if choice.target is not None:
+            details["cancels_coding_error_of"] = absorbed_from[info.name]
+        ctx.record(info.name, self.name, f"shared {bits} bits, {choice.chosen.option.label}", info.nbytes,
+                   shared.payload_bytes(opset), details)
+
+    @staticmethod
+    def _fold(ctx: Context, cfg: ShareConfig) -> list:
+        """Fold Conv -> BatchNormalization pairs first where per-channel scales can absorb them (the
+        fold_batch_norm option); the layer fits then aim at the folded original's layer outputs."""
+        fold = cfg.fold_batch_norm == "always" or (cfg.fold_batch_norm == "auto"
+                                                  and cfg.granularity in ("auto", "channel", "group"))
+        folded = fold_batch_norms(ctx.model) if fold else []
+        if folded:
+            reference = onnx.ModelProto()
+            reference.CopyFrom(ctx.reference)
+            fold_batch_norms(reference)
+            ctx.rewritten_original = reference
+            ctx.note(f"share: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
+        return folded
+
+    @staticmethod
+    def _bias_effects(ctx: Context, biases, bias_choices, links, hessians, by_name):
+        """What the biases' choices ask of their layers' weights: `absorb` (weight -> its bias's coding error
+        per output row, to cancel), `absorbed_from` (weight -> that bias) and `corrected_by` (weight -> the
+        float bias that takes up its mean output error: bias correction)."""
+        absorb, absorbed_from = {}, {}
+        for info in biases:
+            chosen, absorber = bias_choices[info.name].chosen, links[info.name].absorber
+            if not _stays_float(info, chosen) and absorber is not None:
+                error = get_array(ctx.model, info).astype(np.float64) - chosen.shared.decode()
+                absorb[absorber], absorbed_from[absorber] = links[info.name].row_error(error), info.name
+        corrected_by = {link.weights[0]: bias for bias, link in links.items() if len(link.weights) == 1
+                        and _stays_float(by_name[bias], bias_choices[bias].chosen)
+                        and hessians[link.weights[0]].means is not None}
+        return absorb, absorbed_from, corrected_by
 
     def _output_gains(self, ctx: Context, candidates: list[WeightInfo], hessians, bits_of
                       ) -> tuple[dict[str, OutputGains], dict[str, dict[Option, SharedWeight]]]:
