@@ -28,6 +28,8 @@ from onnxcompress.runtime.suffix import SuffixRunner
 from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
 
 log = logging.getLogger(__name__)
+# below this many searched weight entries a whole-model run costs less than building a suffix session
+SUFFIX_MIN_ELEMENTS = 1_000_000
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Evaluator:
     candidate weights."""
 
     def __init__(self, model: onnx.ModelProto, weights: list[WeightInfo], data: Dataset, score,
-                 collector: Collector | None = None):
+                 collector: Collector | None = None, *, suffix_min_elements: int = SUFFIX_MIN_ELEMENTS):
         self.data, self.score = data, score
         self.specs = model_inputs(model)
         self.model = weights_as_inputs(model, weights)
@@ -56,9 +58,11 @@ class Evaluator:
         self.chunks = list(data.chunks(self.specs))
         self.suffixes: SuffixRunner | None = None
         self.reference = self.outputs({})
-        # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix)
-        self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
-                                     self.base, collector=collector)
+        # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
+        # where the model is large enough for the runs saved to outweigh a session per weight's suffix
+        if sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
+            self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
+                                         self.base, collector=collector)
         self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:

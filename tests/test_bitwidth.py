@@ -353,7 +353,7 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
     assert [n.output[0] for n in suffix] == ["y"] and cut == ["h"]
     data = Dataset(stacked=tiny.random_feeds(model, n=100, seed=1))
     weights = [w for w in find_weights(model, min_elements=0) if w.name in ("W0", "W1")]
-    evaluator = Evaluator(model, weights, data, lambda *a: {})
+    evaluator = Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
     changed = {"W1": [rng.standard_normal((16, 4)).astype(np.float32)]}
     fast = evaluator.outputs(changed)
     assert evaluator._suffix[0] == "W1" and evaluator._suffix[1] is not None
@@ -377,9 +377,22 @@ def test_a_suffix_that_cannot_be_made_falls_back_to_the_whole_model(monkeypatch)
     model = gemm()
     data = Dataset(stacked=random_feeds(model, n=20, seed=1))
     weights = [w for w in find_weights(model, min_elements=0) if w.skip is None]
-    evaluator = Evaluator(model, weights, data, lambda *a: {})
+    evaluator = Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
     monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: (_ for _ in ()).throw(RuntimeError("no")))
     name = weights[0].name
     same = evaluator.outputs({name: [evaluator.base[name]]})
     assert evaluator._suffix == (name, None)
     assert all(np.allclose(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
+
+
+def test_a_small_model_runs_whole_instead_of_building_a_session_per_suffix():
+    """Below SUFFIX_MIN_ELEMENTS searched entries a whole-model run costs less than a suffix session."""
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import SUFFIX_MIN_ELEMENTS, Evaluator
+
+    model = gemm()
+    data = Dataset(stacked=random_feeds(model, n=20, seed=1))
+    weights = [w for w in find_weights(model, min_elements=0) if w.skip is None]
+    assert sum(w.numel for w in weights) < SUFFIX_MIN_ELEMENTS
+    assert Evaluator(model, weights, data, lambda *a: {}).suffixes is None
