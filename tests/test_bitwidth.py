@@ -258,7 +258,9 @@ def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it
     assert len(single) == 1
 
 
-def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
+def _sweep(monkeypatch, cost_of, **options):
+    """The candidates BitWidthPass._sensitivities measures for one 4x4 weight whose (sparsity, bits)
+    candidates cost cost_of(sparsity, bits); returns (measured in order, the table)."""
     import onnxcompress.passes.bitwidth as bw
 
     class Coded:
@@ -277,7 +279,7 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
         def measure(self, changed):
             (coded,) = changed["w"]
             measured.append((coded.sparsity, coded.bits))
-            cost = 20.0 * coded.sparsity ** 2 + 1.0 / coded.bits  # from 50% on every width costs over 8 x 0.5
+            cost = cost_of(coded.sparsity, coded.bits)
             return {"cost": cost, "check": cost, "nsr": 0.0}
 
     class W:
@@ -285,48 +287,30 @@ def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
 
     monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Coded(s, b)])
     monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
-    p = BitWidthPass(max_drop=0.5, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
+    p = BitWidthPass(**options)
     p._pruner = None
     table = p._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
+    return measured, table
+
+
+def test_sparsities_past_the_first_hopeless_one_are_not_measured(monkeypatch):
+    def cost(sparsity, bits):  # from 50% on every width costs over 8 x 0.5
+        return 20.0 * sparsity ** 2 + 1.0 / bits
+
+    grid = dict(bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
+    measured, table = _sweep(monkeypatch, cost, max_drop=0.5, **grid)
     assert {s for s, _ in measured} == {0.0, 0.25, 0.5}  # 0.5 costs 5.25+ at every width: 0.7, 0.9 skipped
     assert (0.5, 2) not in measured  # 4 bits already cost over the limit there: 2 bits cost more
     assert len(table["w"]) == 5
-    sized = BitWidthPass(target_ratio=4.0, bits=[2, 4], sparsities=[0.0, 0.25, 0.5, 0.7, 0.9])
-    sized._pruner, measured[:] = None, []
-    sized._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
+    measured, _ = _sweep(monkeypatch, cost, target_ratio=4.0, **grid)
     assert len(measured) == 10  # a size budget may need any candidate
 
 
 def test_narrower_widths_past_a_hopeless_one_are_not_measured_at_higher_sparsities(monkeypatch):
-    import onnxcompress.passes.bitwidth as bw
+    def cost(sparsity, bits):  # 2 bits: over 8 x 0.5
+        return (5.0 if bits == 2 else 1.0 / bits) + sparsity
 
-    class Coded:
-        def __init__(self, sparsity, bits):
-            self.sparsity, self.bits = sparsity, bits
-
-        def decode(self):
-            return self
-
-    measured = []
-
-    class Evaluator:
-        base = {"w": np.zeros((4, 4), np.float32)}
-        data = [0] * 100
-
-        def measure(self, changed):
-            (coded,) = changed["w"]
-            measured.append((coded.sparsity, coded.bits))
-            cost = (5.0 if coded.bits == 2 else 1.0 / coded.bits) + coded.sparsity  # 2 bits: over 8 x 0.5
-            return {"cost": cost, "check": cost, "nsr": 0.0}
-
-    class W:
-        name, shape = "w", (4, 4)
-
-    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Coded(s, b)])
-    monkeypatch.setattr(bw, "stored_bytes", lambda shared, form: 1)
-    p = BitWidthPass(max_drop=0.5, bits=[2, 4, 8], sparsities=[0.0, 0.5, 0.9])
-    p._pruner = None
-    table = p._sensitivities(type("Ctx", (), {"progress": False, "form": "packed"})(), Evaluator(), [W()])
+    measured, table = _sweep(monkeypatch, cost, max_drop=0.5, bits=[2, 4, 8], sparsities=[0.0, 0.5, 0.9])
     assert measured == [(0.0, 8), (0.0, 4), (0.0, 2), (0.5, 8), (0.5, 4), (0.9, 8), (0.9, 4)]
     assert len(table["w"]) == 7
 
