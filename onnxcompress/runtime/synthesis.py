@@ -2,16 +2,17 @@
 
 Without --data or --shape, a symbolic dim is first set to 1. Many models do not run that way (a
 feature axis the first MatMul or LSTM fixes, an image too small for the pooling), and finding out
-after minutes of compression helps nobody. So before any pass, the original runs once on one
-synthesized feed; where it fails, the symbolic dims are tried one at a time with each size the
+after minutes of compression helps nobody. So before any pass, a model with symbolic dims (or
+sizes given with --shape) runs once on one synthesized feed; where it fails, the symbolic dims are tried one at a time with each size the
 model's own weights have (a contraction axis equals some weight's dim), then all together along a
 ladder of common sizes (image sides). The first assignment onnxruntime runs is used, and the
-report says which; when none runs, the user gets one line asking for --shape or --data before any
-work is done.
+report says which; when none runs (at most MAX_TRIES runs, MAX_SECONDS), the user gets one line asking
+for --shape or --data before any work is done. A model whose dims are all declared is not run here.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,7 @@ LADDER = (8, 16, 32, 64, 128, 224, 256)  # sizes tried for every free dim at onc
 MAX_WEIGHT_SIZES = 64  # the most frequent distinct weight dims tried per free dim
 MAX_WEIGHT_DIM = 65536
 MAX_TRIES = 400  # onnxruntime runs of one small feed each
+MAX_SECONDS = 60.0  # and at most this long (a large model's runs are slow)
 
 
 def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
@@ -42,6 +44,8 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
         return synthesize(specs, shapes=shapes, n=n)
     free = [(s.name, axis) for s in specs if s.name not in (shapes or {}) and s.shape is not None
             for axis, d in enumerate(s.shape) if not (isinstance(d, int) and d > 0)]
+    if not free and not shapes:  # every dim declared: nothing to guess (a model that cannot run fails at validation)
+        return synthesize(specs, shapes=shapes, n=n)
     session = make_session(model)
     error = _fails(session, specs, sizes)
     if error is None:
@@ -49,7 +53,7 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
     chosen = _search(session, specs, sizes, free, _weight_sizes(model)) if free else None
     if chosen is None:
         hint = (f"give the sizes of the symbolic dims of {sorted({name for name, _ in free})} with --shape "
-                f"{free[0][0]}=... or give --data" if free else "give --data with real inputs")
+                f"{free[0][0]}=... or give --data" if free else "check the --shape sizes, or give --data")
         raise DataError(f"the model does not run on synthesized inputs ({_first_line(error)}); {hint}")
     given = {name: chosen[name] for name in {name for name, _ in free}}
     data = synthesize(specs, shapes={**(shapes or {}), **given}, n=n)
@@ -67,7 +71,7 @@ def _search(session, specs: Sequence[InputSpec], sizes: dict[str, tuple[int, ...
     ladder, each other free dim alone over the weights' sizes, then all of them together along the ladder."""
     leading = [(name, axis) for name, axis in free if axis == 0]
     rest = [(name, axis) for name, axis in free if axis > 0]
-    tries = 0
+    tries, deadline = 0, time.monotonic() + MAX_SECONDS
     for first in (1,) + (LADDER if leading else ()):
         base = _with(sizes, leading, first)
         if base is None:
@@ -78,7 +82,7 @@ def _search(session, specs: Sequence[InputSpec], sizes: dict[str, tuple[int, ...
             if trial is None:
                 continue
             tries += 1
-            if tries > MAX_TRIES:
+            if tries > MAX_TRIES or time.monotonic() > deadline:
                 return None
             if _fails(session, specs, trial) is None:
                 return trial
