@@ -29,8 +29,8 @@ from onnx import helper, numpy_helper
 from onnxcompress.errors import PreconditionError
 from onnxcompress.formats.qdq_dynamic import quantize_dynamic_matmuls
 from onnxcompress.formats.qdq_ops import groups, layout, out_channels, weight_axis
-from onnxcompress.formats.qdq_weights import (dq_nodes, gather_before_dequantize, hoist_constants, NAMES,
-                                              quantize_weights_only)
+from onnxcompress.formats.qdq_weights import (DQ_AXIS_MIN_OPSET, DQ_MIN_OPSET, NAMES, dq_nodes,
+                                              gather_before_dequantize, hoist_constants, quantize_weights_only)
 from onnxcompress.graph.edit import mark, NameScope
 from onnxcompress.graph.fold import fold_batch_norms
 from onnxcompress.graph.model import opset_of
@@ -48,7 +48,6 @@ from onnxcompress.runtime.statistics import ChannelMeans, Collector
 
 log = logging.getLogger(__name__)
 
-PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET = 13, 10
 
 
 @dataclass(kw_only=True)
@@ -98,8 +97,8 @@ class QdqPass(Pass):
 
     def requires(self, ctx: Context) -> None:
         opset = opset_of(ctx.model)
-        if opset < QDQ_MIN_OPSET and self.config.mode != "weights":
-            raise PreconditionError(f"QuantizeLinear needs opset >= {QDQ_MIN_OPSET}, the model has {opset}; "
+        if opset < DQ_MIN_OPSET and self.config.mode != "weights":
+            raise PreconditionError(f"QuantizeLinear needs opset >= {DQ_MIN_OPSET}, the model has {opset}; "
                                     "convert it with onnx.version_converter first")
         if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
             raise missing_artifact(self, Artifact.CALIBRATION)
@@ -109,12 +108,12 @@ class QdqPass(Pass):
         opset = opset_of(ctx.model)
         per_channel = cfg.per_channel
         # weight-only below the opsets of DequantizeLinear (10) or of its per-channel axis (13): Cast + Mul
-        cast = cfg.mode == "weights" and (opset < QDQ_MIN_OPSET or (per_channel and opset < PER_CHANNEL_MIN_OPSET))
+        cast = cfg.mode == "weights" and (opset < DQ_MIN_OPSET or (per_channel and opset < DQ_AXIS_MIN_OPSET))
         if cast:
-            ctx.note(f"qdq: opset {opset} has no {'per-channel ' if opset >= QDQ_MIN_OPSET else ''}DequantizeLinear; "
+            ctx.note(f"qdq: opset {opset} has no {'per-channel ' if opset >= DQ_MIN_OPSET else ''}DequantizeLinear; "
                      "weights are dequantized by Cast + Mul, which onnxruntime folds at load")
-        elif per_channel and opset < PER_CHANNEL_MIN_OPSET:
-            ctx.note(f"qdq: per-channel weights need opset >= {PER_CHANNEL_MIN_OPSET} (model has {opset}); "
+        elif per_channel and opset < DQ_AXIS_MIN_OPSET:
+            ctx.note(f"qdq: per-channel weights need opset >= {DQ_AXIS_MIN_OPSET} (model has {opset}); "
                      "using per-tensor scales")
             per_channel = False
         if cfg.mode == "weights":

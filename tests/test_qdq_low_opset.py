@@ -65,3 +65,18 @@ def test_static_int8_still_refuses_opset_9():
     model = _at(gemm(), 9)
     with pytest.raises(PreconditionError, match="opset >= 10"):
         run_pass(QdqPass(QdqConfig(mode="static")), model)
+
+
+def test_a_float16_weight_below_opset_13_gets_a_per_tensor_dequantize_not_an_invalid_axis():
+    """Cast + Mul serves float32 weights; a float16 one keeps DequantizeLinear, whose axis needs opset 13."""
+    model = gemm(k=64, n=32)
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).astype(np.float16)
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+    cast = onnx.helper.make_node("Cast", ["W"], ["W32"], to=onnx.TensorProto.FLOAT)
+    model.graph.node[0].input[1] = "W32"
+    model.graph.node.insert(0, cast)
+    model = _at(model, 12)
+    ctx = run_pass(QdqPass(QdqConfig(mode="weights", min_elements=64)), model)
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert all(a.name != "axis" for n in ctx.model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    assert _error(model, ctx.model, random_feeds(model)) < 0.02

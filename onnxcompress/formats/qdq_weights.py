@@ -21,7 +21,8 @@ from onnxcompress.graph.weights import WeightInfo, get_array, replace_weight
 
 log = logging.getLogger(__name__)
 INT4_MIN_OPSET = 21
-DQ_MIN_OPSET = 10  # DequantizeLinear; per-channel (axis) from 13
+DQ_MIN_OPSET = 10  # DequantizeLinear (and QuantizeLinear)
+DQ_AXIS_MIN_OPSET = 13  # their per-channel axis
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,11 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
             after = (q.size + 1) // 2 + scale.nbytes
             action, kind = f"int4 blocked ({cfg.block_size})", "int4"
         else:
-            axis = info.channel_axis if per_channel else None
+            use_cast = cast and info.dtype == "float32"
+            # per channel by Cast + Mul at any opset, by DequantizeLinear's axis from its opset on
+            axis = info.channel_axis if per_channel and (use_cast or opset >= DQ_AXIS_MIN_OPSET) else None
             q, scale, zero = quantize_per_channel(w, axis, INT8, symmetric=True)
-            if cast and info.dtype == "float32":
+            if use_cast:
                 nodes, inits = cast_nodes(info.name, q.astype(np.int8), scale, axis, scope, pass_name)
             else:
                 nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope,
