@@ -43,6 +43,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnxcompress.graph.edit import all_tensors
+
 GB = 1e9
 # the built-in recipes with one codebook per tensor (Deep Compression's k-means), which costs one
 # k-means per weight instead of the several candidates granularity "auto" fits and measures
@@ -140,7 +142,7 @@ sys.exit(rc)
 def digest(path: Path) -> str:
     """SHA-256 of the model (its external-data file name blanked: outputs are named per run) and its data."""
     model = onnx.load(str(path), load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in all_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = "data"

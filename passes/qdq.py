@@ -358,8 +358,6 @@ class QdqPass(Pass):
 def input_means(model: onnx.ModelProto, data, nodes: list[onnx.NodeProto], *,
                 collector: Collector | None = None) -> dict[str, np.ndarray]:
     """Mean per input channel of each Conv/Gemm/MatMul input (axis 1 for Conv, the last otherwise)."""
-    from onnxcompress.runtime.capture import capture
-
     axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in nodes
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 2 and n.input[2]}
     means = [ChannelMeans(name, axis) for name, axis in axes.items()]

@@ -389,9 +389,8 @@ class PassManager(Pass):
                                                           task=self.task)
             ctx.validate_each = self.validate == "each"
         if data is None and (needy := [p.name for p in self.parts() if p.needs_data]):
-            raise DataError(f"{'the recipe ' + repr(self.recipe) if self.recipe else 'pass ' + repr(needy[0])} needs "
-                            f"calibration data for its '{needy[0]}' pass: give --data with a few hundred "
-                            "representative inputs")
+            raise DataError(f"the recipe '{self.recipe}' needs calibration data for its '{needy[0]}' pass: give "
+                            "--data with a few hundred representative inputs")
         try:
             self.check_order(ctx.available)
             self.call(ctx)
