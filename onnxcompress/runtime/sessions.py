@@ -145,7 +145,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | N
         graph = model if isinstance(model, onnx.ModelProto) else proto
         domains = foreign_domains(graph)
         hint = (f"; it uses custom ops of {sorted(domains)}: register their library to validate" if domains else "")
-        raise ModelError(f"onnxruntime cannot load the model: {_first_line(e)}{hint}") from e
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(e)}{hint}") from e
 
 
 def _session_via_file(model: onnx.ModelProto, options) -> ort.InferenceSession:
@@ -157,7 +157,8 @@ def _session_via_file(model: onnx.ModelProto, options) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (onnxruntime's run on for pages), at most 400 characters."""
     text = str(error).strip()
     return text.splitlines()[0][:400] if text else type(error).__name__
 
@@ -175,7 +176,7 @@ def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
             if data.guessed:  # symbolic dims were guessed: the user must say what they are
                 hint = (f" (the symbolic dims of input(s) {data.guessed} were guessed: give their sizes with "
                         f"--shape {data.guessed[0]}=..., or give --data)")
-            raise ModelError(f"onnxruntime failed on {data.source}: {_first_line(e)}{hint}") from e
+            raise ModelError(f"onnxruntime failed on {data.source}: {first_line(e)}{hint}") from e
         if progress is not None:
             progress.update(count)
     return results

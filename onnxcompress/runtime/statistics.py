@@ -40,7 +40,7 @@ from onnxcompress.errors import ModelError
 from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.graph.edit import NameScope
 from onnxcompress.numerics.quantmath import StreamingHistogram
-from onnxcompress.runtime.sessions import _first_line, detached, make_session
+from onnxcompress.runtime.sessions import detached, first_line, make_session
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Runner:
         try:
             out = self.entry.session.run(self._fetch, {**feed, **self.weights, **(swapped or {})})
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime failed on {source}: {_first_line(e)}") from e
+            raise ModelError(f"onnxruntime failed on {source}: {first_line(e)}") from e
         count = len(self.names)
         values = dict(zip(self.names, out[:count]))
         lows, highs = out[count::2], out[count + 1::2]

@@ -23,7 +23,7 @@ from onnxcompress.errors import DataError
 from onnxcompress.graph.data import Dataset, InputSpec, synthesis_shapes, synthesize
 from onnxcompress.graph.edit import all_tensors
 from onnxcompress.numerics.limits import MAX_SYNTH_ELEMENTS, element_count
-from onnxcompress.runtime.sessions import _first_line, foreign_domains, make_session
+from onnxcompress.runtime.sessions import first_line, foreign_domains, make_session
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
     if chosen is None:
         hint = (f"give the sizes of the symbolic dims of {sorted({name for name, _ in free})} with --shape "
                 f"{free[0][0]}=... or give --data" if free else "check the --shape sizes, or give --data")
-        raise DataError(f"the model does not run on synthesized inputs ({_first_line(error)}); {hint}")
+        raise DataError(f"the model does not run on synthesized inputs ({first_line(error)}); {hint}")
     given = {name: chosen[name] for name in {name for name, _ in free}}
     data = synthesize(specs, shapes={**(shapes or {}), **given}, n=n)
     data.guessed = sorted(given)
