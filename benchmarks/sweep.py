@@ -59,9 +59,9 @@ def run_one(model: Path, recipe: str, timeout: float, folder: Path) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        code, stderr, stdout = done.returncode, done.stderr, done.stdout
+        code, stderr = done.returncode, done.stderr
     except subprocess.TimeoutExpired:
-        code, stderr, stdout = None, "", ""
+        code, stderr = None, ""
     seconds = time.perf_counter() - start
     row = {"model": str(model), "recipe": recipe, "outcome": classify(code, stderr), "exit": code,
            "seconds": round(seconds, 1), "stderr": stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""}
@@ -72,7 +72,6 @@ def run_one(model: Path, recipe: str, timeout: float, folder: Path) -> dict:
         extra.unlink()
     if row["outcome"] == "BUG":
         row["stderr_tail"] = stderr[-3000:]
-    del stdout
     return row
 
 

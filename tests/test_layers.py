@@ -140,7 +140,7 @@ def test_no_import_cycle():
             pytest.fail("import cycle: " + " -> ".join(loop))
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
+def test_the_checker_sees_an_upward_import():
     """The rule itself can fail: a graph-layer module importing the runtime is reported."""
     name = "onnxcompress.graph.model"
     imported = IMPORTS[name] | {"onnxcompress.runtime.sessions"}
