@@ -151,3 +151,17 @@ def test_per_channel_fit_is_the_same_with_sorted_rows_as_with_passes(monkeypatch
     slow = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
+
+
+def test_groups_fitted_together_match_each_group_fitted_alone():
+    """fit_groups' batched k-means (unweighted, no kept zeros) gives every group fit_tensor's codebook and codes."""
+    from onnxcompress.numerics.granular_fit import fit_groups, fit_tensor
+
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((61, 500)) * rng.uniform(0.1, 2.0, (61, 1))).astype(np.float32)
+    fitted = ~pick_outliers(w, np.ones(w.shape, bool), 0.01, relative=False)
+    codes, books, offsets = fit_groups(w, fitted, None, 5, 8, False, "linear", 0)
+    for lo in range(0, 61, 8):
+        ref_codes, ref_book = fit_tensor(w[lo:lo + 8], fitted[lo:lo + 8], None, 5, False, "linear", 0)
+        np.testing.assert_array_equal(books[offsets[lo]:offsets[lo] + ref_book.size], ref_book)
+        np.testing.assert_array_equal(codes[lo:lo + 8], ref_codes)

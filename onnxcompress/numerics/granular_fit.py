@@ -12,7 +12,7 @@ import numpy as np
 from onnxcompress.numerics.gptq import normalize, store_scale, use_float16
 from onnxcompress.numerics.histogram import CHUNK
 from onnxcompress.numerics.sorted_rows import SortedRows
-from onnxcompress.numerics.kmeans import assign, kmeans_1d
+from onnxcompress.numerics.kmeans import assign, centroids_many, kmeans_1d
 from onnxcompress.numerics.measures import nearest_codes
 
 
@@ -105,10 +105,18 @@ def fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
     codes = np.zeros(w.shape, np.int64)
     books, offsets = [], np.zeros(w.shape[0], np.int32)
     start = 0
-    for lo in range(0, w.shape[0], group_size):
-        rows = slice(lo, lo + group_size)
-        sub = fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
-        codes[rows], book = sub
+    groups = [slice(lo, lo + group_size) for lo in range(0, w.shape[0], group_size)]
+    together = None  # unweighted, no kept zeros: every group's k-means at once, the same codebooks
+    if a is None and not keep_zero:
+        together = [c if c.size else np.zeros(1) for c in
+                    centroids_many([w[rows][fitted[rows]] for rows in groups], 2 ** bits, init=init, seed=seed)]
+    for g, rows in enumerate(groups):
+        if together is None:
+            codes[rows], book = fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero,
+                                           init, seed)
+        else:
+            book = together[g]
+            codes[rows] = nearest_codes(w[rows], book, keep_zero=False)
         offsets[rows] = start
         books.append(book)
         start += book.size

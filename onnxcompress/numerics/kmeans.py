@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.numerics.histogram import below, histogram_dtype, histogram_fits, value_histogram
-from onnxcompress.numerics.kmeans_sorted import boundaries, fit_sorted, lloyd_sorted, optimal_sorted, scaled
+from onnxcompress.numerics.kmeans_sorted import (_init_centroids, boundaries, fit_sorted, lloyd_sorted,
+                                                 lloyd_sorted_many, optimal_sorted, scaled)
 
 INITS = ("linear", "density", "random")
 
@@ -216,6 +217,46 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
     xs, ws = _sorted(flat, w, keep_zero)
     c, n_iter = fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, max_iter, tol)
     return _finish(x, flat, xs, ws, c, n_iter, keep_zero)
+
+
+def centroids_many(values_list, k: int, *, init: str = "linear", seed: int = 0, max_iter: int = 300,
+                   tol: float = 1e-8) -> list[np.ndarray]:
+    """``[kmeans_1d(v, k, init=init, seed=seed, ...).centroids for v in values_list]`` (unweighted, no
+    kept zeros), with the Lloyd steps of the sets fitted on their sorted values run together
+    (:func:`lloyd_sorted_many`): the same centroids, without a Python loop per set and step."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    found: list[np.ndarray | None] = [None] * len(values_list)
+    batch, sorted_sets, starts = [], [], []
+    for i, values in enumerate(values_list):
+        x, flat, _ = _validate(values, k, None, False)
+        if flat.size > HISTOGRAM_ABOVE and flat.dtype in (np.float16, np.float32, np.float64):
+            found[i] = kmeans_1d(values, k, init=init, seed=seed, max_iter=max_iter, tol=tol).centroids
+            continue
+        xs, _ = _sorted(flat, None, False)
+        new_value = None if xs.size == 0 else np.concatenate(([True], xs[1:] != xs[:-1]))
+        if xs.size == 0 or np.count_nonzero(new_value) <= k or scaled(xs)[1] or max_iter == 0:
+            c, _ = fit_sorted(xs, None, k, init, seed, max_iter, tol)
+            found[i] = _kept_centroids(xs, c)
+            continue
+        batch.append(i)
+        sorted_sets.append(xs)
+        starts.append(_init_centroids(xs, None, k, init, seed))
+    for i, xs, start, done in zip(batch, sorted_sets, starts,
+                                  lloyd_sorted_many(sorted_sets, starts, k, max_iter, tol)):
+        if done is None:  # re-seeding an empty cluster: the one-set path
+            first = np.concatenate(([True], xs[1:] != xs[:-1]))
+            done = lloyd_sorted(xs, None, first, start, k, max_iter, tol)
+        found[i] = _kept_centroids(xs, done[0])
+    return found
+
+
+def _kept_centroids(xs, c) -> np.ndarray:
+    """The centroids some sorted value is nearest to (as :func:`_finish` keeps them)."""
+    if xs.size == 0 or not c.size:
+        return np.empty(0) if xs.size == 0 else c
+    counts = np.diff(np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [xs.size])))
+    return c if np.all(counts > 0) else c[counts > 0]
 
 
 def _coarse(xs, ws) -> tuple[np.ndarray, np.ndarray]:
