@@ -386,3 +386,27 @@ def test_centroids_many_hands_a_histogram_sized_set_to_kmeans_1d(monkeypatch):
     got = centroids_many([values, small], 16)
     np.testing.assert_array_equal(got[0], kmeans_1d(values, 16).centroids)
     np.testing.assert_array_equal(got[1], kmeans_1d(small, 16).centroids)
+
+
+@pytest.mark.parametrize("case", ["normal", "t3", "isolated", "weighted", "keep_zero", "small"])
+def test_kmeans_centroids_are_kmeans_1d_centroids(monkeypatch, case):
+    """Centroids without labels (the histogram path skips its labels pass when every cluster holds two
+    bins' means) equal kmeans_1d's, including where a cluster might be empty (an isolated value)."""
+    from onnxcompress.numerics import kmeans
+    from onnxcompress.numerics.kmeans import kmeans_centroids
+
+    monkeypatch.setattr(kmeans, "HISTOGRAM_ABOVE", 4000)
+    rng = np.random.default_rng(13)
+    values = rng.standard_t(3, 30000) if case == "t3" else rng.standard_normal(30000)
+    if case == "isolated":
+        values[:3] = [40.0, 41.0, -35.0]  # clusters of one bin each, far out
+    if case == "keep_zero":
+        values[rng.random(values.size) < 0.3] = 0.0
+    if case == "small":
+        values = values[:3000]
+    values = values.astype(np.float32)
+    weight = rng.uniform(0.0, 2.0, values.size) if case == "weighted" else None
+    for k in (4, 32, 256):
+        got = kmeans_centroids(values, k, sample_weight=weight, keep_zero=case == "keep_zero")
+        np.testing.assert_array_equal(got, kmeans_1d(values, k, sample_weight=weight,
+                                                     keep_zero=case == "keep_zero").centroids)

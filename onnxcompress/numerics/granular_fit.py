@@ -12,7 +12,7 @@ import numpy as np
 from onnxcompress.numerics.gptq import normalize, store_scale, use_float16
 from onnxcompress.numerics.histogram import CHUNK
 from onnxcompress.numerics.sorted_rows import SortedRows
-from onnxcompress.numerics.kmeans import assign, centroids_many, kmeans_1d
+from onnxcompress.numerics.kmeans import assign, centroids_many, kmeans_centroids
 from onnxcompress.numerics.measures import nearest_codes
 
 
@@ -89,9 +89,9 @@ def codebook_of(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
     """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
     if values.size == 0:
         return np.zeros(1)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
-                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
-    return result.centroids if result.centroids.size else np.zeros(1)
+    centroids = kmeans_centroids(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
+                                 sample_weight=None if weights is None else np.maximum(weights, 0.0))
+    return centroids if centroids.size else np.zeros(1)
 
 
 def fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
