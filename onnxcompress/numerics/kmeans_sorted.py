@@ -103,11 +103,17 @@ def lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.n
     while n_iter < max_iter:
         n_iter += 1
         cuts = np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [n]))
-        if prev is not None and np.array_equal(cuts, prev):
+        if prev is not None and cuts.size == prev.size and (cuts == prev).all():
             break
         start, stop = cuts[:-1], cuts[1:]
         sw = (stop - start).astype(np.float64) if wcum is None else wcum[stop] - wcum[start]
         full = sw > 0
+        if c.size == k and full.all():  # the usual step, without the masks (the same numbers)
+            new = np.minimum(np.maximum(m + (p[stop] - p[start]) / sw, xs[start]), xs[stop - 1])
+            c, prev, shift = new, cuts, float(np.max(np.abs(new - c)))
+            if shift <= threshold:
+                break
+            continue
         new = c.copy()
         s, e = start[full], stop[full]
         new[full] = np.clip(m + (p[e] - p[s]) / sw[full], xs[s], xs[e - 1])
