@@ -64,7 +64,8 @@ class SortedRows:
             np.maximum.at(top_low, row[low], value[low])
             np.minimum.at(bottom_high, row[~low], value[~low])
             some = np.flatnonzero(end > lo)
-            if (top_low[some] > values[some, lo[some]]).any() or (bottom_high[some] < values[some, end[some] - 1]).any():
+            inside = (top_low[some] > values[some, lo[some]]) | (bottom_high[some] < values[some, end[some] - 1])
+            if inside.any():  # an unfitted entry within a channel's run
                 return None
         del values
         keys = bits.astype(np.int64)
