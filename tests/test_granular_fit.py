@@ -99,3 +99,69 @@ def test_per_channel_descent_never_raises_the_error_of_its_start():
         codes, book, s = fit_scaled(w, fitted, None, 4, False, "linear", 0, rounds, "float32")
         errors.append(float(np.sum((w - book[codes] * s[:, None].astype(np.float64)) ** 2)))
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("case", ["plain", "outliers", "ties", "zero channel", "one centroid"])
+def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(case):
+    """SortedRows.sums (binary searches in the sorted channels) against _code_sums (a pass): the same
+    counts exactly, the same sums up to the order of float64 additions."""
+    from onnxcompress.numerics.sorted_rows import SortedRows
+
+    rng = np.random.default_rng({"plain": 1, "outliers": 2, "ties": 3, "zero channel": 4, "one centroid": 5}[case])
+    w = (rng.standard_normal((40, 300)) * rng.uniform(0.01, 3.0, (40, 1))).astype(np.float32)
+    if case == "ties":
+        w = np.round(w * 4) / np.float32(4)  # many entries on a boundary
+    if case == "zero channel":
+        w[3] = 0.0
+    fitted = ~pick_outliers(w, np.ones(w.shape, bool), 0.02 if case == "outliers" else 0.0, relative=True)
+    s = (np.abs(w).max(1) * rng.uniform(0.5, 1.5, 40)).astype(np.float32).astype(np.float64)
+    if case == "zero channel":
+        s[3] = 0.0
+    book = np.array([0.1]) if case == "one centroid" else np.sort(rng.uniform(-1.2, 1.2, 32))
+    if case == "ties":
+        book = np.linspace(-1.0, 1.0, 16)
+    rows = SortedRows.of(w, fitted)
+    sums, counts = rows.sums(s, book)
+    _, ref_sums, ref_counts = _code_sums(w, s, book, None if fitted.all() else fitted, None, False)
+    np.testing.assert_array_equal(counts, ref_counts)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-12, atol=1e-12)
+
+
+def test_sorted_rows_refuse_what_they_cannot_sum():
+    """Unfitted entries inside a channel's run, float64 weights, a negative scale: the caller's pass instead."""
+    from onnxcompress.numerics.sorted_rows import SortedRows
+
+    w = np.random.default_rng(6).standard_normal((8, 50)).astype(np.float32)
+    inner = np.ones(w.shape, bool)
+    inner[2, np.argsort(np.abs(w[2]))[0]] = False  # the entry nearest 0 left out: not at an end
+    assert SortedRows.of(w, inner) is None
+    assert SortedRows.of(w.astype(np.float64), np.ones(w.shape, bool)) is None
+    rows = SortedRows.of(w, np.ones(w.shape, bool))
+    assert rows.sums(-np.ones(8), np.linspace(-1, 1, 4)) is None
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.005])
+def test_per_channel_fit_is_the_same_with_sorted_rows_as_with_passes(monkeypatch, outliers):
+    """fit_scaled's rounds from SortedRows give the codes, codebook and scales of its rounds by passes."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((256, 384)) * rng.uniform(0.1, 2.0, (256, 1))).astype(np.float32)
+    fitted = ~pick_outliers(w, np.ones(w.shape, bool), outliers, relative=True)
+    fast = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    monkeypatch.setattr(granular_fit.SortedRows, "of", classmethod(lambda cls, w, fitted: None))
+    slow = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_groups_fitted_together_match_each_group_fitted_alone():
+    """fit_groups' batched k-means (unweighted, no kept zeros) gives every group fit_tensor's codebook and codes."""
+    from onnxcompress.numerics.granular_fit import fit_groups, fit_tensor
+
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((61, 500)) * rng.uniform(0.1, 2.0, (61, 1))).astype(np.float32)
+    fitted = ~pick_outliers(w, np.ones(w.shape, bool), 0.01, relative=False)
+    codes, books, offsets = fit_groups(w, fitted, None, 5, 8, False, "linear", 0)
+    for lo in range(0, 61, 8):
+        ref_codes, ref_book = fit_tensor(w[lo:lo + 8], fitted[lo:lo + 8], None, 5, False, "linear", 0)
+        np.testing.assert_array_equal(books[offsets[lo]:offsets[lo] + ref_book.size], ref_book)
+        np.testing.assert_array_equal(codes[lo:lo + 8], ref_codes)

@@ -357,3 +357,56 @@ def test_optimal_keep_zero_and_edges():
         kmeans_1d_optimal(np.array([np.nan, 1.0]), 2)
     with pytest.raises(ValueError, match="use kmeans_1d"):
         kmeans_1d_optimal(np.arange(300_000.0), 256)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("init", ["linear", "density", "random"])
+def test_centroids_many_are_those_of_kmeans_1d_one_set_at_a_time(dtype, init):
+    """The batched Lloyd (every set's steps together) gives each set exactly kmeans_1d's centroids: sets
+    that re-seed empty clusters, stop early, tie, have few distinct values, are empty or histogram-sized."""
+    from onnxcompress.numerics.kmeans import centroids_many
+
+    rng = np.random.default_rng(11)
+    sets = [rng.standard_normal(n).astype(dtype) * rng.uniform(0.01, 3.0) for n in (4000, 1500, 900, 3000)]
+    sets += [rng.standard_t(3, 2500).astype(dtype), np.round(rng.standard_normal(2000) * 3).astype(dtype),
+             np.array([1.0, 2.0, 2.0], dtype), np.empty(0, dtype), rng.uniform(-1, 1, 7).astype(dtype)]
+    for k in (2, 16, 32):
+        got = centroids_many(sets, k, init=init, seed=3)
+        for values, centroids in zip(sets, got):
+            np.testing.assert_array_equal(centroids, kmeans_1d(values, k, init=init, seed=3).centroids)
+
+
+def test_centroids_many_hands_a_histogram_sized_set_to_kmeans_1d(monkeypatch):
+    from onnxcompress.numerics import kmeans
+    from onnxcompress.numerics.kmeans import centroids_many
+
+    monkeypatch.setattr(kmeans, "HISTOGRAM_ABOVE", 5000)
+    values = np.random.default_rng(12).standard_normal(20000).astype(np.float32)
+    small = values[:3000]
+    got = centroids_many([values, small], 16)
+    np.testing.assert_array_equal(got[0], kmeans_1d(values, 16).centroids)
+    np.testing.assert_array_equal(got[1], kmeans_1d(small, 16).centroids)
+
+
+@pytest.mark.parametrize("case", ["normal", "t3", "isolated", "weighted", "keep_zero", "small"])
+def test_kmeans_centroids_are_kmeans_1d_centroids(monkeypatch, case):
+    """Centroids without labels (the histogram path skips its labels pass when every cluster holds two
+    bins' means) equal kmeans_1d's, including where a cluster might be empty (an isolated value)."""
+    from onnxcompress.numerics import kmeans
+    from onnxcompress.numerics.kmeans import kmeans_centroids
+
+    monkeypatch.setattr(kmeans, "HISTOGRAM_ABOVE", 4000)
+    rng = np.random.default_rng(13)
+    values = rng.standard_t(3, 30000) if case == "t3" else rng.standard_normal(30000)
+    if case == "isolated":
+        values[:3] = [40.0, 41.0, -35.0]  # clusters of one bin each, far out
+    if case == "keep_zero":
+        values[rng.random(values.size) < 0.3] = 0.0
+    if case == "small":
+        values = values[:3000]
+    values = values.astype(np.float32)
+    weight = rng.uniform(0.0, 2.0, values.size) if case == "weighted" else None
+    for k in (4, 32, 256):
+        got = kmeans_centroids(values, k, sample_weight=weight, keep_zero=case == "keep_zero")
+        np.testing.assert_array_equal(got, kmeans_1d(values, k, sample_weight=weight,
+                                                     keep_zero=case == "keep_zero").centroids)

@@ -11,7 +11,8 @@ import numpy as np
 
 from onnxcompress.numerics.gptq import normalize, store_scale, use_float16
 from onnxcompress.numerics.histogram import CHUNK
-from onnxcompress.numerics.kmeans import assign, kmeans_1d
+from onnxcompress.numerics.sorted_rows import SortedRows
+from onnxcompress.numerics.kmeans import assign, centroids_many, kmeans_centroids
 from onnxcompress.numerics.measures import nearest_codes
 
 
@@ -88,9 +89,9 @@ def codebook_of(values, weights, bits, keep_zero, init, seed) -> np.ndarray:
     """Centroids (float64, keep_zero: [0.0, ...]) of the values; at least one centroid."""
     if values.size == 0:
         return np.zeros(1)
-    result = kmeans_1d(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
-                       sample_weight=None if weights is None else np.maximum(weights, 0.0))
-    return result.centroids if result.centroids.size else np.zeros(1)
+    centroids = kmeans_centroids(values, 2 ** bits, init=init, seed=seed, keep_zero=keep_zero,
+                                 sample_weight=None if weights is None else np.maximum(weights, 0.0))
+    return centroids if centroids.size else np.zeros(1)
 
 
 def fit_tensor(w, fitted, a, bits, keep_zero, init, seed):
@@ -104,10 +105,18 @@ def fit_groups(w, fitted, a, bits, group_size, keep_zero, init, seed):
     codes = np.zeros(w.shape, np.int64)
     books, offsets = [], np.zeros(w.shape[0], np.int32)
     start = 0
-    for lo in range(0, w.shape[0], group_size):
-        rows = slice(lo, lo + group_size)
-        sub = fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero, init, seed)
-        codes[rows], book = sub
+    groups = [slice(lo, lo + group_size) for lo in range(0, w.shape[0], group_size)]
+    together = None  # unweighted, no kept zeros: every group's k-means at once, the same codebooks
+    if a is None and not keep_zero:
+        together = [c if c.size else np.zeros(1) for c in
+                    centroids_many([w[rows][fitted[rows]] for rows in groups], 2 ** bits, init=init, seed=seed)]
+    for g, rows in enumerate(groups):
+        if together is None:
+            codes[rows], book = fit_tensor(w[rows], fitted[rows], None if a is None else a[rows], bits, keep_zero,
+                                           init, seed)
+        else:
+            book = together[g]
+            codes[rows] = nearest_codes(w[rows], book, keep_zero=False)
         offsets[rows] = start
         books.append(book)
         start += book.size
@@ -131,11 +140,19 @@ def fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtyp
                    None if a is None else (a * np.square(s)[:, None])[fitted], bits, keep_zero, init, seed)
     del u
     mask = None if every else fitted
-    codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
+    rows = SortedRows.of(w, fitted) if a is None and not keep_zero else None
+
+    def code_sums(s, book):  # (codes or None: the sorted rows gave the sums without them, A, B)
+        found = None if rows is None else rows.sums(s, book)
+        return (None, *found) if found is not None else _code_sums(w, s, book, mask, a, keep_zero)
+
+    codes, sums, counts = code_sums(s, book)
+    last, remap = (s, book), None  # what the last codes were found with, and how they were renumbered since
     for _ in range(iterations):
         num, den = sums @ book, counts @ np.square(book)
         s = store_scale(np.where(den > 0, num / np.where(den > 0, den, 1.0), s), scale_dtype)
-        codes, sums, counts = _code_sums(w, s, book, mask, a, keep_zero)
+        codes, sums, counts = code_sums(s, book)
+        last = (s, book)
         num, den = s @ sums, np.square(s) @ counts
         book = np.where(den > 0, num / np.where(den > 0, den, 1.0), book)
         if keep_zero:
@@ -144,8 +161,25 @@ def fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtyp
         if keep_zero:
             order = np.concatenate(([0], order + 1))
         book, sums, counts = book[order], sums[:, order], counts[:, order]
-        codes = np.argsort(order).astype(codes.dtype)[codes]
+        remap = np.argsort(order)
+        codes = None if codes is None else remap.astype(codes.dtype)[codes]
+    if codes is None:  # found once, for the last scales and codebook, as _code_sums finds them
+        codes = nearest_scaled(w, *last, keep_zero)
+        codes = codes if remap is None else remap.astype(codes.dtype)[codes]
     return codes, book, s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
+
+
+def nearest_scaled(w, s, book, keep_zero) -> np.ndarray:
+    """The code of each w_jk / s_j (its nearest centroid, ties lower; 0 where s_j = 0 and keep_zero), in the
+    smallest unsigned type, a block of about CHUNK entries at a time, in w's precision."""
+    rows, cols = w.shape
+    codes = np.empty(w.shape, np.uint8 if book.size <= 256 else np.uint16)
+    scale = s.astype(w.dtype)
+    step = max(1, CHUNK // max(cols, 1))
+    for lo in range(0, rows, step):
+        u = normalize(w[lo:lo + step], scale[lo:lo + step])
+        codes[lo:lo + step] = nearest_codes(u, book, keep_zero=True) if keep_zero else assign(u, book)
+    return codes
 
 
 def _code_sums(w, s, book, fitted, a, keep_zero):
@@ -156,13 +190,11 @@ def _code_sums(w, s, book, fitted, a, keep_zero):
     m = book.size
     codes = np.empty(w.shape, np.uint8 if m <= 256 else np.uint16)
     sums, counts = np.zeros((rows, m)), np.zeros((rows, m))
-    scale = s.astype(w.dtype)
     step = max(1, CHUNK // max(cols, 1))
     base = np.repeat(np.arange(0, step * m, m), cols)
     for lo in range(0, rows, step):
         block = slice(lo, lo + step)
-        u = normalize(w[block], scale[block])
-        part = nearest_codes(u, book, keep_zero=True) if keep_zero else assign(u, book)  # the same codes
+        part = nearest_scaled(w[block], s[block], book, keep_zero)
         codes[block] = part
         n = part.shape[0]
         index = part.astype(np.intp).reshape(-1)

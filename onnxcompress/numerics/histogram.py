@@ -93,11 +93,7 @@ def below(boundaries: np.ndarray, values: np.ndarray, centroids: np.ndarray | No
     b = np.asarray(boundaries, np.float64)
     flat = np.asarray(values).reshape(-1)
     if flat.dtype == np.float32:
-        with np.errstate(over="ignore"):
-            narrow = b.astype(np.float32)
-        up = narrow.astype(np.float64) > b
-        narrow[up] = np.nextafter(narrow[up], np.float32(-np.inf))
-        b = narrow
+        b = float32_below(b)
     elif flat.dtype != np.float64:
         flat = flat.astype(np.float64)
     out = np.empty(flat.size, np.intp if b.size > 65535 else np.uint16 if b.size > 255 else np.uint8)
@@ -113,6 +109,15 @@ def below(boundaries: np.ndarray, values: np.ndarray, centroids: np.ndarray | No
                 error += float(np.dot(d, d)) if weights is None else float(np.dot(weights[part] * d, d))
     labels = out.reshape(np.shape(values))
     return labels if c is None else (labels, counts, error)
+
+
+def float32_below(b: np.ndarray) -> np.ndarray:
+    """The largest float32 d_j <= b_j of float64 boundaries: for any float32 x, b_j < x exactly when d_j < x."""
+    with np.errstate(over="ignore"):
+        narrow = np.asarray(b, np.float64).astype(np.float32)
+    up = narrow.astype(np.float64) > b
+    narrow[up] = np.nextafter(narrow[up], np.float32(-np.inf))
+    return narrow
 
 
 def signal_and_error(reference: np.ndarray, approx: np.ndarray | None = None, *, codebook: np.ndarray | None = None,

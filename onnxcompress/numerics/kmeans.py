@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.numerics.histogram import below, histogram_dtype, histogram_fits, value_histogram
-from onnxcompress.numerics.kmeans_sorted import boundaries, fit_sorted, lloyd_sorted, optimal_sorted, scaled
+from onnxcompress.numerics.kmeans_sorted import (_init_centroids, boundaries, fit_sorted, lloyd_sorted,
+                                                 lloyd_sorted_many, optimal_sorted, scaled)
 
 INITS = ("linear", "density", "random")
 
@@ -218,6 +219,46 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
     return _finish(x, flat, xs, ws, c, n_iter, keep_zero)
 
 
+def centroids_many(values_list, k: int, *, init: str = "linear", seed: int = 0, max_iter: int = 300,
+                   tol: float = 1e-8) -> list[np.ndarray]:
+    """``[kmeans_1d(v, k, init=init, seed=seed, ...).centroids for v in values_list]`` (unweighted, no
+    kept zeros), with the Lloyd steps of the sets fitted on their sorted values run together
+    (:func:`lloyd_sorted_many`): the same centroids, without a Python loop per set and step."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    found: list[np.ndarray | None] = [None] * len(values_list)
+    batch, sorted_sets, starts = [], [], []
+    for i, values in enumerate(values_list):
+        x, flat, _ = _validate(values, k, None, False)
+        if flat.size > HISTOGRAM_ABOVE and flat.dtype in (np.float16, np.float32, np.float64):
+            found[i] = kmeans_1d(values, k, init=init, seed=seed, max_iter=max_iter, tol=tol).centroids
+            continue
+        xs, _ = _sorted(flat, None, False)
+        new_value = None if xs.size == 0 else np.concatenate(([True], xs[1:] != xs[:-1]))
+        if xs.size == 0 or np.count_nonzero(new_value) <= k or scaled(xs)[1] or max_iter == 0:
+            c, _ = fit_sorted(xs, None, k, init, seed, max_iter, tol)
+            found[i] = _kept_centroids(xs, c)
+            continue
+        batch.append(i)
+        sorted_sets.append(xs)
+        starts.append(_init_centroids(xs, None, k, init, seed))
+    for i, xs, start, done in zip(batch, sorted_sets, starts,
+                                  lloyd_sorted_many(sorted_sets, starts, k, max_iter, tol)):
+        if done is None:  # re-seeding an empty cluster: the one-set path
+            first = np.concatenate(([True], xs[1:] != xs[:-1]))
+            done = lloyd_sorted(xs, None, first, start, k, max_iter, tol)
+        found[i] = _kept_centroids(xs, done[0])
+    return found
+
+
+def _kept_centroids(xs, c) -> np.ndarray:
+    """The centroids some sorted value is nearest to (as :func:`_finish` keeps them)."""
+    if xs.size == 0 or not c.size:
+        return np.empty(0) if xs.size == 0 else c
+    counts = np.diff(np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [xs.size])))
+    return c if np.all(counts > 0) else c[counts > 0]
+
+
 def _coarse(xs, ws) -> tuple[np.ndarray, np.ndarray]:
     """Sorted bins ``xs`` (weights ``ws``) merged into at most about DP_POINTS runs of consecutive
     bins, cut both every 2/DP_POINTS of the total weight and every 2/DP_POINTS of the range, so
@@ -233,10 +274,9 @@ def _coarse(xs, ws) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum.accumulate(means), weight
 
 
-def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMeansResult | None:
-    """kmeans_1d on a histogram of the values (module docstring); None where the exact path is
-    needed: at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a
-    range too wide to bin."""
+def _histogram_centroids(flat, w, k, max_iter, tol, keep_zero) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """(centroids, Lloyd steps, the bins' means) of the histogram fit, before clusters nobody chose are
+    dropped; None where the exact path is needed (see :func:`_fit_histogram`)."""
     lo, hi = float(np.min(flat)), float(np.max(flat))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("values contains NaN or Inf; k-means needs finite values")
@@ -249,7 +289,41 @@ def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMean
     xs, e = scaled(means)
     first = np.concatenate(([True], xs[1:] != xs[:-1]))
     c, n_iter = lloyd_sorted(xs, ws, first, optimal_sorted(*_coarse(xs, ws), k), k, max_iter, tol, binned=True)
-    c = np.ldexp(c, e) if e else c
+    return (np.ldexp(c, e) if e else c), n_iter, means
+
+
+def kmeans_centroids(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0,
+                     sample_weight: np.ndarray | None = None, keep_zero: bool = False) -> np.ndarray:
+    """``kmeans_1d(values, k, ...).centroids`` without the labels. On the histogram path (unweighted, no kept
+    zeros), a cluster is known to be chosen by some value when the means of two nonempty bins fall in its
+    interval (b_{m-1}, b_m]: the lower bin's largest value is above b_{m-1} (its mean is) and at most the
+    upper bin's mean, so at most b_m. When every cluster is known so, no pass over the values is needed
+    for the labels of :func:`_fit_histogram` (which would keep every centroid); else it is made."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    x, flat, w = _validate(values, k, sample_weight, keep_zero)
+    if flat.size > HISTOGRAM_ABOVE and flat.dtype in (np.float16, np.float32, np.float64):
+        found = None if w is not None or keep_zero else _histogram_centroids(flat, None, k, 300, 1e-8, False)
+        if found is not None:
+            c, _, means = found
+            inside = np.diff(np.concatenate(([0], np.searchsorted(means, boundaries(c), side="right"), [means.size])))
+            if np.all(inside >= 2):
+                return c
+        return kmeans_1d(values, k, init=init, seed=seed, sample_weight=sample_weight, keep_zero=keep_zero).centroids
+    xs, ws = _sorted(flat, w, keep_zero)
+    c, _ = fit_sorted(xs, ws, k - 1 if keep_zero else k, init, seed, 300, 1e-8)
+    c = _kept_centroids(xs, c)
+    return np.concatenate(([0.0], c)) if keep_zero and flat.size else c
+
+
+def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMeansResult | None:
+    """kmeans_1d on a histogram of the values (module docstring); None where the exact path is
+    needed: at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a
+    range too wide to bin."""
+    found = _histogram_centroids(flat, w, k, max_iter, tol, keep_zero)
+    if found is None:
+        return None
+    c, n_iter, _ = found
     zeros = int(flat.size - np.count_nonzero(flat)) if keep_zero else 0
     while True:  # exact nearest-centroid labels; clusters nobody chose are dropped
         labels, taken, inertia = below(boundaries(c), flat, c, w)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxcompress.numerics.histogram import float32_below
+
 _DP_MAX_CELLS = 2**26  # largest split table of kmeans_1d_optimal (512 MB of intp)
 _SCALE_ABOVE = 2.0**500  # larger magnitudes are fit at an (exact) power-of-two scale: see scaled
 
@@ -101,11 +103,17 @@ def lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.n
     while n_iter < max_iter:
         n_iter += 1
         cuts = np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [n]))
-        if prev is not None and np.array_equal(cuts, prev):
+        if prev is not None and cuts.size == prev.size and (cuts == prev).all():
             break
         start, stop = cuts[:-1], cuts[1:]
         sw = (stop - start).astype(np.float64) if wcum is None else wcum[stop] - wcum[start]
         full = sw > 0
+        if c.size == k and full.all():  # the usual step, without the masks (the same numbers)
+            new = np.minimum(np.maximum(m + (p[stop] - p[start]) / sw, xs[start]), xs[stop - 1])
+            c, prev, shift = new, cuts, float(np.max(np.abs(new - c)))
+            if shift <= threshold:
+                break
+            continue
         new = c.copy()
         s, e = start[full], stop[full]
         new[full] = np.clip(m + (p[e] - p[s]) / sw[full], xs[s], xs[e - 1])
@@ -216,3 +224,116 @@ def optimal_sorted(xs, ws, k) -> np.ndarray:
     c = np.where(w > 0, mean + (s1[hi] - s1[lo]) / np.where(w > 0, w, 1.0), u[(lo + hi - 1) // 2])
     c = np.unique(np.clip(c, u[lo], u[hi - 1]))
     return np.ldexp(c, e) if e else c
+
+
+def lloyd_sorted_many(xs_list, starts, k, max_iter, tol) -> list[tuple[np.ndarray, int] | None]:
+    """:func:`lloyd_sorted` (unweighted, not binned) on several sorted value sets at once: every step
+    is a few array operations for all of them (the boundaries, one binary search of every boundary
+    in its own values, the means by prefix sums), each set stopping where it would alone, with the
+    same floating-point operations on its own numbers, so the same centroids and step count. None for
+    a set it does not run (a start of fewer than k centroids, or one that empties a cluster: the
+    re-seeding to fewer than k distinct centroids is left to lloyd_sorted)."""
+    count = len(xs_list)
+    out: list[tuple[np.ndarray, int] | None] = [None] * count
+    run = [g for g in range(count) if starts[g].size == k and k > 1 and xs_list[g].size > 0]
+    if not run:
+        return out
+    sizes = np.array([xs_list[g].size for g in run], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes + 1)[:-1]))  # each set's prefix sums start with a 0
+    flat = np.concatenate([xs_list[g] for g in run] + [np.zeros(1)])
+    prefix = np.zeros(int(offsets[-1] + sizes[-1] + 1))
+    means = np.empty(len(run))
+    for i, g in enumerate(run):  # per set, as lloyd_sorted does it (np.mean's pairwise sum, cumsum's order)
+        xs = xs_list[g]
+        means[i] = float(np.mean(xs))
+        prefix[offsets[i] + 1:offsets[i] + 1 + xs.size] = np.cumsum(xs - means[i])
+    value_at = offsets - np.arange(len(run))  # flat index of each set's first value
+    first_x = flat[value_at]
+    last_x = flat[value_at + sizes - 1]
+    threshold = tol * (last_x - first_x)
+    c = np.stack([starts[g] for g in run])
+    keys = None  # float32 values (a float32 weight's): one int64 key per value, (set, the value's float32 order)
+    narrow = flat[:-1].astype(np.float32)
+    if np.array_equal(narrow.astype(np.float64), flat[:-1]) and len(run) < 1 << 30:
+        keys = _float32_keys(narrow) + (np.repeat(np.arange(len(run), dtype=np.int64), sizes) << 32)
+    prev = None
+    n_iter = np.zeros(len(run), np.int64)
+    live = np.ones(len(run), bool)
+    failed = np.zeros(len(run), bool)
+    while True:
+        live &= n_iter < max_iter
+        act = np.flatnonzero(live)
+        if not act.size:
+            break
+        n_iter[act] += 1
+        ca = c[act]
+        lo_c, hi_c = ca[:, :-1], ca[:, 1:]
+        b = (lo_c + hi_c) * 0.5
+        b = np.where(hi_c > lo_c, np.minimum(b, np.nextafter(hi_c, -np.inf)), b)
+        cuts = np.empty((act.size, k + 1), np.int64)
+        cuts[:, 0], cuts[:, -1] = 0, sizes[act, None][:, 0]
+        if keys is None:
+            cuts[:, 1:-1] = _count_at_most(flat, value_at[act], sizes[act], b)
+        else:  # x <= b exactly when x <= the largest float32 d <= b, for float32 x
+            query = _float32_keys(float32_below(b)) + (act.astype(np.int64) << 32)[:, None]
+            cuts[:, 1:-1] = np.searchsorted(keys, query, side="right") - value_at[act, None]
+        if prev is not None:
+            same = np.all(cuts == prev[act], axis=1)
+            live[act[same]] = False
+            keep = ~same
+            act, ca, cuts = act[keep], ca[keep], cuts[keep]
+            if not act.size:
+                break
+        start, stop = cuts[:, :-1], cuts[:, 1:]
+        sw = (stop - start).astype(np.float64)
+        full = sw > 0
+        base_p, base_x = offsets[act, None], value_at[act, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new = np.clip(means[act, None] + (prefix[base_p + stop] - prefix[base_p + start]) / sw,
+                          flat[base_x + start], flat[base_x + np.maximum(stop - 1, start)])
+        new = np.where(full, new, ca)
+        shift = np.max(np.abs(new - ca), axis=1)
+        for i in np.flatnonzero(~full.all(axis=1)):  # empty clusters re-seeded as lloyd_sorted does
+            g = act[i]
+            xs = flat[value_at[g]:value_at[g] + sizes[g]]
+            first = np.concatenate(([True], xs[1:] != xs[:-1]))
+            empty = np.flatnonzero(~full[i])
+            far = _farthest_values(xs, None, first, ca[i], cuts[i], empty.size)
+            new[i, empty[:far.size]] = far[:empty.size]
+            reseeded = np.unique(new[i])
+            if reseeded.size < k:  # fewer centroids than k from here: lloyd_sorted's own path
+                failed[g], live[g] = True, False
+            else:
+                new[i] = reseeded
+            shift[i] = np.inf
+        c[act] = new
+        if prev is None:
+            prev = np.zeros((len(run), k + 1), np.int64)
+        prev[act] = cuts
+        live[act[shift <= threshold[act]]] = False
+    for i, g in enumerate(run):
+        if not failed[i]:
+            out[g] = (c[i].copy(), int(n_iter[i]))
+    return out
+
+
+def _count_at_most(flat, first, sizes, b) -> np.ndarray:
+    """#{i < sizes_g : flat[first_g + i] <= b_gj} for sorted runs (np.searchsorted side="right"), by one
+    binary search of all (g, j) at once."""
+    lo = np.zeros(b.shape, np.int64)
+    hi = np.broadcast_to(sizes[:, None], b.shape).copy()
+    base = first[:, None]
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = (lo + hi) >> 1
+        at_most = open_ & (flat[base + np.minimum(mid, hi - 1)] <= b)
+        lo = np.where(at_most, mid + 1, lo)
+        hi = np.where(open_ & ~at_most, mid, hi)
+
+
+def _float32_keys(x: np.ndarray) -> np.ndarray:
+    """int64 keys in [0, 2^32) ordered as the float32 values x (-0.0 as 0.0; no NaN)."""
+    bits = (x + np.float32(0)).view(np.int32)
+    return (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64) + (np.int64(1) << 31)

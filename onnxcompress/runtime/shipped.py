@@ -4,7 +4,7 @@
 - gzip: those files, in that order, as one stream compressed by zlib at level 9 (what ``gzip -9``
   and HTTP ``Content-Encoding: gzip`` do, less gzip's 18 header bytes);
 - brotli: the same stream at quality 11 (HTTP ``br``), when the optional ``brotli`` package is
-  installed; skipped above BROTLI_MAX_BYTES, where quality 11 takes minutes;
+  installed; skipped above BROTLI_MAX_BYTES, where quality 11 takes over ten seconds;
 - resident: the float tensor bytes of the model onnxruntime actually runs: the session's
   optimized graph (basic level: constant folding) saved and its float initializers summed. A
   portable decode chain folds into the dense float weight, so this is the float model's size, not
@@ -29,9 +29,11 @@ from onnxcompress.runtime.sessions import ort, to_runnable, uses_domain
 
 log = logging.getLogger(__name__)
 
-BROTLI_MAX_BYTES = 64 << 20
-MEASURE_MAX_BYTES = 1 << 30  # gzip -9 and the resident size of larger files take minutes: not measured
-RESIDENT_MAX_BYTES = 256 << 20  # float model bytes above which the resident size is not measured (memory)
+# measured on packed codes (5-bit `share` output, one core): brotli -q 11 1.2 CPU s per MB, gzip -9 0.025 s per MB
+BROTLI_MAX_BYTES = 8 << 20  # at most ~10 s (64 MB took 75 s, longer than sharing a 0.25 GB model)
+MEASURE_MAX_BYTES = 256 << 20  # gzip -9 and the resident size of larger files: not measured (~7 s here at most)
+RESIDENT_MAX_BYTES = 64 << 20  # float model bytes above which the resident size is not measured (memory, and
+# time: onnxruntime folding the 0.25 GB stack's `share` output took 29 s, the share pass 40 s, same run)
 CHUNK = 1 << 20
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 ORT_FORMAT_NOTE = ("ship the .onnx file: converting it to ORT format (.ort) with optimizations stores the folded "

@@ -1,0 +1,119 @@
+"""Per-(channel, code) sums of a per-channel-scaled codebook without a pass over the weight.
+
+The per-channel fit (:func:`onnxcompress.numerics.granular_fit.fit_scaled`) needs, every round, for
+channel j and code m, A_jm = sum w_jk and B_jm = #entries over the fitted entries whose code is m,
+the code of w_jk being its nearest centroid of u_jk = w_jk / s_j (float32 division; ties lower). For
+s_j > 0 the code is nondecreasing in w_jk, so in each channel's sorted values the entries of one
+code are a run, cut where u crosses a boundary. With the channels sorted once (one int64 key per
+entry: the channel, then the value's order-preserving bits) and float64 prefix sums P of the sorted
+values, a round costs one float32 threshold per (channel, boundary),
+
+    x_jm = the largest float32 x with fl32(x / s_j) <= d_m,   d_m the float32 form of boundary m
+
+(found from fl32(d_m s_j) by a few steps of one ulp, checked with the division itself), one
+binary search of all of them in the keys, and A_jm = P[t_j,m+1] - P[t_j,m], B_jm = t_j,m+1 - t_j,m:
+O(C 2^b log(C K)) instead of O(C K). The codes are the same as the division's (exact); the sums
+are the same sums in another order.
+
+The fitted entries of a channel must be a run of its sorted values: the unfitted ones (outliers
+by |w| within their channel) its smallest (w <= 0) and largest (w > 0) ones, which
+:meth:`SortedRows.of` checks. Pure numpy; float32 weights only (others: None, the caller's pass).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcompress.numerics.histogram import float32_below
+from onnxcompress.numerics.kmeans_sorted import boundaries
+
+_STEPS = 8  # ulp steps allowed to settle a threshold (one or two are needed)
+_HALF = np.int64(1) << 31
+
+
+def _ordered(bits: np.ndarray) -> np.ndarray:
+    """Signed int32 keys ordered as the float32 values whose bits these are (no -0.0, no NaN); its own inverse."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+class SortedRows:
+    """The sorted channels of a float32 (C, K) weight and their prefix sums (module docstring)."""
+
+    def __init__(self, keys: np.ndarray, prefix: np.ndarray, lo: np.ndarray, end: np.ndarray):
+        self.keys, self.prefix, self.lo, self.end = keys, prefix, lo, end
+
+    @classmethod
+    def of(cls, w: np.ndarray, fitted: np.ndarray) -> SortedRows | None:
+        """None unless w is float32 and each channel's fitted entries are a run of its sorted values."""
+        if w.dtype != np.float32 or w.ndim != 2 or w.size == 0 or w.shape[1] >= 1 << 31:
+            return None
+        rows, cols = w.shape
+        bits = _ordered((w + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
+        bits.sort(axis=1)
+        values = _ordered(bits).view(np.float32)
+        prefix = np.zeros((rows, cols + 1))
+        prefix[:, 1:] = values  # then summed in place: 5x faster than cumsum casting as it goes (4096x4096)
+        np.cumsum(prefix[:, 1:], axis=1, out=prefix[:, 1:])
+        lo, end = np.zeros(rows, np.int64), np.full(rows, cols, np.int64)
+        if not fitted.all():
+            out = np.flatnonzero(~fitted)
+            row, value = out // cols, w.reshape(-1)[out]
+            low = value <= 0
+            lo, high = np.bincount(row[low], minlength=rows), np.bincount(row[~low], minlength=rows)
+            end = cols - high
+            top_low, bottom_high = np.full(rows, -np.inf), np.full(rows, np.inf)
+            np.maximum.at(top_low, row[low], value[low])
+            np.minimum.at(bottom_high, row[~low], value[~low])
+            some = np.flatnonzero(end > lo)
+            inside = (top_low[some] > values[some, lo[some]]) | (bottom_high[some] < values[some, end[some] - 1])
+            if inside.any():  # an unfitted entry within a channel's run
+                return None
+        del values
+        keys = bits.astype(np.int64)
+        del bits
+        keys += _HALF
+        keys += (np.arange(rows, dtype=np.int64) << 32)[:, None]
+        return cls(keys.reshape(-1), prefix, lo, end)
+
+    def sums(self, s: np.ndarray, book: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(A, B), both (C, len(book)) float64, for scales s (float64, exact in float32) and an ascending
+        codebook; None when a threshold does not settle (a negative or non-finite scale, an overflow)."""
+        rows, cols = self.prefix.shape[0], self.prefix.shape[1] - 1
+        if book.size < 2:
+            counts = (self.end - self.lo).astype(np.float64)[:, None]
+            sums = (self.prefix[np.arange(rows), self.end] - self.prefix[np.arange(rows), self.lo])[:, None]
+            return sums, counts
+        if np.any(book[1:] < book[:-1]) or np.any(s < 0) or not np.all(np.isfinite(s)):
+            return None
+        d = float32_below(boundaries(np.asarray(book, np.float64)))[None, :]
+        scale = s.astype(np.float32)[:, None]
+        zero = scale[:, 0] == 0
+        scale = np.where(scale == 0, np.float32(1), scale)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (d.astype(np.float64) * scale).astype(np.float32)
+            for _ in range(_STEPS):
+                over = ~(x / scale <= d)
+                if not over.any():
+                    break
+                x[over] = np.nextafter(x[over], np.float32(-np.inf))
+            else:
+                return None
+            for _ in range(_STEPS):
+                up = np.nextafter(x, np.float32(np.inf))
+                more = (up / scale <= d) & (up > x)
+                if not more.any():
+                    break
+                x[more] = up[more]
+            else:
+                return None
+        if not np.all(np.isfinite(x) | (np.abs(d) == np.inf)):
+            return None
+        query = _ordered((x + np.float32(0)).view(np.int32)).astype(np.int64) + _HALF
+        query += (np.arange(rows, dtype=np.int64) << 32)[:, None]
+        at = np.searchsorted(self.keys, query.reshape(-1), side="right").reshape(query.shape)
+        at -= (np.arange(rows, dtype=np.int64) * cols)[:, None]
+        if zero.any():  # u = 0 in a channel of scale 0: all of it at or below d_m, or none
+            at[zero] = np.where(d >= 0, cols, 0)
+        cuts = np.concatenate((self.lo[:, None], np.clip(at, self.lo[:, None], self.end[:, None]),
+                               self.end[:, None]), axis=1)
+        sums = np.diff(np.take_along_axis(self.prefix, cuts, axis=1), axis=1)
+        return sums, np.diff(cuts, axis=1).astype(np.float64)
