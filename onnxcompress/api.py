@@ -66,8 +66,12 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
         reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
         recipe = recipe.with_budget(**{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
-    evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data") if eval_data is not None \
-        else (calib if calib is not None else prepare_data(original, None, shapes=shapes, name="data"))
+    if eval_data is not None:
+        evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data")
+    elif calib is not None or validate == "none":  # nothing to validate: no inputs synthesized, no probe session
+        evaluation = calib
+    else:
+        evaluation = prepare_data(original, None, shapes=shapes, name="data")
     manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
     compressed, report = manager.run(original, calib, evaluation)

@@ -53,3 +53,18 @@ def test_compress_without_data_on_a_symbolic_feature_model_runs_and_says_how():
     compressed, report = compress(_feature_model(), "int8-weights")
     assert any("x=1,138" in note for note in report.notes)
     assert report.validation is not None
+
+
+def test_nothing_is_synthesized_or_probed_when_nothing_is_validated(monkeypatch):
+    """--validate none without data builds no onnxruntime session of the original (a 3 GB model's would hold it all
+    in memory) and synthesizes nothing; the same model validated at the end is probed as above."""
+    import onnxcompress.runtime.synthesis as synthesis
+
+    probes = []
+    real = synthesis.make_session
+    monkeypatch.setattr(synthesis, "make_session", lambda *a, **k: probes.append(1) or real(*a, **k))
+    compressed, report = compress(_feature_model(), "int8-weights", validate="none")
+    assert probes == [] and report.validation is None
+    assert not any("x=1,138" in note for note in report.notes)
+    compress(_feature_model(), "int8-weights")
+    assert probes
