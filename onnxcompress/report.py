@@ -5,6 +5,7 @@ import math
 
 from onnxcompress.runtime.metrics import Comparison
 from onnxcompress.pipeline.manager import Report
+from onnxcompress.runtime.shipped import BROTLI_MAX_BYTES, MEASURE_MAX_BYTES
 
 
 def human_bytes(n: int | None) -> str:
@@ -81,12 +82,15 @@ def report_text(report: Report) -> str:
 
 def shipped_text(shipped, original_bytes: int | None) -> str:
     """One line: the output's bytes on disk, gzip -9, brotli -q 11, and float bytes resident once loaded."""
-    def size(n: int | None) -> str:
+    def size(n: int | None, limit: int = MEASURE_MAX_BYTES) -> str:
         if n is None:
-            return "not measured (over 1 GiB)"
+            return f"not measured (over {human_bytes(limit)})"
         ratio = f" ({original_bytes / n:.1f}x)" if n and original_bytes else ""
         return human_bytes(n) + ratio
-    brotli = size(shipped.brotli) if shipped.brotli is not None else "n/a (pip install brotli)"
+    if shipped.brotli is not None or shipped.disk > BROTLI_MAX_BYTES:
+        brotli = size(shipped.brotli, BROTLI_MAX_BYTES)
+    else:
+        brotli = "n/a (pip install brotli)"
     resident = human_bytes(shipped.resident) if shipped.resident is not None else "not measured"
     return (f"shipped: {size(shipped.disk)} on disk, {size(shipped.gzip)} gzip -9, {brotli} brotli -q 11; "
             f"{resident} of float weights resident in onnxruntime")

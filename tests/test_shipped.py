@@ -78,3 +78,15 @@ def test_resident_size_is_not_measured_above_its_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "RESIDENT_MAX_BYTES", size)
     report = api.compress_file(source, tmp_path / "b.onnx", "share", validate="none")
     assert report.shipped.resident == (256 * 64 + 64) * 4
+
+
+def test_the_report_line_says_why_a_size_was_not_measured():
+    from onnxcompress.report import shipped_text
+    from onnxcompress.runtime.shipped import BROTLI_MAX_BYTES, MEASURE_MAX_BYTES, ShippedSize
+
+    big = shipped_text(ShippedSize(disk=MEASURE_MAX_BYTES + 1, gzip=None, brotli=None), 4 * MEASURE_MAX_BYTES)
+    assert "not measured (over 256.0 MB) gzip -9" in big.replace("MiB", "MB") and "pip install brotli" not in big
+    mid = shipped_text(ShippedSize(disk=BROTLI_MAX_BYTES + 1, gzip=100, brotli=None), 4 * BROTLI_MAX_BYTES)
+    assert "brotli" in mid and "pip install brotli" not in mid and "not measured (over" in mid
+    small = shipped_text(ShippedSize(disk=1000, gzip=900, brotli=None), 4000)
+    assert "pip install brotli" in small

@@ -39,7 +39,7 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 ORT_FORMAT_NOTE = ("ship the .onnx file: converting it to ORT format (.ort) with optimizations stores the folded "
                    "float weights (a 168 KB LeNet-300-100 `share` output became 1.05 MB), and without them (level "
                    "'disable') the .ort stays small but onnxruntime does not fold an .ort at load, so the decode ops "
-                   "run at every inference (150 ms against 0.023 ms); see README: Shipped size")
+                   "run at every inference (150 ms against 0.023 ms); see docs/usage.md: Shipped size")
 
 
 @dataclass
