@@ -91,9 +91,9 @@ def shipped_text(shipped, original_bytes: int | None) -> str:
         brotli = size(shipped.brotli, BROTLI_MAX_BYTES)
     else:
         brotli = "n/a (pip install brotli)"
-    resident = human_bytes(shipped.resident) if shipped.resident is not None else "not measured"
-    return (f"shipped: {size(shipped.disk)} on disk, {size(shipped.gzip)} gzip -9, {brotli} brotli -q 11; "
-            f"{resident} of float weights resident in onnxruntime")
+    resident = (f"{human_bytes(shipped.resident)} of float weights resident in onnxruntime"
+                if shipped.resident is not None else "float weights resident in onnxruntime not measured")
+    return f"shipped: {size(shipped.disk)} on disk, {size(shipped.gzip)} gzip -9, {brotli} brotli -q 11; {resident}"
 
 
 def layer_errors_text(errors, limit: int = 12) -> str:
