@@ -49,7 +49,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
-from onnxcompress.numerics.gptq import gptq_codes, LayerHessians, refit_under_hessians
+from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
 from onnxcompress.numerics.granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
@@ -154,9 +154,9 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
             if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
     exact = w
     if option.gptq:
-        codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
-        book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
-                                            np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
+        codes, exact = gptq_codes(w, Grid(book, scale, keep_zero), kept, outliers, hessians)
+        book, scale = refit_under_hessians(w, codes, Grid(book, scale, keep_zero), kept & ~outliers,
+                                           np.where(outliers, exact, 0.0), hessians, scale_dtype)
     codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
     if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values

@@ -20,6 +20,7 @@ from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.weights import find_weights, get_array, WeightInfo
 from onnxcompress.numerics import refine
+from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes, sqnr_db
 from onnxcompress.runtime.capture import collect_paired_grams, graph_position, linear_layer, LinearLayer, PairedGrams
 
@@ -149,9 +150,9 @@ def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, tar
 
 def book_fit(fit: LayerFit, index: np.ndarray, book: np.ndarray, scale, fixed, ridge: float,
              free_mask) -> np.ndarray:
-    return refine.refine_centroids(
-        fit.reference, index, book, fit.grams.current, fit.layer.group_of_channels(),
-        crosses=fit.grams.cross, scale=scale, fixed=fixed, ridge=ridge, free_mask=free_mask)
+    hessians = LayerHessians(fit.grams.current, fit.layer.group_of_channels(), crosses=fit.grams.cross)
+    return refine.refine_centroids(fit.reference, index, book, hessians, scale=scale, fixed=fixed, ridge=ridge,
+                                   free_mask=free_mask)
 
 
 def _has_tensor(model, name: str) -> bool:
