@@ -210,7 +210,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         raise ValueError(f"max_iter and tol must be nonnegative, got {max_iter} and {tol}")
     x, flat, w = _validate(values, k, sample_weight, keep_zero)
     if flat.size > HISTOGRAM_ABOVE and flat.dtype in (np.float16, np.float32, np.float64):
-        found = _fit_histogram(x, flat, w, k - 1 if keep_zero else k, init, seed, max_iter, tol, keep_zero)
+        found = _fit_histogram(x, flat, w, k - 1 if keep_zero else k, max_iter, tol, keep_zero)
         if found is not None:
             return found
     xs, ws = _sorted(flat, w, keep_zero)
@@ -233,10 +233,11 @@ def _coarse(xs, ws) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum.accumulate(means), weight
 
 
-def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMeansResult | None:
-    """kmeans_1d on a histogram of the values (module docstring); None where the exact path is
-    needed: at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a
-    range too wide to bin."""
+def _fit_histogram(x, flat, w, k, max_iter, tol, keep_zero) -> KMeansResult | None:
+    """kmeans_1d on a histogram of the values (module docstring), started from the optimal centroids of
+    the merged bins (so kmeans_1d's init and seed do not apply); None where the exact path is needed:
+    at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a range too wide
+    to bin."""
     lo, hi = float(np.min(flat)), float(np.max(flat))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("values contains NaN or Inf; k-means needs finite values")
