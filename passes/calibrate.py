@@ -144,8 +144,8 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
     return result
 
 
-def _observe(model: onnx.ModelProto, data, cfg: CalibrateConfig, captured: list[str],
-             derived: dict[str, tuple[str, str]], progress: bool, collector: Collector | None) -> tuple[dict, dict, dict]:
+def _observe(model: onnx.ModelProto, data, cfg: CalibrateConfig, captured: list[str], derived: dict[str, tuple[str, str]],
+             progress: bool, collector: Collector | None) -> tuple[dict, dict, dict]:
     """(lows, highs, histograms) of the captured tensors over `data` (histograms unless the method is
     minmax), and of the derived tensors from their sources (a Relu clips its source's at 0)."""
     use_hist = cfg.method != "minmax"

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.execution.parallel import map_ordered
-from onnxcompress.fitting.granular import Choice, choose_jointly, DB_PER_BIT, fit, from_matrix, Option, to_matrix
+from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix, Option,
+                                          to_matrix)
 from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
 from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
                                           WeightEvidence)
@@ -229,9 +230,9 @@ class SharePass(Pass):
         for info in probed:
             array = get_array(ctx.model, info)
             h = hessians[info.name]
-            coded = fit(array, bits_of[info.name], option, name=info.name, channel_axis=info.channel_axis,
-                        mask=ctx.masks.get(info.name), init=cfg.init, seed=cfg.seed, hessians=h,
-                        importance=h.importance())
+            fitting = Fitting(info.name, info.channel_axis, hessians=h, mask=ctx.masks.get(info.name), init=cfg.init,
+                              seed=cfg.seed)
+            coded = fit(array, bits_of[info.name], option, fitting, importance=h.importance())
             fits[info.name] = {option: coded}
             matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
             probes[info.name] = Probe(matrix, matrix - to_matrix(coded.decode().astype(np.float64), info.channel_axis),
