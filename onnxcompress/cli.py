@@ -250,20 +250,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _compress(args) -> int:
-    from onnxcompress.api import compress_file, input_roles
-    from onnxcompress.graph.data import parse_shapes
+    from onnxcompress.api import input_roles
     from onnxcompress.errors import OutputError
     from onnxcompress.graph.model import output_roles
     from onnxcompress.graph.outputs import OutputPlan, Role
-    from onnxcompress.execution.parallel import available_cores
     from onnxcompress.plots import plot_paths, plot_report
     from onnxcompress.report import report_text
 
     if getattr(args, "quiet", False):
         logging.getLogger().setLevel(logging.ERROR)
-    budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
-                                            ("target_ratio", args.target_ratio), ("metric", args.metric))
-              if value is not None}
     gate, flags = _gate(args, "gate-")
     if gate.active and args.validate == "none":
         raise OnnxCompressError("the --gate-* thresholds are checked on the validation: drop --validate none")
@@ -274,25 +269,8 @@ def _compress(args) -> int:
     reads = input_roles(args.model, data=args.data, eval_data=args.eval_data, recipe=args.recipe)
     notes = []
     with OutputPlan(writes, reads).check() as plan:
-        jobs = args.jobs or available_cores()
-        if args.executor == "ray":
-            from onnxcompress.execution.ray_executor import RayExecutor
-
-            jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
-        try:
-            report = compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
-                                   form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                                   progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
-                                   budget=budget, tolerance=gate.tolerance, plan=plan)
-        finally:
-            if args.executor == "ray":
-                jobs.close()
-        verdict = None
-        if gate.active:
-            if report.validation is None:
-                raise OnnxCompressError("the --gate-* thresholds cannot be checked: the validation was skipped "
-                                        f"({'; '.join(report.notes) or 'no data'}); nothing was written")
-            verdict = gate.verdict(report.validation, flags)
+        report = _compress_file(args, plan, gate.tolerance)
+        verdict = _verdict(report, gate, flags)
         result = report.as_dict() | ({"verdict": verdict.as_dict()} if verdict else {})
         if verdict is not None and not verdict.passed:
             print(_dump(result) if args.json else report_text(report))
@@ -309,6 +287,40 @@ def _compress(args) -> int:
         print(note, file=sys.stderr)
     print(_dump(result) if args.json else report_text(report))
     return 0
+
+
+def _compress_file(args, plan, tolerance):
+    """Compress as the arguments say, on the chosen executor (local cores or a Ray cluster), into `plan`."""
+    from onnxcompress.api import compress_file
+    from onnxcompress.execution.parallel import available_cores
+    from onnxcompress.graph.data import parse_shapes
+
+    budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
+                                            ("target_ratio", args.target_ratio), ("metric", args.metric))
+              if value is not None}
+    jobs = args.jobs or available_cores()
+    if args.executor == "ray":
+        from onnxcompress.execution.ray_executor import RayExecutor
+
+        jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
+    try:
+        return compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
+                             form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
+                             progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
+                             budget=budget, tolerance=tolerance, plan=plan)
+    finally:
+        if args.executor == "ray":
+            jobs.close()
+
+
+def _verdict(report, gate, flags):
+    """The --gate-* verdict on the report's validation (None: no gate)."""
+    if not gate.active:
+        return None
+    if report.validation is None:
+        raise OnnxCompressError("the --gate-* thresholds cannot be checked: the validation was skipped "
+                                f"({'; '.join(report.notes) or 'no data'}); nothing was written")
+    return gate.verdict(report.validation, flags)
 
 
 def _validate(args) -> int:

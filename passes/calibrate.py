@@ -128,6 +128,26 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
         raise PreconditionError(f"cannot calibrate {missing[:5]}: not float activations of the main graph")
     derived = derived_tensors(model, names)
     captured = [n for n in names if n not in derived]
+    lows, highs, hists = _observe(model, data, cfg, captured, derived, progress, collector)
+    result = CalibrationResult(cfg.method, cfg.symmetric, len(data))
+    for name in names:
+        lo, hi = lows[name], highs[name]
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            log.debug("calibrate: %s never held a finite value; left out", name)
+            continue
+        low, high = _range(cfg, hists.get(name), lo, hi)
+        result.ranges[name] = TensorRange(float(low), float(high), lo, hi)
+    if names and not result.ranges:
+        raise DataError(f"{data.source}: calibration produced no finite values for any tensor")
+    log.info("calibrate: %d tensors (%d captured), %d samples, method %s", len(result.ranges), len(captured),
+             len(data), cfg.method)
+    return result
+
+
+def _observe(model: onnx.ModelProto, data, cfg: CalibrateConfig, captured: list[str], derived: dict[str, tuple[str, str]],
+             progress: bool, collector: Collector | None) -> tuple[dict, dict, dict]:
+    """(lows, highs, histograms) of the captured tensors over `data` (histograms unless the method is
+    minmax), and of the derived tensors from their sources (a Relu clips its source's at 0)."""
     use_hist = cfg.method != "minmax"
     extremes = {n: Extremes(n) for n in captured}
     hists = {n: Histogram(n, cfg.bins) for n in captured} if use_hist else {}
@@ -147,30 +167,24 @@ def calibrate(model: onnx.ModelProto, data, config: CalibrateConfig | None = Non
         highs[name] = max(highs[source], 0.0) if relu and np.isfinite(highs[source]) else highs[source]
         if use_hist:
             hists[name] = hists[source].after_relu() if relu else hists[source]
-    result = CalibrationResult(cfg.method, cfg.symmetric, len(data))
+    return lows, highs, hists
+
+
+def _range(cfg: CalibrateConfig, hist, lo: float, hi: float) -> tuple[float, float]:
+    """The quantization range of one tensor by the configured method, from its histogram or its [lo, hi]."""
     t = TYPES[cfg.activation_type]
     qmin, qmax = t.symmetric_range() if cfg.symmetric else (t.qmin, t.qmax)
-    for name in names:
-        lo, hi = lows[name], highs[name]
-        if not np.isfinite(lo) or not np.isfinite(hi):
-            log.debug("calibrate: %s never held a finite value; left out", name)
-            continue
-        if cfg.method == "percentile":
-            low, high = percentile_range(hists[name], cfg.percentile, symmetric=cfg.symmetric)
-        elif cfg.method == "entropy":
-            # one-sided data (ReLU) stored asymmetrically gets every level of the type over [0, T]
-            one_sided = lo >= 0 and not cfg.symmetric
-            low, high = entropy_range(hists[name], levels=cfg.entropy_levels * (2 if one_sided else 1))
-        elif cfg.method == "mse":
-            low, high = mse_range(hists[name], qmin, qmax, symmetric=cfg.symmetric)
-        else:
-            low, high = lo, hi
-        if cfg.symmetric:
-            a = max(abs(low), abs(high))
-            low, high = -a, a
-        result.ranges[name] = TensorRange(float(low), float(high), lo, hi)
-    if names and not result.ranges:
-        raise DataError(f"{data.source}: calibration produced no finite values for any tensor")
-    log.info("calibrate: %d tensors (%d captured), %d samples, method %s", len(result.ranges), len(captured),
-             len(data), cfg.method)
-    return result
+    if cfg.method == "percentile":
+        low, high = percentile_range(hist, cfg.percentile, symmetric=cfg.symmetric)
+    elif cfg.method == "entropy":
+        # one-sided data (ReLU) stored asymmetrically gets every level of the type over [0, T]
+        one_sided = lo >= 0 and not cfg.symmetric
+        low, high = entropy_range(hist, levels=cfg.entropy_levels * (2 if one_sided else 1))
+    elif cfg.method == "mse":
+        low, high = mse_range(hist, qmin, qmax, symmetric=cfg.symmetric)
+    else:
+        low, high = lo, hi
+    if cfg.symmetric:
+        a = max(abs(low), abs(high))
+        low, high = -a, a
+    return low, high

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import BugError, ModelError, PreconditionError
-from onnxcompress.fitting.layerfit import layer_fit
+from onnxcompress.fitting.layerfit import layer_fit, LayerFit
 from onnxcompress.graph.weights import find_weights, get_array, Role, set_array, WeightInfo
 from onnxcompress.numerics import refine
 from onnxcompress.numerics.measures import magnitude_mask, sqnr_db, top_mask
@@ -175,56 +175,18 @@ class PrunePass(Pass):
         fit = layer_fit(ctx, info, layer, target=cfg.target, rows_per_chunk=cfg.rows_per_chunk,
                         folds=cfg.damping == "auto")
         w_cur = layer.weight_matrix(np.asarray(array, dtype=np.float64))
-        method = cfg.compensation
-        if cfg.criterion == "activation":
-            norms = np.zeros_like(w_cur)
-            for _, rows, h, _, _ in fit.groups():
-                norms[rows] = np.sqrt(np.maximum(np.diag(h), 0.0))[None, :]
-            keep_m = magnitude_mask(w_cur * norms, sparsity)
-        else:
-            keep_m = layer.weight_matrix(magnitude_mask(array, sparsity))
-        if method == "lstsq" and refine.lstsq_cost(keep_m) > cfg.max_lstsq_flops:
-            log.info("prune: %s: %.1e flops of per-channel solves, using SparseGPT updates instead",
-                     info.name, refine.lstsq_cost(keep_m))
-            method = "sparsegpt-fixed"
+        keep_m = self._first_mask(fit, layer, array, w_cur, sparsity)
+        method = self._method(info, keep_m)
         damping = self._damping(fit, keep_m, method, details)
         bias = self._bias(ctx, layer) if method == "lstsq" and cfg.refit_bias else None
+        refit = _LayerRefit(fit, w_cur, keep_m, bias, method, damping, sparsity, cfg.rounds)
         k = w_cur.shape[1]
         out = np.zeros_like(w_cur)
         keep_out = np.zeros(w_cur.shape, dtype=bool)
         new_bias = None if bias is None else bias[1].copy()
         err_plain = err_new = signal = 0.0
         for g, rows, h, cross, ref_gram in fit.groups():
-            w_ref, w_now, keep_g = fit.reference[rows], w_cur[rows], keep_m[rows]
-            quota = int(keep_g.sum())  # this group's share of the weight's one kept count (numerics.kept_count)
-            if bias is not None:  # the bias joins the fit as one more, always kept, weight column
-                grams = fit.grams
-                h, cross, ref_gram = refine.with_bias(
-                    h, cross, ref_gram, grams.current_mean[g], None if grams.reference_mean is None else grams.reference_mean[g])
-                w_ref, w_now = np.c_[w_ref, bias[2][rows]], np.c_[w_now, bias[1][rows]]
-                keep_g = np.c_[keep_g, np.ones(len(rows), dtype=bool)]
-
-            def top(values, frac=None):  # magnitude mask over the weight columns; a bias column stays kept
-                mask = top_mask(values[:, :k], quota) if frac is None else magnitude_mask(values[:, :k], frac)
-                return mask if bias is None else np.c_[mask, np.ones(len(rows), dtype=bool)]
-
-            target = refine.dense_target(w_ref, h, cross, damping=damping)
-            if method == "lstsq":
-                for r in range(1, cfg.rounds):  # gradual: choose each mask from the previous refit
-                    step = 1.0 - (1.0 - sparsity) ** (r / cfg.rounds)
-                    fitted = refine.masked_lstsq(target, top(target if r == 1 else fitted, step), h,
-                                                 damping=damping)
-                    keep_g = top(fitted) if r == cfg.rounds - 1 else keep_g
-                fitted = refine.masked_lstsq(target, keep_g, h, damping=damping)
-            elif method == "sparsegpt-fixed":
-                fitted, keep_g = refine.sparsegpt(target, h, keep=keep_g, damping=damping)
-            else:
-                fitted, keep_g = refine.sparsegpt(target, h, sparsity=sparsity, damping=damping)
-            plain = np.where(keep_g, w_now, 0.0)
-            e_plain, sig = refine.output_error(plain, w_ref, h, cross, ref_gram)
-            e_new, _ = refine.output_error(fitted, w_ref, h, cross, ref_gram)
-            if e_new > e_plain:  # greedy OBS can lose to plain magnitude on a fixed mask: keep the better
-                fitted, e_new = plain, e_plain
+            fitted, keep_g, e_plain, e_new, sig = refit.group(g, rows, h, cross, ref_gram)
             err_plain, err_new, signal = err_plain + e_plain, err_new + e_new, signal + sig
             out[rows], keep_out[rows] = fitted[:, :k], keep_g[:, :k]
             if bias is not None:
@@ -240,6 +202,25 @@ class PrunePass(Pass):
         keep_out &= out != 0  # an exact zero after the refit is a pruned entry too
         new = layer.weight_from_matrix(np.where(keep_out, out, 0.0))
         return new, layer.weight_from_matrix(keep_out)
+
+    def _first_mask(self, fit: LayerFit, layer: LinearLayer, array: np.ndarray, w_cur: np.ndarray,
+                    sparsity: float) -> np.ndarray:
+        """The mask before any refit (weight-matrix layout): by |w|, or by |w| * ||x|| (criterion "activation")."""
+        if self.config.criterion == "activation":
+            norms = np.zeros_like(w_cur)
+            for _, rows, h, _, _ in fit.groups():
+                norms[rows] = np.sqrt(np.maximum(np.diag(h), 0.0))[None, :]
+            return magnitude_mask(w_cur * norms, sparsity)
+        return layer.weight_matrix(magnitude_mask(array, sparsity))
+
+    def _method(self, info: WeightInfo, keep: np.ndarray) -> str:
+        """The configured compensation, with lstsq giving way to SparseGPT updates where its solves cost too much."""
+        cfg: PruneConfig = self.config
+        if cfg.compensation == "lstsq" and refine.lstsq_cost(keep) > cfg.max_lstsq_flops:
+            log.info("prune: %s: %.1e flops of per-channel solves, using SparseGPT updates instead",
+                     info.name, refine.lstsq_cost(keep))
+            return "sparsegpt-fixed"
+        return cfg.compensation
 
     def _damping(self, fit, keep: np.ndarray, method: str, details: dict) -> float:
         """The configured damping, or with "auto" the grid value of least held-out error (lstsq refits)."""
@@ -285,6 +266,58 @@ class PrunePass(Pass):
             values = get_array(ctx.model, infos[name])
             if np.any(values[~keep] != 0):
                 raise BugError(f"prune: pruned entries of {name} are not exactly 0")
+
+
+@dataclass(frozen=True)
+class _LayerRefit:
+    """One layer's compensation, shared by its channel groups: the layer's statistics, its current weight
+    matrix and first mask, the bias refit jointly (info, current, reference) or None, and the solver."""
+
+    fit: LayerFit
+    w_cur: np.ndarray
+    keep: np.ndarray
+    bias: tuple[WeightInfo, np.ndarray, np.ndarray] | None
+    method: str
+    damping: float
+    sparsity: float
+    rounds: int
+
+    def group(self, g: int, rows, h, cross, ref_gram) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """(refit weights, mask, plain-magnitude error, refit error, signal) of one channel group."""
+        w_ref, w_now, keep_g = self.fit.reference[rows], self.w_cur[rows], self.keep[rows]
+        quota = int(keep_g.sum())  # this group's share of the weight's one kept count (numerics.kept_count)
+        if self.bias is not None:  # the bias joins the fit as one more, always kept, weight column
+            grams = self.fit.grams
+            h, cross, ref_gram = refine.with_bias(
+                h, cross, ref_gram, grams.current_mean[g], None if grams.reference_mean is None else grams.reference_mean[g])
+            w_ref, w_now = np.c_[w_ref, self.bias[2][rows]], np.c_[w_now, self.bias[1][rows]]
+            keep_g = np.c_[keep_g, np.ones(len(rows), dtype=bool)]
+        fitted, keep_g = self._solve(w_ref, keep_g, h, cross, quota)
+        plain = np.where(keep_g, w_now, 0.0)
+        e_plain, sig = refine.output_error(plain, w_ref, h, cross, ref_gram)
+        e_new, _ = refine.output_error(fitted, w_ref, h, cross, ref_gram)
+        if e_new > e_plain:  # greedy OBS can lose to plain magnitude on a fixed mask: keep the better
+            fitted, e_new = plain, e_plain
+        return fitted, keep_g, e_plain, e_new, sig
+
+    def _solve(self, w_ref: np.ndarray, keep_g: np.ndarray, h, cross, quota: int) -> tuple[np.ndarray, np.ndarray]:
+        """Refit one group toward its dense target: gradual lstsq rounds, or SparseGPT on a fixed or its own mask."""
+        k, damping = self.w_cur.shape[1], self.damping
+
+        def top(values, frac=None):  # magnitude mask over the weight columns; a bias column stays kept
+            mask = top_mask(values[:, :k], quota) if frac is None else magnitude_mask(values[:, :k], frac)
+            return mask if self.bias is None else np.c_[mask, np.ones(len(values), dtype=bool)]
+
+        target = refine.dense_target(w_ref, h, cross, damping=damping)
+        if self.method == "lstsq":
+            for r in range(1, self.rounds):  # gradual: choose each mask from the previous refit
+                step = 1.0 - (1.0 - self.sparsity) ** (r / self.rounds)
+                fitted = refine.masked_lstsq(target, top(target if r == 1 else fitted, step), h, damping=damping)
+                keep_g = top(fitted) if r == self.rounds - 1 else keep_g
+            return refine.masked_lstsq(target, keep_g, h, damping=damping), keep_g
+        if self.method == "sparsegpt-fixed":
+            return refine.sparsegpt(target, h, keep=keep_g, damping=damping)
+        return refine.sparsegpt(target, h, sparsity=self.sparsity, damping=damping)
 
 
 def default_sparsity(cfg: PruneConfig, info: WeightInfo, layer: LinearLayer | None) -> float:

@@ -24,14 +24,14 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxcompress.errors import PreconditionError
 from onnxcompress.formats.qdq_dynamic import quantize_dynamic_matmuls
-from onnxcompress.formats.qdq_ops import groups, layout, out_channels, weight_axis
-from onnxcompress.formats.qdq_weights import (DQ_AXIS_MIN_OPSET, DQ_MIN_OPSET, NAMES, dq_nodes,
+from onnxcompress.formats.qdq_ops import groups, insert_activation_qdq, layout, out_channels, weight_axis
+from onnxcompress.formats.qdq_weights import (DQ_AXIS_MIN_OPSET, DQ_MIN_OPSET, dq_nodes,
                                               gather_before_dequantize, hoist_constants, quantize_weights_only)
-from onnxcompress.graph.edit import mark, NameScope
+from onnxcompress.graph.edit import NameScope
 from onnxcompress.graph.fold import fold_batch_norms
 from onnxcompress.graph.model import opset_of
 from onnxcompress.graph.weights import DEFAULT_MIN_ELEMENTS, get_array, replace_weight
@@ -106,16 +106,7 @@ class QdqPass(Pass):
     def call(self, ctx: Context) -> PassResult:
         cfg: QdqConfig = self.config
         opset = opset_of(ctx.model)
-        per_channel = cfg.per_channel
-        # weight-only below the opsets of DequantizeLinear (10) or of its per-channel axis (13): Cast + Mul
-        cast = cfg.mode == "weights" and (opset < DQ_MIN_OPSET or (per_channel and opset < DQ_AXIS_MIN_OPSET))
-        if cast:
-            ctx.note(f"qdq: opset {opset} has no {'per-channel ' if opset >= DQ_MIN_OPSET else ''}DequantizeLinear; "
-                     "weights are dequantized by Cast + Mul, which onnxruntime folds at load")
-        elif per_channel and opset < DQ_AXIS_MIN_OPSET:
-            ctx.note(f"qdq: per-channel weights need opset >= {DQ_AXIS_MIN_OPSET} (model has {opset}); "
-                     "using per-tensor scales")
-            per_channel = False
+        per_channel, cast = self._weight_form(ctx, opset)
         if cfg.mode == "weights":
             summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name, cast=cast)
             gather_before_dequantize(ctx.model, self.name)
@@ -126,25 +117,13 @@ class QdqPass(Pass):
         hoist_constants(ctx.model)  # weights in main-graph Constant nodes are planned like initializers
         reference = onnx.ModelProto()
         reference.CopyFrom(ctx.model)
-        self._means = {}
-        if cfg.bias_correction and ctx.data is not None:
-            plan = self._plan(ctx, set())
-            self._means = input_means(reference, ctx.data.limit(cfg.correction_samples),
-                                      [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"],
-                                      collector=ctx.statistics)
+        self._means = self._input_means(ctx, reference)
         plan, renamed, rest = self._guarded(ctx, cfg, reference, per_channel, opset)
         gather_before_dequantize(ctx.model, self.name)  # after the guard: the same values, fewer dequantized
         for reason, labels in plan.floats.items():
             ctx.note(f"qdq: kept in float ({reason}): {', '.join(labels[:8])}"
                      + (f" and {len(labels) - 8} more" if len(labels) > 8 else ""))
-        # the per-layer table measures on the evaluation data when the user gave some, else on calibration data
-        error_data = None
-        given = ctx.eval_data if ctx.eval_data is not None and not getattr(ctx.eval_data, "synthetic", False) \
-            else ctx.data
-        if cfg.error_samples and given is not None:
-            ctx.layer_errors = measure_layer_errors(reference, ctx.model, given.limit(cfg.error_samples),
-                                                    renamed, _labels(reference), collector=ctx.statistics)
-            error_data = "evaluation" if given is not ctx.data else "calibration"
+        error_data = self._layer_errors(ctx, reference, renamed)
         if cfg.latency_check and ctx.data is not None and plan.nodes:
             ratio = guard.latency_ratio(reference, ctx.model, ctx.data)
             if ratio > 1.05:
@@ -158,6 +137,43 @@ class QdqPass(Pass):
                                              "float_nodes": sum(map(len, plan.floats.values())),
                                              "weight_only": rest["weights"],
                                              "layer_errors_data": error_data, **kinds})
+
+    def _weight_form(self, ctx: Context, opset: int) -> tuple[bool, bool]:
+        """(per channel, dequantize by Cast + Mul) as the model's opset allows, with a note where it changes them."""
+        cfg: QdqConfig = self.config
+        per_channel = cfg.per_channel
+        # weight-only below the opsets of DequantizeLinear (10) or of its per-channel axis (13): Cast + Mul
+        cast = cfg.mode == "weights" and (opset < DQ_MIN_OPSET or (per_channel and opset < DQ_AXIS_MIN_OPSET))
+        if cast:
+            ctx.note(f"qdq: opset {opset} has no {'per-channel ' if opset >= DQ_MIN_OPSET else ''}DequantizeLinear; "
+                     "weights are dequantized by Cast + Mul, which onnxruntime folds at load")
+        elif per_channel and opset < DQ_AXIS_MIN_OPSET:
+            ctx.note(f"qdq: per-channel weights need opset >= {DQ_AXIS_MIN_OPSET} (model has {opset}); "
+                     "using per-tensor scales")
+            per_channel = False
+        return per_channel, cast
+
+    def _input_means(self, ctx: Context, reference: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """Bias correction's layer input means on calibration data (none without data or correction)."""
+        cfg: QdqConfig = self.config
+        if not (cfg.bias_correction and ctx.data is not None):
+            return {}
+        plan = self._plan(ctx, set())
+        return input_means(reference, ctx.data.limit(cfg.correction_samples),
+                           [ctx.model.graph.node[i] for i, k in plan.nodes.items() if k == "linear"],
+                           collector=ctx.statistics)
+
+    def _layer_errors(self, ctx: Context, reference: onnx.ModelProto, renamed: dict[str, str]) -> str | None:
+        """The per-layer table, on the evaluation data when the user gave some, else on calibration data;
+        returns which data it measured on (None: not measured)."""
+        cfg: QdqConfig = self.config
+        given = ctx.eval_data if ctx.eval_data is not None and not getattr(ctx.eval_data, "synthetic", False) \
+            else ctx.data
+        if not (cfg.error_samples and given is not None):
+            return None
+        ctx.layer_errors = measure_layer_errors(reference, ctx.model, given.limit(cfg.error_samples),
+                                                renamed, _labels(reference), collector=ctx.statistics)
+        return "evaluation" if given is not ctx.data else "calibration"
 
     def ensures(self, ctx: Context, result: PassResult) -> None:
         inits = {t.name: t for t in ctx.model.graph.initializer}
@@ -186,13 +202,13 @@ class QdqPass(Pass):
         (guard.fall_back)."""
         data = ctx.data.limit(cfg.guard_samples) if ctx.data is not None and cfg.agreement is not None else None
         records, notes, keep_float, order = len(ctx.records), len(ctx.notes), set(), None
-        bounds = dict(agreement=cfg.agreement, min_sqnr=cfg.min_output_sqnr, task=ctx.task)
+        bound = guard.Bound(cfg.agreement, cfg.min_output_sqnr, ctx.task)
         for _ in range(cfg.guard_rounds + 1):
             del ctx.records[records:], ctx.notes[notes:]
             plan, renamed, rest = self._quantize(ctx, cfg, reference, per_channel, opset, keep_float)
             if keep_float and not plan.tensors:  # every activation kept float: that is the weight-only model
                 break
-            result = guard.check(reference, ctx.model, data, **bounds) if data is not None and plan.tensors else None
+            result = bound.check(reference, ctx.model, data) if data is not None and plan.tensors else None
             if result is None or result.holds:
                 if keep_float:
                     ctx.note(f"qdq: kept float to hold {result.worst} (bound: agreement >= {cfg.agreement}, other "
@@ -219,10 +235,8 @@ class QdqPass(Pass):
                                          self.name, keep=keep)
             return {**rest, "dynamic": len(matmuls), "kept_float_weights": len(keep)}
 
-        rest = guard.fall_back(ctx, build, reference, data, bounds, dynamic=cfg.fallback == "dynamic",
-                               max_float=cfg.max_float_weights, max_probes=cfg.max_probes,
-                               probe_samples=cfg.probe_samples, rounds=cfg.guard_rounds, pass_name=self.name,
-                               first_record=records, missed=missed)
+        made = guard.Candidates(build, reference, data, bound, self.name, records)
+        rest = guard.fall_back(ctx, made, cfg, missed)
         return StaticPlan(), {}, rest
 
     def _plan(self, ctx: Context, keep_float: set[str]) -> StaticPlan:
@@ -233,13 +247,24 @@ class QdqPass(Pass):
     # -- rewriting --------------------------------------------------------------------------
     def _rewrite(self, ctx: Context, cfg: QdqConfig, plan: StaticPlan, per_channel: bool) -> dict[str, str]:
         """Apply the plan; returns tensor name in the float model -> name of its DQ output."""
-        model, graph = ctx.model, ctx.model.graph
+        model = ctx.model
         scope = NameScope(model)
+        pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
+        self._weights(ctx, cfg, plan, per_channel, scope, pending)
+        renamed = insert_activation_qdq(model.graph, plan.tensors, TYPES[cfg.activation_type], scope, self.name)
+        self._float_biases = self._shared_biases(ctx, scope, pending)
+        for info, nodes, inits in pending:
+            replace_weight(model, info, nodes, inits)
+        return renamed
+
+    def _weights(self, ctx: Context, cfg: QdqConfig, plan: StaticPlan, per_channel: bool, scope: NameScope,
+                 pending: list[tuple]) -> None:
+        """Queue the DQ of each planned node's weights into `pending` (and a linear node's bias ask)."""
+        graph = ctx.model.graph
         qt = TYPES[cfg.activation_type]
         infos = {w.name: w for w in ctx.weights(0) if w.graph == "main"  # graph inputs, sparse...: left alone
                  and w.name not in ctx.nonfinite and (w.skip is None or w.skip.startswith("tiny"))}
         done_weights: dict[str, np.ndarray] = {}  # weight name -> its scale vector
-        pending: list[tuple] = []  # (WeightInfo, DQ nodes, initializers), applied once the node list is final
         for i, kind in sorted(plan.nodes.items()):
             node = graph.node[i]
             if kind == "linear":
@@ -251,48 +276,6 @@ class QdqPass(Pass):
                 for name in node.input:
                     if name in infos and name not in done_weights:
                         done_weights[name] = self._constant(ctx, infos[name], qt, scope, pending, axis=None)
-        # activations: Q -> DQ after the producer (graph inputs: at the start), reading the DQ name downstream
-        graph = model.graph
-        graph_inputs = {i.name for i in graph.input}
-        renamed: dict[str, str] = {}
-        pairs: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer output name -> Q/DQ nodes
-        head: list[onnx.NodeProto] = []
-        for name, (scale, zero) in plan.tensors.items():
-            s_name, z_name = scope.fresh(NAMES.scale), scope.fresh(NAMES.zero_point)
-            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
-                                      numpy_helper.from_array(np.array(zero, qt.np_dtype), z_name)])
-            q_out = scope.fresh(NAMES.quantized)
-            if name in graph_inputs:
-                dq_out = scope.fresh(f"{name}_dequantized")
-                for node in graph.node:
-                    for k, x in enumerate(node.input):
-                        if x == name:
-                            node.input[k] = dq_out
-                source, target = name, dq_out
-            else:
-                source = scope.fresh(f"{name}_float")
-                for node in graph.node:
-                    for k, x in enumerate(node.output):
-                        if x == name:
-                            node.output[k] = source
-                target = name
-            nodes = [mark(helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
-                                           name=scope.fresh(NAMES.q_node)), self.name),
-                     mark(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [target],
-                                           name=scope.fresh(NAMES.dq_node)), self.name)]
-            (head if name in graph_inputs else pairs[source]).extend(nodes)
-            renamed[name] = target
-        ordered = list(head)  # graph-input Q/DQ depend on nothing but the input
-        for node in graph.node:
-            ordered.append(node)
-            for out in node.output:
-                ordered += pairs.get(out, [])
-        del graph.node[:]
-        graph.node.extend(ordered)
-        self._float_biases = self._shared_biases(ctx, scope, pending)
-        for info, nodes, inits in pending:
-            replace_weight(model, info, nodes, inits)
-        return renamed
 
     def _shared_biases(self, ctx, scope, pending) -> dict[str, str]:
         """One int32 DQ for a bias several quantized layers read when they agree on its scale

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -133,55 +134,65 @@ def latency_ratio(reference: onnx.ModelProto, quantized: onnx.ModelProto, data, 
     return float(np.median([c for _, c in times]) / max(np.median([r for r, _ in times]), 1e-12))
 
 
-def fall_back(ctx, build, reference: onnx.ModelProto, data, bounds: dict, *, dynamic: bool, max_float: float,
-              max_probes: int, probe_samples: int, rounds: int, pass_name: str, first_record: int,
-              missed: str) -> dict:
-    """Where static int8 misses the bound: dynamic int8 MatMul/Gemm (`dynamic`) if that holds it, else
-    weight-only int8 with the weights that break it most kept float, 1, 2, 4... of them, while they
-    hold at most `max_float` of the quantized weights' bytes; else the candidate measured closest to
-    the bound. `build(dynamic, keep) -> summary` writes one candidate into ctx.model (`keep`: weight
-    name -> why it stays float). Each weight is ranked by the outputs with it alone in int8 (the
-    task's agreement, then the lowest output SQNR), smallest weights first, `max_probes` of them."""
+@dataclass(frozen=True)
+class Bound:
+    """The fidelity bound on calibration data: `agreement` of each task output's answers, `min_sqnr` dB on
+    the other outputs; `task` is the kind the user chose (None: each output's kind detected)."""
+
+    agreement: float
+    min_sqnr: float
+    task: TaskMetric | None = None
+
+    def check(self, reference: onnx.ModelProto, candidate: onnx.ModelProto, data) -> Fidelity:
+        return check(reference, candidate, data, agreement=self.agreement, min_sqnr=self.min_sqnr, task=self.task)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """How fall_back makes and judges its candidates: `build(dynamic, keep) -> summary` writes one into
+    ctx.model (`keep`: weight name -> why it stays float), its records are those of `pass_name` from
+    `first_record` on; each is checked against `bound` on `data` (None: not checked) beside `reference`."""
+
+    build: Callable[[bool, dict[str, str]], dict]
+    reference: onnx.ModelProto
+    data: Any
+    bound: Bound
+    pass_name: str
+    first_record: int
+
+    def check(self, ctx, data=None) -> Fidelity:
+        return self.bound.check(self.reference, ctx.model, self.data if data is None else data)
+
+    def sizes(self, ctx) -> dict[str, int]:
+        """Bytes before of each weight the last candidate made smaller."""
+        return {r.name: r.bytes_before for r in ctx.records[self.first_record:] if r.pass_name == self.pass_name
+                and r.bytes_before and r.bytes_after is not None and r.bytes_after < r.bytes_before}
+
+
+def fall_back(ctx, made: Candidates, cfg: Any, missed: str) -> dict:
+    """Where static int8 misses the bound: dynamic int8 MatMul/Gemm (cfg.fallback "dynamic") if that holds it,
+    else weight-only int8 with the weights that break it most kept float, 1, 2, 4... of them, while they
+    hold at most cfg.max_float_weights of the quantized weights' bytes; else the candidate measured closest
+    to the bound. Each weight is ranked by the outputs with it alone in int8 (the task's agreement, then the
+    lowest output SQNR), smallest weights first, cfg.max_probes of them. (`cfg` is the qdq pass's QdqConfig,
+    not imported: the pass imports this module.)"""
     tried: list[tuple[Fidelity, bool, dict[str, str]]] = []
-    if dynamic:
-        rest = build(True, {})
+    if cfg.fallback == "dynamic":
+        rest = made.build(True, {})
         if rest["dynamic"]:
-            found = check(reference, ctx.model, data, **bounds)
+            found = made.check(ctx)
             if found.holds:
                 ctx.note(missed + f"dynamic int8 (ranges at run time) for {rest['dynamic']} MatMul/Gemm instead "
                          f"({found.worst}), weight-only int8 elsewhere")
                 return rest
             tried.append((found, True, {}))
-    rest = build(False, {})
-    found = check(reference, ctx.model, data, **bounds) if data is not None else Fidelity(True, "not checked")
+    made.build(False, {})
+    found = made.check(ctx) if made.data is not None else Fidelity(True, "not checked")
     tried.append((found, False, {}))
     if not found.holds:
-        sizes = {r.name: r.bytes_before for r in ctx.records[first_record:] if r.pass_name == pass_name
-                 and r.bytes_before and r.bytes_after is not None and r.bytes_after < r.bytes_before}
-        budget = max_float * sum(sizes.values())
-        names = sorted((n for n in sizes if sizes[n] <= budget), key=lambda n: sizes[n])[:max_probes]
-        probes = []
-        for name in names:
-            build(False, {other: "probe" for other in sizes if other != name})
-            alone = check(reference, ctx.model, data.limit(probe_samples), **bounds)
-            probes.append((alone.margin, alone.sqnr_db, name, alone.worst))
-            log.debug("qdq: weight %s alone in int8: %s", name, alone.worst)
-        probes.sort()
-        count = 1
-        for _ in range(rounds):
-            worst = probes[:count]
-            if not worst or sum(sizes[n] for _, _, n, _ in worst) > budget:
-                break
-            keep = {n: f"in int8 alone it moves the outputs most ({text}, {min(probe_samples, len(data))} "
-                       "calibration samples)" for _, _, n, text in worst}
-            build(False, keep)
-            found = check(reference, ctx.model, data, **bounds)
-            tried.append((found, False, keep))
-            if found.holds or count >= len(probes):
-                break
-            count *= 2
+        tried += _float_weights(ctx, made, cfg)
     best, was_dynamic, keep = max(tried, key=lambda t: (t[0].margin, t[0].sqnr_db))
-    rest = build(was_dynamic, keep)  # ctx.model holds the last model built (a probe, or another candidate)
+    rest = made.build(was_dynamic, keep)  # ctx.model holds the last model built (a probe, or another candidate)
     how = ("dynamic int8 MatMul/Gemm and weight-only int8 elsewhere" if was_dynamic else "weight-only int8")
     kept = f" with {len(keep)} weight(s) kept float ({', '.join(keep)})" if keep else ""
     if best.holds:
@@ -189,3 +200,33 @@ def fall_back(ctx, build, reference: onnx.ModelProto, data, bounds: dict, *, dyn
     else:
         ctx.note(missed + f"{how}{kept} instead, the closest to the bound of {len(tried)} measured ({best.worst})")
     return rest
+
+
+def _float_weights(ctx, made: Candidates, cfg: Any) -> list[tuple[Fidelity, bool, dict[str, str]]]:
+    """Weight-only int8 candidates with the weights that move the outputs most alone kept float, 1, 2, 4...
+    of them within the byte budget, until one holds the bound; returns them as measured."""
+    sizes = made.sizes(ctx)
+    budget = cfg.max_float_weights * sum(sizes.values())
+    names = sorted((n for n in sizes if sizes[n] <= budget), key=lambda n: sizes[n])[:cfg.max_probes]
+    probes = []
+    for name in names:
+        made.build(False, {other: "probe" for other in sizes if other != name})
+        alone = made.check(ctx, made.data.limit(cfg.probe_samples))
+        probes.append((alone.margin, alone.sqnr_db, name, alone.worst))
+        log.debug("qdq: weight %s alone in int8: %s", name, alone.worst)
+    probes.sort()
+    tried = []
+    count = 1
+    for _ in range(cfg.guard_rounds):
+        worst = probes[:count]
+        if not worst or sum(sizes[n] for _, _, n, _ in worst) > budget:
+            break
+        keep = {n: f"in int8 alone it moves the outputs most ({text}, {min(cfg.probe_samples, len(made.data))} "
+                   "calibration samples)" for _, _, n, text in worst}
+        made.build(False, keep)
+        found = made.check(ctx)
+        tried.append((found, False, keep))
+        if found.holds or count >= len(probes):
+            break
+        count *= 2
+    return tried

@@ -30,10 +30,23 @@ def plan_static(graph: onnx.GraphProto, calib: CalibrationResult, keep_float: se
     (scale, zero point) from its calibrated range; same-scale ops carry their input's through."""
     inits = {t.name: t for t in graph.initializer}
     uses = consumers(graph)
-    outputs = {o.name for o in graph.output}
     excluded = set(map(str, exclude))
     plan = StaticPlan()
-    index_of = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    _choose_nodes(plan, graph, calib, keep_float, excluded, inits, uses)
+    for name in _activations(plan, graph, calib, excluded, inits, uses, symmetric):
+        plan.tensors[name] = calib[name].scale_zero_point(activation_type, symmetric=symmetric)
+    # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
+    for i, node in enumerate(graph.node):
+        if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
+                and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
+            plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
+            plan.nodes[i] = "same_scale"
+    return plan
+
+
+def _choose_nodes(plan: StaticPlan, graph: onnx.GraphProto, calib: CalibrationResult, keep_float: set[str],
+                  excluded: set[str], inits: dict, uses: dict) -> None:
+    """plan.nodes: each node with an integer kernel and its kind; plan.floats: why each other node stays float."""
     for i, node in enumerate(graph.node):
         label = node.name or f"{node.op_type}_{i}"
         if node.op_type in SILENT and not (excluded & {label, node.op_type}):
@@ -52,6 +65,14 @@ def plan_static(graph: onnx.GraphProto, calib: CalibrationResult, keep_float: se
             continue
         plan.nodes[i] = ("linear" if node.op_type in LINEAR else "elementwise" if node.op_type in ELEMENTWISE
                          else node.op_type if node.op_type == "Gather" else "own_scale")
+
+
+def _activations(plan: StaticPlan, graph: onnx.GraphProto, calib: CalibrationResult, excluded: set[str],
+                 inits: dict, uses: dict, symmetric: bool) -> list[str]:
+    """The calibrated activations the planned nodes read and write, in order, once each; a Relu/Clip right
+    after a node takes its output's Q (the fusion boundary, recorded in plan.fused)."""
+    outputs = {o.name for o in graph.output}
+    index_of = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     wanted: list[str] = []
     for i, kind in plan.nodes.items():
         node = graph.node[i]
@@ -68,13 +89,4 @@ def plan_static(graph: onnx.GraphProto, calib: CalibrationResult, keep_float: se
             plan.fused.add(index_of[follow[0][0].output[0]])
             out = follow[0][0].output[0]
         wanted.append(out)
-    wanted = list(dict.fromkeys(w for w in wanted if w in calib))
-    for name in wanted:
-        plan.tensors[name] = calib[name].scale_zero_point(activation_type, symmetric=symmetric)
-    # same-scale ops (pooling, reshapes) carry their input's quantization through, in graph order
-    for i, node in enumerate(graph.node):
-        if (node.op_type in SAME_SCALE and len(node.output) == 1 and node.input[0] in plan.tensors
-                and not excluded & {node.name, node.op_type} and node.output[0] not in keep_float):
-            plan.tensors[node.output[0]] = plan.tensors[node.input[0]]
-            plan.nodes[i] = "same_scale"
-    return plan
+    return list(dict.fromkeys(w for w in wanted if w in calib))

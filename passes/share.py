@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.execution.parallel import map_ordered
-from onnxcompress.fitting.granular import Choice, choose_jointly, DB_PER_BIT, fit, from_matrix, Option, to_matrix
+from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix, Option,
+                                          to_matrix)
 from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
 from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
                                           WeightEvidence)
@@ -85,6 +86,12 @@ class ShareConfig:
         if self.group_size < 1 or not 0.0 <= self.outlier_fraction < 0.5:
             raise ValueError("group_size must be >= 1 and outlier_fraction in [0, 0.5)")
 
+    def settings(self, model_elements: int, opset: int) -> ShareSettings:
+        """How share_weight codes every weight of a model of `model_elements` elements written at `opset`."""
+        return ShareSettings(granularity=self.granularity, group_size=self.group_size,
+                             outlier_fraction=self.outlier_fraction, target_db=self.target_sqnr_db, init=self.init,
+                             seed=self.seed, model_elements=model_elements, opset=opset)
+
     def bits_for(self, role: Role) -> int:
         if role in (Role.CONV, Role.CONV_TRANSPOSE):
             return self.bits_conv
@@ -112,23 +119,16 @@ class SharePass(Pass):
         before = after = 0
         unpacked = []
         hessians = layer_hessians(ctx.model, ctx.data, candidates, collector=ctx.statistics)
-        total = sum(info.numel for info in candidates)
-        planned = ctx.plan.bits if ctx.plan is not None else lambda name: None
-        bits_of = {w.name: int(b if (b := planned(w.name)) is not None else cfg.bits_for(w.role)) for w in candidates}
+        bits_of = self._bits(ctx, candidates)
         # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
         # weight then cancels what it can of that error (onnxcompress.numerics.bias_error)
         links = bias_links(ctx.model, candidates, hessians, lambda w: get_array(ctx.model, w), ctx.masks) \
             if cfg.granularity == "auto" else {}
         gains, probe_fits = self._output_gains(ctx, candidates, hessians, bits_of)
-        for bias, link in links.items():  # a bias's error lands where its layer's weights' does
-            if link.weights and all(w in gains for w in link.weights):
-                gains[bias] = OutputGains(max(gains[w].rest for w in link.weights),
-                                          max(gains[w].mean for w in link.weights))
+        _add_bias_gains(gains, links)
         biases = [w for w in candidates if w.name in links]
         by_name = {w.name: w for w in candidates}
-        settings = ShareSettings(granularity=cfg.granularity, group_size=cfg.group_size,
-                                 outlier_fraction=cfg.outlier_fraction, target_db=cfg.target_sqnr_db, init=cfg.init,
-                                 seed=cfg.seed, model_elements=total, opset=opset)
+        settings = cfg.settings(sum(info.numel for info in candidates), opset)
         bias_choices = dict(zip([w.name for w in biases], self._fit(ctx, biases, bits_of, settings,
                                                                     _Known(hessians, links=links, gains=gains))))
         absorb, absorbed_from, corrected_by = self._bias_effects(ctx, biases, bias_choices, links, hessians, by_name)
@@ -151,18 +151,19 @@ class SharePass(Pass):
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
-            nodes, inits = portable_nodes(shared, scope, opset, self.name)
-            replace_weight(ctx.model, info, nodes, inits)
-            ctx.shared[info.name] = shared
+            self._write(ctx, info, shared, scope, opset)
             before, after = before + info.nbytes, after + shared.payload_bytes(opset)
             self._record(ctx, info, choice, shared, bits, opset, absorbed_from)
-        if unpacked:
-            ctx.note(f"share: {len(unpacked)} weights use fewer than 8 bits but the model's opset {opset} is below "
-                     f"{PACK_MIN_OPSET}, so their codes are stored one a byte, not bit-packed (the opset was left "
-                     "unchanged)")
+        _note_unpacked(ctx, unpacked, opset)
         log.info("share: %d weights, %d -> %d bytes", len(ctx.shared), before, after)
         return PassResult(bool(ctx.shared) or bool(folded), {"weights": len(ctx.shared), "bytes_before": before,
                                                              "bytes_after": after, "folded_batch_norms": folded})
+
+    def _bits(self, ctx: Context, candidates: list[WeightInfo]) -> dict[str, int]:
+        """Each weight's bit width: the search plan's where it has one, else the config's for its role."""
+        planned = ctx.plan.bits if ctx.plan is not None else lambda name: None
+        return {w.name: int(b if (b := planned(w.name)) is not None else self.config.bits_for(w.role))
+                for w in candidates}
 
     def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool
                  ) -> SharedWeight:
@@ -175,6 +176,12 @@ class SharePass(Pass):
         shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds)
         ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
         return shared
+
+    def _write(self, ctx: Context, info: WeightInfo, shared: SharedWeight, scope: NameScope, opset: int) -> None:
+        """The weight becomes its portable codebook chain; ctx.shared records the coding."""
+        nodes, inits = portable_nodes(shared, scope, opset, self.name)
+        replace_weight(ctx.model, info, nodes, inits)
+        ctx.shared[info.name] = shared
 
     def _record(self, ctx: Context, info: WeightInfo, choice, shared: SharedWeight, bits: int, opset: int,
                 absorbed_from: dict[str, str]) -> None:
@@ -229,9 +236,9 @@ class SharePass(Pass):
         for info in probed:
             array = get_array(ctx.model, info)
             h = hessians[info.name]
-            coded = fit(array, bits_of[info.name], option, name=info.name, channel_axis=info.channel_axis,
-                        mask=ctx.masks.get(info.name), init=cfg.init, seed=cfg.seed, hessians=h,
-                        importance=h.importance())
+            fitting = Fitting(info.name, info.channel_axis, hessians=h, mask=ctx.masks.get(info.name), init=cfg.init,
+                              seed=cfg.seed)
+            coded = fit(array, bits_of[info.name], option, fitting, importance=h.importance())
             fits[info.name] = {option: coded}
             matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
             probes[info.name] = Probe(matrix, matrix - to_matrix(coded.decode().astype(np.float64), info.channel_axis),
@@ -347,6 +354,21 @@ class _Known:
         return WeightEvidence(hessians=self.hessians.get(name), mask=mask, link=self.links.get(name),
                               absorb=self.absorb.get(name), gains=self.gains.get(name), mean_free=name in self.mean_free,
                               only=self.only.get(name), fitted=self.fitted.get(name))
+
+
+def _note_unpacked(ctx: Context, unpacked: list[str], opset: int) -> None:
+    if unpacked:
+        ctx.note(f"share: {len(unpacked)} weights use fewer than 8 bits but the model's opset {opset} is below "
+                 f"{PACK_MIN_OPSET}, so their codes are stored one a byte, not bit-packed (the opset was left "
+                 "unchanged)")
+
+
+def _add_bias_gains(gains: dict[str, OutputGains], links: dict) -> None:
+    """A bias's error lands where its layer's weights' does: it takes their largest gains, when all are measured."""
+    for bias, link in links.items():
+        if link.weights and all(w in gains for w in link.weights):
+            gains[bias] = OutputGains(max(gains[w].rest for w in link.weights),
+                                      max(gains[w].mean for w in link.weights))
 
 
 def _dominated(candidate, candidates) -> bool:

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.fitting import granular
-from onnxcompress.fitting.granular import fit, LayerHessians, measure, Option
+from onnxcompress.fitting.granular import fit, Fitting, LayerHessians, measure, Option
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.weights import find_weights
 from tiny import (assert_valid_and_close, decoded_reference, gemm, make_model, op_types, random_feeds, run, run_pass,
@@ -85,7 +85,7 @@ def test_every_option_keeps_pruned_entries_exactly_zero_and_codes_in_range(optio
     spread = np.logspace(-1, 1, 24 if axis else 16)
     w = (rng.standard_normal((16, 24)) * (spread[None, :] if axis else spread[:, None])).astype(np.float32)
     mask = rng.random(w.shape) > 0.6
-    shared = fit(w, 3, option, name="W", channel_axis=axis, mask=mask)
+    shared = fit(w, 3, option, Fitting("W", axis, mask=mask))
     decoded = shared.decode()
     assert decoded.shape == w.shape and decoded.dtype == w.dtype
     assert np.all(decoded[~mask] == 0) and np.all(shared.codes[~mask] == 0)
@@ -101,7 +101,7 @@ def test_weighted_fit_and_channel_descent_never_lose_to_their_start():
     a = rng.random((12, 40)) + 0.1
     errors = []
     for iterations in (0, 1, 4):
-        shared = fit(w, 3, Option("channel", weighted=True), channel_axis=0, importance=a, iterations=iterations,
+        shared = fit(w, 3, Option("channel", weighted=True), Fitting(channel_axis=0), importance=a, iterations=iterations,
                      scale_dtype="float32")
         errors.append(float(np.sum(a * (w - shared.decode()) ** 2)))
     assert errors[1] <= errors[0] + 1e-12 and errors[2] <= errors[1] + 1e-12 and errors[2] < errors[0]
@@ -112,7 +112,7 @@ def test_output_space_measure_matches_the_layer_output_error():
     w = rng.standard_normal((8, 20)).astype(np.float32)
     x = rng.standard_normal((500, 20)) * np.linspace(0.1, 3, 20)
     hessians = LayerHessians([x.T @ x / len(x)], np.zeros(8, int))
-    shared = fit(w, 3, Option("tensor"), channel_axis=0)
+    shared = fit(w, 3, Option("tensor"), Fitting(channel_axis=0))
     y, y_hat = x @ w.T.astype(np.float64), x @ shared.decode().T.astype(np.float64)
     expected = 10 * np.log10(np.sum(y ** 2) / np.sum((y - y_hat) ** 2))
     assert measure(w, shared, hessians) == pytest.approx(expected, rel=1e-9)
@@ -183,7 +183,7 @@ def test_recurrent_weights_are_shared_per_gate_row_and_still_run_in_onnxruntime(
 
 def test_options_need_a_channel_axis_and_unknown_granularity_is_refused():
     with pytest.raises(ValueError, match="channel axis"):
-        fit(np.ones((4, 4), np.float32), 2, Option("channel"), channel_axis=None)
+        fit(np.ones((4, 4), np.float32), 2, Option("channel"), Fitting(channel_axis=None))
     with pytest.raises(ValueError, match="granularity"):
         granular.options_for("rows", has_channel_axis=True, channels=4, weighted=False, group_size=2,
                              outlier_fraction=0.0)
@@ -223,9 +223,9 @@ def test_gptq_codes_with_least_squares_centroids_beat_nearest_codes_in_output_sp
     x = rng.standard_normal((2000, 48)) @ mix  # correlated inputs: where error feedback pays
     hessians = LayerHessians([x.T @ x / len(x)], np.zeros(16, int))
     for kind in ("tensor", "channel"):
-        nearest = fit(w, 3, Option(kind, weighted=True), channel_axis=0, importance=hessians.importance())
-        gptq = fit(w, 3, Option(kind, weighted=True, gptq=True), channel_axis=0,
-                   importance=hessians.importance(), hessians=hessians)
+        nearest = fit(w, 3, Option(kind, weighted=True), Fitting(channel_axis=0), importance=hessians.importance())
+        gptq = fit(w, 3, Option(kind, weighted=True, gptq=True), Fitting(channel_axis=0, hessians=hessians),
+                   importance=hessians.importance())
         assert measure(w, gptq, hessians) > measure(w, nearest, hessians) + 1.0
 
 

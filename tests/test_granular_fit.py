@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnxcompress.numerics import granular_fit
-from onnxcompress.fitting.granular import Option, fit, measure
+from onnxcompress.fitting.granular import Fitting, Option, fit, measure
 from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers
 
 
@@ -83,8 +83,8 @@ def test_per_channel_fit_in_float32_is_as_good_as_in_float64(outliers):
     rng = np.random.default_rng(6)
     w = (rng.standard_normal((256, 512)) * rng.uniform(0.2, 3.0, (1, 512))).astype(np.float32)
     option = Option("channel", outlier_fraction=outliers)
-    narrow = fit(w, 5, option, channel_axis=1)
-    wide = fit(w.astype(np.float64), 5, option, channel_axis=1)  # the same values, fitted in float64
+    narrow = fit(w, 5, option, Fitting(channel_axis=1))
+    wide = fit(w.astype(np.float64), 5, option, Fitting(channel_axis=1))  # the same values, fitted in float64
     assert narrow.scale.dtype == wide.scale.dtype
     assert abs(measure(w, narrow, None) - measure(w, wide, None)) < 0.01
     assert np.mean(narrow.codes == wide.codes) > 0.999

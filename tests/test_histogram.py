@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnxcompress.numerics.kmeans as kmeans
-from onnxcompress.fitting.granular import Option, fit
+from onnxcompress.fitting.granular import Fitting, Option, fit
 from onnxcompress.numerics.histogram import below, signal_and_error, value_histogram
 from onnxcompress.numerics.kmeans import kmeans_1d, quantization_mse
 
@@ -91,9 +91,9 @@ def test_plain_fit_equals_general_fit(masked):
     rng = np.random.default_rng(11)
     w = rng.standard_normal((24, 40)).astype(np.float32)
     mask = rng.random(w.shape) > 0.5 if masked else None
-    fast = fit(w, 5, Option("tensor"), channel_axis=1, mask=mask)
+    fast = fit(w, 5, Option("tensor"), Fitting(channel_axis=1, mask=mask))
     # the general path, forced by an importance-weighted option with uniform importance
-    general = fit(w, 5, Option("tensor", weighted=True), channel_axis=1, mask=mask, importance=np.ones((40, 24)))
+    general = fit(w, 5, Option("tensor", weighted=True), Fitting(channel_axis=1, mask=mask), importance=np.ones((40, 24)))
     np.testing.assert_array_equal(fast.codebook, general.codebook)
     np.testing.assert_array_equal(fast.codes, general.codes)
     assert fast.codes.dtype == general.codes.dtype and fast.zero_code == general.zero_code

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from onnxcompress.numerics import refine
+from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes
 import tiny
 
@@ -111,7 +112,7 @@ def test_refine_centroids_matches_brute_force_least_squares():
     codes[0, :4] = 0
     centroids = np.array([0.0, -1.0, -0.3, 0.4, 1.1])
     scale = rng.uniform(0.5, 2.0, rows)
-    got = refine.refine_centroids(w, codes, centroids, [gram(x) for x in xs], groups, scale=scale,
+    got = refine.refine_centroids(w, codes, centroids, LayerHessians([gram(x) for x in xs], groups), scale=scale,
                                   fixed=[0], ridge=1e-12)
     free, ref = brute_force_centroids(xs, w, codes, n, {0: 0.0}, scale, groups)
     assert got[0] == 0.0
@@ -134,7 +135,7 @@ def test_refine_centroids_sparse_and_dense_paths_agree():
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
     centroids = np.linspace(-1, 1, 6)
     centroids[0] = 0.0
-    got = refine.refine_centroids(w, codes, centroids, [h], np.zeros(8, int), fixed=[0])
+    got = refine.refine_centroids(w, codes, centroids, LayerHessians([h], np.zeros(8, int)), fixed=[0])
     before, _ = refine.output_error(centroids[codes], w, h)
     after, _ = refine.output_error(got[codes], w, h)
     assert got[0] == 0.0 and after < before

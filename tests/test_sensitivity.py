@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.graph.data import Dataset
-from onnxcompress.fitting.granular import Candidate, Choice, Option, choose_jointly, fit, from_matrix, measure, to_matrix
+from onnxcompress.fitting.granular import Candidate, Choice, Option, choose_jointly, fit, Fitting, from_matrix, measure, to_matrix
 from onnxcompress.fitting.sharing import layer_hessians
 from onnxcompress.runtime.sensitivity import OutputGains, Probe, measure_gains
 from onnxcompress.graph.weights import find_weights, get_array
@@ -41,7 +41,7 @@ def probes_for(model, data, bits=3):
     for info in infos:
         array = get_array(model, info)
         matrix = to_matrix(array.astype(np.float64), info.channel_axis)
-        coded = fit(array, bits, Option("tensor"), name=info.name, channel_axis=info.channel_axis).decode()
+        coded = fit(array, bits, Option("tensor"), Fitting(info.name, info.channel_axis)).decode()
         probes[info.name] = Probe(matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
                                   hessians[info.name], partial(from_matrix, shape=array.shape,
                                                                channel_axis=info.channel_axis))
@@ -79,7 +79,7 @@ def test_gains_predict_the_output_sqnr_of_other_codings_far_better_than_the_laye
     layer_err, output_err = [], []
     for option in (Option("tensor"), Option("channel"), Option("tensor", weighted=True, gptq=True),
                    Option("channel", weighted=True, gptq=True)):
-        shared = fit(array, 3, option, name="conv.W", channel_axis=0, hessians=h, importance=h.importance())
+        shared = fit(array, 3, option, Fitting("conv.W", 0, h), importance=h.importance())
         actual = output_sqnr(model, "conv.W", shared.decode(), feeds)
         layer_err.append(abs(measure(array, shared, h) - actual))
         output_err.append(abs(measure(array, shared, h, gains["conv.W"]) - actual))

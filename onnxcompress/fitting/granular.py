@@ -49,7 +49,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
-from onnxcompress.numerics.gptq import gptq_codes, LayerHessians, refit_under_hessians
+from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
 from onnxcompress.numerics.granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
@@ -114,24 +114,27 @@ def _round(x: float) -> float | str:
 
 # ----------------------------------------------------------------------------- fitting
 
-def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", channel_axis: int | None = None,
-        importance: np.ndarray | None = None, mask: np.ndarray | None = None, init: str = "linear",
-        seed: int = 0, iterations: int = 4, scale_dtype: Literal["auto", "float16", "float32"] = "auto",
-        hessians: LayerHessians | None = None) -> SharedWeight:
-    """Share `array` at `bits` the way `option` says (see the module docstring).
+def fit(array: np.ndarray, bits: int, option: Option, fitting: Fitting | None = None, *,
+        importance: np.ndarray | None = None, iterations: int = 4,
+        scale_dtype: Literal["auto", "float16", "float32"] = "auto") -> SharedWeight:
+    """Share `array` at `bits` the way `option` says (see the module docstring), as `fitting` says
+    (name, channel axis, mask, Hessians, k-means start; its `fitted` is :func:`choose`'s business).
 
     importance: (C, K) nonnegative weights a_jk in the channel-first layout (used when
-    option.weighted). mask: True where an entry is kept; pruned entries get code 0 of centroid 0.0
-    (per group: code 0 of each group's codebook) and decode to exactly 0. hessians: the layer's
+    option.weighted). fitting.mask: True where an entry is kept; pruned entries get code 0 of centroid
+    0.0 (per group: code 0 of each group's codebook) and decode to exactly 0. fitting.hessians: the layer's
     input Hessians, which option.gptq needs (see :func:`onnxcompress.numerics.gptq.gptq_codes`).
     """
+    fitting = fitting or Fitting()
+    name, channel_axis, mask, hessians = fitting.name, fitting.channel_axis, fitting.mask, fitting.hessians
     shape, dtype = tuple(array.shape), array.dtype
     if option.kind != "tensor" and channel_axis is None:
         raise ValueError(f"'{option.kind}' sharing needs an output-channel axis; '{name}' has none")
     if option.gptq and (hessians is None or option.kind == "group"):
         raise ValueError("gptq codes need the layer's Hessians and one codebook for all channels")
     if option.kind == "tensor" and not option.outlier_fraction and not option.gptq and not option.weighted:
-        return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=init, seed=seed)
+        return _fit_plain(array, bits, name=name, channel_axis=channel_axis, mask=mask, init=fitting.init,
+                          seed=fitting.seed)
     axis = channel_axis
     # float32 weights are fitted in float32 (every sum in float64) unless data drives the fit
     narrow = array.dtype in (np.float16, np.float32) and not option.weighted and not option.gptq
@@ -144,19 +147,12 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
         a = to_matrix(from_matrix(np.asarray(importance, np.float64), shape, channel_axis), axis)
     keep_zero = mask is not None
     outliers = pick_outliers(w, kept, option.outlier_fraction, relative=option.kind != "tensor")
-    fitted = kept & ~outliers
-    if option.kind == "group":
-        codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
-        scale = None
-    else:
-        offsets = None
-        codes, book, scale = fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
-            if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+    codes, book, offsets, scale = _codes(w, kept & ~outliers, a, bits, option, fitting, iterations, scale_dtype)
     exact = w
     if option.gptq:
-        codes, exact = gptq_codes(w, book, scale, kept, outliers, hessians, keep_zero)
-        book, scale = refit_under_hessians(w, codes, book, scale, kept & ~outliers,
-                                            np.where(outliers, exact, 0.0), hessians, keep_zero, scale_dtype)
+        codes, exact = gptq_codes(w, Grid(book, scale, keep_zero), kept, outliers, hessians)
+        book, scale = refit_under_hessians(w, codes, Grid(book, scale, keep_zero), kept & ~outliers,
+                                           np.where(outliers, exact, 0.0), hessians, scale_dtype)
     codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
     if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
@@ -166,6 +162,18 @@ def fit(array: np.ndarray, bits: int, option: Option, *, name: str = "weight", c
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
                         zero_code=0 if keep_zero else None)
+
+
+def _codes(w, fitted, a, bits: int, option: Option, fitting: Fitting, iterations: int, scale_dtype: str):
+    """(codes, codebook, group offsets, scales) of the `fitted` entries of the (C, K) matrix `w` for
+    `option`: one codebook, one per group of channels, or one around a scale per channel."""
+    keep_zero, init, seed = fitting.mask is not None, fitting.init, fitting.seed
+    if option.kind == "group":
+        codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
+        return codes, book, offsets, None
+    codes, book, scale = fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
+        if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
+    return codes, book, None, scale
 
 
 def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | None, mask: np.ndarray | None,
@@ -286,9 +294,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fit
             size = judging.float_bytes if judging.float_bytes is not None else int(np.asarray(array).nbytes)
             candidates.append(Candidate(option, None, int(size), math.inf))
             continue
-        shared = (fitting.fitted or {}).get(option) or fit(
-            array, bits, option, name=fitting.name, channel_axis=fitting.channel_axis, importance=importance,
-            mask=fitting.mask, init=fitting.init, seed=fitting.seed, hessians=hessians)
+        shared = (fitting.fitted or {}).get(option) or fit(array, bits, option, fitting, importance=importance)
         candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
     space = judging.space or ("weight" if hessians is None else "output" if gains is None else "model output")
     # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below

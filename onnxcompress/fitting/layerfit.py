@@ -20,6 +20,7 @@ from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.weights import find_weights, get_array, WeightInfo
 from onnxcompress.numerics import refine
+from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes, sqnr_db
 from onnxcompress.runtime.capture import collect_paired_grams, graph_position, linear_layer, LinearLayer, PairedGrams
 
@@ -94,13 +95,9 @@ def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, tar
     for the report: the layer-output SQNR before and after refinement.
     """
     layer = linear_layer(ctx.model, info)
-    if layer is None:
-        return shared, {"refine": "skipped: not a single Gemm/MatMul/Conv input"}
-    if shared.outlier_index is not None and shared.outlier_index.size:
-        return shared, {"refine": "skipped: outliers are not refined"}
-    rows_n = layer.out_channels
-    if shared.scale is not None and shared.scale.size != rows_n:
-        return shared, {"refine": "skipped: scales are not per output channel of the layer"}
+    reason = _not_refinable(layer, shared)
+    if reason is not None:
+        return shared, {"refine": f"skipped: {reason}"}
     fit = layer_fit(ctx, info, layer, target=target, rows_per_chunk=rows_per_chunk)
     current = layer.weight_matrix(np.asarray(get_array(ctx.model, info), dtype=np.float64))
     index = layer.weight_matrix(shared.indices())
@@ -120,13 +117,9 @@ def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, tar
     for round_ in range(1 + (reassign_rounds if can_reassign else 0)):
         idx = best[2]
         if round_ > 0:  # move each free entry to the nearest refined centroid, then refit
-            allowed = np.ones(book.size, dtype=bool)
-            allowed[list(fixed)] = False
-            if not allowed.any():
+            idx = _reassigned(idx, current, best[1], fixed, free_mask)
+            if idx is None:
                 break
-            movable = ~np.isin(idx, fixed) if free_mask is None else free_mask & ~np.isin(idx, fixed)
-            idx = idx.copy()
-            idx[movable] = nearest_codes(current[movable], best[1], allowed=allowed)
         new_book = book_fit(fit, idx, best[1], scale, fixed, ridge, free_mask)
         err, _ = fit.error(decode(new_book, idx))
         if err < best[0]:
@@ -139,19 +132,49 @@ def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, tar
     if after >= before:
         details["refine"] = "kept k-means centroids (no improvement)"
         return shared, details
-    codes = layer.weight_from_matrix(new_index)
+    return _with_book(shared, layer, new_book, new_index, fixed), details
+
+
+def _not_refinable(layer: LinearLayer | None, shared: SharedWeight) -> str | None:
+    """Why the shared weight's centroids cannot be refit in its layer's output, or None."""
+    if layer is None:
+        return "not a single Gemm/MatMul/Conv input"
+    if shared.outlier_index is not None and shared.outlier_index.size:
+        return "outliers are not refined"
+    if shared.scale is not None and shared.scale.size != layer.out_channels:
+        return "scales are not per output channel of the layer"
+    return None
+
+
+def _with_book(shared: SharedWeight, layer: LinearLayer, book: np.ndarray, index: np.ndarray, fixed) -> SharedWeight:
+    """`shared` with the refit codebook (fixed centroids exactly 0.0) and the codes of the (C, K) `index`
+    back in the weight's layout (per group: relative to the group's offset)."""
+    codes = layer.weight_from_matrix(index)
     if shared.group_offsets is not None:
         codes = codes - shared.group_offsets.astype(np.int64).reshape(shared.channel_shape())
-    book32 = new_book.astype(np.float32)
+    book32 = book.astype(np.float32)
     book32[list(fixed)] = 0.0
-    return dataclasses.replace(shared, codebook=book32, codes=codes.astype(shared.codes.dtype)), details
+    return dataclasses.replace(shared, codebook=book32, codes=codes.astype(shared.codes.dtype))
+
+
+def _reassigned(idx: np.ndarray, current: np.ndarray, book: np.ndarray, fixed, free_mask) -> np.ndarray | None:
+    """`idx` with each free entry (not on a fixed centroid, inside `free_mask`) moved to the nearest centroid
+    of `book` that is not fixed; None when every centroid is fixed."""
+    allowed = np.ones(book.size, dtype=bool)
+    allowed[list(fixed)] = False
+    if not allowed.any():
+        return None
+    movable = ~np.isin(idx, fixed) if free_mask is None else free_mask & ~np.isin(idx, fixed)
+    idx = idx.copy()
+    idx[movable] = nearest_codes(current[movable], book, allowed=allowed)
+    return idx
 
 
 def book_fit(fit: LayerFit, index: np.ndarray, book: np.ndarray, scale, fixed, ridge: float,
              free_mask) -> np.ndarray:
-    return refine.refine_centroids(
-        fit.reference, index, book, fit.grams.current, fit.layer.group_of_channels(),
-        crosses=fit.grams.cross, scale=scale, fixed=fixed, ridge=ridge, free_mask=free_mask)
+    hessians = LayerHessians(fit.grams.current, fit.layer.group_of_channels(), crosses=fit.grams.cross)
+    return refine.refine_centroids(fit.reference, index, book, hessians, scale=scale, fixed=fixed, ridge=ridge,
+                                   free_mask=free_mask)
 
 
 def _has_tensor(model, name: str) -> bool:

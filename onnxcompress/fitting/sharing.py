@@ -237,6 +237,18 @@ class WeightEvidence:
     fitted: dict[Option, SharedWeight] | None = None
 
 
+def _options(array: np.ndarray, axis: int | None, settings: ShareSettings, evidence: WeightEvidence) -> list[Option]:
+    """The options `settings.granularity` allows for this weight: outliers only where ScatterElements exists
+    at `settings.opset`, weighted with Hessians, "float" for a bias measured in its layer's output."""
+    outlier_fraction = settings.outlier_fraction
+    if settings.opset < SCATTER_MIN_OPSET:  # outliers are written back by ScatterElements
+        outlier_fraction = 0.0
+    return options_for(settings.granularity, has_channel_axis=axis is not None,
+                       channels=int(array.shape[axis]) if axis is not None else 1,
+                       weighted=evidence.hessians is not None, group_size=settings.group_size,
+                       outlier_fraction=outlier_fraction, keep_float=evidence.link is not None)
+
+
 def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: ShareSettings = ShareSettings(),
                  evidence: WeightEvidence = WeightEvidence()) -> Choice:
     """The share pass's entry point: the candidates `settings.granularity` allows, measured, one chosen.
@@ -250,7 +262,7 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: Share
     """
     hessians, mask, link, gains = evidence.hessians, evidence.mask, evidence.link, evidence.gains
     absorb, only = evidence.absorb, evidence.only
-    granularity, outlier_fraction, target_db = settings.granularity, settings.outlier_fraction, settings.target_db
+    granularity, target_db = settings.granularity, settings.target_db
     if not np.all(np.isfinite(array)):
         raise ModelError(f"weight '{info.name}' holds NaN or Inf; fix the model before compressing it")
     axis = info.channel_axis
@@ -264,13 +276,7 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: Share
         mean_gain = 1.0 if gains is None else gains.mean
         measure_with = lambda shared: sqnr_db(link.signal, mean_gain * link.noise(reference - shared.decode()))  # noqa: E731
         space = "output" if gains is None else "model output"
-    channels = int(array.shape[axis]) if axis is not None else 1
-    if settings.opset < SCATTER_MIN_OPSET:  # outliers are written back by ScatterElements
-        outlier_fraction = 0.0
-    options = options_for(granularity, has_channel_axis=axis is not None, channels=channels,
-                          weighted=hessians is not None, group_size=settings.group_size,
-                          outlier_fraction=outlier_fraction,
-                          keep_float=link is not None) if only is None else [only]
+    options = _options(array, axis, settings, evidence) if only is None else [only]
     if only is None and link is None and granularity == "auto" and is_bias(info):
         # its error lands on every output of the layer; unmeasured there (no data, or no captured layer), it
         # stays exact, for a few bytes

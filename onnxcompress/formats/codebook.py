@@ -106,31 +106,9 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
     current = scope.fresh(_STEP)
     nodes.append(helper.make_node("Gather", [book_name, index], [current], axis=0))
     if weight.scale is not None:
-        scale_name = scope.fresh(f"{base}__scale")
-        half = np.dtype(weight.scale.dtype) == np.float16
-        inits.append(numpy_helper.from_array(
-            weight.scale.astype(np.float16 if half else np.float32).reshape(weight.channel_shape()), scale_name))
-        if half:  # float16 scales halve their bytes; decode() computes in float32 too
-            widened = scope.fresh(_STEP)
-            nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT))
-            scale_name = widened
-        scaled = scope.fresh(_STEP)
-        nodes.append(helper.make_node("Mul", [current, scale_name], [scaled]))
-        current = scaled
+        current = _scaled(weight, current, scope, nodes, inits)
     if weight.outlier_index is not None and weight.outlier_index.size:
-        # written over the flattened weight by ScatterElements, whose flat indices may be int32
-        # (ScatterND would take int64 coordinates, one per axis: 8x the bytes on a 4-D weight)
-        flat_shape, shape = scope.fresh(f"{base}__flat_shape"), scope.fresh(f"{base}__shape")
-        idx_name, val_name = scope.fresh(f"{base}__outlier_index"), scope.fresh(f"{base}__outlier_value")
-        inits += [numpy_helper.from_array(np.array([-1], np.int64), flat_shape),
-                  numpy_helper.from_array(np.array(weight.shape, np.int64), shape),
-                  numpy_helper.from_array(weight.outlier_index.astype(_index_dtype(weight)), idx_name),
-                  numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
-        flat, patched, current_shaped = scope.fresh(_STEP), scope.fresh(_STEP), scope.fresh(_STEP)
-        nodes += [helper.make_node("Reshape", [current, flat_shape], [flat]),
-                  helper.make_node("ScatterElements", [flat, idx_name, val_name], [patched], axis=0),
-                  helper.make_node("Reshape", [patched, shape], [current_shaped])]
-        current = current_shaped
+        current = _with_outliers(weight, current, scope, nodes, inits)
     if np.dtype(weight.dtype) == np.float32:
         nodes[-1].output[0] = base
     else:  # the chain computes float32; cast back so consumers see the original dtype
@@ -138,6 +116,40 @@ def portable_nodes(weight: SharedWeight, scope: NameScope, opset: int, pass_name
         nodes.append(helper.make_node("Cast", [current], [base], to=to))
     mark(nodes[-1], pass_name)
     return nodes, inits
+
+
+def _scaled(weight: SharedWeight, current: str, scope: NameScope, nodes: list, inits: list) -> str:
+    """Append the Mul by the per-channel scales (float16 scales widened first) to the chain; returns its output."""
+    base = weight.name
+    scale_name = scope.fresh(f"{base}__scale")
+    half = np.dtype(weight.scale.dtype) == np.float16
+    inits.append(numpy_helper.from_array(
+        weight.scale.astype(np.float16 if half else np.float32).reshape(weight.channel_shape()), scale_name))
+    if half:  # float16 scales halve their bytes; decode() computes in float32 too
+        widened = scope.fresh(_STEP)
+        nodes.append(helper.make_node("Cast", [scale_name], [widened], to=TensorProto.FLOAT))
+        scale_name = widened
+    scaled = scope.fresh(_STEP)
+    nodes.append(helper.make_node("Mul", [current, scale_name], [scaled]))
+    return scaled
+
+
+def _with_outliers(weight: SharedWeight, current: str, scope: NameScope, nodes: list, inits: list) -> str:
+    """Append the outliers written over the flattened weight to the chain; returns its output. ScatterElements
+    takes flat indices that may be int32 (ScatterND would take int64 coordinates, one per axis: 8x the bytes
+    on a 4-D weight)."""
+    base = weight.name
+    flat_shape, shape = scope.fresh(f"{base}__flat_shape"), scope.fresh(f"{base}__shape")
+    idx_name, val_name = scope.fresh(f"{base}__outlier_index"), scope.fresh(f"{base}__outlier_value")
+    inits += [numpy_helper.from_array(np.array([-1], np.int64), flat_shape),
+              numpy_helper.from_array(np.array(weight.shape, np.int64), shape),
+              numpy_helper.from_array(weight.outlier_index.astype(_index_dtype(weight)), idx_name),
+              numpy_helper.from_array(weight.outlier_value.astype(np.float32), val_name)]
+    flat, patched, current_shaped = scope.fresh(_STEP), scope.fresh(_STEP), scope.fresh(_STEP)
+    nodes += [helper.make_node("Reshape", [current, flat_shape], [flat]),
+              helper.make_node("ScatterElements", [flat, idx_name, val_name], [patched], axis=0),
+              helper.make_node("Reshape", [patched, shape], [current_shaped])]
+    return current_shaped
 
 
 def fit_codebook(array: np.ndarray, info: WeightInfo, bits: int, *, init: str = "linear", seed: int = 0,

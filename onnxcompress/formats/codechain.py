@@ -207,44 +207,62 @@ def _dense_nodes(values: np.ndarray, bits: int, shape: tuple[int, ...], scope: N
     inits = [numpy_helper.from_array(pack_words(values, bits), stream)]
     word = scope.fresh(_STEP)
     nodes = [helper.make_node("Cast", [stream], [word], to=TensorProto.INT32)]
-    if m > 1:  # code i: its first byte shifted down + its second byte (if it reaches one) shifted up
-        start = bits * np.arange(k)
-        low, shift = start // 8, start % 8
-        spills = shift + bits > 8
-        names = [scope.fresh(f"{name}_{s}") for s in ("low", "high", "down", "up")]
-        inits += [numpy_helper.from_array(low.astype(np.int64), names[0]),
-                  numpy_helper.from_array(np.where(spills, low + 1, low).astype(np.int64), names[1]),
-                  numpy_helper.from_array((2 ** shift).astype(np.int32), names[2]),
-                  numpy_helper.from_array(np.where(spills, 2 ** (8 - shift), 0).astype(np.int32), names[3])]
-        first, second, down, up, joined = (scope.fresh(_STEP) for _ in range(5))
-        nodes += [helper.make_node("Gather", [word, names[0]], [first], axis=1),
-                  helper.make_node("Gather", [word, names[1]], [second], axis=1),
-                  helper.make_node("Div", [first, names[2]], [down]),
-                  helper.make_node("Mul", [second, names[3]], [up]),
-                  helper.make_node("Add", [down, up], [joined])]
-        modulus, codes = scope.fresh(f"{name}_modulus"), scope.fresh(_STEP)
-        inits.append(numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus))
-        nodes.append(helper.make_node("Mod", [joined, modulus], [codes]))
-    else:
-        shifts, modulus = scope.fresh(f"{name}_shifts"), scope.fresh(f"{name}_modulus")
-        inits += [numpy_helper.from_array((2 ** (bits * np.arange(k))).astype(np.int32), shifts),
-                  numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus)]
-        shifted, codes = scope.fresh(_STEP), scope.fresh(_STEP)
-        nodes += [helper.make_node("Div", [word, shifts], [shifted]),
-                  helper.make_node("Mod", [shifted, modulus], [codes])]
+    more_nodes, more_inits, codes = (_split_spanning if m > 1 else _split_words)(word, bits, k, scope, name)
+    shape_nodes, shape_inits, out = _shaped(codes, shape, k, scope, name)
+    return nodes + more_nodes + shape_nodes, inits + more_inits + shape_inits, out
+
+
+def _split_spanning(word: str, bits: int, k: int, scope: NameScope, name: str
+                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """(G, k) codes from (G, m) int32 bytes of codes that may span two bytes: code i is its first byte
+    shifted down plus its second byte (if it reaches one) shifted up, modulo 2^bits."""
+    start = bits * np.arange(k)
+    low, shift = start // 8, start % 8
+    spills = shift + bits > 8
+    names = [scope.fresh(f"{name}_{s}") for s in ("low", "high", "down", "up")]
+    inits = [numpy_helper.from_array(low.astype(np.int64), names[0]),
+             numpy_helper.from_array(np.where(spills, low + 1, low).astype(np.int64), names[1]),
+             numpy_helper.from_array((2 ** shift).astype(np.int32), names[2]),
+             numpy_helper.from_array(np.where(spills, 2 ** (8 - shift), 0).astype(np.int32), names[3])]
+    first, second, down, up, joined = (scope.fresh(_STEP) for _ in range(5))
+    nodes = [helper.make_node("Gather", [word, names[0]], [first], axis=1),
+             helper.make_node("Gather", [word, names[1]], [second], axis=1),
+             helper.make_node("Div", [first, names[2]], [down]),
+             helper.make_node("Mul", [second, names[3]], [up]),
+             helper.make_node("Add", [down, up], [joined])]
+    modulus, codes = scope.fresh(f"{name}_modulus"), scope.fresh(_STEP)
+    inits.append(numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus))
+    nodes.append(helper.make_node("Mod", [joined, modulus], [codes]))
+    return nodes, inits, codes
+
+
+def _split_words(word: str, bits: int, k: int, scope: NameScope, name: str
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """(G, k) codes from (G, 1) int32 words holding k codes each: Div by 2^(bits i), Mod 2^bits."""
+    shifts, modulus = scope.fresh(f"{name}_shifts"), scope.fresh(f"{name}_modulus")
+    inits = [numpy_helper.from_array((2 ** (bits * np.arange(k))).astype(np.int32), shifts),
+             numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus)]
+    shifted, codes = scope.fresh(_STEP), scope.fresh(_STEP)
+    nodes = [helper.make_node("Div", [word, shifts], [shifted]),
+             helper.make_node("Mod", [shifted, modulus], [codes])]
+    return nodes, inits, codes
+
+
+def _shaped(codes: str, shape: tuple[int, ...], k: int, scope: NameScope, name: str
+            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """The (G, k) codes in the codes' shape: reshaped, or with the last word's padding sliced off first."""
     count = int(np.prod(shape, dtype=np.int64))
     if count % k == 0:  # no padding: the (G, k) codes reshaped
         dims, out = scope.fresh(f"{name}_shape"), scope.fresh(_STEP)
-        inits.append(numpy_helper.from_array(np.array(shape, np.int64), dims))
-        nodes.append(helper.make_node("Reshape", [codes, dims], [out]))
-        return nodes, inits, out
+        return ([helper.make_node("Reshape", [codes, dims], [out])],
+                [numpy_helper.from_array(np.array(shape, np.int64), dims)], out)
     flat, starts, ends = (scope.fresh(f"{name}_{s}") for s in ("flat", "start", "end"))
     flat_out, out = scope.fresh(_STEP), scope.fresh(_STEP)
-    inits += [numpy_helper.from_array(np.array([-1], np.int64), flat),
-              numpy_helper.from_array(np.array([0], np.int64), starts),
-              numpy_helper.from_array(np.array([count], np.int64), ends)]
-    nodes += [helper.make_node("Reshape", [codes, flat], [flat_out]),
-              helper.make_node("Slice", [flat_out, starts, ends], [out])]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), flat),
+             numpy_helper.from_array(np.array([0], np.int64), starts),
+             numpy_helper.from_array(np.array([count], np.int64), ends)]
+    nodes = [helper.make_node("Reshape", [codes, flat], [flat_out]),
+             helper.make_node("Slice", [flat_out, starts, ends], [out])]
     if len(shape) != 1:  # the padding sliced off the flat codes, then the codes' shape
         dims, shaped = scope.fresh(f"{name}_shape"), scope.fresh(_STEP)
         inits.append(numpy_helper.from_array(np.array(shape, np.int64), dims))

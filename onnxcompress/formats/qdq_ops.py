@@ -1,11 +1,17 @@
-"""What onnxruntime's integer kernels accept: the op sets of the QDQ layout and why a node stays float."""
+"""What onnxruntime's integer kernels accept: the op sets of the QDQ layout, why a node stays float, and the
+activation Q -> DQ pairs."""
 from __future__ import annotations
 
-import onnx
-from onnx import helper
+from collections import defaultdict
 
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcompress.formats.qdq_weights import NAMES
+from onnxcompress.graph.edit import mark, NameScope
 from onnxcompress.graph.weights import Role
-from onnxcompress.numerics.quantmath import CalibrationResult
+from onnxcompress.numerics.quantmath import CalibrationResult, IntType
 
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -76,3 +82,51 @@ def out_channels(node: onnx.NodeProto, info) -> int:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         return info.shape[1] * group
     return info.shape[axis]
+
+
+def insert_activation_qdq(graph: onnx.GraphProto, tensors: dict[str, tuple], qt: IntType, scope: NameScope,
+                          pass_name: str) -> dict[str, str]:
+    """Q -> DQ with (scale, zero point) `tensors[name]` after each tensor's producer (graph inputs: at the
+    start), the DQ name read downstream; returns tensor name -> name of its DQ output."""
+    graph_inputs = {i.name for i in graph.input}
+    renamed: dict[str, str] = {}
+    pairs: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer output name -> Q/DQ nodes
+    head: list[onnx.NodeProto] = []
+    for name, (scale, zero) in tensors.items():
+        s_name, z_name = scope.fresh(NAMES.scale), scope.fresh(NAMES.zero_point)
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                                  numpy_helper.from_array(np.array(zero, qt.np_dtype), z_name)])
+        q_out = scope.fresh(NAMES.quantized)
+        source, target = _reroute(graph, name, name in graph_inputs, scope)
+        nodes = [mark(helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
+                                       name=scope.fresh(NAMES.q_node)), pass_name),
+                 mark(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [target],
+                                       name=scope.fresh(NAMES.dq_node)), pass_name)]
+        (head if name in graph_inputs else pairs[source]).extend(nodes)
+        renamed[name] = target
+    ordered = list(head)  # graph-input Q/DQ depend on nothing but the input
+    for node in graph.node:
+        ordered.append(node)
+        for out in node.output:
+            ordered += pairs.get(out, [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return renamed
+
+
+def _reroute(graph: onnx.GraphProto, name: str, is_input: bool, scope: NameScope) -> tuple[str, str]:
+    """(Q input, DQ output) for tensor `name`: a graph input's readers read a fresh DQ name; any other
+    tensor's producer writes a fresh float name and the DQ output takes the tensor's own name."""
+    if is_input:
+        dq_out = scope.fresh(f"{name}_dequantized")
+        for node in graph.node:
+            for k, x in enumerate(node.input):
+                if x == name:
+                    node.input[k] = dq_out
+        return name, dq_out
+    source = scope.fresh(f"{name}_float")
+    for node in graph.node:
+        for k, x in enumerate(node.output):
+            if x == name:
+                node.output[k] = source
+    return source, name

@@ -192,28 +192,12 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
         w = get_array(ctx.model, info).astype(np.float32)
         node = _matmul_like(ctx.model, info) if int4 else None
         if node is not None:
-            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-            kn = w.T if transposed else w
-            q, scale = quantize_blocked(kn, 0, cfg.block_size, INT4)
-            nodes, inits = dq_nodes(info.name, q, scale, None, 0, scope, pass_name, block_size=cfg.block_size)
-            replace_weight(ctx.model, info, nodes, inits)
-            if node.op_type == "Gemm":
-                _gemm_to_matmul(ctx.model, info, node, scope, pass_name)
-            after = (q.size + 1) // 2 + scale.nbytes
-            action, kind = f"int4 blocked ({cfg.block_size})", "int4"
+            after, action, kind = _int4_blocked(ctx.model, info, node, w, cfg.block_size, scope, pass_name)
         else:
             use_cast = cast and info.dtype == "float32"
             # per channel by Cast + Mul at any opset, by DequantizeLinear's axis from its opset on
             axis = info.channel_axis if per_channel and (use_cast or opset >= DQ_AXIS_MIN_OPSET) else None
-            q, scale, zero = quantize_per_channel(w, axis, INT8, symmetric=True)
-            if use_cast:
-                nodes, inits = cast_nodes(info.name, q.astype(np.int8), scale, axis, scope, pass_name)
-            else:
-                nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope,
-                                        pass_name)
-            replace_weight(ctx.model, info, nodes, inits)
-            after = q.size + scale.nbytes
-            action, kind = "int8 " + ("per-channel" if axis is not None else "per-tensor"), "int8"
+            after, action, kind = _int8(ctx.model, info, w, axis, use_cast, scope, pass_name)
         ctx.record(info.name, pass_name, action, info.nbytes, after, {"role": info.role.value})
         counts["weights"] += 1
         counts[kind] += 1
@@ -222,6 +206,34 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
     log.info("qdq weight-only: %d weights, %d -> %d bytes", counts["weights"], counts["bytes_before"],
              counts["bytes_after"])
     return counts
+
+
+def _int4_blocked(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodeProto, w: np.ndarray, block_size: int,
+                  scope: NameScope, pass_name: str) -> tuple[int, str, str]:
+    """Blocked int4 + DQ of a MatMul/Gemm weight stored (K, N) (a Gemm becomes MatMul + Add);
+    returns (bytes after, report action, kind)."""
+    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    kn = w.T if transposed else w
+    q, scale = quantize_blocked(kn, 0, block_size, INT4)
+    nodes, inits = dq_nodes(info.name, q, scale, None, 0, scope, pass_name, block_size=block_size)
+    replace_weight(model, info, nodes, inits)
+    if node.op_type == "Gemm":
+        _gemm_to_matmul(model, info, node, scope, pass_name)
+    return (q.size + 1) // 2 + scale.nbytes, f"int4 blocked ({block_size})", "int4"
+
+
+def _int8(model: onnx.ModelProto, info: WeightInfo, w: np.ndarray, axis: int | None, use_cast: bool,
+          scope: NameScope, pass_name: str) -> tuple[int, str, str]:
+    """Symmetric int8 (per channel along `axis`, else per tensor), dequantized by DQ or by Cast + Mul;
+    returns (bytes after, report action, kind)."""
+    q, scale, zero = quantize_per_channel(w, axis, INT8, symmetric=True)
+    if use_cast:
+        nodes, inits = cast_nodes(info.name, q.astype(np.int8), scale, axis, scope, pass_name)
+    else:
+        nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope,
+                                pass_name)
+    replace_weight(model, info, nodes, inits)
+    return q.size + scale.nbytes, "int8 " + ("per-channel" if axis is not None else "per-tensor"), "int8"
 
 
 def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
@@ -240,18 +252,15 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
     scope = NameScope(model)
     done = 0
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
-        uses = readers.get(dq.output[0], [])
-        if (dq.output[0] in outputs or not uses or not all(x in inits for x in dq.input if x)
-                or any(u.op_type != "Gather" or index != 0 or any(a.name == "axis" and a.i != 0 for a in u.attribute)
-                       for u, index in uses)):
+        users = _gathered_table(dq, readers.get(dq.output[0], []), inits, outputs)
+        if users is None:
             continue
-        users = [u for u, _ in uses]  # each reads it once, as its table (index 0)
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         rank = len(inits[dq.input[0]].dims)
         scale = numpy_helper.to_array(inits[dq.input[1]])
         zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
         if zero is not None and scale.ndim and not np.any(zero):
             zero = None  # symmetric: no Sub, and no float copy of the zero points
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         if "block_size" in attrs or rank < 1 or (scale.ndim and attrs.get("axis", 1) % rank != 0):
             continue  # blocked, or per-channel along another axis: rows do not carry their own scale
         new_inits, rows = [], None
@@ -261,25 +270,7 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
             new_inits.append(numpy_helper.from_array(scale.reshape(shape).astype(np.float32), rows[0]))
             if zero is not None:
                 new_inits.append(numpy_helper.from_array(zero.reshape(shape).astype(np.float32), rows[1]))
-        new_nodes: dict[int, list[onnx.NodeProto]] = {}
-        for user in users:
-            picked = scope.fresh(NAMES.quantized)
-            chain = [helper.make_node("Gather", [dq.input[0], user.input[1]], [picked], name=scope.fresh("qdq.G"))]
-            if rows is None:
-                chain.append(helper.make_node("DequantizeLinear", [picked, *dq.input[1:]], [user.output[0]],
-                                              name=scope.fresh(NAMES.dq_node)))
-            else:
-                value = scope.fresh(NAMES.quantized)
-                chain.append(helper.make_node("Cast", [picked], [value], to=onnx.TensorProto.FLOAT))
-                if rows[1] is not None:
-                    z, centred = scope.fresh(NAMES.zero_point), scope.fresh(NAMES.quantized)
-                    chain += [helper.make_node("Gather", [rows[1], user.input[1]], [z]),
-                              helper.make_node("Sub", [value, z], [centred])]
-                    value = centred
-                s = scope.fresh(NAMES.scale)
-                chain += [helper.make_node("Gather", [rows[0], user.input[1]], [s]),
-                          helper.make_node("Mul", [value, s], [user.output[0]], name=scope.fresh(NAMES.dq_node))]
-            new_nodes[id(user)] = [mark(n, pass_name) for n in chain]
+        new_nodes = {id(user): [mark(n, pass_name) for n in _gather_rows(dq, user, rows, scope)] for user in users}
         kept = []
         for node in graph.node:
             if node is dq:
@@ -294,3 +285,35 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
                 graph.initializer.remove(inits.pop(name))
         done += 1
     return done
+
+
+def _gathered_table(dq: onnx.NodeProto, uses: list, inits: dict, outputs: set[str]) -> list[onnx.NodeProto] | None:
+    """The Gathers reading the DQ of constant inputs as their table on axis 0, when nothing else reads it."""
+    if (dq.output[0] in outputs or not uses or not all(x in inits for x in dq.input if x)
+            or any(u.op_type != "Gather" or index != 0 or any(a.name == "axis" and a.i != 0 for a in u.attribute)
+                   for u, index in uses)):
+        return None
+    return [u for u, _ in uses]  # each reads it once, as its table (index 0)
+
+
+def _gather_rows(dq: onnx.NodeProto, user: onnx.NodeProto, rows: tuple[str, str | None] | None,
+                 scope: NameScope) -> list[onnx.NodeProto]:
+    """Gather(q_table, idx) then dequantize into the Gather's output: by the DQ's own scale (per tensor,
+    `rows` None) or by the gathered per-row (scale, zero point or None) initializers `rows`."""
+    picked = scope.fresh(NAMES.quantized)
+    chain = [helper.make_node("Gather", [dq.input[0], user.input[1]], [picked], name=scope.fresh("qdq.G"))]
+    if rows is None:
+        chain.append(helper.make_node("DequantizeLinear", [picked, *dq.input[1:]], [user.output[0]],
+                                      name=scope.fresh(NAMES.dq_node)))
+        return chain
+    value = scope.fresh(NAMES.quantized)
+    chain.append(helper.make_node("Cast", [picked], [value], to=onnx.TensorProto.FLOAT))
+    if rows[1] is not None:
+        z, centred = scope.fresh(NAMES.zero_point), scope.fresh(NAMES.quantized)
+        chain += [helper.make_node("Gather", [rows[1], user.input[1]], [z]),
+                  helper.make_node("Sub", [value, z], [centred])]
+        value = centred
+    s = scope.fresh(NAMES.scale)
+    chain += [helper.make_node("Gather", [rows[0], user.input[1]], [s]),
+              helper.make_node("Mul", [value, s], [user.output[0]], name=scope.fresh(NAMES.dq_node))]
+    return chain

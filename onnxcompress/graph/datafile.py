@@ -64,23 +64,7 @@ def write_data_file(model: onnx.ModelProto, data_path: Path, location: str, *, s
                     copy_range(src, offset, length, out)
                     undo.append((tensor, "external", saved))
                 else:
-                    if tensor.HasField("raw_data"):
-                        raw = tensor.raw_data
-                        undo.append((tensor, "raw", raw))
-                        tensor.ClearField("raw_data")
-                    else:
-                        copy = onnx.TensorProto()
-                        copy.CopyFrom(tensor)
-                        undo.append((tensor, "proto", copy))
-                        raw = numpy_helper.to_array(tensor).tobytes()
-                        for field in ("float_data", "int32_data", "string_data", "int64_data", "double_data",
-                                      "uint64_data"):
-                            tensor.ClearField(field)
-                    length = len(raw)
-                    new_offset = _aligned(out, length)
-                    out.write(raw)
-                    del raw
-                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    new_offset, length = _write_inline(tensor, out, undo)
                 del tensor.external_data[:]
                 for key, value in (("location", location), ("offset", str(new_offset)), ("length", str(length))):
                     entry = tensor.external_data.add()
@@ -89,6 +73,28 @@ def write_data_file(model: onnx.ModelProto, data_path: Path, location: str, *, s
             undo_writes(undo)
             raise
     return undo
+
+
+def _write_inline(tensor: onnx.TensorProto, out, undo: list) -> tuple[int, int]:
+    """Move an inline tensor's bytes to the end of `out` (aligned), its old content saved in `undo`; the
+    tensor is marked external (its entries are the caller's). Returns (offset, length) written."""
+    if tensor.HasField("raw_data"):
+        raw = tensor.raw_data
+        undo.append((tensor, "raw", raw))
+        tensor.ClearField("raw_data")
+    else:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        undo.append((tensor, "proto", copy))
+        raw = numpy_helper.to_array(tensor).tobytes()
+        for field in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+    length = len(raw)
+    offset = _aligned(out, length)
+    out.write(raw)
+    del raw
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return offset, length
 
 
 def _aligned(out, length: int) -> int:

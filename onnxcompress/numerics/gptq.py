@@ -44,6 +44,8 @@ class LayerHessians:
     hessians: list[np.ndarray]
     group_of_channel: np.ndarray  # (C,) group index of each output channel
     means: list[np.ndarray] | None = None  # per group, the mean input row E[x] (None: not measured)
+    # per group, the cross Gram E[x x_r^T] of the current inputs x and the reference model's x_r (None: x = x_r)
+    crosses: list[np.ndarray] | None = None
     _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
 
     def importance(self) -> np.ndarray:
@@ -87,8 +89,17 @@ class LayerHessians:
         return signal, noise
 
 
-def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: bool, damp: float = 0.01,
-               block: int = 64):
+@dataclass(frozen=True)
+class Grid:
+    """The values a shared weight's entries take: code m of row j decodes to scale[j] * book[m] (scale
+    None: 1); with keep_zero, code 0 is the exact 0.0 of pruned entries and keeps that value."""
+
+    book: np.ndarray
+    scale: np.ndarray | None
+    keep_zero: bool
+
+
+def gptq_codes(w, grid: Grid, kept, exact, hessians: LayerHessians, damp: float = 0.01, block: int = 64):
     """Codes chosen column by column with the error fed forward (GPTQ, Frantar et al. 2023).
 
     For the rows of each input group with Hessian H (damped by `damp` * mean(diag H)), columns
@@ -98,7 +109,8 @@ def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: 
     of the not yet quantized weights for the layer output on the calibration inputs. Returns the
     codes and the working weights (whose values at the exact entries are what to store).
     """
-    s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
+    book, keep_zero = grid.book, grid.keep_zero
+    s = np.ones(w.shape[0]) if grid.scale is None else grid.scale.astype(np.float64)
     codes = np.zeros(w.shape, np.int64)
     work = w.copy()
     for g, h in enumerate(hessians.hessians):
@@ -147,16 +159,18 @@ def code_normal_equations(codes, coded, s, target, hessians: LayerHessians, k: i
     return a, b
 
 
-def refit_under_hessians(w, codes, book, scale, coded, fixed, hessians: LayerHessians, keep_zero: bool,
-                         scale_dtype: str, rounds: int = 1):
+def refit_under_hessians(w, codes, grid: Grid, coded, fixed, hessians: LayerHessians, scale_dtype: str,
+                         rounds: int = 1):
     """Codes fixed, centroids then scales by least squares on the layer output error.
 
     With W_hat = F + s_j sum_m c_m O_jm (O_jm the indicator of row j's coded entries with code m,
     F the exact entries), E(c) = sum_j r_j^T H r_j is quadratic in c: A c = b with
     A_mn = sum_j s_j^2 O_jm^T H O_jn and b_m = sum_j s_j O_jm^T H (w_j - F_j) (code 0 stays 0.0 with
     keep_zero; a 1e-9 ridge keeps A invertible); then each s_j = q_j^T H t_j / q_j^T H q_j with
-    q_j = c[codes_j] on the coded entries and t_j = w_j - F_j. Each step lowers E or leaves it.
+    q_j = c[codes_j] on the coded entries and t_j = w_j - F_j. Each step lowers E or leaves it. Returns
+    the refit (book, scale).
     """
+    book, scale, keep_zero = grid.book, grid.scale, grid.keep_zero
     k = book.size
     s = np.ones(w.shape[0]) if scale is None else scale.astype(np.float64)
     target = w - fixed

@@ -211,7 +211,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, init: str = "linear", seed: int = 0
         raise ValueError(f"max_iter and tol must be nonnegative, got {max_iter} and {tol}")
     x, flat, w = _validate(values, k, sample_weight, keep_zero)
     if flat.size > HISTOGRAM_ABOVE and flat.dtype in (np.float16, np.float32, np.float64):
-        found = _fit_histogram(x, flat, w, k - 1 if keep_zero else k, init, seed, max_iter, tol, keep_zero)
+        found = _fit_histogram(x, flat, w, k - 1 if keep_zero else k, max_iter, tol, keep_zero)
         if found is not None:
             return found
     xs, ws = _sorted(flat, w, keep_zero)
@@ -316,10 +316,11 @@ def kmeans_centroids(values: np.ndarray, k: int, *, init: str = "linear", seed: 
     return np.concatenate(([0.0], c)) if keep_zero and flat.size else c
 
 
-def _fit_histogram(x, flat, w, k, init, seed, max_iter, tol, keep_zero) -> KMeansResult | None:
-    """kmeans_1d on a histogram of the values (module docstring); None where the exact path is
-    needed: at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a
-    range too wide to bin."""
+def _fit_histogram(x, flat, w, k, max_iter, tol, keep_zero) -> KMeansResult | None:
+    """kmeans_1d on a histogram of the values (module docstring), started from the optimal centroids of
+    the merged bins (so kmeans_1d's init and seed do not apply); None where the exact path is needed:
+    at most ``k`` nonempty bins (few distinct values, which it reproduces exactly), or a range too wide
+    to bin."""
     found = _histogram_centroids(flat, w, k, max_iter, tol, keep_zero)
     if found is None:
         return None

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from onnxcompress.numerics.gptq import LayerHessians
+
 try:  # many small solves run far faster on one BLAS thread (threads oversubscribe busy machines)
     from threadpoolctl import ThreadpoolController
 except ImportError:  # optional: without it BLAS keeps its own thread count
@@ -218,8 +220,7 @@ def output_error(weight: np.ndarray, reference: np.ndarray, gram: np.ndarray, cr
     return max(error, 0.0), signal
 
 
-def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, grams: Sequence[np.ndarray],
-                     group_of_rows: np.ndarray, *, crosses: Sequence[np.ndarray] | None = None,
+def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarray, hessians: LayerHessians, *,
                      scale: np.ndarray | None = None, fixed: Sequence[int] = (), ridge: float = 1e-3,
                      free_mask: np.ndarray | None = None) -> np.ndarray:
     """Least-squares centroids: the layer output is linear in the codebook.
@@ -229,17 +230,16 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
     sum_j ||X_c w'_j - X_r w_j||^2 is quadratic in c: minimise c^T G c - 2 b^T c with
         G[c, c'] = sum_j s_j^2 e_{j,c}^T H_g(j) e_{j,c'}
         b[c]     = sum_j s_j   e_{j,c}^T C_g(j) w_j
-    (H, C the current/cross Gram matrices of the row's group; C = H when `crosses` is None).
-    Centroids in `fixed` (e.g. the exact 0 of pruned entries) keep their value and move to the
-    right-hand side; a ridge of `ridge * mean(diag G)` pulls the free centroids toward their
-    k-means values, and a centroid no entry uses keeps its value. Entries outside `free_mask`
+    (H, C the current/cross Gram matrices of the row's group, `hessians.hessians` and `hessians.crosses`;
+    C = H when there are no crosses). Centroids in `fixed` (e.g. the exact 0 of pruned entries) keep their
+    value and move to the right-hand side; a ridge of `ridge * mean(diag G)` pulls the free centroids toward
+    their k-means values, and a centroid no entry uses keeps its value. Entries outside `free_mask`
     (e.g. pruned ones, whose code is a fixed centroid anyway) are ignored, which makes G cost
     O(sum_j |S_j|^2) for sparse rows.
 
     target: (rows, K) reference weights w_j; codes: (rows, K) ints into `centroids`.
     Returns the refined centroids (float64, same shape as `centroids`).
     """
-    target = np.asarray(target, dtype=np.float64)
     codes = np.asarray(codes, dtype=np.int64)
     c0 = np.asarray(centroids, dtype=np.float64).copy()
     n = c0.size
@@ -250,20 +250,7 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
     free_entries = ~fixed_set[codes]
     if free_mask is not None:
         free_entries &= np.asarray(free_mask, dtype=bool)
-    g = np.zeros((n, n))
-    b = np.zeros(n)
-    group_of_rows = np.asarray(group_of_rows)
-    for grp in np.unique(group_of_rows):
-        sel = np.flatnonzero(group_of_rows == grp)
-        h = np.asarray(grams[grp], dtype=np.float64)
-        cross = h if crosses is None else np.asarray(crosses[grp], dtype=np.float64)
-        rhs = target[sel] @ cross.T  # row j: (C w_j)^T
-        g += _code_gram(codes[sel], free_entries[sel], s[sel], h, n)
-        # b also gets the (negative) pull of fixed nonzero entries: -G[free, fixed] c_fixed below
-        w_fixed = np.where(free_entries[sel], 0.0, c0[codes[sel]]) * s[sel, None]
-        fixed_out = w_fixed @ h  # (H w_fixed)^T
-        contrib = (rhs - fixed_out) * s[sel, None]
-        b += np.bincount(codes[sel][free_entries[sel]], weights=contrib[free_entries[sel]], minlength=n)
+    g, b = _centroid_equations(np.asarray(target, dtype=np.float64), codes, c0, s, free_entries, hessians)
     used = np.bincount(codes[free_entries], minlength=n) > 0
     free = used & ~fixed_set
     if not free.any():
@@ -275,6 +262,27 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
     out = c0.copy()
     out[free] = solved
     return out
+
+
+def _centroid_equations(target: np.ndarray, codes: np.ndarray, c0: np.ndarray, s: np.ndarray,
+                        free_entries: np.ndarray, hessians: LayerHessians) -> tuple[np.ndarray, np.ndarray]:
+    """(G, b) of :func:`refine_centroids` summed over the groups of rows, b less the pull of the entries
+    that keep their value (not free): -G[free, fixed] c_fixed."""
+    n = c0.size
+    g = np.zeros((n, n))
+    b = np.zeros(n)
+    group_of_rows = np.asarray(hessians.group_of_channel)
+    for grp in np.unique(group_of_rows):
+        sel = np.flatnonzero(group_of_rows == grp)
+        h = np.asarray(hessians.hessians[grp], dtype=np.float64)
+        cross = h if hessians.crosses is None else np.asarray(hessians.crosses[grp], dtype=np.float64)
+        rhs = target[sel] @ cross.T  # row j: (C w_j)^T
+        g += _code_gram(codes[sel], free_entries[sel], s[sel], h, n)
+        w_fixed = np.where(free_entries[sel], 0.0, c0[codes[sel]]) * s[sel, None]
+        fixed_out = w_fixed @ h  # (H w_fixed)^T
+        contrib = (rhs - fixed_out) * s[sel, None]
+        b += np.bincount(codes[sel][free_entries[sel]], weights=contrib[free_entries[sel]], minlength=n)
+    return g, b
 
 
 def _code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:

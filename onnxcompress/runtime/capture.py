@@ -349,8 +349,9 @@ class _GramSums:
 
 def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
                          layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
-                         seed: int = 0, folds: bool = False, collector: Collector | None = None) -> PairedGrams:
-    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer.
+                         folds: bool = False, collector: Collector | None = None) -> PairedGrams:
+    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer; chunk
+    i's rows are sampled with the generator seeded (0, i), the same rows from both models.
 
     With `folds`, the statistics of the even and the odd data chunks are also returned apart
     (PairedGrams.folds), when there are at least two chunks.
@@ -365,7 +366,7 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     chunks = 0
     for chunk, values in enumerate(zip(*streams)):
         rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
-                                 np.random.default_rng((seed, chunk))) for v in values]
+                                 np.random.default_rng((0, chunk))) for v in values]
         if total is None:
             total = _GramSums(rows[0], paired)
             even = _GramSums(rows[0], paired) if folds else None
