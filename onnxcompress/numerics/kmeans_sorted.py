@@ -233,29 +233,12 @@ def lloyd_sorted_many(xs_list, starts, k, max_iter, tol) -> list[tuple[np.ndarra
     same floating-point operations on its own numbers, so the same centroids and step count. None for
     a set it does not run (a start of fewer than k centroids, or one that empties a cluster: the
     re-seeding to fewer than k distinct centroids is left to lloyd_sorted)."""
-    count = len(xs_list)
-    out: list[tuple[np.ndarray, int] | None] = [None] * count
-    run = [g for g in range(count) if starts[g].size == k and k > 1 and xs_list[g].size > 0]
+    out: list[tuple[np.ndarray, int] | None] = [None] * len(xs_list)
+    run = [g for g in range(len(xs_list)) if starts[g].size == k and k > 1 and xs_list[g].size > 0]
     if not run:
         return out
-    sizes = np.array([xs_list[g].size for g in run], np.int64)
-    offsets = np.concatenate(([0], np.cumsum(sizes + 1)[:-1]))  # each set's prefix sums start with a 0
-    flat = np.concatenate([xs_list[g] for g in run] + [np.zeros(1)])
-    prefix = np.zeros(int(offsets[-1] + sizes[-1] + 1))
-    means = np.empty(len(run))
-    for i, g in enumerate(run):  # per set, as lloyd_sorted does it (np.mean's pairwise sum, cumsum's order)
-        xs = xs_list[g]
-        means[i] = float(np.mean(xs))
-        prefix[offsets[i] + 1:offsets[i] + 1 + xs.size] = np.cumsum(xs - means[i])
-    value_at = offsets - np.arange(len(run))  # flat index of each set's first value
-    first_x = flat[value_at]
-    last_x = flat[value_at + sizes - 1]
-    threshold = tol * (last_x - first_x)
+    sets = _Sets(xs_list, run, tol)
     c = np.stack([starts[g] for g in run])
-    keys = None  # float32 values (a float32 weight's): one int64 key per value, (set, the value's float32 order)
-    narrow = flat[:-1].astype(np.float32)
-    if np.array_equal(narrow.astype(np.float64), flat[:-1]) and len(run) < 1 << 30:
-        keys = _float32_keys(narrow) + (np.repeat(np.arange(len(run), dtype=np.int64), sizes) << 32)
     prev = None
     n_iter = np.zeros(len(run), np.int64)
     live = np.ones(len(run), bool)
@@ -267,54 +250,91 @@ def lloyd_sorted_many(xs_list, starts, k, max_iter, tol) -> list[tuple[np.ndarra
             break
         n_iter[act] += 1
         ca = c[act]
-        lo_c, hi_c = ca[:, :-1], ca[:, 1:]
-        b = (lo_c + hi_c) * 0.5
-        b = np.where(hi_c > lo_c, np.minimum(b, np.nextafter(hi_c, -np.inf)), b)
-        cuts = np.empty((act.size, k + 1), np.int64)
-        cuts[:, 0], cuts[:, -1] = 0, sizes[act, None][:, 0]
-        if keys is None:
-            cuts[:, 1:-1] = _count_at_most(flat, value_at[act], sizes[act], b)
-        else:  # x <= b exactly when x <= the largest float32 d <= b, for float32 x
-            query = _float32_keys(float32_below(b)) + (act.astype(np.int64) << 32)[:, None]
-            cuts[:, 1:-1] = np.searchsorted(keys, query, side="right") - value_at[act, None]
+        cuts = sets.cuts(act, ca, k)
         if prev is not None:
             same = np.all(cuts == prev[act], axis=1)
             live[act[same]] = False
-            keep = ~same
-            act, ca, cuts = act[keep], ca[keep], cuts[keep]
+            act, ca, cuts = act[~same], ca[~same], cuts[~same]
             if not act.size:
                 break
-        start, stop = cuts[:, :-1], cuts[:, 1:]
-        sw = (stop - start).astype(np.float64)
-        full = sw > 0
-        base_p, base_x = offsets[act, None], value_at[act, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            new = np.clip(means[act, None] + (prefix[base_p + stop] - prefix[base_p + start]) / sw,
-                          flat[base_x + start], flat[base_x + np.maximum(stop - 1, start)])
-        new = np.where(full, new, ca)
+        new, full = sets.means(act, ca, cuts)
         shift = np.max(np.abs(new - ca), axis=1)
         for i in np.flatnonzero(~full.all(axis=1)):  # empty clusters re-seeded as lloyd_sorted does
-            g = act[i]
-            xs = flat[value_at[g]:value_at[g] + sizes[g]]
-            first = np.concatenate(([True], xs[1:] != xs[:-1]))
-            empty = np.flatnonzero(~full[i])
-            far = _farthest_values(xs, None, first, ca[i], cuts[i], empty.size)
-            new[i, empty[:far.size]] = far[:empty.size]
-            reseeded = np.unique(new[i])
-            if reseeded.size < k:  # fewer centroids than k from here: lloyd_sorted's own path
-                failed[g], live[g] = True, False
-            else:
-                new[i] = reseeded
+            if not sets.reseed(act[i], new[i], ca[i], cuts[i], full[i], k):  # fewer than k: lloyd_sorted's path
+                failed[act[i]], live[act[i]] = True, False
             shift[i] = np.inf
         c[act] = new
         if prev is None:
             prev = np.zeros((len(run), k + 1), np.int64)
         prev[act] = cuts
-        live[act[shift <= threshold[act]]] = False
+        live[act[shift <= sets.threshold[act]]] = False
     for i, g in enumerate(run):
         if not failed[i]:
             out[g] = (c[i].copy(), int(n_iter[i]))
     return out
+
+
+class _Sets:
+    """lloyd_sorted_many's sets laid end to end in one array, with each set's prefix sums of its values less
+    their mean (starting with a 0) and, for float32 values, one int64 key per value: (set, float32 order)."""
+
+    def __init__(self, xs_list, run, tol):
+        self.sizes = np.array([xs_list[g].size for g in run], np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.sizes + 1)[:-1]))
+        self.flat = np.concatenate([xs_list[g] for g in run] + [np.zeros(1)])
+        self.prefix = np.zeros(int(self.offsets[-1] + self.sizes[-1] + 1))
+        self.mean = np.empty(len(run))
+        for i, g in enumerate(run):  # per set, as lloyd_sorted does it (np.mean's pairwise sum, cumsum's order)
+            xs = xs_list[g]
+            self.mean[i] = float(np.mean(xs))
+            self.prefix[self.offsets[i] + 1:self.offsets[i] + 1 + xs.size] = np.cumsum(xs - self.mean[i])
+        self.value_at = self.offsets - np.arange(len(run))  # flat index of each set's first value
+        last = self.flat[self.value_at + self.sizes - 1]
+        self.threshold = tol * (last - self.flat[self.value_at])
+        self.keys = None
+        narrow = self.flat[:-1].astype(np.float32)
+        if np.array_equal(narrow.astype(np.float64), self.flat[:-1]) and len(run) < 1 << 30:
+            self.keys = _float32_keys(narrow) + (np.repeat(np.arange(len(run), dtype=np.int64), self.sizes) << 32)
+
+    def cuts(self, act, ca, k) -> np.ndarray:
+        """Per active set, the counts of values at most each boundary of its centroids ca, framed by 0 and size."""
+        lo_c, hi_c = ca[:, :-1], ca[:, 1:]
+        b = (lo_c + hi_c) * 0.5
+        b = np.where(hi_c > lo_c, np.minimum(b, np.nextafter(hi_c, -np.inf)), b)
+        cuts = np.empty((act.size, k + 1), np.int64)
+        cuts[:, 0], cuts[:, -1] = 0, self.sizes[act, None][:, 0]
+        if self.keys is None:
+            cuts[:, 1:-1] = _count_at_most(self.flat, self.value_at[act], self.sizes[act], b)
+        else:  # x <= b exactly when x <= the largest float32 d <= b, for float32 x
+            query = _float32_keys(float32_below(b)) + (act.astype(np.int64) << 32)[:, None]
+            cuts[:, 1:-1] = np.searchsorted(self.keys, query, side="right") - self.value_at[act, None]
+        return cuts
+
+    def means(self, act, ca, cuts) -> tuple[np.ndarray, np.ndarray]:
+        """The clusters' means (clipped into their values' range; ca's centroid where a cluster is empty), and
+        which clusters are not empty."""
+        start, stop = cuts[:, :-1], cuts[:, 1:]
+        sw = (stop - start).astype(np.float64)
+        full = sw > 0
+        base_p, base_x = self.offsets[act, None], self.value_at[act, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new = np.clip(self.mean[act, None] + (self.prefix[base_p + stop] - self.prefix[base_p + start]) / sw,
+                          self.flat[base_x + start], self.flat[base_x + np.maximum(stop - 1, start)])
+        return np.where(full, new, ca), full
+
+    def reseed(self, g, new, ca, cuts, full, k) -> bool:
+        """Set g's empty clusters take its farthest values, as lloyd_sorted does (new is changed in place);
+        False when that leaves fewer than k distinct centroids."""
+        xs = self.flat[self.value_at[g]:self.value_at[g] + self.sizes[g]]
+        first = np.concatenate(([True], xs[1:] != xs[:-1]))
+        empty = np.flatnonzero(~full)
+        far = _farthest_values(xs, None, first, ca, cuts, empty.size)
+        new[empty[:far.size]] = far[:empty.size]
+        reseeded = np.unique(new)
+        if reseeded.size < k:
+            return False
+        new[:] = reseeded
+        return True
 
 
 def _count_at_most(flat, first, sizes, b) -> np.ndarray:
