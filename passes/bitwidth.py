@@ -289,12 +289,10 @@ class BitWidthPass(Pass):
             if high is not None and high / low < 1.1:
                 break
             point = verify(allocate.min_size(noise, level))
-            if point is not None and point.ok:
+            if point is None or point.ok:  # held, or no allocation is that quiet: go noisier
                 low = level
-            elif point is not None:
-                high = level
             else:
-                break
+                high = level
 
     def _cost_limit(self) -> float | None:
         """The cost past which a weight's narrower widths and higher sparsities are not measured
