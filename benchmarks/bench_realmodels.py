@@ -1,7 +1,7 @@
 """Every recipe on every real-model corpus model (benchmarks/realmodels), against onnxruntime's quantizers.
 
     python benchmarks/bench_realmodels.py [--models lac orinet ...] [--recipes share int8 ...]
-        [--timeout 900] [--out results/realmodels]
+        [--timeout 900] [--out results/realmodels] [--metric KIND...]
 
 Each recipe gets the model's calibration split as --data and its task kind as --metric; the result
 is judged on the test split, which no recipe sees, by the model's own task (realmodels/<model>.py).
@@ -97,8 +97,8 @@ def _latency(reference: Path, candidate: Path, feeds: list[dict]) -> float:
     return float(np.median(times[1]) / np.median(times[0]))
 
 
-def run_one(name: str, label: str) -> dict:
-    """One (model, recipe) cell, in this process."""
+def run_one(name: str, label: str, metric: str | None = None) -> dict:
+    """One (model, recipe) cell, in this process; `metric` in place of the model's own METRIC (an experiment)."""
     from onnxcompress import api
     from onnxcompress.graph.model import file_bytes
 
@@ -117,7 +117,7 @@ def run_one(name: str, label: str) -> dict:
         else:
             form = "portable" if label.endswith("(portable)") else None
             report = api.compress_file(source, out, recipe, data=calib, form=form,
-                                       budget={"metric": module.METRIC, **(budget or {})}, jobs=2)
+                                       budget={"metric": metric or module.METRIC, **(budget or {})}, jobs=2)
             row["passes"] = {p.name: round(p.seconds, 1) for p in report.passes}
             if report.validation is not None:
                 row["tool_agreement"] = report.validation.worst_agreement()
@@ -131,11 +131,11 @@ def run_one(name: str, label: str) -> dict:
     return row
 
 
-def _cell(name: str, label: str, timeout: float) -> dict:
+def _cell(name: str, label: str, timeout: float, metric: str | None = None) -> dict:
     import os
     import signal
 
-    cmd = [sys.executable, __file__, "--one", name, label]
+    cmd = [sys.executable, __file__, "--one", name, label] + (["--metric", metric] if metric else [])
     # its own process group, so that a timeout also ends the workers the compression started
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -172,10 +172,11 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", nargs="*", default=list(RUNS))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (model, recipe)")
     parser.add_argument("--out", default=str(HERE / "results" / "realmodels"))
+    parser.add_argument("--metric", help="the task kind given to every recipe instead of each model's METRIC")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(*args.one)))
+        print(json.dumps(run_one(*args.one, metric=args.metric)))
         return 0
     rows = []
     for name in args.models:
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
             rows.append({"model": name, "recipe": "-", "error": f"not available: {e}"})
             continue
         for label in args.recipes:
-            row = _cell(name, label, args.timeout)
+            row = _cell(name, label, args.timeout, args.metric)
             rows.append(row)
             print(_markdown([row]).splitlines()[-1], flush=True)
     out = Path(args.out)

@@ -149,7 +149,7 @@ def _add_budget_and_gate_options(p) -> None:
     budget.add_argument("--target-ratio", type=float, metavar="X", help="whole-file ratio to reach, e.g. 30")
     budget.add_argument("--metric", metavar="KIND|MODULE:FUNCTION",
                         help="what agreement means: top1, probability[:T], embedding, sequence, ctc[:BLANK] or "
-                             "regression[:TOL], optionally @OUTPUT[+OUTPUT] (default: detected per output), or your "
+                             "regression[:TOL[:GATE]], optionally @OUTPUT[+OUTPUT] (default: detected per output), or your "
                              "function f(outputs, data) -> number (higher is better); --max-drop bounds its loss")
     gate = p.add_argument_group("gate: fail (exit 1, nothing written) when the validated result misses a threshold; "
                                 "the same checks as validate's --min-agreement, --max-drop, --min-sqnr, --atol, "
@@ -168,7 +168,7 @@ def _add_validate(sub) -> None:
     p.add_argument("--data", help="data to compare on (default: random inputs from the model's shapes)")
     p.add_argument("--latency", action="store_true", help="also time both models (median, same process)")
     p.add_argument("--metric", metavar="KIND", help="what agreement means: top1, probability[:T], embedding, sequence, "
-                                                    "ctc[:BLANK], regression[:TOL] [@OUTPUT] (default: detected)")
+                                                    "ctc[:BLANK], regression[:TOL[:GATE]] [@OUTPUT] (default: detected)")
     p.add_argument("--json", action="store_true", help="print JSON (with the gate's verdict)")
     _add_gate_options(p.add_argument_group("gate: exit 1 with one line naming the output and the figure when a "
                                            "threshold is missed"), prefix="")

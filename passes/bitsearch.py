@@ -39,6 +39,7 @@ class Candidate:
     size: int = 0
     cost: float = 0.0
     nsr: float = 0.0  # output noise-to-signal ratio of the candidate alone
+    task_nsr: float = 0.0  # the same summed over the budgeted outputs, each relative to its own signal
     error: str | None = None
 
 
@@ -126,13 +127,19 @@ def make_score(budget: Budget, labels_present: bool, producers: dict[str, str] |
         kinds = kinds_of.setdefault(id(reference), resolve_kinds(names, reference, producers, task))
         metrics = compare_outputs(names, reference, candidate, data.labels, kinds=kinds)
         counted = [m for m in metrics if m.budgeted and m.agreement is not None]
-        signal = sum(float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
-                     for k in range(len(names)))
-        noise = sum(float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
-                                                           for r, c in zip(reference, candidate)]))))
-                    for k in range(len(names)))
+        signals = [float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
+                   for k in range(len(names))]
+        noises = [float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
+                                                          for r, c in zip(reference, candidate)]))))
+                  for k in range(len(names))]
+        signal, noise = sum(signals), sum(noises)
         nsr = noise / signal if signal > 0 else 0.0
         out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}
+        # the noise of the outputs the budget counts, each relative to its own signal (a box output is not
+        # drowned by a larger unbudgeted one); noise powers of independent errors add up across weights
+        budgeted = {m.name for m in counted}
+        out["task_nsr"] = sum(n / s for name, s, n in zip(names, signals, noises) if name in budgeted and s > 0) \
+            if budgeted else nsr
         if counted:
             out["disagree"] = 100.0 * (1.0 - min(m.agreement for m in counted))
             losses = [m.expected_loss for m in counted]

@@ -43,6 +43,7 @@ SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
 BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
+NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
 
 
 @dataclass(kw_only=True)
@@ -130,12 +131,16 @@ class BitWidthPass(Pass):
         # score out of fold when the refits learn from the very samples the search scores on
         self._pruner = Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data, collector=ctx.statistics)
         table = self._sensitivities(ctx, evaluator, weights)
-        options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity})
-                    for c in table[w.name] if c.error is None] for w in weights]
+        measured = [[c for c in table[w.name] if c.error is None] for w in weights]
+        options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity}) for c in cands]
+                   for cands in measured]
+        # the same candidates priced by their output noise, which adds up across weights where counted changes do not
+        noise = [[allocate.Option(c.size, c.task_nsr, {"bits": c.bits, "sparsity": c.sparsity}) for c in cands]
+                 for cands in measured]
         if any(not o for o in options):
             raise PreconditionError("bitwidth: every candidate of some weight failed; see the log")
         fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
-        evaluated, chosen = self._search(cfg, evaluator, weights, options, fixed)
+        evaluated, chosen = self._search(cfg, evaluator, weights, options, fixed, noise)
         ctx.plan = SearchPlan(cfg.budget, {w.name: LayerChoice(**layer[j].settings)
                                            for w, layer, j in zip(weights, options, chosen)}, evaluated)
         for w, layer, j in zip(weights, options, chosen):
@@ -180,6 +185,7 @@ class BitWidthPass(Pass):
                     candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
                     measured = evaluator.measure({info.name: [c.decode() for c in coded]})
                     candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
+                    candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
                     counting |= bool(measured.get("counted"))
                 except OnnxCompressError as e:  # a failed candidate is data: record it and go on
                     candidate.error = str(e)
@@ -198,9 +204,10 @@ class BitWidthPass(Pass):
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
         return table
 
-    def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int):
-        """Allocate under scaled budgets, verify each jointly; keep the best verified choice."""
-        evaluated, seen = [], {}
+    def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
+        """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the
+        options priced by output noise) and a counted loss budget, also allocate under noise budgets (_noise_ladder)."""
+        evaluated, seen, joint_noise = [], {}, {}
         original = fixed + sum(w.nbytes for w in weights)
         if cfg.target_ratio is not None:
             size_budget = max(original / cfg.target_ratio - fixed, 0.0)
@@ -226,6 +233,7 @@ class BitWidthPass(Pass):
                                           cfg.seed, self._pruner)
                 changed[w.name] = [c.decode() for c in coded]
             measured = evaluator.measure(changed)
+            joint_noise[tuple(choice)] = measured.get("task_nsr")
             size, predicted = allocate.totals(options, choice)
             ratio = original / max(fixed + size, 1)
             point = Verified(int(fixed + size), ratio, predicted, measured["check"], measured["cost"],
@@ -247,6 +255,8 @@ class BitWidthPass(Pass):
                 mid = (low * high) ** 0.5 if low > 0 else high / 2
                 point = verify(allocate.min_size(options, budget * mid))
                 tried = sorted(tried + [(mid, point is not None and point.ok)])
+            if noise is not None and cfg.min_sqnr is None:
+                self._noise_ladder(noise, verify, seen, joint_noise)
         feasible = [p for p in evaluated if p.ok]
         if not feasible:
             safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
@@ -256,6 +266,33 @@ class BitWidthPass(Pass):
         best = min(feasible, key=lambda p: (p.bytes, p.check) if cfg.target_ratio is None else (p.check, p.bytes))
         chosen = next(c for c, p in seen.items() if p is best)
         return evaluated, list(chosen)
+
+    @staticmethod
+    def _noise_ladder(noise, verify, seen: dict, joint_noise: dict) -> None:
+        """Allocations under budgets of summed output noise (task_nsr), each verified jointly by `verify`.
+
+        A counted cost (changed decisions, boxes past a tolerance) does not add up: a weight alone moves no
+        sample past its margin, several together move many; the noise powers of independent errors do add up,
+        so the joint loss follows the summed noise. The bracket is read off the configurations verified so far:
+        the noisiest one that met the budget and the quietest one that did not; the ladder walks from the
+        former toward the latter (doubling when there is none above), then bisects where the outcome changes."""
+        held = [joint_noise[c] for c, p in seen.items() if p.ok and joint_noise.get(c) is not None]
+        missed = [joint_noise[c] for c, p in seen.items() if not p.ok and joint_noise.get(c) is not None]
+        low = max(held, default=0.0)
+        high = min((n for n in missed if n > low), default=None)
+        if low <= 0.0 and high is None:
+            return
+        if low <= 0.0:  # nothing noisy held: walk down from the quietest miss
+            low = high / 2 ** NOISE_STEPS
+        for _ in range(NOISE_STEPS + BISECTIONS):
+            level = 2.0 * low if high is None else (low * high) ** 0.5
+            if high is not None and high / low < 1.1:
+                break
+            point = verify(allocate.min_size(noise, level))
+            if point is None or point.ok:  # held, or no allocation is that quiet: go noisier
+                low = level
+            else:
+                high = level
 
     def _cost_limit(self) -> float | None:
         """The cost past which a weight's narrower widths and higher sparsities are not measured

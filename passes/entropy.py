@@ -72,7 +72,9 @@ def blob_matches(blob, shared: SharedWeight) -> bool:
     """Worker task: True when `blob` decodes to exactly the weight `shared` stands for, bit for bit."""
     expected = shared.decode()
     got = read_blob(blob, shared.name).decode()
-    return got.shape == expected.shape and np.array_equal(got.view(np.uint8), expected.view(np.uint8))
+    # bytes in C order: a weight coded column-wise decodes to an array whose last axis is not contiguous
+    return got.shape == expected.shape and np.array_equal(np.ascontiguousarray(got).view(np.uint8),
+                                                          np.ascontiguousarray(expected).view(np.uint8))
 
 
 class EntropyPass(Pass):

@@ -380,3 +380,66 @@ def test_a_small_model_runs_whole_instead_of_building_a_session_per_suffix():
     weights = [w for w in find_weights(model, min_elements=0) if w.skip is None]
     assert sum(w.numel for w in weights) < SUFFIX_MIN_ELEMENTS
     assert Evaluator(model, weights, data, lambda *a: {}).suffixes is None
+
+
+class NoiseEvaluator:
+    """Each weight alone moves no sample past its margin (a counted cost of 0), but the output noise powers
+    add up and every sample flips once their sum passes 0.05: a thresholded count does not add up."""
+
+    def __init__(self, names):
+        self.base = {name: None for name in names}
+
+    def measure(self, changed):
+        noise = sum(v[0] for v in changed.values())
+        check = 0.0 if noise <= 0.05 else 100.0
+        return {"cost": check, "check": check, "sqnr_db": 0.0, "nsr": noise, "task_nsr": noise}
+
+
+def test_the_noise_ladder_finds_what_counted_costs_cannot_when_each_weight_alone_flips_nothing(monkeypatch):
+    import onnxcompress.passes.bitwidth as bw
+
+    nsr_of = {8: 0.0, 4: 0.02, 2: 0.2}
+    options = [[Option(8, 0.0, {"bits": 8, "sparsity": 0.0}), Option(4, 0.0, {"bits": 4, "sparsity": 0.0}),
+                Option(2, 0.0, {"bits": 2, "sparsity": 0.0})] for _ in range(3)]
+    noise = [[Option(o.size, nsr_of[o.settings["bits"]], o.settings) for o in layer] for layer in options]
+
+    class W:
+        def __init__(self, name):
+            self.name, self.nbytes = name, 8
+
+    class Shared:
+        def __init__(self, bits):
+            self.bits = bits
+
+        def decode(self):
+            return nsr_of[self.bits]
+
+    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Shared(b)])
+    weights = [W(f"w{i}") for i in range(3)]
+    p = BitWidthPass(max_drop=1.0)
+    p._pruner = None
+    # counted costs alone: every option costs 0, every allocation takes 2 bits everywhere and misses the budget
+    evaluated, chosen = p._search(p.config, NoiseEvaluator([w.name for w in weights]), weights, options, fixed=0)
+    assert not any(v.ok for v in evaluated)
+    evaluated, chosen = p._search(p.config, NoiseEvaluator([w.name for w in weights]), weights, options, fixed=0,
+                                  noise=noise)
+    bits = sorted(options[i][j].settings["bits"] for i, j in enumerate(chosen))
+    assert bits == [4, 4, 8]  # 0.04 of noise holds; three 4-bit weights (0.06) would not
+    assert all(v.check <= 1.0 for v in evaluated if v.ok) and any(not v.ok for v in evaluated)
+
+
+def test_the_task_noise_counts_only_the_budgeted_outputs_each_against_its_own_signal():
+    from onnxcompress.pipeline.artifacts import Budget
+
+    class Data:
+        labels = None
+
+    rng = np.random.default_rng(0)
+    scores, boxes = rng.standard_normal((32, 4)) + 5 * np.eye(4)[np.arange(32) % 4], rng.standard_normal((32, 4))
+    other = 1000 * rng.standard_normal((32, 8))  # a large unbudgeted output
+    reference = [[scores, boxes, other]]
+    candidate = [[scores, boxes * 1.01, other + rng.standard_normal((32, 8))]]
+    score = make_score(Budget(max_drop=1.0, metric="top1@scores,regression:0.5@boxes"), False)
+    out = score(["scores", "boxes", "other"], reference, candidate, Data())
+    assert out["task_nsr"] == pytest.approx(1e-4, rel=1e-6)  # the boxes' 1% error; the other output's noise left out
+    assert out["nsr"] < 1e-5  # over every output, the large one drowns the boxes' error

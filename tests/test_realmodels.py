@@ -45,3 +45,30 @@ def test_a_real_model_keeps_its_task_answers(cache, tmp_path, name, recipe, n_ca
     agreement = rm.agreement(module, source, out, items)
     print(f"{name} {recipe}: {report.ratio:.2f}x, {100 * agreement:.1f}% of {len(items)} test answers")
     assert agreement >= least
+
+
+def test_a_detectors_boxes_are_judged_only_where_it_detects_a_face(cache, tmp_path):
+    """mtcnn_onet's boxes gated by its face scores (regression:TOL:GATE): only the face crops' boxes count."""
+    import numpy as np
+    import onnxruntime as ort
+
+    module = rm.load("mtcnn_onet")
+    try:
+        source = module.model_path()
+        feeds, _ = rm.split(module, "test", 100)  # 50 LFW faces, then 50 non-faces
+    except (rm.Unavailable, ImportError) as e:
+        pytest.skip(f"mtcnn_onet: {e}")
+    out = tmp_path / "out.onnx"
+    api.compress_file(source, out, "int8-weights", validate="none")
+    data = {"input_3": np.concatenate([f["input_3"] for f in feeds])}
+    ref, cand = (ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for m in (source, out))
+    box, prob = (np.float64(a) for a in ref.run(["dense_5", "softmax_2"], data))
+    moved = np.float64(cand.run(["dense_5"], data)[0])
+    face = prob.argmax(-1) != 0
+    assert 0 < face.sum() < len(face)
+    within = np.sqrt(np.mean((box - moved) ** 2, axis=1)) <= 0.01 * np.sqrt(np.mean(box ** 2))
+    result = api.validate(source, out, data, metric="top1@softmax_2,regression:0.01:softmax_2@dense_5")
+    boxes = next(o for o in result.outputs if o.name == "dense_5")
+    assert boxes.task.startswith("regression:0.01:softmax_2@dense_5") and boxes.budgeted
+    assert within[face].mean() != within.mean()  # a tolerance tight enough for the gate to matter
+    assert boxes.agreement == pytest.approx(within[face].mean())  # the face crops' boxes alone

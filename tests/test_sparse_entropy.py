@@ -165,3 +165,21 @@ def test_deep_compression_recipe_end_to_end(tmp_path):
     portable_run, report2 = api.compress(model, "deep-compression", data, form="portable", validate="none", progress=False)
     assert report2.form == "portable" and not runtime.uses_domain(portable_run)
     assert packed_model.ByteSize() < portable_run.ByteSize()
+
+
+def test_the_round_trip_check_compares_bytes_whatever_the_memory_order_of_the_codes():
+    """A weight whose codes are not C-ordered (a refit written column-wise) decodes to an array whose last
+    axis is not contiguous: the bit-for-bit check compares its bytes all the same (it used to raise)."""
+    from onnxcompress.formats.codebook import fit_codebook
+    from onnxcompress.formats.packed import write_blob
+    from onnxcompress.graph.weights import WeightInfo
+    from onnxcompress.passes.entropy import blob_matches
+
+    array = np.random.default_rng(0).standard_normal((24, 40)).astype(np.float32)
+    info = WeightInfo("w", array.shape, "float32", array.nbytes, "initializer", "main")
+    shared = fit_codebook(array, info, 4)
+    shared.codes = np.asfortranarray(shared.codes)
+    assert not shared.decode().flags.c_contiguous
+    assert blob_matches(write_blob(shared).blob, shared)
+    shared.codebook = shared.codebook + 1.0  # another weight: the check still sees the difference
+    assert not blob_matches(write_blob(fit_codebook(array, info, 4)).blob, shared)

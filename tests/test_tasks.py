@@ -158,3 +158,28 @@ def test_several_kinds_each_name_their_outputs():
         parse_metric("top1@boxes,regression@boxes")
     with pytest.raises(RecipeError, match="does not have"):
         resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=parse_metric("top1@scores,regression@box"))
+
+
+def test_a_detectors_boxes_count_only_where_the_reference_detects_an_object():
+    """regression:TOL:GATE: the boxes of rows whose reference scores say background (class 0) do not count."""
+    rng = np.random.default_rng(0)
+    boxes = rng.standard_normal((40, 4))
+    scores = np.zeros((40, 2))
+    scores[np.arange(40) % 4 == 0, 1] = 1.0  # 10 rows hold a face (class 1), 30 are background
+    task = parse_metric("top1@scores,regression:0.1:scores@boxes")
+    assert task.describe() == "top1@scores,regression:0.1:scores@boxes"
+    kinds = resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=task)
+    moved = boxes.copy()
+    moved[1:4] += 1.0  # three background rows' boxes far off: they do not count
+    moved[0] += 1.0  # one face's box far off: one of ten faces
+    got = compare_outputs(["boxes", "scores"], [[boxes, scores]], [[moved, scores]], kinds=kinds)
+    assert [m.agreement for m in got] == [0.9, 1.0]
+    ungated = resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=parse_metric("top1@scores,regression:0.1@boxes"))
+    got = compare_outputs(["boxes", "scores"], [[boxes, scores]], [[moved, scores]], kinds=ungated)
+    assert got[0].agreement == pytest.approx(36 / 40)
+    probability = resolve_kinds(["boxes", "p"], [[boxes, scores[:, 1:] * 0.8]],
+                                task=parse_metric("probability:0.7@p,regression:0.1:p@boxes"))
+    got = compare_outputs(["boxes", "p"], [[boxes, scores[:, 1:] * 0.8]], [[moved, scores[:, 1:] * 0.8]], kinds=probability)
+    assert got[0].agreement == 0.9  # 0.8 >= 0.7: the same ten rows
+    with pytest.raises(RecipeError, match="gates rows by outputs the model does not have"):
+        resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=parse_metric("top1@scores,regression:0.1:face@boxes"))

@@ -12,7 +12,7 @@ from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import ModelError
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
-from onnxcompress.runtime.tasks import OutputKind, TaskMetric, agreement, output_producers, resolve_kinds
+from onnxcompress.runtime.tasks import OutputKind, TaskMetric, agreement, output_producers, present_rows, resolve_kinds
 
 
 @dataclass
@@ -165,7 +165,9 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
                 metric.accuracy_candidate = float(np.mean(cand_top == truth))
         if name in kinds:
             metric.task, metric.budgeted = kinds[name].describe(), kinds[name].budgeted
-            metric.agreement = agreement(kinds[name], refs, cands)
+            gate = kinds[name].metric.gate if kinds[name].kind == "regression" else None
+            rows = present_rows([chunk[names.index(gate)] for chunk in reference], kinds.get(gate)) if gate else None
+            metric.agreement = agreement(kinds[name], refs, cands, rows)
         results.append(metric)
     return results
 

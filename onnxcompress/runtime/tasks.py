@@ -12,8 +12,11 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
   whole argmax sequence is the same.
 - ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
   blank index default 0, negative counts from the end): a sample agrees when its text is the same.
-- regression[:TOL]: numbers: a sample (a row along the first axis) agrees when its RMS error is
-  at most TOL (default 0.05) times the reference's RMS over the whole output.
+- regression[:TOL[:GATE]]: numbers: a sample (a row along the first axis) agrees when its RMS error
+  is at most TOL (default 0.05) times the reference's RMS over the whole output. With GATE (another
+  output's name) only the rows the reference says hold an object count, as a detector's boxes matter
+  only where it detects: GATE's top-1 class is not class 0 (class scores), or its probability is at
+  least its threshold (0.5 unless GATE is measured as `probability:T`).
 
 A user names a kind as `KIND[:PARAM][@OUTPUT[+OUTPUT...]]` (e.g. `probability:0.5@activation`);
 without @ it applies to every output it fits, with @ only the named outputs count toward a
@@ -49,12 +52,13 @@ class TaskMetric:
     threshold: float = 0.5  # probability
     blank: int = 0  # ctc
     tolerance: float = 0.05  # regression
+    gate: str | None = None  # regression: the output whose reference decision selects the rows that count
     outputs: tuple[str, ...] = ()  # empty: every output the kind fits
     others: tuple["TaskMetric", ...] = ()  # the further comma-separated parts, each naming its outputs
 
     def describe(self) -> str:
         param = {"probability": f":{self.threshold:g}", "ctc": f":{self.blank}",
-                 "regression": f":{self.tolerance:g}"}.get(self.kind, "")
+                 "regression": f":{self.tolerance:g}" + (f":{self.gate}" if self.gate else "")}.get(self.kind, "")
         own = self.kind + param + (f"@{'+'.join(self.outputs)}" if self.outputs else "")
         return ",".join([own] + [o.describe() for o in self.others])
 
@@ -96,8 +100,8 @@ def parse_metric(spec: str) -> TaskMetric:
         named = [o for p in parts for o in p.outputs]
         if len(named) != len(set(named)):
             raise RecipeError(f"metric '{spec}' names an output twice")
-        return TaskMetric(parts[0].kind, parts[0].threshold, parts[0].blank, parts[0].tolerance, parts[0].outputs,
-                          tuple(parts[1:]))
+        return TaskMetric(parts[0].kind, parts[0].threshold, parts[0].blank, parts[0].tolerance, parts[0].gate,
+                          parts[0].outputs, tuple(parts[1:]))
     return _parse_part(spec)
 
 
@@ -118,10 +122,11 @@ def _parse_part(spec: str) -> TaskMetric:
         if kind == "ctc":
             return TaskMetric(kind, blank=int(param) if param else 0, outputs=outputs)
         if kind == "regression":
-            value = float(param) if param else 0.05
+            tolerance, _, gate = param.partition(":")
+            value = float(tolerance) if tolerance else 0.05
             if not value > 0 or not math.isfinite(value):
                 raise ValueError("the tolerance must be a positive number")
-            return TaskMetric(kind, tolerance=value, outputs=outputs)
+            return TaskMetric(kind, tolerance=value, gate=gate or None, outputs=outputs)
     except ValueError as e:
         raise RecipeError(f"metric '{spec}': {e}") from e
     return TaskMetric(kind, outputs=outputs)
@@ -193,6 +198,10 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
         if missing:
             raise RecipeError(f"metric '{task.describe()}' names outputs the model does not have: {missing}; "
                               f"its outputs are {list(names)}")
+    gates = sorted({p.gate for p in task.parts() if p.gate} - set(names)) if task is not None else []
+    if gates:
+        raise RecipeError(f"metric '{task.describe()}' gates rows by outputs the model does not have: {gates}; "
+                          f"its outputs are {list(names)}")
     kinds = {}
     for k, name in enumerate(names):
         chunks = [np.asarray(chunk[k]) for chunk in reference]
@@ -212,9 +221,23 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
     return kinds
 
 
-def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float | None:
+def present_rows(gate: Sequence[np.ndarray], kind: OutputKind | None = None) -> list[np.ndarray]:
+    """Per chunk, the rows (first axis) where the reference output `gate` says an object is there: its top-1
+    class is not class 0 at some position (class scores), or a probability reaches the threshold."""
+    threshold = kind.metric.threshold if kind is not None and kind.kind == "probability" else 0.5
+    rows = []
+    for chunk in gate:
+        arr = np.asarray(chunk, dtype=np.float64)
+        arr = arr.reshape(arr.shape[0], -1, arr.shape[-1]) if arr.ndim >= 2 else arr.reshape(-1, 1, 1)
+        scores = (kind is None or kind.kind != "probability") and arr.shape[-1] >= 2
+        rows.append(np.any(arr.argmax(-1) != 0, axis=1) if scores else np.any(arr >= threshold, axis=(1, 2)))
+    return rows
+
+
+def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+              rows: Sequence[np.ndarray] | None = None) -> float | None:
     """The fraction of the task's answers that are the same (see the module docstring); None when
-    there is nothing to compare."""
+    there is nothing to compare. `rows` (per chunk, a regression's gate: present_rows) selects the rows that count."""
     m = kind.metric
     refs = [np.asarray(r, dtype=np.float64) for r in reference]
     cands = [np.asarray(c, dtype=np.float64) for c in candidate]
@@ -235,9 +258,15 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     else:
         scale = math.sqrt(sum(float(np.sum(r * r)) for r in refs) / sum(r.size for r in refs))
         same = []
-        for r, c in zip(refs, cands):
-            rows = (r - c).reshape(r.shape[0], -1) if r.ndim >= 2 else (r - c).reshape(-1, 1)
-            same.append(np.sqrt(np.mean(rows * rows, axis=1)) <= m.tolerance * scale)
+        for i, (r, c) in enumerate(zip(refs, cands)):
+            error = (r - c).reshape(r.shape[0], -1) if r.ndim >= 2 else (r - c).reshape(-1, 1)
+            ok = np.sqrt(np.mean(error * error, axis=1)) <= m.tolerance * scale
+            if rows is not None:
+                if rows[i].shape[0] != ok.shape[0]:
+                    raise RecipeError(f"metric '{m.describe()}': the gate has {rows[i].shape[0]} rows where the "
+                                      f"output has {ok.shape[0]}; gate by an output with one row per sample")
+                ok = ok[rows[i]]
+            same.append(ok)
     flat = np.concatenate([np.asarray(s).ravel() for s in same])
     return float(np.mean(flat)) if flat.size else None
 
