@@ -244,28 +244,37 @@ class BitWidthPass(Pass):
             return point
 
         points = [verify(choice) for choice in choices]
-        if cfg.target_ratio is None:  # bisect between the loosest scale that held and the next that did not
-            tried = sorted((scale, p.ok) for scale, p in zip(SCALES, points) if p is not None)
-            for _ in range(BISECTIONS):
-                held = [scale for scale, ok in tried if ok]
-                low = max(held, default=None)
-                high = min((scale for scale, ok in tried if not ok and low is not None and scale > low), default=None)
-                if low is None or high is None or high / max(low, 1e-9) < 1.1:
-                    break
-                mid = (low * high) ** 0.5 if low > 0 else high / 2
-                point = verify(allocate.min_size(options, budget * mid))
-                tried = sorted(tried + [(mid, point is not None and point.ok)])
+        if cfg.target_ratio is None:
+            self._bisect(points, verify, options, budget)
             if noise is not None and cfg.min_sqnr is None:
                 self._noise_ladder(noise, verify, seen, joint_noise)
+        return evaluated, self._best(cfg, evaluated, seen, options)
+
+    @staticmethod
+    def _bisect(points, verify, options, budget: float) -> None:
+        """Bisect between the loosest budget scale whose allocation held and the next that did not."""
+        tried = sorted((scale, p.ok) for scale, p in zip(SCALES, points) if p is not None)
+        for _ in range(BISECTIONS):
+            held = [scale for scale, ok in tried if ok]
+            low = max(held, default=None)
+            high = min((scale for scale, ok in tried if not ok and low is not None and scale > low), default=None)
+            if low is None or high is None or high / max(low, 1e-9) < 1.1:
+                break
+            mid = (low * high) ** 0.5 if low > 0 else high / 2
+            point = verify(allocate.min_size(options, budget * mid))
+            tried = sorted(tried + [(mid, point is not None and point.ok)])
+
+    @staticmethod
+    def _best(cfg: BitWidthConfig, evaluated, seen: dict, options) -> list[int]:
+        """The smallest verified choice within the budget (the closest to it under a target ratio); else the
+        safest candidates (most bits, least sparsity), with a warning."""
         feasible = [p for p in evaluated if p.ok]
         if not feasible:
-            safest = [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
-                      for o in options]
             log.warning("bitwidth: no searched configuration met the budget; using the safest candidates")
-            return evaluated, safest
+            return [max(range(len(o)), key=lambda j: (o[j].settings["bits"], -o[j].settings["sparsity"]))
+                    for o in options]
         best = min(feasible, key=lambda p: (p.bytes, p.check) if cfg.target_ratio is None else (p.check, p.bytes))
-        chosen = next(c for c, p in seen.items() if p is best)
-        return evaluated, list(chosen)
+        return list(next(c for c, p in seen.items() if p is best))
 
     @staticmethod
     def _noise_ladder(noise, verify, seen: dict, joint_noise: dict) -> None:
