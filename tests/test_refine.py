@@ -123,10 +123,10 @@ def test_refine_centroids_sparse_and_dense_paths_agree():
     x = correlated_rows(rng, 600, 300)
     w = rng.standard_normal((8, 300))
     codes = rng.integers(0, 6, size=(8, 300))
-    codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (factor path)
+    codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (row-sum path)
     h = gram(x)
     free = codes != 0
-    got = refine._code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
+    got = refine.code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
     ref = np.zeros((6, 6))
     for j in range(8):
         onehot = ((codes[j][:, None] == np.arange(6)) & free[j][:, None]).astype(float)

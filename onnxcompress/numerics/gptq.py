@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxcompress.numerics.measures import nearest_codes
+from onnxcompress.numerics.refine import code_gram
 
 FLOAT16_TINY, FLOAT16_MAX = 2.0 ** -14, 65504.0
 
@@ -124,26 +125,16 @@ def gptq_codes(w, book, scale, kept, exact, hessians: LayerHessians, keep_zero: 
 
 
 def code_normal_equations(codes, coded, s, target, hessians: LayerHessians, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A = sum_j s_j^2 O_j^T H O_j and b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the
-    (K, k) indicator of row j's coded entries: with the columns of row j sorted by code, H O_j sums
-    H's columns per code and O_j^T (H O_j) its rows, so a row costs K^2 additions, not K^2 k."""
+    """A = sum_j s_j^2 O_j^T H O_j (:func:`onnxcompress.numerics.refine.code_gram`, per group) and
+    b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the (K, k) indicator of row j's coded entries."""
     a, b = np.zeros((k, k)), np.zeros(k)
     for g, h in enumerate(hessians.hessians):
         rows = np.flatnonzero(hessians.group_of_channel == g)
         if rows.size == 0:
             continue
         ht = (target[rows] * s[rows][:, None]) @ h  # row j: s_j (H t_j)^T
-        for i, j in enumerate(rows):
-            cols = np.flatnonzero(coded[j])
-            if cols.size == 0:
-                continue
-            row_codes = codes[j, cols]
-            b += np.bincount(row_codes, weights=ht[i, cols], minlength=k)
-            order = np.argsort(row_codes, kind="stable")
-            cols, row_codes = cols[order], row_codes[order]
-            present, starts = np.unique(row_codes, return_index=True)
-            per_code = np.add.reduceat(h[np.ix_(cols, cols)], starts, axis=1)  # (coded, present)
-            a[np.ix_(present, present)] += s[j] ** 2 * np.add.reduceat(per_code, starts, axis=0)
+        b += np.bincount(codes[rows][coded[rows]], weights=ht[coded[rows]], minlength=k)
+        a += code_gram(codes[rows], coded[rows], s[rows], h, k)
     return a, b
 
 
