@@ -20,7 +20,7 @@ import onnx
 
 from onnxcompress.errors import ModelError
 from onnxcompress.graph.data import Dataset
-from onnxcompress.graph.edit import find_graph
+from onnxcompress.graph.edit import find_graph, upstream_model
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.runtime.statistics import Chunk, Collector
 
@@ -358,9 +358,10 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     name = layer.input_name
     paired = reference is not None
     collector = collector or Collector()
-    streams = [collector.stream(current, data, [name], max_batch=max_batch)]
+    # each model cut after the layer's input: the nodes after it would run for nothing
+    streams = [collector.stream(upstream_model(current, [name]), data, [name], max_batch=max_batch)]
     if paired:
-        streams.append(collector.stream(reference, data, [name], max_batch=max_batch))
+        streams.append(collector.stream(upstream_model(reference, [name]), data, [name], max_batch=max_batch))
     total = even = None
     chunks = 0
     for chunk, values in enumerate(zip(*streams)):
