@@ -404,3 +404,22 @@ def test_paired_grams_from_the_cut_models_are_the_whole_models():
     x = np.concatenate(rows)
     np.testing.assert_allclose(got.current[0], x.T @ x / len(x), rtol=1e-12)
     np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny.conv(group=2), lambda: tiny.gemm(trans_b=True)])
+def test_input_rows_of_a_float32_input_are_those_of_its_float64_copy(make):
+    """Rows are picked in the input's precision and widened after: the same rows as from a float64 copy."""
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.runtime.capture import linear_layer
+    model = make()
+    info = next(w for w in find_weights(model, min_elements=0) if len(w.shape) >= 2)
+    layer = linear_layer(model, info)
+    shape = (6, 8, 10, 10) if layer.kind == "conv" else (50, 64)
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    for max_rows in (None, 40):
+        narrow = layer.input_rows(x, max_rows, np.random.default_rng(1))
+        wide = layer.input_rows(x.astype(np.float64), max_rows, np.random.default_rng(1))
+        assert len(narrow) == len(wide) == layer.groups
+        for a, b in zip(narrow, wide):
+            assert a.dtype == np.float64 and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
