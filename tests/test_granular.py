@@ -331,15 +331,16 @@ def test_recurrent_bias_lands_on_gate_rows_and_a_gru_reset_bias_is_not_linked(op
     assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)
 
 
-def test_code_normal_equations_match_the_indicator_products():
+@pytest.mark.parametrize("K", [20, 300])  # rows of at most 256 coded entries (pair counts) and longer (row sums)
+def test_code_normal_equations_match_the_indicator_products(K):
     from types import SimpleNamespace
 
     from onnxcompress.numerics.gptq import code_normal_equations
 
     rng = np.random.default_rng(0)
-    K, rows, k = 20, 9, 6
-    x = rng.normal(size=(100, K))
-    h = x.T @ x / 100
+    rows, k = 9, 6
+    x = rng.normal(size=(400, K))
+    h = x.T @ x / 400
     hessians = SimpleNamespace(hessians=[h, 0.5 * h], group_of_channel=np.array([0] * 5 + [1] * 4))
     codes, coded = rng.integers(0, k, (rows, K)), rng.random((rows, K)) > 0.3
     s, t = rng.uniform(0.5, 2, rows), rng.normal(size=(rows, K))

@@ -124,10 +124,10 @@ def test_refine_centroids_sparse_and_dense_paths_agree():
     x = correlated_rows(rng, 600, 300)
     w = rng.standard_normal((8, 300))
     codes = rng.integers(0, 6, size=(8, 300))
-    codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (factor path)
+    codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (row-sum path)
     h = gram(x)
     free = codes != 0
-    got = refine._code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
+    got = refine.code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
     ref = np.zeros((6, 6))
     for j in range(8):
         onehot = ((codes[j][:, None] == np.arange(6)) & free[j][:, None]).astype(float)
@@ -340,3 +340,87 @@ def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values()
         assert a.count == b.count > 0
         for ga, gb in zip(a.gram, b.gram):
             np.testing.assert_array_equal(ga, gb)
+
+
+def _two_layers_and_a_branch():
+    """x -> MatMul w1 -> Relu -> MatMul w2 -> y, and a side branch: an If whose branches read w3 from outside."""
+    from onnx import helper, numpy_helper, TensorProto
+    rng = np.random.default_rng(3)
+    init = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    branch = lambda name: helper.make_graph([helper.make_node("Add", ["x", "w3"], [f"{name}_out"])], name, [],  # noqa: E731
+                                            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"]),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["z"], then_branch=branch("a"), else_branch=branch("b"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              [init("w1", (6, 5)), init("w2", (5, 3)), init("w3", (4, 6)),
+                               numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_upstream_model_keeps_only_what_the_named_tensors_need():
+    import onnx
+    import onnxruntime as ort
+    from onnxcompress.graph.edit import upstream_model
+    model = _two_layers_and_a_branch()
+    x = np.random.default_rng(4).standard_normal((4, 6)).astype(np.float32)
+    full = model.SerializeToString()
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend([onnx.ValueInfoProto(name="r")])
+    want = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r", "z"], {"x": x})
+    cut = upstream_model(model, ["r"])
+    assert [n.op_type for n in cut.graph.node] == ["MatMul", "Relu"]
+    assert [t.name for t in cut.graph.initializer] == ["w1"] and [o.name for o in cut.graph.output] == ["r"]
+    got = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])
+    branch = upstream_model(model, ["z"])  # the If's branches read w3 from the outer scope: kept
+    assert [n.op_type for n in branch.graph.node] == ["ReduceSum", "Greater", "If"]
+    assert {t.name for t in branch.graph.initializer} == {"w3", "zero"}
+    np.testing.assert_array_equal(ort.InferenceSession(branch.SerializeToString(), providers=["CPUExecutionProvider"])
+                                  .run(None, {"x": x})[0], want[1])
+    assert not upstream_model(model, ["x"]).graph.node  # a graph input: nothing to run
+    assert model.SerializeToString() == full  # the model itself is untouched
+
+
+def test_paired_grams_from_the_cut_models_are_the_whole_models():
+    """The Grams of a layer's input rows are the same whether the run stops after the layer's input or not."""
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.runtime import capture
+    from onnxcompress.runtime.statistics import Collector
+    model = _two_layers_and_a_branch()
+    info = next(w for w in find_weights(model, min_elements=0) if w.name == "w2")
+    layer = capture.linear_layer(model, info)
+    data = load_data({"x": np.random.default_rng(5).standard_normal((40, 4, 6)).astype(np.float32)})
+    got = capture.collect_paired_grams(model, model, data, layer, max_batch=8, collector=Collector())
+    rows = []
+    runner = Collector().runner(model, ["r"])  # the whole model, the layer's input fetched
+    for chunk in runner.chunks(data, max_batch=8):
+        rows.append(np.asarray(chunk.values["r"], np.float64).reshape(-1, 5))
+    x = np.concatenate(rows)
+    np.testing.assert_allclose(got.current[0], x.T @ x / len(x), rtol=1e-12)
+    np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny.conv(group=2), lambda: tiny.gemm(trans_b=True)])
+def test_input_rows_of_a_float32_input_are_those_of_its_float64_copy(make):
+    """Rows are picked in the input's precision and widened after: the same rows as from a float64 copy."""
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.runtime.capture import linear_layer
+    model = make()
+    info = next(w for w in find_weights(model, min_elements=0) if len(w.shape) >= 2)
+    layer = linear_layer(model, info)
+    shape = (6, 8, 10, 10) if layer.kind == "conv" else (50, 64)
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    for max_rows in (None, 40):
+        narrow = layer.input_rows(x, max_rows, np.random.default_rng(1))
+        wide = layer.input_rows(x.astype(np.float64), max_rows, np.random.default_rng(1))
+        assert len(narrow) == len(wide) == layer.groups
+        for a, b in zip(narrow, wide):
+            assert a.dtype == np.float64 and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)

@@ -182,7 +182,9 @@ def _count_sessions(monkeypatch) -> list:
 def test_share_with_data_builds_few_sessions(monkeypatch):
     """Regression guard for the session count: share-4bit with data on a three-layer model (gains probed
     per layer, layers refit in order). Before the collector: 16 sessions (one per capture, one per gain
-    probe); with it 5: one for the original's graph, one per refit layer's changed graph, two to validate."""
+    probe); with it 5: one for the original's graph, one per refit layer's changed graph, two to validate.
+    The refits' captures run each graph cut after the layer's input (onnxruntime runs every node of a session
+    whatever is fetched): the original's cut is one more session per refit layer, 8 here."""
     from onnxcompress import api
     import onnxcompress.passes  # noqa: F401  (imported before counting: every module that builds sessions)
     import onnxcompress.runtime.metrics  # noqa: F401
@@ -191,4 +193,4 @@ def test_share_with_data_builds_few_sessions(monkeypatch):
     data = Dataset(stacked=tiny.random_feeds(model, n=64, seed=4))
     built = _count_sessions(monkeypatch)
     api.compress(model, "share-4bit", data, progress=False)
-    assert 0 < len(built) <= 6, len(built)
+    assert 0 < len(built) <= 9, len(built)

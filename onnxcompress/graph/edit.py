@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import onnx
 
@@ -145,3 +145,33 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
         model.graph.input.extend(keep)
         model.ir_version = max(model.ir_version, 4)
     return dropped
+
+
+def upstream_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that computes only the main-graph tensors `names`, its outputs: the nodes they
+    depend on (through subgraphs' outer-scope reads too), in graph order, and the initializers those
+    read. Every graph input stays, so the same feeds serve. onnxruntime runs every node of a session
+    whatever is fetched, so a run for a layer's input costs what the layers before it cost."""
+    wanted = set(names)
+    graph = model.graph
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if wanted.intersection(o for o in node.output if o):
+            kept.append(node)
+            wanted.update(x for x in node.input if x)
+            wanted |= outer_names(node)
+    out = onnx.ModelProto()
+    out.ir_version, out.producer_name, out.producer_version = model.ir_version, model.producer_name, model.producer_version
+    out.domain, out.model_version = model.domain, model.model_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    made = {o for node in kept for o in node.output} | {i.name for i in graph.input}
+    out.graph.name = graph.name
+    out.graph.node.extend(reversed(kept))
+    out.graph.input.extend(graph.input)
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in wanted)
+    out.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in wanted)
+    out.graph.value_info.extend(v for v in graph.value_info if v.name in made)
+    declared = {o.name: o for o in graph.output} | {v.name: v for v in graph.value_info}
+    out.graph.output.extend(declared.get(n, onnx.ValueInfoProto(name=n)) for n in dict.fromkeys(names))
+    return out

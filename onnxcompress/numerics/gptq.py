@@ -136,26 +136,16 @@ def gptq_codes(w, grid: Grid, kept, exact, hessians: LayerHessians, damp: float 
 
 
 def code_normal_equations(codes, coded, s, target, hessians: LayerHessians, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A = sum_j s_j^2 O_j^T H O_j and b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the
-    (K, k) indicator of row j's coded entries: with the columns of row j sorted by code, H O_j sums
-    H's columns per code and O_j^T (H O_j) its rows, so a row costs K^2 additions, not K^2 k."""
+    """A = sum_j s_j^2 O_j^T H O_j (:func:`code_gram`, per group) and
+    b = sum_j s_j O_j^T H t_j (see refit_under_hessians), O_j the (K, k) indicator of row j's coded entries."""
     a, b = np.zeros((k, k)), np.zeros(k)
     for g, h in enumerate(hessians.hessians):
         rows = np.flatnonzero(hessians.group_of_channel == g)
         if rows.size == 0:
             continue
         ht = (target[rows] * s[rows][:, None]) @ h  # row j: s_j (H t_j)^T
-        for i, j in enumerate(rows):
-            cols = np.flatnonzero(coded[j])
-            if cols.size == 0:
-                continue
-            row_codes = codes[j, cols]
-            b += np.bincount(row_codes, weights=ht[i, cols], minlength=k)
-            order = np.argsort(row_codes, kind="stable")
-            cols, row_codes = cols[order], row_codes[order]
-            present, starts = np.unique(row_codes, return_index=True)
-            per_code = np.add.reduceat(h[np.ix_(cols, cols)], starts, axis=1)  # (coded, present)
-            a[np.ix_(present, present)] += s[j] ** 2 * np.add.reduceat(per_code, starts, axis=0)
+        b += np.bincount(codes[rows][coded[rows]], weights=ht[coded[rows]], minlength=k)
+        a += code_gram(codes[rows], coded[rows], s[rows], h, k)
     return a, b
 
 
@@ -197,3 +187,31 @@ def refit_under_hessians(w, codes, grid: Grid, coded, fixed, hessians: LayerHess
     if scale is not None:
         scale = s.astype(np.float16 if use_float16(s, scale_dtype) else np.float32)
     return book, scale
+
+
+def code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
+    """sum_j s_j^2 E_j^T H E_j over rows j, E_j the one-hot (K, n) of row j's free entries S_j.
+
+    Sparse rows (|S_j| small): bincount of H_SS by the code pairs. Dense rows: with S_j sorted by
+    code, E_j^T H sums H's rows per code (one contiguous reduction of the gathered rows H_S), then
+    that (m, K) matrix's columns per code: O(|S_j| K) additions on rows, O(m |S_j|) on columns,
+    for the m codes the row uses (no factor of H, so H needs no jitter).
+    """
+    rows, _ = codes.shape
+    g = np.zeros((n, n))
+    for j in range(rows):
+        idx = np.flatnonzero(free[j])
+        if idx.size == 0:
+            continue
+        cj = codes[j, idx]
+        if idx.size <= 256:
+            pair = (cj[:, None] * n + cj[None, :]).ravel()
+            g += np.bincount(pair, weights=h[np.ix_(idx, idx)].ravel(), minlength=n * n).reshape(n, n) * s[j] ** 2
+            continue
+        order = np.argsort(cj, kind="stable")
+        cols, sorted_codes = idx[order], cj[order]
+        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        by_code = np.add.reduceat(h[cols], starts, axis=0)  # (m, K): E_j^T H
+        present = sorted_codes[starts]
+        g[np.ix_(present, present)] += np.add.reduceat(by_code[:, cols], starts, axis=1) * s[j] ** 2
+    return g

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnxcompress.numerics.gptq import LayerHessians
+from onnxcompress.numerics.gptq import LayerHessians, code_gram
 
 try:  # many small solves run far faster on one BLAS thread (threads oversubscribe busy machines)
     from threadpoolctl import ThreadpoolController
@@ -277,7 +277,7 @@ def _centroid_equations(target: np.ndarray, codes: np.ndarray, c0: np.ndarray, s
         h = np.asarray(hessians.hessians[grp], dtype=np.float64)
         cross = h if hessians.crosses is None else np.asarray(hessians.crosses[grp], dtype=np.float64)
         rhs = target[sel] @ cross.T  # row j: (C w_j)^T
-        g += _code_gram(codes[sel], free_entries[sel], s[sel], h, n)
+        g += code_gram(codes[sel], free_entries[sel], s[sel], h, n)
         w_fixed = np.where(free_entries[sel], 0.0, c0[codes[sel]]) * s[sel, None]
         fixed_out = w_fixed @ h  # (H w_fixed)^T
         contrib = (rhs - fixed_out) * s[sel, None]
@@ -285,33 +285,3 @@ def _centroid_equations(target: np.ndarray, codes: np.ndarray, c0: np.ndarray, s
     return g, b
 
 
-def _code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
-    """sum_j s_j^2 E_j^T H E_j over rows j, E_j the one-hot (K, n) of row j's free entries.
-
-    Sparse rows (|S_j| small): bincount of H_SS by the code pairs, O(|S_j|^2). Dense rows: with a
-    factor H = F^T F, E_j^T H E_j = Z^T Z where Z = F E_j sums F's columns by code, O(K |S_j| + K m^2)
-    for the m codes the row uses, instead of O(|S_j|^2) scattered adds.
-    """
-    rows, k = codes.shape
-    g = np.zeros((n, n))
-    factor = None
-    with _one_blas_thread():
-        for j in range(rows):
-            idx = np.flatnonzero(free[j])
-            if idx.size == 0:
-                continue
-            cj = codes[j, idx]
-            if idx.size <= 256:
-                pair = (cj[:, None] * n + cj[None, :]).ravel()
-                g += np.bincount(pair, weights=h[np.ix_(idx, idx)].ravel(), minlength=n * n).reshape(n, n) * s[j] ** 2
-                continue
-            if factor is None:
-                jitter = 1e-12 * max(float(np.mean(np.diag(h))), 1e-300)
-                factor = np.linalg.cholesky(h + jitter * np.eye(k)).T  # H + jitter I = F^T F
-            order = np.argsort(cj, kind="stable")
-            sorted_codes = cj[order]
-            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-            z = np.add.reduceat(factor[:, idx[order]], starts, axis=1)  # (K, m)
-            present = sorted_codes[starts]
-            g[np.ix_(present, present)] += (z.T @ z) * s[j] ** 2
-    return g

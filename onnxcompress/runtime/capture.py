@@ -20,7 +20,7 @@ import onnx
 
 from onnxcompress.errors import ModelError
 from onnxcompress.graph.data import Dataset
-from onnxcompress.graph.edit import find_graph
+from onnxcompress.graph.edit import find_graph, upstream_model
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.runtime.statistics import Chunk, Collector
 
@@ -67,13 +67,16 @@ class LinearLayer:
 
     def input_rows(self, x: np.ndarray, max_rows: int | None = None,
                    rng: np.random.Generator | None = None) -> list[np.ndarray]:
-        """Per group, (rows, K) samples of the input, at most `max_rows` (random) each."""
+        """Per group, (rows, K) float64 samples of the input, at most `max_rows` (random) each (picked in
+        the input's own precision, then widened: the same rows, without a float64 copy of the whole input)."""
         if self.kind == "gemm":
             rows = x.T if self.conv.get("transA") else x
-            return [_subsample(rows.reshape(-1, rows.shape[-1]), max_rows, rng)]
-        if self.kind == "matmul":
-            return [_subsample(x.reshape(-1, x.shape[-1]), max_rows, rng)]
-        return _im2col(x, self, max_rows, rng)
+            picked = [_subsample(rows.reshape(-1, rows.shape[-1]), max_rows, rng)]
+        elif self.kind == "matmul":
+            picked = [_subsample(x.reshape(-1, x.shape[-1]), max_rows, rng)]
+        else:
+            picked = _im2col(x, self, max_rows, rng)
+        return [np.asarray(rows, dtype=np.float64) for rows in picked]
 
 
 def _subsample(rows: np.ndarray, max_rows: int | None, rng) -> np.ndarray:
@@ -202,7 +205,7 @@ class LayerInputs:
         self.update(chunk.values[self.tensor])
 
     def update(self, x: np.ndarray) -> None:
-        groups = self.layer.input_rows(np.asarray(x, dtype=np.float64), self.rows_per_chunk, self.rng)
+        groups = self.layer.input_rows(np.asarray(x), self.rows_per_chunk, self.rng)
         sums = [g.sum(axis=0) for g in groups]
         self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
         if self.gram is None:
@@ -359,13 +362,14 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     name = layer.input_name
     paired = reference is not None
     collector = collector or Collector()
-    streams = [collector.stream(current, data, [name], max_batch=max_batch)]
+    # each model cut after the layer's input: the nodes after it would run for nothing
+    streams = [collector.stream(upstream_model(current, [name]), data, [name], max_batch=max_batch)]
     if paired:
-        streams.append(collector.stream(reference, data, [name], max_batch=max_batch))
+        streams.append(collector.stream(upstream_model(reference, [name]), data, [name], max_batch=max_batch))
     total = even = None
     chunks = 0
     for chunk, values in enumerate(zip(*streams)):
-        rows = [layer.input_rows(np.asarray(v[name], dtype=np.float64), rows_per_chunk,
+        rows = [layer.input_rows(np.asarray(v[name]), rows_per_chunk,
                                  np.random.default_rng((0, chunk))) for v in values]
         if total is None:
             total = _GramSums(rows[0], paired)
