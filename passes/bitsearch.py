@@ -247,7 +247,7 @@ class Pruner:
         return damping_for_all_rows(errors)
 
 
-def floor_disagreement(candidates: list[Candidate], resolution: float, limit: float | None = None) -> None:
+def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
     """Give candidates below the count's resolution a cost from their output noise.
 
     Changed decisions are counted on a finite sample, so a candidate that flips none of them
@@ -255,13 +255,9 @@ def floor_disagreement(candidates: list[Candidate], resolution: float, limit: fl
     "free" layers then flip many decisions together. A decision flips when the noise exceeds the
     sample's margin, so for small noise the flipped share grows like the noise's standard
     deviation, sqrt(NSR). The factor is read off the candidates that flip enough samples to be
-    counted and no more than `limit` (the median of cost / sqrt(nsr)); each cost becomes
-    max(cost, factor * sqrt(nsr)). Candidates over the limit cannot be allocated, and which of them
-    the sweep measures at all depends on its order and skips: reading the factor off them too made
-    the floor, and so the whole allocation, depend on the sweep's order.
+    counted (the median of cost / sqrt(nsr)); each cost becomes max(cost, factor * sqrt(nsr)).
     """
-    counted = [c.cost / np.sqrt(c.nsr) for c in candidates
-               if c.cost >= resolution and c.nsr > 0 and (limit is None or c.cost <= limit)]
+    counted = [c.cost / np.sqrt(c.nsr) for c in candidates if c.cost >= resolution and c.nsr > 0]
     if not counted:
         return
     factor = float(np.median(counted))

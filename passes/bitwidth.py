@@ -195,7 +195,7 @@ class BitWidthPass(Pass):
                  sum(map(len, table.values())), skipped)
         if counting:
             resolution = 100.0 * 2 / max(len(evaluator.data), 1)
-            floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution, limit)
+            floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
         return table
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int):
