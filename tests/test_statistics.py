@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 import tiny
-from onnxcompress.graph.data import Dataset
+from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.graph.weights import find_weights
 from onnxcompress.numerics.quantmath import StreamingHistogram
 from onnxcompress.runtime import sessions as runtime
@@ -194,3 +194,53 @@ def test_share_with_data_builds_few_sessions(monkeypatch):
     built = _count_sessions(monkeypatch)
     api.compress(model, "share-4bit", data, progress=False)
     assert 0 < len(built) <= 9, len(built)
+
+
+def _old_way_gram(model, data, layer, session, weights):
+    """The Gram matrix and row sum of `layer`'s input as c7d67f3's capture computed them: one session, the
+    data's chunks of 64 in order, float64 rows, sum of rows.T @ rows from zeros."""
+    gram = total = None
+    for feed, _ in data.chunks(model_inputs(model), max_batch=64):
+        x = session.run([layer.input_name], {**feed, **weights})[0]
+        rows = layer.input_rows(np.asarray(x, dtype=np.float64), 2048, None)[0]
+        gram = np.zeros((rows.shape[1],) * 2) if gram is None else gram
+        total = np.zeros(rows.shape[1]) if total is None else total
+        gram += rows.T @ rows
+        total += rows.sum(axis=0)
+    return gram, total
+
+
+def _two_convs(c: int = 8, m: int = 16, size: int = 5) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv: the second layer's input comes out of a Conv kernel."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(tiny.weights(rng, m, c, 3, 3), "W1"),
+             numpy_helper.from_array(tiny.weights(rng, m, m, 3, 3), "W2")]
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             onnx.helper.make_node("Conv", ["r1", "W2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", c, size, size])], [tiny.value("y", ["N", m, size, size])],
+                           inits)
+
+
+def test_the_collectors_gram_is_the_old_captures_bit_for_bit_for_the_same_kind_of_session():
+    """Summation order, dtype and batching are c7d67f3's exactly; what differs from it is only the session.
+    Weights fed as inputs (one session for a graph whatever its weights) take other onnxruntime kernels
+    than constant ones (at ORT_ENABLE_ALL a constant-weight Conv runs in the NCHWc layout, a constant GEMM
+    operand is prepacked), so a layer after them sees inputs that differ by rounding (here about 2e-8 of
+    the Gram matrix, on LeNet-5's fc1 1.2e-7); fixed_weights=True gives c7d67f3's numbers exactly."""
+    model = _two_convs()
+    data = Dataset(stacked=tiny.random_feeds(model, n=150, seed=5))
+    layer = linear_layer(model, next(w for w in find_weights(model, min_elements=0) if w.name == "W2"))
+    for fixed in (True, False):
+        stats = LayerInputs(layer)
+        Collector().gather(model, data, [stats], fixed_weights=fixed)
+        if fixed:
+            light, arrays = runtime.detached(model, also={"W1", "W2"})
+            weights = {}
+        else:
+            light, weights = weights_as_inputs(model)
+            arrays = None
+        light.graph.output.extend([onnx.ValueInfoProto(name=layer.input_name)])
+        gram, total = _old_way_gram(model, data, layer, runtime.make_session(light, arrays=arrays), weights)
+        assert stats.count == 150 * 5 * 5  # 64 samples x 25 positions a chunk: no row is subsampled
+        assert np.array_equal(stats.gram[0], gram) and np.array_equal(stats.sums[0], total), fixed

@@ -19,8 +19,13 @@ far; a request for a tensor it lacks rebuilds it once with the union. ``fixed_we
 the weights constant instead (onnxruntime folds and prepacks them, as a deployed session computes;
 calibration uses it): such sessions are keyed by the weights' bytes too.
 
-Weights fed as inputs are not prepacked, and onnxruntime's convolution then takes another path: a
-layer's input differs from the constant-weight session's by rounding (about 1e-6 relative).
+Weights fed as inputs take other onnxruntime kernels than constant ones: at ORT_ENABLE_ALL a Conv with a
+constant weight runs in the NCHWc layout and a constant GEMM operand is prepacked, neither of which a fed
+weight gets. A layer's input after them differs from the constant-weight session's by rounding (LeNet-5:
+fc1's Gram matrix 1.2e-7 relative, fc2's codebook from `share --data` at the last ulp); the collector's
+own arithmetic is c7d67f3's (test_statistics pins it). ``fixed_weights=True`` for the Gram matrices and
+paired captures gives c7d67f3's `share` output on LeNet-5 byte for byte, at the price of a session per
+distinct set of weights (share 9 -> 10 sessions; deep-compression's prune refits one per layer again).
 """
 from __future__ import annotations
 
