@@ -387,8 +387,10 @@ def test_upstream_model_keeps_only_what_the_named_tensors_need():
     assert model.SerializeToString() == full  # the model itself is untouched
 
 
-def test_paired_grams_from_the_cut_models_are_the_whole_models():
-    """The Grams of a layer's input rows are the same whether the run stops after the layer's input or not."""
+@pytest.mark.parametrize("slow", [False, True])
+def test_paired_grams_from_the_cut_models_are_the_whole_models(monkeypatch, slow):
+    """The Grams of a layer's input rows are the same whether the run stops after the layer's input or not; the
+    models are cut only once a pass over the data through the whole model has been measured slow (CUT_SECONDS)."""
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights
     from onnxcompress.runtime import capture
@@ -397,12 +399,16 @@ def test_paired_grams_from_the_cut_models_are_the_whole_models():
     info = next(w for w in find_weights(model, min_elements=0) if w.name == "w2")
     layer = capture.linear_layer(model, info)
     data = load_data({"x": np.random.default_rng(5).standard_normal((40, 4, 6)).astype(np.float32)})
-    got = capture.collect_paired_grams(model, model, data, layer, max_batch=8, collector=Collector())
+    monkeypatch.setattr(capture, "CUT_SECONDS", -1.0 if slow else 1e9)
+    collector = Collector()
     rows = []
-    runner = Collector().runner(model, ["r"])  # the whole model, the layer's input fetched
+    runner = collector.runner(model, ["r"])  # the whole model, the layer's input fetched (and its cost measured)
     for chunk in runner.chunks(data, max_batch=8):
         rows.append(np.asarray(chunk.values["r"], np.float64).reshape(-1, 5))
     x = np.concatenate(rows)
+    built = collector.built
+    got = capture.collect_paired_grams(model, model, data, layer, max_batch=8, collector=collector)
+    assert collector.built - built == (1 if slow else 0)  # the cut model's session, one for both (same graph)
     np.testing.assert_allclose(got.current[0], x.T @ x / len(x), rtol=1e-12)
     np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
 

@@ -183,8 +183,8 @@ def test_share_with_data_builds_few_sessions(monkeypatch):
     """Regression guard for the session count: share-4bit with data on a three-layer model (gains probed
     per layer, layers refit in order). Before the collector: 16 sessions (one per capture, one per gain
     probe); with it 5: one for the original's graph, one per refit layer's changed graph, two to validate.
-    The refits' captures run each graph cut after the layer's input (onnxruntime runs every node of a session
-    whatever is fetched): the original's cut is one more session per refit layer, 8 here."""
+    The refits' captures cut the models after the layer's input only where a pass over the data through the
+    whole model was slow (capture.CUT_SECONDS), which it is not here."""
     from onnxcompress import api
     import onnxcompress.passes  # noqa: F401  (imported before counting: every module that builds sessions)
     import onnxcompress.runtime.metrics  # noqa: F401
@@ -193,7 +193,7 @@ def test_share_with_data_builds_few_sessions(monkeypatch):
     data = Dataset(stacked=tiny.random_feeds(model, n=64, seed=4))
     built = _count_sessions(monkeypatch)
     api.compress(model, "share-4bit", data, progress=False)
-    assert 0 < len(built) <= 9, len(built)
+    assert 0 < len(built) <= 6, len(built)
 
 
 def _old_way_gram(model, data, layer, session, weights):

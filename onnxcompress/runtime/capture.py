@@ -137,6 +137,7 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
 # a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
 # K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
 MAX_ROW_LENGTH = 8192
+CUT_SECONDS = 1.0  # a pass over the data through the whole model longer than this: layers' inputs from a cut model
 
 
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
@@ -362,10 +363,9 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     name = layer.input_name
     paired = reference is not None
     collector = collector or Collector()
-    # each model cut after the layer's input: the nodes after it would run for nothing
-    streams = [collector.stream(upstream_model(current, [name]), data, [name], max_batch=max_batch)]
+    streams = [collector.stream(_through(collector, current, name, data), data, [name], max_batch=max_batch)]
     if paired:
-        streams.append(collector.stream(upstream_model(reference, [name]), data, [name], max_batch=max_batch))
+        streams.append(collector.stream(_through(collector, reference, name, data), data, [name], max_batch=max_batch))
     total = even = None
     chunks = 0
     for chunk, values in enumerate(zip(*streams)):
@@ -384,6 +384,15 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     if even is not None and chunks >= 2:
         halves = (even.averaged(layer, paired), total.minus(even).averaged(layer, paired))
     return total.averaged(layer, paired, halves)
+
+
+def _through(collector: Collector, model: onnx.ModelProto, name: str, data: Dataset) -> onnx.ModelProto:
+    """`model`, or it cut just after the tensor `name` (graph.edit.upstream_model) where a pass over `data`
+    through the whole model has been measured at over CUT_SECONDS: onnxruntime runs every node of a session
+    whatever is fetched, so the nodes after the layer's input would run for nothing; but a cut model is a
+    session of its own, which costs more than it saves on a model that runs fast (LeNet-5: a few ms a pass)."""
+    cost = collector.seconds_per_sample(model)
+    return upstream_model(model, [name]) if cost is not None and cost * len(data) > CUT_SECONDS else model
 
 
 def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:

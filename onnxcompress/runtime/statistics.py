@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -187,6 +188,8 @@ class _Session:
     session: object
     outputs: frozenset[str]
     reduced: dict[str, tuple[str, str]]  # tensor -> (its ReduceMin output, its ReduceMax output)
+    seconds: float = 0.0  # spent in its runs so far
+    samples: int = 0  # run so far
 
 
 class Runner:
@@ -199,12 +202,17 @@ class Runner:
         self._fetch = list(names) + [r for t in extremes for r in entry.reduced[t]]
 
     def run(self, feed: dict[str, np.ndarray], swapped: dict[str, np.ndarray] | None = None, *,
-            source: str = "the data") -> Chunk:
-        """The chunk `feed` through the model, with the weights in `swapped` replaced."""
+            source: str = "the data", count: int = 0) -> Chunk:
+        """The chunk `feed` (of `count` samples, when counted in the session's cost) through the model, with
+        the weights in `swapped` replaced."""
+        start = time.perf_counter()
         try:
             out = self.entry.session.run(self._fetch, {**feed, **self.weights, **(swapped or {})})
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime failed on {source}: {first_line(e)}") from e
+        if count:
+            self.entry.seconds += time.perf_counter() - start
+            self.entry.samples += count
         count = len(self.names)
         values = dict(zip(self.names, out[:count]))
         lows, highs = out[count::2], out[count + 1::2]
@@ -219,12 +227,12 @@ class Runner:
         source = getattr(data, "source", None) or "the data"
         if workers == 1:
             for feed, count in feeds:
-                yield _counted(self.run(feed, swapped, source=source), count)
+                yield _counted(self.run(feed, swapped, source=source, count=count), count)
             return
         with ThreadPoolExecutor(workers) as pool:
             pending: deque = deque()
             for feed, count in feeds:
-                pending.append((pool.submit(self.run, feed, swapped, source=source), count))
+                pending.append((pool.submit(self.run, feed, swapped, source=source, count=count), count))
                 if len(pending) >= workers:
                     future, count = pending.popleft()
                     yield _counted(future.result(), count)
@@ -254,19 +262,7 @@ class Collector:
         """A runner of `model` returning the main-graph tensors `names` and the (min, max) of
         `extremes`. Weights named in `also` can be swapped at run time even with fixed_weights."""
         names, extremes = list(dict.fromkeys(names)), list(dict.fromkeys(extremes))
-        if fixed_weights:
-            light, arrays = detached(model, also=set(also))
-            swappable = {n: arrays.pop(n) for n in set(also) & set(arrays)}
-            light = _inputs_for(light, swappable, also)
-            digest = hashlib.sha256()
-            for name in sorted(arrays):
-                digest.update(name.encode())
-                digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-            weights_key, fed = digest.hexdigest(), swappable
-        else:
-            light, fed = weights_as_inputs(model, also)
-            weights_key, arrays = None, None
-        key = (hashlib.sha256(light.SerializeToString()).hexdigest(), weights_key, optimize, threads)
+        key, light, arrays, fed = self._key(model, also, fixed_weights, optimize, threads)
         entry = self._sessions.get(key)
         if entry is None or not (set(names) <= entry.outputs and set(extremes) <= set(entry.reduced)):
             # every layer's input, asked for or not: the passes after this one ask for them one by one
@@ -281,6 +277,30 @@ class Collector:
         while len(self._sessions) > self.keep:
             self._sessions.popitem(last=False)
         return Runner(entry, model, fed, names, extremes)
+
+    def seconds_per_sample(self, model: onnx.ModelProto) -> float | None:
+        """What a sample has cost in runs of `model`'s cached session (weights fed, as :meth:`stream` runs it);
+        None before it has run."""
+        entry = self._sessions.get(self._key(model, (), False, True, None)[0])
+        return entry.seconds / entry.samples if entry is not None and entry.samples else None
+
+    @staticmethod
+    def _key(model: onnx.ModelProto, also: Iterable[str], fixed_weights: bool, optimize: bool, threads: int | None):
+        """(the cache key of model's session, its graph as run, constant weights, weights to feed)."""
+        if fixed_weights:
+            light, arrays = detached(model, also=set(also))
+            swappable = {n: arrays.pop(n) for n in set(also) & set(arrays)}
+            light = _inputs_for(light, swappable, also)
+            digest = hashlib.sha256()
+            for name in sorted(arrays):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+            weights_key, fed = digest.hexdigest(), swappable
+        else:
+            light, fed = weights_as_inputs(model, also)
+            weights_key, arrays = None, None
+        key = (hashlib.sha256(light.SerializeToString()).hexdigest(), weights_key, optimize, threads)
+        return key, light, arrays, fed
 
     def _build(self, light: onnx.ModelProto, outputs: set[str], reduced: set[str], *, optimize: bool,
                threads: int | None, arrays) -> _Session:
