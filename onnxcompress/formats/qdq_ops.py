@@ -119,14 +119,17 @@ def _reroute(graph: onnx.GraphProto, name: str, is_input: bool, scope: NameScope
     tensor's producer writes a fresh float name and the DQ output takes the tensor's own name."""
     if is_input:
         dq_out = scope.fresh(f"{name}_dequantized")
-        for node in graph.node:
-            for k, x in enumerate(node.input):
-                if x == name:
-                    node.input[k] = dq_out
+        _rename(graph, "input", name, dq_out)
         return name, dq_out
     source = scope.fresh(f"{name}_float")
-    for node in graph.node:
-        for k, x in enumerate(node.output):
-            if x == name:
-                node.output[k] = source
+    _rename(graph, "output", name, source)
     return source, name
+
+
+def _rename(graph: onnx.GraphProto, field: str, old: str, new: str) -> None:
+    """Every main-graph node's `field` ("input" or "output") entry `old` becomes `new`."""
+    for node in graph.node:
+        names = getattr(node, field)
+        for k, x in enumerate(names):
+            if x == old:
+                names[k] = new
