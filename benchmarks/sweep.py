@@ -1,7 +1,7 @@
 """Every recipe on every ONNX file found under the given folders: does anything crash?
 
     python benchmarks/sweep.py FOLDER_OR_FILE ... [--recipes share int8 ...] [--timeout 600]
-                               [--max-mb 60] [--json out.json]
+                               [--max-mb 60] [--json out.json] [--data N]
 
 Meant for models nobody here chose: point it at installed packages (site-packages) and it runs
 the CLI, each model and recipe in its own process with synthesized data (the tool's own
@@ -10,6 +10,10 @@ sorts the outcomes: ok (exit 0), refused (exit 2: one line naming the problem, t
 bad input), gate (exit 1 from a failed fidelity gate), BUG (exit 1 from our error, any traceback,
 more than one line on stderr, or a crash by signal), and timeout. A BUG row is a bug to fix; a
 refusal is worth reading (is it the user's fault, and does the line say what to do?).
+
+With `--data N`, every run gets `--data` too: a feed-list .npz of N feeds the model runs on, synthesized
+once per model by onnxcompress.runtime.synthesis (random values, so fidelity figures mean little; what
+is tested is the data-driven path: calibration, captures, refits, the guard, the search).
 """
 from __future__ import annotations
 
@@ -52,10 +56,32 @@ def classify(code: int | None, stderr: str) -> str:
     return "gate" if lines and "gate" in lines[-1].lower() else "BUG"
 
 
-def run_one(model: Path, recipe: str, timeout: float, folder: Path) -> dict:
+def synthetic_data(model: Path, n: int, folder: Path) -> Path | None:
+    """A feed-list .npz of n synthesized feeds `model` runs on, or None where none can be made (a run
+    without --data then shows the reason)."""
+    import numpy as np
+
+    from onnxcompress.errors import OnnxCompressError
+    from onnxcompress.graph.data import model_inputs
+    from onnxcompress.graph.model import load_model
+    from onnxcompress.runtime.synthesis import runnable_data
+
+    try:
+        loaded = load_model(model)
+        specs = model_inputs(loaded)
+        data = runnable_data(loaded, specs, n=n)
+    except OnnxCompressError:
+        return None
+    path = folder / f"{model.stem}.calib.npz"
+    feeds = [data.feed(i, specs) for i in range(n)]
+    np.savez(path, **{f"{i:05d}/{name}": value for i, feed in enumerate(feeds) for name, value in feed.items()})
+    return path
+
+
+def run_one(model: Path, recipe: str, timeout: float, folder: Path, data: Path | None = None) -> dict:
     out = folder / f"{model.stem}.{recipe}.onnx"
     cmd = [sys.executable, "-m", "onnxcompress.cli", "compress", str(model), "-o", str(out),
-           "--recipe", recipe, "--jobs", "1", "--quiet"]
+           "--recipe", recipe, "--jobs", "1", "--quiet"] + (["--data", str(data)] if data else [])
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -82,14 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model and recipe")
     parser.add_argument("--max-mb", type=float, default=60, help="skip files larger than this")
     parser.add_argument("--json", help="write every row here")
+    parser.add_argument("--data", type=int, default=0, metavar="N",
+                        help="give every run --data: N feeds synthesized once per model (default: no data)")
     args = parser.parse_args(argv)
     models = find_models(args.roots, args.max_mb)
     print(f"{len(models)} models x {len(args.recipes)} recipes", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxcompress-sweep-") as folder:
         for model in models:
+            data = synthetic_data(model, args.data, Path(folder)) if args.data else None
             for recipe in args.recipes:
-                row = run_one(model, recipe, args.timeout, Path(folder))
+                row = run_one(model, recipe, args.timeout, Path(folder), data)
                 rows.append(row)
                 print(f"{row['outcome']:8} {row['seconds']:7.1f}s {row.get('ratio', ''):>6} {recipe:24} "
                       f"{os.path.relpath(model)}  {row['stderr'] if row['outcome'] != 'ok' else ''}", flush=True)

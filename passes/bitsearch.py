@@ -114,6 +114,11 @@ def weights_as_inputs(model: onnx.ModelProto, weights: list[WeightInfo]) -> onnx
     return copy
 
 
+def _power(arrays) -> float:
+    """The summed squares of the arrays' values in float64 (bool and integer outputs too: a mask, a count)."""
+    return float(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays))
+
+
 def make_score(budget: Budget, labels_present: bool, producers: dict[str, str] | None = None):
     """The loss function: returns {"cost": additive loss for allocation, "check": budgeted quantity}.
 
@@ -127,11 +132,9 @@ def make_score(budget: Budget, labels_present: bool, producers: dict[str, str] |
         kinds = kinds_of.setdefault(id(reference), resolve_kinds(names, reference, producers, task))
         metrics = compare_outputs(names, reference, candidate, data.labels, kinds=kinds)
         counted = [m for m in metrics if m.budgeted and m.agreement is not None]
-        signals = [float(np.sum(np.square(np.concatenate([c[k].ravel() for c in reference]), dtype=np.float64)))
-                   for k in range(len(names))]
-        noises = [float(np.sum(np.square(np.concatenate([(r[k] - c[k]).ravel().astype(np.float64)
-                                                          for r, c in zip(reference, candidate)]))))
-                  for k in range(len(names))]
+        signals = [_power(c[k] for c in reference) for k in range(len(names))]
+        noises = [_power(np.asarray(r[k], np.float64) - np.asarray(c[k], np.float64)
+                         for r, c in zip(reference, candidate)) for k in range(len(names))]
         signal, noise = sum(signals), sum(noises)
         nsr = noise / signal if signal > 0 else 0.0
         out = {"nsr": nsr, "sqnr_db": 10 * np.log10(1 / nsr) if nsr > 0 else float("inf")}

@@ -443,3 +443,17 @@ def test_the_task_noise_counts_only_the_budgeted_outputs_each_against_its_own_si
     out = score(["scores", "boxes", "other"], reference, candidate, Data())
     assert out["task_nsr"] == pytest.approx(1e-4, rel=1e-6)  # the boxes' 1% error; the other output's noise left out
     assert out["nsr"] < 1e-5  # over every output, the large one drowns the boxes' error
+
+
+def test_a_boolean_or_integer_output_is_scored_not_a_crash():
+    """A model that also outputs a mask (bool) or a count (int64): its noise is measured in float64 (numpy cannot
+    subtract booleans; found by benchmarks/sweep.py --data on a GRU encoder with a mask output)."""
+    class Data:
+        labels = None
+
+    scores = np.array([[4.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+    mask = np.array([[True, False], [True, True]])
+    count = np.array([3, 1], dtype=np.int64)
+    out = make_score(BitWidthConfig(max_drop=1.0).budget, False)(
+        ["scores", "mask", "count"], [[scores, mask, count]], [[scores, ~mask, count + 1]], Data())
+    assert out["nsr"] == pytest.approx((4 + 2) / (16 + 9 + 3 + 10))  # mask: 4 flips; count: 2 units off
