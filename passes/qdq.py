@@ -96,17 +96,18 @@ class QdqPass(Pass):
         return frozenset({Artifact.CALIBRATION}) if self.config.mode == "static" else frozenset()
 
     def requires(self, ctx: Context) -> None:
-        opset = opset_of(ctx.model)
-        if opset < DQ_MIN_OPSET and self.config.mode != "weights":
-            raise PreconditionError(f"QuantizeLinear needs opset >= {DQ_MIN_OPSET}, the model has {opset}; "
-                                    "convert it with onnx.version_converter first")
         if self.config.mode == "static" and not isinstance(ctx.calibration, CalibrationResult):
             raise missing_artifact(self, Artifact.CALIBRATION)
 
     def call(self, ctx: Context) -> PassResult:
         cfg: QdqConfig = self.config
         opset = opset_of(ctx.model)
-        per_channel, cast = self._weight_form(ctx, opset)
+        if cfg.mode != "weights" and opset < DQ_MIN_OPSET:  # no QuantizeLinear: the weights alone, still int8
+            ctx.note(f"qdq: opset {opset} has no QuantizeLinear, so the activations stay float and only the weights "
+                     f"are int8 ({cfg.mode} int8 needs opset >= {DQ_MIN_OPSET}: convert the model with "
+                     "onnx.version_converter to opset 13 or later for integer kernels)")
+            cfg = dataclasses.replace(cfg, mode="weights")
+        per_channel, cast = self._weight_form(ctx, cfg, opset)
         if cfg.mode == "weights":
             summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name, cast=cast)
             gather_before_dequantize(ctx.model, self.name)
@@ -138,9 +139,9 @@ class QdqPass(Pass):
                                              "weight_only": rest["weights"],
                                              "layer_errors_data": error_data, **kinds})
 
-    def _weight_form(self, ctx: Context, opset: int) -> tuple[bool, bool]:
+    @staticmethod
+    def _weight_form(ctx: Context, cfg: QdqConfig, opset: int) -> tuple[bool, bool]:
         """(per channel, dequantize by Cast + Mul) as the model's opset allows, with a note where it changes them."""
-        cfg: QdqConfig = self.config
         per_channel = cfg.per_channel
         # weight-only below the opsets of DequantizeLinear (10) or of its per-channel axis (13): Cast + Mul
         cast = cfg.mode == "weights" and (opset < DQ_MIN_OPSET or (per_channel and opset < DQ_AXIS_MIN_OPSET))
