@@ -114,8 +114,6 @@ def masked_lstsq(target: np.ndarray, keep: np.ndarray, gram: np.ndarray, *, damp
 DEFAULT_DAMPING = 0.01  # "auto" damping where the held-out choice is not made
 MAX_CV_FLOPS = 2e10  # "auto" damping: the held-out refits of a layer may cost this many flops
 DAMPING_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-DEFAULT_DAMPING = 0.01  # "auto" damping where the held-out choice is not made
-MAX_CV_FLOPS = 2e10  # "auto" damping: the held-out refits of a layer may cost this many flops
 
 
 def heldout_damping(reference: np.ndarray, keep: np.ndarray, folds: Sequence[tuple], *,
