@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.numerics.histogram import below, histogram_dtype, histogram_fits, value_histogram
-from onnxcompress.numerics.kmeans_sorted import (_init_centroids, boundaries, fit_sorted, lloyd_sorted,
+from onnxcompress.numerics.kmeans_sorted import (_init_centroids, boundaries, cuts_of, fit_sorted, lloyd_sorted,
                                                  lloyd_sorted_many, optimal_sorted, scaled)
 
 INITS = ("linear", "density", "random")
@@ -255,7 +255,7 @@ def _kept_centroids(xs, c) -> np.ndarray:
     """The centroids some sorted value is nearest to (as :func:`_finish` keeps them)."""
     if xs.size == 0 or not c.size:
         return np.empty(0) if xs.size == 0 else c
-    counts = np.diff(np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [xs.size])))
+    counts = np.diff(cuts_of(xs, c))
     return c if np.all(counts > 0) else c[counts > 0]
 
 
@@ -306,7 +306,7 @@ def kmeans_centroids(values: np.ndarray, k: int, *, init: str = "linear", seed: 
         found = None if w is not None or keep_zero else _histogram_centroids(flat, None, k, 300, 1e-8, False)
         if found is not None:
             c, _, means = found
-            inside = np.diff(np.concatenate(([0], np.searchsorted(means, boundaries(c), side="right"), [means.size])))
+            inside = np.diff(cuts_of(means, c))
             if np.all(inside >= 2):
                 return c
         return kmeans_1d(values, k, init=init, seed=seed, sample_weight=sample_weight, keep_zero=keep_zero).centroids

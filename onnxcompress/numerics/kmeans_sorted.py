@@ -35,6 +35,12 @@ def boundaries(c: np.ndarray) -> np.ndarray:
     return np.where(hi > lo, np.minimum(b, np.nextafter(hi, -np.inf)), b)
 
 
+def cuts_of(xs: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Where each cluster of the ascending centroids `c` starts in the sorted values `xs`, framed by 0 and
+    xs.size: cluster m holds xs[cuts[m]:cuts[m + 1]] (np.diff gives the clusters' sizes)."""
+    return np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [xs.size]))
+
+
 def _init_centroids(xs, ws, k, init, seed) -> np.ndarray:
     """Initial centroids on sorted values ``xs`` (with ``> k`` distinct values), ascending and
     distinct, so fewer than k when several fall on one value (density init on tied data).
@@ -89,7 +95,6 @@ def lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.n
     exact fixed point), when max_j |c_j' - c_j| <= tol * (max - min), or after ``max_iter``
     steps.
     """
-    n = xs.size
     if ws is None:
         m, wcum, dev = float(np.mean(xs)), None, xs - float(np.mean(xs))
     else:
@@ -102,7 +107,7 @@ def lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.n
     n_iter = 0
     while n_iter < max_iter:
         n_iter += 1
-        cuts = np.concatenate(([0], np.searchsorted(xs, boundaries(c), side="right"), [n]))
+        cuts = cuts_of(xs, c)
         if prev is not None and cuts.size == prev.size and (cuts == prev).all():
             break
         start, stop = cuts[:-1], cuts[1:]
@@ -294,7 +299,7 @@ class _Sets:
         self.keys = None
         narrow = self.flat[:-1].astype(np.float32)
         if np.array_equal(narrow.astype(np.float64), self.flat[:-1]) and len(run) < 1 << 30:
-            self.keys = _float32_keys(narrow) + (np.repeat(np.arange(len(run), dtype=np.int64), self.sizes) << 32)
+            self.keys = float32_keys(narrow) + (np.repeat(np.arange(len(run), dtype=np.int64), self.sizes) << 32)
 
     def cuts(self, act, ca, k) -> np.ndarray:
         """Per active set, the counts of values at most each boundary of its centroids ca, framed by 0 and size."""
@@ -306,7 +311,7 @@ class _Sets:
         if self.keys is None:
             cuts[:, 1:-1] = _count_at_most(self.flat, self.value_at[act], self.sizes[act], b)
         else:  # x <= b exactly when x <= the largest float32 d <= b, for float32 x
-            query = _float32_keys(float32_below(b)) + (act.astype(np.int64) << 32)[:, None]
+            query = float32_keys(float32_below(b)) + (act.astype(np.int64) << 32)[:, None]
             cuts[:, 1:-1] = np.searchsorted(self.keys, query, side="right") - self.value_at[act, None]
         return cuts
 
@@ -353,7 +358,14 @@ def _count_at_most(flat, first, sizes, b) -> np.ndarray:
         hi = np.where(open_ & ~at_most, mid, hi)
 
 
-def _float32_keys(x: np.ndarray) -> np.ndarray:
+FLOAT32_KEY_OFFSET = np.int64(1) << 31  # ordered_int32 + this: nonnegative int64 keys in [0, 2^32)
+
+
+def ordered_int32(bits: np.ndarray) -> np.ndarray:
+    """Signed int32 keys ordered as the float32 values whose bits these are (no -0.0, no NaN); its own inverse."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+def float32_keys(x: np.ndarray) -> np.ndarray:
     """int64 keys in [0, 2^32) ordered as the float32 values x (-0.0 as 0.0; no NaN)."""
-    bits = (x + np.float32(0)).view(np.int32)
-    return (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64) + (np.int64(1) << 31)
+    return ordered_int32((x + np.float32(0)).view(np.int32)).astype(np.int64) + FLOAT32_KEY_OFFSET

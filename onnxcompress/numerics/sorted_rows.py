@@ -24,15 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcompress.numerics.histogram import float32_below
-from onnxcompress.numerics.kmeans_sorted import boundaries
+from onnxcompress.numerics.kmeans_sorted import boundaries, FLOAT32_KEY_OFFSET, float32_keys, ordered_int32
 
 _STEPS = 8  # ulp steps allowed to settle a threshold (one or two are needed)
-_HALF = np.int64(1) << 31
-
-
-def _ordered(bits: np.ndarray) -> np.ndarray:
-    """Signed int32 keys ordered as the float32 values whose bits these are (no -0.0, no NaN); its own inverse."""
-    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
 class SortedRows:
@@ -47,9 +41,9 @@ class SortedRows:
         if w.dtype != np.float32 or w.ndim != 2 or w.size == 0 or w.shape[1] >= 1 << 31:
             return None
         rows, cols = w.shape
-        bits = _ordered((w + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
+        bits = ordered_int32((w + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
         bits.sort(axis=1)
-        values = _ordered(bits).view(np.float32)
+        values = ordered_int32(bits).view(np.float32)
         prefix = np.zeros((rows, cols + 1))
         prefix[:, 1:] = values  # then summed in place: 5x faster than cumsum casting as it goes (4096x4096)
         np.cumsum(prefix[:, 1:], axis=1, out=prefix[:, 1:])
@@ -70,7 +64,7 @@ class SortedRows:
         del values
         keys = bits.astype(np.int64)
         del bits
-        keys += _HALF
+        keys += FLOAT32_KEY_OFFSET
         keys += (np.arange(rows, dtype=np.int64) << 32)[:, None]
         return cls(keys.reshape(-1), prefix, lo, end)
 
@@ -107,7 +101,7 @@ class SortedRows:
                 return None
         if not np.all(np.isfinite(x) | (np.abs(d) == np.inf)):
             return None
-        query = _ordered((x + np.float32(0)).view(np.int32)).astype(np.int64) + _HALF
+        query = float32_keys(x)
         query += (np.arange(rows, dtype=np.int64) << 32)[:, None]
         at = np.searchsorted(self.keys, query.reshape(-1), side="right").reshape(query.shape)
         at -= (np.arange(rows, dtype=np.int64) * cols)[:, None]
