@@ -23,29 +23,33 @@ class FakeEvaluator:
         return {"cost": loss, "check": loss, "sqnr_db": 0.0}
 
 
-def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
+def _fake_search(monkeypatch, decoded: dict, max_drop: float, layers: int = 3):
+    """Three 8-byte weights whose candidate at b bits decodes to decoded[b] (what the fake evaluators read),
+    and a BitWidthPass whose _search runs on them without models."""
     import onnxcompress.passes.bitwidth as bw
-
-    options = [[Option(8, 0.0, {"bits": 8, "sparsity": 0.0}), Option(4, 0.2, {"bits": 4, "sparsity": 0.0}),
-                Option(2, 0.6, {"bits": 2, "sparsity": 0.0})] for _ in range(3)]
-    cost_of = {(o.settings["bits"]): o.cost for o in options[0]}
 
     class W:
         def __init__(self, name):
             self.name, self.nbytes = name, 8
-
-    weights = [W(f"w{i}") for i in range(3)]
 
     class Shared:
         def __init__(self, bits):
             self.bits = bits
 
         def decode(self):
-            return cost_of[self.bits]
+            return decoded[self.bits]
 
     monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Shared(b)])
-    p = BitWidthPass(max_drop=0.7)
+    p = BitWidthPass(max_drop=max_drop)
     p._pruner = None
+    return [W(f"w{i}") for i in range(layers)], p
+
+
+def test_search_backs_off_when_the_joint_loss_exceeds_the_budget(monkeypatch):
+    options = [[Option(8, 0.0, {"bits": 8, "sparsity": 0.0}), Option(4, 0.2, {"bits": 4, "sparsity": 0.0}),
+                Option(2, 0.6, {"bits": 2, "sparsity": 0.0})] for _ in range(3)]
+    cost_of = {(o.settings["bits"]): o.cost for o in options[0]}
+    weights, p = _fake_search(monkeypatch, cost_of, max_drop=0.7)
     evaluated, chosen = p._search(p.config, FakeEvaluator([w.name for w in weights]), weights, options, fixed=0)
     # the additive view would allow three 4-bit layers (0.6 <= 0.7), but jointly that costs 1.8
     measured = {tuple(options[i][j].settings["bits"] for i, j in enumerate(chosen))}
@@ -396,28 +400,11 @@ class NoiseEvaluator:
 
 
 def test_the_noise_ladder_finds_what_counted_costs_cannot_when_each_weight_alone_flips_nothing(monkeypatch):
-    import onnxcompress.passes.bitwidth as bw
-
     nsr_of = {8: 0.0, 4: 0.02, 2: 0.2}
     options = [[Option(8, 0.0, {"bits": 8, "sparsity": 0.0}), Option(4, 0.0, {"bits": 4, "sparsity": 0.0}),
                 Option(2, 0.0, {"bits": 2, "sparsity": 0.0})] for _ in range(3)]
     noise = [[Option(o.size, nsr_of[o.settings["bits"]], o.settings) for o in layer] for layer in options]
-
-    class W:
-        def __init__(self, name):
-            self.name, self.nbytes = name, 8
-
-    class Shared:
-        def __init__(self, bits):
-            self.bits = bits
-
-        def decode(self):
-            return nsr_of[self.bits]
-
-    monkeypatch.setattr(bw, "candidate_weights", lambda array, w, s, b, seed, pruner=None: [Shared(b)])
-    weights = [W(f"w{i}") for i in range(3)]
-    p = BitWidthPass(max_drop=1.0)
-    p._pruner = None
+    weights, p = _fake_search(monkeypatch, nsr_of, max_drop=1.0)
     # counted costs alone: every option costs 0, every allocation takes 2 bits everywhere and misses the budget
     evaluated, chosen = p._search(p.config, NoiseEvaluator([w.name for w in weights]), weights, options, fixed=0)
     assert not any(v.ok for v in evaluated)
