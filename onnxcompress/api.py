@@ -22,6 +22,7 @@ from onnxcompress.recipes import load_recipe, Recipe
 from onnxcompress.runtime.metrics import compare_models, Comparison
 from onnxcompress.runtime.sessions import check_runnable, max_runnable_opset, uses_domain
 from onnxcompress.runtime.shipped import ORT_FORMAT_NOTE, shipped_of_staged
+from onnxcompress.runtime.streams import detect_stream
 from onnxcompress.runtime.synthesis import runnable_data
 from onnxcompress.runtime.tasks import is_builtin, parse_metric
 
@@ -44,6 +45,7 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
         return runnable_data(model, specs, shapes=shapes)
     dataset = load_data(data, name=name, specs=specs)
     dataset.check(specs)
+    dataset.stream = detect_stream(model, dataset)  # consecutive calls of a stateful model run as streams
     return dataset
 
 
@@ -77,6 +79,8 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     compressed, report = manager.run(original, calib, evaluation)
     if evaluation is not None and evaluation.note:
         report.notes.append(evaluation.note)
+    for dataset in dict.fromkeys(d for d in (calib, evaluation) if d is not None and d.stream is not None):
+        report.notes.append(f"{dataset.source}: {dataset.stream.describe()}")
     report.input_bytes = original.ByteSize()
     report.output_bytes = compressed.ByteSize()
     _note_if_not_smaller(report)

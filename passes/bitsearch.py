@@ -15,7 +15,7 @@ from onnxcompress.errors import RecipeError
 from onnxcompress.formats.codebook import fit_codebook
 from onnxcompress.formats.forms import Form
 from onnxcompress.formats.packed import choose_layout, write_blob
-from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
 from onnxcompress.graph.weights import get_array, WeightInfo
 from onnxcompress.numerics.measures import magnitude_mask
 from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
@@ -61,7 +61,8 @@ class Evaluator:
         self.reference = self.outputs({})
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
         # where the model is large enough for the runs saved to outweigh a session per weight's suffix
-        if sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
+        # (not for a stream: a weight's change reaches every later call through the states)
+        if data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
             self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
                                          self.base, collector=collector)
         self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
@@ -84,9 +85,11 @@ class Evaluator:
             if self._suffix[1] is not None:
                 return self._suffix[1](versions)
         outputs = []
+        carry = StateCarry(self.data.stream)  # a stream's calls run in order, each fed this version's states
         for i, (feed, _) in enumerate(self.chunks):
             weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
-            values = self.runner.run(feed, weights).values
+            values = self.runner.run(carry.feed(i, feed), weights, keep=carry.outputs).values
+            carry.keep(values)
             outputs.append([values[n] for n in self.names])
         return outputs
 

@@ -72,3 +72,22 @@ def test_a_detectors_boxes_are_judged_only_where_it_detects_a_face(cache, tmp_pa
     assert boxes.task.startswith("regression:0.01:softmax_2@dense_5") and boxes.budgeted
     assert within[face].mean() != within.mean()  # a tolerance tight enough for the gate to matter
     assert boxes.agreement == pytest.approx(within[face].mean())  # the face crops' boxes alone
+
+
+def test_a_streamed_lstms_calibration_split_is_found_to_be_streams(cache):
+    """madmom's beat LSTM, fed its calibration chunks (recorded streaming 8-second clips with the states the
+    original reached): the tool finds the 6 state links (3 LSTMs' hidden and cell vectors) and one stream per clip."""
+    from onnxcompress.graph.model import load_model
+
+    module = rm.load("madmom_beats")
+    try:
+        source = module.model_path()
+        feeds, _ = rm.split(module, "calibration", 48)
+    except (rm.Unavailable, ImportError) as e:
+        pytest.skip(f"madmom_beats: {e}")
+    data = api.prepare_data(load_model(source), feeds)
+    assert data.stream is not None
+    assert sorted(i for i, _ in data.stream.links) == sorted(k for k in feeds[0] if k != "input")
+    starts = [i for i, c in enumerate(data.stream.continues) if not c]
+    gaps = set(b - a for a, b in zip(starts, starts[1:]))
+    assert starts[0] == 0 and len(starts) >= 2 and len(gaps) == 1 and gaps.pop() >= 8  # equal clips of 8 s

@@ -11,6 +11,11 @@ Accepted forms (detected automatically):
 
 Stacked data is the only kind ever batched, and only when the model's first axis is dynamic;
 feeds of different shapes are never stacked.
+
+Feeds of a stateful model may be a stream: consecutive calls where one call's state outputs are the
+next call's state inputs (a :class:`Stream`, found by runtime.streams). Every run of such data then
+goes call by call, each model feeding its own states forward (:class:`StateCarry`), so a candidate is
+charged with the state errors it compounds.
 """
 from __future__ import annotations
 
@@ -70,6 +75,53 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class Stream:
+    """Calls that continue each other: where ``continues[i]``, call i takes each link's state output of
+    call i - 1 as that link's state input (links: (input, output) names)."""
+
+    links: tuple[tuple[str, str], ...]
+    continues: tuple[bool, ...]
+
+    @property
+    def chains(self) -> int:
+        """How many streams the calls form (a stream starts where a call does not continue the last)."""
+        return sum(1 for c in self.continues if not c)
+
+    def limit(self, n: int) -> "Stream":
+        return Stream(self.links, self.continues[:n])
+
+    def describe(self) -> str:
+        pairs = ", ".join(f"{o} -> {i}" for i, o in self.links[:4]) + (", ..." if len(self.links) > 4 else "")
+        return (f"the data is {self.chains} stream(s) of {len(self.continues)} calls (states fed back: {pairs}); "
+                "every fidelity figure runs them call by call, each model feeding its own states")
+
+
+class StateCarry:
+    """Carries one model's state outputs to its next call along a :class:`Stream` (none: feeds unchanged)."""
+
+    def __init__(self, stream: Stream | None):
+        self.stream = stream
+        self.outputs: tuple[str, ...] = tuple(dict.fromkeys(o for _, o in stream.links)) if stream else ()
+        self._last: dict[str, np.ndarray] | None = None
+
+    def feed(self, index: int, feed: Feed) -> Feed:
+        """Call `index`'s feed with its state inputs replaced by this model's last state outputs, where
+        the call continues the last one."""
+        if self.stream is None or self._last is None or not self.stream.continues[index]:
+            return feed
+        out = dict(feed)
+        for name, output in self.stream.links:
+            given = np.asarray(feed[name])
+            out[name] = np.asarray(self._last[output]).astype(given.dtype, copy=False).reshape(given.shape)
+        return out
+
+    def keep(self, values: Mapping[str, np.ndarray]) -> None:
+        """This call's outputs (at least the state outputs), for the next call."""
+        if self.stream is not None:
+            self._last = {o: values[o] for o in self.outputs}
+
+
 class Dataset:
     """Feeds for a model, with optional labels (one per sample, in feed order).
 
@@ -88,6 +140,7 @@ class Dataset:
         self.synthetic = False
         self.guessed: list[str] = []  # synthesized inputs whose symbolic dims were guessed
         self.note: str | None = None  # how the guessed dims were chosen, for the report
+        self.stream: Stream | None = None  # consecutive calls of a stateful model (run call by call)
         if self.stacked is not None:
             counts = {name: (a.shape[0] if a.ndim else -1) for name, a in self.stacked.items()}
             if len(set(counts.values())) > 1 or -1 in counts.values():
@@ -108,6 +161,7 @@ class Dataset:
         else:
             out = Dataset([self._feeds[i] for i in range(n)], labels=labels, source=self.source)
         out.synthetic, out.guessed, out.note = self.synthetic, self.guessed, self.note
+        out.stream = self.stream.limit(n) if self.stream is not None else None
         return out
 
     def feed(self, index: int, specs: Sequence[InputSpec]) -> Feed:
@@ -117,7 +171,10 @@ class Dataset:
         return {name: _one_sample(array, index, _spec(specs, name)) for name, array in self.stacked.items()}
 
     def chunks(self, specs: Sequence[InputSpec], max_batch: int = 64) -> Iterator[tuple[Feed, int]]:
-        """Yield (feed, number of samples in it), batching stacked data where the model allows."""
+        """Yield (feed, number of samples in it), batching stacked data where the model allows (never a
+        stream: its calls run one by one, in order)."""
+        if self.stream is not None:
+            max_batch = 1
         if self.stacked is not None and max_batch > 1 and self._batchable(specs):
             for start in range(0, len(self), max_batch):
                 stop = min(start + max_batch, len(self))

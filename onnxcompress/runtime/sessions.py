@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.graph import external
 from onnxcompress.graph.external import check_model
-from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
 from onnxcompress.errors import ModelError, RuntimeMissingError
 from onnxcompress.formats.customop import to_portable
 from onnxcompress.graph.edit import DOMAIN, iter_graphs
@@ -165,18 +165,24 @@ def first_line(error: BaseException) -> str:
 
 def run(session: ort.InferenceSession, data: Dataset, model: onnx.ModelProto, *,
         max_batch: int = 64, output_names: Sequence[str] | None = None, progress=None) -> list[Outputs]:
-    """Run every feed (batched where allowed); one list of outputs per chunk, in order."""
+    """Run every feed (batched where allowed; a stream call by call, carrying the model's own states);
+    one list of outputs per chunk, in order."""
     specs = model_inputs(model)
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    carry = StateCarry(data.stream)
+    fetch = names + [o for o in carry.outputs if o not in names]
     results = []
-    for feed, count in data.chunks(specs, max_batch=max_batch):
+    for i, (feed, count) in enumerate(data.chunks(specs, max_batch=max_batch)):
         try:
-            results.append(session.run(list(output_names) if output_names else None, feed))
+            out = session.run(fetch, carry.feed(i, feed))
         except Exception as e:  # onnxruntime raises its own exception types
             hint = ""
             if data.guessed:  # symbolic dims were guessed: the user must say what they are
                 hint = (f" (the symbolic dims of input(s) {data.guessed} were guessed: give their sizes with "
                         f"--shape {data.guessed[0]}=..., or give --data)")
             raise ModelError(f"onnxruntime failed on {data.source}: {first_line(e)}{hint}") from e
+        carry.keep(dict(zip(fetch, out)))
+        results.append(out[:len(names)])
         if progress is not None:
             progress.update(count)
     return results

@@ -43,7 +43,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxcompress.errors import ModelError
-from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
 from onnxcompress.graph.edit import NameScope
 from onnxcompress.numerics.quantmath import StreamingHistogram
 from onnxcompress.runtime.sessions import detached, first_line, make_session
@@ -202,12 +202,13 @@ class Runner:
         self._fetch = list(names) + [r for t in extremes for r in entry.reduced[t]]
 
     def run(self, feed: dict[str, np.ndarray], swapped: dict[str, np.ndarray] | None = None, *,
-            source: str = "the data", count: int = 0) -> Chunk:
+            source: str = "the data", count: int = 0, keep: Sequence[str] = ()) -> Chunk:
         """The chunk `feed` (of `count` samples, when counted in the session's cost) through the model, with
-        the weights in `swapped` replaced."""
+        the weights in `swapped` replaced; graph outputs in `keep` (a stream's states) come back too."""
         start = time.perf_counter()
+        kept = [k for k in keep if k not in self.names]
         try:
-            out = self.entry.session.run(self._fetch, {**feed, **self.weights, **(swapped or {})})
+            out = self.entry.session.run(self._fetch + kept, {**feed, **self.weights, **(swapped or {})})
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime failed on {source}: {first_line(e)}") from e
         if count:
@@ -215,7 +216,8 @@ class Runner:
             self.entry.samples += count
         count = len(self.names)
         values = dict(zip(self.names, out[:count]))
-        lows, highs = out[count::2], out[count + 1::2]
+        values.update(zip(kept, out[len(self._fetch):]))
+        lows, highs = out[count:len(self._fetch):2], out[count + 1:len(self._fetch):2]
         return Chunk(values, {t: (float(lo), float(hi)) for t, lo, hi in zip(self.extremes, lows, highs)})
 
     def chunks(self, data: Dataset, *, max_batch: int = 64, workers: int = 1,
@@ -225,6 +227,13 @@ class Runner:
         samples = max(1, -(-max_batch // workers))
         feeds = data.chunks(self.specs, max_batch=samples)
         source = getattr(data, "source", None) or "the data"
+        if getattr(data, "stream", None) is not None:  # call by call, each carrying this model's states to the next
+            carry = StateCarry(data.stream)
+            for i, (feed, count) in enumerate(feeds):
+                chunk = self.run(carry.feed(i, feed), swapped, source=source, count=count, keep=carry.outputs)
+                carry.keep(chunk.values)
+                yield _counted(chunk, count)
+            return
         if workers == 1:
             for feed, count in feeds:
                 yield _counted(self.run(feed, swapped, source=source, count=count), count)
