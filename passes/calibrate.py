@@ -21,6 +21,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import DataError, PreconditionError
+from onnxcompress.formats.qdq_weights import DQ_MIN_OPSET
+from onnxcompress.graph.model import opset_of
 from onnxcompress.numerics.quantmath import (CalibrationResult, entropy_range, mse_range, percentile_range,
                                              TensorRange, TYPES)
 from onnxcompress.pipeline.artifacts import Artifact
@@ -87,6 +89,11 @@ class CalibratePass(Pass):
 
     def call(self, ctx: Context) -> PassResult:
         cfg: CalibrateConfig = self.config
+        opset = opset_of(ctx.model)
+        if opset < DQ_MIN_OPSET:  # no QuantizeLinear: no activation is quantized, so no range is needed
+            ctx.calibration = CalibrationResult(cfg.method, cfg.symmetric, 0)
+            return PassResult(False, {"method": cfg.method, "tensors": 0, "samples": 0,
+                                      "skipped": f"opset {opset} has no QuantizeLinear (opset >= {DQ_MIN_OPSET})"})
         result = calibrate(ctx.model, ctx.data.limit(cfg.max_samples), cfg, progress=ctx.progress,
                            collector=ctx.statistics)
         ctx.calibration = result
