@@ -5,7 +5,7 @@ import pytest
 
 from onnxcompress.numerics import granular_fit
 from onnxcompress.fitting.granular import Fitting, Option, fit, measure
-from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers
+from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers, ScaledFit
 
 
 def _brute_outliers(w, kept, fraction, relative):
@@ -96,7 +96,7 @@ def test_per_channel_descent_never_raises_the_error_of_its_start():
     fitted = np.ones(w.shape, bool)
     errors = []
     for rounds in range(5):
-        codes, book, s = fit_scaled(w, fitted, None, 4, False, "linear", 0, rounds, "float32")
+        codes, book, s = fit_scaled(w, fitted, None, ScaledFit(4, iterations=rounds, scale_dtype="float32"))
         errors.append(float(np.sum((w - book[codes] * s[:, None].astype(np.float64)) ** 2)))
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
 
@@ -146,9 +146,9 @@ def test_per_channel_fit_is_the_same_with_sorted_rows_as_with_passes(monkeypatch
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((256, 384)) * rng.uniform(0.1, 2.0, (256, 1))).astype(np.float32)
     fitted = ~pick_outliers(w, np.ones(w.shape, bool), outliers, relative=True)
-    fast = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    fast = fit_scaled(w, fitted, None, ScaledFit(5))
     monkeypatch.setattr(granular_fit.SortedRows, "of", classmethod(lambda cls, w, fitted: None))
-    slow = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    slow = fit_scaled(w, fitted, None, ScaledFit(5))
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
 
