@@ -61,9 +61,6 @@ Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
 DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
 JOINT_TARGET_LAYERS = 8  # the joint choice's target at the outputs: the per-layer target over this many layers
-# rounds of a per-channel fit started from a sample's codebook (Fitting.start) instead of k-means: a started fit's
-# squared error is within 1.01x of the four rounds from k-means (tests/test_granular_fit.py)
-STARTED_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -176,8 +173,7 @@ def _codes(w, fitted, a, bits: int, option: Option, fitting: Fitting, iterations
         codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
         return codes, book, offsets, None
     if option.kind == "channel":
-        rounds = iterations if fitting.start is None else STARTED_ROUNDS
-        codes, book, scale = fit_scaled(w, fitted, a, ScaledFit(bits, keep_zero, init, seed, rounds, scale_dtype,
+        codes, book, scale = fit_scaled(w, fitted, a, ScaledFit(bits, keep_zero, init, seed, iterations, scale_dtype,
                                                                 fitting.start))
         return codes, book, None, scale
     codes, book = fit_tensor(w, fitted, a, bits, keep_zero, init, seed)
@@ -258,8 +254,8 @@ class Fitting:
     """How :func:`choose` fits its candidates to one weight: its name and channel axis, the layer's input
     Hessians (with data), the kept-entry mask of a pruned weight, the k-means start, options already
     fitted to this very array with these arguments (reused, not fitted again), and a codebook to start
-    per-channel fits from (the chosen fit on a sample of the weight, :func:`granular_fit.scaled_start`),
-    which then run STARTED_ROUNDS rounds."""
+    per-channel fits from instead of k-means (the chosen fit on a sample of the weight's channels,
+    :func:`granular_fit.scaled_start`)."""
 
     name: str = "weight"
     channel_axis: int | None = None
