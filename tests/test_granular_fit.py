@@ -102,9 +102,11 @@ def test_per_channel_descent_never_raises_the_error_of_its_start():
 
 
 @pytest.mark.parametrize("case", ["plain", "outliers", "ties", "zero channel", "one centroid"])
-def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(case):
+@pytest.mark.parametrize("search", ["per channel", "int64 keys"])
+def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(monkeypatch, case, search):
     """SortedRows.sums (binary searches in the sorted channels) against _code_sums (a pass): the same
     counts exactly, the same sums up to the order of float64 additions."""
+    from onnxcompress.numerics import sorted_rows
     from onnxcompress.numerics.sorted_rows import SortedRows
 
     rng = np.random.default_rng({"plain": 1, "outliers": 2, "ties": 3, "zero channel": 4, "one centroid": 5}[case])
@@ -120,7 +122,10 @@ def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(case):
     book = np.array([0.1]) if case == "one centroid" else np.sort(rng.uniform(-1.2, 1.2, 32))
     if case == "ties":
         book = np.linspace(-1.0, 1.0, 16)
+    if search == "int64 keys":  # the search of every channel at once, as for more than LOOP_MAX_ROWS channels
+        monkeypatch.setattr(sorted_rows, "LOOP_MAX_ROWS", 0)
     rows = SortedRows.of(w, fitted)
+    assert (rows.keys is None) == (search == "per channel")
     sums, counts = rows.sums(s, book)
     _, ref_sums, ref_counts = _code_sums(w, s, book, None if fitted.all() else fitted, None, False)
     np.testing.assert_array_equal(counts, ref_counts)
