@@ -103,3 +103,17 @@ def test_scaled_start_restates_a_codebook_in_units_of_each_channels_largest_entr
     fitted[1, 0] = False  # channel 1's max over its fitted entries is 1.0
     np.testing.assert_allclose(scaled_start(w, fitted, book, s), np.median([1.5, 6.0]) * book)
     assert scaled_start(w, fitted, book, np.zeros(3)) is None
+
+
+def test_a_pruned_weight_keeps_its_zeros_and_is_within_1_01x(monkeypatch):
+    """A mask (zeros on code 0 of centroid 0.0): the sample's codebook starts with 0.0, kept by the start."""
+    w, info = _weight("channel-scaled")
+    mask = np.abs(w) > np.quantile(np.abs(w), 0.5)
+    settings = sharing.ShareSettings(model_elements=w.size)
+    started = sharing.share_weight(w, info, 5, settings, sharing.WeightEvidence(mask=mask))
+    monkeypatch.setattr(sharing, "START_MIN_CHANNELS", 1 << 30)
+    before = sharing.share_weight(w, info, 5, settings, sharing.WeightEvidence(mask=mask))
+    assert started.chosen.option == before.chosen.option and started.chosen.option.kind == "channel"
+    decoded = started.chosen.shared.decode()
+    assert np.all(decoded[~mask] == 0)
+    assert signal_and_error(w, decoded)[1] <= 1.01 * signal_and_error(w, before.chosen.shared.decode())[1]
