@@ -170,3 +170,15 @@ def test_groups_fitted_together_match_each_group_fitted_alone():
         ref_codes, ref_book = fit_tensor(w[lo:lo + 8], fitted[lo:lo + 8], None, 5, False, "linear", 0)
         np.testing.assert_array_equal(books[offsets[lo]:offsets[lo] + ref_book.size], ref_book)
         np.testing.assert_array_equal(codes[lo:lo + 8], ref_codes)
+
+
+@pytest.mark.parametrize("shape, axis", [((30, 40), 1), ((30, 40), 0), ((4, 5, 6, 7), 1), ((4, 5, 6, 7), 3),
+                                         ((4, 5, 6, 7), 0), ((12,), None), ((6, 7), None)])
+def test_flat_indices_are_flatnonzero_in_the_weights_layout(shape, axis):
+    from onnxcompress.numerics.granular_fit import flat_indices, from_matrix, to_matrix
+
+    mask = to_matrix(np.random.default_rng(9).random(shape) < 0.2, axis)
+    expected = np.flatnonzero(from_matrix(mask, shape, axis))
+    got = flat_indices(mask, shape, axis)
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == expected.dtype

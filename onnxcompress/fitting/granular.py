@@ -50,8 +50,8 @@ import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
-from onnxcompress.numerics.granular_fit import (fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, ScaledFit,
-                                               to_matrix)
+from onnxcompress.numerics.granular_fit import (fit_groups, fit_scaled, fit_tensor, flat_indices, from_matrix, pick_outliers,
+                                               ScaledFit, to_matrix)
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
 from onnxcompress.numerics.measures import sqnr_db
@@ -157,7 +157,7 @@ def fit(array: np.ndarray, bits: int, option: Option, fitting: Fitting | None = 
     codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
     if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
-        out_index = np.flatnonzero(from_matrix(outliers, shape, axis))
+        out_index = flat_indices(outliers, shape, axis)
         out_value = from_matrix(exact, shape, axis)[np.unravel_index(out_index, shape)].astype(np.float32)
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,

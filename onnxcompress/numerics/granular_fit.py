@@ -32,6 +32,18 @@ def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | 
     return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
 
 
+def flat_indices(mask: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    """``np.flatnonzero(from_matrix(mask, shape, channel_axis))``: the ascending flat indices, in the weight's own
+    layout, of the True entries of its channel-first (C, K) `mask`, found in the (C, K) layout (no copy of the
+    mask in the weight's layout, which a moved channel axis costs)."""
+    if channel_axis is None or len(shape) == 0 or channel_axis == 0:  # the same order in both layouts
+        return np.flatnonzero(mask)
+    rows, cols = np.divmod(np.flatnonzero(mask), mask.shape[1])  # 10x faster than a 2-D np.nonzero
+    coords = list(np.unravel_index(cols, tuple(s for i, s in enumerate(shape) if i != channel_axis)))
+    coords.insert(channel_axis, rows)
+    return np.sort(np.ravel_multi_index(coords, shape))
+
+
 def pick_outliers(w: np.ndarray, kept: np.ndarray, fraction: float, *, relative: bool) -> np.ndarray:
     """The round(fraction * kept) kept entries largest in |w| (in |w_jk| / rms_j when relative),
     the scores in float64 (rms_j over the kept entries of channel j; 0 where rms_j = 0)."""
