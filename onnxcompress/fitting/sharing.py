@@ -40,7 +40,7 @@ SCATTER_MIN_OPSET = 11  # ScatterElements, which writes outliers back
 # many entries (whole channels), then fit only the chosen option on every entry
 CHOICE_SAMPLE_ELEMENTS = 1 << 18
 # the fit on every entry then starts from the sample's codebook when the sample holds this many channels (its
-# squared error within 1.01x of the k-means start's: tests/test_sharing_speed.py)
+# squared error within 1.01x of the k-means start's: tests/test_sample_start.py)
 START_MIN_CHANNELS = 32
 
 
