@@ -20,7 +20,8 @@ not wall time, so that a shared machine's load does not count against it; wall s
 benchmarks/scale_plan.py. With --baseline PATH, also runs `share auto` and `share tensor` with the
 onnxcompress package found in PATH (e.g. the main branch's checkout) in a subprocess, alternating
 with this checkout's, and prints the ratios of wall and of CPU seconds per pair (CPU: what a loaded
-machine distorts least); --layers N prices bytes as in a model of N such weights, as the share pass
+machine distorts least; each process times its second call, as a worker runs its later weights, with
+the malloc settings of that code's workers: onnxcompress.execution.memory where it exists); --layers N prices bytes as in a model of N such weights, as the share pass
 does (with N = 1 the weight is the whole model, and the choice differs from a stack's).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_share_speed.py
@@ -51,6 +52,11 @@ except ImportError:  # a baseline checkout from before both changes
     share_weight = importlib.import_module("onnxcompress." + "layer_hessians").share_weight
     weights = importlib.import_module("onnxcompress." + "weights")
     Role, WeightInfo, ShareSettings = weights.Role, weights.WeightInfo, None
+try:  # as the code's own workers run (execution.memory), where it has that
+    from onnxcompress.execution.memory import keep_freed_memory
+    keep_freed_memory()
+except ImportError:
+    pass
 rows, cols, granularity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 w = np.fromfile(sys.argv[4], dtype=np.float32).reshape(rows, cols)
 info = WeightInfo(name="w", shape=(rows, cols), dtype="float32", nbytes=w.nbytes, role=Role.MATMUL,
@@ -60,6 +66,7 @@ if ShareSettings is not None:
     run = lambda: share_weight(w, info, 5, ShareSettings(granularity=granularity, model_elements=elements))
 else:
     run = lambda: share_weight(w, info, 5, granularity=granularity, model_elements=elements)
+run()  # a worker's first weight, which faults its pages in; the second is what each later weight costs
 start, cpu = time.perf_counter(), time.process_time()
 run()
 print(json.dumps([time.perf_counter() - start, time.process_time() - cpu]))
@@ -170,6 +177,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=1,
                         help="`share auto` prices bytes as in a model of this many such weights (180: the 3 GB stack)")
     args = parser.parse_args()
+    from onnxcompress.execution.memory import keep_freed_memory
+
+    keep_freed_memory()  # the stages below run in this process as in a worker
     rows, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="onnxcompress-share-speed-") as folder:
         for text in args.shapes.split(","):

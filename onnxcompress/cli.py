@@ -292,6 +292,7 @@ def _compress(args) -> int:
 def _compress_file(args, plan, tolerance):
     """Compress as the arguments say, on the chosen executor (local cores or a Ray cluster), into `plan`."""
     from onnxcompress.api import compress_file
+    from onnxcompress.execution.memory import keep_freed_memory
     from onnxcompress.execution.parallel import available_cores
     from onnxcompress.graph.data import parse_shapes
 
@@ -299,6 +300,7 @@ def _compress_file(args, plan, tolerance):
                                             ("target_ratio", args.target_ratio), ("metric", args.metric))
               if value is not None}
     jobs = args.jobs or available_cores()
+    keep_freed_memory()  # this process is the tool's: freed buffers stay for the next weight (--jobs 1 runs here)
     if args.executor == "ray":
         from onnxcompress.execution.ray_executor import RayExecutor
 

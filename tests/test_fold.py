@@ -146,3 +146,16 @@ def test_pack_words_is_the_bitpack_stream_in_whole_words():
         words = pack_words(values, bits)
         assert words.shape == (-(-1001 // k), m) and words.dtype == np.uint8
         assert np.array_equal(unpack(words.tobytes(), bits, 1001), values)
+
+
+def test_pack_words_over_several_blocks_and_a_partial_word():
+    """Blocks of _PACK_BLOCK words, then the last partial word: the bitpack stream, every word once."""
+    from onnxcompress.formats import codechain
+
+    rng = np.random.default_rng(1)
+    for bits in (3, 5, 8):
+        k, _ = word_shape(bits)
+        n = 2 * codechain._PACK_BLOCK * k + 3 * k + 1
+        values = rng.integers(0, 2 ** bits, n).astype(np.uint8)
+        assert np.array_equal(unpack(pack_words(values, bits).tobytes(), bits, n), values)
+    assert pack_words(np.zeros(0, np.uint8), 5).shape == (0, 5)

@@ -5,7 +5,7 @@ import pytest
 
 from onnxcompress.numerics import granular_fit
 from onnxcompress.fitting.granular import Fitting, Option, fit, measure
-from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers
+from onnxcompress.numerics.granular_fit import _code_sums, fit_scaled, pick_outliers, ScaledFit
 
 
 def _brute_outliers(w, kept, fraction, relative):
@@ -96,15 +96,17 @@ def test_per_channel_descent_never_raises_the_error_of_its_start():
     fitted = np.ones(w.shape, bool)
     errors = []
     for rounds in range(5):
-        codes, book, s = fit_scaled(w, fitted, None, 4, False, "linear", 0, rounds, "float32")
+        codes, book, s = fit_scaled(w, fitted, None, ScaledFit(4, iterations=rounds, scale_dtype="float32"))
         errors.append(float(np.sum((w - book[codes] * s[:, None].astype(np.float64)) ** 2)))
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
 
 
 @pytest.mark.parametrize("case", ["plain", "outliers", "ties", "zero channel", "one centroid"])
-def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(case):
+@pytest.mark.parametrize("search", ["per channel", "int64 keys"])
+def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(monkeypatch, case, search):
     """SortedRows.sums (binary searches in the sorted channels) against _code_sums (a pass): the same
     counts exactly, the same sums up to the order of float64 additions."""
+    from onnxcompress.numerics import sorted_rows
     from onnxcompress.numerics.sorted_rows import SortedRows
 
     rng = np.random.default_rng({"plain": 1, "outliers": 2, "ties": 3, "zero channel": 4, "one centroid": 5}[case])
@@ -120,7 +122,10 @@ def test_sorted_rows_give_the_sums_of_a_pass_over_the_weight(case):
     book = np.array([0.1]) if case == "one centroid" else np.sort(rng.uniform(-1.2, 1.2, 32))
     if case == "ties":
         book = np.linspace(-1.0, 1.0, 16)
+    if search == "int64 keys":  # the search of every channel at once, as for more than LOOP_MAX_ROWS channels
+        monkeypatch.setattr(sorted_rows, "LOOP_MAX_ROWS", 0)
     rows = SortedRows.of(w, fitted)
+    assert (rows.keys is None) == (search == "per channel")
     sums, counts = rows.sums(s, book)
     _, ref_sums, ref_counts = _code_sums(w, s, book, None if fitted.all() else fitted, None, False)
     np.testing.assert_array_equal(counts, ref_counts)
@@ -146,9 +151,9 @@ def test_per_channel_fit_is_the_same_with_sorted_rows_as_with_passes(monkeypatch
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((256, 384)) * rng.uniform(0.1, 2.0, (256, 1))).astype(np.float32)
     fitted = ~pick_outliers(w, np.ones(w.shape, bool), outliers, relative=True)
-    fast = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    fast = fit_scaled(w, fitted, None, ScaledFit(5))
     monkeypatch.setattr(granular_fit.SortedRows, "of", classmethod(lambda cls, w, fitted: None))
-    slow = fit_scaled(w, fitted, None, 5, False, "linear", 0, 4, "auto")
+    slow = fit_scaled(w, fitted, None, ScaledFit(5))
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
 
@@ -165,3 +170,15 @@ def test_groups_fitted_together_match_each_group_fitted_alone():
         ref_codes, ref_book = fit_tensor(w[lo:lo + 8], fitted[lo:lo + 8], None, 5, False, "linear", 0)
         np.testing.assert_array_equal(books[offsets[lo]:offsets[lo] + ref_book.size], ref_book)
         np.testing.assert_array_equal(codes[lo:lo + 8], ref_codes)
+
+
+@pytest.mark.parametrize("shape, axis", [((30, 40), 1), ((30, 40), 0), ((4, 5, 6, 7), 1), ((4, 5, 6, 7), 3),
+                                         ((4, 5, 6, 7), 0), ((12,), None), ((6, 7), None)])
+def test_flat_indices_are_flatnonzero_in_the_weights_layout(shape, axis):
+    from onnxcompress.numerics.granular_fit import flat_indices, from_matrix, to_matrix
+
+    mask = to_matrix(np.random.default_rng(9).random(shape) < 0.2, axis)
+    expected = np.flatnonzero(from_matrix(mask, shape, axis))
+    got = flat_indices(mask, shape, axis)
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == expected.dtype

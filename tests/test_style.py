@@ -19,8 +19,6 @@ ALLOWED = {
     "onnxcompress/api.py:compress": "the public Python API: one keyword argument per user-facing option",
     "onnxcompress/pipeline/manager.py:PassManager.__init__":
         "the manager is a pass whose options are keyword-only arguments, like api.compress",
-    "onnxcompress/numerics/granular_fit.py:fit_scaled":
-        "being rewritten for speed in a concurrent slice; its arguments are grouped after that merge",
 }
 
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
+from onnxcompress.execution.memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 # below this many weight elements in total, starting workers costs more than it saves
@@ -99,7 +101,7 @@ class Processes:
             return
         log.debug("running %s in %d worker processes", getattr(fn, "__name__", fn), jobs)
         window = 2 * jobs
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=keep_freed_memory) as pool:
             pending: deque = deque()
             try:
                 for args, kwargs in tasks:

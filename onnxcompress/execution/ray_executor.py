@@ -20,9 +20,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 from onnxcompress.errors import ExecutorError
+from onnxcompress.execution.memory import keep_freed_memory
 from onnxcompress.execution.parallel import Lazy, Task, call, task_name
 
 log = logging.getLogger(__name__)
+
+
+def _call_keeping_memory(fn: Callable, args: tuple, kwargs: dict):
+    """A Ray task: parallel.call in a worker that keeps freed memory for its next task (execution.memory)."""
+    keep_freed_memory()
+    return call(fn, args, kwargs)
 
 
 class RayExecutor:
@@ -54,7 +61,7 @@ class RayExecutor:
 
     def map(self, fn: Callable, tasks: Iterable[Task], work: int | None = None) -> Iterator:
         ray = self._connect()
-        remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(call)
+        remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(_call_keeping_memory)
         window = 2 * max(int(ray.cluster_resources().get("CPU", 1)), 1)
         pending: deque = deque()
         try:

@@ -50,7 +50,8 @@ import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
-from onnxcompress.numerics.granular_fit import fit_groups, fit_scaled, fit_tensor, from_matrix, pick_outliers, to_matrix
+from onnxcompress.numerics.granular_fit import (fit_groups, fit_scaled, fit_tensor, flat_indices, from_matrix, pick_outliers,
+                                               ScaledFit, to_matrix)
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
 from onnxcompress.numerics.measures import sqnr_db
@@ -156,7 +157,7 @@ def fit(array: np.ndarray, bits: int, option: Option, fitting: Fitting | None = 
     codes = (codes if mask is None else np.where(kept, codes, 0)).astype(np.uint8 if bits <= 8 else np.uint16)
     out_index = out_value = None
     if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
-        out_index = np.flatnonzero(from_matrix(outliers, shape, axis))
+        out_index = flat_indices(outliers, shape, axis)
         out_value = from_matrix(exact, shape, axis)[np.unravel_index(out_index, shape)].astype(np.float32)
     return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
@@ -171,9 +172,12 @@ def _codes(w, fitted, a, bits: int, option: Option, fitting: Fitting, iterations
     if option.kind == "group":
         codes, book, offsets = fit_groups(w, fitted, a, bits, option.group_size, keep_zero, init, seed)
         return codes, book, offsets, None
-    codes, book, scale = fit_scaled(w, fitted, a, bits, keep_zero, init, seed, iterations, scale_dtype) \
-        if option.kind == "channel" else (*fit_tensor(w, fitted, a, bits, keep_zero, init, seed), None)
-    return codes, book, None, scale
+    if option.kind == "channel":
+        codes, book, scale = fit_scaled(w, fitted, a, ScaledFit(bits, keep_zero, init, seed, iterations, scale_dtype,
+                                                                fitting.start))
+        return codes, book, None, scale
+    codes, book = fit_tensor(w, fitted, a, bits, keep_zero, init, seed)
+    return codes, book, None, None
 
 
 def _fit_plain(array: np.ndarray, bits: int, *, name: str, channel_axis: int | None, mask: np.ndarray | None,
@@ -248,8 +252,10 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
 @dataclass(frozen=True, eq=False)
 class Fitting:
     """How :func:`choose` fits its candidates to one weight: its name and channel axis, the layer's input
-    Hessians (with data), the kept-entry mask of a pruned weight, the k-means start, and options already
-    fitted to this very array with these arguments (reused, not fitted again)."""
+    Hessians (with data), the kept-entry mask of a pruned weight, the k-means start, options already
+    fitted to this very array with these arguments (reused, not fitted again), and a codebook to start
+    per-channel fits from instead of k-means (the chosen fit on a sample of the weight's channels,
+    :func:`granular_fit.scaled_start`)."""
 
     name: str = "weight"
     channel_axis: int | None = None
@@ -258,6 +264,7 @@ class Fitting:
     init: str = "linear"
     seed: int = 0
     fitted: dict[Option, SharedWeight] | None = None
+    start: np.ndarray | None = None  # per-channel fits start from this codebook (granular_fit.ScaledFit.start)
 
 
 @dataclass(frozen=True, eq=False)

@@ -56,16 +56,27 @@ def word_shape(bits: int) -> tuple[int, int]:
 def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
     """`values` (< 2**bits) as a (G, m) uint8 array of whole words, zero codes padding the last:
     the bytes of ``bitpack.pack`` (each word ``sum_i v[g, i] * 2**(bits*i)``, at most 56 bits,
-    little-endian), computed word by word."""
+    little-endian), computed a block of words at a time (column i of the block shifted into place: no
+    full-size uint64 copy of the values)."""
     k, m = word_shape(bits)
     flat = np.asarray(values).reshape(-1)
-    words = -(-flat.size // k)
-    padded = np.zeros(words * k, np.uint64)
-    padded[:flat.size] = flat
-    word = np.zeros(words, np.uint64)
-    for i, column in enumerate(padded.reshape(words, k).T):
-        word |= column << np.uint64(bits * i)
-    return np.ascontiguousarray(word.astype("<u8").view(np.uint8).reshape(words, 8)[:, :m])
+    words, whole = -(-flat.size // k), flat.size // k
+    out = np.empty((words, m), np.uint8)
+    for lo in range(0, whole, _PACK_BLOCK):
+        block = flat[lo * k:min(whole, lo + _PACK_BLOCK) * k].reshape(-1, k)
+        word = block[:, 0].astype(np.uint64)
+        for i in range(1, k):
+            word |= block[:, i].astype(np.uint64) << np.uint64(bits * i)
+        out[lo:lo + word.size] = word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :m]
+    if whole < words:  # the last word, padded with zero codes
+        tail = np.zeros(k, np.uint64)
+        tail[:flat.size - whole * k] = flat[whole * k:]
+        word = np.bitwise_or.reduce(tail << (np.uint64(bits) * np.arange(k, dtype=np.uint64)))
+        out[whole] = np.array([word], "<u8").view(np.uint8)[:m]
+    return out
+
+
+_PACK_BLOCK = 1 << 17  # words a block of pack_words
 
 
 @dataclass

@@ -10,9 +10,11 @@ values, a round costs one float32 threshold per (channel, boundary),
 
     x_jm = the largest float32 x with fl32(x / s_j) <= d_m,   d_m the float32 form of boundary m
 
-(found from fl32(d_m s_j) by a few steps of one ulp, checked with the division itself), one
-binary search of all of them in the keys, and A_jm = P[t_j,m+1] - P[t_j,m], B_jm = t_j,m+1 - t_j,m:
-O(C 2^b log(C K)) instead of O(C K). The codes are the same as the division's (exact); the sums
+(found from fl32(d_m s_j) by a few steps of one ulp, checked with the division itself), a binary search of
+each channel's thresholds in its own sorted values (int32 keys ordered as the float32 values: one
+`searchsorted` a channel, in a few KB, when there are at most LOOP_MAX_ROWS channels; else one of
+all of them in int64 keys (channel, value)), and A_jm = P[t_j,m+1] - P[t_j,m], B_jm = t_j,m+1 - t_j,m:
+O(C 2^b log K) instead of O(C K). The codes are the same as the division's (exact); the sums
 are the same sums in another order.
 
 The fitted entries of a channel must be a run of its sorted values: the unfitted ones (outliers
@@ -27,13 +29,18 @@ from onnxcompress.numerics.histogram import float32_below
 from onnxcompress.numerics.kmeans_sorted import boundaries, FLOAT32_KEY_OFFSET, float32_keys, ordered_int32
 
 _STEPS = 8  # ulp steps allowed to settle a threshold (one or two are needed)
+# up to this many channels each is searched on its own (cache-local, no int64 keys); more (short) channels are
+# searched together in int64 keys, where one call per channel would cost more than the keys
+LOOP_MAX_ROWS = 16384
 
 
 class SortedRows:
     """The sorted channels of a float32 (C, K) weight and their prefix sums (module docstring)."""
 
-    def __init__(self, keys: np.ndarray, prefix: np.ndarray, lo: np.ndarray, end: np.ndarray):
-        self.keys, self.prefix, self.lo, self.end = keys, prefix, lo, end
+    def __init__(self, bits: np.ndarray, keys: np.ndarray | None, prefix: np.ndarray, lo: np.ndarray, end: np.ndarray):
+        # bits: (C, K) int32 sorted per channel, ordered as the float32 values; keys: the same as flat int64 keys
+        # (channel, value), only above LOOP_MAX_ROWS channels
+        self.bits, self.keys, self.prefix, self.lo, self.end = bits, keys, prefix, lo, end
 
     @classmethod
     def of(cls, w: np.ndarray, fitted: np.ndarray) -> SortedRows | None:
@@ -62,11 +69,13 @@ class SortedRows:
             if inside.any():  # an unfitted entry within a channel's run
                 return None
         del values
-        keys = bits.astype(np.int64)
-        del bits
-        keys += FLOAT32_KEY_OFFSET
-        keys += (np.arange(rows, dtype=np.int64) << 32)[:, None]
-        return cls(keys.reshape(-1), prefix, lo, end)
+        keys = None
+        if rows > LOOP_MAX_ROWS:
+            keys = bits.astype(np.int64)
+            keys += FLOAT32_KEY_OFFSET
+            keys += (np.arange(rows, dtype=np.int64) << 32)[:, None]
+            keys = keys.reshape(-1)
+        return cls(bits, keys, prefix, lo, end)
 
     def sums(self, s: np.ndarray, book: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(A, B), both (C, len(book)) float64, for scales s (float64, exact in float32) and an ascending
@@ -101,13 +110,25 @@ class SortedRows:
                 return None
         if not np.all(np.isfinite(x) | (np.abs(d) == np.inf)):
             return None
-        query = float32_keys(x)
-        query += (np.arange(rows, dtype=np.int64) << 32)[:, None]
-        at = np.searchsorted(self.keys, query.reshape(-1), side="right").reshape(query.shape)
-        at -= (np.arange(rows, dtype=np.int64) * cols)[:, None]
+        at = self._counts_at_most(x)
         if zero.any():  # u = 0 in a channel of scale 0: all of it at or below d_m, or none
             at[zero] = np.where(d >= 0, cols, 0)
         cuts = np.concatenate((self.lo[:, None], np.clip(at, self.lo[:, None], self.end[:, None]),
                                self.end[:, None]), axis=1)
         sums = np.diff(np.take_along_axis(self.prefix, cuts, axis=1), axis=1)
         return sums, np.diff(cuts, axis=1).astype(np.float64)
+
+    def _counts_at_most(self, x: np.ndarray) -> np.ndarray:
+        """(C, m) int64: how many of channel j's values are <= x_jm (float32, no NaN)."""
+        rows, cols = self.bits.shape
+        if self.keys is None:
+            query = ordered_int32((x + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
+            at = np.empty(x.shape, np.int64)
+            for j in range(rows):
+                at[j] = self.bits[j].searchsorted(query[j], side="right")
+            return at
+        query = float32_keys(x)
+        query += (np.arange(rows, dtype=np.int64) << 32)[:, None]
+        at = np.searchsorted(self.keys, query.reshape(-1), side="right").reshape(query.shape)
+        at -= (np.arange(rows, dtype=np.int64) * cols)[:, None]
+        return at
