@@ -141,10 +141,11 @@ MAX_ROW_LENGTH = 8192
 CUT_SECONDS = 1.0  # a pass over the data through the whole model longer than this: layers' inputs from a cut model
 # and paired captures stopped at enough rows: ROWS_PER_INPUT per entry of the layer's input row (K), at least
 # MIN_PAIRED_ROWS, from the first of SPREAD_PARTS interleaved parts of the data (part p: samples p, p + 16, ...;
-# at least two data chunks). A K x K Gram matrix is estimated as well from those as from millions of
-# correlated rows (orinet: 128 pages of 320 x 320, up to 10^7 rows a layer, of which 2048 a chunk were kept)
-ROWS_PER_INPUT = 4
-MIN_PAIRED_ROWS = 8192
+# at least two data chunks): before, orinet's captures ran all 128 pages of 320 x 320 (up to 10^7 rows a layer) to
+# keep 2048 rows from each of their two chunks, 4096 in all; now 4096-4608 rows from 16-24 pages, 2048 a chunk.
+# More rows (4 K, at least 8192) cost more in Gram products (three K x K ones a chunk) than they saved in runs
+ROWS_PER_INPUT = 2
+MIN_PAIRED_ROWS = 4096
 SPREAD_PARTS = 16
 
 
