@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.execution.parallel import map_ordered
-from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix, Option,
-                                          to_matrix)
+from onnxcompress.fitting import granular
+from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix,
+                                          gptq_affordable, Option, to_matrix)
 from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
 from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
                                           WeightEvidence)
@@ -119,6 +120,7 @@ class SharePass(Pass):
         before = after = 0
         unpacked = []
         hessians = layer_hessians(ctx.model, ctx.data, candidates, collector=ctx.statistics)
+        _note_no_gptq(ctx, hessians)
         bits_of = self._bits(ctx, candidates)
         # a bias is coded first, measured by the error it leaves in its layer's output, and its layer's
         # weight then cancels what it can of that error (onnxcompress.numerics.bias_error)
@@ -232,10 +234,10 @@ class SharePass(Pass):
         if cfg.granularity != "auto" or cfg.gain_samples <= 0 or ctx.data is None or not probed:
             return {}, {}
         probes, fits = {}, {}
-        option = Option("tensor", weighted=True, gptq=True)
         for info in probed:
             array = get_array(ctx.model, info)
             h = hessians[info.name]
+            option = Option("tensor", weighted=True, gptq=gptq_affordable(h))
             fitting = Fitting(info.name, info.channel_axis, hessians=h, mask=ctx.masks.get(info.name), init=cfg.init,
                               seed=cfg.seed)
             coded = fit(array, bits_of[info.name], option, fitting, importance=h.importance())
@@ -361,6 +363,15 @@ def _note_unpacked(ctx: Context, unpacked: list[str], opset: int) -> None:
         ctx.note(f"share: {len(unpacked)} weights use fewer than 8 bits but the model's opset {opset} is below "
                  f"{PACK_MIN_OPSET}, so their codes are stored one a byte, not bit-packed (the opset was left "
                  "unchanged)")
+
+
+def _note_no_gptq(ctx: Context, hessians: dict) -> None:
+    wide = {name: max(m.shape[0] for m in h.hessians) for name, h in hessians.items() if not gptq_affordable(h)}
+    if wide:
+        ctx.note(f"share: {len(wide)} weight(s) with input rows of {min(wide.values())} entries or more, over "
+                 f"{granular.GPTQ_MAX_ROW} ({', '.join(list(wide)[:3])}"
+                 f"{', ...' if len(wide) > 3 else ''}) get no GPTQ candidates (each needs a K x K inverse and refit): "
+                 "importance-weighted k-means ones only")
 
 
 def _add_bias_gains(gains: dict[str, OutputGains], links: dict) -> None:

@@ -430,3 +430,28 @@ def test_input_rows_of_a_float32_input_are_those_of_its_float64_copy(make):
         for a, b in zip(narrow, wide):
             assert a.dtype == np.float64 and a.shape == b.shape
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_costly_paired_capture_stops_at_enough_rows_taken_across_the_data(monkeypatch):
+    """Where a pass over the data is measured slow (CUT_SECONDS), the capture streams interleaved parts of the
+    data (part p: samples p, p + 16, ...) and stops once it holds MIN_PAIRED_ROWS rows (here 24: six samples of
+    four rows); its Gram matrices are exactly those of the samples it took, the same from both models."""
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.runtime import capture
+    from onnxcompress.runtime.statistics import Collector
+    model = _two_layers_and_a_branch()
+    layer = capture.linear_layer(model, next(w for w in find_weights(model, min_elements=0) if w.name == "w2"))
+    data = load_data({"x": np.random.default_rng(5).standard_normal((64, 4, 6)).astype(np.float32)})
+    collector = Collector()
+    runner = collector.runner(model, ["r"])  # measures the whole model's cost
+    x = {i: np.asarray(c.values["r"], np.float64).reshape(-1, 5) for i, c in enumerate(runner.chunks(data))}
+    monkeypatch.setattr(capture, "CUT_SECONDS", -1.0)
+    monkeypatch.setattr(capture, "MIN_PAIRED_ROWS", 24)
+    got = capture.collect_paired_grams(model, model, data, layer, collector=collector)
+    taken = np.concatenate([x[i] for i in (0, 16, 32, 48, 1, 17)])
+    assert got.count == 24
+    np.testing.assert_allclose(got.current[0], taken.T @ taken / 24, rtol=1e-12)
+    np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
+    monkeypatch.setattr(capture, "CUT_SECONDS", 1e9)  # a fast model: every sample, as before
+    assert capture.collect_paired_grams(model, model, data, layer, collector=collector).count == 64 * 4

@@ -270,3 +270,31 @@ def test_share_compresses_a_weight_also_listed_as_a_graph_input():
     onnx.checker.check_model(out, full_check=True)
     feeds = {"x": rng.standard_normal((16, 128)).astype(np.float32)}
     assert sqnr_db_of(tiny.run(model, feeds)[0], tiny.run(out, feeds)[0]) > 20
+
+
+def test_weights_with_input_rows_over_the_gptq_bound_get_no_gptq_candidates(monkeypatch):
+    """Above granular.GPTQ_MAX_ROW entries in a layer's input row (madmom's chord CNN: 6,912), GPTQ's candidates
+    (a K x K inverse and a code Gram of C K^2 entries each) are not fitted, with a note; the weighted k-means
+    ones still are, and the model still matches the original in onnxruntime."""
+    from onnxcompress.fitting import granular
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.numerics.measures import sqnr_db
+    from onnxcompress.passes.share import SharePass
+    from tiny import run
+
+    model = conv_gemm()  # a conv with 3 x 3 x channels input rows, then a Gemm
+    data = load_data(random_feeds(model, n=32))
+    wide = run_pass(SharePass(min_elements=64), model, data)
+    labels = lambda ctx: {label for r in ctx.records for label in r.details.get("candidates", {})}  # noqa: E731
+    assert any(label.endswith("/gptq") for label in labels(wide)) and not any("GPTQ" in n for n in wide.notes)
+    monkeypatch.setattr(granular, "GPTQ_MAX_ROW", 8)
+    narrow = run_pass(SharePass(min_elements=64), model, data)
+    assert labels(narrow) and not any(label.endswith("/gptq") for label in labels(narrow))
+    assert any(label.endswith("/weighted") for label in labels(narrow))
+    assert any("no GPTQ candidates" in n for n in narrow.notes)
+    x = data.stacked["x"]
+    want, = run(model, {"x": x})
+    for ctx in (wide, narrow):
+        onnx.checker.check_model(ctx.model, full_check=True)
+        got, = run(ctx.model, {"x": x})
+        assert sqnr_db(float(np.sum(want ** 2)), float(np.sum((want - got) ** 2))) > 20  # 27.6 dB; 50.6 with GPTQ

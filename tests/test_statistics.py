@@ -244,3 +244,28 @@ def test_the_collectors_gram_is_the_old_captures_bit_for_bit_for_the_same_kind_o
         gram, total = _old_way_gram(model, data, layer, runtime.make_session(light, arrays=arrays), weights)
         assert stats.count == 150 * 5 * 5  # 64 samples x 25 positions a chunk: no row is subsampled
         assert np.array_equal(stats.gram[0], gram) and np.array_equal(stats.sums[0], total), fixed
+
+
+def test_row_blocks_stack_small_blocks_and_pass_large_ones_as_they_come():
+    """Small blocks reach the sink stacked (one product for many), large ones alone and in order: the sums
+    are those of block by block, exactly when every block is large."""
+    from onnxcompress.numerics import row_blocks
+    rng = np.random.default_rng(0)
+    cases = {(30,) * 100: [69 * 30, 31 * 30], (300, 5, 7, 400, 3): [300, 12, 400, 3], (2049, 2049): [2049, 2049]}
+    for sizes, stacked in cases.items():
+        blocks = [rng.standard_normal((n, 6)) for n in sizes]
+        calls, total = [], np.zeros((6, 6))
+
+        def sink(x, y):
+            nonlocal total
+            calls.append(x.shape[0])
+            total = total + x.T @ y
+
+        stack = row_blocks.RowBlocks(sink)
+        for b in blocks:
+            stack.add(b, 2 * b)
+        stack.flush()
+        want = sum(2 * b.T @ b for b in blocks)
+        assert calls == stacked
+        np.testing.assert_allclose(total, want, rtol=1e-12)
+    assert np.array_equal(total, want)  # large blocks only: block by block, bit for bit

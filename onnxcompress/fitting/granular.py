@@ -61,6 +61,15 @@ Kind = Literal["tensor", "channel", "group", "float"]
 GRANULARITIES = ("tensor", "channel", "group", "outlier", "auto")
 DB_PER_BIT = 6.02  # what one more bit per weight buys in SQNR: the exchange rate of bytes for fidelity
 JOINT_TARGET_LAYERS = 8  # the joint choice's target at the outputs: the per-layer target over this many layers
+# GPTQ's candidates invert each group's K x K Hessian (K^3) and their refit reads a code Gram of C K^2 entries
+# (numerics.gptq.code_gram): above this input row length K (a conv of fan-in 6,912 in madmom's chord CNN: minutes
+# a candidate), only the importance-weighted k-means candidates are fitted
+GPTQ_MAX_ROW = 4096
+
+
+def gptq_affordable(hessians: LayerHessians | None) -> bool:
+    """Whether GPTQ candidates are fitted with these Hessians: every group's row length at most GPTQ_MAX_ROW."""
+    return hessians is not None and max((h.shape[0] for h in hessians.hessians), default=0) <= GPTQ_MAX_ROW
 
 
 @dataclass(frozen=True)
@@ -223,9 +232,9 @@ def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | N
 
 
 def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weighted: bool,
-                group_size: int, outlier_fraction: float, keep_float: bool = False) -> list[Option]:
-    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted);
-    keep_float adds leaving the weight unshared (with "auto")."""
+                group_size: int, outlier_fraction: float, keep_float: bool = False, gptq: bool = True) -> list[Option]:
+    """The candidates a granularity setting tries (unweighted and, with data, importance-weighted, and with
+    `gptq` GPTQ's too); keep_float adds leaving the weight unshared (with "auto")."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     kinds: list[Option] = []
@@ -243,7 +252,7 @@ def options_for(granularity: str, *, has_channel_axis: bool, channels: int, weig
     if weighted:  # with data: importance-weighted k-means, and codes with error feedback
         kinds += [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True) for o in kinds] + \
                  [Option(o.kind, o.group_size, o.outlier_fraction, weighted=True, gptq=True)
-                  for o in kinds if o.kind != "group"]
+                  for o in kinds if o.kind != "group" and gptq]
     if keep_float and granularity == "auto":  # leaving the weight as it is (a bias, whose error lands on every output)
         kinds.append(Option("float"))
     return kinds or [Option("tensor")]  # e.g. "group" with one group, "outlier" with a zero fraction

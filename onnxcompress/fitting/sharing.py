@@ -19,7 +19,7 @@ import onnx
 
 from onnxcompress.errors import ModelError
 from onnxcompress.fitting.granular import (Candidate, Choice, choose, Fitting, from_matrix, Judging, LayerHessians,
-                                           Option, options_for, to_matrix)
+                                           gptq_affordable, Option, options_for, to_matrix)
 from onnxcompress.formats.codebook import portable_nodes, SharedWeight
 from onnxcompress.formats.codechain import UINT4_MIN_OPSET
 from onnxcompress.graph.data import Dataset
@@ -250,7 +250,8 @@ def _options(array: np.ndarray, axis: int | None, settings: ShareSettings, evide
     return options_for(settings.granularity, has_channel_axis=axis is not None,
                        channels=int(array.shape[axis]) if axis is not None else 1,
                        weighted=evidence.hessians is not None, group_size=settings.group_size,
-                       outlier_fraction=outlier_fraction, keep_float=evidence.link is not None)
+                       outlier_fraction=outlier_fraction, keep_float=evidence.link is not None,
+                       gptq=gptq_affordable(evidence.hessians))
 
 
 def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: ShareSettings = ShareSettings(),

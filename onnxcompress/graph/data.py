@@ -155,11 +155,16 @@ class Dataset:
         """The first n samples (all when n is None)."""
         if n is None or n >= len(self):
             return self
-        labels = None if self.labels is None else self.labels[:n]
+        return self.subset(slice(0, n))
+
+    def subset(self, pick: slice) -> "Dataset":
+        """The samples `pick` selects, in its order (stacked arrays: views; feeds read from a folder:
+        only those)."""
+        labels = None if self.labels is None else self.labels[pick]
         if self.stacked is not None:
-            out = Dataset(stacked={k: v[:n] for k, v in self.stacked.items()}, labels=labels, source=self.source)
+            out = Dataset(stacked={k: v[pick] for k, v in self.stacked.items()}, labels=labels, source=self.source)
         else:
-            out = Dataset([self._feeds[i] for i in range(n)], labels=labels, source=self.source)
+            out = Dataset([self._feeds[i] for i in range(len(self))[pick]], labels=labels, source=self.source)
         out.synthetic, out.guessed, out.note = self.synthetic, self.guessed, self.note
         out.stream = self.stream.limit(n) if self.stream is not None else None
         return out

@@ -189,6 +189,11 @@ def refit_under_hessians(w, codes, grid: Grid, coded, fixed, hessians: LayerHess
     return book, scale
 
 
+# code_gram gathers H's rows a block of this many columns at a time: the block stays in cache while it is summed
+# (the same sums in the same order; 1.6x faster than gathering whole rows at K = 2304 on this machine)
+CODE_GRAM_COLUMNS = 128
+
+
 def code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
     """sum_j s_j^2 E_j^T H E_j over rows j, E_j the one-hot (K, n) of row j's free entries S_j.
 
@@ -211,7 +216,9 @@ def code_gram(codes: np.ndarray, free: np.ndarray, s: np.ndarray, h: np.ndarray,
         order = np.argsort(cj, kind="stable")
         cols, sorted_codes = idx[order], cj[order]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        by_code = np.add.reduceat(h[cols], starts, axis=0)  # (m, K): E_j^T H
+        by_code = np.empty((starts.size, h.shape[1]))  # (m, K): E_j^T H, a block of H's columns at a time
+        for lo in range(0, h.shape[1], CODE_GRAM_COLUMNS):
+            by_code[:, lo:lo + CODE_GRAM_COLUMNS] = np.add.reduceat(h[cols, lo:lo + CODE_GRAM_COLUMNS], starts, axis=0)
         present = sorted_codes[starts]
         g[np.ix_(present, present)] += np.add.reduceat(by_code[:, cols], starts, axis=1) * s[j] ** 2
     return g

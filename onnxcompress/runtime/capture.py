@@ -22,6 +22,7 @@ from onnxcompress.errors import ModelError
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import find_graph, upstream_model
 from onnxcompress.graph.weights import WeightInfo
+from onnxcompress.numerics.row_blocks import RowBlocks
 from onnxcompress.runtime.statistics import Chunk, Collector
 
 
@@ -138,6 +139,14 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
 # K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
 MAX_ROW_LENGTH = 8192
 CUT_SECONDS = 1.0  # a pass over the data through the whole model longer than this: layers' inputs from a cut model
+# and paired captures stopped at enough rows: ROWS_PER_INPUT per entry of the layer's input row (K), at least
+# MIN_PAIRED_ROWS, from the first of SPREAD_PARTS interleaved parts of the data (part p: samples p, p + 16, ...;
+# at least two data chunks): before, orinet's captures ran all 128 pages of 320 x 320 (up to 10^7 rows a layer) to
+# keep 2048 rows from each of their two chunks, 4096 in all; now 4096-4608 rows from 16-24 pages, 2048 a chunk.
+# More rows (4 K, at least 8192) cost more in Gram products (three K x K ones a chunk) than they saved in runs
+ROWS_PER_INPUT = 2
+MIN_PAIRED_ROWS = 4096
+SPREAD_PARTS = 16
 
 
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
@@ -146,7 +155,7 @@ def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None
     if info.graph != "main" or len(info.consumers) != 1 or info.consumers[0].via:
         return None
     layer = _linear_layer(model, info)
-    if layer is None or info.numel // max(layer.out_channels, 1) > MAX_ROW_LENGTH:
+    if layer is None or row_length(layer) > MAX_ROW_LENGTH:
         return None
     return layer
 
@@ -188,7 +197,8 @@ class LayerInputs:
         self._updates = 0
         self.max_rows, self.rows_per_chunk = max_rows, rows_per_chunk
         self.rng = np.random.default_rng(seed)
-        self.gram: list[np.ndarray] | None = None
+        self._gram: list[np.ndarray] | None = None
+        self._blocks: dict[int | None, RowBlocks] = {}  # per fold (None: no folds), rows held for a product
         self.sums: list[np.ndarray] | None = None  # per group, the sum of the rows the Gram matrices add up
         self.count = 0
         self._sample: list[np.ndarray] | None = None
@@ -209,18 +219,16 @@ class LayerInputs:
         groups = self.layer.input_rows(np.asarray(x), self.rows_per_chunk, self.rng)
         sums = [g.sum(axis=0) for g in groups]
         self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
-        if self.gram is None:
-            self.gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
+        if self._gram is None:
+            self._gram = [np.zeros((g.shape[1], g.shape[1])) for g in groups]
             self._sample = [np.zeros((0, g.shape[1])) for g in groups]
             self._keys = np.zeros(0)
             if self.folds >= 2:
-                self._fold_grams = [[np.zeros_like(g) for g in self.gram] for _ in range(self.folds)]
+                self._fold_grams = [[np.zeros_like(g) for g in self._gram] for _ in range(self.folds)]
         fold = self._updates % self.folds if self.folds >= 2 else None
-        for k, rows in enumerate(groups):
-            product = rows.T @ rows
-            self.gram[k] += product
-            if fold is not None:
-                self._fold_grams[fold][k] += product
+        if fold not in self._blocks:
+            self._blocks[fold] = RowBlocks(lambda *rows, fold=fold: self._add_products(rows, fold))
+        self._blocks[fold].add(*groups)
         if fold is not None:
             self._fold_counts[fold] += groups[0].shape[0]
         self._updates += 1
@@ -230,6 +238,23 @@ class LayerInputs:
         keep = np.argsort(keys, kind="stable")[: self.max_rows]
         self._keys = keys[keep]
         self._sample = [np.concatenate([old, new])[keep] for old, new in zip(self._sample, groups)]
+
+    def _add_products(self, groups: tuple[np.ndarray, ...], fold: int | None) -> None:
+        for k, rows in enumerate(groups):
+            product = rows.T @ rows
+            self._gram[k] += product
+            if fold is not None:
+                self._fold_grams[fold][k] += product
+
+    @property
+    def gram(self) -> list[np.ndarray] | None:
+        """Per group, the sum of x x^T over the rows taken."""
+        self._flush()
+        return self._gram
+
+    def _flush(self) -> None:
+        for blocks in self._blocks.values():
+            blocks.flush()
 
     @property
     def rows(self) -> list[np.ndarray]:
@@ -253,6 +278,7 @@ class LayerInputs:
         """H of the even and of the odd folds apart (None: folds off, odd in number, or too few updates)."""
         if not self.fold_count or self.folds % 2:
             return None
+        self._flush()
         halves = []
         for parity in (0, 1):
             members = range(parity, self.folds, 2)
@@ -324,27 +350,39 @@ class _GramSums:
         self.c = [np.zeros_like(x) for x in self.h] if paired else None
         self.r = [np.zeros_like(x) for x in self.h] if paired else None
         self.count = 0
+        self._blocks = RowBlocks(self._add_products)
 
     def add(self, current: list[np.ndarray], reference: list[np.ndarray] | None) -> None:
         for g, xc in enumerate(current):
-            self.h[g] += xc.T @ xc
             self.mc[g] += xc.sum(axis=0)
             if reference is not None:
-                xr = reference[g]
-                self.mr[g] += xr.sum(axis=0)
-                self.c[g] += xc.T @ xr
-                self.r[g] += xr.T @ xr
+                self.mr[g] += reference[g].sum(axis=0)
+        self._blocks.add(*current, *(reference or ()))
         self.count += current[0].shape[0]
 
+    def _add_products(self, *rows: np.ndarray) -> None:
+        """Rows of the current model per group, then (paired) the reference's."""
+        groups = len(self.h)
+        for g, xc in enumerate(rows[:groups]):
+            self.h[g] += xc.T @ xc
+            if self.c is not None:
+                xr = rows[groups + g]
+                self.c[g] += xc.T @ xr
+                self.r[g] += xr.T @ xr
+
     def minus(self, other: "_GramSums") -> "_GramSums":
+        self._blocks.flush()
+        other._blocks.flush()
         out = object.__new__(_GramSums)
         sub = lambda a, b: None if a is None else [x - y for x, y in zip(a, b)]  # noqa: E731
         out.h, out.mc, out.mr, out.c, out.r = (sub(self.h, other.h), sub(self.mc, other.mc),
                                                sub(self.mr, other.mr), sub(self.c, other.c), sub(self.r, other.r))
         out.count = self.count - other.count
+        out._blocks = RowBlocks(out._add_products)
         return out
 
     def averaged(self, layer: LinearLayer, paired: bool, folds=None) -> PairedGrams:
+        self._blocks.flush()
         scale = 1.0 / max(self.count, 1)
         norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
         return PairedGrams(layer, norm(self.h), norm(self.c), norm(self.r), self.count, norm(self.mc),
@@ -363,12 +401,17 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     name = layer.input_name
     paired = reference is not None
     collector = collector or Collector()
-    streams = [collector.stream(_through(collector, current, name, data), data, [name], max_batch=max_batch)]
-    if paired:
-        streams.append(collector.stream(_through(collector, reference, name, data), data, [name], max_batch=max_batch))
+    models = [current, reference] if paired else [current]
+    # the current model's graph changes as its layers are coded: its cost is the reference's until measured
+    costly = max(_pass_seconds(collector, m, data) for m in models) > CUT_SECONDS
+    models = [upstream_model(m, [name]) for m in models] if costly else models
+    # a costly capture streams interleaved parts of the data and stops at enough rows (see ROWS_PER_INPUT)
+    parts = [data.subset(slice(p, None, SPREAD_PARTS)) for p in range(min(SPREAD_PARTS, len(data)))] \
+        if costly else [data]
+    enough = max(MIN_PAIRED_ROWS, ROWS_PER_INPUT * row_length(layer)) if costly else None
     total = even = None
     chunks = 0
-    for chunk, values in enumerate(zip(*streams)):
+    for chunk, values in enumerate(zip(*(_streamed(collector, m, parts, name, max_batch) for m in models))):
         rows = [layer.input_rows(np.asarray(v[name]), rows_per_chunk,
                                  np.random.default_rng((0, chunk))) for v in values]
         if total is None:
@@ -378,6 +421,8 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         if even is not None and chunk % 2 == 0:
             even.add(rows[0], rows[1] if paired else None)
         chunks += 1
+        if enough is not None and total.count >= enough and chunks >= 2:
+            break
     if total is None:
         raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
     halves = None
@@ -386,13 +431,26 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     return total.averaged(layer, paired, halves)
 
 
-def _through(collector: Collector, model: onnx.ModelProto, name: str, data: Dataset) -> onnx.ModelProto:
-    """`model`, or it cut just after the tensor `name` (graph.edit.upstream_model) where a pass over `data`
-    through the whole model has been measured at over CUT_SECONDS: onnxruntime runs every node of a session
-    whatever is fetched, so the nodes after the layer's input would run for nothing; but a cut model is a
-    session of its own, which costs more than it saves on a model that runs fast (LeNet-5: a few ms a pass)."""
+def _streamed(collector: Collector, model: onnx.ModelProto, parts: list[Dataset], name: str, max_batch: int):
+    """The tensor `name` of `model`, chunk by chunk over each of `parts` in turn."""
+    for part in parts:
+        yield from collector.stream(model, part, [name], max_batch=max_batch)
+
+
+def row_length(layer: LinearLayer) -> int:
+    """K: the entries of one input row of the layer (per group)."""
+    return int(np.prod(layer.weight_shape)) // max(layer.out_channels, 1)
+
+
+def _pass_seconds(collector: Collector, model: onnx.ModelProto, data: Dataset) -> float:
+    """What a pass over `data` through the whole of `model` has been measured to cost (0 before any run).
+
+    Over CUT_SECONDS, a capture runs the model cut just after the layer's input (graph.edit.upstream_model):
+    onnxruntime runs every node of a session whatever is fetched, so the nodes after it would run for
+    nothing; but a cut model is a session of its own, which costs more than it saves on a model that runs
+    fast (LeNet-5: a few ms a pass)."""
     cost = collector.seconds_per_sample(model)
-    return upstream_model(model, [name]) if cost is not None and cost * len(data) > CUT_SECONDS else model
+    return 0.0 if cost is None else cost * len(data)
 
 
 def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:
