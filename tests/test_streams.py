@@ -147,9 +147,12 @@ def test_validation_of_a_stream_judges_the_streamed_outputs_and_says_so():
     assert report.validation is not None
 
 
-def test_limit_keeps_the_stream():
+def test_a_subset_keeps_the_chains_of_consecutive_calls_only():
     stream = Stream((("h", "h_out"),), (False, True, True, False, True))
     data = Dataset([{"x": np.zeros(1)}] * 5)
     data.stream = stream
     assert data.limit(3).stream.continues == (False, True, True)
+    assert data.subset(slice(1, 5)).stream.continues == (False, True, False, True)
+    assert data.subset(slice(0, 5, 2)).stream is None  # interleaved calls: each on the states it was given
+    assert data.subset(slice(2, 4)).stream is None
     assert [count for _, count in data.chunks([], max_batch=64)] == [1] * 5

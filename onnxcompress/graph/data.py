@@ -88,8 +88,13 @@ class Stream:
         """How many streams the calls form (a stream starts where a call does not continue the last)."""
         return sum(1 for c in self.continues if not c)
 
-    def limit(self, n: int) -> "Stream":
-        return Stream(self.links, self.continues[:n])
+    def subset(self, pick: slice) -> "Stream | None":
+        """The stream of the calls `pick` selects: consecutive calls keep their chains (the first one starts
+        a chain); calls picked apart do not continue each other, each runs on the states it was given."""
+        if pick.step not in (None, 1):
+            return None
+        kept = self.continues[pick]
+        return Stream(self.links, (False,) + kept[1:]) if any(kept[1:]) else None
 
     def describe(self) -> str:
         pairs = ", ".join(f"{o} -> {i}" for i, o in self.links[:4]) + (", ..." if len(self.links) > 4 else "")
@@ -166,7 +171,7 @@ class Dataset:
         else:
             out = Dataset([self._feeds[i] for i in range(len(self))[pick]], labels=labels, source=self.source)
         out.synthetic, out.guessed, out.note = self.synthetic, self.guessed, self.note
-        out.stream = self.stream.limit(n) if self.stream is not None else None
+        out.stream = self.stream.subset(pick) if self.stream is not None else None
         return out
 
     def feed(self, index: int, specs: Sequence[InputSpec]) -> Feed:
