@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ class Evaluator:
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
         self.suffixes: SuffixRunner | None = None
+        start = time.process_time()
         self.reference = self.outputs({})
+        self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
         # where the model is large enough for the runs saved to outweigh a session per weight's suffix
         if sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
