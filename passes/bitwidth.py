@@ -157,6 +157,8 @@ class BitWidthPass(Pass):
             "form": ctx.form.value, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
             "choices": {w.name: dict(layer[j].settings) for w, layer, j in zip(weights, options, chosen)},
             "sensitivity": {name: [c.__dict__ for c in cands] for name, cands in table.items()},
+            "candidates": {"measured": sum(c.error is None for cands in table.values() for c in cands),
+                           "predicted": self._predicted_only, "verified": len(evaluated)},
             "evaluated": [dataclasses.asdict(v) for v in evaluated],
             "front": [dataclasses.asdict(evaluated[i])
                       for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
@@ -172,6 +174,7 @@ class BitWidthPass(Pass):
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         self._counting = False  # is the cost a count of changed decisions?
+        self._predicted_only = 0  # candidates whose noise was predicted and never measured
         resolution = 100.0 * 2 / max(len(evaluator.data), 1)
         if self._predicts(evaluator, sum(map(len, grids.values()))):
             table = self._predicted(ctx, evaluator, weights, grids, resolution)
@@ -241,7 +244,8 @@ class BitWidthPass(Pass):
         bar = tqdm(total=sum(map(len, grids.values())), desc="coding", disable=not ctx.progress, leave=False)
         for info in weights:
             array = evaluator.base[info.name]
-            layer, stats = self._pruner.layers.get(info.name), self._pruner.stats.get(info.name)
+            pruner = self._pruner
+            layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
@@ -261,8 +265,9 @@ class BitWidthPass(Pass):
                                   lambda options, noise: self._landings(options, noise, fixed, weights),
                                   lambda: self._counting, resolution)
         measured = sum(e.measured for row in entries for e in row)
+        self._predicted_only = sum(map(len, entries)) - measured
         log.info("bitwidth: %d candidates measured, %d predicted from their layer error and not measured "
-                 "(%d allocation rounds)", measured, sum(map(len, entries)) - measured, rounds)
+                 "(%d allocation rounds)", measured, self._predicted_only, rounds)
         return {w.name: [e.candidate for e in row if e.measured or e.candidate.error is not None]
                 for w, row in zip(weights, entries)}
 
@@ -277,12 +282,7 @@ class BitWidthPass(Pass):
         choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES]
         if cfg.min_sqnr is not None:
             return choices
-        sums = [allocate.totals(noise, c)[1] for c in choices if c is not None]
-        low, high = min((n for n in sums if n > 0), default=0.0), max(sums, default=0.0)
-        if low <= 0:
-            return choices
-        levels = low / 4 * 2.0 ** np.arange(int(np.ceil(np.log2(16 * high / low))) + 1)
-        return choices + [allocate.min_size(noise, level) for level in levels]
+        return choices + [allocate.min_size(noise, level) for level in bitpredict.noise_levels(noise, choices)]
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the
