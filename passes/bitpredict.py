@@ -135,13 +135,13 @@ def estimates(table: list[list[Entry]], counted: bool, resolution: float) -> lis
 
 
 def noise_levels(noise: list[list[allocate.Option]], choices: list[list[int] | None]) -> list[float]:
-    """Budgets of summed task noise around the noise of `choices` (a factor 4 beyond), a factor 2 apart: where
-    the search's noise ladder walks between configurations that met the budget and ones that did not."""
+    """Budgets of summed task noise from half the least to twice the most noise of `choices`, a factor 4 apart:
+    where the search's noise ladder walks between configurations that met the budget and ones that did not."""
     sums = [allocate.totals(noise, c)[1] for c in choices if c is not None]
     low, high = min((n for n in sums if n > 0), default=0.0), max(sums, default=0.0)
     if low <= 0:
         return []
-    return list(low / 4 * 2.0 ** np.arange(int(np.ceil(np.log2(16 * high / low))) + 1))
+    return list(low / 2 * 4.0 ** np.arange(int(np.ceil(np.log(4 * high / low) / np.log(4))) + 1))
 
 
 def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],

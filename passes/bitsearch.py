@@ -279,17 +279,17 @@ def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
 
 
 def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
-                      pruner: Pruner | None = None) -> list:
+                      pruner: Pruner | None = None, *, versions: int | None = None) -> list:
     """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
-    coded weight, or one per data fold when the pruner cross-fits."""
+    coded weight, or one per data fold when the pruner cross-fits (the first `versions` of them)."""
     if sparsity <= 0:
         return [fit_codebook(array, info, bits, seed=seed)]
     if pruner is not None:
-        versions, mask = pruner(array, info, sparsity)
+        refits, mask = pruner(array, info, sparsity)
     else:
         mask = magnitude_mask(array, sparsity)
-        versions = [np.where(mask, array, 0)]
-    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in versions]
+        refits = [np.where(mask, array, 0)]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits[:versions]]
 
 
 def stored_bytes(shared, form: Form) -> int:

@@ -250,9 +250,10 @@ class BitWidthPass(Pass):
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner)
-                    candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
-                    error = bitpredict.layer_error(array, coded[0].decode(), layer, stats)
+                    # one cross-fitted version priced for the prediction; _measure prices them all
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner, versions=1)[0]
+                    candidate.size = stored_bytes(coded, ctx.form)
+                    error = bitpredict.layer_error(array, coded.decode(), layer, stats)
                 except OnnxCompressError as e:
                     candidate.error = str(e)
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
@@ -279,7 +280,8 @@ class BitWidthPass(Pass):
             original = fixed + sum(w.nbytes for w in weights)
             size_budget = max(original / cfg.target_ratio - fixed, 0.0)
             return [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
-        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES]
+        # every other budget scale: the search's own allocations between them land on candidates measured near
+        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES[::2]]
         if cfg.min_sqnr is not None:
             return choices
         return choices + [allocate.min_size(noise, level) for level in bitpredict.noise_levels(noise, choices)]

@@ -557,3 +557,13 @@ def test_a_predicted_sweep_on_a_tiny_graph_measures_fewer_candidates_and_meets_t
     assert counts["predicted"] < counts["measured"]
     best = {k: min(p["bytes"] for p in s["evaluated"] if p["ok"]) for k, s in results.items()}
     assert best["predicted"] <= 1.1 * best["measured"]
+
+
+def test_noise_levels_span_the_allocations_noise_a_factor_four_apart():
+    from onnxcompress.numerics.allocate import Option
+    from onnxcompress.passes.bitpredict import noise_levels
+
+    noise = [[Option(8, 0.0), Option(4, 0.01), Option(2, 0.64)] for _ in range(2)]
+    levels = noise_levels(noise, [[1, 0], [1, 1], [2, 2], None])  # summed noise 0.01, 0.02, 1.28
+    assert levels == pytest.approx([0.005 * 4 ** k for k in range(6)])  # 0.005 ... 5.12 >= 2 * 1.28
+    assert noise_levels(noise, [[0, 0]]) == []  # nothing noisy to walk from
