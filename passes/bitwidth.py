@@ -44,7 +44,9 @@ SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
 BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
-SWEEP_SECONDS = 60.0  # CPU s of model runs past which the sweep predicts candidates (bitpredict) instead of measuring all
+# CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
+# costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
+SWEEP_SECONDS = 300.0
 NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
 
 
@@ -176,7 +178,10 @@ class BitWidthPass(Pass):
         self._counting = False  # is the cost a count of changed decisions?
         self._predicted_only = 0  # candidates whose noise was predicted and never measured
         resolution = 100.0 * 2 / max(len(evaluator.data), 1)
-        if self._predicts(evaluator, sum(map(len, grids.values()))):
+        predicts = self._predicts(evaluator, sum(map(len, grids.values())))
+        log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
+                 evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
+        if predicts:
             table = self._predicted(ctx, evaluator, weights, grids, resolution)
         else:
             table = self._measured(ctx, evaluator, weights, grids)
@@ -185,8 +190,7 @@ class BitWidthPass(Pass):
         return table
 
     def _predicts(self, evaluator: Evaluator, candidates: int) -> bool:
-        """Whether the sweep predicts candidates' noise and measures only those near the allocations
-        (bitpredict): with `sweep: auto` where measuring them all would take over SWEEP_SECONDS of runs;
+        """Whether the sweep predicts candidates' noise (bitpredict): `sweep: auto` past SWEEP_SECONDS of runs;
         never with a user's metric (no noise predicts its value)."""
         cfg = self.config
         if cfg.metric is not None and not is_builtin(cfg.metric) or cfg.sweep == "measured":
