@@ -119,6 +119,9 @@ def run_one(name: str, label: str, metric: str | None = None) -> dict:
             report = api.compress_file(source, out, recipe, data=calib, form=form,
                                        budget={"metric": metric or module.METRIC, **(budget or {})}, jobs=2)
             row["passes"] = {p.name: round(p.seconds, 1) for p in report.passes}
+            searched = next((p.summary.get("candidates") for p in report.passes if p.name == "bitwidth"), None)
+            if searched:  # the bit-width search's candidates measured, predicted only, verified jointly
+                row["candidates"] = searched
             if report.validation is not None:
                 row["tool_agreement"] = report.validation.worst_agreement()
                 row["tool_task"] = [o.task for o in report.validation.outputs if o.budgeted]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ class Evaluator:
         self.base = {w.name: get_array(model, w) for w in weights}
         self.chunks = list(data.chunks(self.specs))
         self.suffixes: SuffixRunner | None = None
+        start = time.process_time()
         self.reference = self.outputs({})
+        self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
         # where the model is large enough for the runs saved to outweigh a session per weight's suffix
         # (not for a stream: a weight's change reaches every later call through the states)
@@ -279,17 +282,17 @@ def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
 
 
 def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
-                      pruner: Pruner | None = None) -> list:
+                      pruner: Pruner | None = None, *, versions: int | None = None) -> list:
     """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
-    coded weight, or one per data fold when the pruner cross-fits."""
+    coded weight, or one per data fold when the pruner cross-fits (the first `versions` of them)."""
     if sparsity <= 0:
         return [fit_codebook(array, info, bits, seed=seed)]
     if pruner is not None:
-        versions, mask = pruner(array, info, sparsity)
+        refits, mask = pruner(array, info, sparsity)
     else:
         mask = magnitude_mask(array, sparsity)
-        versions = [np.where(mask, array, 0)]
-    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in versions]
+        refits = [np.where(mask, array, 0)]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits[:versions]]
 
 
 def stored_bytes(shared, form: Form) -> int:

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from onnxcompress.errors import OnnxCompressError, PreconditionError
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
+from onnxcompress.passes import bitpredict
 from onnxcompress.passes.bitsearch import (Candidate, candidate_weights, Evaluator, floor_disagreement, make_score,
                                            Pruner, stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
-from onnxcompress.runtime.tasks import output_producers
+from onnxcompress.runtime.tasks import is_builtin, output_producers
 
 log = logging.getLogger(__name__)
 SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -43,6 +44,9 @@ SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
 BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
+# CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
+# costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
+SWEEP_SECONDS = 300.0
 NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
 
 
@@ -60,6 +64,10 @@ class BitWidthConfig:
     # sweep on the calibration data and leave the evaluation data to the end-to-end check alone
     sweep_data: Literal["auto", "calibration", "evaluation"] = "auto"
     max_samples: int = 1000  # samples the sweep and the checks run on
+    # which candidates are run through the model: "measured" all (but those past the cost limit); "predicted":
+    # output noise predicted from each candidate's layer error, measured only where the allocations land
+    # (passes/bitpredict.py); "auto": predicted where measuring all would take over SWEEP_SECONDS
+    sweep: Literal["auto", "measured", "predicted"] = "auto"
     # what a max_drop budget bounds on data without labels: "expected" accuracy loss (the float
     # model's own class probabilities standing in for the labels: a changed decision costs
     # p(old class) - p(new class)), or "agreement" (every changed top-1 decision a whole sample)
@@ -151,6 +159,8 @@ class BitWidthPass(Pass):
             "form": ctx.form.value, "samples": len(data), "original_bytes": ctx.original.ByteSize(),
             "choices": {w.name: dict(layer[j].settings) for w, layer, j in zip(weights, options, chosen)},
             "sensitivity": {name: [c.__dict__ for c in cands] for name, cands in table.items()},
+            "candidates": {"measured": sum(c.error is None for cands in table.values() for c in cands),
+                           "predicted": self._predicted_only, "verified": len(evaluated)},
             "evaluated": [dataclasses.asdict(v) for v in evaluated],
             "front": [dataclasses.asdict(evaluated[i])
                       for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
@@ -163,15 +173,53 @@ class BitWidthPass(Pass):
         # widest width first at each sparsity: once a candidate costs more than any allocation can take, the
         # narrower widths at that sparsity and above cost more still (fewer bits, more pruning) and are skipped
         grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits, reverse=True)]
-        table: dict[str, list[Candidate]] = {}
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
+        self._counting = False  # is the cost a count of changed decisions?
+        self._predicted_only = 0  # candidates whose noise was predicted and never measured
+        resolution = 100.0 * 2 / max(len(evaluator.data), 1)
+        predicts = self._predicts(evaluator, sum(map(len, grids.values())))
+        log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
+                 evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
+        if predicts:
+            table = self._predicted(ctx, evaluator, weights, grids, resolution)
+        else:
+            table = self._measured(ctx, evaluator, weights, grids)
+        if self._counting:
+            floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
+        return table
+
+    def _predicts(self, evaluator: Evaluator, candidates: int) -> bool:
+        """Whether the sweep predicts candidates' noise (bitpredict): `sweep: auto` past SWEEP_SECONDS of runs;
+        never with a user's metric (no noise predicts its value)."""
+        cfg = self.config
+        if cfg.metric is not None and not is_builtin(cfg.metric) or cfg.sweep == "measured":
+            return False
+        return cfg.sweep == "predicted" or candidates * evaluator.run_seconds > SWEEP_SECONDS
+
+    def _measure(self, ctx: Context, evaluator: Evaluator, info: WeightInfo, candidate: Candidate) -> None:
+        """Code the candidate, price its bytes and measure it with only this weight changed (a failure is data)."""
+        cfg = self.config
+        try:
+            coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits, cfg.seed,
+                                      self._pruner)
+            candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
+            measured = evaluator.measure({info.name: [c.decode() for c in coded]})
+            candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
+            candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
+            self._counting |= bool(measured.get("counted"))
+        except OnnxCompressError as e:  # a failed candidate is data: record it and go on
+            candidate.error = str(e)
+            log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity,
+                        candidate.bits, e)
+
+    def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
+        """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
+        table: dict[str, list[Candidate]] = {}
         bar = tqdm(total=sum(map(len, grids.values())), desc="sensitivity", disable=not ctx.progress, leave=False)
-        counting = False  # is the cost a count of changed decisions?
         limit = self._cost_limit()
         skipped = 0
         for info in weights:
-            array = evaluator.base[info.name]
             table[info.name] = []
             hopeless = 0  # widths up to this one cost more than any allocation can take at a lower sparsity
             for sparsity, bits in grids[info.name]:
@@ -180,16 +228,7 @@ class BitWidthPass(Pass):
                     skipped += 1
                     continue
                 candidate = Candidate(sparsity, bits)
-                try:
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner)
-                    candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
-                    measured = evaluator.measure({info.name: [c.decode() for c in coded]})
-                    candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
-                    candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
-                    counting |= bool(measured.get("counted"))
-                except OnnxCompressError as e:  # a failed candidate is data: record it and go on
-                    candidate.error = str(e)
-                    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
+                self._measure(ctx, evaluator, info, candidate)
                 table[info.name].append(candidate)
                 bar.update()
                 if limit is not None and candidate.error is None and candidate.cost > limit:
@@ -199,10 +238,57 @@ class BitWidthPass(Pass):
         bar.close()
         log.info("bitwidth: %d candidates measured, %d skipped as over the cost limit",
                  sum(map(len, table.values())), skipped)
-        if counting:
-            resolution = 100.0 * 2 / max(len(evaluator.data), 1)
-            floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
         return table
+
+    def _predicted(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict,
+                   resolution: float) -> dict:
+        """Every candidate coded and priced, its layer error computed; measured only near the allocations."""
+        cfg = self.config
+        entries: list[list[bitpredict.Entry]] = []
+        bar = tqdm(total=sum(map(len, grids.values())), desc="coding", disable=not ctx.progress, leave=False)
+        for info in weights:
+            array = evaluator.base[info.name]
+            pruner = self._pruner
+            layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
+            row = []
+            for sparsity, bits in grids[info.name]:
+                candidate, error = Candidate(sparsity, bits), 0.0
+                try:
+                    # one cross-fitted version priced for the prediction; _measure prices them all
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner, versions=1)[0]
+                    candidate.size = stored_bytes(coded, ctx.form)
+                    error = bitpredict.layer_error(array, coded.decode(), layer, stats)
+                except OnnxCompressError as e:
+                    candidate.error = str(e)
+                    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
+                row.append(bitpredict.Entry(candidate, error))
+                bar.update()
+            entries.append(row)
+        bar.close()
+        fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
+        rounds = bitpredict.sweep(entries, lambda i, j: self._measure(ctx, evaluator, weights[i], entries[i][j].candidate),
+                                  lambda options, noise: self._landings(options, noise, fixed, weights),
+                                  lambda: self._counting, resolution)
+        measured = sum(e.measured for row in entries for e in row)
+        self._predicted_only = sum(map(len, entries)) - measured
+        log.info("bitwidth: %d candidates measured, %d predicted from their layer error and not measured "
+                 "(%d allocation rounds)", measured, self._predicted_only, rounds)
+        return {w.name: [e.candidate for e in row if e.measured or e.candidate.error is not None]
+                for w, row in zip(weights, entries)}
+
+    def _landings(self, options, noise, fixed: int, weights) -> list:
+        """The allocations the search will make on these options: every budget scale and, under a loss budget,
+        noise budgets around the summed noise of those (the noise ladder's range); the size steps under a ratio."""
+        cfg = self.config
+        if cfg.target_ratio is not None:
+            original = fixed + sum(w.nbytes for w in weights)
+            size_budget = max(original / cfg.target_ratio - fixed, 0.0)
+            return [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
+        # every other budget scale: the search's own allocations between them land on candidates measured near
+        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES[::2]]
+        if cfg.min_sqnr is not None:
+            return choices
+        return choices + [allocate.min_size(noise, level) for level in bitpredict.noise_levels(noise, choices)]
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the

@@ -279,6 +279,7 @@ def _sweep(monkeypatch, cost_of, **options):
     class Evaluator:
         base = {"w": np.zeros((4, 4), np.float32)}
         data = [0] * 100
+        run_seconds = 0.0
 
         def measure(self, changed):
             (coded,) = changed["w"]
@@ -444,3 +445,125 @@ def test_a_boolean_or_integer_output_is_scored_not_a_crash():
     out = make_score(BitWidthConfig(max_drop=1.0).budget, False)(
         ["scores", "mask", "count"], [[scores, mask, count]], [[scores, ~mask, count + 1]], Data())
     assert out["nsr"] == pytest.approx((4 + 2) / (16 + 9 + 3 + 10))  # mask: 4 flips; count: 2 units off
+
+
+def _predicted_table(gains: list[float], errors: list[list[float]]):
+    """Entries of weights whose candidates' true task noise is gain * e (and nsr the same), size falling with e."""
+    from onnxcompress.passes.bitpredict import Entry
+    from onnxcompress.passes.bitsearch import Candidate
+
+    table = [[Entry(Candidate(0.0, 8 - j, size=100 - 10 * j), e) for j, e in enumerate(layer)] for layer in errors]
+
+    def measure(i, j):
+        c = table[i][j].candidate
+        c.nsr = c.task_nsr = c.cost = gains[i] * table[i][j].error
+    return table, measure
+
+
+def test_predicted_noise_is_the_layer_error_times_the_gain_read_off_the_measured_candidates():
+    from onnxcompress.passes import bitpredict
+
+    errors = [1e-4 * 4.0 ** np.arange(10), 1e-3 * 2.0 ** np.arange(10)]
+    table, measure = _predicted_table([3.0, 0.5], errors)
+    for i, layer in enumerate(table):
+        first = bitpredict.anchors(layer)
+        assert len(first) == 2 and all(0 < j < len(layer) - 1 for j in first)  # inside the range of e
+        for j in first:
+            measure(i, j)
+            layer[j].measured = True
+    rows = bitpredict.estimates(table, counted=False, resolution=1.0)
+    for i, gain in enumerate((3.0, 0.5)):
+        assert [j for j, _ in rows[i]] == list(range(10))
+        for j, est in rows[i]:  # one gain per weight: the prediction is exact, measured or not
+            assert est.task_nsr == pytest.approx(gain * errors[i][j]) and est.cost == pytest.approx(est.nsr)
+
+
+def test_a_counted_cost_is_predicted_from_the_noise_deviation_of_the_counted_candidates():
+    from onnxcompress.passes import bitpredict
+
+    table, _ = _predicted_table([1.0], [[1e-4, 1e-3, 1e-2, 1e-1]])
+    for j, cost in ((1, 0.0), (3, 6.0)):  # 1e-3 flips no sample (below the resolution), 1e-1 six points
+        c = table[0][j].candidate
+        c.nsr = c.task_nsr = table[0][j].error
+        c.cost, table[0][j].measured = cost, True
+    (rows,) = bitpredict.estimates(table, counted=True, resolution=1.0)
+    k = 6.0 / np.sqrt(0.1)
+    assert [est.cost for _, est in rows] == pytest.approx([k * np.sqrt(e) for e in (1e-4, 1e-3, 1e-2, 1e-1)])
+
+
+def test_the_predicted_sweep_measures_where_the_allocations_land_and_finds_what_measuring_all_finds():
+    from onnxcompress.numerics import allocate
+    from onnxcompress.passes import bitpredict
+
+    gains = [3.0, 0.5, 10.0, 1.0]
+    errors = [list(1e-5 * 2.5 ** np.arange(12)) for _ in gains]
+    budgets = [0.01, 0.03, 0.1]
+
+    def landings(options, noise):
+        return [allocate.min_size(options, b) for b in budgets]
+
+    table, measure = _predicted_table(gains, errors)
+    bitpredict.sweep(table, measure, landings, lambda: False, resolution=1.0)
+    measured = sum(e.measured for layer in table for e in layer)
+    assert measured < 0.5 * sum(map(len, table))
+    full, measure_all = _predicted_table(gains, errors)
+    for i, layer in enumerate(full):
+        for j in range(len(layer)):
+            measure_all(i, j)
+    every = [[allocate.Option(e.candidate.size, e.candidate.cost) for e in layer] for layer in full]
+    kept = [[allocate.Option(e.candidate.size, e.candidate.cost) for e in layer if e.measured] for layer in table]
+    for b in budgets:  # on the measured candidates alone, each allocation is as small as on all of them
+        assert allocate.totals(kept, allocate.min_size(kept, b))[0] == allocate.totals(every, allocate.min_size(every, b))[0]
+
+
+def test_the_layer_error_is_the_layer_outputs_relative_error_on_the_data():
+    from onnxcompress.passes.bitpredict import layer_error
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 6)) + 1.0
+    w, d = rng.normal(size=(4, 6)), 0.1 * rng.normal(size=(4, 6))
+
+    class Layer:
+        groups = 1
+
+        def weight_matrix(self, a):
+            return a
+
+        def group_of_channels(self):
+            return np.zeros(4, int)
+
+    class Stats:
+        def hessian(self, g):
+            return x.T @ x / len(x)
+
+    expected = np.sum((x @ d.T) ** 2) / np.sum((x @ w.T) ** 2)
+    assert layer_error(w, w - d, Layer(), Stats()) == pytest.approx(expected, rel=1e-5)
+    assert layer_error(w, w - d) == pytest.approx(np.sum(d ** 2) / np.sum(w ** 2))  # no statistics: H = I
+
+
+def test_a_predicted_sweep_on_a_tiny_graph_measures_fewer_candidates_and_meets_the_budget():
+    model = conv_gemm()
+    steps = {"max_drop": 1.0, "bits": [2, 3, 4, 5, 6, 8], "sparsities": [0.0, 0.5, 0.7, 0.9], "min_elements": 64}
+    data = tiny_data(model, n=256)
+    results = {}
+    for sweep in ("measured", "predicted"):
+        recipe = Recipe("t", [("bitwidth", {**steps, "sweep": sweep}), ("prune", {"min_elements": 64}),
+                              ("share", {"min_elements": 64})])
+        compressed, report = api.compress(model, recipe, data, eval_data=data)
+        results[sweep] = report.passes[0].summary
+        assert report.validation.worst_agreement() >= 0.99
+        onnx.checker.check_model(compressed, full_check=True)
+    counts = {k: sum(map(len, s["sensitivity"].values())) for k, s in results.items()}
+    assert counts["predicted"] < counts["measured"]
+    best = {k: min(p["bytes"] for p in s["evaluated"] if p["ok"]) for k, s in results.items()}
+    assert best["predicted"] <= 1.1 * best["measured"]
+
+
+def test_noise_levels_span_the_allocations_noise_a_factor_four_apart():
+    from onnxcompress.numerics.allocate import Option
+    from onnxcompress.passes.bitpredict import noise_levels
+
+    noise = [[Option(8, 0.0), Option(4, 0.01), Option(2, 0.64)] for _ in range(2)]
+    levels = noise_levels(noise, [[1, 0], [1, 1], [2, 2], None])  # summed noise 0.01, 0.02, 1.28
+    assert levels == pytest.approx([0.005 * 4 ** k for k in range(6)])  # 0.005 ... 5.12 >= 2 * 1.28
+    assert noise_levels(noise, [[0, 0]]) == []  # nothing noisy to walk from

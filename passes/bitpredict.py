@@ -1,0 +1,176 @@
+"""Which candidates of the bit-width search are measured: output noise predicted, measured where allocations land.
+
+Measuring every candidate (a weight pruned to s and coded at b bits, run through the model alone) costs
+one model run each: 9 sparsities x 7 widths per weight. Most of them are never near an allocation under
+the budget. A candidate's output noise is, to first order, its layer-output error carried to the outputs
+by the weight's gain:
+
+    task_nsr ~ g_w * e,   e = tr(D H D^T) / tr(W H W^T)
+
+with D = W - W_hat in the layer's channel-first matrix and H = E[x x^T] of its inputs (the Gram the
+pruner's refit collected; a weight without a linear layer or its statistics takes H = I). g_w is read
+off the weight's measured candidates: log g interpolated linearly in log e between them, constant
+beyond. The same holds for the noise over all outputs (nsr); a counted cost (changed decisions)
+follows the noise's standard deviation, cost ~ k * sqrt(nsr) (passes.bitsearch.floor_disagreement),
+k interpolated the same way from the weight's candidates that flip enough samples to be counted,
+else the median over all of them.
+
+The sweep measures two anchors per weight (its candidates at two quantiles of log e), then repeats:
+allocate with the measured values where there are some and the predictions elsewhere (the pass's own
+allocations: every budget scale, noise budgets, size steps), measure every picked candidate not yet
+measured, until the allocations pick only measured candidates. Only measured candidates go on to the
+search, so its allocations and joint verifications are those of a full sweep restricted to them: at
+the fixed point, the allocations on measured-and-predicted candidates pick measured ones only, and
+the search's allocations on the measured ones alone are the same.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcompress.numerics import allocate
+from onnxcompress.passes.bitsearch import Candidate
+
+log = logging.getLogger(__name__)
+ANCHORS = (1 / 3, 2 / 3)  # quantiles of a weight's candidates' log layer error measured before any allocation
+MEASURE_ALL = 8  # a weight with at most this many candidates has them all measured
+MAX_ROUNDS = 12  # allocate-and-measure rounds before the sweep stops with what it measured
+TINY = 1e-30
+
+
+@dataclass
+class Entry:
+    """One candidate of one weight in the predicted sweep."""
+
+    candidate: Candidate
+    error: float  # relative layer-output error e (0: the candidate is the weight itself)
+    measured: bool = False
+
+
+def layer_error(array: np.ndarray, decoded: np.ndarray, layer=None, stats=None) -> float:
+    """e = tr(D H D^T) / tr(W H W^T) summed over the layer's channel groups (H = I without statistics)."""
+    if layer is None or stats is None:
+        w = np.asarray(array, np.float64).ravel()
+        d = w - np.asarray(decoded, np.float64).ravel()
+        signal = float(w @ w)
+        return float(d @ d) / signal if signal > 0 else 0.0
+    w = layer.weight_matrix(np.asarray(array, np.float32))
+    d = w - layer.weight_matrix(np.asarray(decoded, np.float32))
+    group = layer.group_of_channels()
+    signal = noise = 0.0
+    for g in range(layer.groups):
+        rows = group == g
+        h = np.asarray(stats.hessian(g), np.float32)
+        signal += float(np.einsum("ij,ij->", w[rows] @ h, w[rows], dtype=np.float64))
+        noise += float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
+    return noise / signal if signal > 0 else 0.0
+
+
+def anchors(entries: list[Entry]) -> list[int]:
+    """Indices of the entries measured first: all of a small grid, else those at the ANCHORS quantiles of log e."""
+    valid = [j for j, e in enumerate(entries) if e.candidate.error is None]
+    if len(valid) <= MEASURE_ALL:
+        return valid
+    noisy = sorted((j for j in valid if entries[j].error > 0), key=lambda j: (entries[j].error, j))
+    if not noisy:
+        return valid[:1]
+    return sorted({noisy[min(int(q * len(noisy)), len(noisy) - 1)] for q in ANCHORS})
+
+
+def _interpolate(xs: np.ndarray, ys: np.ndarray, x: float) -> float:
+    """ys at x, linear between the points (xs sorted), constant beyond them."""
+    return float(np.interp(x, xs, ys))
+
+
+def _log_ratio(entries: list[Entry], value: Callable[[Candidate], float], keep=lambda c: True, per_error=True):
+    """(log e, log value/e, or log value) of the weight's measured candidates with e > 0 that `keep` keeps,
+    sorted by e."""
+    points = sorted((math.log(e.error), math.log(max(value(e.candidate), TINY) / (e.error if per_error else 1.0)))
+                    for e in entries if e.measured and e.candidate.error is None and e.error > 0 and keep(e.candidate))
+    if not points:
+        return None
+    xs, ys = zip(*points)
+    return np.array(xs), np.array(ys)
+
+
+def estimates(table: list[list[Entry]], counted: bool, resolution: float) -> list[list[tuple[int, Candidate]]]:
+    """Per weight, (index, candidate with measured or predicted cost, nsr and task_nsr) of its valid entries.
+
+    Measured counted costs get the floor of floor_disagreement (factor * sqrt(nsr)) as the search will."""
+    ratios = [(c.cost / math.sqrt(c.nsr)) for layer in table for e in layer
+              for c in [e.candidate] if e.measured and c.error is None and c.cost >= resolution and c.nsr > 0]
+    factor = float(np.median(ratios)) if ratios else 0.0
+    out = []
+    for layer in table:
+        task = _log_ratio(layer, lambda c: c.task_nsr)
+        nsr = _log_ratio(layer, lambda c: c.nsr)
+        flips = _log_ratio(layer, lambda c: c.cost / math.sqrt(c.nsr), lambda c: c.cost >= resolution and c.nsr > 0,
+                           per_error=False) if counted else None
+        rows = []
+        for j, e in enumerate(layer):
+            c = e.candidate
+            if c.error is not None:
+                continue
+            if e.measured:
+                est = Candidate(c.sparsity, c.bits, c.size, c.cost, c.nsr, c.task_nsr)
+            else:
+                x = math.log(max(e.error, TINY))
+                est = Candidate(c.sparsity, c.bits, c.size)
+                est.nsr = e.error * math.exp(_interpolate(*nsr, x)) if nsr and e.error > 0 else 0.0
+                est.task_nsr = e.error * math.exp(_interpolate(*task, x)) if task and e.error > 0 else est.nsr
+                if counted:
+                    k = math.exp(_interpolate(*flips, x)) if flips else factor
+                    est.cost = k * math.sqrt(est.nsr)
+                else:
+                    est.cost = est.nsr
+            if counted:
+                est.cost = max(est.cost, factor * math.sqrt(max(est.nsr, 0.0)))
+            rows.append((j, est))
+        out.append(rows)
+    return out
+
+
+def noise_levels(noise: list[list[allocate.Option]], choices: list[list[int] | None]) -> list[float]:
+    """Budgets of summed task noise from half the least to twice the most noise of `choices`, a factor 4 apart:
+    where the search's noise ladder walks between configurations that met the budget and ones that did not."""
+    sums = [allocate.totals(noise, c)[1] for c in choices if c is not None]
+    low, high = min((n for n in sums if n > 0), default=0.0), max(sums, default=0.0)
+    if low <= 0:
+        return []
+    return list(low / 2 * 4.0 ** np.arange(int(np.ceil(np.log(4 * high / low) / np.log(4))) + 1))
+
+
+def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
+          landings: Callable[[list, list], list[list[int] | None]], counted: Callable[[], bool],
+          resolution: float) -> int:
+    """Measure anchors, then every candidate the allocations pick, until they pick measured ones only.
+
+    `measure(i, j)` measures entry j of weight i in place (its candidate's cost, nsr, task_nsr or error);
+    `landings(options, noise)` returns the allocations of the pass over per-weight allocate.Options
+    priced by cost and by task noise; `counted()` tells whether the costs measured so far count decisions.
+    Returns the number of rounds."""
+    for i, layer in enumerate(table):
+        for j in anchors(layer):
+            measure(i, j)
+            layer[j].measured = True
+    for rounds in range(1, MAX_ROUNDS + 1):
+        rows = estimates(table, counted(), resolution)
+        if any(not r for r in rows):
+            return rounds
+        options = [[allocate.Option(c.size, c.cost, {"index": j}) for j, c in r] for r in rows]
+        noise = [[allocate.Option(c.size, c.task_nsr, {"index": j}) for j, c in r] for r in rows]
+        picked = sorted({(i, r[k][0]) for choice in landings(options, noise) if choice is not None
+                         for i, (r, k) in enumerate(zip(rows, choice))})
+        new = [(i, j) for i, j in picked if not table[i][j].measured]
+        log.debug("bitwidth: round %d of the predicted sweep measures %d picked candidates", rounds, len(new))
+        if not new:
+            return rounds
+        for i, j in new:
+            measure(i, j)
+            table[i][j].measured = True
+    log.info("bitwidth: the predicted sweep stopped after %d rounds with candidates still unmeasured", MAX_ROUNDS)
+    return MAX_ROUNDS
