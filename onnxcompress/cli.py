@@ -240,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as e:  # anything unforeseen is our bug: one line, not a traceback (-vv logs it)
+        if held is not None:
+            held.buffer.clear()
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"onnxcompress: internal error (a bug in onnxcompress; please report it with the command and the "
+              f"model); nothing was written: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BUG
     finally:
         if held is not None:
             held.flush()

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxcompress.errors import OnnxCompressError, PreconditionError
+from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes.bitsearch import (Candidate, candidate_weights, Evaluator, floor_disagreement, make_score,
@@ -187,6 +187,8 @@ class BitWidthPass(Pass):
                     candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
                     candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
                     counting |= bool(measured.get("counted"))
+                except RecipeError:  # the user's metric failed: no candidate can be measured
+                    raise
                 except OnnxCompressError as e:  # a failed candidate is data: record it and go on
                     candidate.error = str(e)
                     log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)

@@ -36,18 +36,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     stream: keep external data on disk and read each tensor when a pass asks for it
     (onnxcompress.graph.external); None streams when the external data exceeds STREAM_THRESHOLD.
     """
-    path = Path(path)
-    try:
-        exists = path.exists()
-    except OSError as e:  # a name too long, a loop of links
-        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
-    if not exists:
-        raise ModelError(f"model file '{path}' does not exist")
-    if path.is_dir():
-        raise ModelError(f"'{path}' is a folder, not an ONNX model file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelError(f"model file '{path}' is empty")
+    path = checked_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
@@ -72,6 +61,26 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     _fill_output_shapes(model)
     _check_structure(model, path)
     return model
+
+
+def checked_model_file(path: str | os.PathLike) -> Path:
+    """`path` if it is a non-empty regular file, else ModelError (a folder, a FIFO or a device such as
+    /dev/zero would block or fill memory when read)."""
+    path = Path(path)
+    try:
+        exists = path.exists()
+        if exists and path.is_dir():
+            raise ModelError(f"'{path}' is a folder, not an ONNX model file")
+        if exists and not path.is_file():
+            raise ModelError(f"model file '{path}' is not a regular file (a FIFO, socket or device?)")
+        size = path.stat().st_size if exists else 0
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not exists:
+        raise ModelError(f"model file '{path}' does not exist")
+    if size == 0:
+        raise ModelError(f"model file '{path}' is empty")
+    return path
 
 
 def densify_sparse_initializers(model: onnx.ModelProto) -> None:
@@ -196,7 +205,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
 
 def model_files(path: str | os.PathLike) -> list[Path]:
     """The model file and every external-data file it reads (each checked as load_model does)."""
-    path = Path(path)
+    path = checked_model_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError):
