@@ -26,7 +26,16 @@ def _fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
+def printable(text: str, *, newlines: bool = True) -> str:
+    """`text` with its control characters written as escapes (ESC as \\x1b, CR as \\r; newlines too unless
+    `newlines`): a name or message from a model never moves the terminal's cursor, recolours it or
+    splits a line."""
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(c, newlines=False) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]

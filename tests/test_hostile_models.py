@@ -103,3 +103,57 @@ def test_a_user_metric_that_fails_is_the_users_error(tmp_path, monkeypatch, func
     with pytest.raises(PassError, match=says) as caught:
         api.compress(model, recipe, data, eval_data=data)
     assert isinstance(caught.value.__cause__, RecipeError)
+
+
+_EVIL = "\x1b[31mRED\x1b[0m\n/../../x\r\u202e"
+
+
+def _evil_named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The first initializer renamed to a name holding ANSI escapes, a newline, a CR and an RTL override."""
+    old = model.graph.initializer[0].name
+    model.graph.initializer[0].name = _EVIL
+    for node in model.graph.node:
+        node.input[:] = [_EVIL if name == old else name for name in node.input]
+    node.name = "node\x1b[2J"
+    return model
+
+
+def test_names_from_the_model_never_reach_the_terminal_raw(tmp_path, capsys):
+    """inspect's table and compress's report printed a weight name's ESC sequences and newline as they are
+    (a model could recolour or clear the terminal, or forge report lines); now they are shown escaped."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_evil_named(gemm()), src)
+    assert main(["inspect", str(src)]) == 0
+    assert main(["-v", "compress", str(src), "-o", str(tmp_path / "o.onnx"), "--jobs", "1"]) == 0
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert not {"\x1b", "\r", "\u202e"} & set(text), text
+    assert "\\x1b[31mRED\\x1b[0m\\n/../../x\\r\\u202e  32x64" in captured.out
+
+
+def test_an_error_quoting_a_name_is_one_printable_line(tmp_path, capsys):
+    model = _evil_named(gemm())
+    model.graph.initializer[1].name = _EVIL  # two initializers of one name: onnx's checker quotes it
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    assert main(["inspect", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "\\x1b[31mRED" in err and "\x1b" not in err, err
+
+
+def test_scalar_inputs_are_synthesized_as_arrays(tmp_path):
+    """An If on a scalar bool input: synthesis fed numpy's bool scalar, which onnxruntime refused ('Unable to
+    handle object of type numpy.bool'), so every recipe without --data failed on a valid model."""
+    w = numpy_helper.from_array(weights(np.random.default_rng(0), 64, 32), "W")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["Wc"], value=w), helper.make_node("MatMul", ["x", "Wc"], ["yb"])],
+                               "branch", [], [value("yb", ["N", 32])])
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                       [value("x", ["N", 64]), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                        helper.make_tensor_value_info("k", TensorProto.INT64, []),
+                        helper.make_tensor_value_info("f", TensorProto.FLOAT, [])],
+                       [value("y", ["N", 32])], opset=17)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    report = api.compress_file(src, out, "share", jobs=1)
+    assert report.validation is not None
+    onnx.checker.check_model(onnx.load(out), full_check=True)

@@ -368,10 +368,12 @@ def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ..
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Random values of `shape`, as an array even for a scalar (shape ()): numpy's generators return a
+    numpy scalar there, which onnxruntime refuses as a feed ('Unable to handle object of type numpy.bool')."""
     if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 2, size=shape).astype(dtype)  # small values: safe as indices and lengths
+        return np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)  # small values: safe as indices and lengths
     raise DataError(f"cannot synthesize inputs of dtype {dtype}; give --data")
