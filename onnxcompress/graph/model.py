@@ -95,6 +95,16 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
             del graph.sparse_initializer[:]
             graph.initializer.extend(dense)
             log.info("%s: %d sparse initializers stored dense (onnxruntime densifies them at load too)", path, len(dense))
+        # a Constant's sparse_value likewise, checked the same way: onnxruntime densified a declared 10^9
+        # elements backed by 3 values
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for attribute in node.attribute:
+                if attribute.name == "sparse_value":
+                    tensor = _densify(attribute.sparse_tensor, path)
+                    attribute.Clear()
+                    attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
 
 
 def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
