@@ -53,3 +53,20 @@ def test_recipe_bombs_are_refused_quickly(tmp_path, text, says):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onnxcompress: error:") and says in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.yaml"]
+
+
+@pytest.mark.parametrize("labels, says", [
+    (np.array(["cat"] * 16), "labels must be whole class numbers"),
+    (np.full(16, np.nan), "labels must be whole class numbers"),
+    (np.linspace(0, 1, 16), "labels must be whole class numbers"),
+    (np.array(3), "a scalar, not labels for 16 samples"),
+], ids=["strings", "nan", "fractions", "scalar"])
+def test_labels_that_are_no_class_numbers_are_refused(tmp_path, capsys, labels, says):
+    """String, NaN or fractional labels matched no argmax: the accuracy was silently 0 and --max-drop meant
+    nothing; a 0-d labels array was an IndexError."""
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32), labels=labels)
+    err = _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
+    assert says in err
