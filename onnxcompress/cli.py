@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from onnxcompress import __version__
-from onnxcompress.errors import BugError, OnnxCompressError
+from onnxcompress.errors import BugError, OnnxCompressError, printable
 from onnxcompress.formats.forms import Form
 
 EXIT_USER_ERROR = 2
@@ -206,8 +206,6 @@ class _PrintableFormatter(logging.Formatter):
     """Log lines with control characters escaped: a warning may quote a name from the model."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from onnxcompress.report import printable
-
         return printable(super().format(record))
 
 
@@ -262,15 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    from onnxcompress.report import printable
-
     return printable(" ".join(str(error).split()))
 
 
 def _show(text: str, **kwargs) -> None:
-    """Print report text with the control characters a model's names may hold escaped (report.printable)."""
-    from onnxcompress.report import printable
-
+    """Print report text with the control characters a model's names may hold escaped (errors.printable)."""
     print(printable(text), **kwargs)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from onnxcompress.errors import printable
 from onnxcompress.runtime.metrics import Comparison
 from onnxcompress.pipeline.manager import Report
 from onnxcompress.runtime.shipped import BROTLI_MAX_BYTES, MEASURE_MAX_BYTES
@@ -24,14 +25,6 @@ def _fmt(value, spec: str = ".4g") -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return format(value, spec)
-
-
-def printable(text: str, *, newlines: bool = True) -> str:
-    """`text` with its control characters written as escapes (ESC as \\x1b, CR as \\r; newlines too unless
-    `newlines`): a name or message from a model never moves the terminal's cursor, recolours it or
-    splits a line."""
-    return "".join(c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -82,6 +83,10 @@ class BitWidthConfig:
             raise ValueError(f"sparsities must be fractions in [0, 1), not {self.sparsities}")
         if self.target_ratio is not None and self.target_ratio <= 1:
             raise ValueError(f"target_ratio must be above 1, not {self.target_ratio}")
+        if self.max_drop is not None and not 0 <= self.max_drop < math.inf:  # NaN fails too
+            raise ValueError(f"max_drop must be a finite number of points >= 0, not {self.max_drop}")
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            raise ValueError(f"min_sqnr must be a finite number of dB, not {self.min_sqnr}")
 
     @property
     def budget(self) -> Budget:

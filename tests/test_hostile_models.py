@@ -188,3 +188,15 @@ def test_a_small_sparse_constant_is_densified(tmp_path):
     dense = np.zeros(2048, np.float32)
     dense[[0, 5, 9]] = 1
     np.testing.assert_array_equal(run(onnx.load(out), feeds)[1], dense)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-drop", "nan"), ("--max-drop", "-1"), ("--min-sqnr", "inf")])
+def test_a_search_budget_that_is_no_finite_number_is_refused(tmp_path, capsys, flag, value):
+    """--max-drop nan or -1 ran the whole search against a budget every comparison fails or none can meet."""
+    src = tmp_path / "m.onnx"
+    onnx.save(gemm(), src)
+    assert main(["compress", str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", "auto", flag, value,
+                 "--jobs", "1", "-q"]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert len(err_line.splitlines()) == 1 and "must be a finite number" in err_line, err_line
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
