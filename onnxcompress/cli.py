@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from onnxcompress import __version__
-from onnxcompress.errors import BugError, OnnxCompressError
+from onnxcompress.errors import BugError, OnnxCompressError, printable
 from onnxcompress.formats.forms import Form
 
 EXIT_USER_ERROR = 2
@@ -202,13 +202,20 @@ def _add_recipes(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped: a warning may quote a name from the model."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     # without -v, warnings are held until the command ends: a failure prints its one line alone
     stream = logging.StreamHandler()
-    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    stream.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     held = logging.handlers.MemoryHandler(1 << 16, flushLevel=logging.CRITICAL + 1, target=stream) \
         if not args.verbose else None
     logging.basicConfig(level=level, handlers=[held or stream])
@@ -240,13 +247,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as e:  # anything unforeseen is our bug: one line, not a traceback (-vv logs it)
+        if held is not None:
+            held.buffer.clear()
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"onnxcompress: internal error (a bug in onnxcompress; please report it with the command and the "
+              f"model); nothing was written: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BUG
     finally:
         if held is not None:
             held.flush()
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    return printable(" ".join(str(error).split()))
+
+
+def _show(text: str, **kwargs) -> None:
+    """Print report text with the control characters a model's names may hold escaped (errors.printable)."""
+    print(printable(text), **kwargs)
 
 
 def _compress(args) -> int:
@@ -273,8 +292,8 @@ def _compress(args) -> int:
         verdict = _verdict(report, gate, flags)
         result = report.as_dict() | ({"verdict": verdict.as_dict()} if verdict else {})
         if verdict is not None and not verdict.passed:
-            print(_dump(result) if args.json else report_text(report))
-            print(f"onnxcompress: gate failed: {verdict.sentence()}; nothing was written", file=sys.stderr)
+            _show(_dump(result) if args.json else report_text(report))
+            _show(f"onnxcompress: gate failed: {verdict.sentence()}; nothing was written", file=sys.stderr)
             return EXIT_GATE_FAILED
         if args.report:
             try:
@@ -284,8 +303,8 @@ def _compress(args) -> int:
                 raise OutputError(f"cannot write the report '{args.report}': {e.strerror or e}") from e
         plan.commit()
     for note in notes:
-        print(note, file=sys.stderr)
-    print(_dump(result) if args.json else report_text(report))
+        _show(note, file=sys.stderr)
+    _show(_dump(result) if args.json else report_text(report))
     return 0
 
 
@@ -337,11 +356,11 @@ def _validate(args) -> int:
     if args.json:
         print(_dump(comparison.as_dict() | {"verdict": verdict.as_dict()}))
     else:
-        print(comparison_text(comparison))
+        _show(comparison_text(comparison))
         if gate.active:
             print(f"gate: {'passed' if verdict.passed else 'FAILED'} ({len(verdict.checks)} checks)")
     if not verdict.passed:
-        print(f"onnxcompress: validate failed: {verdict.sentence()}", file=sys.stderr)
+        _show(f"onnxcompress: validate failed: {verdict.sentence()}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return 0
 
@@ -351,9 +370,9 @@ def _inspect(args) -> int:
     from onnxcompress.report import inspect_text
 
     info = inspect(args.model, min_elements=args.min_elements)
-    print(_dump(info) if args.json else inspect_text(info))
+    _show(_dump(info) if args.json else inspect_text(info))
     if info.get("packed_weights") and not args.json:
-        print(_packed_text(info["packed_weights"]))
+        _show(_packed_text(info["packed_weights"]))
     return 0
 
 

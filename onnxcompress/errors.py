@@ -6,6 +6,14 @@ with code 2; anything else escaping (BugError among them) is a bug in onnxcompre
 from __future__ import annotations
 
 
+def printable(text: str, *, newlines: bool = True) -> str:
+    """`text` with its control characters written as escapes (ESC as \\x1b, CR as \\r; newlines too unless
+    `newlines`): a name or message from a model never moves the terminal's cursor, recolours it or
+    splits a line."""
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class BugError(Exception):
     """A failed pre- or postcondition inside onnxcompress: our bug, never the user's. The CLI
     exits with code 1 and asks for a report."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from onnxcompress.errors import printable
 from onnxcompress.runtime.metrics import Comparison
 from onnxcompress.pipeline.manager import Report
 from onnxcompress.runtime.shipped import BROTLI_MAX_BYTES, MEASURE_MAX_BYTES
@@ -27,6 +28,7 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(c, newlines=False) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]

@@ -178,11 +178,21 @@ def load_metric(spec: str):
     module, sep, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name) if sep else None
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"cannot load metric '{spec}': {e}") from e
+    except Exception as e:  # the user's module: not found, or failing as it is imported
+        raise RecipeError(f"cannot load metric '{spec}': {type(e).__name__}: {e}") from e
     if fn is None or not callable(fn):
         raise RecipeError(f"metric '{spec}' must name a function as module:function")
-    return fn
+
+    def metric(outputs, data) -> float:
+        try:
+            value = float(fn(outputs, data))
+        except Exception as e:  # the user's function failed or returned no number: theirs to fix
+            raise RecipeError(f"metric '{spec}' failed: {type(e).__name__}: {e}") from e
+        if not np.isfinite(value):
+            raise RecipeError(f"metric '{spec}' returned {value}; it must return a finite number")
+        return value
+
+    return metric
 
 
 class Pruner:

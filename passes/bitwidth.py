@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxcompress.errors import OnnxCompressError, PreconditionError
+from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitpredict
@@ -90,6 +91,10 @@ class BitWidthConfig:
             raise ValueError(f"sparsities must be fractions in [0, 1), not {self.sparsities}")
         if self.target_ratio is not None and self.target_ratio <= 1:
             raise ValueError(f"target_ratio must be above 1, not {self.target_ratio}")
+        if self.max_drop is not None and not 0 <= self.max_drop < math.inf:  # NaN fails too
+            raise ValueError(f"max_drop must be a finite number of points >= 0, not {self.max_drop}")
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            raise ValueError(f"min_sqnr must be a finite number of dB, not {self.min_sqnr}")
 
     @property
     def budget(self) -> Budget:
@@ -208,6 +213,8 @@ class BitWidthPass(Pass):
             candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
             candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
             self._counting |= bool(measured.get("counted"))
+        except RecipeError:  # the user's metric failed: no candidate can be measured
+            raise
         except OnnxCompressError as e:  # a failed candidate is data: record it and go on
             candidate.error = str(e)
             log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity,

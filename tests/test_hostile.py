@@ -233,3 +233,26 @@ def test_jobs_must_be_positive(capsys):
         main(["compress", "m.onnx", "-o", "o.onnx", "--jobs", "0"])
     assert exit_info.value.code == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["compress", "unpack", "validate", "inspect"])
+def test_model_that_is_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path, command):
+    """A FIFO blocks a reader forever and /dev/zero fills memory: both are refused before being opened.
+    Run in a subprocess with a timeout, since the failure this pins is a hang."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.onnx"
+    onnx.save(gemm(), good)
+    for model in (fifo, Path("/dev/zero")):
+        argv = {"compress": ["compress", str(model), "-o", str(tmp_path / "o.onnx"), "-q", "--jobs", "1"],
+                "unpack": ["unpack", str(model), "-o", str(tmp_path / "o.onnx")],
+                "validate": ["validate", str(good), str(model)], "inspect": ["inspect", str(model)]}[command]
+        proc = subprocess.run([sys.executable, "-m", "onnxcompress.cli", *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == f"onnxcompress: error: model file '{model}' is not a regular file (a FIFO, " \
+                                      "socket or device?)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx", "m.onnx"]

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from onnxcompress.graph.edit import NameScope, consumers, find_graph, mark
 from onnxcompress.numerics.quantmath import INT4, INT8, quantize_blocked, quantize_per_channel
-from onnxcompress.graph.weights import WeightInfo, get_array, replace_weight
+from onnxcompress.graph.weights import FLOAT_TYPES, WeightInfo, get_array, replace_weight
 
 log = logging.getLogger(__name__)
 INT4_MIN_OPSET = 21
@@ -208,6 +208,19 @@ def quantize_weights_only(ctx, cfg, per_channel: bool, opset: int, pass_name: st
     return counts
 
 
+def _cast_back(info: WeightInfo, dequantize, scope: NameScope, pass_name: str
+               ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """`dequantize(output)`'s nodes writing `info.name`; DequantizeLinear computes float32, so a float16,
+    bfloat16 or double weight gets a Cast back to its dtype (its consumers are typed by it)."""
+    if info.dtype == "float32":
+        return dequantize(info.name)
+    dequantized = scope.fresh(NAMES.quantized + "f")
+    nodes, inits = dequantize(dequantized)
+    to = next(elem for elem, name in FLOAT_TYPES.items() if name == info.dtype)
+    cast = helper.make_node("Cast", [dequantized], [info.name], name=scope.fresh(NAMES.dq_node), to=to)
+    return nodes + [mark(cast, pass_name)], inits
+
+
 def _int4_blocked(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodeProto, w: np.ndarray, block_size: int,
                   scope: NameScope, pass_name: str) -> tuple[int, str, str]:
     """Blocked int4 + DQ of a MatMul/Gemm weight stored (K, N) (a Gemm becomes MatMul + Add);
@@ -215,7 +228,8 @@ def _int4_blocked(model: onnx.ModelProto, info: WeightInfo, node: onnx.NodeProto
     transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
     kn = w.T if transposed else w
     q, scale = quantize_blocked(kn, 0, block_size, INT4)
-    nodes, inits = dq_nodes(info.name, q, scale, None, 0, scope, pass_name, block_size=block_size)
+    nodes, inits = _cast_back(info, lambda out: dq_nodes(out, q, scale, None, 0, scope, pass_name,
+                                                         block_size=block_size), scope, pass_name)
     replace_weight(model, info, nodes, inits)
     if node.op_type == "Gemm":
         _gemm_to_matmul(model, info, node, scope, pass_name)
@@ -230,8 +244,8 @@ def _int8(model: onnx.ModelProto, info: WeightInfo, w: np.ndarray, axis: int | N
     if use_cast:
         nodes, inits = cast_nodes(info.name, q.astype(np.int8), scale, axis, scope, pass_name)
     else:
-        nodes, inits = dq_nodes(info.name, q.astype(np.int8), scale, zero.astype(np.int8), axis, scope,
-                                pass_name)
+        nodes, inits = _cast_back(info, lambda out: dq_nodes(out, q.astype(np.int8), scale, zero.astype(np.int8),
+                                                             axis, scope, pass_name), scope, pass_name)
     replace_weight(model, info, nodes, inits)
     return q.size + scale.nbytes, "int8 " + ("per-channel" if axis is not None else "per-tensor"), "int8"
 

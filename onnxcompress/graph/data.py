@@ -238,8 +238,21 @@ class Dataset:
         if self.stacked is not None:
             for name, array in self.stacked.items():
                 _check_finite(self.source, name, array)
-        if self.labels is not None and self.labels.shape[0] != len(self):
-            raise DataError(f"{self.source}: {self.labels.shape[0]} labels for {len(self)} samples")
+        if self.labels is not None:
+            _check_labels(self.source, self.labels, len(self))
+
+
+def _check_labels(source: str, labels: np.ndarray, samples: int) -> None:
+    """Labels are class numbers, one per sample (a row of them for sequence outputs): a scalar, strings,
+    NaN or fractions matched no argmax and made the accuracy silently 0."""
+    if labels.ndim == 0 or labels.shape[0] != samples:
+        raise DataError(f"{source}: {labels.shape[0] if labels.ndim else 'a scalar, not'} labels for {samples} "
+                        "samples")
+    whole = labels.dtype.kind in "biu" or (labels.dtype.kind == "f" and bool(np.isfinite(labels).all())
+                                           and bool((labels == np.round(labels)).all()))
+    if not whole:
+        raise DataError(f"{source}: labels must be whole class numbers, one per sample; got {labels.dtype} values "
+                        "that are not (strings, fractions, NaN or Inf?)")
 
 
 def _spec(specs: Sequence[InputSpec], name: str) -> InputSpec | None:
@@ -435,10 +448,12 @@ def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ..
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Random values of `shape`, as an array even for a scalar (shape ()): numpy's generators return a
+    numpy scalar there, which onnxruntime refuses as a feed ('Unable to handle object of type numpy.bool')."""
     if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 2, size=shape).astype(dtype)  # small values: safe as indices and lengths
+        return np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)  # small values: safe as indices and lengths
     raise DataError(f"cannot synthesize inputs of dtype {dtype}; give --data")

@@ -36,18 +36,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     stream: keep external data on disk and read each tensor when a pass asks for it
     (onnxcompress.graph.external); None streams when the external data exceeds STREAM_THRESHOLD.
     """
-    path = Path(path)
-    try:
-        exists = path.exists()
-    except OSError as e:  # a name too long, a loop of links
-        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
-    if not exists:
-        raise ModelError(f"model file '{path}' does not exist")
-    if path.is_dir():
-        raise ModelError(f"'{path}' is a folder, not an ONNX model file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelError(f"model file '{path}' is empty")
+    path = checked_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
@@ -74,6 +63,26 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     return model
 
 
+def checked_model_file(path: str | os.PathLike) -> Path:
+    """`path` if it is a non-empty regular file, else ModelError (a folder, a FIFO or a device such as
+    /dev/zero would block or fill memory when read)."""
+    path = Path(path)
+    try:
+        exists = path.exists()
+        if exists and path.is_dir():
+            raise ModelError(f"'{path}' is a folder, not an ONNX model file")
+        if exists and not path.is_file():
+            raise ModelError(f"model file '{path}' is not a regular file (a FIFO, socket or device?)")
+        size = path.stat().st_size if exists else 0
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise ModelError(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not exists:
+        raise ModelError(f"model file '{path}' does not exist")
+    if size == 0:
+        raise ModelError(f"model file '{path}' is empty")
+    return path
+
+
 def densify_sparse_initializers(model: onnx.ModelProto) -> None:
     """Every sparse_initializer becomes a dense initializer, as onnxruntime does at load (onnx's checker
     and shape inference reject sparse tensors as op inputs); ModelError for one whose declared shape or
@@ -86,6 +95,16 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
             del graph.sparse_initializer[:]
             graph.initializer.extend(dense)
             log.info("%s: %d sparse initializers stored dense (onnxruntime densifies them at load too)", path, len(dense))
+        # a Constant's sparse_value likewise, checked the same way: onnxruntime densified a declared 10^9
+        # elements backed by 3 values
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for attribute in node.attribute:
+                if attribute.name == "sparse_value":
+                    tensor = _densify(attribute.sparse_tensor, path)
+                    attribute.Clear()
+                    attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
 
 
 def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
@@ -196,7 +215,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
 
 def model_files(path: str | os.PathLike) -> list[Path]:
     """The model file and every external-data file it reads (each checked as load_model does)."""
-    path = Path(path)
+    path = checked_model_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError):

@@ -22,10 +22,25 @@ EMPTY_ZIP = b"PK\x05\x06"
 _DEFLATE_MAX_RATIO = 1032  # deflate never expands more than this (zlib's technical note)
 
 
+def _regular(path: Path) -> None:
+    """DataError unless `path` is a regular file: a folder, a FIFO (blocks its reader) or a device (/dev/zero
+    never ends) is refused before it is opened."""
+    try:
+        regular = path.is_file()
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror or e}") from e
+    if not regular:
+        raise DataError(f"data file '{path}' is not a regular file (a folder, FIFO or device?)")
+
+
 def file_kind(path: Path) -> str:
-    """'npy', 'npz' or 'other', from the first bytes of the file."""
-    with open(path, "rb") as f:
-        head = f.read(len(NPY_MAGIC))
+    """'npy', 'npz' or 'other', from the first bytes of the file (DataError when it is no regular file)."""
+    _regular(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror or e}") from e
     if head.startswith(NPY_MAGIC):
         return "npy"
     if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP):
@@ -35,6 +50,7 @@ def file_kind(path: Path) -> str:
 
 def read_npy(path: Path) -> np.ndarray:
     """One .npy file, refused (DataError) when its header is not backed by its bytes."""
+    _regular(path)
     try:
         with open(path, "rb") as f:
             return _read_array(f, path.stat().st_size, f"'{path}'")

@@ -249,8 +249,10 @@ def run_step(p: Pass, ctx: Context) -> PassResult:
         raise PassError(p.name, done, e) from e
     except BugError as e:
         raise BugError(f"{where}: {e}") from e
-    except Exception as e:  # a bug in a pass: keep the traceback as the cause
-        raise PassError(p.name, done, RuntimeError(f"{type(e).__name__}: {e}")) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # an unforeseen exception in a pass is our bug (exit 1); the traceback is its cause
+        raise BugError(f"{where}: {type(e).__name__}: {e}") from e
     try:
         p.ensures(ctx, result)
     except OnnxCompressError as e:  # a check that names a problem of the input

@@ -135,6 +135,22 @@ def _pass_classes(recipe: str, names: list[str]) -> list[type[Pass]]:
     return [PASSES[name] for name in names]
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader without aliases: a recipe has no use for them, and aliases of aliases expand
+    exponentially once the document is walked (the 'billion laughs' bomb: a few hundred bytes that
+    never finish printing)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}; recipes may not use "
+                                              "YAML anchors and aliases", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A built-in recipe by name, or a recipe YAML file."""
     text = str(name_or_path)
@@ -150,7 +166,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe '{path}' is not a file (a folder?); give a .yaml recipe file")
     try:
-        doc = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file '{path}' holds {len(raw)} bytes; a recipe is a short list of passes "
+                              f"(at most {MAX_RECIPE_BYTES} bytes)")
+        doc = yaml.load(raw.decode("utf-8"), Loader=_RecipeLoader)
+    except RecursionError as e:
+        raise RecipeError(f"recipe file '{path}' nests too deeply to be a recipe") from e
     except UnicodeDecodeError as e:
         raise RecipeError(f"recipe file '{path}' is not UTF-8 text (byte {e.start} is invalid)") from e
     except OSError as e:

@@ -1,0 +1,72 @@
+"""Hostile data folders and recipe files (red team, round 8): one line, exit 2, nothing written, and no hang
+or exponential work on a few hundred bytes.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from test_hostile import _fails_cleanly
+from tiny import gemm
+
+
+@pytest.mark.parametrize("entry", ["folder", "fifo"])
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_data_folder_entry_that_is_not_a_file(tmp_path, capsys, entry, suffix):
+    """A data folder's 'b.npz' that is a folder was an IsADirectoryError traceback; a FIFO blocked forever."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if suffix == ".npz":
+        np.savez(data / "a.npz", x=np.zeros((1, 64), np.float32))
+    odd = data / ("b" + suffix if suffix == ".npz" else "x.npy")
+    odd.mkdir() if entry == "folder" else os.mkfifo(odd)
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    err = _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
+    assert err == f"onnxcompress: error: data file '{odd}' is not a regular file (a folder, FIFO or device?)"
+
+
+_CHAIN = ", ".join(f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi"))
+_LAUGHS = f"name: [&a [lol, lol, lol, lol, lol, lol, lol, lol, lol], {_CHAIN}]\n"
+
+
+@pytest.mark.parametrize("text, says", [
+    (_LAUGHS + "passes:\n  - share: {}\n", "recipes may not use YAML anchors and aliases"),
+    (_LAUGHS + "passes:\n  - share: {exclude: *i}\n", "recipes may not use YAML anchors and aliases"),
+    ("passes: " + "[" * 5000 + "]" * 5000 + "\n", "nests too deeply to be a recipe"),
+    ("passes:\n  - share: {}\n" + "#" * (1 << 20), "a recipe is a short list of passes"),
+], ids=["laughs-in-name", "laughs-in-option", "deep-nesting", "over-1MB"])
+def test_recipe_bombs_are_refused_quickly(tmp_path, text, says):
+    """A billion-laughs recipe (about 600 bytes, 9^9 strings once walked) ran until killed when its alias sat
+    in the name or an option; deep nesting was a RecursionError. Run with a timeout: the failure is a hang."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress.cli", "compress", str(model), "-o",
+                           str(tmp_path / "o.onnx"), "--recipe", str(recipe), "-q", "--jobs", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxcompress: error:") and says in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.yaml"]
+
+
+@pytest.mark.parametrize("labels, says", [
+    (np.array(["cat"] * 16), "labels must be whole class numbers"),
+    (np.full(16, np.nan), "labels must be whole class numbers"),
+    (np.linspace(0, 1, 16), "labels must be whole class numbers"),
+    (np.array(3), "a scalar, not labels for 16 samples"),
+], ids=["strings", "nan", "fractions", "scalar"])
+def test_labels_that_are_no_class_numbers_are_refused(tmp_path, capsys, labels, says):
+    """String, NaN or fractional labels matched no argmax: the accuracy was silently 0 and --max-drop meant
+    nothing; a 0-d labels array was an IndexError."""
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32), labels=labels)
+    err = _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
+    assert says in err
