@@ -82,8 +82,10 @@ def layer_fit(ctx: FitSource, info: WeightInfo, layer: LinearLayer, *, target: s
     if original is not None:
         reference_model = ctx.reference
         reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
+    if reference_model is not None and reference_rows is not None and reference_rows.reference is reference_model:
+        reference_model = reference_rows
     grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
-                                 folds=folds, collector=ctx.statistics, reference_rows=reference_rows)
+                                 folds=folds, collector=ctx.statistics)
     return LayerFit(layer, grams, layer.weight_matrix(reference))
 
 

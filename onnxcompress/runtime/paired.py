@@ -182,13 +182,12 @@ def _stops(layer: LinearLayer, costly: bool, rows: int, chunks: int) -> bool:
     """Whether a capture holding `rows` rows of `chunks` data chunks has enough (only a costly one stops)."""
     return costly and rows >= max(MIN_PAIRED_ROWS, ROWS_PER_INPUT * row_length(layer)) and chunks >= 2
 
-def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
+def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | ReferenceRows | None, data: Dataset,
                          layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
-                         folds: bool = False, collector: Collector | None = None,
-                         reference_rows: ReferenceRows | None = None) -> PairedGrams:
+                         folds: bool = False, collector: Collector | None = None) -> PairedGrams:
     """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer; chunk
-    i's rows are sampled with the generator seeded (0, i), the same rows from both models. The reference's
-    rows come from `reference_rows` (a run for many layers at once) where it holds them.
+    i's rows are sampled with the generator seeded (0, i), the same rows from both models. A reference
+    given as ReferenceRows (a run for many layers at once) gives its held rows where it holds them.
 
     With `folds`, the statistics of the even and the odd data chunks are also returned apart
     (PairedGrams.folds), when there are at least two chunks.
@@ -196,10 +195,11 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     name = layer.input_name
     paired = reference is not None
     collector = collector or Collector()
-    held = None
-    if paired and reference_rows is not None and reference_rows.rows_per_chunk == rows_per_chunk \
-            and reference_rows.max_batch == max_batch and reference_rows.reference is reference:
-        held = reference_rows.rows(layer)
+    held, reference_rows = None, reference if isinstance(reference, ReferenceRows) else None
+    if reference_rows is not None:
+        reference = reference_rows.reference
+        if reference_rows.rows_per_chunk == rows_per_chunk and reference_rows.max_batch == max_batch:
+            held = reference_rows.rows(layer)
     if held is not None:  # read the data as the reference's pass did
         costly, models = reference_rows.costly, [current]
     else:
