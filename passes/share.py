@@ -32,7 +32,7 @@ from onnxcompress.execution.parallel import map_ordered
 from onnxcompress.fitting import granular
 from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix,
                                           gptq_affordable, Option, to_matrix)
-from onnxcompress.fitting.layerfit import in_layer_order, refine_shared
+from onnxcompress.fitting.layerfit import in_layer_order, original_rows, refine_shared
 from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
                                           WeightEvidence)
 from onnxcompress.formats.codebook import portable_nodes, SharedWeight
@@ -140,6 +140,8 @@ class SharePass(Pass):
         rest = self._fit(ctx, others, bits_of, settings, known)
         if gains:  # choices judged at the model's outputs are made together there
             rest = iter(self._choose_jointly(ctx, others, rest, list(bias_choices.values()), bits_of, settings, known))
+        # the original's layer inputs for every refinement, in one run over the data (the first refinement's)
+        reference_rows = original_rows(ctx, candidates) if refining else None
         for info in tqdm(candidates, desc="share", unit="weight", disable=not ctx.progress, leave=False):
             choice, bits = bias_choices[info.name] if info.name in links else next(rest), bits_of[info.name]
             shared = choice.chosen.shared
@@ -149,7 +151,8 @@ class SharePass(Pass):
             if bits < MAX_BITS and opset < PACK_MIN_OPSET:
                 unpacked.append(info.name)
             if refining:
-                shared = self._refined(ctx, cfg, info, shared, cancels=choice.target is not None)
+                shared = self._refined(ctx, cfg, info, shared, cancels=choice.target is not None,
+                                       reference_rows=reference_rows)
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
@@ -167,15 +170,16 @@ class SharePass(Pass):
         return {w.name: int(b if (b := planned(w.name)) is not None else self.config.bits_for(w.role))
                 for w in candidates}
 
-    def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool
-                 ) -> SharedWeight:
+    def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool,
+                 reference_rows=None) -> SharedWeight:
         """Least-squares centroids on the calibration data, unless the weight cancels its bias's coding
         error (the refit fits the original layer output, which would not see that error)."""
         if cancels:
             ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
                        "error, which the least-squares refit would not see)")
             return shared
-        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds)
+        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds,
+                                        reference_rows=reference_rows)
         ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
         return shared
 

@@ -286,7 +286,8 @@ def refine_mask(weight, sparsity):
 
 
 def test_paired_gram_folds_average_to_the_whole():
-    from onnxcompress.runtime.capture import collect_paired_grams, linear_layer
+    from onnxcompress.runtime.capture import linear_layer
+    from onnxcompress.runtime.paired import collect_paired_grams
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights
     model = tiny.gemm(trans_b=True)
@@ -393,13 +394,13 @@ def test_paired_grams_from_the_cut_models_are_the_whole_models(monkeypatch, slow
     models are cut only once a pass over the data through the whole model has been measured slow (CUT_SECONDS)."""
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights
-    from onnxcompress.runtime import capture
+    from onnxcompress.runtime import capture, paired
     from onnxcompress.runtime.statistics import Collector
     model = _two_layers_and_a_branch()
     info = next(w for w in find_weights(model, min_elements=0) if w.name == "w2")
     layer = capture.linear_layer(model, info)
     data = load_data({"x": np.random.default_rng(5).standard_normal((40, 4, 6)).astype(np.float32)})
-    monkeypatch.setattr(capture, "CUT_SECONDS", -1.0 if slow else 1e9)
+    monkeypatch.setattr(paired, "CUT_SECONDS", -1.0 if slow else 1e9)
     collector = Collector()
     rows = []
     runner = collector.runner(model, ["r"])  # the whole model, the layer's input fetched (and its cost measured)
@@ -407,7 +408,7 @@ def test_paired_grams_from_the_cut_models_are_the_whole_models(monkeypatch, slow
         rows.append(np.asarray(chunk.values["r"], np.float64).reshape(-1, 5))
     x = np.concatenate(rows)
     built = collector.built
-    got = capture.collect_paired_grams(model, model, data, layer, max_batch=8, collector=collector)
+    got = paired.collect_paired_grams(model, model, data, layer, max_batch=8, collector=collector)
     assert collector.built - built == (1 if slow else 0)  # the cut model's session, one for both (same graph)
     np.testing.assert_allclose(got.current[0], x.T @ x / len(x), rtol=1e-12)
     np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
@@ -438,7 +439,7 @@ def test_a_costly_paired_capture_stops_at_enough_rows_taken_across_the_data(monk
     four rows); its Gram matrices are exactly those of the samples it took, the same from both models."""
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights
-    from onnxcompress.runtime import capture
+    from onnxcompress.runtime import capture, paired
     from onnxcompress.runtime.statistics import Collector
     model = _two_layers_and_a_branch()
     layer = capture.linear_layer(model, next(w for w in find_weights(model, min_elements=0) if w.name == "w2"))
@@ -446,12 +447,12 @@ def test_a_costly_paired_capture_stops_at_enough_rows_taken_across_the_data(monk
     collector = Collector()
     runner = collector.runner(model, ["r"])  # measures the whole model's cost
     x = {i: np.asarray(c.values["r"], np.float64).reshape(-1, 5) for i, c in enumerate(runner.chunks(data))}
-    monkeypatch.setattr(capture, "CUT_SECONDS", -1.0)
-    monkeypatch.setattr(capture, "MIN_PAIRED_ROWS", 24)
-    got = capture.collect_paired_grams(model, model, data, layer, collector=collector)
+    monkeypatch.setattr(paired, "CUT_SECONDS", -1.0)
+    monkeypatch.setattr(paired, "MIN_PAIRED_ROWS", 24)
+    got = paired.collect_paired_grams(model, model, data, layer, collector=collector)
     taken = np.concatenate([x[i] for i in (0, 16, 32, 48, 1, 17)])
     assert got.count == 24
     np.testing.assert_allclose(got.current[0], taken.T @ taken / 24, rtol=1e-12)
     np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
-    monkeypatch.setattr(capture, "CUT_SECONDS", 1e9)  # a fast model: every sample, as before
-    assert capture.collect_paired_grams(model, model, data, layer, collector=collector).count == 64 * 4
+    monkeypatch.setattr(paired, "CUT_SECONDS", 1e9)  # a fast model: every sample, as before
+    assert paired.collect_paired_grams(model, model, data, layer, collector=collector).count == 64 * 4

@@ -22,7 +22,8 @@ from onnxcompress.graph.weights import find_weights, get_array, WeightInfo
 from onnxcompress.numerics import refine
 from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes, sqnr_db
-from onnxcompress.runtime.capture import collect_paired_grams, graph_position, linear_layer, LinearLayer, PairedGrams
+from onnxcompress.runtime.capture import graph_position, linear_layer, LinearLayer
+from onnxcompress.runtime.paired import collect_paired_grams, PairedGrams, ReferenceRows
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +72,44 @@ class LayerFit:
 
 
 def layer_fit(ctx: FitSource, info: WeightInfo, layer: LinearLayer, *, target: str = "original",
-              rows_per_chunk: int = 2048, folds: bool = False) -> LayerFit:
+              rows_per_chunk: int = 2048, folds: bool = False, reference_rows: ReferenceRows | None = None
+              ) -> LayerFit:
     """Gram matrices of the layer's inputs in ctx.model, paired with ctx.reference (the original,
-    as exactly rewritten) when target == "original"."""
+    as exactly rewritten) when target == "original" (its rows from `reference_rows` where it holds them)."""
     current = np.asarray(get_array(ctx.model, info), dtype=np.float64)
     reference_model, reference = None, current
-    if target == "original" and _has_tensor(ctx.reference, layer.input_name):
-        original = next((w for w in find_weights(ctx.reference, min_elements=0) if w.name == info.name), None)
-        if original is not None and tuple(original.shape) == tuple(info.shape):
-            reference_model = ctx.reference
-            reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
+    original = _original(ctx, info, layer) if target == "original" else None
+    if original is not None:
+        reference_model = ctx.reference
+        reference = np.asarray(get_array(ctx.reference, original), dtype=np.float64)
+    if reference_model is not None and reference_rows is not None and reference_rows.reference is reference_model:
+        reference_model = reference_rows
     grams = collect_paired_grams(ctx.model, reference_model, ctx.data, layer, rows_per_chunk=rows_per_chunk,
                                  folds=folds, collector=ctx.statistics)
     return LayerFit(layer, grams, layer.weight_matrix(reference))
 
 
+def _original(ctx: FitSource, info: WeightInfo, layer: LinearLayer) -> WeightInfo | None:
+    """The weight in ctx.reference when a fit can aim at the original's layer output, else None."""
+    if not _has_tensor(ctx.reference, layer.input_name):
+        return None
+    original = next((w for w in find_weights(ctx.reference, min_elements=0) if w.name == info.name), None)
+    return original if original is not None and tuple(original.shape) == tuple(info.shape) else None
+
+
+def original_rows(ctx: FitSource, infos: list[WeightInfo], *, rows_per_chunk: int = 2048) -> ReferenceRows:
+    """The original's input rows of the layers of `infos` that refine_shared aims at the original, taken
+    in one run over the data on the first refinement (see ReferenceRows)."""
+    layers = [layer for info in infos if (layer := linear_layer(ctx.model, info)) is not None
+              and _original(ctx, info, layer) is not None]
+    return ReferenceRows(ctx.reference, ctx.data, layers, rows_per_chunk=rows_per_chunk, collector=ctx.statistics)
+
+
 def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, target: str = "original",
-                  ridge: float = 1e-3, reassign_rounds: int = 1, rows_per_chunk: int = 2048
-                  ) -> tuple[SharedWeight, dict[str, Any]]:
-    """Least-squares centroids for one shared weight (call before the weight is rewritten in ctx.model).
+                  ridge: float = 1e-3, reassign_rounds: int = 1, rows_per_chunk: int = 2048,
+                  reference_rows: ReferenceRows | None = None) -> tuple[SharedWeight, dict[str, Any]]:
+    """Least-squares centroids for one shared weight (call before the weight is rewritten in ctx.model);
+    `reference_rows`: the original's rows of many layers at once (see original_rows).
 
     Returns the refined SharedWeight (or the same one, with the reason in the details) and details
     for the report: the layer-output SQNR before and after refinement.
@@ -98,7 +118,7 @@ def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, tar
     reason = _not_refinable(layer, shared)
     if reason is not None:
         return shared, {"refine": f"skipped: {reason}"}
-    fit = layer_fit(ctx, info, layer, target=target, rows_per_chunk=rows_per_chunk)
+    fit = layer_fit(ctx, info, layer, target=target, rows_per_chunk=rows_per_chunk, reference_rows=reference_rows)
     current = layer.weight_matrix(np.asarray(get_array(ctx.model, info), dtype=np.float64))
     index = layer.weight_matrix(shared.indices())
     scale = None if shared.scale is None else shared.scale.astype(np.float64)

@@ -20,7 +20,7 @@ import onnx
 
 from onnxcompress.errors import ModelError
 from onnxcompress.graph.data import Dataset
-from onnxcompress.graph.edit import find_graph, upstream_model
+from onnxcompress.graph.edit import find_graph
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics.row_blocks import RowBlocks
 from onnxcompress.runtime.statistics import Chunk, Collector
@@ -66,10 +66,11 @@ class LinearLayer:
     def group_of_channels(self) -> np.ndarray:
         return np.arange(self.out_channels) // (self.out_channels // self.groups)
 
-    def input_rows(self, x: np.ndarray, max_rows: int | None = None,
-                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
-        """Per group, (rows, K) float64 samples of the input, at most `max_rows` (random) each (picked in
-        the input's own precision, then widened: the same rows, without a float64 copy of the whole input)."""
+    def input_rows(self, x: np.ndarray, max_rows: int | None = None, rng: np.random.Generator | None = None,
+                   dtype: type | None = np.float64) -> list[np.ndarray]:
+        """Per group, (rows, K) samples of the input, at most `max_rows` (random) each (picked in the input's
+        own precision, then widened to `dtype`, None: kept: the same rows, without a float64 copy of the whole
+        input)."""
         if self.kind == "gemm":
             rows = x.T if self.conv.get("transA") else x
             picked = [_subsample(rows.reshape(-1, rows.shape[-1]), max_rows, rng)]
@@ -77,7 +78,7 @@ class LinearLayer:
             picked = [_subsample(x.reshape(-1, x.shape[-1]), max_rows, rng)]
         else:
             picked = _im2col(x, self, max_rows, rng)
-        return [np.asarray(rows, dtype=np.float64) for rows in picked]
+        return picked if dtype is None else [np.asarray(rows, dtype=dtype) for rows in picked]
 
 
 def _subsample(rows: np.ndarray, max_rows: int | None, rng) -> np.ndarray:
@@ -138,15 +139,6 @@ def _pads(c: dict, size, kernel, strides, dilations, spatial: int) -> tuple[int,
 # a layer whose input rows are longer than this (per group) gets no Gram matrix: one would take
 # K^2 float64 (512 MB at 8192; VGG's fc6 has K = 25088, 5 GB) and the solves on it K^3
 MAX_ROW_LENGTH = 8192
-CUT_SECONDS = 1.0  # a pass over the data through the whole model longer than this: layers' inputs from a cut model
-# and paired captures stopped at enough rows: ROWS_PER_INPUT per entry of the layer's input row (K), at least
-# MIN_PAIRED_ROWS, from the first of SPREAD_PARTS interleaved parts of the data (part p: samples p, p + 16, ...;
-# at least two data chunks): before, orinet's captures ran all 128 pages of 320 x 320 (up to 10^7 rows a layer) to
-# keep 2048 rows from each of their two chunks, 4096 in all; now 4096-4608 rows from 16-24 pages, 2048 a chunk.
-# More rows (4 K, at least 8192) cost more in Gram products (three K x K ones a chunk) than they saved in runs
-ROWS_PER_INPUT = 2
-MIN_PAIRED_ROWS = 4096
-SPREAD_PARTS = 16
 
 
 def linear_layer(model: onnx.ModelProto, info: WeightInfo) -> LinearLayer | None:
@@ -312,145 +304,9 @@ def _stats_bytes(layer: LinearLayer, max_rows: int, folds: int) -> int:
     return 8 * layer.groups * (row * row * (1 + (folds if folds >= 2 else 0)) + max_rows * row)
 
 
-@dataclass
-class PairedGrams:
-    """Gram matrices of one layer's input rows in the current model (X_c) and a reference model (X_r).
-
-    Per group g, averaged over rows: current[g] = X_c^T X_c, cross[g] = X_c^T X_r,
-    reference[g] = X_r^T X_r. Without a reference, cross and reference are None (X_r = X_c).
-    The same rows are sampled from both models (same data chunk, same random pick).
-    """
-
-    layer: LinearLayer
-    current: list[np.ndarray]
-    cross: list[np.ndarray] | None
-    reference: list[np.ndarray] | None
-    count: int
-    current_mean: list[np.ndarray] | None = None  # per group, mean input row of X_c
-    reference_mean: list[np.ndarray] | None = None  # per group, mean input row of X_r (None: X_r = X_c)
-    # the same statistics over two disjoint halves of the rows (alternate data chunks), to choose
-    # regularization by held-out error; None unless asked for and the data has two chunks or more
-    folds: tuple["PairedGrams", "PairedGrams"] | None = None
-
-    def fold_groups(self, group: int) -> tuple[tuple, tuple] | None:
-        """((H, C, R) of fold A, (H, C, R) of fold B) for one group, or None without folds."""
-        if self.folds is None:
-            return None
-        return tuple((f.current[group], None if f.cross is None else f.cross[group],
-                      None if f.reference is None else f.reference[group]) for f in self.folds)
-
-
-class _GramSums:
-    """Running sums of X_c^T X_c, X_c^T X_r, X_r^T X_r and the mean rows, per group."""
-
-    def __init__(self, rows: list[np.ndarray], paired: bool):
-        self.h = [np.zeros((g.shape[1], g.shape[1])) for g in rows]
-        self.mc = [np.zeros(g.shape[1]) for g in rows]
-        self.mr = [np.zeros(g.shape[1]) for g in rows]
-        self.c = [np.zeros_like(x) for x in self.h] if paired else None
-        self.r = [np.zeros_like(x) for x in self.h] if paired else None
-        self.count = 0
-        self._blocks = RowBlocks(self._add_products)
-
-    def add(self, current: list[np.ndarray], reference: list[np.ndarray] | None) -> None:
-        for g, xc in enumerate(current):
-            self.mc[g] += xc.sum(axis=0)
-            if reference is not None:
-                self.mr[g] += reference[g].sum(axis=0)
-        self._blocks.add(*current, *(reference or ()))
-        self.count += current[0].shape[0]
-
-    def _add_products(self, *rows: np.ndarray) -> None:
-        """Rows of the current model per group, then (paired) the reference's."""
-        groups = len(self.h)
-        for g, xc in enumerate(rows[:groups]):
-            self.h[g] += xc.T @ xc
-            if self.c is not None:
-                xr = rows[groups + g]
-                self.c[g] += xc.T @ xr
-                self.r[g] += xr.T @ xr
-
-    def minus(self, other: "_GramSums") -> "_GramSums":
-        self._blocks.flush()
-        other._blocks.flush()
-        out = object.__new__(_GramSums)
-        sub = lambda a, b: None if a is None else [x - y for x, y in zip(a, b)]  # noqa: E731
-        out.h, out.mc, out.mr, out.c, out.r = (sub(self.h, other.h), sub(self.mc, other.mc),
-                                               sub(self.mr, other.mr), sub(self.c, other.c), sub(self.r, other.r))
-        out.count = self.count - other.count
-        out._blocks = RowBlocks(out._add_products)
-        return out
-
-    def averaged(self, layer: LinearLayer, paired: bool, folds=None) -> PairedGrams:
-        self._blocks.flush()
-        scale = 1.0 / max(self.count, 1)
-        norm = lambda mats: None if mats is None else [m * scale for m in mats]  # noqa: E731
-        return PairedGrams(layer, norm(self.h), norm(self.c), norm(self.r), self.count, norm(self.mc),
-                           norm(self.mr) if paired else None, folds)
-
-
-def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | None, data: Dataset,
-                         layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
-                         folds: bool = False, collector: Collector | None = None) -> PairedGrams:
-    """One pass over `data` through `current` (and `reference`, on the same chunks) for one layer; chunk
-    i's rows are sampled with the generator seeded (0, i), the same rows from both models.
-
-    With `folds`, the statistics of the even and the odd data chunks are also returned apart
-    (PairedGrams.folds), when there are at least two chunks.
-    """
-    name = layer.input_name
-    paired = reference is not None
-    collector = collector or Collector()
-    models = [current, reference] if paired else [current]
-    # the current model's graph changes as its layers are coded: its cost is the reference's until measured
-    costly = max(_pass_seconds(collector, m, data) for m in models) > CUT_SECONDS
-    models = [upstream_model(m, [name]) for m in models] if costly else models
-    # a costly capture streams interleaved parts of the data and stops at enough rows (see ROWS_PER_INPUT)
-    parts = [data.subset(slice(p, None, SPREAD_PARTS)) for p in range(min(SPREAD_PARTS, len(data)))] \
-        if costly else [data]
-    enough = max(MIN_PAIRED_ROWS, ROWS_PER_INPUT * row_length(layer)) if costly else None
-    total = even = None
-    chunks = 0
-    for chunk, values in enumerate(zip(*(_streamed(collector, m, parts, name, max_batch) for m in models))):
-        rows = [layer.input_rows(np.asarray(v[name]), rows_per_chunk,
-                                 np.random.default_rng((0, chunk))) for v in values]
-        if total is None:
-            total = _GramSums(rows[0], paired)
-            even = _GramSums(rows[0], paired) if folds else None
-        total.add(rows[0], rows[1] if paired else None)
-        if even is not None and chunk % 2 == 0:
-            even.add(rows[0], rows[1] if paired else None)
-        chunks += 1
-        if enough is not None and total.count >= enough and chunks >= 2:
-            break
-    if total is None:
-        raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
-    halves = None
-    if even is not None and chunks >= 2:
-        halves = (even.averaged(layer, paired), total.minus(even).averaged(layer, paired))
-    return total.averaged(layer, paired, halves)
-
-
-def _streamed(collector: Collector, model: onnx.ModelProto, parts: list[Dataset], name: str, max_batch: int):
-    """The tensor `name` of `model`, chunk by chunk over each of `parts` in turn."""
-    for part in parts:
-        yield from collector.stream(model, part, [name], max_batch=max_batch)
-
-
 def row_length(layer: LinearLayer) -> int:
     """K: the entries of one input row of the layer (per group)."""
     return int(np.prod(layer.weight_shape)) // max(layer.out_channels, 1)
-
-
-def _pass_seconds(collector: Collector, model: onnx.ModelProto, data: Dataset) -> float:
-    """What a pass over `data` through the whole of `model` has been measured to cost (0 before any run).
-
-    Over CUT_SECONDS, a capture runs the model cut just after the layer's input (graph.edit.upstream_model):
-    onnxruntime runs every node of a session whatever is fetched, so the nodes after it would run for
-    nothing; but a cut model is a session of its own, which costs more than it saves on a model that runs
-    fast (LeNet-5: a few ms a pass)."""
-    cost = collector.seconds_per_sample(model)
-    return 0.0 if cost is None else cost * len(data)
 
 
 def graph_position(model: onnx.ModelProto, layer: LinearLayer) -> int:
