@@ -215,10 +215,8 @@ class BitWidthPass(Pass):
             self._counting |= bool(measured.get("counted"))
         except RecipeError:  # the user's metric failed: no candidate can be measured
             raise
-        except OnnxCompressError as e:  # a failed candidate is data: record it and go on
-            candidate.error = str(e)
-            log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity,
-                        candidate.bits, e)
+        except OnnxCompressError as e:
+            _failed(info, candidate, e)
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
@@ -262,12 +260,11 @@ class BitWidthPass(Pass):
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
                     # one cross-fitted version priced for the prediction; _measure prices them all
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, self._pruner, versions=1)[0]
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, versions=1)[0]
                     candidate.size = stored_bytes(coded, ctx.form)
                     error = bitpredict.layer_error(array, coded.decode(), layer, stats)
                 except OnnxCompressError as e:
-                    candidate.error = str(e)
-                    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, sparsity, bits, e)
+                    _failed(info, candidate, e)
                 row.append(bitpredict.Entry(candidate, error))
                 bar.update()
             entries.append(row)
@@ -412,3 +409,10 @@ class BitWidthPass(Pass):
         if cfg.max_drop is not None:  # counted on finite samples: 5 of 500 is 1.0 points, not 1.0000000000000009
             return measured["check"] <= cfg.max_drop + 1e-9
         return True
+
+
+def _failed(info: WeightInfo, candidate: Candidate, error: OnnxCompressError) -> None:
+    """A candidate that failed is data: its error recorded, the sweep goes on."""
+    candidate.error = str(error)
+    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity, candidate.bits,
+                error)
