@@ -17,7 +17,8 @@ from onnxcompress.graph.spill import release_spill
 from onnxcompress.graph.weights import find_weights, get_array
 from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.formats.forms import Form
-from onnxcompress.pipeline.manager import PassManager, Report
+from onnxcompress.pipeline.manager import PassManager
+from onnxcompress.pipeline.outcome import Report
 from onnxcompress.recipes import load_recipe, Recipe
 from onnxcompress.runtime.metrics import compare_models, Comparison
 from onnxcompress.runtime.sessions import check_runnable, max_runnable_opset, uses_domain

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnxcompress.pipeline.artifacts import Artifact
-from onnxcompress.pipeline.manager import Report
+from onnxcompress.pipeline.outcome import Report
 
 
 def search_summary(report: Report) -> dict | None:

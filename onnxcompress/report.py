@@ -5,7 +5,7 @@ import math
 
 from onnxcompress.errors import printable
 from onnxcompress.runtime.metrics import Comparison
-from onnxcompress.pipeline.manager import Report
+from onnxcompress.pipeline.outcome import Report
 from onnxcompress.runtime.shipped import BROTLI_MAX_BYTES, MEASURE_MAX_BYTES
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import onnx
 
 from onnxcompress.pipeline.artifacts import Artifact, LayerChoice, SearchPlan
-from onnxcompress.pipeline.manager import Context, Pass, PassManager, PassResult, run_step, validated, WeightRecord
+from onnxcompress.pipeline.manager import Context, Pass, PassManager, PassResult, run_step, validated
+from onnxcompress.pipeline.outcome import WeightRecord
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
