@@ -32,6 +32,38 @@ def from_matrix(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | 
     return np.moveaxis(matrix.reshape(moved), 0, channel_axis)
 
 
+_BLOCK_ROWS = 16  # leading rows a block of a layout change copies (a few KB of each channel: cache-sized)
+
+
+def channel_first(array: np.ndarray, channel_axis: int | None, dtype=None) -> np.ndarray:
+    """``np.ascontiguousarray(to_matrix(array, channel_axis), dtype)``: the same values, copied (and cast) a block of
+    _BLOCK_ROWS leading rows at a time when the channel axis moves (4x faster than numpy's one strided copy
+    of a transposed 2048x2048 float32 matrix)."""
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
+    if channel_axis is None or array.ndim == 0 or channel_axis == 0:
+        return np.ascontiguousarray(to_matrix(array, channel_axis), dtype)
+    shape = array.shape
+    lead, channels = int(np.prod(shape[:channel_axis])), shape[channel_axis]
+    source = array.reshape(lead, channels, -1)
+    out = np.empty((channels, lead, source.shape[2]), dtype)
+    for lo in range(0, lead, _BLOCK_ROWS):
+        out[:, lo:lo + _BLOCK_ROWS] = source[lo:lo + _BLOCK_ROWS].transpose(1, 0, 2)
+    return out.reshape(channels, -1)
+
+
+def weight_layout(matrix: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    """``from_matrix(matrix, shape, channel_axis).copy()`` (C order), copied a block of leading rows at a time as
+    :func:`channel_first` does."""
+    if channel_axis is None or len(shape) == 0 or channel_axis == 0:
+        return from_matrix(matrix, shape, channel_axis).copy()
+    lead, channels = int(np.prod(shape[:channel_axis])), shape[channel_axis]
+    source = matrix.reshape(channels, lead, -1)
+    out = np.empty((lead, channels, source.shape[2]), matrix.dtype)
+    for lo in range(0, lead, _BLOCK_ROWS):
+        out[lo:lo + _BLOCK_ROWS] = source[:, lo:lo + _BLOCK_ROWS].transpose(1, 0, 2)
+    return out.reshape(shape)
+
+
 def flat_indices(mask: np.ndarray, shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
     """``np.flatnonzero(from_matrix(mask, shape, channel_axis))``: the ascending flat indices, in the weight's own
     layout, of the True entries of its channel-first (C, K) `mask`, found in the (C, K) layout (no copy of the
