@@ -340,7 +340,7 @@ class SharePass(Pass):
         for shared in ctx.shared.values():
             if shared.codes.size and int(shared.codes.max()) >= 2 ** shared.bits:
                 raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
-            if not _decodes_to_shape(shared):
+            if not shared.decodes_to_shape():
                 raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
 
 
@@ -390,14 +390,6 @@ def _dominated(candidate, candidates) -> bool:
     """Another candidate is no larger and no worse, and better on one of the two."""
     return any(c is not candidate and c.bytes <= candidate.bytes and c.sqnr_db >= candidate.sqnr_db
                and (c.bytes < candidate.bytes or c.sqnr_db > candidate.sqnr_db) for c in candidates)
-
-
-def _decodes_to_shape(shared: SharedWeight) -> bool:
-    """SharedWeight.decode() has the weight's shape: its codes have it and the per-channel parts one entry a channel
-    (checked without decoding: a full-size float copy of every weight, 15 ms a 2048x2048 one)."""
-    channels = None if shared.channel_axis is None else shared.shape[shared.channel_axis]
-    return tuple(shared.codes.shape) == tuple(shared.shape) and all(
-        part is None or (channels is not None and part.size == channels) for part in (shared.scale, shared.group_offsets))
 
 
 def _stays_float(info: WeightInfo, chosen) -> bool:
