@@ -340,7 +340,7 @@ class SharePass(Pass):
         for shared in ctx.shared.values():
             if shared.codes.size and int(shared.codes.max()) >= 2 ** shared.bits:
                 raise AssertionError(f"share: codes of {shared.name} do not fit {shared.bits} bits")
-            if shared.decode().shape != shared.shape:
+            if not shared.decodes_to_shape():
                 raise AssertionError(f"share: {shared.name} decodes to the wrong shape")
 
 

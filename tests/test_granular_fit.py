@@ -182,3 +182,20 @@ def test_flat_indices_are_flatnonzero_in_the_weights_layout(shape, axis):
     got = flat_indices(mask, shape, axis)
     np.testing.assert_array_equal(got, expected)
     assert got.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("shape, axis", [((37, 40), 1), ((30, 40), 0), ((4, 5, 6, 7), 1), ((40, 5, 6, 7), 2),
+                                         ((4, 5, 6, 7), 3), ((12,), None), ((6, 7), None), ((), None)])
+def test_layout_changes_copied_by_blocks_match_numpy(shape, axis):
+    from onnxcompress.numerics.granular_fit import channel_first, from_matrix, to_matrix, weight_layout
+
+    array = np.random.default_rng(3).standard_normal(shape).astype(np.float16)
+    for dtype in (None, np.float32, np.float64):
+        got = channel_first(array, axis, dtype)
+        expected = np.ascontiguousarray(to_matrix(array, axis), dtype)
+        assert got.flags.c_contiguous and got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    codes = (np.arange(array.size) % 251).astype(np.uint8).reshape(to_matrix(array, axis).shape)
+    back = weight_layout(codes, shape, axis)
+    assert back.flags.c_contiguous and back.shape == shape
+    np.testing.assert_array_equal(back, from_matrix(codes, shape, axis))

@@ -298,3 +298,16 @@ def test_weights_with_input_rows_over_the_gptq_bound_get_no_gptq_candidates(monk
         onnx.checker.check_model(ctx.model, full_check=True)
         got, = run(ctx.model, {"x": x})
         assert sqnr_db(float(np.sum(want ** 2)), float(np.sum((want - got) ** 2))) > 20  # 27.6 dB; 50.6 with GPTQ
+
+
+def test_the_shape_check_of_ensures_agrees_with_decoding():
+    from onnxcompress.formats.codebook import SharedWeight
+
+    rng = np.random.default_rng(0)
+    good = SharedWeight(name="W", shape=(6, 4), dtype=np.float32, codes=rng.integers(0, 4, (6, 4)).astype(np.uint8),
+                        codebook=np.arange(8, dtype=np.float32), bits=3, channel_axis=1,
+                        group_offsets=np.array([0, 4, 0, 4], np.int32), scale=np.ones(4, np.float32))
+    assert good.decodes_to_shape() and good.decode().shape == good.shape
+    for bad in (dict(codes=good.codes[:5]), dict(scale=np.ones(6, np.float32)), dict(group_offsets=np.zeros(3, np.int32)),
+                dict(channel_axis=None)):
+        assert not SharedWeight(**{**good.__dict__, **bad}).decodes_to_shape()

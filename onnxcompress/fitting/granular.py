@@ -50,8 +50,8 @@ import numpy as np
 
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
-from onnxcompress.numerics.granular_fit import (fit_groups, fit_scaled, fit_tensor, flat_indices, from_matrix, pick_outliers,
-                                               ScaledFit, to_matrix)
+from onnxcompress.numerics.granular_fit import (channel_first, fit_groups, fit_scaled, fit_tensor, flat_indices, from_matrix,
+                                               pick_outliers, ScaledFit, to_matrix, weight_layout)
 from onnxcompress.numerics.histogram import signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
 from onnxcompress.numerics.measures import sqnr_db
@@ -148,7 +148,7 @@ def fit(array: np.ndarray, bits: int, option: Option, fitting: Fitting | None = 
     axis = channel_axis
     # float32 weights are fitted in float32 (every sum in float64) unless data drives the fit
     narrow = array.dtype in (np.float16, np.float32) and not option.weighted and not option.gptq
-    w = np.ascontiguousarray(to_matrix(np.asarray(array, dtype=np.float32 if narrow else np.float64), axis))
+    w = channel_first(np.asarray(array), axis, np.float32 if narrow else np.float64)
     kept = np.ones(w.shape, bool) if mask is None else to_matrix(np.asarray(mask, bool), axis)
     if mask is not None:
         w = np.where(kept, w, 0)
@@ -168,7 +168,7 @@ def fit(array: np.ndarray, bits: int, option: Option, fitting: Fitting | None = 
     if outliers.any():  # flat indices in the weight's own layout, ascending, and their exact values
         out_index = flat_indices(outliers, shape, axis)
         out_value = from_matrix(exact, shape, axis)[np.unravel_index(out_index, shape)].astype(np.float32)
-    return SharedWeight(name=name, shape=shape, dtype=dtype, codes=from_matrix(codes, shape, axis).copy(),
+    return SharedWeight(name=name, shape=shape, dtype=dtype, codes=weight_layout(codes, shape, axis),
                         codebook=book.astype(np.float32), bits=bits, channel_axis=channel_axis,
                         group_offsets=offsets, scale=scale, outlier_index=out_index, outlier_value=out_value,
                         zero_code=0 if keep_zero else None)

@@ -64,6 +64,13 @@ class SharedWeight:
             weight = flat.reshape(self.shape)
         return weight.astype(self.dtype)
 
+    def decodes_to_shape(self) -> bool:
+        """decode() has the weight's shape: the codes have it and the per-channel parts one entry a channel (checked
+        without decoding, a full-size float copy: 15 ms a 2048x2048 weight)."""
+        channels = None if self.channel_axis is None else self.shape[self.channel_axis]
+        return tuple(self.codes.shape) == tuple(self.shape) and all(
+            part is None or (channels is not None and part.size == channels) for part in (self.scale, self.group_offsets))
+
     def payload_bytes(self, opset: int = PACK_MIN_OPSET) -> int:
         """Bytes of tensor data in the portable form written at `opset` (codes bit-packed, dense or
         sparse, see :mod:`onnxcompress.formats.codechain`)."""

@@ -107,18 +107,20 @@ def lloyd_sorted(xs, ws, first, c, k, max_iter, tol, binned=False) -> tuple[np.n
     n_iter = 0
     while n_iter < max_iter:
         n_iter += 1
-        cuts = cuts_of(xs, c)
+        cuts = np.empty(c.size + 1, np.int64)  # cuts_of(xs, c), a few microseconds cheaper a step
+        cuts[0], cuts[-1] = 0, xs.size
+        cuts[1:-1] = np.searchsorted(xs, boundaries(c), side="right")
         if prev is not None and cuts.size == prev.size and (cuts == prev).all():
             break
         start, stop = cuts[:-1], cuts[1:]
         sw = (stop - start).astype(np.float64) if wcum is None else wcum[stop] - wcum[start]
-        full = sw > 0
-        if c.size == k and full.all():  # the usual step, without the masks (the same numbers)
+        if c.size == k and np.minimum.reduce(sw) > 0:  # the usual step, without the masks (the same numbers)
             new = np.minimum(np.maximum(m + (p[stop] - p[start]) / sw, xs[start]), xs[stop - 1])
-            c, prev, shift = new, cuts, float(np.max(np.abs(new - c)))
+            c, prev, shift = new, cuts, float(np.maximum.reduce(np.abs(new - c)))
             if shift <= threshold:
                 break
             continue
+        full = sw > 0
         new = c.copy()
         s, e = start[full], stop[full]
         new[full] = np.clip(m + (p[e] - p[s]) / sw[full], xs[s], xs[e - 1])
@@ -257,14 +259,14 @@ def lloyd_sorted_many(xs_list, starts, k, max_iter, tol) -> list[tuple[np.ndarra
         ca = c[act]
         cuts = sets.cuts(act, ca, k)
         if prev is not None:
-            same = np.all(cuts == prev[act], axis=1)
+            same = np.logical_and.reduce(cuts == prev[act], axis=1)
             live[act[same]] = False
             act, ca, cuts = act[~same], ca[~same], cuts[~same]
             if not act.size:
                 break
         new, full = sets.means(act, ca, cuts)
-        shift = np.max(np.abs(new - ca), axis=1)
-        for i in np.flatnonzero(~full.all(axis=1)):  # empty clusters re-seeded as lloyd_sorted does
+        shift = np.maximum.reduce(np.abs(new - ca), axis=1)
+        for i in np.flatnonzero(~np.logical_and.reduce(full, axis=1)):  # empty clusters re-seeded as lloyd_sorted does
             if not sets.reseed(act[i], new[i], ca[i], cuts[i], full[i], k):  # fewer than k: lloyd_sorted's path
                 failed[act[i]], live[act[i]] = True, False
             shift[i] = np.inf
@@ -322,9 +324,9 @@ class _Sets:
         sw = (stop - start).astype(np.float64)
         full = sw > 0
         base_p, base_x = self.offsets[act, None], self.value_at[act, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            new = np.clip(self.mean[act, None] + (self.prefix[base_p + stop] - self.prefix[base_p + start]) / sw,
-                          self.flat[base_x + start], self.flat[base_x + np.maximum(stop - 1, start)])
+        mean = np.divide(self.prefix[base_p + stop] - self.prefix[base_p + start], sw, where=full, out=np.zeros(sw.shape))
+        mean += self.mean[act, None]  # np.clip's numbers, by its two steps (the empty clusters keep ca's centroid)
+        new = np.minimum(np.maximum(mean, self.flat[base_x + start]), self.flat[base_x + np.maximum(stop - 1, start)])
         return np.where(full, new, ca), full
 
     def reseed(self, g, new, ca, cuts, full, k) -> bool:
