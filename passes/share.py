@@ -152,7 +152,7 @@ class SharePass(Pass):
                 unpacked.append(info.name)
             if refining:
                 shared = self._refined(ctx, cfg, info, shared, cancels=choice.target is not None,
-                                       reference_rows=reference_rows)
+                                       gptq=choice.chosen.option.gptq, reference_rows=reference_rows)
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
@@ -171,14 +171,18 @@ class SharePass(Pass):
                 for w in candidates}
 
     def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool,
-                 reference_rows=None) -> SharedWeight:
+                 gptq: bool = False, reference_rows=None) -> SharedWeight:
         """Least-squares centroids on the calibration data, unless the weight cancels its bias's coding
-        error (the refit fits the original layer output, which would not see that error)."""
+        error (the refit fits the original layer output, which would not see that error). GPTQ's codes
+        (`gptq`) are not moved to the nearest refined centroid: they were chosen with each column's error
+        fed forward, which a nearest-centroid reassignment undoes (a round that costs a code Gram and is not
+        taken)."""
         if cancels:
             ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
                        "error, which the least-squares refit would not see)")
             return shared
-        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds,
+        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
+                                        reassign_rounds=0 if gptq else cfg.reassign_rounds,
                                         reference_rows=reference_rows)
         ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
         return shared
