@@ -278,19 +278,26 @@ class SharePass(Pass):
             return made
         together = {id(c) for c in joint.values()}
         fixed = [c.chosen for c in decided + made if c.space == "model output" and id(c) not in together]
-        picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(settings.model_elements, 1), fixed=fixed)
-        refit = {name: pick.option for name, pick in picked.items()
-                 if pick.shared is None and pick.option.kind != "float"}
         by_name = {info.name: info for info in infos}
-        refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], bits_of, settings,
-                                             dataclasses.replace(known, only=refit))))
+        while True:  # a predicted candidate picked is fitted and measured, and the pick made again with it
+            picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(settings.model_elements, 1), fixed=fixed)
+            refit = {name: pick.option for name, pick in picked.items()
+                     if pick.shared is None and pick.option.kind != "float"}
+            refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], bits_of, settings,
+                                                 dataclasses.replace(known, only=refit))))
+            again = False
+            for name, got in refitted.items():
+                pick, measured = picked[name], got.chosen
+                pick.shared = measured.shared
+                if pick.predicted:
+                    pick.bytes, pick.sqnr_db, pick.predicted, again = measured.bytes, measured.sqnr_db, False, True
+            if not again:
+                break
         reason = (f"chosen with the {len(joint)} weights measured at the model's outputs for their best SQNR there "
                   f"together, net of their bytes at {DB_PER_BIT} dB per extra bit per weight; no gain beyond each "
                   f"layer at {self.config.target_sqnr_db:g} dB")
         for name, pick in picked.items():
             choice = joint[name]
-            if name in refitted:
-                pick.shared = refitted[name].chosen.shared
             choice.chosen, choice.reason = pick, reason
         return made
 
