@@ -173,10 +173,8 @@ class SharePass(Pass):
     def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool,
                  gptq: bool = False, reference_rows=None) -> SharedWeight:
         """Least-squares centroids on the calibration data, unless the weight cancels its bias's coding
-        error (the refit fits the original layer output, which would not see that error). GPTQ's codes
-        (`gptq`) are not moved to the nearest refined centroid: they were chosen with each column's error
-        fed forward, which a nearest-centroid reassignment undoes (a round that costs a code Gram and is not
-        taken)."""
+        error (the refit fits the original layer output, which would not see that error). GPTQ's codes get
+        no nearest-centroid round: it undoes their error feedback (never taken, a code Gram each)."""
         if cancels:
             ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
                        "error, which the least-squares refit would not see)")

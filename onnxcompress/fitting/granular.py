@@ -306,12 +306,10 @@ TENSOR_GPTQ = Option("tensor", weighted=True, gptq=True)
 
 
 def predict_gptq(candidates: Sequence[Candidate], options: Sequence[Option]) -> list[Candidate] | None:
-    """Candidates for GPTQ `options`, predicted from measured ones: a GPTQ option's bytes are those of its
-    importance-weighted k-means twin (the same option without GPTQ: the same codes, codebook, scales and
-    outliers to store) and its SQNR is the twin's plus what GPTQ gained on the per-tensor option (TENSOR_GPTQ
-    against its twin). On a MiniLM-shaped transformer's 384- and 1536-wide layers that gain was the same for
-    every option within 0.4 dB (5.2-5.7 dB on a 384 x 384 weight, 13.3-13.5 on a 1536 x 384 one), and each
-    GPTQ fit costs a K x K inverse and a code Gram of C K^2 entries. None when a measurement is missing."""
+    """Candidates for GPTQ `options` predicted from measured ones: the bytes of the option's weighted k-means
+    twin (the same things stored), its SQNR plus what GPTQ gained per tensor (TENSOR_GPTQ over its twin): on
+    MiniLM-like layers that gain was the same for every option within 0.4 dB, and each GPTQ fit costs a K x K
+    inverse and a code Gram of C K^2 entries. None when a measurement is missing."""
     by = {c.option: c for c in candidates if not c.predicted}
     tensor, plain = by.get(TENSOR_GPTQ), by.get(Option("tensor", weighted=True))
     if tensor is None or plain is None or not (math.isfinite(tensor.sqnr_db) and math.isfinite(plain.sqnr_db)):
