@@ -323,4 +323,3 @@ def test_weights_with_input_rows_over_the_gptq_bound_get_no_gptq_candidates(monk
         onnx.checker.check_model(ctx.model, full_check=True)
         got, = run(ctx.model, {"x": x})
         assert sqnr_db(float(np.sum(want ** 2)), float(np.sum((want - got) ** 2))) > 20  # 27.6 dB; 50.6 with GPTQ
-
