@@ -152,7 +152,7 @@ class SharePass(Pass):
                 unpacked.append(info.name)
             if refining:
                 shared = self._refined(ctx, cfg, info, shared, cancels=choice.target is not None,
-                                       reference_rows=reference_rows)
+                                       gptq=choice.chosen.option.gptq, reference_rows=reference_rows)
             if info.name in corrected_by:
                 self._correct_bias(ctx, info, shared, by_name[corrected_by[info.name]], links[corrected_by[info.name]],
                                    hessians[info.name])
@@ -171,14 +171,16 @@ class SharePass(Pass):
                 for w in candidates}
 
     def _refined(self, ctx: Context, cfg: ShareConfig, info: WeightInfo, shared: SharedWeight, *, cancels: bool,
-                 reference_rows=None) -> SharedWeight:
+                 gptq: bool = False, reference_rows=None) -> SharedWeight:
         """Least-squares centroids on the calibration data, unless the weight cancels its bias's coding
-        error (the refit fits the original layer output, which would not see that error)."""
+        error (the refit fits the original layer output, which would not see that error). GPTQ's codes get
+        no nearest-centroid round: it undoes their error feedback (never taken, a code Gram each)."""
         if cancels:
             ctx.record(info.name, self.name, "centroids: not refined (the weight cancels its bias's coding "
                        "error, which the least-squares refit would not see)")
             return shared
-        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge, reassign_rounds=cfg.reassign_rounds,
+        shared, refined = refine_shared(ctx, info, shared, ridge=cfg.refine_ridge,
+                                        reassign_rounds=0 if gptq else cfg.reassign_rounds,
                                         reference_rows=reference_rows)
         ctx.record(info.name, self.name, f"centroids: {refined['refine']}", details=refined)
         return shared
@@ -274,19 +276,26 @@ class SharePass(Pass):
             return made
         together = {id(c) for c in joint.values()}
         fixed = [c.chosen for c in decided + made if c.space == "model output" and id(c) not in together]
-        picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(settings.model_elements, 1), fixed=fixed)
-        refit = {name: pick.option for name, pick in picked.items()
-                 if pick.shared is None and pick.option.kind != "float"}
         by_name = {info.name: info for info in infos}
-        refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], bits_of, settings,
-                                             dataclasses.replace(known, only=refit))))
+        while True:  # a predicted candidate picked is fitted and measured, and the pick made again with it
+            picked = choose_jointly(joint, per_byte=DB_PER_BIT * 8 / max(settings.model_elements, 1), fixed=fixed)
+            refit = {name: pick.option for name, pick in picked.items()
+                     if pick.shared is None and pick.option.kind != "float"}
+            refitted = dict(zip(refit, self._fit(ctx, [by_name[n] for n in refit], bits_of, settings,
+                                                 dataclasses.replace(known, only=refit))))
+            again = False
+            for name, got in refitted.items():
+                pick, measured = picked[name], got.chosen
+                pick.shared = measured.shared
+                if pick.predicted:
+                    pick.bytes, pick.sqnr_db, pick.predicted, again = measured.bytes, measured.sqnr_db, False, True
+            if not again:
+                break
         reason = (f"chosen with the {len(joint)} weights measured at the model's outputs for their best SQNR there "
                   f"together, net of their bytes at {DB_PER_BIT} dB per extra bit per weight; no gain beyond each "
                   f"layer at {self.config.target_sqnr_db:g} dB")
         for name, pick in picked.items():
             choice = joint[name]
-            if name in refitted:
-                pick.shared = refitted[name].chosen.shared
             choice.chosen, choice.reason = pick, reason
         return made
 

@@ -352,3 +352,79 @@ def test_code_normal_equations_match_the_indicator_products(K):
         want_a += s[j] ** 2 * o.T @ hj @ o
         want_b += s[j] * o.T @ hj @ t[j]
     assert np.allclose(a, want_a) and np.allclose(b, want_b)
+
+
+def _gptq_layer(seed=5):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((16, 48)) * np.logspace(0, 1, 16)[:, None]).astype(np.float32)
+    x = rng.standard_normal((2000, 48)) @ (rng.standard_normal((48, 48)) * 0.3 + np.eye(48))
+    return w, LayerHessians([x.T @ x / len(x)], np.zeros(16, int), [x.mean(axis=0)])
+
+
+def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_asked():
+    """With predict_gptq, only the per-tensor GPTQ option is fitted among GPTQ's; the others get their weighted
+    twin's bytes and its SQNR plus what GPTQ gained per tensor, marked predicted, never chosen by choose itself;
+    without it, every option is fitted as before (the same measured candidates)."""
+    from onnxcompress.runtime.sensitivity import OutputGains
+    w, hessians = _gptq_layer()
+    options = granular.options_for("auto", has_channel_axis=True, channels=16, weighted=True, group_size=8,
+                                   outlier_fraction=0.02)
+    fitting = Fitting(channel_axis=0, hessians=hessians)
+    judging = granular.Judging(36.0, 10_000, gains=OutputGains(0.5, 2.0))
+    every = granular.choose(w, 3, options, fitting, judging)
+    import dataclasses
+    some = granular.choose(w, 3, options, fitting, dataclasses.replace(judging, predict_gptq=True))
+    assert [c.option for c in some.candidates] == [c.option for c in every.candidates] == list(options)
+    predicted = [c for c in some.candidates if c.predicted]
+    assert {c.option for c in predicted} == {o for o in options if o.gptq and o != granular.TENSOR_GPTQ} != set()
+    by = {c.option: c for c in every.candidates}
+    gain = by[granular.TENSOR_GPTQ].sqnr_db - by[Option("tensor", weighted=True)].sqnr_db
+    for c in predicted:
+        twin = by[Option(c.option.kind, c.option.group_size, c.option.outlier_fraction, weighted=True)]
+        assert c.shared is None and c.bytes == twin.bytes and c.sqnr_db == pytest.approx(twin.sqnr_db + gain)
+        assert by[c.option].shared is not None and not by[c.option].predicted
+        assert abs(by[c.option].sqnr_db - c.sqnr_db) < 3.0  # the prediction is near what the fit measures
+    for c in some.candidates:
+        if not c.predicted:
+            assert c.sqnr_db == by[c.option].sqnr_db and c.bytes == by[c.option].bytes
+    assert not some.chosen.predicted and some.chosen.shared is not None
+    assert some.details()["candidates"][predicted[0].option.label]["predicted"] is True
+    # nothing to predict from: every option fitted
+    alone = [o for o in options if o.gptq]
+    assert granular.predict_gptq([], alone) is None
+
+
+def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(monkeypatch):
+    """A predicted candidate is never the final pick unmeasured: here every prediction is made to look best (one
+    byte, 40 dB over its twin), the joint choice picks them, fits them, measures them, and picks again with what
+    it measured until it picks only measured ones; the model matches the original in onnxruntime."""
+    from onnxcompress.graph.data import load_data
+    from tiny import conv_gemm
+    predict = granular.predict_gptq
+
+    def optimistic(candidates, options):
+        got = predict(candidates, options)
+        for c in got or []:
+            c.sqnr_db, c.bytes = c.sqnr_db + 40.0, 1
+        return got
+
+    import passes.share as share
+    monkeypatch.setattr(granular, "predict_gptq", optimistic)
+    refits = []
+    fit_ = share.SharePass._fit
+    monkeypatch.setattr(share.SharePass, "_fit", lambda self, ctx, infos, bits_of, settings, known: refits.append(
+        dict(known.only)) or fit_(self, ctx, infos, bits_of, settings, known))
+    model = conv_gemm()
+    data = load_data(random_feeds(model, n=32))
+    ctx = run_pass(share.SharePass(refine=False, min_elements=64), model, data)
+    chosen = [r.details for r in ctx.records if "candidates" in r.details and r.details["error_space"] == "model output"]
+    assert chosen
+    for d in chosen:
+        assert not d["candidates"][d["granularity"]].get("predicted")
+        assert d["candidates"][d["granularity"]]["sqnr_db"] == d["sqnr_db"]
+    # the joint choice fitted the predicted picks (one option each), then picked again
+    assert any(o.gptq and o != granular.TENSOR_GPTQ for only in refits for o in only.values())
+    x = data.stacked["x"]
+    (want,), (got,) = run(model, {"x": x}), run(ctx.model, {"x": x})
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert float(np.sum(want ** 2)) / float(np.sum((want - got) ** 2)) > 100  # over 20 dB

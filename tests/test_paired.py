@@ -47,7 +47,8 @@ def _same(a, b, rtol):
 @pytest.mark.parametrize("slow", [False, True])
 def test_paired_grams_with_the_held_reference_rows_are_those_of_the_reference_run(monkeypatch, slow):
     """Fast model: every chunk, the reference runs once for three layers (two of them one input) instead of
-    once per layer. Slow model (CUT_SECONDS): the held rows stop where each layer's capture stops."""
+    once per layer, and the current model once per input. Slow model (CUT_SECONDS): the held rows stop where
+    each layer's capture stops."""
     from onnxcompress.runtime import paired
     from onnxcompress.runtime.statistics import Collector, Runner
     reference, current, layers, data = _setup()
@@ -70,10 +71,10 @@ def test_paired_grams_with_the_held_reference_rows_are_those_of_the_reference_ru
         _same(a, b, 1e-6 if slow else 1e-12)
         _same(a.folds[0], b.folds[0], 1e-6 if slow else 1e-12)
     if not slow:
-        assert runs_alone == 3 * 2 * 40 and len(runs) - runs_alone == 40 + 3 * 40
+        assert runs_alone == 3 * 2 * 40 and len(runs) - runs_alone == 40 + 2 * 40
     else:
         assert all(a.count == 24 for a in alone)
-        assert len(runs) - runs_alone == 6 + 3 * 6  # six samples of four rows, the reference once
+        assert len(runs) - runs_alone == 6 + 2 * 6  # six samples of four rows, the reference once
 
 
 def test_rows_past_the_memory_bound_are_dropped_and_captured_alone():
@@ -133,3 +134,38 @@ def test_share_with_data_runs_the_original_once_for_its_refinements(monkeypatch)
     (want,), (got,), (before,) = tiny.run(model, feeds), tiny.run(held, feeds), tiny.run(alone, feeds)
     np.testing.assert_array_equal(got, before)
     assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.95
+
+
+def test_layers_reading_the_same_rows_share_the_current_models_run_until_their_input_changes(monkeypatch):
+    """w2 and w3 read the same rows r: w3's paired Grams are w2's (no run of the current model) after w2 is
+    rewritten downstream of r; after w1, upstream of r, is rewritten, they are captured again (the new rows)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxcompress.runtime import paired
+    from onnxcompress.runtime.statistics import Collector, Runner
+    reference, current, layers, data = _setup()
+    collector = Collector()
+    held = paired.ReferenceRows(reference, data, layers, collector=collector)
+    first = paired.collect_paired_grams(current, held, data, layers[1], collector=collector)
+    runs = []
+    run = Runner.run
+    monkeypatch.setattr(Runner, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+
+    def rewritten(model, index, delta):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        tensor = out.graph.initializer[index]
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + np.float32(delta), tensor.name))
+        return out
+
+    current = rewritten(current, 1, 0.5)  # w2, downstream of r
+    again = paired.collect_paired_grams(current, held, data, layers[2], collector=collector)
+    assert runs == [] and again.layer is layers[2]
+    _same(again, paired.collect_paired_grams(current, reference, data, layers[2], collector=collector), 1e-12)
+    _same(first, again, 0)
+    runs.clear()
+    current = rewritten(current, 0, 0.25)  # w1, upstream of r: its rows change
+    moved = paired.collect_paired_grams(current, held, data, layers[2], collector=collector)
+    assert runs and moved.count == first.count
+    assert not np.allclose(moved.current[0], first.current[0])
+    _same(moved, paired.collect_paired_grams(current, reference, data, layers[2], collector=collector), 1e-12)

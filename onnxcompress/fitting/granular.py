@@ -93,9 +93,10 @@ class Option:
 @dataclass
 class Candidate:
     option: Option
-    shared: SharedWeight | None  # None for the "float" option
+    shared: SharedWeight | None  # None for the "float" option (and for a predicted candidate, not fitted yet)
     bytes: int
     sqnr_db: float
+    predicted: bool = False  # bytes and SQNR predicted, not measured (Judging.predict_gptq): fitted when picked
 
 
 @dataclass
@@ -114,7 +115,8 @@ class Choice:
         gain = {} if self.gains is None else {"output_gains": self.gains.as_dict()}
         return {"granularity": self.chosen.option.label, "sqnr_db": _round(self.chosen.sqnr_db),
                 "error_space": self.space, **gain, "target_sqnr_db": self.target_db, "reason": self.reason,
-                "candidates": {c.option.label: {"bytes": c.bytes, "sqnr_db": _round(c.sqnr_db)}
+                "candidates": {c.option.label: {"bytes": c.bytes, "sqnr_db": _round(c.sqnr_db),
+                                                **({"predicted": True} if c.predicted else {})}
                                for c in self.candidates}}
 
 
@@ -294,6 +296,29 @@ class Judging:
     space: Literal["output", "weight", "model output"] | None = None
     gains: OutputGains | None = None
     mean_free: bool = False
+    # GPTQ options other than the per-tensor one are predicted, not fitted (see predict_gptq); only for a caller
+    # that fits a predicted candidate it picks (the share pass's joint choice)
+    predict_gptq: bool = False
+
+
+# the GPTQ option always fitted, and its importance-weighted k-means twin: their SQNR difference predicts the others'
+TENSOR_GPTQ = Option("tensor", weighted=True, gptq=True)
+
+
+def predict_gptq(candidates: Sequence[Candidate], options: Sequence[Option]) -> list[Candidate] | None:
+    """Candidates for GPTQ `options` predicted from measured ones: the bytes of the option's weighted k-means
+    twin (the same things stored), its SQNR plus what GPTQ gained per tensor (TENSOR_GPTQ over its twin): on
+    MiniLM-like layers that gain was the same for every option within 0.4 dB, and each GPTQ fit costs a K x K
+    inverse and a code Gram of C K^2 entries. None when a measurement is missing."""
+    by = {c.option: c for c in candidates if not c.predicted}
+    tensor, plain = by.get(TENSOR_GPTQ), by.get(Option("tensor", weighted=True))
+    if tensor is None or plain is None or not (math.isfinite(tensor.sqnr_db) and math.isfinite(plain.sqnr_db)):
+        return None
+    twins = [by.get(Option(o.kind, o.group_size, o.outlier_fraction, weighted=True)) for o in options]
+    if any(t is None or not math.isfinite(t.sqnr_db) for t in twins):
+        return None
+    gain = tensor.sqnr_db - plain.sqnr_db
+    return [Candidate(o, None, t.bytes, t.sqnr_db + gain, predicted=True) for o, t in zip(options, twins)]
 
 
 def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fitting, judging: Judging) -> Choice:
@@ -304,25 +329,35 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fit
     sqnr = judging.measure_with or (lambda shared: measure(array, shared, hessians, gains,
                                                            mean_free=judging.mean_free))
     importance = hessians.importance() if hessians is not None else None
+    deferred = [o for o in options if o.gptq and o != TENSOR_GPTQ and not (fitting.fitted or {}).get(o)] \
+        if judging.predict_gptq and TENSOR_GPTQ in options else []
     candidates = []
+
+    def fitted(option: Option) -> Candidate:
+        shared = (fitting.fitted or {}).get(option) or fit(array, bits, option, fitting, importance=importance)
+        return Candidate(option, shared, int(price(shared)), sqnr(shared))
+
     for option in options:
         if option.kind == "float":
             size = judging.float_bytes if judging.float_bytes is not None else int(np.asarray(array).nbytes)
             candidates.append(Candidate(option, None, int(size), math.inf))
-            continue
-        shared = (fitting.fitted or {}).get(option) or fit(array, bits, option, fitting, importance=importance)
-        candidates.append(Candidate(option, shared, int(price(shared)), sqnr(shared)))
+        elif option not in deferred:
+            candidates.append(fitted(option))
+    if deferred:
+        candidates += predict_gptq(candidates, deferred) or [fitted(o) for o in deferred]
+        candidates.sort(key=lambda c: options.index(c.option))
+    measured = [c for c in candidates if not c.predicted]
     space = judging.space or ("weight" if hessians is None else "output" if gains is None else "model output")
     # float always reaches the target: it is taken over a coded option only when smaller, or by the rate below
-    good = [c for c in candidates if c.sqnr_db >= target_db and c.shared is not None]
+    good = [c for c in measured if c.sqnr_db >= target_db and c.shared is not None]
     if len(candidates) == 1:
         chosen, reason = candidates[0], "the only option tried"
     elif good:
-        chosen = min(good + [c for c in candidates if c.shared is None], key=lambda c: (c.bytes, -c.sqnr_db))
+        chosen = min(good + [c for c in measured if c.shared is None], key=lambda c: (c.bytes, -c.sqnr_db))
         reason = f"smallest option reaching the {target_db:g} dB {space} SQNR target"
     else:
         per_byte = DB_PER_BIT * 8 / max(judging.model_elements or int(np.size(array)), 1)
-        chosen = max(candidates, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
+        chosen = max(measured, key=lambda c: (min(c.sqnr_db, target_db) - per_byte * c.bytes, -c.bytes))
         reason = (f"no option reaches the {target_db:g} dB target: best SQNR net of its bytes, priced at "
                   f"{DB_PER_BIT} dB per extra bit per weight")
     return Choice(chosen, candidates, space, target_db, reason, gains=gains)

@@ -3,10 +3,15 @@ reference (the original), reduced to the Gram matrices a layer-wise fit needs (:
 
 The current model changes as its layers are coded, so it runs again for every layer; the reference does
 not: :class:`ReferenceRows` takes the reference's rows of all the layers a pass will fit in ONE run over
-the data (kept in memory up to REFERENCE_BYTES) and every layer's capture pairs with them.
+the data (kept in memory up to REFERENCE_BYTES) and every layer's capture pairs with them. Layers that read
+the same rows (a transformer's query, key and value) also share the current model's run and Gram matrices
+while the part of the current model that computes their input is unchanged (:meth:`ReferenceRows.grams_key`).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +37,9 @@ SPREAD_PARTS = 16
 # the reference's rows kept for the layers of one pass (in the input's own precision); a layer whose rows
 # would pass the bound is dropped from the pass (largest first) and captured on its own, as before
 REFERENCE_BYTES = 1 << 30
+# paired Gram matrices kept for the next layers reading the same rows (the most recent ones: a pass fits its
+# layers in graph order, so the layers sharing an input come one after the other)
+KEPT_GRAMS = 4
 
 
 @dataclass
@@ -131,6 +139,23 @@ class ReferenceRows:
         self.layers = {_rows_key(layer): layer for layer in layers}
         self.costly: bool | None = None  # whether the pass read the data as a costly capture does (set by it)
         self._rows: dict[tuple, list[list[np.ndarray]]] | None = None
+        self._grams: OrderedDict[tuple, PairedGrams] = OrderedDict()  # see grams_key
+
+    @staticmethod
+    def grams_key(current: onnx.ModelProto, layer: LinearLayer, folds: bool) -> tuple:
+        """What a layer's paired Gram matrices depend on besides the data and the held rows: its rows' key,
+        folds, and the part of `current` that computes its input (graph and weights, by digest): a layer
+        fitted and rewritten since does not change it unless it lies upstream of that input."""
+        upstream = upstream_model(current, [layer.input_name]).SerializeToString()
+        return _rows_key(layer), bool(folds), hashlib.sha256(upstream).hexdigest()
+
+    def kept_grams(self, key: tuple) -> PairedGrams | None:
+        return self._grams.get(key)
+
+    def keep_grams(self, key: tuple, grams: PairedGrams) -> None:
+        self._grams[key] = grams
+        while len(self._grams) > KEPT_GRAMS:
+            self._grams.popitem(last=False)
 
     def rows(self, layer: LinearLayer) -> list[list[np.ndarray]] | None:
         """Per data chunk read, the layer's sampled reference rows per group; None: not held."""
@@ -200,7 +225,11 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         reference = reference_rows.reference
         if reference_rows.rows_per_chunk == rows_per_chunk and reference_rows.max_batch == max_batch:
             held = reference_rows.rows(layer)
+    key = None
     if held is not None:  # read the data as the reference's pass did
+        key = reference_rows.grams_key(current, layer, folds)
+        if (kept := reference_rows.kept_grams(key)) is not None:  # a layer reading the same rows, just captured
+            return dataclasses.replace(kept, layer=layer)
         costly, models = reference_rows.costly, [current]
     else:
         models = [current, reference] if paired else [current]
@@ -229,7 +258,10 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
     halves = None
     if even is not None and chunks >= 2:
         halves = (even.averaged(layer, paired), total.minus(even).averaged(layer, paired))
-    return total.averaged(layer, paired, halves)
+    grams = total.averaged(layer, paired, halves)
+    if key is not None:
+        reference_rows.keep_grams(key, grams)
+    return grams
 
 
 def _streamed(collector: Collector, model: onnx.ModelProto, parts: list[Dataset], names: list[str],
