@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,13 @@ from onnxcompress.pipeline.artifacts import Budget
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.metrics import compare_outputs
 from onnxcompress.runtime.statistics import Collector
-from onnxcompress.runtime.suffix import SuffixRunner
+from onnxcompress.runtime.suffix import Suffix, SuffixRunner
 from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
 
 log = logging.getLogger(__name__)
 # below this many searched weight entries a whole-model run costs less than building a suffix session
 SUFFIX_MIN_ELEMENTS = 1_000_000
+SUFFIX_BYTES = 512 << 20  # cut values of the suffixes kept at once (each at most SuffixRunner's max_bytes)
 
 
 @dataclass
@@ -68,7 +70,9 @@ class Evaluator:
         if data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
             self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
                                          self.base, collector=collector)
-        self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
+        # the suffixes built so far (None: the whole model runs), the least recently used dropped past
+        # SUFFIX_BYTES of captured cut values: the predicted sweep's rounds come back to every weight
+        self._suffix: OrderedDict[str, Suffix | None] = OrderedDict()
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per data chunk with the weights in `changed` replaced.
@@ -79,14 +83,9 @@ class Evaluator:
         by a weight that did not learn from it."""
         if len(changed) == 1 and self.suffixes is not None:
             (name, versions), = changed.items()
-            if self._suffix is None or self._suffix[0] != name:
-                try:
-                    self._suffix = (name, self.suffixes.for_weight(name))
-                except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
-                    log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
-                    self._suffix = (name, None)
-            if self._suffix[1] is not None:
-                return self._suffix[1](versions)
+            suffix = self._suffix_of(name)
+            if suffix is not None:
+                return suffix(versions)
         outputs = []
         carry = StateCarry(self.data.stream)  # a stream's calls run in order, each fed this version's states
         for i, (feed, _) in enumerate(self.chunks):
@@ -95,6 +94,25 @@ class Evaluator:
             carry.keep(values)
             outputs.append([values[n] for n in self.names])
         return outputs
+
+    def _suffix_of(self, name: str) -> Suffix | None:
+        """The weight's suffix runner, built on first use and kept while the kept ones' cut values fit SUFFIX_BYTES."""
+        if name in self._suffix:
+            self._suffix.move_to_end(name)
+            return self._suffix[name]
+        try:
+            suffix = self.suffixes.for_weight(name)
+        except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
+            log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
+            suffix = None
+        self._suffix[name] = suffix
+        held = sum(s.nbytes for s in self._suffix.values() if s is not None)
+        for old in list(self._suffix):
+            if held <= SUFFIX_BYTES or old == name:
+                break
+            if self._suffix[old] is not None:
+                held -= self._suffix.pop(old).nbytes
+        return suffix
 
     def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
         return self.score(self.names, self.reference, self.outputs(changed), self.data)
@@ -223,34 +241,55 @@ class Pruner:
         self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
                                           collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
-        self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
+        self._cache: dict[tuple[str, float], _Refits] = {}
 
-    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[list[np.ndarray], np.ndarray]:
-        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask)."""
+    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
+                 all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask).
+
+        `all_rows`: the one fit on all rows (what the fold fits approximate; the predicted sweep's
+        layer errors), made alone: the fold fits, four times its cost, only where a candidate is measured."""
         key = (info.name, sparsity)
-        if key not in self._cache:
-            mask = magnitude_mask(array, sparsity)
-            versions = [np.where(mask, array, 0).astype(array.dtype)]
-            stats, layer = self.stats.get(info.name), self.layers.get(info.name)
-            if stats is not None:
-                target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
-                keep = layer.weight_matrix(mask)
-                group = layer.group_of_channels()
-                damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep, group)
-                kept = float(keep.sum(axis=1).mean())
-                if self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept:
-                    # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
-                    # (folds - 1) / folds of the rows outside one fold takes a little more
-                    heldout = [stats.heldout_hessians(g) for g in range(layer.groups)]
-                    scale = stats.folds / (stats.folds - 1)
-                    versions = [self._refit(layer, target, keep, group, [h[f] for h in heldout], damping * scale)
-                                for f in range(stats.folds)]
-                else:
-                    versions = [self._refit(layer, target, keep, group,
-                                            [stats.hessian(g) for g in range(layer.groups)], damping)]
-                versions = [v.astype(array.dtype) for v in versions]
-            self._cache[key] = (versions, mask)
-        return self._cache[key]
+        refits = self._cache.get(key)
+        if refits is None:
+            refits = self._cache[key] = self._mask(array, info, sparsity)
+        if refits.stats is None:
+            return refits.plain, refits.mask
+        if all_rows or not refits.crossfits:
+            if refits.single is None:
+                refits.single = self._fit(refits, array, [refits.stats.hessian(g) for g in range(refits.layer.groups)],
+                                          refits.damping)
+            return [refits.single], refits.mask
+        if refits.folds is None:
+            # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
+            # (folds - 1) / folds of the rows outside one fold takes a little more
+            stats = refits.stats
+            heldout = [stats.heldout_hessians(g) for g in range(refits.layer.groups)]
+            scale = stats.folds / (stats.folds - 1)
+            refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale)
+                            for f in range(stats.folds)]
+        return refits.folds, refits.mask
+
+    def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
+        """The mask, the damping and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
+        mask = magnitude_mask(array, sparsity)
+        refits = _Refits(mask, [np.where(mask, array, 0).astype(array.dtype)])
+        stats, layer = self.stats.get(info.name), self.layers.get(info.name)
+        if stats is None:
+            return refits
+        refits.stats, refits.layer = stats, layer
+        target, keep = layer.weight_matrix(np.asarray(array, dtype=np.float64)), layer.weight_matrix(mask)
+        refits.damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep,
+                                       layer.group_of_channels())
+        kept = float(keep.sum(axis=1).mean())
+        refits.crossfits = bool(self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept)
+        return refits
+
+    def _fit(self, refits: "_Refits", array: np.ndarray, hessians: list[np.ndarray], damping: float) -> np.ndarray:
+        layer = refits.layer
+        return self._refit(layer, layer.weight_matrix(np.asarray(array, dtype=np.float64)),
+                           layer.weight_matrix(refits.mask), layer.group_of_channels(), hessians,
+                           damping).astype(array.dtype)
 
     def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
                damping: float) -> np.ndarray:
@@ -273,6 +312,21 @@ class Pruner:
         return damping_for_all_rows(errors)
 
 
+@dataclass
+class _Refits:
+    """What the pruner made of one (weight, sparsity): the mask, the plain masked weight, and (with layer
+    statistics) the fit's inputs and the fits made so far: on all rows, and per held-out fold."""
+
+    mask: np.ndarray
+    plain: list[np.ndarray]
+    stats: object = None  # the layer's input statistics (capture.LayerInputs), None: no refit
+    layer: object = None
+    damping: float = 0.0
+    crossfits: bool = False
+    single: np.ndarray | None = None
+    folds: list[np.ndarray] | None = None
+
+
 def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
     """Give candidates below the count's resolution a cost from their output noise.
 
@@ -292,17 +346,17 @@ def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
 
 
 def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
-                      pruner: Pruner | None = None, *, versions: int | None = None) -> list:
+                      pruner: Pruner | None = None, *, all_rows: bool = False) -> list:
     """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
-    coded weight, or one per data fold when the pruner cross-fits (the first `versions` of them)."""
+    coded weight, or one per data fold when the pruner cross-fits (`all_rows`: the one fit on all rows)."""
     if sparsity <= 0:
         return [fit_codebook(array, info, bits, seed=seed)]
     if pruner is not None:
-        refits, mask = pruner(array, info, sparsity)
+        refits, mask = pruner(array, info, sparsity, all_rows=all_rows)
     else:
         mask = magnitude_mask(array, sparsity)
         refits = [np.where(mask, array, 0)]
-    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits[:versions]]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits]
 
 
 def stored_bytes(shared, form: Form) -> int:

@@ -259,8 +259,8 @@ class BitWidthPass(Pass):
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
-                    # one cross-fitted version priced for the prediction; _measure prices them all
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, versions=1)[0]
+                    # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
                     candidate.size = stored_bytes(coded, ctx.form)
                     error = bitpredict.layer_error(array, coded.decode(), layer, stats)
                 except OnnxCompressError as e:
@@ -281,18 +281,26 @@ class BitWidthPass(Pass):
                 for w, row in zip(weights, entries)}
 
     def _landings(self, options, noise, fixed: int, weights) -> list:
-        """The allocations the search will make on these options: every budget scale and, under a loss budget,
-        noise budgets around the summed noise of those (the noise ladder's range); the size steps under a ratio."""
+        """The allocations the search will make on these options, nearest the budget first (by |log| of the
+        budget's scale): every other budget scale and, under a loss budget, noise budgets around the summed
+        noise of those (the noise ladder's range, near the noise of the budget's own allocation first); the size
+        steps under a ratio."""
         cfg = self.config
         if cfg.target_ratio is not None:
             original = fixed + sum(w.nbytes for w in weights)
             size_budget = max(original / cfg.target_ratio - fixed, 0.0)
             return [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
         # every other budget scale: the search's own allocations between them land on candidates measured near
-        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES[::2]]
-        if cfg.min_sqnr is not None:
-            return choices
-        return choices + [allocate.min_size(noise, level) for level in bitpredict.noise_levels(noise, choices)]
+        scales = [scale for scale in SCALES[::2] if scale > 0]
+        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in scales]
+        ranked = [(abs(math.log(scale)), k, choice) for k, (scale, choice) in enumerate(zip(scales, choices))]
+        if cfg.min_sqnr is None:
+            at_budget = choices[scales.index(1.0)]
+            near = allocate.totals(noise, at_budget)[1] if at_budget is not None else 0.0
+            for level in bitpredict.noise_levels(noise, choices):
+                ranked.append((abs(math.log(level / near)) if near > 0 else math.inf, len(ranked),
+                               allocate.min_size(noise, level)))
+        return [choice for _, _, choice in sorted(ranked, key=lambda r: r[:2])]
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the
