@@ -4,6 +4,7 @@ session in which the searched weights are inputs, scoring each candidate's effec
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import time
@@ -59,20 +60,52 @@ class Evaluator:
         self.names = [o.name for o in model.graph.output]
         self.runner = (collector or Collector()).runner(self.model, self.names, also=[w.name for w in weights])
         self.base = {w.name: get_array(model, w) for w in weights}
-        self.chunks = list(data.chunks(self.specs))
+        self.collector, self.suffix_min_elements = collector, suffix_min_elements
+        self._start(list(data.chunks(self.specs)), None)
+
+    def _start(self, chunks: list[tuple[dict, int]], folds: list[int] | None) -> None:
+        """Run the reference over `chunks` (chunk i scored with cross-fitted version folds[i]; default i)."""
+        self.chunks, self.folds = chunks, folds or list(range(len(chunks)))
         self.suffixes: SuffixRunner | None = None
+        self._suffix: OrderedDict[str, Suffix | None] = OrderedDict()
         start = time.process_time()
         self.reference = self.outputs({})
         self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
         # where the model is large enough for the runs saved to outweigh a session per weight's suffix
         # (not for a stream: a weight's change reaches every later call through the states)
-        if data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
+        if self.data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= self.suffix_min_elements:
             self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
-                                         self.base, collector=collector)
+                                         self.base, collector=self.collector, folds=self.folds)
         # the suffixes built so far (None: the whole model runs), the least recently used dropped past
         # SUFFIX_BYTES of captured cut values: the predicted sweep's rounds come back to every weight
-        self._suffix: OrderedDict[str, Suffix | None] = OrderedDict()
+
+    def part(self, samples: int) -> "Evaluator | None":
+        """The same evaluator on about `samples` of its samples, for single-weight runs (the predicted sweep);
+        None where it has no more (or is a stream, whose calls carry states).
+
+        Chunks of several samples keep their first rows, chunks of one sample every k-th of them: a chunk
+        keeps its position, so it is scored by the cross-fitted version that did not learn from it."""
+        total = len(self.data)
+        if self.data.stream is not None or total <= samples:
+            return None
+        starts = np.cumsum([0] + [n for _, n in self.chunks])
+        if all(n == 1 for _, n in self.chunks):
+            step = -(-total // samples)
+            kept = [(i, self.chunks[i][0], 1) for i in range(0, len(self.chunks), step)]
+        else:
+            per = -(-samples // len(self.chunks))
+            kept = [(i, {k: v[:per] for k, v in feed.items()}, min(per, n)) for i, (feed, n) in enumerate(self.chunks)]
+        picks = np.concatenate([starts[i] + np.arange(n) for i, _, n in kept])
+        labels = None if self.data.labels is None else self.data.labels[picks]
+        if self.data.stacked is not None:
+            data = Dataset(stacked={k: v[picks] for k, v in self.data.stacked.items()}, labels=labels)
+        else:
+            data = Dataset([self.data.feed(int(i), self.specs) for i in picks], labels=labels)
+        fewer = copy.copy(self)
+        fewer.data = data
+        fewer._start([(feed, n) for _, feed, n in kept], [i for i, _, _ in kept])
+        return fewer
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per data chunk with the weights in `changed` replaced.
@@ -89,7 +122,8 @@ class Evaluator:
         outputs = []
         carry = StateCarry(self.data.stream)  # a stream's calls run in order, each fed this version's states
         for i, (feed, _) in enumerate(self.chunks):
-            weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
+            fold = self.folds[i]
+            weights = {**self.base, **{name: versions[fold % len(versions)] for name, versions in changed.items()}}
             values = self.runner.run(carry.feed(i, feed), weights, keep=carry.outputs).values
             carry.keep(values)
             outputs.append([values[n] for n in self.names])

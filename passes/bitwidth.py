@@ -48,6 +48,8 @@ BISECTIONS = 3  # extra allocations verified between the loosest budget scale th
 # CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
 # costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
 SWEEP_SECONDS = 300.0
+# samples the predicted sweep measures single weights on (the joint checks: all): orinet's 128 pages of 1.1 CPU s
+SWEEP_SAMPLES = 64
 NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
 
 
@@ -182,13 +184,17 @@ class BitWidthPass(Pass):
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         self._counting = False  # is the cost a count of changed decisions?
         self._predicted_only = 0  # candidates whose noise was predicted and never measured
-        resolution = 100.0 * 2 / max(len(evaluator.data), 1)
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         if predicts:
-            table = self._predicted(ctx, evaluator, weights, grids, resolution)
+            # single weights measured on part of the samples; the joint checks run on all of them
+            sweeper = evaluator.part(SWEEP_SAMPLES) or evaluator
+            log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
+            resolution = 100.0 * 2 / max(len(sweeper.data), 1)
+            table = self._predicted(ctx, sweeper, weights, grids, resolution)
         else:
+            resolution = 100.0 * 2 / max(len(evaluator.data), 1)
             table = self._measured(ctx, evaluator, weights, grids)
         if self._counting:
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)

@@ -65,8 +65,9 @@ class SuffixRunner:
 
     def __init__(self, model: onnx.ModelProto, chunks: list[dict[str, np.ndarray]], names: Sequence[str],
                  reference: list[list[np.ndarray]], base: dict[str, np.ndarray], *, max_bytes: int = 256 << 20,
-                 collector: Collector | None = None):
+                 collector: Collector | None = None, folds: Sequence[int] | None = None):
         self.model, self.chunks, self.names, self.reference, self.base = model, chunks, list(names), reference, base
+        self.folds = list(folds) if folds is not None else list(range(len(chunks)))  # chunk i runs version folds[i]
         self.max_bytes = max_bytes
         self.collector = collector or Collector()
 
@@ -95,7 +96,7 @@ class SuffixRunner:
         log.debug("suffix of %s: %d of %d nodes, %d cut values", weight, len(nodes), len(self.model.graph.node),
                   len(wanted))
         held = sum(np.asarray(a).nbytes for v in values for a in v.values())
-        return Suffix(session, weight, feeds, outputs, index, self.reference, base, held)
+        return Suffix(session, weight, feeds, outputs, index, self.reference, base, held, self.folds)
 
     def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]] | None:
         runner = self.collector.runner(self.model, names)
@@ -114,18 +115,19 @@ class SuffixRunner:
 
 class Suffix:
     """One weight's suffix session over the data chunks: called with the weight's versions (chunk i runs version
-    i % len), it gives every graph output per chunk, the ones it does not compute the reference's."""
+    folds[i] % len), it gives every graph output per chunk, the ones it does not compute the reference's."""
 
     def __init__(self, session, weight: str, feeds: list[dict], outputs: list[str], index: list[int | None],
-                 reference: list[list[np.ndarray]], base: list[list[np.ndarray]], nbytes: int):
+                 reference: list[list[np.ndarray]], base: list[list[np.ndarray]], nbytes: int, folds: list[int]):
         self.session, self.weight, self.feeds, self.outputs, self.index = session, weight, feeds, outputs, index
-        self.reference, self.base = reference, base
+        self.reference, self.base, self.folds = reference, base, folds
         self.nbytes = nbytes  # the captured cut values it holds
 
     def __call__(self, versions: list[np.ndarray]) -> list[list[np.ndarray]]:
         result = []
         for i, feed in enumerate(self.feeds):
-            got = self.session.run(self.outputs, {**feed, self.weight: versions[i % len(versions)]}) if self.outputs else []
+            version = versions[self.folds[i] % len(versions)]
+            got = self.session.run(self.outputs, {**feed, self.weight: version}) if self.outputs else []
             result.append([self.reference[i][k] if j is None else _moved(self.reference[i][k], self.base[i][j], got[j])
                            for k, j in enumerate(self.index)])
         return result
