@@ -32,8 +32,8 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitpredict
-from onnxcompress.passes.bitsearch import (Candidate, candidate_weights, Evaluator, floor_disagreement, make_score,
-                                           Pruner, stored_bytes)
+from onnxcompress.passes.bitprune import candidate_weights, Pruner
+from onnxcompress.passes.bitsearch import Candidate, Evaluator, floor_disagreement, make_score, stored_bytes
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 from onnxcompress.runtime.tasks import is_builtin, output_producers

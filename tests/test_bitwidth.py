@@ -79,7 +79,7 @@ def test_tiny_search_meets_an_sqnr_budget_and_plans_every_weight():
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(monkeypatch):
-    import onnxcompress.passes.bitsearch as bw
+    import onnxcompress.passes.bitprune as bw
 
     real = bw.fit_codebook
 
@@ -240,7 +240,8 @@ def test_layer_input_folds_hold_out_each_chunk_group():
 
 def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
     from onnxcompress.graph.data import load_data
-    from onnxcompress.passes.bitsearch import Evaluator, Pruner
+    from onnxcompress.passes.bitprune import Pruner
+    from onnxcompress.passes.bitsearch import Evaluator
     from onnxcompress.graph.weights import find_weights, get_array
 
     model = gemm(k=64, n=16)
@@ -573,7 +574,7 @@ def test_noise_levels_span_the_allocations_noise_a_factor_four_apart():
 def test_the_predicted_sweeps_fit_on_all_rows_is_made_alone_and_the_folds_only_when_measured():
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights, get_array
-    from onnxcompress.passes.bitsearch import candidate_weights, Pruner
+    from onnxcompress.passes.bitprune import candidate_weights, Pruner
 
     model = gemm(k=64, n=16)
     data = load_data(tiny_data(model, n=256))

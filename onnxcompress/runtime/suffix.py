@@ -88,7 +88,6 @@ class SuffixRunner:
         dtypes = {n: np.asarray(feeds[0][n]).dtype for n in cut if n in feeds[0]}
         dtypes[weight] = self.base[weight].dtype
         session = make_session(suffix_model(self.model, weight, nodes, cut, dtypes, outputs))
-        index = [outputs.index(n) if n in outputs else None for n in self.names]
 
         # the suffix's own outputs with the weight unchanged: a candidate's outputs are the reference's plus
         # what the change moves in the suffix, so kernels fused differently there add no noise of their own
@@ -96,7 +95,7 @@ class SuffixRunner:
         log.debug("suffix of %s: %d of %d nodes, %d cut values", weight, len(nodes), len(self.model.graph.node),
                   len(wanted))
         held = sum(np.asarray(a).nbytes for v in values for a in v.values())
-        return Suffix(session, weight, feeds, outputs, index, self.reference, base, held, self.folds)
+        return Suffix(self, session, weight, feeds, outputs, base, held)
 
     def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]] | None:
         runner = self.collector.runner(self.model, names)
@@ -117,10 +116,11 @@ class Suffix:
     """One weight's suffix session over the data chunks: called with the weight's versions (chunk i runs version
     folds[i] % len), it gives every graph output per chunk, the ones it does not compute the reference's."""
 
-    def __init__(self, session, weight: str, feeds: list[dict], outputs: list[str], index: list[int | None],
-                 reference: list[list[np.ndarray]], base: list[list[np.ndarray]], nbytes: int, folds: list[int]):
-        self.session, self.weight, self.feeds, self.outputs, self.index = session, weight, feeds, outputs, index
-        self.reference, self.base, self.folds = reference, base, folds
+    def __init__(self, runner: SuffixRunner, session, weight: str, feeds: list[dict], outputs: list[str],
+                 base: list[list[np.ndarray]], nbytes: int):
+        self.session, self.weight, self.feeds, self.outputs, self.base = session, weight, feeds, outputs, base
+        self.reference, self.folds = runner.reference, runner.folds
+        self.index = [outputs.index(n) if n in outputs else None for n in runner.names]  # graph output -> ours
         self.nbytes = nbytes  # the captured cut values it holds
 
     def __call__(self, versions: list[np.ndarray]) -> list[list[np.ndarray]]:
