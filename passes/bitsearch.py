@@ -8,7 +8,6 @@ import copy
 import importlib
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +61,8 @@ class Evaluator:
         """Run the reference over `chunks` (chunk i scored with cross-fitted version folds[i]; default i)."""
         self.chunks, self.folds = chunks, folds or list(range(len(chunks)))
         self.suffixes: SuffixRunner | None = None
-        self._suffix: OrderedDict[str, Suffix | None] = OrderedDict()
+        self._suffix: dict[str, Suffix | None] = {}  # the suffixes kept (None: the whole model runs)
+        self._current: tuple[str, Suffix] | None = None  # the last one built, past SUFFIX_BYTES
         start = time.process_time()
         self.reference = self.outputs({})
         self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
@@ -72,8 +72,6 @@ class Evaluator:
         if self.data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= self.suffix_min_elements:
             self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
                                          self.base, collector=self.collector, folds=self.folds)
-        # the suffixes built so far (None: the whole model runs), the least recently used dropped past
-        # SUFFIX_BYTES of captured cut values: the predicted sweep's rounds come back to every weight
 
     def part(self, samples: int) -> "Evaluator | None":
         """The same evaluator on about `samples` of its samples, for single-weight runs (the predicted sweep);
@@ -125,22 +123,23 @@ class Evaluator:
         return outputs
 
     def _suffix_of(self, name: str) -> Suffix | None:
-        """The weight's suffix runner, built on first use and kept while the kept ones' cut values fit SUFFIX_BYTES."""
+        """The weight's suffix runner: built on first use and kept while the kept ones' cut values fit SUFFIX_BYTES
+        (first come: the sweep's rounds visit the weights in turn, where dropping the least recently used would
+        drop the next one needed); past that, kept while the calls stay on this weight."""
         if name in self._suffix:
-            self._suffix.move_to_end(name)
             return self._suffix[name]
+        if self._current is not None and self._current[0] == name:
+            return self._current[1]
         try:
             suffix = self.suffixes.for_weight(name)
         except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
             log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
             suffix = None
-        self._suffix[name] = suffix
         held = sum(s.nbytes for s in self._suffix.values() if s is not None)
-        for old in list(self._suffix):
-            if held <= SUFFIX_BYTES or old == name:
-                break
-            if self._suffix[old] is not None:
-                held -= self._suffix.pop(old).nbytes
+        if suffix is None or held + suffix.nbytes <= SUFFIX_BYTES:
+            self._suffix[name] = suffix
+        else:
+            self._current = (name, suffix)
         return suffix
 
     def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:

@@ -606,7 +606,7 @@ def _chain(n=3, width=8):
     return tiny.make_model(nodes, [tiny.value("x", ["N", width])], [tiny.value(last, ["N", width])], inits)
 
 
-def test_the_suffixes_of_several_weights_are_kept_and_the_least_recently_used_dropped_past_the_bound(monkeypatch):
+def test_the_suffixes_of_several_weights_are_kept_up_to_the_bound_then_only_the_current_one(monkeypatch):
     import onnxcompress.passes.bitsearch as bs
     from onnxcompress.graph.data import Dataset
     from onnxcompress.graph.weights import find_weights
@@ -626,11 +626,11 @@ def test_the_suffixes_of_several_weights_are_kept_and_the_least_recently_used_dr
             again = evaluator.outputs({name: v})
             assert all(np.array_equal(a, b) for x, y in zip(again, first[name]) for a, b in zip(x, y))
     assert built == ["W1", "W2"] and all(evaluator._suffix[n] is not None for n in built)
-    monkeypatch.setattr(bs, "SUFFIX_BYTES", 0)  # no room for two: the least recently used goes
+    monkeypatch.setattr(bs, "SUFFIX_BYTES", 1)  # no room: only the last one built is kept, while the calls stay on it
     evaluator._suffix.clear()
     for name in ("W1", "W2", "W2", "W1"):
         evaluator.outputs({name: changed[name]})
-    assert built == ["W1", "W2", "W1", "W2", "W1"] and list(evaluator._suffix) == ["W1"]
+    assert built == ["W1", "W2", "W1", "W2", "W1"] and not evaluator._suffix and evaluator._current[0] == "W1"
 
 
 def test_a_suffix_whose_cut_values_would_pass_the_bound_is_refused_after_the_first_chunk(monkeypatch):
