@@ -53,18 +53,28 @@ class Pruner:
                  all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
         """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask).
 
-        `all_rows`: the one fit on all rows (what the fold fits approximate; the predicted sweep's
-        layer errors), made alone: the fold fits, four times its cost, only where a candidate is measured."""
+        `all_rows`: one fit on all rows at the default ridge, for the predicted sweep's layer errors: the
+        held-out choice of the ridge (two folds x the damping grid: 14 fits) and the fold fits (4) are made
+        only where a candidate is measured."""
         key = (info.name, sparsity)
         refits = self._cache.get(key)
         if refits is None:
             refits = self._cache[key] = self._mask(array, info, sparsity)
         if refits.stats is None:
             return refits.plain, refits.mask
-        if all_rows or not refits.crossfits:
+        hessians = [refits.stats.hessian(g) for g in range(refits.layer.groups)]
+        if all_rows:
+            if refits.rough is None:
+                refits.rough = self._fit(refits, array, hessians, DEFAULT_DAMPING)
+            return [refits.rough], refits.mask
+        if refits.damping is None:
+            layer = refits.layer
+            refits.damping = self._damping([refits.stats.fold_hessians(g) for g in range(layer.groups)],
+                                           layer.weight_matrix(np.asarray(array, dtype=np.float64)),
+                                           layer.weight_matrix(refits.mask), layer.group_of_channels())
+        if not refits.crossfits:
             if refits.single is None:
-                refits.single = self._fit(refits, array, [refits.stats.hessian(g) for g in range(refits.layer.groups)],
-                                          refits.damping)
+                refits.single = self._fit(refits, array, hessians, refits.damping)
             return [refits.single], refits.mask
         if refits.folds is None:
             # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
@@ -77,17 +87,14 @@ class Pruner:
         return refits.folds, refits.mask
 
     def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
-        """The mask, the damping and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
+        """The mask and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
         mask = magnitude_mask(array, sparsity)
         refits = _Refits(mask, [np.where(mask, array, 0).astype(array.dtype)])
         stats, layer = self.stats.get(info.name), self.layers.get(info.name)
         if stats is None:
             return refits
         refits.stats, refits.layer = stats, layer
-        target, keep = layer.weight_matrix(np.asarray(array, dtype=np.float64)), layer.weight_matrix(mask)
-        refits.damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep,
-                                       layer.group_of_channels())
-        kept = float(keep.sum(axis=1).mean())
+        kept = float(layer.weight_matrix(mask).sum(axis=1).mean())
         refits.crossfits = bool(self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept)
         return refits
 
@@ -121,15 +128,16 @@ class Pruner:
 @dataclass
 class _Refits:
     """What the pruner made of one (weight, sparsity): the mask, the plain masked weight, and (with layer
-    statistics) the fit's inputs and the fits made so far: on all rows, and per held-out fold."""
+    statistics) the fits made so far."""
 
     mask: np.ndarray
     plain: list[np.ndarray]
     stats: object = None  # the layer's input statistics (capture.LayerInputs), None: no refit
     layer: object = None
-    damping: float = 0.0
+    damping: float | None = None  # the ridge chosen by held-out error (for the measured fits)
     crossfits: bool = False
-    single: np.ndarray | None = None
+    rough: np.ndarray | None = None  # on all rows at the default ridge: the prediction's
+    single: np.ndarray | None = None  # on all rows at the chosen ridge: the measured one where none cross-fits
     folds: list[np.ndarray] | None = None
 
 

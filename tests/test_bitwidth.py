@@ -574,6 +574,7 @@ def test_noise_levels_span_the_allocations_noise_a_factor_four_apart():
 def test_the_predicted_sweeps_fit_on_all_rows_is_made_alone_and_the_folds_only_when_measured():
     from onnxcompress.graph.data import load_data
     from onnxcompress.graph.weights import find_weights, get_array
+    from onnxcompress.numerics.refine import DEFAULT_DAMPING
     from onnxcompress.passes.bitprune import candidate_weights, Pruner
 
     model = gemm(k=64, n=16)
@@ -581,13 +582,16 @@ def test_the_predicted_sweeps_fit_on_all_rows_is_made_alone_and_the_folds_only_w
     info = next(w for w in find_weights(model) if len(w.shape) == 2)
     array = get_array(model, info)
     crossfit = Pruner(model, data, [info], crossfit=True)
-    (single,), mask = crossfit(array, info, 0.5, all_rows=True)
-    assert crossfit._cache[(info.name, 0.5)].folds is None  # the four fold fits not made for the prediction
-    (plain,), same_mask = Pruner(model, data, [info])(array, info, 0.5)
-    np.testing.assert_array_equal(single, plain)  # the fit a pruner that does not cross-fit makes
+    (rough,), mask = crossfit(array, info, 0.5, all_rows=True)
+    made = crossfit._cache[(info.name, 0.5)]
+    assert made.folds is None and made.damping is None  # no fold fits, no held-out choice of the ridge
+    plain = Pruner(model, data, [info])
+    plain.__class__ = type("Default", (Pruner,), {"_damping": staticmethod(lambda *a: DEFAULT_DAMPING)})
+    (single,), same_mask = plain(array, info, 0.5)
+    np.testing.assert_array_equal(rough, single)  # a fit on all rows at the default ridge
     np.testing.assert_array_equal(mask, same_mask)
     folds, _ = crossfit(array, info, 0.5)
-    assert len(folds) == 4 and not any(np.array_equal(f, single) for f in folds)
+    assert len(folds) == 4 and not any(np.array_equal(f, rough) for f in folds) and made.damping is not None
     assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit, all_rows=True)) == 1
     assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit)) == 4
 
