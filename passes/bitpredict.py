@@ -54,21 +54,33 @@ class Entry:
 
 def layer_error(array: np.ndarray, decoded: np.ndarray, layer=None, stats=None) -> float:
     """e = tr(D H D^T) / tr(W H W^T) summed over the layer's channel groups (H = I without statistics)."""
-    if layer is None or stats is None:
-        w = np.asarray(array, np.float64).ravel()
-        d = w - np.asarray(decoded, np.float64).ravel()
-        signal = float(w @ w)
-        return float(d @ d) / signal if signal > 0 else 0.0
-    w = layer.weight_matrix(np.asarray(array, np.float32))
-    d = w - layer.weight_matrix(np.asarray(decoded, np.float32))
-    group = layer.group_of_channels()
-    signal = noise = 0.0
-    for g in range(layer.groups):
-        rows = group == g
-        h = np.asarray(stats.hessian(g), np.float32)
-        signal += float(np.einsum("ij,ij->", w[rows] @ h, w[rows], dtype=np.float64))
-        noise += float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
-    return noise / signal if signal > 0 else 0.0
+    return LayerError(array, layer, stats)(decoded)
+
+
+class LayerError:
+    """layer_error of one weight's candidates: the weight's signal tr(W H W^T) computed once."""
+
+    def __init__(self, array: np.ndarray, layer=None, stats=None):
+        self.layer = layer if stats is not None else None
+        if self.layer is None:
+            self.w = np.asarray(array, np.float64).ravel()
+            self.signal = float(self.w @ self.w)
+            return
+        self.w = layer.weight_matrix(np.asarray(array, np.float32))
+        group = layer.group_of_channels()
+        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in range(layer.groups)]
+        self.signal = sum(float(np.einsum("ij,ij->", self.w[rows] @ h, self.w[rows], dtype=np.float64))
+                          for rows, h in self.parts)
+
+    def __call__(self, decoded: np.ndarray) -> float:
+        if self.signal <= 0:
+            return 0.0
+        if self.layer is None:
+            d = self.w - np.asarray(decoded, np.float64).ravel()
+            return float(d @ d) / self.signal
+        d = self.w - self.layer.weight_matrix(np.asarray(decoded, np.float32))
+        return sum(float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
+                   for rows, h in self.parts) / self.signal
 
 
 def anchors(entries: list[Entry]) -> list[int]:

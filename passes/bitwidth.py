@@ -261,6 +261,7 @@ class BitWidthPass(Pass):
             array = evaluator.base[info.name]
             pruner = self._pruner
             layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
+            layer_error = bitpredict.LayerError(array, layer, stats)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
@@ -268,7 +269,7 @@ class BitWidthPass(Pass):
                     # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
                     coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
                     candidate.size = stored_bytes(coded, ctx.form)
-                    error = bitpredict.layer_error(array, coded.decode(), layer, stats)
+                    error = layer_error(coded.decode())
                 except OnnxCompressError as e:
                     _failed(info, candidate, e)
                 row.append(bitpredict.Entry(candidate, error))
