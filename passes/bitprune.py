@@ -47,6 +47,8 @@ class Pruner:
         self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
                                           collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
+        # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
+        self.held_out_ridge = True
         self._cache: dict[tuple[str, float], _Refits] = {}
 
     def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
@@ -71,10 +73,12 @@ class Pruner:
             layer = refits.layer
             refits.damping = self._damping([refits.stats.fold_hessians(g) for g in range(layer.groups)],
                                            layer.weight_matrix(np.asarray(array, dtype=np.float64)),
-                                           layer.weight_matrix(refits.mask), layer.group_of_channels())
+                                           layer.weight_matrix(refits.mask), layer.group_of_channels()) \
+                if self.held_out_ridge else DEFAULT_DAMPING
         if not refits.crossfits:
             if refits.single is None:
-                refits.single = self._fit(refits, array, hessians, refits.damping)
+                refits.single = refits.rough if refits.damping == DEFAULT_DAMPING and refits.rough is not None \
+                    else self._fit(refits, array, hessians, refits.damping)
             return [refits.single], refits.mask
         if refits.folds is None:
             # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the

@@ -255,6 +255,8 @@ class BitWidthPass(Pass):
                    resolution: float) -> dict:
         """Every candidate coded and priced, its layer error computed; measured only near the allocations."""
         cfg = self.config
+        if self._pruner is not None:  # the default ridge: the prune pass chooses its own after the search
+            self._pruner.held_out_ridge = False
         entries: list[list[bitpredict.Entry]] = []
         bar = tqdm(total=sum(map(len, grids.values())), desc="coding", disable=not ctx.progress, leave=False)
         for info in weights:

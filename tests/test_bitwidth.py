@@ -592,6 +592,10 @@ def test_the_predicted_sweeps_fit_on_all_rows_is_made_alone_and_the_folds_only_w
     np.testing.assert_array_equal(mask, same_mask)
     folds, _ = crossfit(array, info, 0.5)
     assert len(folds) == 4 and not any(np.array_equal(f, rough) for f in folds) and made.damping is not None
+    quick = Pruner(model, data, [info])
+    quick.held_out_ridge = False  # the predicted sweep's: its measured fit is the prediction's fit
+    (rough,), _ = quick(array, info, 0.5, all_rows=True)
+    assert quick(array, info, 0.5)[0][0] is rough
     assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit, all_rows=True)) == 1
     assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit)) == 4
 
