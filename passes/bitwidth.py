@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
-from onnxcompress.passes import bitpredict
+from onnxcompress.passes import bitladder, bitpredict
 from onnxcompress.passes.bitprune import candidate_weights, Pruner
 from onnxcompress.passes.bitsearch import Candidate, Evaluator, floor_disagreement, make_score, stored_bytes
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
@@ -44,13 +44,11 @@ SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 # loss (flips counted alone overlap, noise floors add up), so budgets up to 32x are tried
 SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
-BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
 # CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
 # costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
 SWEEP_SECONDS = 300.0
 # samples the predicted sweep measures single weights on (the joint checks: all): orinet's 128 pages of 1.1 CPU s
 SWEEP_SAMPLES = 64
-NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
 
 
 @dataclass(kw_only=True)
@@ -313,7 +311,7 @@ class BitWidthPass(Pass):
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the
-        options priced by output noise) and a counted loss budget, also allocate under noise budgets (_noise_ladder)."""
+        options priced by output noise) and a counted loss budget, also allocate under noise budgets (bitladder.noise_ladder)."""
         evaluated, seen, joint_noise = [], {}, {}
         original = fixed + sum(w.nbytes for w in weights)
         if cfg.target_ratio is not None:
@@ -352,24 +350,10 @@ class BitWidthPass(Pass):
 
         points = [verify(choice) for choice in choices]
         if cfg.target_ratio is None:
-            self._bisect(points, verify, options, budget)
+            bitladder.bisect(points, verify, options, budget, SCALES)
             if noise is not None and cfg.min_sqnr is None:
-                self._noise_ladder(noise, verify, seen, joint_noise)
+                bitladder.noise_ladder(noise, verify, seen, joint_noise)
         return evaluated, self._best(cfg, evaluated, seen, options)
-
-    @staticmethod
-    def _bisect(points, verify, options, budget: float) -> None:
-        """Bisect between the loosest budget scale whose allocation held and the next that did not."""
-        tried = sorted((scale, p.ok) for scale, p in zip(SCALES, points) if p is not None)
-        for _ in range(BISECTIONS):
-            held = [scale for scale, ok in tried if ok]
-            low = max(held, default=None)
-            high = min((scale for scale, ok in tried if not ok and low is not None and scale > low), default=None)
-            if low is None or high is None or high / max(low, 1e-9) < 1.1:
-                break
-            mid = (low * high) ** 0.5 if low > 0 else high / 2
-            point = verify(allocate.min_size(options, budget * mid))
-            tried = sorted(tried + [(mid, point is not None and point.ok)])
 
     @staticmethod
     def _best(cfg: BitWidthConfig, evaluated, seen: dict, options) -> list[int]:
@@ -382,33 +366,6 @@ class BitWidthPass(Pass):
                     for o in options]
         best = min(feasible, key=lambda p: (p.bytes, p.check) if cfg.target_ratio is None else (p.check, p.bytes))
         return list(next(c for c, p in seen.items() if p is best))
-
-    @staticmethod
-    def _noise_ladder(noise, verify, seen: dict, joint_noise: dict) -> None:
-        """Allocations under budgets of summed output noise (task_nsr), each verified jointly by `verify`.
-
-        A counted cost (changed decisions, boxes past a tolerance) does not add up: a weight alone moves no
-        sample past its margin, several together move many; the noise powers of independent errors do add up,
-        so the joint loss follows the summed noise. The bracket is read off the configurations verified so far:
-        the noisiest one that met the budget and the quietest one that did not; the ladder walks from the
-        former toward the latter (doubling when there is none above), then bisects where the outcome changes."""
-        held = [joint_noise[c] for c, p in seen.items() if p.ok and joint_noise.get(c) is not None]
-        missed = [joint_noise[c] for c, p in seen.items() if not p.ok and joint_noise.get(c) is not None]
-        low = max(held, default=0.0)
-        high = min((n for n in missed if n > low), default=None)
-        if low <= 0.0 and high is None:
-            return
-        if low <= 0.0:  # nothing noisy held: walk down from the quietest miss
-            low = high / 2 ** NOISE_STEPS
-        for _ in range(NOISE_STEPS + BISECTIONS):
-            level = 2.0 * low if high is None else (low * high) ** 0.5
-            if high is not None and high / low < 1.1:
-                break
-            point = verify(allocate.min_size(noise, level))
-            if point is None or point.ok:  # held, or no allocation is that quiet: go noisier
-                low = level
-            else:
-                high = level
 
     def _cost_limit(self) -> float | None:
         """The cost past which a weight's narrower widths and higher sparsities are not measured
