@@ -17,8 +17,9 @@ else the median over all of them.
 
 The sweep measures two anchors per weight (its candidates at two quantiles of log e), then repeats:
 allocate with the measured values where there are some and the predictions elsewhere (the pass's own
-allocations: every budget scale, noise budgets, size steps), measure every picked candidate not yet
-measured, until the allocations pick only measured candidates. Only measured candidates go on to the
+allocations: every budget scale, noise budgets, size steps), measure the picked candidates not yet
+measured, the allocations nearest the budget first and about one candidate per weight a round, until
+the allocations pick only measured candidates (or MAX_ROUNDS). Only measured candidates go on to the
 search, so its allocations and joint verifications are those of a full sweep restricted to them: at
 the fixed point, the allocations on measured-and-predicted candidates pick measured ones only, and
 the search's allocations on the measured ones alone are the same.
@@ -53,21 +54,33 @@ class Entry:
 
 def layer_error(array: np.ndarray, decoded: np.ndarray, layer=None, stats=None) -> float:
     """e = tr(D H D^T) / tr(W H W^T) summed over the layer's channel groups (H = I without statistics)."""
-    if layer is None or stats is None:
-        w = np.asarray(array, np.float64).ravel()
-        d = w - np.asarray(decoded, np.float64).ravel()
-        signal = float(w @ w)
-        return float(d @ d) / signal if signal > 0 else 0.0
-    w = layer.weight_matrix(np.asarray(array, np.float32))
-    d = w - layer.weight_matrix(np.asarray(decoded, np.float32))
-    group = layer.group_of_channels()
-    signal = noise = 0.0
-    for g in range(layer.groups):
-        rows = group == g
-        h = np.asarray(stats.hessian(g), np.float32)
-        signal += float(np.einsum("ij,ij->", w[rows] @ h, w[rows], dtype=np.float64))
-        noise += float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
-    return noise / signal if signal > 0 else 0.0
+    return LayerError(array, layer, stats)(decoded)
+
+
+class LayerError:
+    """layer_error of one weight's candidates: the weight's signal tr(W H W^T) computed once."""
+
+    def __init__(self, array: np.ndarray, layer=None, stats=None):
+        self.layer = layer if stats is not None else None
+        if self.layer is None:
+            self.w = np.asarray(array, np.float64).ravel()
+            self.signal = float(self.w @ self.w)
+            return
+        self.w = layer.weight_matrix(np.asarray(array, np.float32))
+        group = layer.group_of_channels()
+        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in range(layer.groups)]
+        self.signal = sum(float(np.einsum("ij,ij->", self.w[rows] @ h, self.w[rows], dtype=np.float64))
+                          for rows, h in self.parts)
+
+    def __call__(self, decoded: np.ndarray) -> float:
+        if self.signal <= 0:
+            return 0.0
+        if self.layer is None:
+            d = self.w - np.asarray(decoded, np.float64).ravel()
+            return float(d @ d) / self.signal
+        d = self.w - self.layer.weight_matrix(np.asarray(decoded, np.float32))
+        return sum(float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
+                   for rows, h in self.parts) / self.signal
 
 
 def anchors(entries: list[Entry]) -> list[int]:
@@ -144,6 +157,20 @@ def noise_levels(noise: list[list[allocate.Option]], choices: list[list[int] | N
     return list(low / 2 * 4.0 ** np.arange(int(np.ceil(np.log(4 * high / low) / np.log(4))) + 1))
 
 
+def _capped(table: list[list[Entry]], rows, choices, cap: int) -> list[tuple[int, int]]:
+    """The unmeasured (weight, entry) pairs the allocations pick, allocation by allocation in the given order
+    (nearest the budget first), stopping after the allocation that brings them to `cap`: each round measures
+    where the search will land, and the gains measured there re-aim the allocations further out."""
+    new: dict[tuple[int, int], None] = {}
+    for choice in choices:
+        if choice is None:
+            continue
+        new.update(((i, r[k][0]), None) for i, (r, k) in enumerate(zip(rows, choice)) if not table[i][r[k][0]].measured)
+        if len(new) >= cap:
+            break
+    return sorted(new)
+
+
 def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
           landings: Callable[[list, list], list[list[int] | None]], counted: Callable[[], bool],
           resolution: float) -> int:
@@ -151,7 +178,9 @@ def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
 
     `measure(i, j)` measures entry j of weight i in place (its candidate's cost, nsr, task_nsr or error);
     `landings(options, noise)` returns the allocations of the pass over per-weight allocate.Options
-    priced by cost and by task noise; `counted()` tells whether the costs measured so far count decisions.
+    priced by cost and by task noise, nearest the budget first: a round measures the new picks of the
+    nearest ones up to one candidate per weight (_capped); `counted()` tells whether the costs measured so
+    far count decisions.
     Returns the number of rounds."""
     for i, layer in enumerate(table):
         for j in anchors(layer):
@@ -163,9 +192,7 @@ def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
             return rounds
         options = [[allocate.Option(c.size, c.cost, {"index": j}) for j, c in r] for r in rows]
         noise = [[allocate.Option(c.size, c.task_nsr, {"index": j}) for j, c in r] for r in rows]
-        picked = sorted({(i, r[k][0]) for choice in landings(options, noise) if choice is not None
-                         for i, (r, k) in enumerate(zip(rows, choice))})
-        new = [(i, j) for i, j in picked if not table[i][j].measured]
+        new = _capped(table, rows, landings(options, noise), max(len(table), 1))
         log.debug("bitwidth: round %d of the predicted sweep measures %d picked candidates", rounds, len(new))
         if not new:
             return rounds

@@ -4,6 +4,7 @@ session in which the searched weights are inputs, scoring each candidate's effec
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import time
@@ -13,24 +14,20 @@ import numpy as np
 import onnx
 
 from onnxcompress.errors import RecipeError
-from onnxcompress.formats.codebook import fit_codebook
 from onnxcompress.formats.forms import Form
 from onnxcompress.formats.packed import choose_layout, write_blob
 from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
 from onnxcompress.graph.weights import get_array, WeightInfo
-from onnxcompress.numerics.measures import magnitude_mask
-from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
-                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt)
 from onnxcompress.pipeline.artifacts import Budget
-from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.metrics import compare_outputs
 from onnxcompress.runtime.statistics import Collector
-from onnxcompress.runtime.suffix import SuffixRunner
+from onnxcompress.runtime.suffix import Suffix, SuffixRunner
 from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
 
 log = logging.getLogger(__name__)
 # below this many searched weight entries a whole-model run costs less than building a suffix session
 SUFFIX_MIN_ELEMENTS = 1_000_000
+SUFFIX_BYTES = 512 << 20  # cut values of the suffixes kept at once (each at most SuffixRunner's max_bytes)
 
 
 @dataclass
@@ -57,18 +54,51 @@ class Evaluator:
         self.names = [o.name for o in model.graph.output]
         self.runner = (collector or Collector()).runner(self.model, self.names, also=[w.name for w in weights])
         self.base = {w.name: get_array(model, w) for w in weights}
-        self.chunks = list(data.chunks(self.specs))
+        self.collector, self.suffix_min_elements = collector, suffix_min_elements
+        self._start(list(data.chunks(self.specs)), None)
+
+    def _start(self, chunks: list[tuple[dict, int]], folds: list[int] | None) -> None:
+        """Run the reference over `chunks` (chunk i scored with cross-fitted version folds[i]; default i)."""
+        self.chunks, self.folds = chunks, folds or list(range(len(chunks)))
         self.suffixes: SuffixRunner | None = None
+        self._suffix: dict[str, Suffix | None] = {}  # the suffixes kept (None: the whole model runs)
+        self._current: tuple[str, Suffix] | None = None  # the last one built, past SUFFIX_BYTES
         start = time.process_time()
         self.reference = self.outputs({})
         self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
         # one weight changed (the sweep): only the nodes downstream of it run (onnxcompress.runtime.suffix),
         # where the model is large enough for the runs saved to outweigh a session per weight's suffix
         # (not for a stream: a weight's change reaches every later call through the states)
-        if data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= suffix_min_elements:
+        if self.data.stream is None and sum(int(np.size(a)) for a in self.base.values()) >= self.suffix_min_elements:
             self.suffixes = SuffixRunner(self.model, [feed for feed, _ in self.chunks], self.names, self.reference,
-                                         self.base, collector=collector)
-        self._suffix: tuple[str, object] | None = None  # the last weight's suffix: the sweep goes weight by weight
+                                         self.base, collector=self.collector, folds=self.folds)
+
+    def part(self, samples: int) -> "Evaluator | None":
+        """The same evaluator on about `samples` of its samples, for single-weight runs (the predicted sweep);
+        None where it has no more (or is a stream, whose calls carry states).
+
+        Chunks of several samples keep their first rows, chunks of one sample every k-th of them: a chunk
+        keeps its position, so it is scored by the cross-fitted version that did not learn from it."""
+        total = len(self.data)
+        if self.data.stream is not None or total <= samples:
+            return None
+        starts = np.cumsum([0] + [n for _, n in self.chunks])
+        if all(n == 1 for _, n in self.chunks):
+            step = -(-total // samples)
+            kept = [(i, self.chunks[i][0], 1) for i in range(0, len(self.chunks), step)]
+        else:
+            per = -(-samples // len(self.chunks))
+            kept = [(i, {k: v[:per] for k, v in feed.items()}, min(per, n)) for i, (feed, n) in enumerate(self.chunks)]
+        picks = np.concatenate([starts[i] + np.arange(n) for i, _, n in kept])
+        labels = None if self.data.labels is None else self.data.labels[picks]
+        if self.data.stacked is not None:
+            data = Dataset(stacked={k: v[picks] for k, v in self.data.stacked.items()}, labels=labels)
+        else:
+            data = Dataset([self.data.feed(int(i), self.specs) for i in picks], labels=labels)
+        fewer = copy.copy(self)
+        fewer.data = data
+        fewer._start([(feed, n) for _, feed, n in kept], [i for i, _, _ in kept])
+        return fewer
 
     def outputs(self, changed: dict[str, list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per data chunk with the weights in `changed` replaced.
@@ -79,22 +109,38 @@ class Evaluator:
         by a weight that did not learn from it."""
         if len(changed) == 1 and self.suffixes is not None:
             (name, versions), = changed.items()
-            if self._suffix is None or self._suffix[0] != name:
-                try:
-                    self._suffix = (name, self.suffixes.for_weight(name))
-                except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
-                    log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
-                    self._suffix = (name, None)
-            if self._suffix[1] is not None:
-                return self._suffix[1](versions)
+            suffix = self._suffix_of(name)
+            if suffix is not None:
+                return suffix(versions)
         outputs = []
         carry = StateCarry(self.data.stream)  # a stream's calls run in order, each fed this version's states
         for i, (feed, _) in enumerate(self.chunks):
-            weights = {**self.base, **{name: versions[i % len(versions)] for name, versions in changed.items()}}
+            fold = self.folds[i]
+            weights = {**self.base, **{name: versions[fold % len(versions)] for name, versions in changed.items()}}
             values = self.runner.run(carry.feed(i, feed), weights, keep=carry.outputs).values
             carry.keep(values)
             outputs.append([values[n] for n in self.names])
         return outputs
+
+    def _suffix_of(self, name: str) -> Suffix | None:
+        """The weight's suffix runner: built on first use and kept while the kept ones' cut values fit SUFFIX_BYTES
+        (first come: the sweep's rounds visit the weights in turn, where dropping the least recently used would
+        drop the next one needed); past that, kept while the calls stay on this weight."""
+        if name in self._suffix:
+            return self._suffix[name]
+        if self._current is not None and self._current[0] == name:
+            return self._current[1]
+        try:
+            suffix = self.suffixes.for_weight(name)
+        except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
+            log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
+            suffix = None
+        held = sum(s.nbytes for s in self._suffix.values() if s is not None)
+        if suffix is None or held + suffix.nbytes <= SUFFIX_BYTES:
+            self._suffix[name] = suffix
+        else:
+            self._current = (name, suffix)
+        return suffix
 
     def measure(self, changed: dict[str, list[np.ndarray]]) -> dict[str, float]:
         return self.score(self.names, self.reference, self.outputs(changed), self.data)
@@ -195,84 +241,6 @@ def load_metric(spec: str):
     return metric
 
 
-class Pruner:
-    """Pruned versions of a weight close to what the prune pass makes: magnitude mask, then (with
-    calibration data) the kept weights refit in the metric of the layer's input Gram matrix.
-
-    Like the prune pass, the exact per-row least squares is used where it is cheap (high
-    sparsity: sum |S_j|^3 / 3 flops below `max_flops`), else the SparseGPT update, which is
-    faster and no better, so simulated sensitivities lean pessimistic there.
-
-    With `crossfit` (the search scores on the same data the refit learns from) each refit is
-    made once per fold of data chunks, from the chunks outside that fold, so that every sample is
-    scored by a refit that did not see it: a refit on a few hundred samples for hundreds of inputs
-    fits those samples far better than new ones, and scoring it on them would plan for fidelity
-    that the compressed model does not have on new data."""
-
-    max_flops = 2e9
-    folds = 4  # cross-fitting folds: each refit learns from 3/4 of the data chunks, near the final fit's all
-    # a least-squares fit of p values per row on n rows matches its own rows better than new ones
-    # by about a factor 1 - p/n; from n >= 20 p on (conv layers: thousands of patches) the bias is
-    # under 5% and one fit on all rows is scored as it is
-    rows_per_kept = 20
-
-    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
-                 crossfit: bool = False, collector: Collector | None = None):
-        layers = {w.name: linear_layer(model, w) for w in weights}
-        self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
-                                          collector=collector) if data and self.layers else {}
-        self.crossfit = crossfit
-        self._cache: dict[tuple[str, float], tuple[list[np.ndarray], np.ndarray]] = {}
-
-    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> tuple[list[np.ndarray], np.ndarray]:
-        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask)."""
-        key = (info.name, sparsity)
-        if key not in self._cache:
-            mask = magnitude_mask(array, sparsity)
-            versions = [np.where(mask, array, 0).astype(array.dtype)]
-            stats, layer = self.stats.get(info.name), self.layers.get(info.name)
-            if stats is not None:
-                target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
-                keep = layer.weight_matrix(mask)
-                group = layer.group_of_channels()
-                damping = self._damping([stats.fold_hessians(g) for g in range(layer.groups)], target, keep, group)
-                kept = float(keep.sum(axis=1).mean())
-                if self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept:
-                    # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
-                    # (folds - 1) / folds of the rows outside one fold takes a little more
-                    heldout = [stats.heldout_hessians(g) for g in range(layer.groups)]
-                    scale = stats.folds / (stats.folds - 1)
-                    versions = [self._refit(layer, target, keep, group, [h[f] for h in heldout], damping * scale)
-                                for f in range(stats.folds)]
-                else:
-                    versions = [self._refit(layer, target, keep, group,
-                                            [stats.hessian(g) for g in range(layer.groups)], damping)]
-                versions = [v.astype(array.dtype) for v in versions]
-            self._cache[key] = (versions, mask)
-        return self._cache[key]
-
-    def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
-               damping: float) -> np.ndarray:
-        refit = np.zeros_like(target)
-        for g in range(layer.groups):
-            rows = np.flatnonzero(group == g)
-            if lstsq_cost(keep[rows]) <= self.max_flops:
-                refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
-            else:
-                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping)[0]
-        return layer.weight_from_matrix(refit)
-
-    @staticmethod
-    def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
-        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
-        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
-            return DEFAULT_DAMPING
-        errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
-                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))
-        return damping_for_all_rows(errors)
-
-
 def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
     """Give candidates below the count's resolution a cost from their output noise.
 
@@ -289,20 +257,6 @@ def floor_disagreement(candidates: list[Candidate], resolution: float) -> None:
     factor = float(np.median(counted))
     for c in candidates:
         c.cost = max(c.cost, factor * float(np.sqrt(max(c.nsr, 0.0))))
-
-
-def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
-                      pruner: Pruner | None = None, *, versions: int | None = None) -> list:
-    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
-    coded weight, or one per data fold when the pruner cross-fits (the first `versions` of them)."""
-    if sparsity <= 0:
-        return [fit_codebook(array, info, bits, seed=seed)]
-    if pruner is not None:
-        refits, mask = pruner(array, info, sparsity)
-    else:
-        mask = magnitude_mask(array, sparsity)
-        refits = [np.where(mask, array, 0)]
-    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits[:versions]]
 
 
 def stored_bytes(shared, form: Form) -> int:

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeError
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
-from onnxcompress.passes import bitpredict
-from onnxcompress.passes.bitsearch import (Candidate, candidate_weights, Evaluator, floor_disagreement, make_score,
-                                           Pruner, stored_bytes)
+from onnxcompress.passes import bitladder, bitpredict
+from onnxcompress.passes.bitprune import candidate_weights, Pruner
+from onnxcompress.passes.bitsearch import Candidate, Evaluator, floor_disagreement, make_score, stored_bytes
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 from onnxcompress.runtime.tasks import is_builtin, output_producers
@@ -44,11 +44,11 @@ SIZE_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 # loss (flips counted alone overlap, noise floors add up), so budgets up to 32x are tried
 SCALES = (32.0, 16.0, 8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.12, 0.05, 0.0)
 COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not allocated (nor narrower widths)
-BISECTIONS = 3  # extra allocations verified between the loosest budget scale that held and the next
 # CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
 # costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
 SWEEP_SECONDS = 300.0
-NOISE_STEPS = 4  # allocations under summed-noise budgets walked up or down before bisecting (_noise_ladder)
+# samples the predicted sweep measures single weights on (the joint checks: all): orinet's 128 pages of 1.1 CPU s
+SWEEP_SAMPLES = 64
 
 
 @dataclass(kw_only=True)
@@ -182,13 +182,17 @@ class BitWidthPass(Pass):
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         self._counting = False  # is the cost a count of changed decisions?
         self._predicted_only = 0  # candidates whose noise was predicted and never measured
-        resolution = 100.0 * 2 / max(len(evaluator.data), 1)
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         if predicts:
-            table = self._predicted(ctx, evaluator, weights, grids, resolution)
+            # single weights measured on part of the samples; the joint checks run on all of them
+            sweeper = evaluator.part(SWEEP_SAMPLES) or evaluator
+            log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
+            resolution = 100.0 * 2 / max(len(sweeper.data), 1)
+            table = self._predicted(ctx, sweeper, weights, grids, resolution)
         else:
+            resolution = 100.0 * 2 / max(len(evaluator.data), 1)
             table = self._measured(ctx, evaluator, weights, grids)
         if self._counting:
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
@@ -249,20 +253,23 @@ class BitWidthPass(Pass):
                    resolution: float) -> dict:
         """Every candidate coded and priced, its layer error computed; measured only near the allocations."""
         cfg = self.config
+        if self._pruner is not None:  # the default ridge: the prune pass chooses its own after the search
+            self._pruner.held_out_ridge = False
         entries: list[list[bitpredict.Entry]] = []
         bar = tqdm(total=sum(map(len, grids.values())), desc="coding", disable=not ctx.progress, leave=False)
         for info in weights:
             array = evaluator.base[info.name]
             pruner = self._pruner
             layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
+            layer_error = bitpredict.LayerError(array, layer, stats)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
-                    # one cross-fitted version priced for the prediction; _measure prices them all
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, versions=1)[0]
+                    # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
+                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
                     candidate.size = stored_bytes(coded, ctx.form)
-                    error = bitpredict.layer_error(array, coded.decode(), layer, stats)
+                    error = layer_error(coded.decode())
                 except OnnxCompressError as e:
                     _failed(info, candidate, e)
                 row.append(bitpredict.Entry(candidate, error))
@@ -281,22 +288,30 @@ class BitWidthPass(Pass):
                 for w, row in zip(weights, entries)}
 
     def _landings(self, options, noise, fixed: int, weights) -> list:
-        """The allocations the search will make on these options: every budget scale and, under a loss budget,
-        noise budgets around the summed noise of those (the noise ladder's range); the size steps under a ratio."""
+        """The allocations the search will make on these options, nearest the budget first (by |log| of the
+        budget's scale): every other budget scale and, under a loss budget, noise budgets around the summed
+        noise of those (the noise ladder's range, near the noise of the budget's own allocation first); the size
+        steps under a ratio."""
         cfg = self.config
         if cfg.target_ratio is not None:
             original = fixed + sum(w.nbytes for w in weights)
             size_budget = max(original / cfg.target_ratio - fixed, 0.0)
             return [allocate.min_cost(options, size_budget * f) for f in SIZE_STEPS]
         # every other budget scale: the search's own allocations between them land on candidates measured near
-        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in SCALES[::2]]
-        if cfg.min_sqnr is not None:
-            return choices
-        return choices + [allocate.min_size(noise, level) for level in bitpredict.noise_levels(noise, choices)]
+        scales = [scale for scale in SCALES[::2] if scale > 0]
+        choices = [allocate.min_size(options, cfg.loss_budget * scale) for scale in scales]
+        ranked = [(abs(math.log(scale)), k, choice) for k, (scale, choice) in enumerate(zip(scales, choices))]
+        if cfg.min_sqnr is None:
+            at_budget = choices[scales.index(1.0)]
+            near = allocate.totals(noise, at_budget)[1] if at_budget is not None else 0.0
+            for level in bitpredict.noise_levels(noise, choices):
+                ranked.append((abs(math.log(level / near)) if near > 0 else math.inf, len(ranked),
+                               allocate.min_size(noise, level)))
+        return [choice for _, _, choice in sorted(ranked, key=lambda r: r[:2])]
 
     def _search(self, cfg: BitWidthConfig, evaluator: Evaluator, weights, options, fixed: int, noise=None):
         """Allocate under scaled budgets, verify each jointly; keep the best verified choice. With `noise` (the
-        options priced by output noise) and a counted loss budget, also allocate under noise budgets (_noise_ladder)."""
+        options priced by output noise) and a counted loss budget, also allocate under noise budgets (bitladder.noise_ladder)."""
         evaluated, seen, joint_noise = [], {}, {}
         original = fixed + sum(w.nbytes for w in weights)
         if cfg.target_ratio is not None:
@@ -335,24 +350,10 @@ class BitWidthPass(Pass):
 
         points = [verify(choice) for choice in choices]
         if cfg.target_ratio is None:
-            self._bisect(points, verify, options, budget)
+            bitladder.bisect(points, verify, options, budget, SCALES)
             if noise is not None and cfg.min_sqnr is None:
-                self._noise_ladder(noise, verify, seen, joint_noise)
+                bitladder.noise_ladder(noise, verify, seen, joint_noise)
         return evaluated, self._best(cfg, evaluated, seen, options)
-
-    @staticmethod
-    def _bisect(points, verify, options, budget: float) -> None:
-        """Bisect between the loosest budget scale whose allocation held and the next that did not."""
-        tried = sorted((scale, p.ok) for scale, p in zip(SCALES, points) if p is not None)
-        for _ in range(BISECTIONS):
-            held = [scale for scale, ok in tried if ok]
-            low = max(held, default=None)
-            high = min((scale for scale, ok in tried if not ok and low is not None and scale > low), default=None)
-            if low is None or high is None or high / max(low, 1e-9) < 1.1:
-                break
-            mid = (low * high) ** 0.5 if low > 0 else high / 2
-            point = verify(allocate.min_size(options, budget * mid))
-            tried = sorted(tried + [(mid, point is not None and point.ok)])
 
     @staticmethod
     def _best(cfg: BitWidthConfig, evaluated, seen: dict, options) -> list[int]:
@@ -365,33 +366,6 @@ class BitWidthPass(Pass):
                     for o in options]
         best = min(feasible, key=lambda p: (p.bytes, p.check) if cfg.target_ratio is None else (p.check, p.bytes))
         return list(next(c for c, p in seen.items() if p is best))
-
-    @staticmethod
-    def _noise_ladder(noise, verify, seen: dict, joint_noise: dict) -> None:
-        """Allocations under budgets of summed output noise (task_nsr), each verified jointly by `verify`.
-
-        A counted cost (changed decisions, boxes past a tolerance) does not add up: a weight alone moves no
-        sample past its margin, several together move many; the noise powers of independent errors do add up,
-        so the joint loss follows the summed noise. The bracket is read off the configurations verified so far:
-        the noisiest one that met the budget and the quietest one that did not; the ladder walks from the
-        former toward the latter (doubling when there is none above), then bisects where the outcome changes."""
-        held = [joint_noise[c] for c, p in seen.items() if p.ok and joint_noise.get(c) is not None]
-        missed = [joint_noise[c] for c, p in seen.items() if not p.ok and joint_noise.get(c) is not None]
-        low = max(held, default=0.0)
-        high = min((n for n in missed if n > low), default=None)
-        if low <= 0.0 and high is None:
-            return
-        if low <= 0.0:  # nothing noisy held: walk down from the quietest miss
-            low = high / 2 ** NOISE_STEPS
-        for _ in range(NOISE_STEPS + BISECTIONS):
-            level = 2.0 * low if high is None else (low * high) ** 0.5
-            if high is not None and high / low < 1.1:
-                break
-            point = verify(allocate.min_size(noise, level))
-            if point is None or point.ok:  # held, or no allocation is that quiet: go noisier
-                low = level
-            else:
-                high = level
 
     def _cost_limit(self) -> float | None:
         """The cost past which a weight's narrower widths and higher sparsities are not measured

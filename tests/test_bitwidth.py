@@ -79,7 +79,7 @@ def test_tiny_search_meets_an_sqnr_budget_and_plans_every_weight():
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(monkeypatch):
-    import onnxcompress.passes.bitsearch as bw
+    import onnxcompress.passes.bitprune as bw
 
     real = bw.fit_codebook
 
@@ -240,7 +240,8 @@ def test_layer_input_folds_hold_out_each_chunk_group():
 
 def test_cross_fitted_versions_score_each_chunk_with_the_fit_that_did_not_see_it():
     from onnxcompress.graph.data import load_data
-    from onnxcompress.passes.bitsearch import Evaluator, Pruner
+    from onnxcompress.passes.bitprune import Pruner
+    from onnxcompress.passes.bitsearch import Evaluator
     from onnxcompress.graph.weights import find_weights, get_array
 
     model = gemm(k=64, n=16)
@@ -345,15 +346,16 @@ def test_one_changed_weight_runs_only_its_suffix_and_gives_the_whole_models_outp
     evaluator = Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
     changed = {"W1": [rng.standard_normal((16, 4)).astype(np.float32)]}
     fast = evaluator.outputs(changed)
-    assert evaluator._suffix[0] == "W1" and evaluator._suffix[1] is not None
+    assert list(evaluator._suffix) == ["W1"] and evaluator._suffix["W1"] is not None
     evaluator.suffixes = None  # the whole model, as before
     whole = evaluator.outputs(changed)
     for a, b in zip(fast, whole):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a[1], b[1])
     assert not np.allclose(fast[0][0], evaluator.reference[0][0])  # the change did reach y
-    evaluator.suffixes, evaluator._suffix = SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks],
-                                                            evaluator.names, evaluator.reference, evaluator.base), None
+    evaluator.suffixes = SuffixRunner(evaluator.model, [f for f, _ in evaluator.chunks], evaluator.names,
+                                      evaluator.reference, evaluator.base)
+    evaluator._suffix.clear()
     same = evaluator.outputs({"W1": [evaluator.base["W1"]]})  # unchanged: exactly the reference, no kernel noise
     assert all(np.array_equal(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
 
@@ -370,7 +372,7 @@ def test_a_suffix_that_cannot_be_made_falls_back_to_the_whole_model(monkeypatch)
     monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: (_ for _ in ()).throw(RuntimeError("no")))
     name = weights[0].name
     same = evaluator.outputs({name: [evaluator.base[name]]})
-    assert evaluator._suffix == (name, None)
+    assert dict(evaluator._suffix) == {name: None}
     assert all(np.allclose(a, b) for got, ref in zip(same, evaluator.reference) for a, b in zip(got, ref))
 
 
@@ -567,3 +569,155 @@ def test_noise_levels_span_the_allocations_noise_a_factor_four_apart():
     levels = noise_levels(noise, [[1, 0], [1, 1], [2, 2], None])  # summed noise 0.01, 0.02, 1.28
     assert levels == pytest.approx([0.005 * 4 ** k for k in range(6)])  # 0.005 ... 5.12 >= 2 * 1.28
     assert noise_levels(noise, [[0, 0]]) == []  # nothing noisy to walk from
+
+
+def test_the_predicted_sweeps_fit_on_all_rows_is_made_alone_and_the_folds_only_when_measured():
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights, get_array
+    from onnxcompress.numerics.refine import DEFAULT_DAMPING
+    from onnxcompress.passes.bitprune import candidate_weights, Pruner
+
+    model = gemm(k=64, n=16)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    array = get_array(model, info)
+    crossfit = Pruner(model, data, [info], crossfit=True)
+    (rough,), mask = crossfit(array, info, 0.5, all_rows=True)
+    made = crossfit._cache[(info.name, 0.5)]
+    assert made.folds is None and made.damping is None  # no fold fits, no held-out choice of the ridge
+    plain = Pruner(model, data, [info])
+    plain.__class__ = type("Default", (Pruner,), {"_damping": staticmethod(lambda *a: DEFAULT_DAMPING)})
+    (single,), same_mask = plain(array, info, 0.5)
+    np.testing.assert_array_equal(rough, single)  # a fit on all rows at the default ridge
+    np.testing.assert_array_equal(mask, same_mask)
+    folds, _ = crossfit(array, info, 0.5)
+    assert len(folds) == 4 and not any(np.array_equal(f, rough) for f in folds) and made.damping is not None
+    quick = Pruner(model, data, [info])
+    quick.held_out_ridge = False  # the predicted sweep's: its measured fit is the prediction's fit
+    (rough,), _ = quick(array, info, 0.5, all_rows=True)
+    assert quick(array, info, 0.5)[0][0] is rough
+    assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit, all_rows=True)) == 1
+    assert len(candidate_weights(array, info, 0.5, 4, 0, crossfit)) == 4
+
+
+def _chain(n=3, width=8):
+    """x -> MatMul W0 -> Relu -> MatMul W1 -> Relu -> ... -> y: each weight's suffix is a different model."""
+    from onnx import helper, numpy_helper
+    import tiny
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"W{i}") for i in range(n)]
+    nodes, last = [], "x"
+    for i in range(n):
+        nodes += [helper.make_node("MatMul", [last, f"W{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
+        last = f"h{i}"
+    return tiny.make_model(nodes, [tiny.value("x", ["N", width])], [tiny.value(last, ["N", width])], inits)
+
+
+def test_the_suffixes_of_several_weights_are_kept_up_to_the_bound_then_only_the_current_one(monkeypatch):
+    import onnxcompress.passes.bitsearch as bs
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+
+    model = _chain()
+    data = Dataset(stacked=random_feeds(model, n=100, seed=1))
+    weights = [w for w in find_weights(model, min_elements=0) if w.name in ("W1", "W2")]
+    evaluator = bs.Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
+    built = []
+    make = evaluator.suffixes.for_weight
+    monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: built.append(name) or make(name))
+    rng = np.random.default_rng(2)
+    changed = {w.name: [rng.standard_normal(w.shape).astype(np.float32)] for w in weights}
+    first = {name: evaluator.outputs({name: v}) for name, v in changed.items()}
+    for _ in range(2):  # the sweep's rounds come back to each weight: no suffix is built again
+        for name, v in changed.items():
+            again = evaluator.outputs({name: v})
+            assert all(np.array_equal(a, b) for x, y in zip(again, first[name]) for a, b in zip(x, y))
+    assert built == ["W1", "W2"] and all(evaluator._suffix[n] is not None for n in built)
+    monkeypatch.setattr(bs, "SUFFIX_BYTES", 1)  # no room: only the last one built is kept, while the calls stay on it
+    evaluator._suffix.clear()
+    for name in ("W1", "W2", "W2", "W1"):
+        evaluator.outputs({name: changed[name]})
+    assert built == ["W1", "W2", "W1", "W2", "W1"] and not evaluator._suffix and evaluator._current[0] == "W1"
+
+
+def test_a_suffix_whose_cut_values_would_pass_the_bound_is_refused_after_the_first_chunk(monkeypatch):
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import Evaluator
+
+    model = _chain()
+    data = Dataset(stacked=random_feeds(model, n=256, seed=1))  # 4 chunks of 64 rows, 2 KB of cut values each
+    weights = [w for w in find_weights(model, min_elements=0) if w.name == "W2"]
+    evaluator = Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
+    runner = evaluator.suffixes
+    assert len(runner.chunks) == 4
+    runs = []
+    real = runner.collector.runner
+
+    def counting(model, names, **kw):
+        inner = real(model, names, **kw)
+        run = inner.run
+        monkeypatch.setattr(inner, "run", lambda *a, **k: runs.append(1) or run(*a, **k))
+        return inner
+
+    monkeypatch.setattr(runner.collector, "runner", counting)
+    runner.max_bytes = 5000  # the first chunk fits, three would not
+    assert runner.for_weight("W2") is None and len(runs) == 1
+    runner.max_bytes = 4 * 64 * 8 * 4
+    assert runner.for_weight("W2") is not None and len(runs) == 5
+
+
+def test_each_round_of_the_predicted_sweep_measures_the_allocations_nearest_the_budget_first():
+    from onnxcompress.passes.bitpredict import _capped, Entry
+    from onnxcompress.passes.bitsearch import Candidate
+
+    table = [[Entry(Candidate(0.0, b), 0.1) for b in range(4)] for _ in range(3)]
+    table[0][1].measured = True
+    rows = [[(j, None) for j in range(4)] for _ in range(3)]
+    near, far = [1, 1, 1], [3, 3, 3]
+    # the nearest allocation picks two new candidates (weight 0's is measured): at the cap, the far one waits
+    assert _capped(table, rows, [None, near, far], cap=2) == [(1, 1), (2, 1)]
+    # under the cap, the next allocation's picks come in whole
+    assert _capped(table, rows, [near, far], cap=3) == [(0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
+
+
+def test_the_predicted_sweeps_landings_come_nearest_the_budget_first():
+    from onnxcompress.numerics import allocate
+    from onnxcompress.passes import bitpredict
+    from onnxcompress.passes.bitwidth import SCALES
+
+    options = [[Option(8 - b, 0.1 * 4 ** b, {"bits": b}) for b in range(4)] for _ in range(2)]
+    landings = BitWidthPass(max_drop=1.0)._landings(options, options, fixed=0, weights=[])
+    assert landings[0] == allocate.min_size(options, 1.0)  # the budget's own allocation first
+    assert landings[1] in (allocate.min_size(options, 2.0), allocate.min_size(options, 0.5))
+    levels = bitpredict.noise_levels(options, [allocate.min_size(options, s) for s in SCALES[::2]])
+    assert len(landings) == len(SCALES[::2]) + len(levels)
+
+
+def test_the_sweeps_part_of_the_samples_keeps_each_chunks_cross_fitted_version_and_labels():
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import Evaluator
+
+    model = gemm(k=16, n=4)
+    feeds = random_feeds(model, n=256, seed=3)
+    labels = np.arange(256) % 4
+    weights = [w for w in find_weights(model, min_elements=0) if len(w.shape) == 2]
+    evaluator = Evaluator(model, weights, Dataset(stacked=feeds, labels=labels), lambda *a: {})
+    part = evaluator.part(64)  # 4 chunks of 64: the first 16 rows of each
+    assert len(part.data) == 64 and part.folds == [0, 1, 2, 3] and [n for _, n in part.chunks] == [16] * 4
+    x = next(iter(feeds))
+    np.testing.assert_array_equal(part.data.stacked[x][16:32], feeds[x][64:80])
+    np.testing.assert_array_equal(part.data.labels[16:32], labels[64:80])
+    name = weights[0].name
+    versions = [np.full(weights[0].shape, float(f), np.float32) for f in range(4)]
+    whole, fewer = evaluator.outputs({name: versions}), part.outputs({name: versions})
+    for i in range(4):  # chunk i of the part runs version i, as the whole chunk i does
+        np.testing.assert_allclose(fewer[i][0], whole[i][0][:16], rtol=1e-6)
+    assert evaluator.part(256) is None
+    singles = Evaluator(model, weights, Dataset([{x: feeds[x][i:i + 1]} for i in range(8)]), lambda *a: {})
+    singles._start([({x: feeds[x][i:i + 1]}, 1) for i in range(8)], None)  # one sample a chunk (sentences)
+    picked = singles.part(4)  # every other chunk, each at its own position
+    assert picked.folds == [0, 2, 4, 6] and len(picked.data) == 4
+    np.testing.assert_array_equal(picked.chunks[1][0][x], feeds[x][2:3])

@@ -12,7 +12,7 @@ import tiny
 from onnxcompress.errors import BugError
 from onnxcompress.graph.weights import find_weights
 from onnxcompress.numerics.measures import kept_count, magnitude_mask, nearest_codes, sqnr_db, sqnr_db_of, top_mask
-from onnxcompress.passes.bitsearch import Pruner
+from onnxcompress.passes.bitprune import Pruner
 from onnxcompress.passes.bitwidth import candidate_weights
 from onnxcompress.passes.prune import PrunePass
 

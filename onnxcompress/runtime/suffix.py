@@ -65,12 +65,13 @@ class SuffixRunner:
 
     def __init__(self, model: onnx.ModelProto, chunks: list[dict[str, np.ndarray]], names: Sequence[str],
                  reference: list[list[np.ndarray]], base: dict[str, np.ndarray], *, max_bytes: int = 256 << 20,
-                 collector: Collector | None = None):
+                 collector: Collector | None = None, folds: Sequence[int] | None = None):
         self.model, self.chunks, self.names, self.reference, self.base = model, chunks, list(names), reference, base
+        self.folds = list(folds) if folds is not None else list(range(len(chunks)))  # chunk i runs version folds[i]
         self.max_bytes = max_bytes
         self.collector = collector or Collector()
 
-    def for_weight(self, weight: str):
+    def for_weight(self, weight: str) -> "Suffix | None":
         nodes, cut = downstream(self.model.graph, {weight})
         if len(nodes) >= len(self.model.graph.node):
             return None
@@ -87,35 +88,49 @@ class SuffixRunner:
         dtypes = {n: np.asarray(feeds[0][n]).dtype for n in cut if n in feeds[0]}
         dtypes[weight] = self.base[weight].dtype
         session = make_session(suffix_model(self.model, weight, nodes, cut, dtypes, outputs))
-        index = [outputs.index(n) if n in outputs else None for n in self.names]
 
         # the suffix's own outputs with the weight unchanged: a candidate's outputs are the reference's plus
         # what the change moves in the suffix, so kernels fused differently there add no noise of their own
         base = [session.run(outputs, {**feed, weight: self.base[weight]}) if outputs else [] for feed in feeds]
-
-        def run(versions: list[np.ndarray]) -> list[list[np.ndarray]]:
-            result = []
-            for i, feed in enumerate(feeds):
-                got = session.run(outputs, {**feed, weight: versions[i % len(versions)]}) if outputs else []
-                result.append([self.reference[i][k] if j is None else _moved(self.reference[i][k], base[i][j], got[j])
-                               for k, j in enumerate(index)])
-            return result
-
         log.debug("suffix of %s: %d of %d nodes, %d cut values", weight, len(nodes), len(self.model.graph.node),
                   len(wanted))
-        return run
+        held = sum(np.asarray(a).nbytes for v in values for a in v.values())
+        return Suffix(self, session, weight, feeds, outputs, base, held)
 
     def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]] | None:
         runner = self.collector.runner(self.model, names)
         values, total = [], 0
-        for chunk in self.chunks:
+        for i, chunk in enumerate(self.chunks):
             ran = runner.run(chunk, self.base).values
             got = {n: ran[n] for n in names}
             total += sum(np.asarray(v).nbytes for v in got.values())
-            if total > self.max_bytes:
+            # over the bound, or bound to be at this rate (the chunks are the same size but the last): stop now
+            if total > self.max_bytes or total / (i + 1) * (len(self.chunks) - 1) > self.max_bytes:
+                log.debug("suffix: the cut values %s would take over %d bytes", names, self.max_bytes)
                 return None
             values.append(got)
         return values
+
+
+class Suffix:
+    """One weight's suffix session over the data chunks: called with the weight's versions (chunk i runs version
+    folds[i] % len), it gives every graph output per chunk, the ones it does not compute the reference's."""
+
+    def __init__(self, runner: SuffixRunner, session, weight: str, feeds: list[dict], outputs: list[str],
+                 base: list[list[np.ndarray]], nbytes: int):
+        self.session, self.weight, self.feeds, self.outputs, self.base = session, weight, feeds, outputs, base
+        self.reference, self.folds = runner.reference, runner.folds
+        self.index = [outputs.index(n) if n in outputs else None for n in runner.names]  # graph output -> ours
+        self.nbytes = nbytes  # the captured cut values it holds
+
+    def __call__(self, versions: list[np.ndarray]) -> list[list[np.ndarray]]:
+        result = []
+        for i, feed in enumerate(self.feeds):
+            version = versions[self.folds[i] % len(versions)]
+            got = self.session.run(self.outputs, {**feed, self.weight: version}) if self.outputs else []
+            result.append([self.reference[i][k] if j is None else _moved(self.reference[i][k], self.base[i][j], got[j])
+                           for k, j in enumerate(self.index)])
+        return result
 
 
 def _moved(reference: np.ndarray, base: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -1,0 +1,159 @@
+"""The bit-width search's candidate weights (runtime layer): pruned as the prune pass would (magnitude mask, kept
+weights refit on the layer's input statistics, cross-fitted where the search scores on the data the refit learns
+from), then k-means coded as the share pass would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcompress.formats.codebook import fit_codebook
+from onnxcompress.graph.data import Dataset
+from onnxcompress.graph.weights import WeightInfo
+from onnxcompress.numerics.measures import magnitude_mask
+from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
+                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt)
+from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
+from onnxcompress.runtime.statistics import Collector
+
+
+class Pruner:
+    """Pruned versions of a weight close to what the prune pass makes: magnitude mask, then (with
+    calibration data) the kept weights refit in the metric of the layer's input Gram matrix.
+
+    Like the prune pass, the exact per-row least squares is used where it is cheap (high
+    sparsity: sum |S_j|^3 / 3 flops below `max_flops`), else the SparseGPT update, which is
+    faster and no better, so simulated sensitivities lean pessimistic there.
+
+    With `crossfit` (the search scores on the same data the refit learns from) each refit is
+    made once per fold of data chunks, from the chunks outside that fold, so that every sample is
+    scored by a refit that did not see it: a refit on a few hundred samples for hundreds of inputs
+    fits those samples far better than new ones, and scoring it on them would plan for fidelity
+    that the compressed model does not have on new data."""
+
+    max_flops = 2e9
+    folds = 4  # cross-fitting folds: each refit learns from 3/4 of the data chunks, near the final fit's all
+    # a least-squares fit of p values per row on n rows matches its own rows better than new ones
+    # by about a factor 1 - p/n; from n >= 20 p on (conv layers: thousands of patches) the bias is
+    # under 5% and one fit on all rows is scored as it is
+    rows_per_kept = 20
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
+                 crossfit: bool = False, collector: Collector | None = None):
+        layers = {w.name: linear_layer(model, w) for w in weights}
+        self.layers = {name: layer for name, layer in layers.items() if layer is not None}
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
+                                          collector=collector) if data and self.layers else {}
+        self.crossfit = crossfit
+        # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
+        self.held_out_ridge = True
+        self._cache: dict[tuple[str, float], _Refits] = {}
+
+    def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
+                 all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+        """(refit weights: one, or one per fold f fit without fold f when cross-fitting; the kept mask).
+
+        `all_rows`: one fit on all rows at the default ridge, for the predicted sweep's layer errors: the
+        held-out choice of the ridge (two folds x the damping grid: 14 fits) and the fold fits (4) are made
+        only where a candidate is measured."""
+        key = (info.name, sparsity)
+        refits = self._cache.get(key)
+        if refits is None:
+            refits = self._cache[key] = self._mask(array, info, sparsity)
+        if refits.stats is None:
+            return refits.plain, refits.mask
+        hessians = [refits.stats.hessian(g) for g in range(refits.layer.groups)]
+        if all_rows:
+            if refits.rough is None:
+                refits.rough = self._fit(refits, array, hessians, DEFAULT_DAMPING)
+            return [refits.rough], refits.mask
+        if refits.damping is None:
+            layer = refits.layer
+            refits.damping = self._damping([refits.stats.fold_hessians(g) for g in range(layer.groups)],
+                                           layer.weight_matrix(np.asarray(array, dtype=np.float64)),
+                                           layer.weight_matrix(refits.mask), layer.group_of_channels()) \
+                if self.held_out_ridge else DEFAULT_DAMPING
+        if not refits.crossfits:
+            if refits.single is None:
+                refits.single = refits.rough if refits.damping == DEFAULT_DAMPING and refits.rough is not None \
+                    else self._fit(refits, array, hessians, refits.damping)
+            return [refits.single], refits.mask
+        if refits.folds is None:
+            # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
+            # (folds - 1) / folds of the rows outside one fold takes a little more
+            stats = refits.stats
+            heldout = [stats.heldout_hessians(g) for g in range(refits.layer.groups)]
+            scale = stats.folds / (stats.folds - 1)
+            refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale)
+                            for f in range(stats.folds)]
+        return refits.folds, refits.mask
+
+    def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
+        """The mask and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
+        mask = magnitude_mask(array, sparsity)
+        refits = _Refits(mask, [np.where(mask, array, 0).astype(array.dtype)])
+        stats, layer = self.stats.get(info.name), self.layers.get(info.name)
+        if stats is None:
+            return refits
+        refits.stats, refits.layer = stats, layer
+        kept = float(layer.weight_matrix(mask).sum(axis=1).mean())
+        refits.crossfits = bool(self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept)
+        return refits
+
+    def _fit(self, refits: "_Refits", array: np.ndarray, hessians: list[np.ndarray], damping: float) -> np.ndarray:
+        layer = refits.layer
+        return self._refit(layer, layer.weight_matrix(np.asarray(array, dtype=np.float64)),
+                           layer.weight_matrix(refits.mask), layer.group_of_channels(), hessians,
+                           damping).astype(array.dtype)
+
+    def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
+               damping: float) -> np.ndarray:
+        refit = np.zeros_like(target)
+        for g in range(layer.groups):
+            rows = np.flatnonzero(group == g)
+            if lstsq_cost(keep[rows]) <= self.max_flops:
+                refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
+            else:
+                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping)[0]
+        return layer.weight_from_matrix(refit)
+
+    @staticmethod
+    def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
+        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
+        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
+            return DEFAULT_DAMPING
+        errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
+                     for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))
+        return damping_for_all_rows(errors)
+
+
+@dataclass
+class _Refits:
+    """What the pruner made of one (weight, sparsity): the mask, the plain masked weight, and (with layer
+    statistics) the fits made so far."""
+
+    mask: np.ndarray
+    plain: list[np.ndarray]
+    stats: object = None  # the layer's input statistics (capture.LayerInputs), None: no refit
+    layer: object = None
+    damping: float | None = None  # the ridge chosen by held-out error (for the measured fits)
+    crossfits: bool = False
+    rough: np.ndarray | None = None  # on all rows at the default ridge: the prediction's
+    single: np.ndarray | None = None  # on all rows at the chosen ridge: the measured one where none cross-fits
+    folds: list[np.ndarray] | None = None
+
+
+def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                      pruner: Pruner | None = None, *, all_rows: bool = False) -> list:
+    """Prune to `sparsity` (refit when the pruner has data), then k-means code at `bits`: one
+    coded weight, or one per data fold when the pruner cross-fits (`all_rows`: the one fit on all rows)."""
+    if sparsity <= 0:
+        return [fit_codebook(array, info, bits, seed=seed)]
+    if pruner is not None:
+        refits, mask = pruner(array, info, sparsity, all_rows=all_rows)
+    else:
+        mask = magnitude_mask(array, sparsity)
+        refits = [np.where(mask, array, 0)]
+    return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits]
