@@ -9,8 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx import helper, numpy_helper
+
+import onnxcompress.api as oc
 from test_hostile import _fails_cleanly
-from tiny import gemm
+from tiny import cli_error, gemm, make_model, value, weights
 
 
 @pytest.mark.parametrize("entry", ["folder", "fifo"])
@@ -70,3 +73,31 @@ def test_labels_that_are_no_class_numbers_are_refused(tmp_path, capsys, labels, 
     np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32), labels=labels)
     err = _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
     assert says in err
+
+
+@pytest.mark.parametrize("labels, says", [
+    (np.full(16, 40), "the labels hold class 40, but output 'y' scores 32 classes"),
+    (np.r_[np.arange(15), -1], "labels must be class numbers from 0; they hold -1"),
+], ids=["past-the-last-class", "negative"])
+def test_labels_out_of_the_class_range_are_refused(tmp_path, capsys, labels, says):
+    """Labels of classes the model does not score matched no argmax: the accuracy was silently low and a
+    --max-drop budget measured against it meant nothing (compress and validate alike)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32), labels=labels)
+    assert says in _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
+    assert says in cli_error(capsys, ["validate", str(model), str(model), "--data", str(data)])
+
+
+def test_labels_in_range_of_one_output_count_for_it(tmp_path):
+    """Two class-score outputs of the same size: labels in range of one of them are that one's (no refusal)."""
+    rng = np.random.default_rng(0)
+    a = helper.make_node("Gemm", ["x", "Wa"], ["ya"], transB=1)
+    b = helper.make_node("Gemm", ["x", "Wb"], ["yb"], transB=1)
+    model = make_model([a, b], [value("x", ["N", 8])], [value("ya", ["N", 10]), value("yb", ["N", 3])],
+                       [numpy_helper.from_array(weights(rng, 10, 8), "Wa"),
+                        numpy_helper.from_array(weights(rng, 3, 8), "Wb")])
+    data = {"x": rng.standard_normal((16, 8)).astype(np.float32), "labels": np.arange(16) % 10}
+    outputs = {o.name: o for o in oc.validate(model, model, data).outputs}
+    assert outputs["ya"].accuracy_reference is not None and outputs["yb"].accuracy_reference is None

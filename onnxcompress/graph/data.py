@@ -253,6 +253,8 @@ def _check_labels(source: str, labels: np.ndarray, samples: int) -> None:
     if not whole:
         raise DataError(f"{source}: labels must be whole class numbers, one per sample; got {labels.dtype} values "
                         "that are not (strings, fractions, NaN or Inf?)")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source}: labels must be class numbers from 0; they hold {labels.min():g}")
 
 
 def _spec(specs: Sequence[InputSpec], name: str) -> InputSpec | None:
