@@ -82,6 +82,7 @@ class CalibratePass(Pass):
     Config = CalibrateConfig
     produces = frozenset({Artifact.CALIBRATION})
     needs_data = True
+    measures = True
 
     def requires(self, ctx: Context) -> None:
         if ctx.data is None:

@@ -101,3 +101,18 @@ def test_labels_in_range_of_one_output_count_for_it(tmp_path):
     data = {"x": rng.standard_normal((16, 8)).astype(np.float32), "labels": np.arange(16) % 10}
     outputs = {o.name: o for o in oc.validate(model, model, data).outputs}
     assert outputs["ya"].accuracy_reference is not None and outputs["yb"].accuracy_reference is None
+
+
+@pytest.mark.parametrize("text, says", [
+    ("passes: []\n", "has no passes: it cannot change the model"),
+    ("passes:\n  - bitwidth: {without_data: skip}\n", "only measures (bitwidth): it cannot change the model"),
+    ("passes:\n  - calibrate\n  - bitwidth: {}\n", "only measures (bitwidth, calibrate)"),
+], ids=["empty", "search-alone", "measures-only"])
+def test_recipe_that_cannot_change_the_model_is_refused(tmp_path, capsys, text, says):
+    """`passes: []` (or passes that only measure) wrote the input back as OUT with exit 0, as if compressed."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    err = _fails_cleanly(capsys, tmp_path, model, "--recipe", str(recipe), "-q")
+    assert says in err and "add a pass that compresses" in err
