@@ -116,3 +116,25 @@ def test_recipe_that_cannot_change_the_model_is_refused(tmp_path, capsys, text, 
     onnx.save(gemm(), model)
     err = _fails_cleanly(capsys, tmp_path, model, "--recipe", str(recipe), "-q")
     assert says in err and "add a pass that compresses" in err
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_data_folder_link_out_of_the_folder_is_refused(tmp_path, capsys, suffix):
+    """A link in the data folder was followed wherever it pointed (a file the user never named); a link to
+    another file of the same folder is still read."""
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir(), outside.mkdir()
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    save = (lambda f, a: np.savez(f, x=a)) if suffix == ".npz" else np.save
+    save(data / f"a{suffix}" if suffix == ".npz" else data / "kept.bin", x)
+    save(outside / f"x{suffix}", x)
+    link = data / f"x{suffix}"
+    link.symlink_to(outside / f"x{suffix}")
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    err = _fails_cleanly(capsys, tmp_path, model, "--data", str(data), "-q")
+    assert err == f"onnxcompress: error: data file '{link}' is a link to a file outside the folder '{data}'; " \
+                  "copy the file in, or give it as --data itself"
+    link.unlink()
+    link.symlink_to(data / ("a.npz" if suffix == ".npz" else "kept.bin.npy"))
+    assert oc.validate(model, model, str(data)).samples == (2 if suffix == ".npz" else 4)

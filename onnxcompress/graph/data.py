@@ -380,6 +380,11 @@ def _load_folder(path: Path) -> Dataset:
     npy = sorted(path.glob("*.npy"))
     if npz and npy:
         raise DataError(f"folder '{path}' mixes .npz and .npy files; use one kind")
+    root = path.resolve()
+    for file in npz or npy:  # the folder's own files: a link out of it reads a file nobody named
+        if file.is_symlink() and not file.resolve().is_relative_to(root):
+            raise DataError(f"data file '{file}' is a link to a file outside the folder '{path}'; copy the file "
+                            "in, or give it as --data itself")
     if npz:
         return Dataset(_LazyFeeds(npz), source=str(path))
     if npy:
