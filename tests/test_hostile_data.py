@@ -12,6 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress.api as oc
+from onnxcompress.cli import main
 from test_hostile import _fails_cleanly
 from tiny import cli_error, gemm, make_model, value, weights
 
@@ -139,3 +140,16 @@ def test_data_folder_link_out_of_the_folder_is_refused(tmp_path, capsys, suffix)
     link.unlink()
     link.symlink_to(data / "sub" / f"x{suffix}")
     assert oc.validate(model, model, str(data)).samples == (1 if suffix == ".npz" else 4)
+
+
+def test_recipe_name_with_a_newline_cannot_forge_a_report_line(tmp_path, capsys):
+    """A recipe's name is echoed in the report's first line: its newline split that line (a forged line
+    'ratio: 100x' under it); escapes and CR were already written as text."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('name: "\\e[31mmine\\nratio: 100x\\r"\npasses:\n  - share: {}\n')
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    assert main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("\\x1b[31mmine\\nratio: 100x\\r (portable): ")
+    assert not any(line.startswith("ratio") for line in out)
