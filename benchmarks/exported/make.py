@@ -197,16 +197,16 @@ def bert_tiny(folder: Path) -> None:
     ids = torch.randint(0, 3000, (1, 16))
     args = (ids, torch.ones(1, 16, dtype=torch.int64), torch.zeros(1, 16, dtype=torch.int64))
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    dynamic = {n: {0: "batch", 1: "seq"} for n in names} | {"embedding": {0: "batch"}}
+    dynamic = {n: {0: "batch", 1: "seq"} for n in names} | {"sentence_embedding": {0: "batch"}}
     for opset in (14, 11):
         _try(f"bert_tiny_op{opset}", lambda: _torch_export(model, args, folder / f"bert_tiny_op{opset}.onnx",
-                                                           opset=opset, names_in=names, names_out=["embedding"],
+                                                           opset=opset, names_in=names, names_out=["sentence_embedding"],
                                                            dynamic=dynamic))
     _try("bert_tiny_fp16", lambda: _torch_export(_half(model), args,
                                                  folder / "bert_tiny_fp16.onnx", opset=14, names_in=names,
-                                                 names_out=["embedding"], dynamic=dynamic))
+                                                 names_out=["sentence_embedding"], dynamic=dynamic))
     _try("bert_tiny_dynamo", lambda: _torch_export(model, args, folder / "bert_tiny_dynamo.onnx", opset=18,
-                                                   names_in=names, names_out=["embedding"], dynamo=True))
+                                                   names_in=names, names_out=["sentence_embedding"], dynamo=True))
 
 
 def _half(model):
