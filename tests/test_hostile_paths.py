@@ -295,21 +295,22 @@ def _fail(exc):
     return boom
 
 
-@pytest.mark.parametrize("where", ["rename", "report", "interrupt-save", "interrupt-report"])
+@pytest.mark.parametrize("where", ["rename", "report", "interrupt-save", "interrupt-report", "interrupt-rename"])
 def test_failure_after_the_work_leaves_nothing(tmp_path, capsys, monkeypatch, where):
-    """Disk or permission errors once the work ran, and Ctrl-C: no OUT, no data file, no report, no temp."""
+    """Disk or permission errors once the work ran, and Ctrl-C: no OUT, no data file, no report, no temp.
+    (Ctrl-C between two renames left the first output in place and the hard link kept of a file it replaced.)"""
     monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
     model = _with_external(tmp_path)  # streamed: OUT comes with a data file
     argv = ["compress", str(model), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"),
             "--jobs", "1", "-q"]
-    if where == "rename":
+    if where.endswith("rename"):
         real = os.replace
         calls = []
 
         def replace(src, dst):  # the second rename fails: the first output must not stay
             calls.append(dst)
             if len(calls) == 2:
-                raise PermissionError(13, "Permission denied")
+                raise KeyboardInterrupt() if where.startswith("interrupt") else PermissionError(13, "Permission denied")
             return real(src, dst)
 
         monkeypatch.setattr("onnxcompress.graph.outputs.os.replace", replace)
