@@ -15,7 +15,8 @@ bidirectional LSTM + CTC log-softmax head, torch), stream_gru_if (GRU + LSTM wit
 scalar sample rate whose branches hold their own weights, torch script), paddle_ocr_cls (depthwise convs,
 BatchNorm, hardswish, paddle2onnx), paddle_style_constants (the same kind of net from torch, its weights moved
 into Constant nodes as paddle2onnx writes some), bert_tiny_op14/op11/fp16 (attention mask, LayerNorm, GELU,
-Gather embeddings; torch legacy), bert_tiny_dynamo.
+Gather embeddings; torch legacy), bert_tiny_dynamo, db_detector (strided convs, FPN upsampling, ConvTranspose,
+sigmoid map, dynamic height and width, weights in Constant nodes).
 """
 from __future__ import annotations
 
@@ -115,7 +116,6 @@ def stream_gru_if(folder: Path) -> None:
 def paddle_style_constants(folder: Path) -> None:
     """A PP-LCNet-like classifier (depthwise separable convs, BatchNorm, hardswish, SE) from torch, then every
     initializer moved into a Constant node (as paddle2onnx writes weights in some models)."""
-    import onnx
     import torch
     from torch import nn
 
@@ -145,6 +145,42 @@ def paddle_style_constants(folder: Path) -> None:
     path = folder / "paddle_style_constants.onnx"
     _torch_export(net, (torch.randn(1, 3, 48, 192),), path, opset=11, names_in=["x"], names_out=["probs"],
                   dynamic={"x": {0: "N"}, "probs": {0: "N"}})
+    _to_constants(path)
+
+
+def db_detector(folder: Path) -> None:
+    """An OCR text detector's shape (DB: strided convs, an FPN of nearest upsampling + adds, ConvTranspose back to
+    full size, sigmoid map), height and width dynamic, every weight a Constant node as paddle2onnx writes them."""
+    import torch
+    from torch import nn
+
+    class DB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+            self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+            self.c3 = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU())
+            self.l3, self.l2 = nn.Conv2d(64, 32, 1), nn.Conv2d(32, 32, 1)
+            self.head = nn.Sequential(nn.Conv2d(32, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.ConvTranspose2d(16, 8, 2, 2), nn.ReLU(), nn.ConvTranspose2d(8, 1, 2, 2))
+
+        def forward(self, x):
+            f2 = self.c2(self.c1(x))
+            f3 = self.c3(f2)
+            p = self.l2(f2) + nn.functional.interpolate(self.l3(f3), scale_factor=2.0, mode="nearest")
+            return torch.sigmoid(self.head(p))
+
+    torch.manual_seed(SEED)
+    path = folder / "db_detector.onnx"
+    _torch_export(DB(), (torch.randn(1, 3, 64, 96),), path, opset=11, names_in=["x"], names_out=["maps"],
+                  dynamic={"x": {0: "N", 2: "H", 3: "W"}, "maps": {0: "N", 2: "H", 3: "W"}})
+    _to_constants(path)
+
+
+def _to_constants(path: Path) -> None:
+    """Every initializer of the model at `path` becomes a Constant node (in place)."""
+    import onnx
+
     model = onnx.load(path)
     consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
     del model.graph.initializer[:]
@@ -284,7 +320,7 @@ with tempfile.TemporaryDirectory() as d:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
 
 
-FAMILIES = {"crnn": crnn, "stream_gru_if": stream_gru_if, "paddle_style_constants": paddle_style_constants,
+FAMILIES = {"crnn": crnn, "db_detector": db_detector, "stream_gru_if": stream_gru_if, "paddle_style_constants": paddle_style_constants,
             "bert_tiny": bert_tiny, "keras_conv1d": keras_conv1d, "paddle_ocr_cls": paddle_ocr_cls}
 
 
