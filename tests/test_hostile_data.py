@@ -153,3 +153,23 @@ def test_recipe_name_with_a_newline_cannot_forge_a_report_line(tmp_path, capsys)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("\\x1b[31mmine\\nratio: 100x\\r (portable): ")
     assert not any(line.startswith("ratio") for line in out)
+
+
+@pytest.mark.parametrize("form", ["npz", "dict", "npy-folder"])
+def test_an_input_named_labels_takes_the_labels_array(tmp_path, form):
+    """A model whose input is called 'labels': stacked data's 'labels' array was taken for class labels and the
+    data 'held no arrays'. It feeds the input."""
+    model = gemm()
+    model.graph.input[0].name = model.graph.node[0].input[0] = "labels"
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    if form == "npz":
+        data = tmp_path / "d.npz"
+        np.savez(data, labels=x)
+    elif form == "npy-folder":
+        data = tmp_path / "d"
+        data.mkdir()
+        np.save(data / "labels.npy", x)
+    else:
+        data = {"labels": x}
+    comparison = oc.validate(model, model, str(data) if form != "dict" else data)
+    assert comparison.samples == 16 and comparison.outputs[0].accuracy_reference is None

@@ -329,7 +329,7 @@ def load_data(source, *, name: str | None = None, specs: Sequence[InputSpec] = (
         return _load_path(Path(source), specs)
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
-        labels = arrays.pop("labels", None)
+        labels = _pop_labels(arrays, specs)
         return Dataset(stacked=arrays, labels=labels, source=name or "data")
     if isinstance(source, Iterable):
         feeds = [dict(f) for f in source]
@@ -341,13 +341,13 @@ def _load_path(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, specs)
     if not path.is_file():
         raise DataError(f"data path '{path}' is not a regular file or folder")
     if file_kind(path) == "npy":
         return _single_npy(path, specs)
     arrays = read_npz(path)
-    labels = arrays.pop("labels", None)
+    labels = _pop_labels(arrays, specs)
     if not arrays:
         raise DataError(f"'{path}' holds no arrays")
     if any(_FEED_KEY.match(k) for k in arrays):
@@ -375,7 +375,13 @@ def _feed_list(arrays: dict[str, np.ndarray], path: Path) -> list[Feed]:
     return [feeds[i] for i in sorted(feeds)]
 
 
-def _load_folder(path: Path) -> Dataset:
+def _pop_labels(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> np.ndarray | None:
+    """The data's `labels` array, taken out of `arrays`; none when the model has an input of that name (the
+    array feeds it)."""
+    return None if any(s.name == "labels" for s in specs) else arrays.pop("labels", None)
+
+
+def _load_folder(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
     if npz and npy:
@@ -391,7 +397,7 @@ def _load_folder(path: Path) -> Dataset:
         arrays = {}
         for file in npy:
             arrays[file.stem] = read_npy(file)
-        labels = arrays.pop("labels", None)
+        labels = _pop_labels(arrays, specs)
         return Dataset(stacked=arrays, labels=labels, source=str(path))
     raise DataError(f"folder '{path}' holds no .npz or .npy files")
 
