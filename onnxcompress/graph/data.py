@@ -244,21 +244,21 @@ class Dataset:
         if len(self) == 0:
             raise DataError(f"{self.source}: holds no samples")
         required = {s.name for s in specs if s.fed}
-        known = {s.name for s in specs if not s.sequence}
+        sequences = {s.name for s in specs if s.sequence}  # fed an empty sequence by feed()
+        known = {s.name for s in specs} - sequences
         n = len(self) if self.stacked is None else 1  # stacked: one check covers every sample
         for i in range(n):
             feed = self.feed(i, specs)
             where = f"{self.source}, sample {i}" if self.stacked is None else self.source
             for name in sorted(required - feed.keys()):
                 raise DataError(f"{where}: input '{name}' is missing (the model needs {sorted(required)})")
-            for spec in specs:
-                if spec.sequence and spec.name in feed and not isinstance(feed[spec.name], list):
-                    raise DataError(f"{where}: input '{spec.name}' is a sequence of tensors, which data files cannot "
-                                    "hold (onnxcompress feeds it an empty sequence): leave it out")
-            for name in sorted(feed.keys() - known - {s.name for s in specs if s.sequence}):
+            for name in sorted(k for k in feed.keys() & sequences if not isinstance(feed[k], list)):
+                raise DataError(f"{where}: input '{name}' is a sequence of tensors, which data files cannot hold "
+                                "(onnxcompress feeds it an empty sequence): leave it out")
+            for name in sorted(feed.keys() - known - sequences):
                 raise DataError(f"{where}: the model has no input '{name}' (it has {sorted(known)})")
             for spec in specs:
-                if not spec.sequence and spec.name in feed:
+                if spec.name in feed.keys() & known:
                     _check_value(where, spec, feed[spec.name])
         if self.stacked is not None:
             for name, array in self.stacked.items():
