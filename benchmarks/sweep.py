@@ -8,8 +8,8 @@ the CLI, each model and recipe in its own process with synthesized data (the too
 `--data`-less path, where onnxcompress makes feeds from the model's input declarations), and
 sorts the outcomes: ok (exit 0), refused (exit 2: one line naming the problem, the contract for
 bad input), gate (exit 1 from a failed fidelity gate), BUG (exit 1 from our error, any traceback,
-more than one line on stderr, a pass's unexpected Python exception named in the one line, or a crash by
-signal), and timeout. A BUG row is a bug to fix; a
+more than one line on stderr, a pass's unexpected Python exception named in the one line, a model a pass made
+that onnxruntime will not load, or a crash by signal), and timeout. A BUG row is a bug to fix; a
 refusal is worth reading (is it the user's fault, and does the line say what to do?).
 
 With `--data N`, every run gets `--data` too: a feed-list .npz of N feeds the model runs on, synthesized
@@ -31,6 +31,7 @@ from pathlib import Path
 RECIPES = ["share", "share-4bit", "int8", "int8-weights", "int4-weights", "deep-compression-fixed"]
 UNEXPECTED = re.compile(r"in pass '[^']+'.*: (TypeError|ValueError|IndexError|KeyError|AttributeError|AssertionError|"
                         r"ZeroDivisionError|NameError|UnboundLocalError|FloatingPointError|LinAlgError|RuntimeError):")
+MADE_INVALID = re.compile(r"in pass '[^']+'.*: onnxruntime cannot load the model")
 RESERVED = ("magika", "silero", "rapidocr", "ddddocr", "captcha", "minilm")  # never run (kept for evaluation)
 
 
@@ -55,8 +56,10 @@ def classify(code: int | None, stderr: str) -> str:
         return "BUG"
     if code == 0:
         return "ok"
-    if code == 2:  # one line, unless it is a Python exception a pass did not expect (the manager names its type)
-        return "refused" if len(lines) <= 1 and not UNEXPECTED.search(lines[-1] if lines else "") else "BUG"
+    if code == 2:  # one line, unless it is a Python exception a pass did not expect (the manager names its type),
+        # or onnxruntime refusing a model a pass made out of one it loaded
+        last = lines[-1] if lines else ""
+        return "refused" if len(lines) <= 1 and not UNEXPECTED.search(last) and not MADE_INVALID.search(last) else "BUG"
     return "gate" if lines and "gate" in lines[-1].lower() else "BUG"
 
 

@@ -93,9 +93,11 @@ def _note_if_not_smaller(report) -> None:
     lines of the report say why each weight was left as it was."""
     text = (f"the output ({report.output_bytes} bytes) is not smaller than the input ({report.input_bytes} bytes): "
             "see the report's per-weight lines for what was left float and why")
+    said = any(n.startswith("the output (") for n in report.notes)  # compress_file says it again, on disk
     report.notes = [n for n in report.notes if not n.startswith("the output (")]
     if report.output_bytes >= report.input_bytes:
-        log.warning("%s", text)
+        if not said:
+            log.warning("%s", text)
         report.notes.append(text)
 
 

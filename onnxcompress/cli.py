@@ -10,6 +10,7 @@ import json
 import logging
 import logging.handlers
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from onnxcompress.formats.forms import Form
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
 EXIT_BUG = 1  # a failed pre- or postcondition inside onnxcompress (BugError)
+EXIT_BROKEN_PIPE = 141  # stdout closed early, as a shell reports a tool ended by SIGPIPE
 
 
 def _json_default(value):
@@ -226,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary outputs are removed
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
     except OnnxCompressError as e:
         if held is not None:
             held.buffer.clear()
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcompress: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the report went away (`| head`): no bug, and OUT may be in place
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a second error at exit's flush
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # anything unforeseen is our bug: one line, not a traceback (-vv logs it)
         if held is not None:
             held.buffer.clear()

@@ -69,7 +69,7 @@ def comparison_text(comparison: Comparison) -> str:
 def report_text(report: Report) -> str:
     lines = []
     if report.input_bytes and report.output_bytes:
-        lines.append(f"{report.recipe} ({report.form}): {human_bytes(report.input_bytes)} -> "
+        lines.append(f"{printable(report.recipe, newlines=False)} ({report.form}): {human_bytes(report.input_bytes)} -> "
                      f"{human_bytes(report.output_bytes)}, {report.ratio:.2f}x smaller")
     if report.shipped is not None:
         lines.append(shipped_text(report.shipped, report.input_bytes))

@@ -115,6 +115,7 @@ class BitWidthPass(Pass):
     name = "bitwidth"
     Config = BitWidthConfig
     produces = frozenset({Artifact.PLAN})
+    measures = True
 
     def requires(self, ctx: Context) -> None:
         if (ctx.eval_data or ctx.data) is None and self.config.without_data == "error":

@@ -31,7 +31,9 @@ from onnxcompress.runtime.sessions import detached
 from onnxcompress.runtime.statistics import Collector, Extremes, Histogram
 
 log = logging.getLogger(__name__)
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# QuantizeLinear reads float32 (float16/bfloat16 only from opset 19, with scales of that type, which QDQ does not
+# write): ranges of other float tensors would make Q nodes onnxruntime refuses; those activations stay float
+_FLOATS = {onnx.TensorProto.FLOAT}
 
 
 @dataclass(kw_only=True)
@@ -82,6 +84,7 @@ class CalibratePass(Pass):
     Config = CalibrateConfig
     produces = frozenset({Artifact.CALIBRATION})
     needs_data = True
+    measures = True
 
     def requires(self, ctx: Context) -> None:
         if ctx.data is None:

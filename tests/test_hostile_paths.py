@@ -9,6 +9,8 @@ the security cases keep a victim file in a sibling folder outside the working fo
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,21 +297,22 @@ def _fail(exc):
     return boom
 
 
-@pytest.mark.parametrize("where", ["rename", "report", "interrupt-save", "interrupt-report"])
+@pytest.mark.parametrize("where", ["rename", "report", "interrupt-save", "interrupt-report", "interrupt-rename"])
 def test_failure_after_the_work_leaves_nothing(tmp_path, capsys, monkeypatch, where):
-    """Disk or permission errors once the work ran, and Ctrl-C: no OUT, no data file, no report, no temp."""
+    """Disk or permission errors once the work ran, and Ctrl-C: no OUT, no data file, no report, no temp.
+    (Ctrl-C between two renames left the first output in place and the hard link kept of a file it replaced.)"""
     monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
     model = _with_external(tmp_path)  # streamed: OUT comes with a data file
     argv = ["compress", str(model), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"),
             "--jobs", "1", "-q"]
-    if where == "rename":
+    if where.endswith("rename"):
         real = os.replace
         calls = []
 
         def replace(src, dst):  # the second rename fails: the first output must not stay
             calls.append(dst)
             if len(calls) == 2:
-                raise PermissionError(13, "Permission denied")
+                raise KeyboardInterrupt() if where.startswith("interrupt") else PermissionError(13, "Permission denied")
             return real(src, dst)
 
         monkeypatch.setattr("onnxcompress.graph.outputs.os.replace", replace)
@@ -416,3 +419,20 @@ def test_usage_errors_are_one_line(argv, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2
     assert len(err) == 1 and err[0].startswith("onnxcompress: error:") and "--help" in err[0], err
+
+
+@pytest.mark.parametrize("command", ["compress", "recipes"])
+def test_stdout_closed_early_is_no_internal_error(tmp_path, command):
+    """`onnxcompress compress ... | head -1`: the report's print hit a closed pipe after OUT was in place, and the
+    line said 'internal error ... nothing was written' (exit 1). Now: silent, exit 141 as for SIGPIPE."""
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    argv = ["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--jobs", "1"] if command == "compress" \
+        else ["recipes", "--options"]
+    proc = subprocess.Popen([sys.executable, "-m", "onnxcompress.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "error" not in err and "Traceback" not in err, err
+    if command == "compress":
+        onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)

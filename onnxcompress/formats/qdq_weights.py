@@ -265,7 +265,9 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
     outputs = {o.name for o in graph.output}
     scope = NameScope(model)
     done = 0
-    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+    for name in [n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"]:
+        # found again by name: a rewrite rebuilds the node list, whose messages are then new objects
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name)
         users = _gathered_table(dq, readers.get(dq.output[0], []), inits, outputs)
         if users is None:
             continue
@@ -293,10 +295,10 @@ def gather_before_dequantize(model: onnx.ModelProto, pass_name: str) -> int:
         del graph.node[:]
         graph.node.extend(kept)
         graph.initializer.extend(new_inits)
-        still_read = consumers(graph)
-        for name in dq.input[1:]:
-            if name and name not in still_read and name in inits:
-                graph.initializer.remove(inits.pop(name))
+        readers = consumers(graph)
+        for used in dq.input[1:]:
+            if used and used not in readers and used in inits:
+                graph.initializer.remove(inits.pop(used))
         done += 1
     return done
 

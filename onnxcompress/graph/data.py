@@ -47,6 +47,13 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None  # None: rank unknown
+    optional: bool = False  # optional-typed: onnxruntime runs without it, so feeds may leave it out
+    sequence: bool = False  # sequence-typed: no data file holds one, so every call gets an empty sequence
+
+    @property
+    def fed(self) -> bool:
+        """Whether every feed holds this input as an array (data and synthesized inputs alike)."""
+        return not (self.optional or self.sequence)
 
     @property
     def batch_dynamic(self) -> bool:
@@ -65,14 +72,25 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        tensor_type = value.type.tensor_type
+        kind = value.type.WhichOneof("value")
+        inner = value.type.optional_type.elem_type if kind == "optional_type" else value.type
+        sequence = inner.WhichOneof("value") not in (None, "tensor_type")  # a sequence (or map) of tensors
+        tensor_type = inner.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.dtype("float32")
         shape = None
-        if tensor_type.HasField("shape"):
+        if tensor_type.HasField("shape") and not sequence:
             shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                           for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, optional=kind == "optional_type",
+                               sequence=sequence))
     return specs
+
+
+def _filled(feed: Feed, specs: Sequence[InputSpec]) -> Feed:
+    """`feed` with an empty sequence for each sequence-typed input (onnxruntime needs every one fed; the
+    optional ones it runs without)."""
+    fill = {s.name: [] for s in specs if s.sequence and not s.optional and s.name not in feed}
+    return {**feed, **fill} if fill else feed
 
 
 @dataclass(frozen=True)
@@ -177,8 +195,9 @@ class Dataset:
     def feed(self, index: int, specs: Sequence[InputSpec]) -> Feed:
         """Sample `index` shaped as one model call."""
         if self.stacked is None:
-            return self._feeds[index]
-        return {name: _one_sample(array, index, _spec(specs, name)) for name, array in self.stacked.items()}
+            return _filled(self._feeds[index], specs)
+        return _filled({name: _one_sample(array, index, _spec(specs, name)) for name, array in self.stacked.items()},
+                       specs)
 
     def chunks(self, specs: Sequence[InputSpec], max_batch: int = 64) -> Iterator[tuple[Feed, int]]:
         """Yield (feed, number of samples in it), batching stacked data where the model allows (never a
@@ -188,13 +207,13 @@ class Dataset:
         if self.stacked is not None and max_batch > 1 and self._batchable(specs):
             for start in range(0, len(self), max_batch):
                 stop = min(start + max_batch, len(self))
-                yield {k: v[start:stop] for k, v in self.stacked.items()}, stop - start
+                yield _filled({k: v[start:stop] for k, v in self.stacked.items()}, specs), stop - start
             return
         if max_batch > 1 and self._uniform_singles(specs):
             # one-sample feeds of equal shapes run as batches, as the same data stacked would
             for start in range(0, len(self), max_batch):
                 group = self._feeds[start:start + max_batch]
-                yield {k: np.concatenate([f[k] for f in group]) for k in group[0]}, len(group)
+                yield _filled({k: np.concatenate([f[k] for f in group]) for k in group[0]}, specs), len(group)
             return
         for i in range(len(self)):
             yield self.feed(i, specs), 1
@@ -224,17 +243,23 @@ class Dataset:
         """Raise DataError naming the sample and input for the first feed that does not fit."""
         if len(self) == 0:
             raise DataError(f"{self.source}: holds no samples")
-        required = {s.name for s in specs}
+        required = {s.name for s in specs if s.fed}
+        sequences = {s.name for s in specs if s.sequence}  # fed an empty sequence by feed()
+        known = {s.name for s in specs} - sequences
         n = len(self) if self.stacked is None else 1  # stacked: one check covers every sample
         for i in range(n):
             feed = self.feed(i, specs)
             where = f"{self.source}, sample {i}" if self.stacked is None else self.source
             for name in sorted(required - feed.keys()):
                 raise DataError(f"{where}: input '{name}' is missing (the model needs {sorted(required)})")
-            for name in sorted(feed.keys() - required):
-                raise DataError(f"{where}: the model has no input '{name}' (it has {sorted(required)})")
+            for name in sorted(k for k in feed.keys() & sequences if not isinstance(feed[k], list)):
+                raise DataError(f"{where}: input '{name}' is a sequence of tensors, which data files cannot hold "
+                                "(onnxcompress feeds it an empty sequence): leave it out")
+            for name in sorted(feed.keys() - known - sequences):
+                raise DataError(f"{where}: the model has no input '{name}' (it has {sorted(known)})")
             for spec in specs:
-                _check_value(where, spec, feed[spec.name])
+                if spec.name in feed.keys() & known:
+                    _check_value(where, spec, feed[spec.name])
         if self.stacked is not None:
             for name, array in self.stacked.items():
                 _check_finite(self.source, name, array)
@@ -253,6 +278,8 @@ def _check_labels(source: str, labels: np.ndarray, samples: int) -> None:
     if not whole:
         raise DataError(f"{source}: labels must be whole class numbers, one per sample; got {labels.dtype} values "
                         "that are not (strings, fractions, NaN or Inf?)")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source}: labels must be class numbers from 0; they hold {labels.min():g}")
 
 
 def _spec(specs: Sequence[InputSpec], name: str) -> InputSpec | None:
@@ -302,7 +329,7 @@ def load_data(source, *, name: str | None = None, specs: Sequence[InputSpec] = (
         return _load_path(Path(source), specs)
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
-        labels = arrays.pop("labels", None)
+        labels = _pop_labels(arrays, specs)
         return Dataset(stacked=arrays, labels=labels, source=name or "data")
     if isinstance(source, Iterable):
         feeds = [dict(f) for f in source]
@@ -314,13 +341,13 @@ def _load_path(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, specs)
     if not path.is_file():
         raise DataError(f"data path '{path}' is not a regular file or folder")
     if file_kind(path) == "npy":
         return _single_npy(path, specs)
     arrays = read_npz(path)
-    labels = arrays.pop("labels", None)
+    labels = _pop_labels(arrays, specs)
     if not arrays:
         raise DataError(f"'{path}' holds no arrays")
     if any(_FEED_KEY.match(k) for k in arrays):
@@ -348,18 +375,29 @@ def _feed_list(arrays: dict[str, np.ndarray], path: Path) -> list[Feed]:
     return [feeds[i] for i in sorted(feeds)]
 
 
-def _load_folder(path: Path) -> Dataset:
+def _pop_labels(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> np.ndarray | None:
+    """The data's `labels` array, taken out of `arrays`; none when the model has an input of that name (the
+    array feeds it)."""
+    return None if any(s.name == "labels" for s in specs) else arrays.pop("labels", None)
+
+
+def _load_folder(path: Path, specs: Sequence[InputSpec]) -> Dataset:
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
     if npz and npy:
         raise DataError(f"folder '{path}' mixes .npz and .npy files; use one kind")
+    root = path.resolve()
+    for file in npz or npy:  # the folder's own files: a link out of it reads a file nobody named
+        if file.is_symlink() and not file.resolve().is_relative_to(root):
+            raise DataError(f"data file '{file}' is a link to a file outside the folder '{path}'; copy the file "
+                            "in, or give it as --data itself")
     if npz:
         return Dataset(_LazyFeeds(npz), source=str(path))
     if npy:
         arrays = {}
         for file in npy:
             arrays[file.stem] = read_npy(file)
-        labels = arrays.pop("labels", None)
+        labels = _pop_labels(arrays, specs)
         return Dataset(stacked=arrays, labels=labels, source=str(path))
     raise DataError(f"folder '{path}' holds no .npz or .npy files")
 
@@ -406,6 +444,11 @@ def synthesis_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int,
         raise DataError(f"--shape names '{name}', which is not an input of the model (its inputs: {names})")
     out, total = {}, 0
     for spec in specs:
+        if not spec.fed:  # left out (optional) or an empty sequence: nothing to synthesize
+            if spec.name in shapes:
+                raise DataError(f"--shape names '{spec.name}', an optional or sequence-typed input onnxcompress "
+                                "does not synthesize")
+            continue
         if spec.name in shapes:
             shape = shapes[spec.name]
             fixed = spec.shape is not None and (len(shape) != len(spec.shape) or any(
@@ -436,6 +479,7 @@ def synthesize(specs: Sequence[InputSpec], *, shapes: Mapping[str, tuple[int, ..
     Random inputs exercise the model but measure fidelity weakly; callers warn the user.
     """
     sizes = synthesis_shapes(specs, shapes)
+    specs = [spec for spec in specs if spec.fed]
     for spec in specs:
         _random(np.random.default_rng(seed), spec.dtype, (0,))  # an unsupported dtype fails before any work
     rng = np.random.default_rng(seed)

@@ -119,22 +119,25 @@ class OutputPlan:
         undone (a file they replaced comes back, a new one goes) and every temporary is removed."""
         done: list[tuple[Path, Path | None]] = []  # (output, hard link to the file it replaced)
         for final, tmp in list(self._staged.items()):
-            backup = _keep_old(final)
+            backup = None
             try:
+                backup = _keep_old(final)
                 os.replace(tmp, final)
-            except OSError as e:
+            except BaseException as e:  # Ctrl-C between two renames too: never half of the outputs
                 if backup is not None:
                     backup.unlink(missing_ok=True)
                 for old_final, old_backup in reversed(done):
                     _undo(old_final, old_backup)
                 self.discard()
-                raise OutputError(f"cannot write '{final}': {e.strerror or e}") from e
+                if isinstance(e, OSError):
+                    raise OutputError(f"cannot write '{final}': {e.strerror or e}") from e
+                raise
             del self._staged[final]
             done.append((final, backup))
+        self._committed = True
         for _, backup in done:
             if backup is not None:
                 backup.unlink(missing_ok=True)
-        self._committed = True
 
     def discard(self) -> None:
         for tmp in self._staged.values():

@@ -176,6 +176,7 @@ class Pass:
     consumes: ClassVar[frozenset[Artifact]] = frozenset()
     composite: ClassVar[bool] = False  # its parts are run, checked and timed as passes of their own
     needs_data: ClassVar[bool] = False  # runs only with calibration data: checked before any pass runs
+    measures: ClassVar[bool] = False  # only measures, for the passes after it: never changes the model
 
     @dataclass(kw_only=True)
     class Config:

@@ -215,4 +215,10 @@ def _parse(doc: Any, default_name: str, where: str) -> Recipe:
     form = doc.get("form", "portable")
     if form not in [f.value for f in Form]:
         raise RecipeError(f"recipe '{where}': form must be 'portable' or 'packed', not {form!r}")
-    return Recipe(str(doc.get("name", default_name)), steps, form=form)
+    name = str(doc.get("name", default_name))
+    classes = _pass_classes(name, [p for p, _ in steps])
+    if all(cls.measures for cls in classes):  # the output would be the input, written out as if compressed
+        which = f"only measures ({', '.join(sorted({c.name for c in classes}))})" if classes else "has no passes"
+        raise RecipeError(f"recipe '{where}' {which}: it cannot change the model; add a pass that compresses "
+                          "(share, prune, qdq; see `onnxcompress recipes --options`)")
+    return Recipe(name, steps, form=form)

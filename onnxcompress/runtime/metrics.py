@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.graph.data import Dataset, model_inputs
-from onnxcompress.errors import ModelError
+from onnxcompress.errors import DataError, ModelError, printable
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
 from onnxcompress.runtime.tasks import OutputKind, TaskMetric, agreement, output_producers, present_rows, resolve_kinds
@@ -140,7 +140,7 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
     matches NaN). `kinds` (default: detected from the reference's values, see tasks.resolve_kinds)
     says what agreement means per output."""
     kinds = resolve_kinds(names, reference) if kinds is None else kinds
-    results = []
+    results, out_of_range = [], []
     for k, name in enumerate(names):
         refs = [np.asarray(chunk[k]) for chunk in reference]
         cands = [np.asarray(chunk[k]) for chunk in candidate]
@@ -161,14 +161,22 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
             metric.expected_loss = expected_loss(refs, ref_top, cand_top)
             if labels is not None and labels.size == ref_top.size:
                 truth = labels.ravel()
-                metric.accuracy_reference = float(np.mean(ref_top == truth))
-                metric.accuracy_candidate = float(np.mean(cand_top == truth))
+                classes = refs[0].shape[-1]
+                if truth.size and truth.max() >= classes:  # not this output's classes: no accuracy here
+                    out_of_range.append(f"'{printable(name, newlines=False)}' scores {classes}")
+                else:
+                    metric.accuracy_reference = float(np.mean(ref_top == truth))
+                    metric.accuracy_candidate = float(np.mean(cand_top == truth))
         if name in kinds:
             metric.task, metric.budgeted = kinds[name].describe(), kinds[name].budgeted
             gate = kinds[name].metric.gate if kinds[name].kind == "regression" else None
             rows = present_rows([chunk[names.index(gate)] for chunk in reference], kinds.get(gate)) if gate else None
             metric.agreement = agreement(kinds[name], refs, cands, rows)
         results.append(metric)
+    if out_of_range and all(m.accuracy_reference is None for m in results):
+        # labels of classes no output has matched no argmax: the accuracy was silently lower, --max-drop meaningless
+        raise DataError(f"the labels hold class {int(labels.max())}, but output {' and '.join(out_of_range)} "
+                        "classes (numbered from 0): the labels are not this model's")
     return results
 
 

@@ -65,7 +65,8 @@ def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool =
     this way never holds a second protobuf copy of the weights nor their serialized bytes (a copy of
     the model with extra outputs for calibration or capture costs its graph, not its weights).
     The initializers named in `also` are detached whatever their size (small integer tensors stay,
-    since onnxruntime reads shapes and axes from them while it builds the session).
+    since onnxruntime reads shapes and axes from them while it builds the session). Large initializers no
+    node, input or output reads are left out of the copy.
     With arrays=False only the copy is made (shape inference needs the types and dims alone). A
     packed model comes back as it is, with no arrays: make_session decodes it first.
     """
@@ -75,10 +76,16 @@ def detached(model: onnx.ModelProto, *, min_bytes: int = 1 << 12, arrays: bool =
     _copy_fields(model, light, skip={"graph"})
     _copy_fields(model.graph, light.graph, skip={"initializer"})
     detached_arrays = {}
+    # a weight nothing reads is dropped, not detached: onnxruntime removes it while it loads the graph, and then
+    # fails to take its array ('Failed to find existing initializer'); exporters leave such tensors behind
+    read = {x for g, _ in iter_graphs(model.graph) for n in g.node for x in n.input} \
+        | {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
     for tensor in model.graph.initializer:
         if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type not in _DETACHABLE
                 or not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in also)):
             light.graph.initializer.append(tensor)
+            continue
+        if tensor.name not in read:
             continue
         placeholder = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                   data_location=TensorProto.EXTERNAL)

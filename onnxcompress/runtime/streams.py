@@ -58,7 +58,7 @@ def _candidate_pairs(model: onnx.ModelProto, specs: list[InputSpec]) -> list[tup
         dims = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim] \
             if kind.HasField("shape") else None
         for spec in specs:
-            if spec.dtype != dtype or dtype.kind != "f" or spec.name == output.name:
+            if not spec.fed or spec.dtype != dtype or dtype.kind != "f" or spec.name == output.name:
                 continue
             if dims is not None and spec.shape is not None and (
                     len(dims) != len(spec.shape)

@@ -42,7 +42,7 @@ def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
     sizes = synthesis_shapes(specs, shapes)
     if foreign_domains(model):  # other libraries' ops: onnxruntime cannot run it here (validation is skipped too)
         return synthesize(specs, shapes=shapes, n=n)
-    free = [(s.name, axis) for s in specs if s.name not in (shapes or {}) and s.shape is not None
+    free = [(s.name, axis) for s in specs if s.fed and s.name not in (shapes or {}) and s.shape is not None
             for axis, d in enumerate(s.shape) if not (isinstance(d, int) and d > 0)]
     if not free and not shapes:  # every dim declared: nothing to guess (a model that cannot run fails at validation)
         return synthesize(specs, shapes=shapes, n=n)
