@@ -320,7 +320,7 @@ def _compress_file(args, plan, tolerance):
     from onnxcompress.api import compress_file
     from onnxcompress.execution.memory import keep_freed_memory
     from onnxcompress.execution.parallel import available_cores
-    from onnxcompress.graph.data import parse_shapes
+    from onnxcompress.graph.synthesized import parse_shapes
 
     budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
                                             ("target_ratio", args.target_ratio), ("metric", args.metric))
@@ -353,7 +353,7 @@ def _verdict(report, gate, flags):
 
 def _validate(args) -> int:
     from onnxcompress.api import validate
-    from onnxcompress.graph.data import parse_shapes
+    from onnxcompress.graph.synthesized import parse_shapes
     from onnxcompress.report import comparison_text
 
     gate, flags = _gate(args, "")

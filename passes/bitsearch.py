@@ -16,7 +16,8 @@ import onnx
 from onnxcompress.errors import RecipeError
 from onnxcompress.formats.forms import Form
 from onnxcompress.formats.packed import choose_layout, write_blob
-from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.stream import StateCarry
 from onnxcompress.graph.weights import get_array, WeightInfo
 from onnxcompress.pipeline.artifacts import Budget
 from onnxcompress.runtime.metrics import compare_outputs

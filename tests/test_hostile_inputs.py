@@ -192,7 +192,8 @@ def test_cli_bombs_under_2gib(tmp_path):
 
 
 def test_synthesis_limit_is_per_feed_and_documented():
-    from onnxcompress.graph.data import InputSpec, synthesize
+    from onnxcompress.graph.data import InputSpec
+    from onnxcompress.graph.synthesized import synthesize
     from onnxcompress.errors import DataError
 
     spec = InputSpec("x", np.dtype(np.float32), ("N", 64))
@@ -543,7 +544,8 @@ def test_npz_member_declaring_more_bytes_than_the_archive_holds(tmp_path, capsys
 
 
 def test_synthesis_limit_counts_every_input_of_a_feed():
-    from onnxcompress.graph.data import InputSpec, synthesize
+    from onnxcompress.graph.data import InputSpec
+    from onnxcompress.graph.synthesized import synthesize
     from onnxcompress.errors import DataError
 
     specs = [InputSpec(f"x{i}", np.dtype(np.float32), (MAX_SYNTH_ELEMENTS // 4,)) for i in range(5)]

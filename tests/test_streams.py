@@ -1,12 +1,13 @@
 """Stateful models fed streams: the data's chains are found, and every judging run carries each model's own
-states from call to call (runtime/streams.py, graph.data.StateCarry)."""
+states from call to call (runtime/streams.py, graph.stream.StateCarry)."""
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 from onnxcompress.api import compress, prepare_data
-from onnxcompress.graph.data import Dataset, Stream
+from onnxcompress.graph.data import Dataset
+from onnxcompress.graph.stream import Stream
 from onnxcompress.graph.weights import find_weights
 from onnxcompress.runtime.metrics import compare_models
 from onnxcompress.runtime.sessions import make_session, run

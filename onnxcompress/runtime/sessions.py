@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.graph import external
 from onnxcompress.graph.external import check_model
-from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.stream import StateCarry
 from onnxcompress.errors import ModelError, RuntimeMissingError
 from onnxcompress.formats.customop import to_portable
 from onnxcompress.graph.edit import DOMAIN, iter_graphs

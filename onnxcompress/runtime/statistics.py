@@ -43,7 +43,8 @@ import onnx
 from onnx import TensorProto
 
 from onnxcompress.errors import ModelError
-from onnxcompress.graph.data import Dataset, StateCarry, model_inputs
+from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.stream import StateCarry
 from onnxcompress.graph.edit import NameScope
 from onnxcompress.numerics.quantmath import StreamingHistogram
 from onnxcompress.runtime.sessions import detached, first_line, make_session

@@ -6,7 +6,7 @@ inputs. Data recorded from such a stream holds, in consecutive feeds, state inpu
 previous call's state outputs of the model that recorded it. :func:`detect_stream` finds that: it
 runs the original model call by call and links each state input to the output it repeats. Where
 the data is a stream, every run that judges a model's outputs goes call by call with the model's
-own states (graph.data.StateCarry), so a compressed model is charged with the error its states
+own states (graph.stream.StateCarry), so a compressed model is charged with the error its states
 carry forward, as a user streaming it would see.
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ import logging
 import numpy as np
 import onnx
 
-from onnxcompress.graph.data import Dataset, InputSpec, Stream, model_inputs
+from onnxcompress.graph.data import Dataset, InputSpec, model_inputs
+
+from onnxcompress.graph.stream import Stream
 from onnxcompress.errors import ModelError
 from onnxcompress.runtime.sessions import first_line, foreign_domains, make_session
 

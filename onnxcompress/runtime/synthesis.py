@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from onnxcompress.errors import DataError
-from onnxcompress.graph.data import Dataset, InputSpec, synthesis_shapes, synthesize
+from onnxcompress.graph.data import Dataset, InputSpec
+from onnxcompress.graph.synthesized import synthesis_shapes, synthesize
 from onnxcompress.graph.edit import all_tensors
 from onnxcompress.numerics.limits import MAX_SYNTH_ELEMENTS, element_count
 from onnxcompress.runtime.sessions import first_line, foreign_domains, make_session
@@ -36,7 +37,7 @@ MAX_SECONDS = 60.0  # and at most this long (a large model's runs are slow)
 
 def runnable_data(model: onnx.ModelProto, specs: Sequence[InputSpec], *,
                   shapes: Mapping[str, tuple[int, ...]] | None = None, n: int = 8) -> Dataset:
-    """Synthesized feeds (as graph.data.synthesize) with symbolic dims the model runs with.
+    """Synthesized feeds (as graph.synthesized.synthesize) with symbolic dims the model runs with.
 
     DataError, before any work, when the model runs with none of the sizes tried."""
     sizes = synthesis_shapes(specs, shapes)
