@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcompress.errors import PreconditionError
-from onnxcompress.formats.qdq_dynamic import quantize_dynamic_matmuls
+from onnxcompress.formats.qdq_dynamic import DYNAMIC_MIN_OPSET, quantize_dynamic_matmuls
 from onnxcompress.formats.qdq_ops import groups, insert_activation_qdq, layout, out_channels, weight_axis
 from onnxcompress.formats.qdq_weights import (DQ_AXIS_MIN_OPSET, DQ_MIN_OPSET, dq_nodes,
                                               gather_before_dequantize, hoist_constants, quantize_weights_only)
@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class QdqConfig:
-    mode: Literal["static", "weights"] = "static"  # static: weights and activations; weights: weight-only
+    # static: weights and activations (calibrated ranges); dynamic: MatMul/Gemm with activation ranges computed at
+    # run time (no data needed) and weight-only int8 elsewhere; weights: weight-only
+    mode: Literal["static", "dynamic", "weights"] = "static"
     activation_type: Literal["uint8", "int8"] = "uint8"  # static: the quantized type of activations
     symmetric_activations: bool = False  # static: activation ranges [-a, a] with a zero point of 0
     per_channel: bool = True  # weights: one scale per output channel (else one per tensor)
@@ -102,16 +104,19 @@ class QdqPass(Pass):
     def call(self, ctx: Context) -> PassResult:
         cfg: QdqConfig = self.config
         opset = opset_of(ctx.model)
-        if cfg.mode != "weights" and opset < DQ_MIN_OPSET:  # no QuantizeLinear: the weights alone, still int8
-            ctx.note(f"qdq: opset {opset} has no QuantizeLinear, so the activations stay float and only the weights "
-                     f"are int8 ({cfg.mode} int8 needs opset >= {DQ_MIN_OPSET}: convert the model with "
-                     "onnx.version_converter to opset 13 or later for integer kernels)")
+        least = DYNAMIC_MIN_OPSET if cfg.mode == "dynamic" else DQ_MIN_OPSET
+        if cfg.mode != "weights" and opset < least:  # no QuantizeLinear: the weights alone, still int8
+            ctx.note(f"qdq: opset {opset} has no {'DynamicQuantizeLinear' if cfg.mode == 'dynamic' else 'QuantizeLinear'}"
+                     f", so the activations stay float and only the weights are int8 ({cfg.mode} int8 needs opset >= "
+                     f"{least}: convert the model with onnx.version_converter to opset 13 or later for integer kernels)")
             cfg = dataclasses.replace(cfg, mode="weights")
         per_channel, cast = self._weight_form(ctx, cfg, opset)
         if cfg.mode == "weights":
             summary = quantize_weights_only(ctx, cfg, per_channel, opset, self.name, cast=cast)
             gather_before_dequantize(ctx.model, self.name)
             return PassResult(summary["weights"] > 0, summary)
+        if cfg.mode == "dynamic":
+            return self._dynamic(ctx, cfg, per_channel, opset)
         folded = fold_batch_norms(ctx.model) if cfg.fold_batch_norm else []
         if folded:
             ctx.note(f"qdq: folded {len(folded)} BatchNormalization node(s) into the convolution before each")
@@ -138,6 +143,14 @@ class QdqPass(Pass):
                                              "float_nodes": sum(map(len, plan.floats.values())),
                                              "weight_only": rest["weights"],
                                              "layer_errors_data": error_data, **kinds})
+
+    def _dynamic(self, ctx: Context, cfg: QdqConfig, per_channel: bool, opset: int) -> PassResult:
+        """Dynamic int8 for every eligible MatMul/Gemm (ranges at run time, as onnxruntime's quantize_dynamic), then
+        weight-only int8 for every other float weight; no data."""
+        matmuls = quantize_dynamic_matmuls(ctx, self.name)
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name)
+        gather_before_dequantize(ctx.model, self.name)
+        return PassResult(bool(matmuls) or rest["weights"] > 0, {**rest, "dynamic": len(matmuls)})
 
     @staticmethod
     def _weight_form(ctx: Context, cfg: QdqConfig, opset: int) -> tuple[bool, bool]:

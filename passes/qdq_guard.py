@@ -23,8 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcompress.formats.qdq_dynamic import DYNAMIC_MIN_OPSET
 from onnxcompress.graph.data import model_inputs
 from onnxcompress.graph.edit import NameScope
+from onnxcompress.graph.model import opset_of
 from onnxcompress.numerics.quantmath import TYPES
 from onnxcompress.runtime.metrics import compare_models, compare_outputs, Comparison
 from onnxcompress.runtime.sessions import make_session, median_latency, run
@@ -177,7 +179,7 @@ def fall_back(ctx, made: Candidates, cfg: Any, missed: str) -> dict:
     lowest output SQNR), smallest weights first, cfg.max_probes of them. (`cfg` is the qdq pass's QdqConfig,
     not imported: the pass imports this module.)"""
     tried: list[tuple[Fidelity, bool, dict[str, str]]] = []
-    if cfg.fallback == "dynamic":
+    if cfg.fallback == "dynamic" and opset_of(made.reference) >= DYNAMIC_MIN_OPSET:  # DynamicQuantizeLinear exists
         rest = made.build(True, {})
         if rest["dynamic"]:
             found = made.check(ctx)

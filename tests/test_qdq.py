@@ -312,3 +312,45 @@ def test_per_layer_errors_are_measured_on_the_evaluation_data_when_given():
     by_tensor = {e.tensor: e.sqnr_db for e in on_calib.layer_errors}
     assert {e.tensor for e in on_eval.layer_errors} == set(by_tensor)
     assert any(e.sqnr_db != by_tensor[e.tensor] for e in on_eval.layer_errors)  # other samples, other numbers
+
+
+def test_dynamic_mode_needs_no_data_and_runs_integer_matmuls(tmp_path):
+    """int8-dynamic: the Gemm's activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger, fused
+    by onnxruntime), the conv weight weight-only int8; no calibration, no data, close to the original."""
+    model = tiny.conv_gemm()
+    quantized, report = quantize(model, None, mode="dynamic", min_elements=16)  # the 72-entry conv weight too
+    ops = tiny.op_types(quantized)
+    assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops and "QuantizeLinear" not in ops
+    assert {r.name: r.action for r in report.weights}["fc.W"].startswith("int8 dynamic")
+    assert "conv.W" in {r.name for r in report.weights}  # weight-only int8
+    assert quantized.ByteSize() < 0.4 * model.ByteSize()
+    onnx.checker.check_model(quantized, full_check=True)
+    assert output_sqnr(model, quantized, data_for(model)) > 25
+    ran = optimized_ops(quantized, tmp_path)  # onnxruntime runs the Gemm on an integer kernel
+    assert any(op in ran for op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")), ran
+
+
+def test_dynamic_mode_below_opset_11_is_weight_only_with_a_note():
+    model = tiny.conv_gemm()
+    model.opset_import[0].version = 10
+    quantized, report = quantize(model, None, mode="dynamic")
+    assert "DynamicQuantizeLinear" not in tiny.op_types(quantized)
+    assert any("DynamicQuantizeLinear" in n and "opset 10" in n for n in report.notes)
+    assert quantized.opset_import[0].version == 10
+    tiny.run(quantized, data_for(model).stacked)
+
+
+def test_int8_without_data_names_the_recipe_that_needs_none():
+    from onnxcompress.errors import DataError
+
+    with pytest.raises(DataError, match="int8-dynamic"):
+        compress(tiny.conv_gemm(), "int8")
+
+
+def test_lenet300_int8_dynamic_recipe_keeps_the_test_accuracy():
+    model = onnx.load(str(SAMPLES / "lenet300.onnx"))
+    test = load_data(str(SAMPLES / "mnist_test.npz"))
+    quantized, report = compress(model, "int8-dynamic", eval_data=test)
+    assert report.validation.worst_agreement() >= 0.99 and report.validation.accuracy_drop <= 0.5
+    assert report.ratio > 3.5
+    assert "MatMulInteger" in tiny.op_types(quantized)

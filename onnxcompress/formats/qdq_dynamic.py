@@ -24,6 +24,8 @@ from onnxcompress.graph.weights import get_array
 
 log = logging.getLogger(__name__)
 
+DYNAMIC_MIN_OPSET = 11  # DynamicQuantizeLinear
+
 
 def _target(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[str, bool] | None:
     """(weight name, stored transposed) of a MatMul/plain Gemm reading a 2-D float initializer, else None."""

@@ -340,7 +340,8 @@ class PassManager(Pass):
             ctx.validate_each = self.validate == "each"
         if data is None and (needy := [p.name for p in self.parts() if p.needs_data]):
             raise DataError(f"the recipe '{self.recipe}' needs calibration data for its '{needy[0]}' pass: give "
-                            "--data with a few hundred representative inputs")
+                            "--data with a few hundred representative inputs"
+                            + (" (or use --recipe int8-dynamic, which needs none)" if self.recipe == "int8" else ""))
         try:
             self.check_order(ctx.available)
             self.call(ctx)

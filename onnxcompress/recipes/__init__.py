@@ -33,6 +33,8 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # static int8 QDQ: uint8 activations with MSE-optimal clipping, int8 per-channel weights,
     # int32 biases with bias correction
     "int8": [("calibrate", {"method": "mse"}), ("qdq", {})],
+    # dynamic int8 (no data): MatMul/Gemm activations quantized at run time, weight-only int8 elsewhere
+    "int8-dynamic": [("qdq", {"mode": "dynamic"})],
     # weight-only int8 (per-channel), activations stay float
     "int8-weights": [("qdq", {"mode": "weights"})],
     # weight-only: blocked int4 for MatMul/Gemm (onnxruntime MatMulNBits), int8 elsewhere
@@ -65,6 +67,8 @@ DESCRIPTIONS = {
     "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR; "
             "activations that cost 1% of the task's answers (--metric) on the data stay float (else dynamic or "
             "weight-only int8, the weights that break it kept float)",
+    "int8-dynamic": "dynamic int8, no data needed: MatMul/Gemm with activation ranges computed at run time "
+                    "(onnxruntime's integer kernels, as its quantize_dynamic), weight-only int8 per channel elsewhere",
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
     "deep-compression": "per-layer sparsity/bits searched to 1 point of accuracy (--data), then prune + share + "
