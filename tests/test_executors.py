@@ -237,3 +237,19 @@ def test_workers_keep_a_freed_buffer_for_the_next_weight():
     free = {mode: int(subprocess.run([sys.executable, "-c", _FREED, mode], capture_output=True, text=True,
                                      check=True).stdout) for mode in ("keep", "default")}
     assert free["keep"] >= 64 > free["default"], free
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+
+
+def test_a_task_runs_on_one_blas_thread_and_the_caller_keeps_its_own():
+    pytest.importorskip("threadpoolctl")
+    before = _blas_threads()
+    if not before:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    inside = list(parallel.map_ordered(_blas_threads, [((), {})], jobs=1))[0]
+    assert inside and all(n == 1 for n in inside)
+    assert _blas_threads() == before

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
 from onnxcompress.execution.memory import keep_freed_memory
+from onnxcompress.numerics.blas import one_blas_thread
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class Lazy:
 
 
 def call(fn: Callable, args: tuple, kwargs: dict[str, Any]):
-    """fn(*args, **kwargs) with each Lazy positional argument loaded first: what every executor runs."""
-    return fn(*(a.load() if isinstance(a, Lazy) else a for a in args), **kwargs)
+    """fn(*args, **kwargs) with each Lazy positional argument loaded first, on one BLAS thread (tasks run side by
+    side; within one, BLAS threads cost more than they give): what every executor runs."""
+    with one_blas_thread():
+        return fn(*(a.load() if isinstance(a, Lazy) else a for a in args), **kwargs)
 
 
 def task_name(args: tuple) -> str:

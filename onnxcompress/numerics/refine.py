@@ -19,31 +19,12 @@ lambda = damping * mean(diag H), which keeps every solve well posed when inputs 
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 
+from onnxcompress.numerics.blas import one_blas_thread
 from onnxcompress.numerics.gptq import LayerHessians, code_gram
-
-try:  # many small solves run far faster on one BLAS thread (threads oversubscribe busy machines)
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # optional: without it BLAS keeps its own thread count
-    ThreadpoolController = None
-_controller = None
-
-
-def _one_blas_thread():
-    """A context holding BLAS to one thread. The controller finds the BLAS libraries once: finding
-    them on every call (threadpool_limits) reads /proc/self/maps each time, which cost more than
-    the tens of thousands of small solves of a depthwise layer's refits."""
-    global _controller
-    if ThreadpoolController is None:
-        return contextlib.nullcontext()
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1)
-
 
 def damped(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     """(H + lambda I, lambda) with lambda = damping * mean(diag H) (at least a tiny positive floor)."""
@@ -101,7 +82,7 @@ def masked_lstsq(target: np.ndarray, keep: np.ndarray, gram: np.ndarray, *, damp
     patterns: dict[bytes, list[int]] = {}
     for j in range(target.shape[0]):
         patterns.setdefault(np.packbits(keep[j]).tobytes(), []).append(j)
-    with _one_blas_thread():
+    with one_blas_thread():
         for rows in patterns.values():
             s = np.flatnonzero(keep[rows[0]])
             if s.size == 0:
@@ -190,7 +171,7 @@ def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None =
             mask_out[:, i1:i2] = kept1
         else:
             kept1 = mask_out[:, i1:i2]
-        with _one_blas_thread():
+        with one_blas_thread():
             for i in range(i2 - i1):
                 col = w1[:, i]
                 q = np.where(kept1[:, i], col, 0.0)
