@@ -106,7 +106,7 @@ class QdqPass(Pass):
         opset = opset_of(ctx.model)
         least = DYNAMIC_MIN_OPSET if cfg.mode == "dynamic" else DQ_MIN_OPSET
         if cfg.mode != "weights" and opset < least:  # no QuantizeLinear: the weights alone, still int8
-            ctx.note(f"qdq: opset {opset} has no {'DynamicQuantizeLinear' if cfg.mode == 'dynamic' else 'QuantizeLinear'}"
+            ctx.note(f"qdq: opset {opset} has no {'QuantizeLinear' if opset < DQ_MIN_OPSET else 'DynamicQuantizeLinear'}"
                      f", so the activations stay float and only the weights are int8 ({cfg.mode} int8 needs opset >= "
                      f"{least}: convert the model with onnx.version_converter to opset 13 or later for integer kernels)")
             cfg = dataclasses.replace(cfg, mode="weights")
