@@ -25,7 +25,8 @@ RANKS = {
     "passes": 8,
     "recipes": 9,
     "api": 10, "report": 10, "plots": 10,
-    "cli": 11,
+    "arguments": 11,  # the command line's parser
+    "cli": 12,
 }
 #: what each layer may not import at all
 FORBIDDEN = {
