@@ -145,12 +145,20 @@ class QdqPass(Pass):
                                              "layer_errors_data": error_data, **kinds})
 
     def _dynamic(self, ctx: Context, cfg: QdqConfig, per_channel: bool, opset: int) -> PassResult:
-        """Dynamic int8 for every eligible MatMul/Gemm (ranges at run time, as onnxruntime's quantize_dynamic), then
-        weight-only int8 for every other float weight; no data."""
-        matmuls = quantize_dynamic_matmuls(ctx, self.name)
-        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name)
+        """The dynamic mode: dynamic int8 MatMul/Gemm and weight-only int8 elsewhere, with no data."""
+        summary = self._without_ranges(ctx, cfg, per_channel, opset, dynamic=True, keep={})
         gather_before_dequantize(ctx.model, self.name)
-        return PassResult(bool(matmuls) or rest["weights"] > 0, {**rest, "dynamic": len(matmuls)})
+        return PassResult(summary["dynamic"] > 0 or summary["weights"] > 0, summary)
+
+    def _without_ranges(self, ctx: Context, cfg: QdqConfig, per_channel: bool, opset: int, *, dynamic: bool,
+                        keep: dict[str, str]) -> dict:
+        """Int8 that needs no activation range, on ctx.model: dynamic int8 for every eligible MatMul/Gemm (ranges at
+        run time, as onnxruntime's quantize_dynamic) when `dynamic`, then weight-only int8 for every other float
+        weight but `keep`. The dynamic mode's model, and the static guard's fallbacks."""
+        matmuls = quantize_dynamic_matmuls(ctx, self.name) if dynamic else []
+        rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset, self.name,
+                                     keep=keep)
+        return {**rest, "dynamic": len(matmuls), "kept_float_weights": len(keep)}
 
     @staticmethod
     def _weight_form(ctx: Context, cfg: QdqConfig, opset: int) -> tuple[bool, bool]:
@@ -244,10 +252,7 @@ class QdqPass(Pass):
         def build(dynamic: bool, keep: dict[str, str]) -> dict:
             del ctx.records[records:], ctx.notes[notes:]
             ctx.model.CopyFrom(reference)
-            matmuls = quantize_dynamic_matmuls(ctx, self.name) if dynamic else []
-            rest = quantize_weights_only(ctx, dataclasses.replace(cfg, int4_matmul=False), per_channel, opset,
-                                         self.name, keep=keep)
-            return {**rest, "dynamic": len(matmuls), "kept_float_weights": len(keep)}
+            return self._without_ranges(ctx, cfg, per_channel, opset, dynamic=dynamic, keep=keep)
 
         made = guard.Candidates(build, reference, data, bound, self.name, records)
         rest = guard.fall_back(ctx, made, cfg, missed)
