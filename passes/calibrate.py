@@ -84,6 +84,7 @@ class CalibratePass(Pass):
     Config = CalibrateConfig
     produces = frozenset({Artifact.CALIBRATION})
     needs_data = True
+    without_data = "or use --recipe int8-dynamic, which needs none"  # its ranges are computed at run time
     measures = True
 
     def requires(self, ctx: Context) -> None:

@@ -176,6 +176,7 @@ class Pass:
     consumes: ClassVar[frozenset[Artifact]] = frozenset()
     composite: ClassVar[bool] = False  # its parts are run, checked and timed as passes of their own
     needs_data: ClassVar[bool] = False  # runs only with calibration data: checked before any pass runs
+    without_data: ClassVar[str] = ""  # a needs_data pass's way out for a user with no data, said in the error
     measures: ClassVar[bool] = False  # only measures, for the passes after it: never changes the model
 
     @dataclass(kw_only=True)
@@ -338,10 +339,10 @@ class PassManager(Pass):
             ctx.verify = lambda candidate: compare_models(model, candidate, check_data, tolerance=self.tolerance,
                                                           task=self.task)
             ctx.validate_each = self.validate == "each"
-        if data is None and (needy := [p.name for p in self.parts() if p.needs_data]):
-            raise DataError(f"the recipe '{self.recipe}' needs calibration data for its '{needy[0]}' pass: give "
+        if data is None and (needy := [p for p in self.parts() if p.needs_data]):
+            raise DataError(f"the recipe '{self.recipe}' needs calibration data for its '{needy[0].name}' pass: give "
                             "--data with a few hundred representative inputs"
-                            + (" (or use --recipe int8-dynamic, which needs none)" if self.recipe == "int8" else ""))
+                            + (f" ({needy[0].without_data})" if needy[0].without_data else ""))
         try:
             self.check_order(ctx.available)
             self.call(ctx)
