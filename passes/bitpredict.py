@@ -52,13 +52,10 @@ class Entry:
     measured: bool = False
 
 
-def layer_error(array: np.ndarray, decoded: np.ndarray, layer=None, stats=None) -> float:
-    """e = tr(D H D^T) / tr(W H W^T) summed over the layer's channel groups (H = I without statistics)."""
-    return LayerError(array, layer, stats)(decoded)
-
-
 class LayerError:
-    """layer_error of one weight's candidates: the weight's signal tr(W H W^T) computed once."""
+    """The layer error of one weight's candidates, e = tr(D H D^T) / tr(W H W^T) summed over the layer's channel
+    groups (H = I without statistics), D the weight minus a candidate's decoded values: the weight's signal
+    tr(W H W^T) computed once."""
 
     def __init__(self, array: np.ndarray, layer=None, stats=None):
         self.layer = layer if stats is not None else None

@@ -186,15 +186,13 @@ class BitWidthPass(Pass):
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
-        if predicts:
-            # single weights measured on part of the samples; the joint checks run on all of them
+        sweeper = evaluator
+        if predicts:  # single weights measured on part of the samples; the joint checks run on all of them
             sweeper = evaluator.part(SWEEP_SAMPLES) or evaluator
             log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
-            resolution = 100.0 * 2 / max(len(sweeper.data), 1)
-            table = self._predicted(ctx, sweeper, weights, grids, resolution)
-        else:
-            resolution = 100.0 * 2 / max(len(evaluator.data), 1)
-            table = self._measured(ctx, evaluator, weights, grids)
+        resolution = 100.0 * 2 / max(len(sweeper.data), 1)
+        table = (self._predicted(ctx, sweeper, weights, grids, resolution) if predicts
+                 else self._measured(ctx, evaluator, weights, grids))
         if self._counting:
             floor_disagreement([c for cands in table.values() for c in cands if c.error is None], resolution)
         return table

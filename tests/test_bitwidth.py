@@ -519,7 +519,7 @@ def test_the_predicted_sweep_measures_where_the_allocations_land_and_finds_what_
 
 
 def test_the_layer_error_is_the_layer_outputs_relative_error_on_the_data():
-    from onnxcompress.passes.bitpredict import layer_error
+    from onnxcompress.passes.bitpredict import LayerError
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 6)) + 1.0
@@ -539,8 +539,8 @@ def test_the_layer_error_is_the_layer_outputs_relative_error_on_the_data():
             return x.T @ x / len(x)
 
     expected = np.sum((x @ d.T) ** 2) / np.sum((x @ w.T) ** 2)
-    assert layer_error(w, w - d, Layer(), Stats()) == pytest.approx(expected, rel=1e-5)
-    assert layer_error(w, w - d) == pytest.approx(np.sum(d ** 2) / np.sum(w ** 2))  # no statistics: H = I
+    assert LayerError(w, Layer(), Stats())(w - d) == pytest.approx(expected, rel=1e-5)
+    assert LayerError(w)(w - d) == pytest.approx(np.sum(d ** 2) / np.sum(w ** 2))  # no statistics: H = I
 
 
 def test_a_predicted_sweep_on_a_tiny_graph_measures_fewer_candidates_and_meets_the_budget():
