@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.api import compress_file
 from onnxcompress.formats import packed
 from onnxcompress.formats.codecs import encode
 from onnxcompress.formats.codecs._wire import uvarint
@@ -321,6 +322,49 @@ def test_graph_output_with_a_type_but_no_shape(tmp_path):
     assert report.validation is not None
     assert out.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 32  # the inferred shape
     _assert_close(gemm(k=64, n=32), out)
+
+
+def _unranked_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its input's shape and its output's shape removed: onnxruntime runs it, onnx's checker
+    refuses it ("Field 'shape' of 'type' is required"), and no output shape can be inferred."""
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["share", "int8", "deep-compression"])
+def test_input_of_unknown_rank_compresses_with_data(tmp_path, recipe):
+    model = _unranked_input(gemm(k=64, n=32))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    original = path.read_bytes()
+    report = compress_file(path, out, recipe, data=str(data), validate="end")
+    assert path.read_bytes() == original and report.validation is not None
+    result = onnx.load(out)
+    assert not result.graph.input[0].type.tensor_type.HasField("shape")  # kept as the user's model has it
+    if recipe != "deep-compression":  # a packed model runs through our op backend, checked by validate above
+        _assert_close(gemm(k=64, n=32), result)
+
+
+def test_input_of_unknown_rank_without_data_asks_for_a_shape(tmp_path, capsys):
+    onnx.save(_unranked_input(gemm(k=64, n=32)), tmp_path / "m.onnx")
+    err = _fails_cleanly(capsys, tmp_path, tmp_path / "m.onnx")
+    assert "input 'x' has no declared shape" in err and "--shape" in err
+
+
+def test_structure_check_of_a_model_with_unranked_values():
+    from onnxcompress.graph.external import check_model
+
+    model = _unranked_input(gemm(k=64, n=32))
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    check_model(model)  # accepted: onnxruntime runs it
+    broken = _unranked_input(gemm(k=64, n=32))
+    broken.graph.node[0].input[0] = "nowhere"  # the rest of the structure is still checked
+    with pytest.raises(onnx.checker.ValidationError):
+        check_model(broken)
 
 
 def _masked_models() -> dict[str, onnx.ModelProto]:

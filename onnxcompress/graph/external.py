@@ -268,7 +268,19 @@ def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
     The checker resolves external locations against the model file's folder (refusing links and
     absolute paths), so a streamed model is checked as a small file whose external tensors all
     point to one empty stand-in file (model.check_external_data checks the real files' extents).
+
+    A graph input or output that declares a tensor type but no shape, not even its rank, is valid to
+    onnxruntime, which runs it; onnx's checker requires the field. Such a model is checked as a copy
+    with those shapes set to rank 0 and without the full check's shape inference (a rank it does not know
+    would fail it), so the rest of its structure is still checked.
     """
+    if unranked_values(model.graph):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for value in unranked_values(copy.graph):
+            value.type.tensor_type.shape.SetInParent()
+        check_model(copy, full_check=False)
+        return
     if not has_external(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
@@ -284,6 +296,12 @@ def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
         path = Path(folder) / "model.onnx"
         path.write_bytes(copy.SerializeToString())
         onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def unranked_values(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs and outputs that declare a tensor type but no shape (rank unknown)."""
+    return [v for v in list(graph.input) + list(graph.output)
+            if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
 
 
 def source_files(model: onnx.ModelProto) -> set[Path]:

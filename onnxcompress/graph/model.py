@@ -138,7 +138,8 @@ def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
 
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
     """Graph outputs that declare a type but no shape (onnxruntime runs them, onnx's checker refuses
-    them) get the shape onnx's inference finds; one it cannot find is refused with a sentence."""
+    them) get the shape onnx's inference finds; one it cannot find (an input of unknown rank before it) is
+    left so (external.check_model checks such a model without its shapes)."""
     missing = [v for v in model.graph.output if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
     if not missing:
         return
@@ -148,9 +149,9 @@ def _fill_output_shapes(model: onnx.ModelProto) -> None:
         inferred = model
     found = {v.name: v for v in inferred.graph.output if v.type.tensor_type.HasField("shape")}
     for value in missing:
-        if value.name not in found:
-            raise ModelError(f"graph output '{value.name}' declares no shape and onnx's shape inference cannot "
-                             "find one; give it a shape (dims may be symbolic) in the model")
+        if value.name not in found:  # onnxruntime runs it so (its rank is known at run time): kept as it is
+            log.info("graph output '%s' declares no shape and onnx's shape inference finds none", value.name)
+            continue
         value.type.tensor_type.shape.CopyFrom(found[value.name].type.tensor_type.shape)
         log.info("graph output '%s' declared no shape; using the inferred %s", value.name,
                  [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
