@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.formats.blobs import packed_weights, unpack as unpack_model
-from onnxcompress.graph.data import DATA_SUFFIXES, Dataset, load_data, model_inputs
+from onnxcompress.graph.data import DATA_SUFFIXES, MAX_SAMPLES, Dataset, load_data, model_inputs
 from onnxcompress.graph.model import file_bytes, load_model, model_files, output_roles, save_model
 from onnxcompress.graph.outputs import OutputPlan, Role
 from onnxcompress.graph.spill import release_spill
@@ -36,8 +36,9 @@ def _as_model(model: ModelLike) -> onnx.ModelProto:
 
 
 def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = None, name: str = "data",
-                 synthesize_if_missing: bool = True) -> Dataset | None:
-    """Load and check data against the model; synthesize inputs (with a warning) when none is given."""
+                 synthesize_if_missing: bool = True, samples: int = MAX_SAMPLES) -> Dataset | None:
+    """Load and check data against the model; synthesize inputs (with a warning) when none is given. Only the
+    first `samples` samples are read (0: all; a cut stream keeps its calls in order), with a note saying so."""
     specs = model_inputs(model)
     if data is None:
         if not synthesize_if_missing:
@@ -45,6 +46,10 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
         log.warning("no %s given: using random inputs from the model's shapes, which measure fidelity weakly", name)
         return runnable_data(model, specs, shapes=shapes)
     dataset = load_data(data, name=name, specs=specs)
+    if 0 < samples < len(dataset):
+        total, dataset = len(dataset), dataset.limit(samples)
+        dataset.note = f"{dataset.source}: the first {samples} of its {total} samples were used (--samples N to change)"
+        log.warning("%s", dataset.note)
     dataset.check(specs)
     dataset.stream = detect_stream(model, dataset)  # consecutive calls of a stateful model run as streams
     return dataset
@@ -53,7 +58,8 @@ def prepare_data(model: onnx.ModelProto, data: Any, *, shapes: dict | None = Non
 def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None, *, eval_data: Any = None,
              form: str | None = None, validate: str = "end", shapes: dict | None = None,
              progress: bool = False, jobs: int = 1, budget: dict | None = None,
-             tolerance: tuple[float, float] | None = None) -> tuple[onnx.ModelProto, Report]:
+             tolerance: tuple[float, float] | None = None, samples: int = MAX_SAMPLES
+             ) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe on a model; returns the compressed model and the report.
 
     `data` calibrates data-driven passes; `eval_data` (default: `data`, else synthesized
@@ -68,9 +74,10 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
         # the given budget replaces the recipe's own (the search takes exactly one); a metric alone keeps it
         reset = {"max_drop": None, "min_sqnr": None, "target_ratio": None} if set(budget) - {"metric"} else {}
         recipe = recipe.with_budget(**{**reset, **budget})
-    calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False)
+    calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False,
+                         samples=samples)
     if eval_data is not None:
-        evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data")
+        evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data", samples=samples)
     elif calib is not None or validate == "none":  # nothing to validate: no inputs synthesized, no probe session
         evaluation = calib
     else:
@@ -78,8 +85,7 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
     compressed, report = manager.run(original, calib, evaluation)
-    if evaluation is not None and evaluation.note:
-        report.notes.append(evaluation.note)
+    report.notes += [d.note for d in dict.fromkeys((calib, evaluation)) if d is not None and d.note]
     for dataset in dict.fromkeys(d for d in (calib, evaluation) if d is not None and d.stream is not None):
         report.notes.append(f"{dataset.source}: {dataset.stream.describe()}")
     report.input_bytes = original.ByteSize()
@@ -143,13 +149,13 @@ def compress_file(source: str | os.PathLike, output: str | os.PathLike, recipe: 
 
 def validate(reference: ModelLike, candidate: ModelLike, data: Any = None, *, shapes: dict | None = None,
              latency: bool = False, tolerance: tuple[float, float] | None = None,
-             metric: str | None = None) -> Comparison:
+             metric: str | None = None, samples: int = MAX_SAMPLES) -> Comparison:
     """Compare two models' outputs on the same data (synthesized from shapes when none is given);
     tolerance (atol, rtol): also count the values outside it; `metric` names the task kind (e.g.
     'probability:0.5', see tasks.py), else each output's is detected."""
     ref, cand = _as_model(reference), _as_model(candidate)
     task = parse_metric(metric) if metric else None
-    comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes), latency=latency,
+    comparison = compare_models(ref, cand, prepare_data(ref, data, shapes=shapes, samples=samples), latency=latency,
                                 tolerance=tolerance, task=task)
     for which, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, onnx.ModelProto):

@@ -21,7 +21,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return value
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    from onnxcompress.graph.data import MAX_SAMPLES
+
+    parser.add_argument("--samples", type=_count, default=MAX_SAMPLES, metavar="N",
+                        help=f"read at most the first N samples of each data file or folder (default {MAX_SAMPLES}; "
+                             "0: all of them)")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="shape of a dynamic input for synthesized data (repeatable), e.g. input=1,3,224,224")
 

@@ -185,7 +185,7 @@ def _compress_file(args, plan, tolerance):
     try:
         return compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
                              form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                             progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
+                             samples=args.samples, progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
                              budget=budget, tolerance=tolerance, plan=plan)
     finally:
         if args.executor == "ray":
@@ -209,7 +209,7 @@ def _validate(args) -> int:
 
     gate, flags = _gate(args, "")
     comparison = validate(args.reference, args.candidate, args.data, shapes=parse_shapes(args.shape),
-                          latency=args.latency, tolerance=gate.tolerance, metric=args.metric)
+                          samples=args.samples, latency=args.latency, tolerance=gate.tolerance, metric=args.metric)
     verdict = gate.verdict(comparison, flags)
     if args.json:
         print(_dump(comparison.as_dict() | {"verdict": verdict.as_dict()}))

@@ -179,3 +179,28 @@ def test_one_sample_feeds_of_equal_shapes_run_in_batches_like_stacked_data():
     assert np.array_equal(np.concatenate([f[name] for f, _ in listed.chunks(specs)]), x)
     ragged = Dataset([{name: x[:1]}, {name: x[:2]}])  # not one sample each: one call a feed
     assert [n for _, n in ragged.chunks(specs)] == [1, 1]
+
+
+def test_a_large_data_folder_is_read_up_to_samples(tmp_path):
+    """A folder of many files: only the first --samples are read (and said so); 0 reads them all."""
+    from onnxcompress.api import compress, validate
+    from tiny import gemm
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        np.savez(folder / f"{i:03d}.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    model = gemm(k=64, n=32)
+    _, report = compress(model, "int8", str(folder), samples=5)
+    assert report.validation.samples == 5
+    assert any("the first 5 of its 12 samples" in n for n in report.notes)
+    _, report = compress(model, "int8", str(folder), samples=0)
+    assert report.validation.samples == 12 and not any("samples were used" in n for n in report.notes)
+    assert validate(model, model, str(folder), samples=3).samples == 3
+
+
+def test_samples_must_be_a_count(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "m.onnx", "-o", "o.onnx", "--samples", "-1"])
+    assert exit_info.value.code == 2 and "--samples" in capsys.readouterr().err

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 Dim = int | str | None
 _FEED_KEY = re.compile(r"^(\d+)/(.+)$")
+# the samples a run reads of a data file or folder by default (--samples): calibration and validation gain little
+# beyond it, and a folder of 10^5 files would otherwise be read whole by every pass
+MAX_SAMPLES = 2048
 DATA_SUFFIXES = (".npz", ".npy")  # the files a data folder is read from (_load_folder)
 
 
