@@ -9,6 +9,7 @@ that output error with the codes fixed. :mod:`onnxcompress.fitting.granular` bui
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,7 @@ class LayerHessians:
     # per group, the cross Gram E[x x_r^T] of the current inputs x and the reference model's x_r (None: x = x_r)
     crosses: list[np.ndarray] | None = None
     _feedback: dict = field(default_factory=dict, repr=False)  # cache of feedback()
+    _signals: dict = field(default_factory=dict, repr=False)  # signal of signal_and_noise() by the weights' digest
 
     def importance(self) -> np.ndarray:
         """a_jk = H_g(j)[k, k], floored at 1% of its mean so that unseen inputs still count a little."""
@@ -80,12 +82,21 @@ class LayerHessians:
         return shift
 
     def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
-        """(sum_g tr(W_g H_g W_g^T), sum_g tr(D_g H_g D_g^T)) for (C, K) matrices W and D."""
-        signal = noise = 0.0
-        for g, h in enumerate(self.hessians):
-            rows = self.group_of_channel == g
-            signal += float(np.sum((w[rows] @ h) * w[rows]))
+        """(sum_g tr(W_g H_g W_g^T), sum_g tr(D_g H_g D_g^T)) for (C, K) matrices W and D; the signal of weights
+        measured before is remembered (every candidate of a weight has the same: a product of C K^2 saved)."""
+        w = np.ascontiguousarray(w, dtype=np.float64)
+        key = (w.shape, hashlib.sha256(w.data).hexdigest())
+        groups = [(self.group_of_channel == g, h) for g, h in enumerate(self.hessians)]
+        signal, noise = self._signals.get(key), 0.0
+        for rows, h in groups:
             noise += float(np.sum((d[rows] @ h) * d[rows]))
+        if signal is None:
+            signal = 0.0
+            for rows, h in groups:
+                signal += float(np.sum((w[rows] @ h) * w[rows]))
+            while len(self._signals) >= 4:
+                self._signals.pop(next(iter(self._signals)))
+            self._signals[key] = signal
         return signal, noise
 
 
