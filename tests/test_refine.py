@@ -119,7 +119,12 @@ def test_refine_centroids_matches_brute_force_least_squares():
     np.testing.assert_allclose(got[free], ref, rtol=1e-5, atol=1e-7)
 
 
-def test_refine_centroids_sparse_and_dense_paths_agree():
+@pytest.mark.parametrize("triangle_k", [None, 0])
+def test_refine_centroids_sparse_and_dense_paths_agree(monkeypatch, triangle_k):
+    """Dense rows summed over all of H's gathered rows, or (triangle_k 0: from any K on) over its upper triangle."""
+    from onnxcompress.numerics import gptq
+    if triangle_k is not None:
+        monkeypatch.setattr(gptq, "CODE_GRAM_TRIANGLE_K", triangle_k)
     rng = np.random.default_rng(5)
     x = correlated_rows(rng, 600, 300)
     w = rng.standard_normal((8, 300))
