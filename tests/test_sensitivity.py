@@ -192,3 +192,31 @@ def test_joint_choice_prefers_the_better_of_two_equal_sized_options_once_past_th
     layers = {n: Choice(options[0], list(options), "model output", 36.0, "") for n in "ab"}
     picked = choose_jointly(layers, per_byte=0.01)
     assert all(c.sqnr_db == 44.0 for c in picked.values())
+
+
+def test_probes_run_only_their_weights_suffix_and_measure_the_same_gains(monkeypatch):
+    """fc.W's probes run the Gemm alone, fed the flattened pool the reference run returned; conv.W's reach every
+    node (the whole model runs). The gains are the whole model's runs' (past SUFFIX_BYTES, or as before)."""
+    from onnxcompress.runtime import sensitivity
+    model = pooled_classifier()
+    data = data_for(model)
+    _, _, probes = probes_for(model, data)
+    used = []
+    outputs = sensitivity._Suffixes.outputs
+
+    def spied(self, name, array):
+        got = outputs(self, name, array)
+        used.append((name, got))
+        return got
+    monkeypatch.setattr(sensitivity._Suffixes, "outputs", spied)
+    by_suffix = measure_gains(model, data, probes, samples=32)
+    assert [name for name, got in used if got is not None] == ["fc.W", "fc.W"]
+    assert [name for name, got in used if got is None] == ["conv.W", "conv.W"]
+    assert used and all(len(got) == 1 for _, got in used if got is not None)  # one chunk of 32 samples
+    monkeypatch.setattr(sensitivity, "SUFFIX_BYTES", -1)
+    used.clear()
+    whole = measure_gains(model, data, probes, samples=32)
+    assert not used  # no suffix values held: every probe runs the whole model
+    for name in by_suffix:
+        np.testing.assert_allclose([by_suffix[name].rest, by_suffix[name].mean], [whole[name].rest, whole[name].mean],
+                                   rtol=1e-5)

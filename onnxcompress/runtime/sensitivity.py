@@ -22,7 +22,10 @@ outputs of any coding is then predicted as
 
 (per group of channels, signal = tr(W H W^T)). The probed weights are inputs of one session (the
 statistics collector's, shared with the layer statistics of the same model), run once per probe
-over at most `samples` feeds.
+over at most `samples` feeds. Where the values a weight's suffix reads (runtime.suffix: the nodes
+downstream of it) fit SUFFIX_BYTES for all probed weights together, the reference run also returns
+them, and each probe runs only its weight's suffix, fed those values: a probe in the last layers no
+longer runs the first ones.
 """
 from __future__ import annotations
 
@@ -35,13 +38,15 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.graph.data import Dataset
+from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.numerics.gptq import LayerHessians
-from onnxcompress.runtime.statistics import Collector, Runner
+from onnxcompress.runtime.statistics import Collector, Runner, weights_as_inputs
+from onnxcompress.runtime.suffix import downstream, suffix_model
 
 log = logging.getLogger(__name__)
 GAIN_RANGE = (1e-6, 1e6)  # a probe that moves nothing (or everything) at the outputs stays finite
 MIN_MEAN_SHARE = 0.2  # a mean probe whose mean part is less of its energy cannot resolve the mean gain
+SUFFIX_BYTES = 512 << 20  # the values all probed weights' suffixes read, held from the reference run
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,17 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     if not split:
         return {}
     feeds = data.limit(samples)
-    reference = _outputs(runner, feeds, floats)
+    suffixes = _Suffixes(model, collector or Collector(), feeds, floats, set(split), arrays)
+    reference = suffixes.reference if suffixes.reference is not None else _outputs(runner, feeds, floats)
     signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
     if not any(s > 0 for s in signal):
         return {}
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
         swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
-        outputs = _outputs(runner, feeds, floats, swapped)
+        outputs = suffixes.outputs(name, swapped[name]) if suffixes.reference is not None else None
+        if outputs is None:
+            outputs = _outputs(runner, feeds, floats, swapped)
         return max(sum(float(np.sum(np.square(a[k] - b[k]))) for a, b in zip(outputs, reference)) / signal[k]
                    for k in range(len(floats)) if signal[k] > 0)
 
@@ -145,3 +153,61 @@ def _energy(hessians: LayerHessians, d: np.ndarray) -> float:
 def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str, np.ndarray] | None = None
              ) -> list[list[np.ndarray]]:
     return [[np.asarray(chunk.values[n], np.float64) for n in names] for chunk in runner.chunks(data, swapped=swapped)]
+
+
+class _Suffixes:
+    """The probes' runs through each weight's suffix (runtime.suffix.downstream), fed the values it reads
+    from ONE reference run that returns them with the outputs (``reference``, per chunk; None where the
+    data is a stream, or the values would pass SUFFIX_BYTES: every probe then runs the whole model)."""
+
+    def __init__(self, model: onnx.ModelProto, collector: Collector, feeds: Dataset, names: list[str],
+                 probed: set[str], weights: dict[str, np.ndarray]):
+        self.collector, self.names, self.weights = collector, names, weights
+        self.reference: list[list[np.ndarray]] | None = None
+        self._runs: dict[str, tuple] = {}
+        if feeds.stream is not None or not probed:
+            return
+        light, _ = weights_as_inputs(model, probed)
+        self.light, inputs = light, {i.name for i in light.graph.input}
+        inits = {t.name for t in light.graph.initializer}
+        cuts = {}
+        for name in sorted(probed):
+            nodes, cut = downstream(light.graph, {name})
+            if len(nodes) < len(light.graph.node):
+                cuts[name] = (nodes, cut)
+        held = sorted({c for _, cut in cuts.values() for c in cut if c not in inputs and c not in inits})
+        self.chunks = [feed for feed, _ in feeds.chunks(model_inputs(model))]
+        runner = collector.runner(model, names + held, also=probed)
+        values, total = [], 0
+        for feed in self.chunks:
+            got = runner.run(feed).values
+            values.append(got)
+            total += sum(np.asarray(got[n]).nbytes for n in held)
+            if total > SUFFIX_BYTES:
+                log.debug("output gains: the suffixes' values pass %d bytes; probes run the whole model", SUFFIX_BYTES)
+                return
+        self.values, self.cuts = values, cuts
+        self.reference = [[np.asarray(v[n], np.float64) for n in names] for v in values]
+
+    def outputs(self, name: str, array: np.ndarray) -> list[list[np.ndarray]] | None:
+        """Per chunk, the outputs with weight `name` set to `array`: the reference's where its suffix does not
+        reach them; None where it has no suffix (it reaches every node)."""
+        if name not in self.cuts:
+            return None
+        if name not in self._runs:
+            nodes, cut = self.cuts[name]
+            made = {o for node in nodes for o in node.output}
+            outputs = [n for n in self.names if n in made]
+            feed = {**self.chunks[0], **self.values[0], **self.weights}
+            dtypes = {n: np.asarray(feed[n]).dtype for n in cut if n in feed}
+            dtypes[name] = array.dtype
+            runner = self.collector.runner(suffix_model(self.light, name, nodes, cut, dtypes, outputs), outputs)
+            self._runs = {name: (runner, [n for n in cut if n in feed], outputs)}  # one weight's probes at a time
+        runner, fed, outputs = self._runs[name]
+        result = []
+        for i, (feed, values) in enumerate(zip(self.chunks, self.values)):
+            known = {**feed, **values, **self.weights}
+            got = runner.run({**{n: known[n] for n in fed}, name: array}).values
+            result.append([np.asarray(got[n], np.float64) if n in outputs else self.reference[i][k]
+                           for k, n in enumerate(self.names)])
+        return result
