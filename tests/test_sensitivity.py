@@ -195,17 +195,18 @@ def test_joint_choice_prefers_the_better_of_two_equal_sized_options_once_past_th
 
 
 def test_probes_run_only_their_weights_suffix_and_measure_the_same_gains(monkeypatch):
-    """fc.W's probes run the Gemm alone, fed the flattened pool the reference run returned; conv.W's reach every
-    node (the whole model runs). The gains are the whole model's runs' (past SUFFIX_BYTES, or as before)."""
+    """fc.W's probes run the Gemm alone, fed the flattened pool a run of the whole model returned; conv.W's reach
+    every node (the whole model runs). The gains are the whole model's runs' (past SUFFIX_BYTES, or as before)."""
     from onnxcompress.runtime import sensitivity
+    monkeypatch.setattr(sensitivity, "SUFFIX_SECONDS", -1.0)  # the model runs in milliseconds: as if it were slow
     model = pooled_classifier()
     data = data_for(model)
     _, _, probes = probes_for(model, data)
     used = []
     outputs = sensitivity._Suffixes.outputs
 
-    def spied(self, name, array):
-        got = outputs(self, name, array)
+    def spied(self, name, array, reference):
+        got = outputs(self, name, array, reference)
         used.append((name, got))
         return got
     monkeypatch.setattr(sensitivity._Suffixes, "outputs", spied)
@@ -217,6 +218,8 @@ def test_probes_run_only_their_weights_suffix_and_measure_the_same_gains(monkeyp
     used.clear()
     whole = measure_gains(model, data, probes, samples=32)
     assert not used  # no suffix values held: every probe runs the whole model
+    monkeypatch.setattr(sensitivity, "SUFFIX_SECONDS", 1e9)
+    assert measure_gains(model, data, probes, samples=32) == whole and not used  # a fast model: no suffixes
     for name in by_suffix:
         np.testing.assert_allclose([by_suffix[name].rest, by_suffix[name].mean], [whole[name].rest, whole[name].mean],
                                    rtol=1e-5)

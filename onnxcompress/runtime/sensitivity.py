@@ -22,15 +22,16 @@ outputs of any coding is then predicted as
 
 (per group of channels, signal = tr(W H W^T)). The probed weights are inputs of one session (the
 statistics collector's, shared with the layer statistics of the same model), run once per probe
-over at most `samples` feeds. Where the values a weight's suffix reads (runtime.suffix: the nodes
-downstream of it) fit SUFFIX_BYTES for all probed weights together, the reference run also returns
-them, and each probe runs only its weight's suffix, fed those values: a probe in the last layers no
-longer runs the first ones.
+over at most `samples` feeds. Where that run is slow (SUFFIX_SECONDS) and the values the weights'
+suffixes read (runtime.suffix: the nodes downstream of a weight) fit SUFFIX_BYTES for all probed
+weights together, one more run returns them, and each probe runs only its weight's suffix, fed those
+values: a probe in the last layers no longer runs the first ones.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ from onnxcompress.runtime.suffix import downstream, suffix_model
 log = logging.getLogger(__name__)
 GAIN_RANGE = (1e-6, 1e6)  # a probe that moves nothing (or everything) at the outputs stays finite
 MIN_MEAN_SHARE = 0.2  # a mean probe whose mean part is less of its energy cannot resolve the mean gain
-SUFFIX_BYTES = 512 << 20  # the values all probed weights' suffixes read, held from the reference run
+SUFFIX_BYTES = 512 << 20  # the values all probed weights' suffixes read, held from one run
+# a run of the probe samples through the whole model longer than this: probes run suffixes (each a session of its
+# own, which a model that runs in milliseconds does not repay: a three-layer MLP runs in 1 ms)
+SUFFIX_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,17 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     if not split:
         return {}
     feeds = data.limit(samples)
-    suffixes = _Suffixes(model, collector or Collector(), feeds, floats, set(split), arrays)
-    reference = suffixes.reference if suffixes.reference is not None else _outputs(runner, feeds, floats)
+    start = time.perf_counter()
+    reference = _outputs(runner, feeds, floats)
+    suffixes = _Suffixes(model, collector or Collector(), feeds, floats, set(split), arrays) \
+        if time.perf_counter() - start > SUFFIX_SECONDS else None
     signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
     if not any(s > 0 for s in signal):
         return {}
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
         swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
-        outputs = suffixes.outputs(name, swapped[name]) if suffixes.reference is not None else None
+        outputs = suffixes.outputs(name, swapped[name], reference) if suffixes is not None and suffixes.held else None
         if outputs is None:
             outputs = _outputs(runner, feeds, floats, swapped)
         return max(sum(float(np.sum(np.square(a[k] - b[k]))) for a, b in zip(outputs, reference)) / signal[k]
@@ -157,13 +163,13 @@ def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str,
 
 class _Suffixes:
     """The probes' runs through each weight's suffix (runtime.suffix.downstream), fed the values it reads
-    from ONE reference run that returns them with the outputs (``reference``, per chunk; None where the
-    data is a stream, or the values would pass SUFFIX_BYTES: every probe then runs the whole model)."""
+    from ONE run of the whole model that returns them all (``held``: False where the data is a stream, or
+    the values would pass SUFFIX_BYTES: every probe then runs the whole model)."""
 
     def __init__(self, model: onnx.ModelProto, collector: Collector, feeds: Dataset, names: list[str],
                  probed: set[str], weights: dict[str, np.ndarray]):
         self.collector, self.names, self.weights = collector, names, weights
-        self.reference: list[list[np.ndarray]] | None = None
+        self.held = False
         self._runs: dict[str, tuple] = {}
         if feeds.stream is not None or not probed:
             return
@@ -186,11 +192,10 @@ class _Suffixes:
             if total > SUFFIX_BYTES:
                 log.debug("output gains: the suffixes' values pass %d bytes; probes run the whole model", SUFFIX_BYTES)
                 return
-        self.values, self.cuts = values, cuts
-        self.reference = [[np.asarray(v[n], np.float64) for n in names] for v in values]
+        self.values, self.cuts, self.held = values, cuts, True
 
-    def outputs(self, name: str, array: np.ndarray) -> list[list[np.ndarray]] | None:
-        """Per chunk, the outputs with weight `name` set to `array`: the reference's where its suffix does not
+    def outputs(self, name: str, array: np.ndarray, reference: list[list[np.ndarray]]) -> list[list[np.ndarray]] | None:
+        """Per chunk, the outputs with weight `name` set to `array`: `reference`'s where its suffix does not
         reach them; None where it has no suffix (it reaches every node)."""
         if name not in self.cuts:
             return None
@@ -208,6 +213,6 @@ class _Suffixes:
         for i, (feed, values) in enumerate(zip(self.chunks, self.values)):
             known = {**feed, **values, **self.weights}
             got = runner.run({**{n: known[n] for n in fed}, name: array}).values
-            result.append([np.asarray(got[n], np.float64) if n in outputs else self.reference[i][k]
+            result.append([np.asarray(got[n], np.float64) if n in outputs else reference[i][k]
                            for k, n in enumerate(self.names)])
         return result
