@@ -40,6 +40,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxcompress.graph.data import Dataset, model_inputs
+from onnxcompress.graph.edit import upstream_model
 from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.runtime.statistics import Collector, Runner, weights_as_inputs
 from onnxcompress.runtime.suffix import downstream, suffix_model
@@ -183,7 +184,9 @@ class _Suffixes:
                 cuts[name] = (nodes, cut)
         held = sorted({c for _, cut in cuts.values() for c in cut if c not in inputs and c not in inits})
         self.chunks = [feed for feed, _ in feeds.chunks(model_inputs(model))]
-        runner = collector.runner(model, names + held, also=probed)
+        # a graph of its own (the model cut after them), not the one every other run shares: its arena, sized
+        # for all those values at once, goes with it when the collector drops it
+        runner = collector.runner(upstream_model(model, names + held), names + held, also=probed)
         values, total = [], 0
         for feed in self.chunks:
             got = runner.run(feed).values
