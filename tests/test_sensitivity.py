@@ -223,3 +223,32 @@ def test_probes_run_only_their_weights_suffix_and_measure_the_same_gains(monkeyp
     for name in by_suffix:
         np.testing.assert_allclose([by_suffix[name].rest, by_suffix[name].mean], [whole[name].rest, whole[name].mean],
                                    rtol=1e-5)
+
+
+def test_suffix_probes_leave_the_shared_session_and_its_measured_cost(monkeypatch):
+    """The run returning the suffixes' values is a graph of its own: the session the other runs share keeps its
+    outputs and the cost measured on it (which decides whether later captures cut the model). w2's suffix reads h,
+    which no layer reads first (the shared session does not return it)."""
+    from onnxcompress.runtime import sensitivity
+    from onnxcompress.runtime.statistics import Collector
+    monkeypatch.setattr(sensitivity, "SUFFIX_SECONDS", -1.0)
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(weights(rng, 6, 8, scale=0.5), "w1"),
+             numpy_helper.from_array(weights(rng, 8, 8, scale=0.5), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Add", ["z", "h"], ["y"])]
+    model = make_model(nodes, [value("x", ["N", 6])], [value("y", ["N", 8])], inits)
+    data = Dataset(stacked={"x": np.random.default_rng(5).standard_normal((40, 6)).astype(np.float32)})
+    infos = find_weights(model, min_elements=0)
+    hessians = layer_hessians(model, data, infos)
+    probes = {}
+    for info in infos:
+        matrix = to_matrix(get_array(model, info).astype(np.float64), info.channel_axis)
+        probes[info.name] = Probe(matrix, 0.05 * rng.standard_normal(matrix.shape), hessians[info.name],
+                                  partial(from_matrix, shape=get_array(model, info).shape, channel_axis=info.channel_axis))
+    collector = Collector()
+    list(collector.stream(model, data, ["y"]))
+    assert collector.seconds_per_sample(model) is not None
+    gains = measure_gains(model, data, probes, samples=32, collector=collector)
+    assert set(gains) == {"w1", "w2"}
+    assert collector.seconds_per_sample(model) is not None  # a rebuilt session would have run nothing yet
