@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.graph.edit import upstream_model
 from onnxcompress.numerics.gptq import LayerHessians
+from onnxcompress.runtime.sessions import make_session
 from onnxcompress.runtime.statistics import Collector, Runner, weights_as_inputs
 from onnxcompress.runtime.suffix import downstream, suffix_model
 
@@ -100,7 +101,7 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     feeds = data.limit(samples)
     start = time.perf_counter()
     reference = _outputs(runner, feeds, floats)
-    suffixes = _Suffixes(model, collector or Collector(), feeds, floats, set(split), arrays) \
+    suffixes = _Suffixes(model, feeds, floats, set(split), arrays) \
         if time.perf_counter() - start > SUFFIX_SECONDS else None
     signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
     if not any(s > 0 for s in signal):
@@ -164,12 +165,14 @@ def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str,
 
 class _Suffixes:
     """The probes' runs through each weight's suffix (runtime.suffix.downstream), fed the values it reads
-    from ONE run of the whole model that returns them all (``held``: False where the data is a stream, or
-    the values would pass SUFFIX_BYTES: every probe then runs the whole model)."""
+    from ONE run of the whole model that returns them all (``held``: False where the data is a stream, the
+    values would pass SUFFIX_BYTES or onnxruntime fails on a cut: every probe then runs the whole model).
+    These sessions are its own, one at a time (like runtime.suffix's): each holds an arena sized for its
+    values, which the collector's cache would keep alive past the weight's two probes."""
 
-    def __init__(self, model: onnx.ModelProto, collector: Collector, feeds: Dataset, names: list[str],
-                 probed: set[str], weights: dict[str, np.ndarray]):
-        self.collector, self.names, self.weights = collector, names, weights
+    def __init__(self, model: onnx.ModelProto, feeds: Dataset, names: list[str], probed: set[str],
+                 weights: dict[str, np.ndarray]):
+        self.names, self.weights = names, weights
         self.held = False
         self._runs: dict[str, tuple] = {}
         if feeds.stream is not None or not probed:
@@ -184,38 +187,46 @@ class _Suffixes:
                 cuts[name] = (nodes, cut)
         held = sorted({c for _, cut in cuts.values() for c in cut if c not in inputs and c not in inits})
         self.chunks = [feed for feed, _ in feeds.chunks(model_inputs(model))]
-        # a graph of its own (the model cut after them), not the one every other run shares: its arena, sized
-        # for all those values at once, goes with it when the collector drops it
-        runner = collector.runner(upstream_model(model, names + held), names + held, also=probed)
         values, total = [], 0
-        for feed in self.chunks:
-            got = runner.run(feed).values
-            values.append(got)
-            total += sum(np.asarray(got[n]).nbytes for n in held)
-            if total > SUFFIX_BYTES:
-                log.debug("output gains: the suffixes' values pass %d bytes; probes run the whole model", SUFFIX_BYTES)
-                return
+        try:
+            session = make_session(upstream_model(light, names + held))
+            for feed in self.chunks:
+                values.append(dict(zip(held, session.run(held, {**feed, **weights}))) if held else {})
+                total += sum(v.nbytes for v in values[-1].values())
+                if total > SUFFIX_BYTES:
+                    log.debug("output gains: the suffixes' values pass %d bytes; probes run the whole model",
+                              SUFFIX_BYTES)
+                    return
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own types; the whole model still runs each probe
+            log.debug("output gains: no suffix values (%s); probes run the whole model", e)
+            return
         self.values, self.cuts, self.held = values, cuts, True
 
     def outputs(self, name: str, array: np.ndarray, reference: list[list[np.ndarray]]) -> list[list[np.ndarray]] | None:
         """Per chunk, the outputs with weight `name` set to `array`: `reference`'s where its suffix does not
-        reach them; None where it has no suffix (it reaches every node)."""
+        reach them; None where it has no suffix (it reaches every node) or onnxruntime fails on it."""
         if name not in self.cuts:
             return None
-        if name not in self._runs:
-            nodes, cut = self.cuts[name]
-            made = {o for node in nodes for o in node.output}
-            outputs = [n for n in self.names if n in made]
-            feed = {**self.chunks[0], **self.values[0], **self.weights}
-            dtypes = {n: np.asarray(feed[n]).dtype for n in cut if n in feed}
-            dtypes[name] = array.dtype
-            runner = self.collector.runner(suffix_model(self.light, name, nodes, cut, dtypes, outputs), outputs)
-            self._runs = {name: (runner, [n for n in cut if n in feed], outputs)}  # one weight's probes at a time
-        runner, fed, outputs = self._runs[name]
-        result = []
-        for i, (feed, values) in enumerate(zip(self.chunks, self.values)):
-            known = {**feed, **values, **self.weights}
-            got = runner.run({**{n: known[n] for n in fed}, name: array}).values
-            result.append([np.asarray(got[n], np.float64) if n in outputs else reference[i][k]
-                           for k, n in enumerate(self.names)])
+        try:
+            if name not in self._runs:
+                self._runs.clear()  # one weight's probes at a time: the last weight's session goes
+                nodes, cut = self.cuts[name]
+                made = {o for node in nodes for o in node.output}
+                outputs = [n for n in self.names if n in made]
+                feed = {**self.chunks[0], **self.values[0], **self.weights}
+                dtypes = {n: np.asarray(feed[n]).dtype for n in cut if n in feed}
+                dtypes[name] = array.dtype
+                session = make_session(suffix_model(self.light, name, nodes, cut, dtypes, outputs))
+                self._runs[name] = (session, [n for n in cut if n in feed], outputs)
+            session, fed, outputs = self._runs[name]
+            result = []
+            for i, (feed, values) in enumerate(zip(self.chunks, self.values)):
+                known = {**feed, **values, **self.weights}
+                got = dict(zip(outputs, session.run(outputs, {**{n: known[n] for n in fed}, name: array})))
+                result.append([np.asarray(got[n], np.float64) if n in outputs else reference[i][k]
+                               for k, n in enumerate(self.names)])
+        except Exception as e:  # noqa: BLE001 - the whole model still runs this probe
+            log.debug("output gains: no suffix for %s (%s); the whole model runs", name, e)
+            self.cuts.pop(name, None)
+            return None
         return result
