@@ -220,6 +220,21 @@ def test_probes_run_only_their_weights_suffix_and_measure_the_same_gains(monkeyp
     assert not used  # no suffix values held: every probe runs the whole model
     monkeypatch.setattr(sensitivity, "SUFFIX_SECONDS", 1e9)
     assert measure_gains(model, data, probes, samples=32) == whole and not used  # a fast model: no suffixes
+    monkeypatch.setattr(sensitivity, "SUFFIX_SECONDS", -1.0)
+    monkeypatch.setattr(sensitivity, "SUFFIX_BYTES", 512 << 20)
+    built = []
+
+    def failing(model, **kwargs):  # the capture builds, each suffix fails: those probes run the whole model
+        built.append(model.graph.name)
+        if "_after_" in model.graph.name:
+            raise RuntimeError("onnxruntime refused it")
+        return sessions.make_session(model, **kwargs)
+    from onnxcompress.runtime import sessions
+    monkeypatch.setattr(sensitivity, "make_session", failing)
+    assert measure_gains(model, data, probes, samples=32) == whole
+    # fc.W's suffix failed on its first probe (both then ran the whole model); conv.W has none
+    assert sorted(name for name, got in used if got is None) == ["conv.W", "conv.W", "fc.W", "fc.W"]
+    assert sum("_after_" in name for name in built) == 1
     for name in by_suffix:
         np.testing.assert_allclose([by_suffix[name].rest, by_suffix[name].mean], [whole[name].rest, whole[name].mean],
                                    rtol=1e-5)
