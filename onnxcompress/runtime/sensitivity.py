@@ -22,16 +22,12 @@ outputs of any coding is then predicted as
 
 (per group of channels, signal = tr(W H W^T)). The probed weights are inputs of one session (the
 statistics collector's, shared with the layer statistics of the same model), run once per probe
-over at most `samples` feeds. Where that run is slow (SUFFIX_SECONDS) and the values the weights'
-suffixes read (runtime.suffix: the nodes downstream of a weight) fit SUFFIX_BYTES for all probed
-weights together, one more run returns them, and each probe runs only its weight's suffix, fed those
-values: a probe in the last layers no longer runs the first ones.
+over at most `samples` feeds.
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,20 +35,13 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.graph.data import Dataset, model_inputs
-from onnxcompress.graph.edit import upstream_model
+from onnxcompress.graph.data import Dataset
 from onnxcompress.numerics.gptq import LayerHessians
-from onnxcompress.runtime.sessions import make_session
-from onnxcompress.runtime.statistics import Collector, Runner, weights_as_inputs
-from onnxcompress.runtime.suffix import downstream, suffix_model
+from onnxcompress.runtime.statistics import Collector, Runner
 
 log = logging.getLogger(__name__)
 GAIN_RANGE = (1e-6, 1e6)  # a probe that moves nothing (or everything) at the outputs stays finite
 MIN_MEAN_SHARE = 0.2  # a mean probe whose mean part is less of its energy cannot resolve the mean gain
-SUFFIX_BYTES = 512 << 20  # the values all probed weights' suffixes read, held from one run
-# a run of the probe samples through the whole model longer than this: probes run suffixes (each a session of its
-# own, which a model that runs in milliseconds does not repay: a three-layer MLP runs in 1 ms)
-SUFFIX_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -99,19 +88,14 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     if not split:
         return {}
     feeds = data.limit(samples)
-    start = time.perf_counter()
     reference = _outputs(runner, feeds, floats)
-    suffixes = _Suffixes(model, feeds, floats, set(split), arrays) \
-        if time.perf_counter() - start > SUFFIX_SECONDS else None
     signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
     if not any(s > 0 for s in signal):
         return {}
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
         swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
-        outputs = suffixes.outputs(name, swapped[name], reference) if suffixes is not None and suffixes.held else None
-        if outputs is None:
-            outputs = _outputs(runner, feeds, floats, swapped)
+        outputs = _outputs(runner, feeds, floats, swapped)
         return max(sum(float(np.sum(np.square(a[k] - b[k]))) for a, b in zip(outputs, reference)) / signal[k]
                    for k in range(len(floats)) if signal[k] > 0)
 
@@ -161,72 +145,3 @@ def _energy(hessians: LayerHessians, d: np.ndarray) -> float:
 def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str, np.ndarray] | None = None
              ) -> list[list[np.ndarray]]:
     return [[np.asarray(chunk.values[n], np.float64) for n in names] for chunk in runner.chunks(data, swapped=swapped)]
-
-
-class _Suffixes:
-    """The probes' runs through each weight's suffix (runtime.suffix.downstream), fed the values it reads
-    from ONE run of the whole model that returns them all (``held``: False where the data is a stream, the
-    values would pass SUFFIX_BYTES or onnxruntime fails on a cut: every probe then runs the whole model).
-    These sessions are its own, one at a time (like runtime.suffix's): each holds an arena sized for its
-    values, which the collector's cache would keep alive past the weight's two probes."""
-
-    def __init__(self, model: onnx.ModelProto, feeds: Dataset, names: list[str], probed: set[str],
-                 weights: dict[str, np.ndarray]):
-        self.names, self.weights = names, weights
-        self.held = False
-        self._runs: dict[str, tuple] = {}
-        if feeds.stream is not None or not probed:
-            return
-        light, _ = weights_as_inputs(model, probed)
-        self.light, inputs = light, {i.name for i in light.graph.input}
-        inits = {t.name for t in light.graph.initializer}
-        cuts = {}
-        for name in sorted(probed):
-            nodes, cut = downstream(light.graph, {name})
-            if len(nodes) < len(light.graph.node):
-                cuts[name] = (nodes, cut)
-        held = sorted({c for _, cut in cuts.values() for c in cut if c not in inputs and c not in inits})
-        self.chunks = [feed for feed, _ in feeds.chunks(model_inputs(model))]
-        values, total = [], 0
-        try:
-            session = make_session(upstream_model(light, names + held))
-            for feed in self.chunks:
-                values.append(dict(zip(held, session.run(held, {**feed, **weights}))) if held else {})
-                total += sum(v.nbytes for v in values[-1].values())
-                if total > SUFFIX_BYTES:
-                    log.debug("output gains: the suffixes' values pass %d bytes; probes run the whole model",
-                              SUFFIX_BYTES)
-                    return
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own types; the whole model still runs each probe
-            log.debug("output gains: no suffix values (%s); probes run the whole model", e)
-            return
-        self.values, self.cuts, self.held = values, cuts, True
-
-    def outputs(self, name: str, array: np.ndarray, reference: list[list[np.ndarray]]) -> list[list[np.ndarray]] | None:
-        """Per chunk, the outputs with weight `name` set to `array`: `reference`'s where its suffix does not
-        reach them; None where it has no suffix (it reaches every node) or onnxruntime fails on it."""
-        if name not in self.cuts:
-            return None
-        try:
-            if name not in self._runs:
-                self._runs.clear()  # one weight's probes at a time: the last weight's session goes
-                nodes, cut = self.cuts[name]
-                made = {o for node in nodes for o in node.output}
-                outputs = [n for n in self.names if n in made]
-                feed = {**self.chunks[0], **self.values[0], **self.weights}
-                dtypes = {n: np.asarray(feed[n]).dtype for n in cut if n in feed}
-                dtypes[name] = array.dtype
-                session = make_session(suffix_model(self.light, name, nodes, cut, dtypes, outputs))
-                self._runs[name] = (session, [n for n in cut if n in feed], outputs)
-            session, fed, outputs = self._runs[name]
-            result = []
-            for i, (feed, values) in enumerate(zip(self.chunks, self.values)):
-                known = {**feed, **values, **self.weights}
-                got = dict(zip(outputs, session.run(outputs, {**{n: known[n] for n in fed}, name: array})))
-                result.append([np.asarray(got[n], np.float64) if n in outputs else reference[i][k]
-                               for k, n in enumerate(self.names)])
-        except Exception as e:  # noqa: BLE001 - the whole model still runs this probe
-            log.debug("output gains: no suffix for %s (%s); the whole model runs", name, e)
-            self.cuts.pop(name, None)
-            return None
-        return result
