@@ -96,5 +96,7 @@ def test_value_digests_change_downstream_of_a_changed_weight_only():
     _set(copy, "w2", np.zeros((5, 5)))
     after = value_digests(copy)
     assert [n for n in before if before[n] != after[n]] == ["w2", "h2", "r2", "y"]
+    from onnxcompress.runtime.segments import SegmentValues
+    assert SegmentValues.usable(copy, _data())
     copy.graph.initializer[0].data_location = TensorProto.EXTERNAL
-    assert value_digests(copy) is None
+    assert value_digests(copy) is None and not SegmentValues.usable(copy, _data())

@@ -45,7 +45,8 @@ class SegmentValues:
     @staticmethod
     def usable(model: onnx.ModelProto, data: Dataset) -> bool:
         """Whether values of `model` can be held by digest (no external weights) over `data` (not a stream)."""
-        return getattr(data, "stream", None) is None and value_digests(model) is not None
+        return getattr(data, "stream", None) is None and all(
+            t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)  # as value_digests needs
 
     def stream(self, model: onnx.ModelProto, name: str) -> Iterator[dict[str, np.ndarray]]:
         """Per chunk, {name: the value of main-graph tensor `name` in `model`}."""
