@@ -119,7 +119,12 @@ def test_refine_centroids_matches_brute_force_least_squares():
     np.testing.assert_allclose(got[free], ref, rtol=1e-5, atol=1e-7)
 
 
-def test_refine_centroids_sparse_and_dense_paths_agree():
+@pytest.mark.parametrize("triangle_k", [None, 0])
+def test_refine_centroids_sparse_and_dense_paths_agree(monkeypatch, triangle_k):
+    """Dense rows summed over all of H's gathered rows, or (triangle_k 0: from any K on) over its upper triangle."""
+    from onnxcompress.numerics import gptq
+    if triangle_k is not None:
+        monkeypatch.setattr(gptq, "CODE_GRAM_TRIANGLE_K", triangle_k)
     rng = np.random.default_rng(5)
     x = correlated_rows(rng, 600, 300)
     w = rng.standard_normal((8, 300))
@@ -456,3 +461,20 @@ def test_a_costly_paired_capture_stops_at_enough_rows_taken_across_the_data(monk
     np.testing.assert_allclose(got.cross[0], got.current[0], rtol=0)
     monkeypatch.setattr(paired, "CUT_SECONDS", 1e9)  # a fast model: every sample, as before
     assert paired.collect_paired_grams(model, model, data, layer, collector=collector).count == 64 * 4
+
+
+def test_signal_and_noise_remembers_the_signal_of_weights_measured_before():
+    """Every candidate of one weight has the same signal tr(W H W^T): computed once, the same number."""
+    from onnxcompress.numerics.gptq import LayerHessians
+    rng = np.random.default_rng(2)
+    h = gram(correlated_rows(rng, 200, 12))
+    hessians = LayerHessians([h, 2 * h], np.array([0, 0, 1, 1, 1]))
+    w = rng.standard_normal((12, 5)).T  # a transposed view, as a MatMul weight's matrix is
+    d1, d2 = 0.1 * rng.standard_normal((5, 12)), 0.2 * rng.standard_normal((5, 12))
+    first = hessians.signal_and_noise(w, d1)
+    second = hessians.signal_and_noise(w.copy(), d2)
+    fresh = LayerHessians([h, 2 * h], np.array([0, 0, 1, 1, 1])).signal_and_noise(w, d2)
+    assert first[0] == second[0] == fresh[0] and second[1] == fresh[1] and first[1] != second[1]
+    assert len(hessians._signals) == 1
+    expected = sum(float(np.sum((w[r] @ m) * w[r])) for r, m in [(slice(0, 2), h), (slice(2, 5), 2 * h)])
+    assert first[0] == pytest.approx(expected, rel=1e-12)

@@ -1,6 +1,7 @@
 """Small helpers over ONNX graphs: walking subgraphs, naming, consumer maps, node provenance."""
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -175,3 +176,28 @@ def upstream_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     declared = {o.name: o for o in graph.output} | {v.name: v for v in graph.value_info}
     out.graph.output.extend(declared.get(n, onnx.ValueInfoProto(name=n)) for n in dict.fromkeys(names))
     return out
+
+
+def value_digests(model: onnx.ModelProto) -> dict[str, str] | None:
+    """A digest per main-graph tensor (inputs, initializers, node outputs) that changes exactly when what
+    computes its value does: a graph input's name; an initializer (name, type, shape, bytes); a node
+    output's op, attributes (subgraphs included), the digests of what the node reads (through subgraphs
+    too) and its position among the node's outputs. Two models (or two states of one) give a tensor the
+    same digest when its value is the same function of the graph inputs. None when a weight's bytes live
+    in an external file (their digest would name the place, not the bytes)."""
+    graph = model.graph
+    digests = {i.name: hashlib.sha256(b"input\0" + i.name.encode()).hexdigest() for i in graph.input}
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        digests[tensor.name] = hashlib.sha256(b"tensor\0" + tensor.SerializeToString()).hexdigest()
+    for node in graph.node:
+        h = hashlib.sha256(f"{node.domain}\0{node.op_type}\0".encode())
+        for attr in node.attribute:
+            h.update(attr.SerializeToString())
+        for name in list(node.input) + sorted(outer_names(node)):
+            h.update(b"\0" + digests.get(name, "?" + name).encode())
+        for index, out in enumerate(node.output):
+            if out:
+                digests[out] = hashlib.sha256(h.digest() + index.to_bytes(4, "little")).hexdigest()
+    return digests

@@ -1,8 +1,9 @@
 """Paired captures: one layer's input rows in the model being compressed and, on the same rows, in a
 reference (the original), reduced to the Gram matrices a layer-wise fit needs (:class:`PairedGrams`).
 
-The current model changes as its layers are coded, so it runs again for every layer; the reference does
-not: :class:`ReferenceRows` takes the reference's rows of all the layers a pass will fit in ONE run over
+The current model changes as its layers are coded, so it runs again for every layer (on a costly model,
+only the nodes between the values held from the layers before and the layer's input: runtime.segments);
+the reference does not: :class:`ReferenceRows` takes the reference's rows of all the layers a pass will fit in ONE run over
 the data (kept in memory up to REFERENCE_BYTES) and every layer's capture pairs with them. Layers that read
 the same rows (a transformer's query, key and value) also share the current model's run and Gram matrices
 while the part of the current model that computes their input is unchanged (:meth:`ReferenceRows.grams_key`).
@@ -23,6 +24,7 @@ from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import upstream_model
 from onnxcompress.numerics.row_blocks import RowBlocks
 from onnxcompress.runtime.capture import LinearLayer, row_length
+from onnxcompress.runtime.segments import SegmentValues
 from onnxcompress.runtime.statistics import Collector
 
 CUT_SECONDS = 1.0  # a pass over the data through the whole model longer than this: layers' inputs from a cut model
@@ -140,6 +142,7 @@ class ReferenceRows:
         self.costly: bool | None = None  # whether the pass read the data as a costly capture does (set by it)
         self._rows: dict[tuple, list[list[np.ndarray]]] | None = None
         self._grams: OrderedDict[tuple, PairedGrams] = OrderedDict()  # see grams_key
+        self._segments: SegmentValues | None = None  # see current_values
 
     @staticmethod
     def grams_key(current: onnx.ModelProto, layer: LinearLayer, folds: bool) -> tuple:
@@ -148,6 +151,15 @@ class ReferenceRows:
         fitted and rewritten since does not change it unless it lies upstream of that input."""
         upstream = upstream_model(current, [layer.input_name]).SerializeToString()
         return _rows_key(layer), bool(folds), hashlib.sha256(upstream).hexdigest()
+
+    def current_values(self, current: onnx.ModelProto) -> SegmentValues | None:
+        """The current model's values over the chunks a costly capture reads, each layer's input run from the
+        values held from the layers before it (runtime.segments); None where they cannot be held."""
+        if not self.costly or not SegmentValues.usable(current, self.data):
+            return None
+        if self._segments is None:
+            self._segments = SegmentValues(_parts(self.data, True), max_batch=self.max_batch, collector=self.collector)
+        return self._segments
 
     def kept_grams(self, key: tuple) -> PairedGrams | None:
         return self._grams.get(key)
@@ -235,8 +247,12 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         models = [current, reference] if paired else [current]
         # the current model's graph changes as its layers are coded: its cost is the reference's until measured
         costly = max(_pass_seconds(collector, m, data) for m in models) > CUT_SECONDS
-    models = [upstream_model(m, [name]) for m in models] if costly else models
-    streams = [_streamed(collector, m, _parts(data, costly), [name], max_batch) for m in models]
+    segments = reference_rows.current_values(current) if held is not None else None
+    if segments is not None:
+        streams = [segments.stream(current, name)]
+    else:
+        models = [upstream_model(m, [name]) for m in models] if costly else models
+        streams = [_streamed(collector, m, _parts(data, costly), [name], max_batch) for m in models]
     total = even = None
     chunks = 0
     # the held rows first: zip stops there without running the current model on one more chunk
