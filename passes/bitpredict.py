@@ -41,6 +41,14 @@ ANCHORS = (1 / 3, 2 / 3)  # quantiles of a weight's candidates' log layer error 
 MEASURE_ALL = 8  # a weight with at most this many candidates has them all measured
 MAX_ROUNDS = 12  # allocate-and-measure rounds before the sweep stops with what it measured
 TINY = 1e-30
+# a weight without layer statistics (a Gather table) over this many entries is coded for its prediction on a
+# sample of its rows: SAMPLE_ENTRIES of them, in blocks of SAMPLE_BLOCK rows (a CSR gap runs along a row)
+SAMPLE_ABOVE = 1 << 22
+SAMPLE_ENTRIES = 1 << 20
+SAMPLE_BLOCK = 64
+# the smallest weights whose bytes add up to at most this share of the searched bytes keep one candidate, their
+# widest dense one: each of theirs measured would cost a model run for a saving of at most that share
+SMALL_SHARE = 0.005
 
 
 @dataclass
@@ -78,6 +86,30 @@ class LayerError:
         d = self.w - self.layer.weight_matrix(np.asarray(decoded, np.float32))
         return sum(float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
                    for rows, h in self.parts) / self.signal
+
+
+def row_sample(array: np.ndarray) -> np.ndarray | None:
+    """Every k-th block of SAMPLE_BLOCK rows (axis 0) of a tensor over SAMPLE_ABOVE entries, about SAMPLE_ENTRIES
+    entries in all (deterministic); None for a smaller one. A candidate coded on it predicts the whole one's: the
+    layer error (H = I) as it is, the bytes scaled by the entries."""
+    if array.size <= SAMPLE_ABOVE or array.ndim < 2:
+        return None
+    rows = array.shape[0]
+    step = max(1, -(-array.size // SAMPLE_ENTRIES))  # one block in `step`
+    starts = np.arange(0, rows, SAMPLE_BLOCK * step)
+    picked = (starts[:, None] + np.arange(SAMPLE_BLOCK)).ravel()
+    return np.ascontiguousarray(array[picked[picked < rows]])
+
+
+def small_weights(sizes: list[int]) -> set[int]:
+    """Indices of the smallest weights (by bytes, ties by index) whose bytes add up to at most SMALL_SHARE of all."""
+    budget, small = SMALL_SHARE * sum(sizes), set()
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i], i)):
+        budget -= sizes[i]
+        if budget < 0:
+            break
+        small.add(i)
+    return small
 
 
 def anchors(entries: list[Entry]) -> list[int]:

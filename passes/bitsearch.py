@@ -15,7 +15,7 @@ import onnx
 
 from onnxcompress.errors import RecipeError
 from onnxcompress.formats.forms import Form
-from onnxcompress.formats.packed import choose_layout, write_blob
+from onnxcompress.formats.packed import choose_layout, estimated_ans_bytes, write_blob
 from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.graph.stream import StateCarry
 from onnxcompress.graph.weights import get_array, WeightInfo
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # below this many searched weight entries a whole-model run costs less than building a suffix session
 SUFFIX_MIN_ELEMENTS = 1_000_000
 SUFFIX_BYTES = 512 << 20  # cut values of the suffixes kept at once (each at most SuffixRunner's max_bytes)
+INDEX_WIDTHS = (4, 5, 8)  # relative-index widths a candidate's packed price tries
 
 
 @dataclass
@@ -268,5 +269,13 @@ def stored_bytes(shared, form: Form) -> int:
     """
     if form == Form.PORTABLE:
         return shared.payload_bytes()
-    layout = choose_layout(shared, candidates=(4, 5, 8), methods=("ans",))
+    layout = choose_layout(shared, candidates=INDEX_WIDTHS, methods=("ans",))
     return len(write_blob(shared, layout, methods=("ans",)).blob)
+
+
+def predicted_bytes(shared, form: Form) -> int:
+    """:func:`stored_bytes` for a candidate priced but maybe never measured: in the packed form estimated from the
+    codes' counts without coding (formats.packed.estimated_ans_bytes: a few bytes above the coded size)."""
+    if form == Form.PORTABLE:
+        return shared.payload_bytes()
+    return estimated_ans_bytes(shared, candidates=INDEX_WIDTHS)

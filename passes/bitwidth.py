@@ -33,7 +33,8 @@ from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitladder, bitpredict
 from onnxcompress.passes.bitprune import candidate_weights, Pruner
-from onnxcompress.passes.bitsearch import Candidate, Evaluator, floor_disagreement, make_score, stored_bytes
+from onnxcompress.passes.bitsearch import (Candidate, Evaluator, floor_disagreement, make_score, predicted_bytes,
+                                          stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 from onnxcompress.runtime.tasks import is_builtin, output_producers
@@ -184,6 +185,9 @@ class BitWidthPass(Pass):
         self._counting = False  # is the cost a count of changed decisions?
         self._predicted_only = 0  # candidates whose noise was predicted and never measured
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
+        if predicts:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
+            for i in bitpredict.small_weights([w.nbytes for w in weights]):
+                grids[weights[i].name] = grids[weights[i].name][:1]
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
@@ -260,14 +264,21 @@ class BitWidthPass(Pass):
             array = evaluator.base[info.name]
             pruner = self._pruner
             layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
-            layer_error = bitpredict.LayerError(array, layer, stats)
+            sample = bitpredict.row_sample(array) if stats is None else None  # a huge table: a sample of its rows
+            layer_error = bitpredict.LayerError(array if sample is None else sample, layer, stats)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
                     # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
-                    candidate.size = stored_bytes(coded, ctx.form)
+                    # exactly (predicted_bytes: from the codes' counts)
+                    if sample is None:
+                        coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
+                        candidate.size = predicted_bytes(coded, ctx.form)
+                    else:  # its bytes but the codebook's scaled by the entries
+                        coded = candidate_weights(sample, info, sparsity, bits, cfg.seed)[0]
+                        book = 4 * int(coded.codebook.size)
+                        candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / sample.size)
                     error = layer_error(coded.decode())
                 except OnnxCompressError as e:
                     _failed(info, candidate, e)
