@@ -721,3 +721,63 @@ def test_the_sweeps_part_of_the_samples_keeps_each_chunks_cross_fitted_version_a
     picked = singles.part(4)  # every other chunk, each at its own position
     assert picked.folds == [0, 2, 4, 6] and len(picked.data) == 4
     np.testing.assert_array_equal(picked.chunks[1][0][x], feeds[x][2:3])
+
+
+def test_a_huge_tables_row_sample_is_blocks_of_rows_and_the_smallest_weights_are_a_share_of_the_bytes(monkeypatch):
+    from onnxcompress.passes import bitpredict
+
+    monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 1000)
+    monkeypatch.setattr(bitpredict, "SAMPLE_ENTRIES", 400)
+    monkeypatch.setattr(bitpredict, "SAMPLE_BLOCK", 5)
+    table = np.arange(500 * 4).reshape(500, 4)
+    sample = bitpredict.row_sample(table)
+    rows = sample[:, 0] // 4
+    assert set(np.diff(rows)) == {1, 21} and rows[0] == 0  # blocks of 5 rows, one block in 5 (2000 / 400)
+    assert sample.size == 400 and np.array_equal(bitpredict.row_sample(table), sample)
+    assert bitpredict.row_sample(np.zeros(1000)) is None and bitpredict.row_sample(np.zeros((10, 100))) is None
+    monkeypatch.setattr(bitpredict, "SMALL_SHARE", 0.01)
+    assert bitpredict.small_weights([5000, 10, 30, 10, 4000, 50]) == {1, 2, 3}  # 50 <= 1% of 9100 < 100
+
+
+def gather_table(vocab: int = 600, dim: int = 16, classes: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """ids [N, 6] -> Gather(table [vocab, dim]) -> ReduceMean over the tokens -> MatMul W [dim, classes] + b."""
+    from onnx import helper, numpy_helper, TensorProto
+    from tiny import make_model, value
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table"),
+             numpy_helper.from_array((rng.standard_normal((dim, classes)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal(classes) * 0.1).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]),
+             helper.make_node("ReduceMean", ["emb", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    return make_model(nodes, [value("ids", ["N", 6], TensorProto.INT64)], [value("y", ["N", classes])], inits)
+
+
+def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_result_agrees(monkeypatch):
+    from onnxcompress.passes import bitpredict
+
+    monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 4000)  # the 9,600-entry table is "huge"
+    monkeypatch.setattr(bitpredict, "SAMPLE_ENTRIES", 2000)
+    monkeypatch.setattr(bitpredict, "SAMPLE_BLOCK", 8)
+    coded = []
+    real = bitpredict.LayerError.__init__
+    monkeypatch.setattr(bitpredict.LayerError, "__init__",
+                        lambda self, array, *a: (coded.append(np.shape(array)), real(self, array, *a))[1])
+    model = gather_table()
+    ids = np.random.default_rng(0).integers(0, 600, size=(256, 6)).astype(np.int64)
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 2.0, "unlabelled": "agreement", "sweep": "predicted",
+                                        "bits": [2, 3, 4, 6, 8],
+                                        "sparsities": [0.0, 0.5, 0.8], "min_elements": 8}),
+                          ("prune", {"min_elements": 8}), ("share", {"min_elements": 8}), ("sparse", {}), ("entropy", {})],
+                    form="packed")
+    compressed, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
+    summary = report.passes[0].summary
+    assert (120, 16) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
+    assert len(summary["sensitivity"]["b"]) == 1  # the smallest weight: its widest dense candidate only
+    assert summary["sensitivity"]["b"][0]["bits"] == 8 and summary["choices"]["b"]["sparsity"] == 0.0
+    measured = summary["sensitivity"]["table"]
+    assert 0 < len(measured) < 15 and all(c["size"] > 0 for c in measured)
+    assert report.validation.worst_agreement() >= 0.98  # top-1 of the original in onnxruntime
+    onnx.checker.check_model(compressed, full_check=True)
