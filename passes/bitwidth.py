@@ -48,7 +48,8 @@ COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not all
 # CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
 # costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
 SWEEP_SECONDS = 300.0
-# samples the predicted sweep measures single weights on (the joint checks: all): orinet's 128 pages of 1.1 CPU s
+# samples the predicted sweep measures single weights on, at most half of them (the joint checks: all): orinet's
+# 128 pages of 1.1 CPU s, the MiniLM-like model's 64 sentences of 1.7 CPU s
 SWEEP_SAMPLES = 64
 
 
@@ -192,7 +193,7 @@ class BitWidthPass(Pass):
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
         if predicts:  # single weights measured on part of the samples; the joint checks run on all of them
-            sweeper = evaluator.part(SWEEP_SAMPLES) or evaluator
+            sweeper = evaluator.part(max(1, min(SWEEP_SAMPLES, len(evaluator.data) // 2))) or evaluator
             log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
         resolution = 100.0 * 2 / max(len(sweeper.data), 1)
         table = (self._predicted(ctx, sweeper, weights, grids, resolution) if predicts

@@ -755,7 +755,7 @@ def gather_table(vocab: int = 600, dim: int = 16, classes: int = 8, seed: int = 
     return make_model(nodes, [value("ids", ["N", 6], TensorProto.INT64)], [value("y", ["N", classes])], inits)
 
 
-def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_result_agrees(monkeypatch):
+def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_result_agrees(monkeypatch, caplog):
     from onnxcompress.passes import bitpredict
 
     monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 4000)  # the 9,600-entry table is "huge"
@@ -766,7 +766,8 @@ def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_resul
     monkeypatch.setattr(bitpredict.LayerError, "__init__",
                         lambda self, array, *a: (coded.append(np.shape(array)), real(self, array, *a))[1])
     model = gather_table()
-    ids = np.random.default_rng(0).integers(0, 600, size=(256, 6)).astype(np.int64)
+    ids = np.random.default_rng(0).integers(0, 600, size=(96, 6)).astype(np.int64)
+    caplog.set_level("INFO", logger="onnxcompress.passes.bitwidth")
     recipe = Recipe("t", [("bitwidth", {"max_drop": 2.0, "unlabelled": "agreement", "sweep": "predicted",
                                         "bits": [2, 3, 4, 6, 8],
                                         "sparsities": [0.0, 0.5, 0.8], "min_elements": 8}),
@@ -774,6 +775,7 @@ def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_resul
                     form="packed")
     compressed, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
     summary = report.passes[0].summary
+    assert "the sweep measures on 48 of the 96 samples" in caplog.text  # single weights on half of them at most
     assert (120, 16) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
     assert len(summary["sensitivity"]["b"]) == 1  # the smallest weight: its widest dense candidate only
     assert summary["sensitivity"]["b"][0]["bits"] == 8 and summary["choices"]["b"]["sparsity"] == 0.0
