@@ -46,6 +46,7 @@ TINY = 1e-30
 SAMPLE_ABOVE = 1 << 22
 SAMPLE_ENTRIES = 1 << 20
 SAMPLE_BLOCK = 64
+PREDICT_ROWS = 128  # rows (output channels) a weight with layer statistics is predicted on, past twice as many
 # the smallest weights whose bytes add up to at most this share of the searched bytes keep one candidate, their
 # widest dense one: each of theirs measured would cost a model run for a saving of at most that share
 SMALL_SHARE = 0.005
@@ -65,15 +66,18 @@ class LayerError:
     groups (H = I without statistics), D the weight minus a candidate's decoded values: the weight's signal
     tr(W H W^T) computed once."""
 
-    def __init__(self, array: np.ndarray, layer=None, stats=None):
+    def __init__(self, array: np.ndarray, layer=None, stats=None, rows: np.ndarray | None = None):
         self.layer = layer if stats is not None else None
+        self.rows = rows  # only these rows of the channel-first matrix (a candidate decoded to them alone)
         if self.layer is None:
             self.w = np.asarray(array, np.float64).ravel()
             self.signal = float(self.w @ self.w)
             return
         self.w = layer.weight_matrix(np.asarray(array, np.float32))
         group = layer.group_of_channels()
-        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in range(layer.groups)]
+        if rows is not None:
+            self.w, group = self.w[rows], group[rows]
+        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in np.unique(group)]
         self.signal = sum(float(np.einsum("ij,ij->", self.w[rows] @ h, self.w[rows], dtype=np.float64))
                           for rows, h in self.parts)
 
@@ -83,7 +87,8 @@ class LayerError:
         if self.layer is None:
             d = self.w - np.asarray(decoded, np.float64).ravel()
             return float(d @ d) / self.signal
-        d = self.w - self.layer.weight_matrix(np.asarray(decoded, np.float32))
+        decoded = np.asarray(decoded, np.float32)
+        d = self.w - (self.layer.weight_matrix(decoded) if self.rows is None else decoded)
         return sum(float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
                    for rows, h in self.parts) / self.signal
 
@@ -99,6 +104,14 @@ def row_sample(array: np.ndarray) -> np.ndarray | None:
     starts = np.arange(0, rows, SAMPLE_BLOCK * step)
     picked = (starts[:, None] + np.arange(SAMPLE_BLOCK)).ravel()
     return np.ascontiguousarray(array[picked[picked < rows]])
+
+
+def channel_rows(count: int) -> np.ndarray | None:
+    """PREDICT_ROWS evenly spaced rows of a channel-first matrix of `count` rows past twice that many, else None:
+    a weight with layer statistics is fit, coded and priced on them for its prediction (bitprune.sampled_candidate)."""
+    if count <= 2 * PREDICT_ROWS:
+        return None
+    return np.unique(np.linspace(0, count - 1, PREDICT_ROWS).astype(np.int64))
 
 
 def small_weights(sizes: list[int]) -> set[int]:

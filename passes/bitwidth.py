@@ -32,7 +32,7 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitladder, bitpredict
-from onnxcompress.passes.bitprune import candidate_weights, Pruner
+from onnxcompress.passes.bitprune import candidate_weights, Pruner, sampled_candidate
 from onnxcompress.passes.bitsearch import (Candidate, Evaluator, floor_disagreement, make_score, predicted_bytes,
                                           stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
@@ -265,21 +265,25 @@ class BitWidthPass(Pass):
             array = evaluator.base[info.name]
             pruner = self._pruner
             layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
-            sample = bitpredict.row_sample(array) if stats is None else None  # a huge table: a sample of its rows
-            layer_error = bitpredict.LayerError(array if sample is None else sample, layer, stats)
+            # a large weight is predicted on a sample: of its channels' rows (with layer statistics), or of its rows'
+            # blocks (a huge table without); the bytes but the codebook's scaled by the entries
+            rows = bitpredict.channel_rows(layer.out_channels) if stats is not None else None
+            sample = bitpredict.row_sample(array) if stats is None else None
+            layer_error = bitpredict.LayerError(array if sample is None else sample, layer, stats, rows)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
                 try:
-                    # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
-                    # exactly (predicted_bytes: from the codes' counts)
-                    if sample is None:
-                        coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
-                        candidate.size = predicted_bytes(coded, ctx.form)
-                    else:  # its bytes but the codebook's scaled by the entries
+                    # the one fit on all rows priced for the prediction (predicted_bytes: from the codes' counts);
+                    # _measure codes and prices the measured ones exactly, on the whole weight
+                    if rows is not None:
+                        coded = sampled_candidate(array, info, sparsity, bits, cfg.seed, pruner, rows)
+                    elif sample is not None:
                         coded = candidate_weights(sample, info, sparsity, bits, cfg.seed)[0]
-                        book = 4 * int(coded.codebook.size)
-                        candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / sample.size)
+                    else:
+                        coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
+                    book, coded_size = 4 * int(coded.codebook.size), int(np.size(coded.codes))
+                    candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / coded_size)
                     error = layer_error(coded.decode())
                 except OnnxCompressError as e:
                     _failed(info, candidate, e)

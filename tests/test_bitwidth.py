@@ -761,10 +761,12 @@ def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_resul
     monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 4000)  # the 9,600-entry table is "huge"
     monkeypatch.setattr(bitpredict, "SAMPLE_ENTRIES", 2000)
     monkeypatch.setattr(bitpredict, "SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(bitpredict, "PREDICT_ROWS", 3)  # W's 8 output channels: predicted on rows 0, 3, 7
     coded = []
     real = bitpredict.LayerError.__init__
     monkeypatch.setattr(bitpredict.LayerError, "__init__",
-                        lambda self, array, *a: (coded.append(np.shape(array)), real(self, array, *a))[1])
+                        lambda self, array, *a: (coded.append((np.shape(array), a[-1] is not None)),
+                                                 real(self, array, *a))[1])
     model = gather_table()
     ids = np.random.default_rng(0).integers(0, 600, size=(96, 6)).astype(np.int64)
     caplog.set_level("INFO", logger="onnxcompress.passes.bitwidth")
@@ -776,10 +778,44 @@ def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_resul
     compressed, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
     summary = report.passes[0].summary
     assert "the sweep measures on 48 of the 96 samples" in caplog.text  # single weights on half of them at most
-    assert (120, 16) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
+    assert ((16, 8), True) in coded  # W: on a sample of its rows
+    assert ((120, 16), False) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
     assert len(summary["sensitivity"]["b"]) == 1  # the smallest weight: its widest dense candidate only
     assert summary["sensitivity"]["b"][0]["bits"] == 8 and summary["choices"]["b"]["sparsity"] == 0.0
     measured = summary["sensitivity"]["table"]
     assert 0 < len(measured) < 15 and all(c["size"] > 0 for c in measured)
     assert report.validation.worst_agreement() >= 0.98  # top-1 of the original in onnxruntime
     onnx.checker.check_model(compressed, full_check=True)
+
+
+@pytest.mark.parametrize("k, n, sparsity", [(64, 40, 0.5), (64, 40, 0.9), (16, 40, 0.5)])
+def test_a_sample_of_rows_is_fit_as_the_fit_on_all_rows_makes_them(k, n, sparsity):
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights, get_array
+    from onnxcompress.passes.bitpredict import LayerError
+    from onnxcompress.passes.bitprune import Pruner, sampled_candidate
+
+    model = gemm(k=k, n=n)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    array = get_array(model, info)
+    pruner = Pruner(model, data, [info])
+    pruner.held_out_ridge = False
+    if k == 16:
+        pruner.max_flops = 0  # sparsegpt: also a row at a time
+    rows = np.array([0, 3, 17, 39])
+    sampled, keep = pruner.rows_fit(array, info, sparsity, rows)
+    layer = pruner.layers[info.name]
+    (whole,), mask = pruner(array, info, sparsity, all_rows=True)
+    np.testing.assert_allclose(sampled, layer.weight_matrix(whole)[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(keep, layer.weight_matrix(mask)[rows])
+    coded = sampled_candidate(array, info, sparsity, 4, 0, pruner, rows)
+    assert coded.codes.shape == (4, k) and np.all((coded.decode() == 0) == ~keep)
+    stats = pruner.stats[info.name]
+    full, part = LayerError(array, layer, stats), LayerError(array, layer, stats, rows)
+    w = layer.weight_matrix(array)
+    # the sampled rows' error: their share of the whole one's, each against its own signal
+    h = stats.hessian(0)
+    d = w[rows] - coded.decode()
+    assert part(coded.decode()) == pytest.approx(np.einsum("ij,jk,ik->", d, h, d) / np.einsum("ij,jk,ik->", w[rows], h, w[rows]), rel=1e-4)
+    assert full(array) == 0.0 and part(w[rows]) == 0.0
