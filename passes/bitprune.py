@@ -195,3 +195,14 @@ def sampled_candidate(array: np.ndarray, info: WeightInfo, sparsity: float, bits
         return fit_codebook(np.ascontiguousarray(layer.weight_matrix(array)[rows]), sample, bits, seed=seed)
     fit, keep = pruner.rows_fit(array, info, sparsity, rows)
     return fit_codebook(fit, sample, bits, seed=seed, mask=keep)
+
+
+def predicted_candidate(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                        pruner: Pruner | None, *, rows: np.ndarray | None = None, sample: np.ndarray | None = None):
+    """The candidate the predicted sweep codes: on `rows` of a weight's channels (sampled_candidate), on a `sample` of
+    a table's rows (pruned by its own mask: no layer statistics, no refit), else the one fit on all rows."""
+    if rows is not None:
+        return sampled_candidate(array, info, sparsity, bits, seed, pruner, rows)
+    if sample is not None:
+        return candidate_weights(sample, info, sparsity, bits, seed)[0]
+    return candidate_weights(array, info, sparsity, bits, seed, pruner, all_rows=True)[0]

@@ -32,7 +32,7 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitladder, bitpredict
-from onnxcompress.passes.bitprune import candidate_weights, Pruner, sampled_candidate
+from onnxcompress.passes.bitprune import candidate_weights, predicted_candidate, Pruner
 from onnxcompress.passes.bitsearch import (Candidate, Evaluator, floor_disagreement, make_score, predicted_bytes,
                                           stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
@@ -273,15 +273,8 @@ class BitWidthPass(Pass):
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
-                try:
-                    # the one fit on all rows priced for the prediction (predicted_bytes: from the codes' counts);
-                    # _measure codes and prices the measured ones exactly, on the whole weight
-                    if rows is not None:
-                        coded = sampled_candidate(array, info, sparsity, bits, cfg.seed, pruner, rows)
-                    elif sample is not None:
-                        coded = candidate_weights(sample, info, sparsity, bits, cfg.seed)[0]
-                    else:
-                        coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
+                try:  # priced from the codes' counts; _measure codes and prices the measured ones exactly, whole
+                    coded = predicted_candidate(array, info, sparsity, bits, cfg.seed, pruner, rows=rows, sample=sample)
                     book, coded_size = 4 * int(coded.codebook.size), int(np.size(coded.codes))
                     candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / coded_size)
                     error = layer_error(coded.decode())
