@@ -14,7 +14,7 @@ from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics.measures import magnitude_mask
 from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
-                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt)
+                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt, sparsegpt_factor)
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.statistics import Collector
 
@@ -50,6 +50,7 @@ class Pruner:
         # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
         self.held_out_ridge = True
         self._cache: dict[tuple[str, float], _Refits] = {}
+        self._factors: dict[tuple[str, int], np.ndarray] = {}  # sparsegpt's factor per (weight, group), rows_fit's
 
     def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
                  all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
@@ -112,8 +113,12 @@ class Pruner:
             sub, h = rows[picked], refits.stats.hessian(g)
             if lstsq_cost(keep[group == g]) <= self.max_flops:
                 out[picked] = masked_lstsq(target[sub], keep[sub], h, damping=DEFAULT_DAMPING)
-            else:
-                out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING)[0]
+                continue
+            if (info.name, g) not in self._factors:  # the sparsities of one weight share it: the last weight's kept
+                self._factors = {k: v for k, v in self._factors.items() if k[0] == info.name}
+                self._factors[(info.name, g)] = sparsegpt_factor(h, DEFAULT_DAMPING)
+            out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING,
+                                    factor=self._factors[(info.name, g)])[0]
         return out.astype(array.dtype), keep[rows]
 
     def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":

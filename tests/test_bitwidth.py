@@ -819,3 +819,17 @@ def test_a_sample_of_rows_is_fit_as_the_fit_on_all_rows_makes_them(k, n, sparsit
     d = w[rows] - coded.decode()
     assert part(coded.decode()) == pytest.approx(np.einsum("ij,jk,ik->", d, h, d) / np.einsum("ij,jk,ik->", w[rows], h, w[rows]), rel=1e-4)
     assert full(array) == 0.0 and part(w[rows]) == 0.0
+
+
+def test_sparsegpt_with_the_factor_made_before_is_sparsegpt():
+    from onnxcompress.numerics.refine import sparsegpt, sparsegpt_factor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 24))
+    x[:, 3] = 0.0  # a dead input
+    h, w = x.T @ x / 200, rng.standard_normal((5, 24))
+    keep = rng.random((5, 24)) > 0.5
+    factor = sparsegpt_factor(h, 0.01)
+    for k in (keep, ~keep):
+        np.testing.assert_array_equal(sparsegpt(w, h, keep=k, damping=0.01, factor=factor)[0],
+                                      sparsegpt(w, h, keep=k, damping=0.01)[0])
