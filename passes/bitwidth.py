@@ -183,8 +183,7 @@ class BitWidthPass(Pass):
         grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits, reverse=True)]
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
-        self._counting = False  # is the cost a count of changed decisions?
-        self._predicted_only = 0  # candidates whose noise was predicted and never measured
+        self._counting, self._predicted_only = False, 0  # counted decisions? candidates predicted, never measured
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
         if predicts:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
             for i in bitpredict.small_weights([w.nbytes for w in weights]):
@@ -192,8 +191,9 @@ class BitWidthPass(Pass):
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
-        if predicts:  # single weights measured on part of the samples; the joint checks run on all of them
+        if predicts:  # single weights measured on part of the samples (sparing suffixes); the joint checks on all
             sweeper = evaluator.part(max(1, min(SWEEP_SAMPLES, len(evaluator.data) // 2))) or evaluator
+            sweeper.sparing = True
             log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
         resolution = 100.0 * 2 / max(len(sweeper.data), 1)
         table = (self._predicted(ctx, sweeper, weights, grids, resolution) if predicts

@@ -833,3 +833,33 @@ def test_sparsegpt_with_the_factor_made_before_is_sparsegpt():
     for k in (keep, ~keep):
         np.testing.assert_array_equal(sparsegpt(w, h, keep=k, damping=0.01, factor=factor)[0],
                                       sparsegpt(w, h, keep=k, damping=0.01)[0])
+
+
+def test_a_sparing_evaluator_builds_a_suffix_from_a_weights_second_run_not_for_most_of_the_model_and_keeps_few(
+        monkeypatch):
+    import onnxcompress.passes.bitsearch as bs
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+
+    model = _chain(n=4)  # W0's and W1's suffixes hold over half the 8 nodes, W2's and W3's not
+    data = Dataset(stacked=random_feeds(model, n=100, seed=1))
+    weights = find_weights(model, min_elements=0)
+    evaluator = bs.Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
+    evaluator.sparing = True
+    built = []
+    make = evaluator.suffixes.for_weight
+    monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: built.append(name) or make(name))
+    monkeypatch.setattr(bs, "SUFFIX_SESSIONS", 1)
+    rng = np.random.default_rng(2)
+    changed = {w.name: [rng.standard_normal(w.shape).astype(np.float32)] for w in weights}
+    whole = {}
+    for name, v in changed.items():
+        whole[name] = evaluator.outputs({name: v})  # the first run: the whole model
+    assert built == []
+    for _ in range(2):
+        for name, v in changed.items():
+            again = evaluator.outputs({name: v})
+            assert all(np.allclose(a, b, atol=1e-5) for x, y in zip(again, whole[name]) for a, b in zip(x, y))
+    # W2 kept (the one session allowed), W3 the current one past it; W0, W1 never built
+    assert built == ["W2", "W3"] and evaluator._suffix["W0"] is None and evaluator._suffix["W2"] is not None
+    assert "W3" not in evaluator._suffix and evaluator._current[0] == "W3"
