@@ -46,7 +46,7 @@ TINY = 1e-30
 SAMPLE_ABOVE = 1 << 22
 SAMPLE_ENTRIES = 1 << 20
 SAMPLE_BLOCK = 64
-PREDICT_ROWS = 128  # rows (output channels) a weight with layer statistics is predicted on, past twice as many
+PREDICT_ROWS = 64  # rows (output channels) a weight with layer statistics is predicted on, past twice as many
 # the smallest weights whose bytes add up to at most this share of the searched bytes keep one candidate, their
 # widest dense one: each of theirs measured would cost a model run for a saving of at most that share
 SMALL_SHARE = 0.005
