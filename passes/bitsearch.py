@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress.errors import RecipeError
+from onnxcompress.errors import OnnxCompressError, RecipeError
 from onnxcompress.formats.forms import Form
 from onnxcompress.formats.packed import choose_layout, estimated_ans_bytes, write_blob
 from onnxcompress.graph.data import Dataset, model_inputs
@@ -292,3 +292,10 @@ def predicted_bytes(shared, form: Form) -> int:
     if form == Form.PORTABLE:
         return shared.payload_bytes()
     return estimated_ans_bytes(shared, candidates=INDEX_WIDTHS)
+
+
+def failed(info: WeightInfo, candidate: Candidate, error: OnnxCompressError) -> None:
+    """A candidate that failed is data: its error recorded, the sweep goes on."""
+    candidate.error = str(error)
+    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity, candidate.bits,
+                error)

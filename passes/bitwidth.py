@@ -33,7 +33,7 @@ from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitladder, bitpredict
 from onnxcompress.passes.bitprune import candidate_weights, predicted_candidate, Pruner
-from onnxcompress.passes.bitsearch import (Candidate, Evaluator, floor_disagreement, make_score, predicted_bytes,
+from onnxcompress.passes.bitsearch import (Candidate, Evaluator, failed, floor_disagreement, make_score, predicted_bytes,
                                           stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
@@ -224,7 +224,7 @@ class BitWidthPass(Pass):
         except RecipeError:  # the user's metric failed: no candidate can be measured
             raise
         except OnnxCompressError as e:
-            _failed(info, candidate, e)
+            failed(info, candidate, e)
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
@@ -279,7 +279,7 @@ class BitWidthPass(Pass):
                     candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / coded_size)
                     error = layer_error(coded.decode())
                 except OnnxCompressError as e:
-                    _failed(info, candidate, e)
+                    failed(info, candidate, e)
                 row.append(bitpredict.Entry(candidate, error))
                 bar.update()
             entries.append(row)
@@ -288,6 +288,10 @@ class BitWidthPass(Pass):
         rounds = bitpredict.sweep(entries, lambda i, j: self._measure(ctx, evaluator, weights[i], entries[i][j].candidate),
                                   lambda options, noise: self._landings(options, noise, fixed, weights),
                                   lambda: self._counting, resolution)
+        for i, row in enumerate(entries):  # each weight's safest (first) candidate too: the plan where none meets the budget
+            if row and not row[0].measured and row[0].candidate.error is None:
+                self._measure(ctx, evaluator, weights[i], row[0].candidate)
+                row[0].measured = True
         measured = sum(e.measured for row in entries for e in row)
         self._predicted_only = sum(map(len, entries)) - measured
         log.info("bitwidth: %d candidates measured, %d predicted from their layer error and not measured "
@@ -392,9 +396,3 @@ class BitWidthPass(Pass):
             return measured["check"] <= cfg.max_drop + 1e-9
         return True
 
-
-def _failed(info: WeightInfo, candidate: Candidate, error: OnnxCompressError) -> None:
-    """A candidate that failed is data: its error recorded, the sweep goes on."""
-    candidate.error = str(error)
-    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity, candidate.bits,
-                error)

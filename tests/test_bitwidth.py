@@ -782,6 +782,8 @@ def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_resul
     assert ((120, 16), False) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
     assert len(summary["sensitivity"]["b"]) == 1  # the smallest weight: its widest dense candidate only
     assert summary["sensitivity"]["b"][0]["bits"] == 8 and summary["choices"]["b"]["sparsity"] == 0.0
+    for name, cands in summary["sensitivity"].items():  # each weight's safest candidate measured: the fallback plan
+        assert any(c["bits"] == 8 and c["sparsity"] == 0.0 for c in cands), name
     measured = summary["sensitivity"]["table"]
     assert 0 < len(measured) < 15 and all(c["size"] > 0 for c in measured)
     assert report.validation.worst_agreement() >= 0.98  # top-1 of the original in onnxruntime
