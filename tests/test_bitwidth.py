@@ -865,3 +865,24 @@ def test_a_sparing_evaluator_builds_a_suffix_from_a_weights_second_run_not_for_m
     # W2 kept (the one session allowed), W3 the current one past it; W0, W1 never built
     assert built == ["W2", "W3"] and evaluator._suffix["W0"] is None and evaluator._suffix["W2"] is not None
     assert "W3" not in evaluator._suffix and evaluator._current[0] == "W3"
+
+
+def test_the_predicted_sweep_measures_each_weights_safest_candidate_for_the_fallback(monkeypatch):
+    from onnxcompress.passes import bitpredict
+
+    def narrowest_only(table, measure, *rest):  # a sweep that measured each weight's last (narrowest) candidate
+        for i, row in enumerate(table):
+            measure(i, len(row) - 1)
+            row[-1].measured = True
+        return 1
+
+    monkeypatch.setattr(bitpredict, "sweep", narrowest_only)
+    model = gather_table()
+    ids = np.random.default_rng(0).integers(0, 600, size=(64, 6)).astype(np.int64)
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 0.0, "unlabelled": "agreement", "sweep": "predicted",
+                                        "bits": [2, 8], "sparsities": [0.0, 0.8], "min_elements": 8})])
+    _, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
+    summary = report.passes[0].summary
+    for name in ("table", "W"):
+        assert {(c["sparsity"], c["bits"]) for c in summary["sensitivity"][name]} == {(0.0, 8), (0.8, 2)}
+    assert summary["choices"]["table"] == {"bits": 8, "sparsity": 0.0}  # nothing met a zero budget: the safe plan
