@@ -41,6 +41,15 @@ ANCHORS = (1 / 3, 2 / 3)  # quantiles of a weight's candidates' log layer error 
 MEASURE_ALL = 8  # a weight with at most this many candidates has them all measured
 MAX_ROUNDS = 12  # allocate-and-measure rounds before the sweep stops with what it measured
 TINY = 1e-30
+# a weight without layer statistics (a Gather table) over this many entries is coded for its prediction on a
+# sample of its rows: SAMPLE_ENTRIES of them, in blocks of SAMPLE_BLOCK rows (a CSR gap runs along a row)
+SAMPLE_ABOVE = 1 << 22
+SAMPLE_ENTRIES = 1 << 20
+SAMPLE_BLOCK = 64
+PREDICT_ROWS = 64  # rows (output channels) a weight with layer statistics is predicted on, past twice as many
+# the smallest weights whose bytes add up to at most this share of the searched bytes keep one candidate, their
+# widest dense one: each of theirs measured would cost a model run for a saving of at most that share
+SMALL_SHARE = 0.005
 
 
 @dataclass
@@ -57,15 +66,18 @@ class LayerError:
     groups (H = I without statistics), D the weight minus a candidate's decoded values: the weight's signal
     tr(W H W^T) computed once."""
 
-    def __init__(self, array: np.ndarray, layer=None, stats=None):
+    def __init__(self, array: np.ndarray, layer=None, stats=None, rows: np.ndarray | None = None):
         self.layer = layer if stats is not None else None
+        self.rows = rows  # only these rows of the channel-first matrix (a candidate decoded to them alone)
         if self.layer is None:
             self.w = np.asarray(array, np.float64).ravel()
             self.signal = float(self.w @ self.w)
             return
         self.w = layer.weight_matrix(np.asarray(array, np.float32))
         group = layer.group_of_channels()
-        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in range(layer.groups)]
+        if rows is not None:
+            self.w, group = self.w[rows], group[rows]
+        self.parts = [(group == g, np.asarray(stats.hessian(g), np.float32)) for g in np.unique(group)]
         self.signal = sum(float(np.einsum("ij,ij->", self.w[rows] @ h, self.w[rows], dtype=np.float64))
                           for rows, h in self.parts)
 
@@ -75,9 +87,42 @@ class LayerError:
         if self.layer is None:
             d = self.w - np.asarray(decoded, np.float64).ravel()
             return float(d @ d) / self.signal
-        d = self.w - self.layer.weight_matrix(np.asarray(decoded, np.float32))
+        decoded = np.asarray(decoded, np.float32)
+        d = self.w - (self.layer.weight_matrix(decoded) if self.rows is None else decoded)
         return sum(float(np.einsum("ij,ij->", d[rows] @ h, d[rows], dtype=np.float64))
                    for rows, h in self.parts) / self.signal
+
+
+def row_sample(array: np.ndarray) -> np.ndarray | None:
+    """Every k-th block of SAMPLE_BLOCK rows (axis 0) of a tensor over SAMPLE_ABOVE entries, about SAMPLE_ENTRIES
+    entries in all (deterministic); None for a smaller one. A candidate coded on it predicts the whole one's: the
+    layer error (H = I) as it is, the bytes scaled by the entries."""
+    if array.size <= SAMPLE_ABOVE or array.ndim < 2:
+        return None
+    rows = array.shape[0]
+    step = max(1, -(-array.size // SAMPLE_ENTRIES))  # one block in `step`
+    starts = np.arange(0, rows, SAMPLE_BLOCK * step)
+    picked = (starts[:, None] + np.arange(SAMPLE_BLOCK)).ravel()
+    return np.ascontiguousarray(array[picked[picked < rows]])
+
+
+def channel_rows(count: int) -> np.ndarray | None:
+    """PREDICT_ROWS evenly spaced rows of a channel-first matrix of `count` rows past twice that many, else None:
+    a weight with layer statistics is fit, coded and priced on them for its prediction (bitprune.sampled_candidate)."""
+    if count <= 2 * PREDICT_ROWS:
+        return None
+    return np.unique(np.linspace(0, count - 1, PREDICT_ROWS).astype(np.int64))
+
+
+def small_weights(sizes: list[int]) -> set[int]:
+    """Indices of the smallest weights (by bytes, ties by index) whose bytes add up to at most SMALL_SHARE of all."""
+    budget, small = SMALL_SHARE * sum(sizes), set()
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i], i)):
+        budget -= sizes[i]
+        if budget < 0:
+            break
+        small.add(i)
+    return small
 
 
 def anchors(entries: list[Entry]) -> list[int]:

@@ -4,7 +4,7 @@ from), then k-means coded as the share pass would.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -14,7 +14,7 @@ from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics.measures import magnitude_mask
 from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DEFAULT_DAMPING, heldout_damping,
-                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt)
+                                          lstsq_cost, masked_lstsq, MAX_CV_FLOPS, sparsegpt, sparsegpt_factor)
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.statistics import Collector
 
@@ -50,6 +50,7 @@ class Pruner:
         # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
         self.held_out_ridge = True
         self._cache: dict[tuple[str, float], _Refits] = {}
+        self._factors: dict[tuple[str, int], np.ndarray] = {}  # sparsegpt's factor per (weight, group), rows_fit's
 
     def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
                  all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
@@ -89,6 +90,36 @@ class Pruner:
             refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale)
                             for f in range(stats.folds)]
         return refits.folds, refits.mask
+
+    def rows_fit(self, array: np.ndarray, info: WeightInfo, sparsity: float, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows `rows` of the weight's channel-first matrix as the one fit on all rows at the default ridge makes
+        them, their kept mask), fit alone: a row's fit reads only that row and its group's Gram (masked_lstsq and
+        sparsegpt alike; which of the two: as for the whole group). For the predicted sweep on a sample of a large
+        weight's rows; the weight must have layer statistics."""
+        key = (info.name, sparsity)
+        refits = self._cache.get(key)
+        if refits is None:
+            refits = self._cache[key] = self._mask(array, info, sparsity)
+        layer = refits.layer
+        keep = layer.weight_matrix(refits.mask)
+        if refits.rough is not None:
+            return layer.weight_matrix(refits.rough)[rows], keep[rows]
+        target = layer.weight_matrix(np.asarray(array, dtype=np.float64))
+        group = layer.group_of_channels()
+        out = np.zeros((len(rows), target.shape[1]))
+        for g in np.unique(group[rows]):
+            picked = np.flatnonzero(group[rows] == g)
+            sub, h = rows[picked], refits.stats.hessian(g)
+            if lstsq_cost(keep[group == g]) <= self.max_flops:
+                out[picked] = masked_lstsq(target[sub], keep[sub], h, damping=DEFAULT_DAMPING)
+                continue
+            if (info.name, g) not in self._factors:  # the sparsities of one weight share it: the last weight's kept
+                self._factors = {k: v for k, v in self._factors.items() if k[0] == info.name}
+                self._factors[(info.name, g)] = sparsegpt_factor(h, DEFAULT_DAMPING)
+            out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING,
+                                    factor=self._factors[(info.name, g)])[0]
+        return out.astype(array.dtype), keep[rows]
 
     def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
         """The mask and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
@@ -157,3 +188,26 @@ def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits
         mask = magnitude_mask(array, sparsity)
         refits = [np.where(mask, array, 0)]
     return [fit_codebook(weight, info, bits, seed=seed, mask=mask) for weight in refits]
+
+
+def sampled_candidate(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                      pruner: Pruner | None, rows: np.ndarray):
+    """The candidate of `candidate_weights(..., all_rows=True)` made on rows `rows` of a weight with layer
+    statistics (its channel-first matrix's rows, pruned by the whole weight's mask), coded as a weight of its own."""
+    layer = pruner.layers[info.name]
+    sample = replace(info, shape=(len(rows), layer.weight_matrix(array).shape[1]), channel_axis=0)
+    if sparsity <= 0:
+        return fit_codebook(np.ascontiguousarray(layer.weight_matrix(array)[rows]), sample, bits, seed=seed)
+    fit, keep = pruner.rows_fit(array, info, sparsity, rows)
+    return fit_codebook(fit, sample, bits, seed=seed, mask=keep)
+
+
+def predicted_candidate(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,
+                        pruner: Pruner | None, *, rows: np.ndarray | None = None, sample: np.ndarray | None = None):
+    """The candidate the predicted sweep codes: on `rows` of a weight's channels (sampled_candidate), on a `sample` of
+    a table's rows (pruned by its own mask: no layer statistics, no refit), else the one fit on all rows."""
+    if rows is not None:
+        return sampled_candidate(array, info, sparsity, bits, seed, pruner, rows)
+    if sample is not None:
+        return candidate_weights(sample, info, sparsity, bits, seed)[0]
+    return candidate_weights(array, info, sparsity, bits, seed, pruner, all_rows=True)[0]

@@ -13,22 +13,24 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress.errors import RecipeError
+from onnxcompress.errors import OnnxCompressError, RecipeError
 from onnxcompress.formats.forms import Form
-from onnxcompress.formats.packed import choose_layout, write_blob
+from onnxcompress.formats.packed import choose_layout, estimated_ans_bytes, write_blob
 from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.graph.stream import StateCarry
 from onnxcompress.graph.weights import get_array, WeightInfo
 from onnxcompress.pipeline.artifacts import Budget
 from onnxcompress.runtime.metrics import compare_outputs
 from onnxcompress.runtime.statistics import Collector
-from onnxcompress.runtime.suffix import Suffix, SuffixRunner
+from onnxcompress.runtime.suffix import downstream, Suffix, SuffixRunner
 from onnxcompress.runtime.tasks import is_builtin, parse_metric, resolve_kinds
 
 log = logging.getLogger(__name__)
 # below this many searched weight entries a whole-model run costs less than building a suffix session
 SUFFIX_MIN_ELEMENTS = 1_000_000
 SUFFIX_BYTES = 512 << 20  # cut values of the suffixes kept at once (each at most SuffixRunner's max_bytes)
+SUFFIX_SESSIONS = 12  # suffix sessions kept at once by a sparing evaluator (orinet's 12 weights)
+INDEX_WIDTHS = (4, 5, 8)  # relative-index widths a candidate's packed price tries
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Evaluator:
         self.runner = (collector or Collector()).runner(self.model, self.names, also=[w.name for w in weights])
         self.base = {w.name: get_array(model, w) for w in weights}
         self.collector, self.suffix_min_elements = collector, suffix_min_elements
+        # the predicted sweep's: a weight's suffix only from its second run, none where it holds over half the
+        # nodes, at most SUFFIX_SESSIONS kept (then the current one)
+        self.sparing = False
         self._start(list(data.chunks(self.specs)), None)
 
     def _start(self, chunks: list[tuple[dict, int]], folds: list[int] | None) -> None:
@@ -64,6 +69,7 @@ class Evaluator:
         self.suffixes: SuffixRunner | None = None
         self._suffix: dict[str, Suffix | None] = {}  # the suffixes kept (None: the whole model runs)
         self._current: tuple[str, Suffix] | None = None  # the last one built, past SUFFIX_BYTES
+        self._seen: dict[str, int] = {}  # single-weight runs asked for per weight (with `sparing`)
         start = time.process_time()
         self.reference = self.outputs({})
         self.run_seconds = time.process_time() - start  # CPU s of one run of the whole model over the data
@@ -131,13 +137,21 @@ class Evaluator:
             return self._suffix[name]
         if self._current is not None and self._current[0] == name:
             return self._current[1]
+        if self.sparing:  # a suffix session costs a few runs and ~100-300 MB (the MiniLM-like model's)
+            self._seen[name] = self._seen.get(name, 0) + 1
+            if self._seen[name] == 1:  # the whole model for a weight's first run: many are measured once only
+                return None
+            if self._seen[name] == 2 and 2 * len(downstream(self.model.graph, {name})[0]) > len(self.model.graph.node):
+                self._suffix[name] = None  # most of the model: it would save little
+                return None
         try:
             suffix = self.suffixes.for_weight(name)
         except Exception as e:  # noqa: BLE001 - the whole model still runs: the suffix only saves time
             log.debug("bitwidth: no suffix for %s (%s); the whole model runs", name, e)
             suffix = None
         held = sum(s.nbytes for s in self._suffix.values() if s is not None)
-        if suffix is None or held + suffix.nbytes <= SUFFIX_BYTES:
+        kept = sum(s is not None for s in self._suffix.values())
+        if suffix is None or held + suffix.nbytes <= SUFFIX_BYTES and not (self.sparing and kept >= SUFFIX_SESSIONS):
             self._suffix[name] = suffix
         else:
             self._current = (name, suffix)
@@ -268,5 +282,20 @@ def stored_bytes(shared, form: Form) -> int:
     """
     if form == Form.PORTABLE:
         return shared.payload_bytes()
-    layout = choose_layout(shared, candidates=(4, 5, 8), methods=("ans",))
+    layout = choose_layout(shared, candidates=INDEX_WIDTHS, methods=("ans",))
     return len(write_blob(shared, layout, methods=("ans",)).blob)
+
+
+def predicted_bytes(shared, form: Form) -> int:
+    """:func:`stored_bytes` for a candidate priced but maybe never measured: in the packed form estimated from the
+    codes' counts without coding (formats.packed.estimated_ans_bytes: a few bytes above the coded size)."""
+    if form == Form.PORTABLE:
+        return shared.payload_bytes()
+    return estimated_ans_bytes(shared, candidates=INDEX_WIDTHS)
+
+
+def failed(info: WeightInfo, candidate: Candidate, error: OnnxCompressError) -> None:
+    """A candidate that failed is data: its error recorded, the sweep goes on."""
+    candidate.error = str(error)
+    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity, candidate.bits,
+                error)

@@ -32,8 +32,9 @@ from onnxcompress.errors import OnnxCompressError, PreconditionError, RecipeErro
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics import allocate
 from onnxcompress.passes import bitladder, bitpredict
-from onnxcompress.passes.bitprune import candidate_weights, Pruner
-from onnxcompress.passes.bitsearch import Candidate, Evaluator, floor_disagreement, make_score, stored_bytes
+from onnxcompress.passes.bitprune import candidate_weights, predicted_candidate, Pruner
+from onnxcompress.passes.bitsearch import (Candidate, Evaluator, failed, floor_disagreement, make_score, predicted_bytes,
+                                          stored_bytes)
 from onnxcompress.pipeline.artifacts import Artifact, Budget, LayerChoice, SearchPlan, Verified
 from onnxcompress.pipeline.manager import Context, Pass, PassResult
 from onnxcompress.runtime.tasks import is_builtin, output_producers
@@ -47,7 +48,8 @@ COST_LIMIT = 8.0  # a single candidate costing over this many budgets is not all
 # CPU s of runs (candidates x a whole-model run) past which the sweep predicts (bitpredict); below, coding every candidate
 # costs more than the runs saved (mtcnn_onet, lac: 518 x 0.17, 504 x 0.14 CPU s; 124, 224 CPU s against 88, 119)
 SWEEP_SECONDS = 300.0
-# samples the predicted sweep measures single weights on (the joint checks: all): orinet's 128 pages of 1.1 CPU s
+# samples the predicted sweep measures single weights on, at most half of them (the joint checks: all): orinet's
+# 128 pages of 1.1 CPU s, the MiniLM-like model's 64 sentences of 1.7 CPU s
 SWEEP_SAMPLES = 64
 
 
@@ -181,14 +183,17 @@ class BitWidthPass(Pass):
         grid = [(s, b) for s in sorted(cfg.sparsities) for b in sorted(cfg.bits, reverse=True)]
         # the prune pass leaves vectors (biases, scales) dense: plan no sparsity for them
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
-        self._counting = False  # is the cost a count of changed decisions?
-        self._predicted_only = 0  # candidates whose noise was predicted and never measured
+        self._counting, self._predicted_only = False, 0  # counted decisions? candidates predicted, never measured
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
+        if predicts:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
+            for i in bitpredict.small_weights([w.nbytes for w in weights]):
+                grids[weights[i].name] = grids[weights[i].name][:1]
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
-        if predicts:  # single weights measured on part of the samples; the joint checks run on all of them
-            sweeper = evaluator.part(SWEEP_SAMPLES) or evaluator
+        if predicts:  # single weights measured on part of the samples (sparing suffixes); the joint checks on all
+            sweeper = evaluator.part(max(1, min(SWEEP_SAMPLES, len(evaluator.data) // 2))) or evaluator
+            sweeper.sparing = True
             log.info("bitwidth: the sweep measures on %d of the %d samples", len(sweeper.data), len(evaluator.data))
         resolution = 100.0 * 2 / max(len(sweeper.data), 1)
         table = (self._predicted(ctx, sweeper, weights, grids, resolution) if predicts
@@ -219,7 +224,7 @@ class BitWidthPass(Pass):
         except RecipeError:  # the user's metric failed: no candidate can be measured
             raise
         except OnnxCompressError as e:
-            _failed(info, candidate, e)
+            failed(info, candidate, e)
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
@@ -260,17 +265,21 @@ class BitWidthPass(Pass):
             array = evaluator.base[info.name]
             pruner = self._pruner
             layer, stats = (pruner.layers.get(info.name), pruner.stats.get(info.name)) if pruner else (None, None)
-            layer_error = bitpredict.LayerError(array, layer, stats)
+            # a large weight is predicted on a sample: of its channels' rows (with layer statistics), or of its rows'
+            # blocks (a huge table without); the bytes but the codebook's scaled by the entries
+            rows = bitpredict.channel_rows(layer.out_channels) if stats is not None else None
+            sample = bitpredict.row_sample(array) if stats is None else None
+            layer_error = bitpredict.LayerError(array if sample is None else sample, layer, stats, rows)
             row = []
             for sparsity, bits in grids[info.name]:
                 candidate, error = Candidate(sparsity, bits), 0.0
-                try:
-                    # the one fit on all rows priced for the prediction; _measure prices the cross-fitted ones
-                    coded = candidate_weights(array, info, sparsity, bits, cfg.seed, pruner, all_rows=True)[0]
-                    candidate.size = stored_bytes(coded, ctx.form)
+                try:  # priced from the codes' counts; _measure codes and prices the measured ones exactly, whole
+                    coded = predicted_candidate(array, info, sparsity, bits, cfg.seed, pruner, rows=rows, sample=sample)
+                    book, coded_size = 4 * int(coded.codebook.size), int(np.size(coded.codes))
+                    candidate.size = book + round((predicted_bytes(coded, ctx.form) - book) * array.size / coded_size)
                     error = layer_error(coded.decode())
                 except OnnxCompressError as e:
-                    _failed(info, candidate, e)
+                    failed(info, candidate, e)
                 row.append(bitpredict.Entry(candidate, error))
                 bar.update()
             entries.append(row)
@@ -279,6 +288,10 @@ class BitWidthPass(Pass):
         rounds = bitpredict.sweep(entries, lambda i, j: self._measure(ctx, evaluator, weights[i], entries[i][j].candidate),
                                   lambda options, noise: self._landings(options, noise, fixed, weights),
                                   lambda: self._counting, resolution)
+        for i, row in enumerate(entries):  # each weight's safest (first) candidate too: the plan where none meets the budget
+            if row and not row[0].measured and row[0].candidate.error is None:
+                self._measure(ctx, evaluator, weights[i], row[0].candidate)
+                row[0].measured = True
         measured = sum(e.measured for row in entries for e in row)
         self._predicted_only = sum(map(len, entries)) - measured
         log.info("bitwidth: %d candidates measured, %d predicted from their layer error and not measured "
@@ -383,9 +396,3 @@ class BitWidthPass(Pass):
             return measured["check"] <= cfg.max_drop + 1e-9
         return True
 
-
-def _failed(info: WeightInfo, candidate: Candidate, error: OnnxCompressError) -> None:
-    """A candidate that failed is data: its error recorded, the sweep goes on."""
-    candidate.error = str(error)
-    log.warning("bitwidth: %s at sparsity %.2f, %d bits failed: %s", info.name, candidate.sparsity, candidate.bits,
-                error)

@@ -721,3 +721,168 @@ def test_the_sweeps_part_of_the_samples_keeps_each_chunks_cross_fitted_version_a
     picked = singles.part(4)  # every other chunk, each at its own position
     assert picked.folds == [0, 2, 4, 6] and len(picked.data) == 4
     np.testing.assert_array_equal(picked.chunks[1][0][x], feeds[x][2:3])
+
+
+def test_a_huge_tables_row_sample_is_blocks_of_rows_and_the_smallest_weights_are_a_share_of_the_bytes(monkeypatch):
+    from onnxcompress.passes import bitpredict
+
+    monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 1000)
+    monkeypatch.setattr(bitpredict, "SAMPLE_ENTRIES", 400)
+    monkeypatch.setattr(bitpredict, "SAMPLE_BLOCK", 5)
+    table = np.arange(500 * 4).reshape(500, 4)
+    sample = bitpredict.row_sample(table)
+    rows = sample[:, 0] // 4
+    assert set(np.diff(rows)) == {1, 21} and rows[0] == 0  # blocks of 5 rows, one block in 5 (2000 / 400)
+    assert sample.size == 400 and np.array_equal(bitpredict.row_sample(table), sample)
+    assert bitpredict.row_sample(np.zeros(1000)) is None and bitpredict.row_sample(np.zeros((10, 100))) is None
+    monkeypatch.setattr(bitpredict, "SMALL_SHARE", 0.01)
+    assert bitpredict.small_weights([5000, 10, 30, 10, 4000, 50]) == {1, 2, 3}  # 50 <= 1% of 9100 < 100
+
+
+def gather_table(vocab: int = 600, dim: int = 16, classes: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """ids [N, 6] -> Gather(table [vocab, dim]) -> ReduceMean over the tokens -> MatMul W [dim, classes] + b."""
+    from onnx import helper, numpy_helper, TensorProto
+    from tiny import make_model, value
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table"),
+             numpy_helper.from_array((rng.standard_normal((dim, classes)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal(classes) * 0.1).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]),
+             helper.make_node("ReduceMean", ["emb", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    return make_model(nodes, [value("ids", ["N", 6], TensorProto.INT64)], [value("y", ["N", classes])], inits)
+
+
+def test_the_predicted_sweep_codes_a_huge_table_on_its_rows_sample_and_the_result_agrees(monkeypatch, caplog):
+    from onnxcompress.passes import bitpredict
+
+    monkeypatch.setattr(bitpredict, "SAMPLE_ABOVE", 4000)  # the 9,600-entry table is "huge"
+    monkeypatch.setattr(bitpredict, "SAMPLE_ENTRIES", 2000)
+    monkeypatch.setattr(bitpredict, "SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(bitpredict, "PREDICT_ROWS", 3)  # W's 8 output channels: predicted on rows 0, 3, 7
+    coded = []
+    real = bitpredict.LayerError.__init__
+    monkeypatch.setattr(bitpredict.LayerError, "__init__",
+                        lambda self, array, *a: (coded.append((np.shape(array), a[-1] is not None)),
+                                                 real(self, array, *a))[1])
+    model = gather_table()
+    ids = np.random.default_rng(0).integers(0, 600, size=(96, 6)).astype(np.int64)
+    caplog.set_level("INFO", logger="onnxcompress.passes.bitwidth")
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 2.0, "unlabelled": "agreement", "sweep": "predicted",
+                                        "bits": [2, 3, 4, 6, 8],
+                                        "sparsities": [0.0, 0.5, 0.8], "min_elements": 8}),
+                          ("prune", {"min_elements": 8}), ("share", {"min_elements": 8}), ("sparse", {}), ("entropy", {})],
+                    form="packed")
+    compressed, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
+    summary = report.passes[0].summary
+    assert "the sweep measures on 48 of the 96 samples" in caplog.text  # single weights on half of them at most
+    assert ((16, 8), True) in coded  # W: on a sample of its rows
+    assert ((120, 16), False) in coded  # the table coded on a sample: blocks of 8 rows, one in 5 (9,600 / 2,000 entries)
+    assert len(summary["sensitivity"]["b"]) == 1  # the smallest weight: its widest dense candidate only
+    assert summary["sensitivity"]["b"][0]["bits"] == 8 and summary["choices"]["b"]["sparsity"] == 0.0
+    for name, cands in summary["sensitivity"].items():  # each weight's safest candidate measured: the fallback plan
+        assert any(c["bits"] == 8 and c["sparsity"] == 0.0 for c in cands), name
+    measured = summary["sensitivity"]["table"]
+    assert 0 < len(measured) < 15 and all(c["size"] > 0 for c in measured)
+    assert report.validation.worst_agreement() >= 0.98  # top-1 of the original in onnxruntime
+    onnx.checker.check_model(compressed, full_check=True)
+
+
+@pytest.mark.parametrize("k, n, sparsity", [(64, 40, 0.5), (64, 40, 0.9), (16, 40, 0.5)])
+def test_a_sample_of_rows_is_fit_as_the_fit_on_all_rows_makes_them(k, n, sparsity):
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights, get_array
+    from onnxcompress.passes.bitpredict import LayerError
+    from onnxcompress.passes.bitprune import Pruner, sampled_candidate
+
+    model = gemm(k=k, n=n)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    array = get_array(model, info)
+    pruner = Pruner(model, data, [info])
+    pruner.held_out_ridge = False
+    if k == 16:
+        pruner.max_flops = 0  # sparsegpt: also a row at a time
+    rows = np.array([0, 3, 17, 39])
+    sampled, keep = pruner.rows_fit(array, info, sparsity, rows)
+    layer = pruner.layers[info.name]
+    (whole,), mask = pruner(array, info, sparsity, all_rows=True)
+    np.testing.assert_allclose(sampled, layer.weight_matrix(whole)[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(keep, layer.weight_matrix(mask)[rows])
+    coded = sampled_candidate(array, info, sparsity, 4, 0, pruner, rows)
+    assert coded.codes.shape == (4, k) and np.all((coded.decode() == 0) == ~keep)
+    stats = pruner.stats[info.name]
+    full, part = LayerError(array, layer, stats), LayerError(array, layer, stats, rows)
+    w = layer.weight_matrix(array)
+    # the sampled rows' error: their share of the whole one's, each against its own signal
+    h = stats.hessian(0)
+    d = w[rows] - coded.decode()
+    assert part(coded.decode()) == pytest.approx(np.einsum("ij,jk,ik->", d, h, d) / np.einsum("ij,jk,ik->", w[rows], h, w[rows]), rel=1e-4)
+    assert full(array) == 0.0 and part(w[rows]) == 0.0
+
+
+def test_sparsegpt_with_the_factor_made_before_is_sparsegpt():
+    from onnxcompress.numerics.refine import sparsegpt, sparsegpt_factor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 24))
+    x[:, 3] = 0.0  # a dead input
+    h, w = x.T @ x / 200, rng.standard_normal((5, 24))
+    keep = rng.random((5, 24)) > 0.5
+    factor = sparsegpt_factor(h, 0.01)
+    for k in (keep, ~keep):
+        np.testing.assert_array_equal(sparsegpt(w, h, keep=k, damping=0.01, factor=factor)[0],
+                                      sparsegpt(w, h, keep=k, damping=0.01)[0])
+
+
+def test_a_sparing_evaluator_builds_a_suffix_from_a_weights_second_run_not_for_most_of_the_model_and_keeps_few(
+        monkeypatch):
+    import onnxcompress.passes.bitsearch as bs
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+
+    model = _chain(n=4)  # W0's and W1's suffixes hold over half the 8 nodes, W2's and W3's not
+    data = Dataset(stacked=random_feeds(model, n=100, seed=1))
+    weights = find_weights(model, min_elements=0)
+    evaluator = bs.Evaluator(model, weights, data, lambda *a: {}, suffix_min_elements=0)
+    evaluator.sparing = True
+    built = []
+    make = evaluator.suffixes.for_weight
+    monkeypatch.setattr(evaluator.suffixes, "for_weight", lambda name: built.append(name) or make(name))
+    monkeypatch.setattr(bs, "SUFFIX_SESSIONS", 1)
+    rng = np.random.default_rng(2)
+    changed = {w.name: [rng.standard_normal(w.shape).astype(np.float32)] for w in weights}
+    whole = {}
+    for name, v in changed.items():
+        whole[name] = evaluator.outputs({name: v})  # the first run: the whole model
+    assert built == []
+    for _ in range(2):
+        for name, v in changed.items():
+            again = evaluator.outputs({name: v})
+            assert all(np.allclose(a, b, atol=1e-5) for x, y in zip(again, whole[name]) for a, b in zip(x, y))
+    # W2 kept (the one session allowed), W3 the current one past it; W0, W1 never built
+    assert built == ["W2", "W3"] and evaluator._suffix["W0"] is None and evaluator._suffix["W2"] is not None
+    assert "W3" not in evaluator._suffix and evaluator._current[0] == "W3"
+
+
+def test_the_predicted_sweep_measures_each_weights_safest_candidate_for_the_fallback(monkeypatch):
+    from onnxcompress.passes import bitpredict
+
+    def narrowest_only(table, measure, *rest):  # a sweep that measured each weight's last (narrowest) candidate
+        for i, row in enumerate(table):
+            measure(i, len(row) - 1)
+            row[-1].measured = True
+        return 1
+
+    monkeypatch.setattr(bitpredict, "sweep", narrowest_only)
+    model = gather_table()
+    ids = np.random.default_rng(0).integers(0, 600, size=(64, 6)).astype(np.int64)
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 0.0, "unlabelled": "agreement", "sweep": "predicted",
+                                        "bits": [2, 8], "sparsities": [0.0, 0.8], "min_elements": 8})])
+    _, report = api.compress(model, recipe, {"ids": ids}, eval_data={"ids": ids})
+    summary = report.passes[0].summary
+    for name in ("table", "W"):
+        assert {(c["sparsity"], c["bits"]) for c in summary["sensitivity"][name]} == {(0.0, 8), (0.8, 2)}
+    assert summary["choices"]["table"] == {"bits": 8, "sparsity": 0.0}  # nothing met a zero budget: the safe plan

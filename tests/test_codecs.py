@@ -352,3 +352,22 @@ def test_encoders_reject_bad_symbols():
             codec.encode(np.array([5]), 4)
         with pytest.raises(ValueError):
             codec.encode(np.array([-1]))
+
+
+@SETTINGS
+@given(case=streams())
+def test_the_ans_size_estimated_from_counts_is_the_coded_size_or_4_bytes_above(case):
+    s, alphabet = case
+    exact = len(ans.encode(s, alphabet))
+    estimated = ans.estimated_size(np.bincount(np.asarray(s, np.int64), minlength=alphabet))
+    assert exact <= estimated <= exact + 4
+    assert C.choice.estimated_ans_size(np.bincount(np.asarray(s, np.int64), minlength=alphabet)) == estimated + 5
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.uint32, bool])
+def test_entropy_bits_counts_without_sorting_as_with(dtype):
+    s = np.random.default_rng(0).integers(0, 2 if dtype is bool else 50, 10_001).astype(dtype)
+    _, counts = np.unique(s, return_counts=True)
+    p = counts / s.size
+    assert C.entropy_bits(s) == float(-(p * np.log2(p)).sum())
+    assert C.entropy_bits(np.array([2 ** 40, 1])) == 1.0  # a huge symbol: no table that large

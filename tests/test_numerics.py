@@ -115,3 +115,22 @@ def test_failed_postcondition_is_a_bug_with_exit_1(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err.strip()
     assert code == 1 and "bug in onnxcompress" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_top_mask_by_partition_is_the_stable_sorts_mask_ties_and_nan_included():
+    rng = np.random.default_rng(1)
+
+    def by_sort(a, n_keep):
+        keep = np.zeros(a.size, bool)
+        keep[np.argsort(-np.abs(a.astype(np.float64)).ravel(), kind="stable")[:max(n_keep, 0)]] = True
+        return keep.reshape(a.shape)
+
+    for t in range(300):
+        n = int(rng.integers(1, 40))
+        a = rng.integers(-3, 4, size=n).astype(np.float32) if t % 2 else rng.standard_normal(n)
+        if t % 5 == 0:
+            a[rng.integers(0, n)] = np.nan if t % 10 == 0 else -0.0
+        for k in range(-1, n + 2):
+            np.testing.assert_array_equal(top_mask(a, k), by_sort(a, k))
+    a = rng.integers(-2, 3, size=(6, 7)).astype(np.float32)
+    np.testing.assert_array_equal(top_mask(a, 20), by_sort(a, 20))

@@ -313,3 +313,21 @@ def test_validate_accepts_packed_models():
     feeds = tiny.random_feeds(model, n=8)
     comparison = validate(with_weights(model, {"W": shared["W"].decode()}), packed_model, feeds)
     assert all(o.max_abs == 0.0 for o in comparison.outputs)
+
+
+@pytest.mark.parametrize("variant", ["plain", "dense_unpruned", "zero_code_3", "8bit_axis1", "scale"])
+@pytest.mark.parametrize("shape", [(40, 30), (384,), (96, 8, 3, 3)])
+def test_a_blobs_bytes_estimated_from_its_counts_are_within_bytes_of_the_coded_ones(variant, shape):
+    w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    options = dict(VARIANTS[variant])
+    if len(shape) == 1:
+        options["axis"] = 0
+    sw = shared_of(w, **options)
+    for candidates in ((4, 5, 8), (3,)):
+        exact = len(packed.write_blob(sw, packed.choose_layout(sw, candidates=candidates, methods=("ans",)),
+                                      methods=("ans",)).blob)
+        estimated = packed.estimated_ans_bytes(sw, candidates=candidates)
+        # each coded stream exact or 4 bytes above, its length's varint maybe one byte longer
+        assert exact <= estimated <= exact + 10
+        if variant == "scale":  # channel scales: coded exactly
+            assert estimated == exact

@@ -183,3 +183,18 @@ def test_a_detectors_boxes_count_only_where_the_reference_detects_an_object():
     assert got[0].agreement == 0.9  # 0.8 >= 0.7: the same ten rows
     with pytest.raises(RecipeError, match="gates rows by outputs the model does not have"):
         resolve_kinds(["boxes", "scores"], [[boxes, scores]], task=parse_metric("top1@scores,regression:0.1:face@boxes"))
+
+
+def test_the_references_nearest_rows_are_remembered_by_their_values_not_their_object():
+    from onnxcompress.runtime import tasks
+
+    rng = np.random.default_rng(3)
+    ref, other = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
+    cand = ref + 0.3 * rng.normal(size=ref.shape)
+    first = neighbour_agreement(ref, cand)
+    assert tasks._remembered and np.array_equal(tasks._remembered[0][1], tasks._nearest(ref))
+    assert neighbour_agreement(ref.copy(), cand) == first  # the same values: the remembered rows
+    other_agreement = neighbour_agreement(other, cand)  # new values: computed again, not the remembered ones
+    assert np.array_equal(tasks._remembered[0][1], tasks._nearest(other))
+    assert other_agreement == float(np.mean(tasks._nearest(other) == tasks._nearest(cand)))
+    assert neighbour_agreement(ref, cand) == first

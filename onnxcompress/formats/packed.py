@@ -28,8 +28,8 @@ from onnx import TensorProto, helper
 
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.formats.codecs import bitpack, encode_best, entropy_bits, relidx
-from onnxcompress.formats.codecs.choice import METHODS, declared_count, decode_any
-from onnxcompress.formats.codecs.frame import pack_streams, unpack_streams
+from onnxcompress.formats.codecs.choice import METHODS, declared_count, decode_any, estimated_ans_size
+from onnxcompress.formats.codecs.frame import MAGIC, pack_streams, unpack_streams
 from onnxcompress.formats.codecs._wire import Reader, uvarint, bit_length
 from onnxcompress.errors import CodecError
 from onnxcompress.numerics.limits import MAX_TENSOR_ELEMENTS, element_count
@@ -124,14 +124,8 @@ def choose_layout(shared: SharedWeight, *, index_bits: int | None = None, method
 def write_blob(shared: SharedWeight, layout: Layout | None = None, *, methods=METHODS) -> PackedWeight:
     """Encode one shared weight into a packed blob (format in the module docstring)."""
     layout = layout or Layout()
-    shape = tuple(int(d) for d in shared.shape)
-    numel = int(np.prod(shape, dtype=np.int64))
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(shared.dtype))
-    head = [FORMAT_VERSION, elem, len(shape), *shape, shared.bits, 1 if layout.kind == "csr" else 0,
-            layout.index_bits if layout.kind == "csr" else 0,
-            0 if shared.zero_code is None else shared.zero_code + 1,
-            0 if shared.channel_axis is None else shared.channel_axis + 1]
-    streams: dict[str, tuple[bytes, StreamStat]] = {"h": (b"".join(uvarint(int(v)) for v in head), None)}
+    numel = int(np.prod(shared.shape, dtype=np.int64))
+    streams: dict[str, tuple[bytes, StreamStat]] = {"h": (_header(shared, layout), None)}
     book = np.asarray(shared.codebook, "<f4").reshape(-1)
     streams["b"] = (book.tobytes(), StreamStat("float32", book.nbytes, book.size))
     symbols = symbols_of(shared)
@@ -160,6 +154,51 @@ def write_blob(shared: SharedWeight, layout: Layout | None = None, *, methods=ME
     blob = pack_streams({k: d for k, (d, _) in streams.items()})
     stats = {k: s for k, (_, s) in streams.items() if s is not None}
     return PackedWeight(shared.name, blob, layout, stats, numel)
+
+
+def _header(shared: SharedWeight, layout: Layout) -> bytes:
+    """The blob's header stream (module docstring)."""
+    shape = tuple(int(d) for d in shared.shape)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(shared.dtype))
+    head = [FORMAT_VERSION, elem, len(shape), *shape, shared.bits, 1 if layout.kind == "csr" else 0,
+            layout.index_bits if layout.kind == "csr" else 0,
+            0 if shared.zero_code is None else shared.zero_code + 1,
+            0 if shared.channel_axis is None else shared.channel_axis + 1]
+    return b"".join(uvarint(int(v)) for v in head)
+
+
+def estimated_ans_bytes(shared: SharedWeight, *, candidates=INDEX_BITS_CANDIDATES) -> int:
+    """Bytes of ``write_blob(shared, choose_layout(shared, candidates=candidates, methods=("ans",)),
+    methods=("ans",))`` from the symbols' counts alone, without coding: dense codes, or CSR at each
+    index width (relidx: a gap d > M = 2**b stores (d - 1) // M fillers of gap M and value 0, then gap
+    d - fillers * M), each stream priced by ``estimated_ans_size`` (exact or 4 bytes above), the
+    frame and the other streams exactly. For pricing many candidates; a weight with channel scales,
+    group offsets or outliers is coded exactly."""
+    if shared.group_offsets is not None or shared.scale is not None or shared.outlier_index is not None:
+        return len(write_blob(shared, choose_layout(shared, candidates=candidates, methods=("ans",)),
+                              methods=("ans",)).blob)
+    symbols = symbols_of(shared)
+    alphabet = 1 << shared.bits
+    sizes = {"dense": [estimated_ans_size(np.bincount(symbols, minlength=alphabet))]}
+    pos = np.flatnonzero(symbols)
+    if symbols.size and pos.size < symbols.size:
+        gaps = np.diff(pos, prepend=-1)
+        values = np.bincount(symbols[pos], minlength=alphabet)
+        for b in candidates:
+            m = 1 << b
+            fillers = (gaps - 1) >> b
+            count = int(fillers.sum())
+            gap_counts = np.bincount(gaps - fillers * m - 1, minlength=m)
+            gap_counts[m - 1] += count
+            value_counts = values.copy()
+            value_counts[0] += count
+            sizes[f"csr{b}"] = [estimated_ans_size(gap_counts), estimated_ans_size(value_counts)]
+    best = min(sizes, key=lambda k: (sum(sizes[k]), k != "dense"))
+    layout = Layout("dense", 0) if best == "dense" else Layout("csr", int(best[3:]))
+    lengths = {"h": len(_header(shared, layout)), "b": 4 * int(np.size(shared.codebook))}
+    lengths.update(zip(("c",) if best == "dense" else ("i", "v"), sizes[best]))
+    head = len(MAGIC) + 1 + len(uvarint(len(lengths))) + sum(2 + len(uvarint(n)) + 4 for n in lengths.values())
+    return head + 4 + sum(lengths.values())
 
 
 # ---------------------------------------------------------------- decoding one weight

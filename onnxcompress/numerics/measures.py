@@ -70,9 +70,18 @@ def kept_count(n: int, sparsity: float) -> int:
 def top_mask(array: np.ndarray, n_keep: int) -> np.ndarray:
     """True for the `n_keep` entries of largest |w| (equal magnitudes: the lower flat index first)."""
     flat = np.abs(np.asarray(array, dtype=np.float64)).reshape(-1)
-    keep = np.zeros(flat.size, dtype=bool)
-    if n_keep > 0:
+    if n_keep <= 0 or n_keep >= flat.size:
+        return np.full(np.shape(array), n_keep > 0, dtype=bool)
+    if np.isnan(flat).any():  # NaN sorts last: the sort itself
+        keep = np.zeros(flat.size, dtype=bool)
         keep[np.argsort(-flat, kind="stable")[:n_keep]] = True
+        return keep.reshape(np.shape(array))
+    # the n_keep-th largest magnitude t (a partition, not a sort): every entry above t is kept, and of those
+    # equal to t the lowest flat indices, as many as are left (the order a stable sort by -|w| gives)
+    threshold = np.partition(flat, flat.size - n_keep)[flat.size - n_keep]
+    keep = flat > threshold
+    ties = np.flatnonzero(flat == threshold)
+    keep[ties[:n_keep - int(np.count_nonzero(keep))]] = True
     return keep.reshape(np.shape(array))
 
 

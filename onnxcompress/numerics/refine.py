@@ -135,9 +135,18 @@ def lstsq_cost(keep: np.ndarray) -> float:
 SPARSEGPT_BLOCK = 128  # columns over which SparseGPT chooses each row's own mask
 
 
+def sparsegpt_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
+    """U, the upper Cholesky factor of (H + lambda I)^{-1} (dead inputs, diag H = 0, given 1) that
+    :func:`sparsegpt` uses: the same for every mask, so fits of one layer at several sparsities may share it."""
+    h, _ = damped(gram, damping)
+    dead = np.diag(gram) == 0
+    h[dead, dead] = 1.0
+    return np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(H) = U^T U
+
+
 def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None = None,
-              sparsity: float | None = None, damping: float = 0.01, block: int = SPARSEGPT_BLOCK
-              ) -> tuple[np.ndarray, np.ndarray]:
+              sparsity: float | None = None, damping: float = 0.01, block: int = SPARSEGPT_BLOCK,
+              factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """OBS pruning column by column (Frantar & Alistarh, SparseGPT, 2023) in the metric H.
 
     With U the upper Cholesky factor of (H + lambda I)^{-1}, column i is frozen (kept value or
@@ -151,11 +160,8 @@ def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None =
         raise ValueError("give exactly one of keep and sparsity")
     w = np.array(target, dtype=np.float64)
     rows, k = w.shape
-    h, _ = damped(gram, damping)
-    dead = np.diag(gram) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(H) = U^T U
+    w[:, np.diag(gram) == 0] = 0.0
+    u = sparsegpt_factor(gram, damping) if factor is None else factor  # `factor`: sparsegpt_factor's, made before
     mask_out = np.zeros((rows, k), dtype=bool) if keep is None else np.asarray(keep, dtype=bool).copy()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -25,7 +25,7 @@ from onnxcompress.formats.codecs._wire import uvarint
 from onnxcompress.formats.codecs.bitpack import pack
 from onnxcompress.errors import CodecError
 
-__all__ = ["encode", "decode", "quantize_counts"]
+__all__ = ["encode", "decode", "quantize_counts", "estimated_size"]
 
 _FREQ_BITS = range(1, 17)
 _CHUNK = 1 << 20  # symbols decoded per call
@@ -77,6 +77,26 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None) -> bytes:
     words = np.asarray(coder.get_compressed(), dtype="<u4")
     return b"".join([head, bytes([q]), pack(freqs - 1, q), uvarint(words.size),
                      words.tobytes()])
+
+
+def estimated_size(counts: np.ndarray) -> int:
+    """Bytes of :func:`encode`'s stream for symbols with these `counts` (one per symbol of the alphabet,
+    ``len(counts)`` its size), without coding: the header, symbol set and frequencies exactly, the
+    payload from the model's cost ``sum_i c_i log2(sum f / f_i)`` bits as ``ceil(bits / 32) + 1``
+    words. The coder's own payload is that many words or one fewer (its final state flush), so the
+    estimate is exact or 4 bytes above (tests/test_codecs.py)."""
+    c = np.asarray(counts, np.int64).ravel()
+    n, used = int(c.sum()), np.flatnonzero(c)
+    head = uvarint(n) + uvarint(c.size)
+    if n == 0:
+        return len(head)
+    head += _wire.write_symbol_set(used, c.size)
+    if used.size == 1:
+        return len(head)
+    q, freqs = quantize_counts(c[used])
+    bits = float((c[used] * np.log2(freqs.sum() / freqs)).sum())
+    words = int(np.ceil(bits / 32)) + 1
+    return len(head) + 1 + (used.size * q + 7) // 8 + len(uvarint(words)) + 4 * words
 
 
 def decode(data: bytes) -> np.ndarray:

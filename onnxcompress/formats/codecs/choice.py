@@ -14,7 +14,7 @@ from onnxcompress.formats.codecs import ans, huffman, raw
 from onnxcompress.formats.codecs._wire import declared_count as _declared_count
 from onnxcompress.errors import CodecError
 
-__all__ = ["METHODS", "entropy_bits", "encode", "encode_best", "decode_any", "declared_count"]
+__all__ = ["METHODS", "entropy_bits", "encode", "encode_best", "decode_any", "declared_count", "estimated_ans_size"]
 
 METHODS = ("raw", "huffman", "ans")
 _CODECS = {"raw": raw, "huffman": huffman, "ans": ans}
@@ -27,7 +27,11 @@ def entropy_bits(symbols: np.ndarray) -> float:
     s = np.asarray(symbols).ravel()
     if s.size == 0:
         return 0.0
-    _, counts = np.unique(s, return_counts=True)
+    if s.dtype.kind in "uib" and int(s.min()) >= 0 and int(s.max()) < max(1 << 16, s.size):  # counts, no sort
+        counts = np.bincount(s)
+        counts = counts[counts > 0]
+    else:
+        _, counts = np.unique(s, return_counts=True)
     p = counts / s.size
     return float(max(0.0, -(p * np.log2(p)).sum()))
 
@@ -38,6 +42,12 @@ def encode(method: str, symbols: np.ndarray, alphabet_size: int | None = None) -
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     body = bytes([_TAGS[method]]) + _CODECS[method].encode(symbols, alphabet_size)
     return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def estimated_ans_size(counts: np.ndarray) -> int:
+    """Bytes of ``encode("ans", ...)``'s tagged stream (tag, body, CRC) for symbols with these counts per
+    symbol of the alphabet, without coding (:func:`ans.estimated_size`: exact or 4 bytes above)."""
+    return 1 + ans.estimated_size(counts) + 4
 
 
 def encode_best(symbols: np.ndarray, alphabet_size: int | None = None,
