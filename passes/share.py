@@ -11,7 +11,7 @@ With granularity "auto" and data, every option (per-tensor, per-channel scales, 
 importance-weighted, GPTQ codes) is judged where its error lands at the model's outputs, through two
 gains per weight measured by running the model with only that weight perturbed
 (onnxcompress.runtime.sensitivity), and the options of all weights are chosen together there
-(granular.choose_jointly). Biases are coded first, measured in their layer's output, and the layer's
+(joint.choose_jointly). Biases are coded first, measured in their layer's output, and the layer's
 weight is coded so as to cancel what it can of the bias's coding error (onnxcompress.numerics.bias_error); a
 bias that stays float takes up its weight's mean output error instead (bias correction).
 """
@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from onnxcompress.errors import ModelError, PreconditionError
 from onnxcompress.execution.parallel import map_ordered
 from onnxcompress.fitting import granular
-from onnxcompress.fitting.granular import (Choice, choose_jointly, DB_PER_BIT, fit, Fitting, from_matrix,
+from onnxcompress.fitting.granular import (Choice, DB_PER_BIT, fit, Fitting, from_matrix,
                                           gptq_affordable, Option, to_matrix)
+from onnxcompress.fitting.joint import choose_jointly
 from onnxcompress.fitting.layerfit import in_layer_order, original_rows, refine_shared
 from onnxcompress.fitting.sharing import (bias_links, float_size, layer_hessians, share_weight, ShareSettings,
                                           WeightEvidence)
@@ -262,7 +263,7 @@ class SharePass(Pass):
     def _choose_jointly(self, ctx: Context, infos: list[WeightInfo], choices, decided: list[Choice], bits_of,
                         settings: ShareSettings, known: _Known) -> list[Choice]:
         """The weights' choices, those measured at the model's outputs re-picked together
-        (granular.choose_jointly). While the others are measured, a weight keeps the fits of its
+        (joint.choose_jointly). While the others are measured, a weight keeps the fits of its
         candidates that no other candidate beats on both bytes and SQNR (the only ones a joint pick can
         take: a few of its dozen); a pick without its fit is fitted again (the same fit: seeded)."""
         made = []

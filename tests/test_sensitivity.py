@@ -7,7 +7,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.graph.data import Dataset
-from onnxcompress.fitting.granular import Candidate, Choice, Option, choose_jointly, fit, Fitting, from_matrix, measure, to_matrix
+from onnxcompress.fitting.granular import Candidate, Choice, Option, fit, Fitting, from_matrix, measure, to_matrix
+from onnxcompress.fitting.joint import choose_jointly
 from onnxcompress.fitting.sharing import layer_hessians
 from onnxcompress.runtime.sensitivity import OutputGains, Probe, measure_gains
 from onnxcompress.graph.weights import find_weights, get_array
