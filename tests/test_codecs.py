@@ -279,6 +279,7 @@ names = st.text(min_size=0, max_size=12)
 def test_frame_roundtrip_and_corruption(streams_, where, bit):
     data = frame.pack_streams(streams_)
     assert frame.unpack_streams(data) == streams_
+    assert frame.framed_size({k: len(v) for k, v in streams_.items()}) == len(data)
     _expect_codec_error(frame.unpack_streams, data[: int(where * len(data))])
     flipped = bytearray(data)
     flipped[int(where * len(data))] ^= 1 << bit

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.formats.codecs import bitpack, encode_best, entropy_bits, relidx
 from onnxcompress.formats.codecs.choice import METHODS, declared_count, decode_any, estimated_ans_size
-from onnxcompress.formats.codecs.frame import MAGIC, pack_streams, unpack_streams
+from onnxcompress.formats.codecs.frame import framed_size, pack_streams, unpack_streams
 from onnxcompress.formats.codecs._wire import Reader, uvarint, bit_length
 from onnxcompress.errors import CodecError
 from onnxcompress.numerics.limits import MAX_TENSOR_ELEMENTS, element_count
@@ -197,8 +197,7 @@ def estimated_ans_bytes(shared: SharedWeight, *, candidates=INDEX_BITS_CANDIDATE
     layout = Layout("dense", 0) if best == "dense" else Layout("csr", int(best[3:]))
     lengths = {"h": len(_header(shared, layout)), "b": 4 * int(np.size(shared.codebook))}
     lengths.update(zip(("c",) if best == "dense" else ("i", "v"), sizes[best]))
-    head = len(MAGIC) + 1 + len(uvarint(len(lengths))) + sum(2 + len(uvarint(n)) + 4 for n in lengths.values())
-    return head + 4 + sum(lengths.values())
+    return framed_size(lengths)
 
 
 # ---------------------------------------------------------------- decoding one weight

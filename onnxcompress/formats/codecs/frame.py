@@ -17,7 +17,7 @@ import zlib
 from onnxcompress.formats.codecs._wire import Reader, uvarint
 from onnxcompress.errors import CodecError
 
-__all__ = ["pack_streams", "unpack_streams", "MAGIC", "VERSION"]
+__all__ = ["pack_streams", "framed_size", "unpack_streams", "MAGIC", "VERSION"]
 
 MAGIC = b"OXC1"
 VERSION = 1
@@ -39,6 +39,15 @@ def pack_streams(streams: dict[str, bytes]) -> bytes:
     header = b"".join(head)
     return b"".join([header, zlib.crc32(header).to_bytes(4, "little"),
                      *(bytes(d) for d in streams.values())])
+
+
+def framed_size(lengths: dict[str, int]) -> int:
+    """len(pack_streams(streams)) for streams of these byte lengths (name -> length), without their data."""
+    head = len(MAGIC) + 1 + len(uvarint(len(lengths)))
+    for name, n in lengths.items():
+        raw = len(name.encode("utf-8"))
+        head += len(uvarint(raw)) + raw + len(uvarint(n)) + 4
+    return head + 4 + sum(lengths.values())
 
 
 def unpack_streams(data: bytes) -> dict[str, bytes]:
