@@ -100,3 +100,13 @@ def test_value_digests_change_downstream_of_a_changed_weight_only():
     assert SegmentValues.usable(copy, _data())
     copy.graph.initializer[0].data_location = TensorProto.EXTERNAL
     assert value_digests(copy) is None and not SegmentValues.usable(copy, _data())
+
+
+def test_upstream_nodes_stop_at_values_at_hand():
+    from onnxcompress.graph.edit import upstream_nodes
+
+    graph = _chain().graph
+    ops = lambda nodes: [n.output[0] for n in nodes]  # noqa: E731
+    assert ops(upstream_nodes(graph, ["y"])) == ["h1", "r1", "h2", "r2", "y"]
+    assert ops(upstream_nodes(graph, ["y"], stop={"r1"})) == ["h2", "r2", "y"]
+    assert ops(upstream_nodes(graph, ["y2", "r2"], stop={"h1"})) == ["r1", "h2", "r2", "y2"]

@@ -82,6 +82,24 @@ def outer_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The names a node reads: its inputs (empty optional ones left out), then what its subgraphs read from the
+    outer scope."""
+    return [x for x in node.input if x] + sorted(outer_names(node))
+
+
+def upstream_nodes(graph: onnx.GraphProto, names: Sequence[str], stop: set[str] = frozenset()
+                   ) -> list[onnx.NodeProto]:
+    """The nodes the tensors `names` depend on (through subgraphs' outer-scope reads too), in graph order,
+    not walking past the names in `stop` (values already at hand)."""
+    wanted, kept = set(names), []
+    for node in reversed(graph.node):
+        if wanted.intersection(o for o in node.output if o):
+            kept.append(node)
+            wanted.update(x for x in node_reads(node) if x not in stop)
+    return kept[::-1]
+
+
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output if out}
 
@@ -153,14 +171,9 @@ def upstream_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     depend on (through subgraphs' outer-scope reads too), in graph order, and the initializers those
     read. Every graph input stays, so the same feeds serve. onnxruntime runs every node of a session
     whatever is fetched, so a run for a layer's input costs what the layers before it cost."""
-    wanted = set(names)
     graph = model.graph
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if wanted.intersection(o for o in node.output if o):
-            kept.append(node)
-            wanted.update(x for x in node.input if x)
-            wanted |= outer_names(node)
+    kept = upstream_nodes(graph, names)
+    wanted = set(names).union(*(node_reads(node) for node in kept))
     out = onnx.ModelProto()
     out.ir_version, out.producer_name, out.producer_version = model.ir_version, model.producer_name, model.producer_version
     out.domain, out.model_version = model.domain, model.model_version
@@ -168,7 +181,7 @@ def upstream_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     out.functions.extend(model.functions)
     made = {o for node in kept for o in node.output} | {i.name for i in graph.input}
     out.graph.name = graph.name
-    out.graph.node.extend(reversed(kept))
+    out.graph.node.extend(kept)
     out.graph.input.extend(graph.input)
     out.graph.initializer.extend(t for t in graph.initializer if t.name in wanted)
     out.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in wanted)
@@ -195,7 +208,7 @@ def value_digests(model: onnx.ModelProto) -> dict[str, str] | None:
         h = hashlib.sha256(f"{node.domain}\0{node.op_type}\0".encode())
         for attr in node.attribute:
             h.update(attr.SerializeToString())
-        for name in list(node.input) + sorted(outer_names(node)):
+        for name in list(node.input) + sorted(outer_names(node)):  # not node_reads: an empty input's place counts
             h.update(b"\0" + digests.get(name, "?" + name).encode())
         for index, out in enumerate(node.output):
             if out:

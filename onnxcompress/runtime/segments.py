@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.graph.data import Dataset, model_inputs
-from onnxcompress.graph.edit import outer_names, value_digests
+from onnxcompress.graph.edit import node_reads, upstream_nodes, value_digests
 from onnxcompress.runtime.statistics import Collector
 from onnxcompress.runtime.suffix import suffix_model
 
@@ -85,20 +85,13 @@ class SegmentValues:
         how many nodes it runs)."""
         graph = model.graph
         inits = {t.name for t in graph.initializer}
-        wanted, kept = {name}, []
-        for node in reversed(graph.node):
-            if wanted.intersection(o for o in node.output if o):
-                kept.append(node)
-                wanted.update(x for x in list(node.input) + sorted(outer_names(node))
-                              if x and x not in available and x not in inits)
-        kept.reverse()
+        kept = upstream_nodes(graph, [name], stop=available | inits)
         made = {o for node in kept for o in node.output if o}
-        reads = dict.fromkeys(x for node in kept for x in list(node.input) + sorted(outer_names(node))
-                              if x and x not in made)
+        reads = dict.fromkeys(x for node in kept for x in node_reads(node) if x not in made)
         fed = [n for n in reads if n not in inits]
         in_segment = {id(node) for node in kept}
         read_after = {x for node in graph.node if id(node) not in in_segment
-                      for x in list(node.input) + sorted(outer_names(node))} | {o.name for o in graph.output}
+                      for x in node_reads(node)} | {o.name for o in graph.output}
         keep = [o for node in kept for o in node.output if o and (o == name or o in read_after)]
         if not fed:  # computed from weights alone: fed a graph input it does not read (a model has one)
             fed = [next(iter(feed))]

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxcompress.graph.edit import outer_names
+from onnxcompress.graph.edit import node_reads
 from onnxcompress.runtime.sessions import make_session
 from onnxcompress.runtime.statistics import Collector
 
@@ -33,7 +33,7 @@ def downstream(graph: onnx.GraphProto, sources: set[str]) -> tuple[list[onnx.Nod
     first-read order, `sources` excluded)."""
     reached, nodes, reads = set(sources), [], []
     for node in graph.node:
-        read = [x for x in node.input if x] + sorted(outer_names(node))  # subgraphs' outer-scope reads too
+        read = node_reads(node)  # subgraphs' outer-scope reads too
         if reached.intersection(read):
             nodes.append(node)
             reads.append(read)
