@@ -171,3 +171,24 @@ def test_layers_reading_the_same_rows_share_the_current_models_run_until_their_i
     assert runs and moved.count == first.count
     assert not np.allclose(moved.current[0], first.current[0])
     _same(moved, paired.collect_paired_grams(current, reference, data, layers[2], collector=collector), 1e-12)
+
+
+def test_held_rows_stop_where_their_row_count_says_and_the_current_models_capture_with_them(monkeypatch):
+    """A costly capture stops at MIN_PAIRED_ROWS by default (prune's refits); ReferenceRows given a smaller
+    RowCount (share's centroid refits) stops its held rows and the current model's there: the Gram matrices
+    of a capture stopping at that count, on fewer rows."""
+    from onnxcompress.runtime import paired
+    from onnxcompress.runtime.statistics import Collector
+    reference, current, layers, data = _setup()
+    monkeypatch.setattr(paired, "CUT_SECONDS", -1.0)
+    monkeypatch.setattr(paired, "MIN_PAIRED_ROWS", 48)
+    collector = Collector()
+    default = paired.collect_paired_grams(current, reference, data, layers[1], collector=collector)
+    held = paired.ReferenceRows(reference, data, layers, collector=collector,
+                                enough=paired.RowCount(minimum=12, per_input=1))
+    fewer = paired.collect_paired_grams(current, held, data, layers[1], collector=collector)
+    assert default.count == 48 and fewer.count == 12  # a sample of four rows a chunk
+    assert sum(r[0].shape[0] for r in held.rows(layers[1])) == 12
+    monkeypatch.setattr(paired, "MIN_PAIRED_ROWS", 12)
+    _same(fewer, paired.collect_paired_grams(current, reference, data, layers[1], collector=collector), 1e-6)
+    assert paired.RowCount(minimum=8, per_input=10).stops(layers[1], True, 49, 2) is False  # K = 5: 50 rows

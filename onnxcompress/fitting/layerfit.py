@@ -23,9 +23,14 @@ from onnxcompress.numerics import refine
 from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes, sqnr_db
 from onnxcompress.runtime.capture import graph_position, linear_layer, LinearLayer
-from onnxcompress.runtime.paired import collect_paired_grams, PairedGrams, ReferenceRows
+from onnxcompress.runtime.paired import collect_paired_grams, PairedGrams, ReferenceRows, RowCount
 
 log = logging.getLogger(__name__)
+# rows a costly capture takes for a centroid refit (original_rows): it solves for the codebook only (at most
+# 2^bits unknowns, not K per output channel as prune's refits), so 2048 rows and at least K (a full-rank metric
+# over the layer's input) are plenty; the paired captures' default (4096 and 2 K) halved MiniLM-like's
+# refinement runs and Gram products for the same layer SQNRs to 0.0x dB (docs/realmodels.md, session 11)
+CENTROID_ROWS = RowCount(minimum=2048, per_input=1)
 
 
 class FitSource(Protocol):
@@ -102,7 +107,8 @@ def original_rows(ctx: FitSource, infos: list[WeightInfo], *, rows_per_chunk: in
     in one run over the data on the first refinement (see ReferenceRows)."""
     layers = [layer for info in infos if (layer := linear_layer(ctx.model, info)) is not None
               and _original(ctx, info, layer) is not None]
-    return ReferenceRows(ctx.reference, ctx.data, layers, rows_per_chunk=rows_per_chunk, collector=ctx.statistics)
+    return ReferenceRows(ctx.reference, ctx.data, layers, rows_per_chunk=rows_per_chunk, collector=ctx.statistics,
+                         enough=CENTROID_ROWS)
 
 
 def refine_shared(ctx: FitSource, info: WeightInfo, shared: SharedWeight, *, target: str = "original",

@@ -134,8 +134,9 @@ class ReferenceRows:
 
     def __init__(self, reference: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
                  rows_per_chunk: int = 2048, max_batch: int = 64, collector: Collector | None = None,
-                 max_bytes: int = REFERENCE_BYTES):
+                 max_bytes: int = REFERENCE_BYTES, enough: RowCount | None = None):
         self.reference, self.data, self.rows_per_chunk, self.max_batch = reference, data, rows_per_chunk, max_batch
+        self.enough = enough or RowCount()  # where a costly capture of these layers stops, held rows and current
         self.collector = collector or Collector()
         self.max_bytes = max_bytes
         self.layers = {_rows_key(layer): layer for layer in layers}
@@ -192,7 +193,7 @@ class ReferenceRows:
                 held[key].append(rows)
                 counts[key] += rows[0].shape[0]
                 sizes[key] += sum(r.nbytes for r in rows)
-                if _stops(layer, self.costly, counts[key], len(held[key])):
+                if self.enough.stops(layer, self.costly, counts[key], len(held[key])):
                     reading.discard(key)
             while sum(sizes.values()) > self.max_bytes:
                 largest = max(sizes, key=sizes.get)
@@ -215,9 +216,21 @@ def _parts(data: Dataset, costly: bool) -> list[Dataset]:
         if costly else [data]
 
 
-def _stops(layer: LinearLayer, costly: bool, rows: int, chunks: int) -> bool:
-    """Whether a capture holding `rows` rows of `chunks` data chunks has enough (only a costly one stops)."""
-    return costly and rows >= max(MIN_PAIRED_ROWS, ROWS_PER_INPUT * row_length(layer)) and chunks >= 2
+@dataclass(frozen=True)
+class RowCount:
+    """How many rows a costly capture takes before it stops: at least `minimum`, and `per_input` per entry
+    of the layer's input row (K), from two data chunks or more. The default is what a fit of K unknowns per
+    output channel needs (prune's refits; None: MIN_PAIRED_ROWS and ROWS_PER_INPUT); a fit of fewer unknowns
+    (share's centroids) may ask for fewer."""
+
+    minimum: int | None = None
+    per_input: int | None = None
+
+    def stops(self, layer: LinearLayer, costly: bool, rows: int, chunks: int) -> bool:
+        """Whether a capture holding `rows` rows of `chunks` data chunks has enough (only a costly one stops)."""
+        minimum = MIN_PAIRED_ROWS if self.minimum is None else self.minimum
+        per_input = ROWS_PER_INPUT if self.per_input is None else self.per_input
+        return costly and rows >= max(minimum, per_input * row_length(layer)) and chunks >= 2
 
 def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | ReferenceRows | None, data: Dataset,
                          layer: LinearLayer, *, rows_per_chunk: int = 2048, max_batch: int = 64,
@@ -242,8 +255,9 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         key = reference_rows.grams_key(current, layer, folds)
         if (kept := reference_rows.kept_grams(key)) is not None:  # a layer reading the same rows, just captured
             return dataclasses.replace(kept, layer=layer)
-        costly, models = reference_rows.costly, [current]
+        costly, models, enough = reference_rows.costly, [current], reference_rows.enough
     else:
+        enough = RowCount()
         models = [current, reference] if paired else [current]
         # the current model's graph changes as its layers are coded: its cost is the reference's until measured
         costly = max(_pass_seconds(collector, m, data) for m in models) > CUT_SECONDS
@@ -267,7 +281,7 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         if even is not None and chunk % 2 == 0:
             even.add(rows[0], rows[1] if paired else None)
         chunks += 1
-        if _stops(layer, costly, total.count, chunks):
+        if enough.stops(layer, costly, total.count, chunks):
             break
     if total is None:
         raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
