@@ -193,3 +193,68 @@ def test_joint_choice_prefers_the_better_of_two_equal_sized_options_once_past_th
     layers = {n: Choice(options[0], list(options), "model output", 36.0, "") for n in "ab"}
     picked = choose_jointly(layers, per_byte=0.01)
     assert all(c.sqnr_db == 44.0 for c in picked.values())
+
+
+def test_a_probe_stops_once_its_relative_noise_is_known_to_the_tolerance():
+    from onnxcompress.runtime import sensitivity
+    m = sensitivity.MIN_GAIN_CHUNKS
+    signals = np.ones((8, 2))
+    steady = 0.01 * signals  # every chunk the same ratio: no standard error
+    assert not sensitivity.settled(steady[:m - 1], signals[:m - 1]) and sensitivity.settled(steady[:m], signals[:m])
+    wild = steady.copy()
+    wild[1::2, 1] = 0.1  # the second output's chunks disagree by 10x
+    assert not sensitivity.settled(wild[:m], signals[:m]) and not sensitivity.settled(wild, signals)
+    silent = signals.copy()
+    silent[:, 1] = 0.0  # an output without a signal does not count
+    assert sensitivity.settled(wild[:m], silent[:m])
+    assert np.isclose(sensitivity.relative_noise_of(wild[:4], signals[:4]), (0.02 + 0.2) / 4)
+
+
+def _runs(monkeypatch):
+    """Per run of the session, None for an unswapped run, else (weight, digest of the probed values)."""
+    import hashlib
+    from onnxcompress.runtime.statistics import Runner
+    runs = []
+    run = Runner.run
+
+    def counted(self, feed, swapped=None, **kwargs):
+        runs.append(None if not swapped else
+                    tuple((n, hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()) for n, v in swapped.items()))
+        return run(self, feed, swapped, **kwargs)
+    monkeypatch.setattr(Runner, "run", counted)
+    return runs
+
+
+def test_probes_on_samples_that_agree_stop_early_with_the_gains_of_all_samples(monkeypatch):
+    """Eight chunks of the same four images: every chunk's relative noise is the same, so each probe stops at
+    MIN_GAIN_CHUNKS chunks with the gains of all 32 samples, which probes that never stop find."""
+    from collections import Counter
+    from onnxcompress.runtime import sensitivity
+    model = pooled_classifier()
+    four = data_for(model, n=4).stacked["x"]
+    data = Dataset(stacked={"x": np.concatenate([four] * 8)})
+    _, _, probes = probes_for(model, data)
+    runs = _runs(monkeypatch)
+    early = measure_gains(model, data, probes, samples=32)
+    per_probe = Counter(r for r in runs if r is not None)
+    assert runs.count(None) == 32 // sensitivity.GAIN_CHUNK and len(per_probe) >= 2
+    assert set(per_probe.values()) == {sensitivity.MIN_GAIN_CHUNKS}
+    monkeypatch.setattr(sensitivity, "MIN_GAIN_CHUNKS", 32)
+    runs.clear()
+    full = measure_gains(model, data, probes, samples=32)
+    assert set(Counter(r for r in runs if r is not None).values()) == {32 // sensitivity.GAIN_CHUNK}
+    for name in full:
+        assert np.isclose(full[name].rest, early[name].rest, rtol=1e-4)
+        assert np.isclose(full[name].mean, early[name].mean, rtol=1e-4)
+
+
+def test_probes_on_samples_that_disagree_run_them_all(monkeypatch):
+    from collections import Counter
+    from onnxcompress.runtime import sensitivity
+    model = pooled_classifier()
+    data = data_for(model, n=32)
+    _, _, probes = probes_for(model, data)
+    monkeypatch.setattr(sensitivity, "GAIN_TOLERANCE", 1e-9)
+    runs = _runs(monkeypatch)
+    measure_gains(model, data, probes, samples=32)
+    assert set(Counter(r for r in runs if r is not None).values()) == {32 // sensitivity.GAIN_CHUNK}

@@ -22,7 +22,9 @@ outputs of any coding is then predicted as
 
 (per group of channels, signal = tr(W H W^T)). The probed weights are inputs of one session (the
 statistics collector's, shared with the layer statistics of the same model), run once per probe
-over at most `samples` feeds.
+over at most `samples` feeds, GAIN_CHUNK samples a run: a probe stops once the relative noise it has
+measured is known to GAIN_TOLERANCE (its standard error over the chunks run, from MIN_GAIN_CHUNKS on),
+so a model whose samples agree on a weight's gain probes it on fewer of them.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ from onnxcompress.runtime.statistics import Collector, Runner
 log = logging.getLogger(__name__)
 GAIN_RANGE = (1e-6, 1e6)  # a probe that moves nothing (or everything) at the outputs stays finite
 MIN_MEAN_SHARE = 0.2  # a mean probe whose mean part is less of its energy cannot resolve the mean gain
+# probes run GAIN_CHUNK samples at a time and stop, from MIN_GAIN_CHUNKS chunks on, when the standard error of the
+# relative noise measured so far (a ratio estimate over the chunks) is at most GAIN_TOLERANCE of it (0.2 dB)
+GAIN_CHUNK = 4
+MIN_GAIN_CHUNKS = 3
+GAIN_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -89,15 +96,20 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
         return {}
     feeds = data.limit(samples)
     reference = _outputs(runner, feeds, floats)
-    signal = [sum(float(np.sum(np.square(chunk[k]))) for chunk in reference) for k in range(len(floats))]
-    if not any(s > 0 for s in signal):
+    signals = np.array([[float(np.sum(np.square(chunk[k]))) for k in range(len(floats))] for chunk in reference])
+    if not np.any(signals > 0):
         return {}
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
         swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
-        outputs = _outputs(runner, feeds, floats, swapped)
-        return max(sum(float(np.sum(np.square(a[k] - b[k]))) for a, b in zip(outputs, reference)) / signal[k]
-                   for k in range(len(floats)) if signal[k] > 0)
+        noise = np.zeros_like(signals)
+        for i, chunk in enumerate(runner.chunks(feeds, max_batch=GAIN_CHUNK, swapped=swapped)):
+            noise[i] = [float(np.sum(np.square(np.asarray(chunk.values[n], np.float64) - reference[i][k])))
+                        for k, n in enumerate(floats)]
+            if settled(noise[:i + 1], signals[:i + 1]):
+                break
+        log.debug("output gains of %s: a probe on %d of %d chunks", name, i + 1, len(reference))
+        return relative_noise_of(noise[:i + 1], signals[:i + 1])
 
     gains = {}
     for name, (rest, mean, mean_share, layer_signal) in tqdm(split.items(), desc="output gains", unit="weight",
@@ -112,6 +124,29 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
         gains[name] = OutputGains(*(float(np.clip(g, *GAIN_RANGE)) for g in (g_rest, g_mean)))
         log.debug("output gains of %s: %s", name, gains[name].as_dict())
     return gains
+
+
+def relative_noise_of(noise: np.ndarray, signals: np.ndarray) -> float:
+    """max over outputs k of sum_i noise[i, k] / sum_i signals[i, k] (chunks i; outputs with a signal)."""
+    total = signals.sum(axis=0)
+    return max(float(n / s) for n, s in zip(noise.sum(axis=0), total) if s > 0)
+
+
+def settled(noise: np.ndarray, signals: np.ndarray) -> bool:
+    """Whether the relative noise of chunks (rows) so far is known to GAIN_TOLERANCE on every output with a
+    signal: from MIN_GAIN_CHUNKS chunks on, the ratio estimate R = sum n / sum s has the standard error
+    sqrt(sum_i (n_i - R s_i)^2 / (m (m - 1))) / mean(s) over its m chunks."""
+    m = noise.shape[0]
+    if m < MIN_GAIN_CHUNKS:
+        return False
+    for n, s in zip(noise.T, signals.T):
+        if s.sum() <= 0:
+            continue
+        ratio = n.sum() / s.sum()
+        error = math.sqrt(float(np.sum(np.square(n - ratio * s))) / (m * (m - 1))) / float(s.mean())
+        if error > GAIN_TOLERANCE * ratio:
+            return False
+    return True
 
 
 def _split(p: Probe):
@@ -142,6 +177,7 @@ def _energy(hessians: LayerHessians, d: np.ndarray) -> float:
     return hessians.signal_and_noise(d, d)[1]
 
 
-def _outputs(runner: Runner, data: Dataset, names: list[str], swapped: dict[str, np.ndarray] | None = None
-             ) -> list[list[np.ndarray]]:
-    return [[np.asarray(chunk.values[n], np.float64) for n in names] for chunk in runner.chunks(data, swapped=swapped)]
+def _outputs(runner: Runner, data: Dataset, names: list[str]) -> list[list[np.ndarray]]:
+    """Per chunk of GAIN_CHUNK samples, the outputs `names` (float64)."""
+    return [[np.asarray(chunk.values[n], np.float64) for n in names]
+            for chunk in runner.chunks(data, max_batch=GAIN_CHUNK)]
