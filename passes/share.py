@@ -241,13 +241,13 @@ class SharePass(Pass):
         if cfg.granularity != "auto" or cfg.gain_samples <= 0 or ctx.data is None or not probed:
             return {}, {}
         probes, fits = {}, {}
-        for info in probed:
-            array = get_array(ctx.model, info)
-            h = hessians[info.name]
-            option = Option("tensor", weighted=True, gptq=gptq_affordable(h))
-            fitting = Fitting(info.name, info.channel_axis, hessians=h, mask=ctx.masks.get(info.name), init=cfg.init,
-                              seed=cfg.seed)
-            coded = fit(array, bits_of[info.name], option, fitting, importance=h.importance())
+        options = {w.name: Option("tensor", weighted=True, gptq=gptq_affordable(hessians[w.name])) for w in probed}
+        tasks = (((weight_source(ctx.model, w), bits_of[w.name], options[w.name],
+                   Fitting(w.name, w.channel_axis, hessians=hessians[w.name], mask=ctx.masks.get(w.name),
+                           init=cfg.init, seed=cfg.seed)), {"importance": hessians[w.name].importance()}) for w in probed)
+        # the probes' fits on the executor, as the choice's (one BLAS thread each, side by side with --jobs N)
+        for info, coded in zip(probed, map_ordered(fit, tasks, jobs=ctx.jobs, work=sum(w.numel for w in probed))):
+            array, h, option = get_array(ctx.model, info), hessians[info.name], options[info.name]
             fits[info.name] = {option: coded}
             matrix = to_matrix(np.asarray(array, np.float64), info.channel_axis)
             probes[info.name] = Probe(matrix, matrix - to_matrix(coded.decode().astype(np.float64), info.channel_axis),
