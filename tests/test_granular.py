@@ -344,14 +344,39 @@ def test_code_normal_equations_match_the_indicator_products(K):
     hessians = SimpleNamespace(hessians=[h, 0.5 * h], group_of_channel=np.array([0] * 5 + [1] * 4))
     codes, coded = rng.integers(0, k, (rows, K)), rng.random((rows, K)) > 0.3
     s, t = rng.uniform(0.5, 2, rows), rng.normal(size=(rows, K))
-    a, b = code_normal_equations(codes, coded, s, t, hessians, k)
-    want_a, want_b = np.zeros((k, k)), np.zeros(k)
+    system, b = code_normal_equations(codes, coded, s, t, hessians, k)
+    want_a, want_b, want_diagonal = np.zeros((k, k)), np.zeros(k), np.zeros(k)
     for j in range(rows):
         o = ((codes[j][:, None] == np.arange(k)) & coded[j][:, None]).astype(float)
         hj = hessians.hessians[hessians.group_of_channel[j]]
         want_a += s[j] ** 2 * o.T @ hj @ o
         want_b += s[j] * o.T @ hj @ t[j]
-    assert np.allclose(a, want_a) and np.allclose(b, want_b)
+        want_diagonal += s[j] ** 2 * o.T @ np.diag(hj)
+    assert np.allclose(system.matrix(), want_a) and np.allclose(b, want_b)
+    c = rng.normal(size=k)
+    assert np.allclose(system.times(c), want_a @ c) and np.allclose(system.entry_diagonal(), want_diagonal)
+
+
+@pytest.mark.parametrize("max_codes", [64, 0])  # conjugate gradients, or the matrix formed
+def test_code_system_solves_the_normal_equations_on_the_codes_asked(monkeypatch, max_codes):
+    from types import SimpleNamespace
+
+    from onnxcompress.numerics import gptq
+
+    monkeypatch.setattr(gptq, "CG_MAX_CODES", max_codes)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 40)) @ rng.normal(size=(40, 40)) + 3 * rng.normal(size=40)  # A far from diagonal
+    h = x.T @ x / 500
+    hessians = SimpleNamespace(hessians=[h], group_of_channel=np.zeros(12, np.int64))
+    codes = rng.integers(0, 8, (12, 40))
+    system = gptq.CodeSystem(codes, rng.random((12, 40)) > 0.2, rng.uniform(0.5, 2, 12), hessians, 8)
+    unknown = np.arange(8) != 3
+    rhs = rng.normal(size=8)
+    want = np.linalg.solve(system.matrix()[np.ix_(unknown, unknown)] + 1e-3 * np.eye(7), rhs[unknown])
+    if max_codes:  # the steps never form A
+        monkeypatch.setattr(gptq.CodeSystem, "matrix", lambda self: pytest.fail("A formed"))
+    got = system.solve(rhs, unknown, 1e-3, start=rng.normal(size=8))
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
 def _gptq_layer(seed=5):

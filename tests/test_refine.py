@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress.numerics import refine
+from onnxcompress.numerics import gptq, refine
 from onnxcompress.numerics.gptq import LayerHessians
 from onnxcompress.numerics.measures import nearest_codes
 import tiny
@@ -122,7 +122,6 @@ def test_refine_centroids_matches_brute_force_least_squares():
 @pytest.mark.parametrize("triangle_k", [None, 0])
 def test_refine_centroids_sparse_and_dense_paths_agree(monkeypatch, triangle_k):
     """Dense rows summed over all of H's gathered rows, or (triangle_k 0: from any K on) over its upper triangle."""
-    from onnxcompress.numerics import gptq
     if triangle_k is not None:
         monkeypatch.setattr(gptq, "CODE_GRAM_TRIANGLE_K", triangle_k)
     rng = np.random.default_rng(5)
@@ -132,7 +131,7 @@ def test_refine_centroids_sparse_and_dense_paths_agree(monkeypatch, triangle_k):
     codes[:4, 40:] = 0  # rows 0-3 sparse (bincount path), rows 4-7 dense (row-sum path)
     h = gram(x)
     free = codes != 0
-    got = refine.code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
+    got = gptq.code_gram(codes, free, np.arange(1.0, 9.0), h, 6)
     ref = np.zeros((6, 6))
     for j in range(8):
         onehot = ((codes[j][:, None] == np.arange(6)) & free[j][:, None]).astype(float)

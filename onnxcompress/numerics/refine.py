@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from onnxcompress.numerics.blas import one_blas_thread
-from onnxcompress.numerics.gptq import LayerHessians, code_gram
+from onnxcompress.numerics.gptq import CodeSystem, LayerHessians
 
 def damped(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     """(H + lambda I, lambda) with lambda = damping * mean(diag H) (at least a tiny positive floor)."""
@@ -217,10 +217,11 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
         b[c]     = sum_j s_j   e_{j,c}^T C_g(j) w_j
     (H, C the current/cross Gram matrices of the row's group, `hessians.hessians` and `hessians.crosses`;
     C = H when there are no crosses). Centroids in `fixed` (e.g. the exact 0 of pruned entries) keep their
-    value and move to the right-hand side; a ridge of `ridge * mean(diag G)` pulls the free centroids toward
-    their k-means values, and a centroid no entry uses keeps its value. Entries outside `free_mask`
-    (e.g. pruned ones, whose code is a fixed centroid anyway) are ignored, which makes G cost
-    O(sum_j |S_j|^2) for sparse rows.
+    value and move to the right-hand side; a ridge of `ridge` times G's mean entry diagonal (sum_j s_j^2 H_kk
+    over the code's entries: CodeSystem.entry_diagonal, G's diagonal where H is diagonal) pulls the free
+    centroids toward their k-means values, and a centroid no entry uses keeps its value. Entries outside
+    `free_mask` (e.g. pruned ones, whose code is a fixed centroid anyway) are ignored. G is applied to
+    vectors (CodeSystem.solve), formed only for large codebooks.
 
     target: (rows, K) reference weights w_j; codes: (rows, K) ints into `centroids`.
     Returns the refined centroids (float64, same shape as `centroids`).
@@ -235,26 +236,24 @@ def refine_centroids(target: np.ndarray, codes: np.ndarray, centroids: np.ndarra
     free_entries = ~fixed_set[codes]
     if free_mask is not None:
         free_entries &= np.asarray(free_mask, dtype=bool)
-    g, b = _centroid_equations(np.asarray(target, dtype=np.float64), codes, c0, s, free_entries, hessians)
+    system, b = _centroid_equations(np.asarray(target, dtype=np.float64), codes, c0, s, free_entries, hessians)
     used = np.bincount(codes[free_entries], minlength=n) > 0
     free = used & ~fixed_set
     if not free.any():
         return c0
-    gf = g[np.ix_(free, free)]
-    lam = ridge * float(np.mean(np.diag(gf))) if gf.size else 0.0
-    lam = max(lam, 1e-12 * max(float(np.max(np.abs(np.diag(gf)))), 1e-30))
-    solved = np.linalg.solve(gf + lam * np.eye(gf.shape[0]), b[free] + lam * c0[free])
+    diagonal = system.entry_diagonal()[free]
+    lam = ridge * float(np.mean(diagonal))
+    lam = max(lam, 1e-12 * max(float(np.max(diagonal)), 1e-30))
     out = c0.copy()
-    out[free] = solved
+    out[free] = system.solve(b + lam * c0, free, lam, start=c0)
     return out
 
 
 def _centroid_equations(target: np.ndarray, codes: np.ndarray, c0: np.ndarray, s: np.ndarray,
-                        free_entries: np.ndarray, hessians: LayerHessians) -> tuple[np.ndarray, np.ndarray]:
-    """(G, b) of :func:`refine_centroids` summed over the groups of rows, b less the pull of the entries
-    that keep their value (not free): -G[free, fixed] c_fixed."""
+                        free_entries: np.ndarray, hessians: LayerHessians) -> tuple[CodeSystem, np.ndarray]:
+    """(G as a CodeSystem, b) of :func:`refine_centroids` summed over the groups of rows, b less the pull of the
+    entries that keep their value (not free): -G[free, fixed] c_fixed."""
     n = c0.size
-    g = np.zeros((n, n))
     b = np.zeros(n)
     group_of_rows = np.asarray(hessians.group_of_channel)
     for grp in np.unique(group_of_rows):
@@ -262,11 +261,8 @@ def _centroid_equations(target: np.ndarray, codes: np.ndarray, c0: np.ndarray, s
         h = np.asarray(hessians.hessians[grp], dtype=np.float64)
         cross = h if hessians.crosses is None else np.asarray(hessians.crosses[grp], dtype=np.float64)
         rhs = target[sel] @ cross.T  # row j: (C w_j)^T
-        g += code_gram(codes[sel], free_entries[sel], s[sel], h, n)
         w_fixed = np.where(free_entries[sel], 0.0, c0[codes[sel]]) * s[sel, None]
         fixed_out = w_fixed @ h  # (H w_fixed)^T
         contrib = (rhs - fixed_out) * s[sel, None]
         b += np.bincount(codes[sel][free_entries[sel]], weights=contrib[free_entries[sel]], minlength=n)
-    return g, b
-
-
+    return CodeSystem(codes, free_entries, s, hessians, n), b
