@@ -477,3 +477,14 @@ def test_signal_and_noise_remembers_the_signal_of_weights_measured_before():
     assert len(hessians._signals) == 1
     expected = sum(float(np.sum((w[r] @ m) * w[r])) for r, m in [(slice(0, 2), h), (slice(2, 5), 2 * h)])
     assert first[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_energy_is_the_noise_of_signal_and_noise_and_remembers_no_signal():
+    rng = np.random.default_rng(6)
+    xs = [correlated_rows(rng, 50, 7), correlated_rows(rng, 50, 7)]
+    h = LayerHessians([gram(x) for x in xs], np.array([0, 1, 1, 0, 1]))
+    d = rng.standard_normal((5, 7))
+    assert h.energy(d) == h.signal_and_noise(np.ones((5, 7)), d)[1]
+    h._signals.clear()
+    h.energy(d)
+    assert not h._signals  # the weights' signals it remembers are not pushed out by probes' errors

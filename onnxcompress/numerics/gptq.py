@@ -81,6 +81,11 @@ class LayerHessians:
             shift[rows] = d[rows] @ mu
         return shift
 
+    def energy(self, d: np.ndarray) -> float:
+        """sum_g tr(D_g H_g D_g^T) of a (C, K) matrix D: one product (signal_and_noise(d, d) makes it twice)."""
+        return sum(float(np.sum((d[rows] @ h) * d[rows]))
+                   for rows, h in ((self.group_of_channel == g, h) for g, h in enumerate(self.hessians)))
+
     def signal_and_noise(self, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
         """(sum_g tr(W_g H_g W_g^T), sum_g tr(D_g H_g D_g^T)) for (C, K) matrices W and D; the signal of weights
         measured before is remembered (every candidate of a weight has the same: a product of C K^2 saved)."""

@@ -152,7 +152,7 @@ def settled(noise: np.ndarray, signals: np.ndarray) -> bool:
 def _split(p: Probe):
     """(rest probe error, mean probe error or None, the mean probe's share of D mu, layer signal); None
     when the probe's error or the layer's signal is zero."""
-    layer_signal = p.hessians.signal_and_noise(p.matrix, np.zeros_like(p.matrix))[0]
+    layer_signal = p.hessians.signal_and_noise(p.matrix, np.zeros_like(p.matrix))[0]  # remembered for the choice
     energy = _energy(p.hessians, p.error)
     if energy <= 0 or layer_signal <= 0:
         return None
@@ -174,7 +174,7 @@ def _split(p: Probe):
 
 
 def _energy(hessians: LayerHessians, d: np.ndarray) -> float:
-    return hessians.signal_and_noise(d, d)[1]
+    return hessians.energy(d)
 
 
 def _outputs(runner: Runner, data: Dataset, names: list[str]) -> list[list[np.ndarray]]:
