@@ -192,3 +192,30 @@ def test_held_rows_stop_where_their_row_count_says_and_the_current_models_captur
     monkeypatch.setattr(paired, "MIN_PAIRED_ROWS", 12)
     _same(fewer, paired.collect_paired_grams(current, reference, data, layers[1], collector=collector), 1e-6)
     assert paired.RowCount(minimum=8, per_input=10).stops(layers[1], True, 49, 2) is False  # K = 5: 50 rows
+
+
+def test_share_on_a_costly_model_refits_its_centroids_on_the_centroid_row_count(monkeypatch):
+    """End to end (onnxruntime): a model taken as costly captures each refined layer's rows until
+    layerfit.CENTROID_ROWS has enough, not until the paired captures' default does, and its output still
+    follows the original's."""
+    import onnx
+    import tiny
+    import passes.share as share
+    from onnxcompress.fitting import layerfit
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.pipeline.manager import Context
+    from onnxcompress.runtime import paired
+    monkeypatch.setattr(paired, "CUT_SECONDS", -1.0)
+    monkeypatch.setattr(layerfit, "CENTROID_ROWS", paired.RowCount(minimum=32, per_input=0))
+    model = tiny.mlp()
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    ctx = Context(original=model, model=working, data=load_data(tiny.random_feeds(model, 64, seed=1)), progress=False)
+    p = share.SharePass(bits_fc=4)
+    p.ensures(ctx, p.call(ctx))
+    rows = [r.details["refine_rows"] for r in ctx.records if "refine_rows" in r.details]
+    assert len(rows) == 3 and set(rows) == {32}  # of 64 rows (the default would take them all)
+    feeds = tiny.random_feeds(model, 16, seed=9)
+    (want,), (got,) = tiny.run(model, feeds), tiny.run(ctx.model, feeds)
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.95
