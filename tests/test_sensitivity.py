@@ -208,6 +208,9 @@ def test_a_probe_stops_once_its_relative_noise_is_known_to_the_tolerance():
     silent[:, 1] = 0.0  # an output without a signal does not count
     assert sensitivity.settled(wild[:m], silent[:m])
     assert np.isclose(sensitivity.relative_noise_of(wild[:4], signals[:4]), (0.02 + 0.2) / 4)
+    late = signals.copy()
+    late[:m] = 0.0  # no output has a signal in the first chunks: not known yet
+    assert not sensitivity.settled(steady[:m], late[:m]) and sensitivity.relative_noise_of(steady[:m], late[:m]) == 0
 
 
 def _runs(monkeypatch):

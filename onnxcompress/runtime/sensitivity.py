@@ -129,7 +129,7 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
 def relative_noise_of(noise: np.ndarray, signals: np.ndarray) -> float:
     """max over outputs k of sum_i noise[i, k] / sum_i signals[i, k] (chunks i; outputs with a signal)."""
     total = signals.sum(axis=0)
-    return max(float(n / s) for n, s in zip(noise.sum(axis=0), total) if s > 0)
+    return max((float(n / s) for n, s in zip(noise.sum(axis=0), total) if s > 0), default=0.0)
 
 
 def settled(noise: np.ndarray, signals: np.ndarray) -> bool:
@@ -137,7 +137,7 @@ def settled(noise: np.ndarray, signals: np.ndarray) -> bool:
     signal: from MIN_GAIN_CHUNKS chunks on, the ratio estimate R = sum n / sum s has the standard error
     sqrt(sum_i (n_i - R s_i)^2 / (m (m - 1))) / mean(s) over its m chunks."""
     m = noise.shape[0]
-    if m < MIN_GAIN_CHUNKS:
+    if m < MIN_GAIN_CHUNKS or not np.any(signals.sum(axis=0) > 0):
         return False
     for n, s in zip(noise.T, signals.T):
         if s.sum() <= 0:
