@@ -164,6 +164,48 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+    for tensor in all_tensors(model):
+        check_tensor(tensor, f"'{path}'")
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+# element types stored several to a byte in raw_data: bits per element (others: numpy's itemsize)
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+def check_tensor(tensor: onnx.TensorProto, where: str = "the model") -> None:
+    """ModelError unless an inline tensor's element type is one ONNX defines and its data holds exactly
+    the elements its dims declare, as onnxruntime requires at load (onnx's checker lets a longer raw_data
+    and an unknown type pass). A `segment` (a piece of a tensor split across messages, which onnxruntime
+    ignores and onnx cannot read) is dropped, as onnxruntime does."""
+    name = repr(tensor.name[:200])
+    if tensor.data_type not in _KNOWN_TYPES:
+        raise ModelError(f"{where}: tensor {name} has element type {tensor.data_type}, which ONNX does not define")
+    if tensor.HasField("segment"):
+        log.info("%s: tensor %s: ignored its segment fields (onnxruntime ignores them too)", where, name)
+        tensor.ClearField("segment")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+        return  # external extents are checked against their file; strings have no fixed size
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    if tensor.HasField("raw_data"):
+        bits = _SUB_BYTE_BITS.get(tensor.data_type)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        expected = (count * bits + 7) // 8 if bits else count * itemsize
+        if len(tensor.raw_data) != expected:
+            raise ModelError(f"{where}: tensor {name} holds {len(tensor.raw_data)} bytes of data, but its shape "
+                             f"{list(tensor.dims)} needs {expected}; the model is corrupt")
+        return
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return
+    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    values = len(getattr(tensor, field))
+    per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    if values and values != count * per_element:
+        raise ModelError(f"{where}: tensor {name} holds {values} values, but its shape {list(tensor.dims)} "
+                         f"needs {count * per_element}; the model is corrupt")
 
 
 def external_data_files(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,0 +1,139 @@
+"""Hostile declarations, session 11: what a model declares about its tensors, shapes, functions and
+outputs. A model onnxruntime refuses is exit 2 with one line and nothing written; a model onnxruntime
+runs compresses, whatever onnx's stricter checks say about it.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.api import compress_file
+from onnxcompress.graph.model import load_model
+from test_hostile import _snapshot
+from tiny import cli_error, gemm, random_feeds, run, value
+
+COMMANDS = {"compress": lambda p: ["compress", str(p), "-o", str(p.parent / "out.onnx"), "--jobs", "1"],
+            "inspect": lambda p: ["inspect", str(p)],
+            "validate": lambda p: ["validate", str(p), str(p)],
+            "unpack": lambda p: ["unpack", str(p), "-o", str(p.parent / "out.onnx")]}
+
+
+def _corrupt(case: str) -> onnx.ModelProto:
+    model = gemm(k=64, n=32)
+    w = model.graph.initializer[0]
+    if case == "unknown-type":
+        w.data_type = 99
+    elif case == "raw-longer":
+        w.raw_data += bytes(12)
+    elif case == "values-longer":
+        values = numpy_helper.to_array(w).ravel().tolist()
+        w.ClearField("raw_data")
+        w.float_data[:] = values + [0.5] * 3
+    elif case == "constant-raw-longer":
+        model.graph.initializer.remove(w)
+        t = numpy_helper.from_array(np.ones((32, 64), np.float32), "W")
+        t.raw_data += bytes(4)
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["W"], value=t))
+    return model
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("case", ["unknown-type", "raw-longer", "values-longer", "constant-raw-longer"])
+def test_tensor_data_that_is_not_what_it_declares_is_refused(tmp_path, capsys, case, command):
+    """onnx's checker passes these and onnxruntime refuses them; inspect used to crash (KeyError, ValueError:
+    exit 1, 'a bug in onnxcompress')."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_corrupt(case).SerializeToString())
+    before = _snapshot(tmp_path)
+    err = cli_error(capsys, COMMANDS[command](path))
+    assert _snapshot(tmp_path) == before
+    assert "'W'" in err and ("element type 99" in err if case == "unknown-type" else "needs" in err), err
+
+
+def test_segment_fields_are_ignored_as_onnxruntime_does(tmp_path):
+    """A tensor with segment fields runs in onnxruntime (which ignores them); onnx cannot read it: it crashed."""
+    model = gemm(k=256, n=64)
+    model.graph.initializer[0].segment.begin, model.graph.initializer[0].segment.end = 0, 10
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert not load_model(path).graph.initializer[0].HasField("segment")
+    compress_file(path, tmp_path / "out.onnx", "share")
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out, full_check=True)
+    feeds = random_feeds(gemm(k=256, n=64), n=4)
+    _close(run(out, feeds)[0], run(gemm(k=256, n=64), feeds)[0])
+
+
+def _close(got: np.ndarray, ref: np.ndarray) -> None:
+    """Compressed outputs near the original's: relative L2 error under 10% (8-bit sharing: ~1-5%)."""
+    assert got.shape == ref.shape
+    assert np.linalg.norm(got - ref) < 0.1 * np.linalg.norm(ref), np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def _odd_shapes(case: str) -> onnx.ModelProto:
+    model = gemm(k=256, n=64)
+    if case == "input-dim-negative":
+        model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -7
+    else:  # an output dim that is not what the Gemm makes
+        model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1 << 40
+    return model
+
+
+@pytest.mark.parametrize("case", ["input-dim-negative", "output-dim-wrong"])
+@pytest.mark.parametrize("recipe", ["share", "int8-dynamic"])
+def test_declared_shapes_onnx_cannot_unify_still_compress(tmp_path, case, recipe):
+    """onnxruntime runs such a model (it takes the shapes from the data); the end-of-compress check failed in
+    onnx's strict shape inference on what was the input's own declaration (exit 1)."""
+    model = _odd_shapes(case)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    feeds = random_feeds(gemm(k=256, n=64), n=4)
+    report = compress_file(path, tmp_path / "out.onnx", recipe)
+    assert report.validation is not None
+    out = onnx.load(tmp_path / "out.onnx")
+    _close(run(out, feeds)[0], run(model, feeds)[0])
+
+
+def test_a_compress_that_breaks_shapes_still_fails_its_check(tmp_path, monkeypatch):
+    """The fallback is only for inputs that fail the strict check themselves: a pass producing a model with
+    contradictory shapes out of a clean input is still our bug."""
+    from onnxcompress.graph import external
+
+    clean = gemm(k=256, n=64)
+    broken = _odd_shapes("output-dim-wrong")
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        external.check_result(broken, clean)
+    external.check_result(broken, _odd_shapes("input-dim-negative"))  # the input fails it too: structure only
+
+
+def _local_function_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("FW", TensorProto.FLOAT, [256, 64], (rng.standard_normal(256 * 64) * 0.1).tolist())
+    fn = helper.make_function("local", "Linear", ["a"], ["b"],
+                              [helper.make_node("Constant", [], ["w"], value=w), helper.make_node("MatMul", ["a", "w"], ["b"])],
+                              opset_imports=[helper.make_opsetid("", 21)])
+    graph = helper.make_graph([helper.make_node("Linear", ["x"], ["y"], domain="local")], "g",
+                              [value("x", ["N", 256])], [value("y", ["N", 64])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("local", 1)],
+                             ir_version=10, functions=[fn])
+
+
+def test_a_model_local_function_is_no_custom_op(tmp_path):
+    """onnxruntime runs model-local functions itself: validation used to be skipped as for a custom op library."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_local_function_model(), path)
+    report = compress_file(path, tmp_path / "out.onnx", "share")
+    assert report.validation is not None and not any("custom ops" in n for n in report.notes), report.notes
+
+
+def test_a_string_output_is_compared_exactly(tmp_path):
+    """A string output beside the float one (a label list) crashed the comparison (float('a'), exit 1)."""
+    model = gemm(k=256, n=64)
+    model.graph.initializer.append(helper.make_tensor("S", TensorProto.STRING, [3], [b"a", b"b", b"c"]))
+    model.graph.node.append(helper.make_node("Identity", ["S"], ["labels_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("labels_out", TensorProto.STRING, [3]))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report = compress_file(path, tmp_path / "out.onnx", "share")
+    strings = next(m for m in report.validation.outputs if m.name == "labels_out")
+    assert strings.max_abs == 0.0
