@@ -182,6 +182,17 @@ def unpack_file(source: str | os.PathLike, output: str | os.PathLike) -> tuple[i
     return file_bytes(source), after
 
 
+DISTINCT_LIMIT = 1 << 24
+
+
+def _zero_fraction(array: np.ndarray, chunk: int = 1 << 22) -> float:
+    """The fraction of zeros, counted by chunks (no array-sized mask)."""
+    flat = array.reshape(-1)
+    nonzero = sum(int(np.count_nonzero(flat[i:i + chunk])) for i in range(0, flat.size, chunk))
+    zeros = flat.size - nonzero
+    return zeros / flat.size if flat.size else 0.0
+
+
 def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
     """File size, opsets and one entry per weight (with sparsity and distinct values)."""
     proto = _as_model(model)
@@ -189,8 +200,10 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
     for info in find_weights(proto, min_elements=min_elements):
         row = info.as_dict()
         array = get_array(proto, info)
-        row["sparsity"] = float(np.mean(array == 0)) if array.size else 0.0
-        row["distinct"] = int(np.unique(array).size) if array.size else 0
+        row["sparsity"] = _zero_fraction(array)
+        # distinct values need a sorted copy: counted up to DISTINCT_LIMIT elements (a 3 GB weight took a minute
+        # and 7.7 GB), None above
+        row["distinct"] = int(np.unique(array).size) if array.size <= DISTINCT_LIMIT else None
         rows.append(row)
 
     floats = [r for r in rows if r["dtype"] in ("float32", "float16", "bfloat16", "float64")]
