@@ -158,3 +158,17 @@ def test_inspect_counts_distinct_values_only_up_to_a_limit(tmp_path, capsys, mon
     assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("W "))
     assert " - " in line and "None" not in line
+
+
+def test_an_error_quoting_a_huge_declaration_is_a_short_line(tmp_path, capsys):
+    """A .npy header declaring a 4000-digit dimension made an 8 KB error line; capped, with what was left off."""
+    from onnxcompress.cli import MAX_ERROR_CHARS
+
+    onnx.save(gemm(k=64, n=32), tmp_path / "m.onnx")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (" + b"9" * 4000 + b", 64), }\n"
+    (tmp_path / "x.npy").write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header)
+    before = _snapshot(tmp_path)
+    err = cli_error(capsys, ["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--data",
+                             str(tmp_path / "x.npy")])
+    assert _snapshot(tmp_path) == before
+    assert len(err) < MAX_ERROR_CHARS + 100 and err.endswith("more characters)") and "x.npy" in err, err[-200:]
