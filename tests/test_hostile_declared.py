@@ -172,3 +172,69 @@ def test_an_error_quoting_a_huge_declaration_is_a_short_line(tmp_path, capsys):
                              str(tmp_path / "x.npy")])
     assert _snapshot(tmp_path) == before
     assert len(err) < MAX_ERROR_CHARS + 100 and err.endswith("more characters)") and "x.npy" in err, err[-200:]
+
+
+@pytest.mark.parametrize("case", ["unknown-type", "raw-longer", "values-longer"])
+def test_an_in_memory_model_is_checked_as_a_file_is(case):
+    """The Python API took a ModelProto without load_model's checks: KeyError (inspect) and ValueError
+    (compress of a tensor with segments) instead of ModelError."""
+    from onnxcompress import api
+    from onnxcompress.errors import ModelError
+
+    model = _corrupt(case)
+    for call in (lambda: api.inspect(model), lambda: api.compress(model, "share"), lambda: api.validate(model, model)):
+        with pytest.raises(ModelError, match="'W'"):
+            call()
+
+
+def test_an_in_memory_model_is_normalized_on_a_copy():
+    """What load_model rewrites (segments, sparse initializers) is rewritten on a copy: the caller's model stays."""
+    from onnxcompress import api
+
+    model = gemm(k=256, n=64)
+    model.graph.initializer[0].segment.begin = 0
+    kept = model.SerializeToString()
+    out, report = api.compress(model, "share")
+    assert model.SerializeToString() == kept and report.validation is not None
+    feeds = random_feeds(gemm(k=256, n=64), n=4)
+    _close(run(out, feeds)[0], run(gemm(k=256, n=64), feeds)[0])
+
+
+def test_api_data_as_one_array_or_a_list_that_is_no_feeds():
+    """A bare array was a TypeError ('dictionary update sequence'); now it is the only input's samples, like a
+    single .npy file; a list of arrays is a DataError naming what a feed is."""
+    from onnxcompress import api
+    from onnxcompress.errors import DataError
+
+    model = gemm(k=256, n=64)
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    _, report = api.compress(model, "share", x)
+    assert report.validation.samples == 8
+    with pytest.raises(DataError, match="each feed must be a dict"):
+        api.compress(model, "share", [x[:2], x[2:4]])
+    two = onnx.helper.make_model(onnx.helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "g", [value("a", [2]), value("b", [2])], [value("y", [2])]),
+        opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with pytest.raises(DataError, match="single array"):
+        api.compress(two, "share", np.zeros((4, 2), np.float32))
+
+
+def test_weight_names_in_plots_are_text_and_the_figure_is_bounded(tmp_path):
+    """A weight named 'W$\\frac{1}{$x^{' made matplotlib parse TeX and fail at savefig (exit 1 after the whole
+    search); a model with hundreds of searched weights made a figure 3.2 inches a weight wide."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from onnxcompress import plots
+
+    names = ["W$\\frac{1}{$x^{", "\x1b[31m" + "n" * 300] + [f"w{i}" for i in range(plots.MAX_PANELS + 40)]
+    rows = [{"bits": b, "sparsity": 0.0, "cost": 1.0 / b, "error": None} for b in (2, 4, 8)]
+    summary = {"sensitivity": {n: rows for n in names}, "choices": {n: {"bits": 4, "sparsity": 0.0} for n in names}}
+    path = plots._sensitivity(plt, summary, tmp_path / "s.png", lambda p: p)
+    assert path.stat().st_size > 0
+    from PIL import Image
+
+    assert Image.open(path).size[0] < 400 * (plots.MAX_PANELS + 1)  # 72 panels uncapped: ~21,000 px
