@@ -238,3 +238,20 @@ def test_weight_names_in_plots_are_text_and_the_figure_is_bounded(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size[0] < 400 * (plots.MAX_PANELS + 1)  # 72 panels uncapped: ~21,000 px
+
+
+@pytest.mark.parametrize("command", ["compress", "validate"])
+def test_an_op_of_our_domain_we_do_not_define_is_named(tmp_path, capsys, command):
+    """An ai.onnxcompress op that is not ours was reported as 'ops have non-constant inputs'."""
+    model = gemm(k=64, n=32)
+    w = model.graph.initializer[0]
+    model.graph.initializer.remove(w)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(16, np.uint8), "blob"))
+    model.graph.node.insert(0, helper.make_node("DeleteFiles", ["blob"], ["W"], domain="ai.onnxcompress"))
+    model.opset_import.append(helper.make_opsetid("ai.onnxcompress", 1))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    before = _snapshot(tmp_path)
+    err = cli_error(capsys, COMMANDS[command](path))
+    assert _snapshot(tmp_path) == before
+    assert "['DeleteFiles']" in err and "does not define" in err, err
