@@ -255,3 +255,44 @@ def test_an_op_of_our_domain_we_do_not_define_is_named(tmp_path, capsys, command
     err = cli_error(capsys, COMMANDS[command](path))
     assert _snapshot(tmp_path) == before
     assert "['DeleteFiles']" in err and "does not define" in err, err
+
+
+def _bfloat16_external(tmp_path, **entries):
+    rng = np.random.default_rng(0)
+    f = (rng.standard_normal(256 * 64) * 0.1).astype(np.float32)
+    t = onnx.TensorProto()
+    t.name, t.data_type, t.dims[:] = "W", TensorProto.BFLOAT16, [256, 64]
+    t.raw_data = (f.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    nodes = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "Wf"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x", ["N", 256])], [value("y", ["N", 64])], [t]),
+                              opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    proto = onnx.load(path, load_external_data=False)
+    kept = [(e.key, e.value) for e in proto.graph.initializer[0].external_data if e.key not in entries or entries[e.key]]
+    del proto.graph.initializer[0].external_data[:]
+    for key, text in kept:
+        entry = proto.graph.initializer[0].external_data.add()
+        entry.key, entry.value = key, entries.get(key) or text
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("case", ["length-short", "no-length-file-longer"])
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+def test_a_streamed_tensor_whose_bytes_do_not_fit_its_shape_is_refused(tmp_path, capsys, monkeypatch, case, command):
+    """A streamed bfloat16 weight (read through onnx, not numpy) 6 bytes short was a ValueError ('cannot reshape',
+    exit 1); its external length is now checked at load, and the bytes read when the length is left out."""
+    from onnxcompress.graph import model as model_io
+
+    monkeypatch.setattr(model_io, "STREAM_THRESHOLD", 0)
+    if case == "length-short":
+        path = _bfloat16_external(tmp_path, length="32762")
+    else:
+        path = _bfloat16_external(tmp_path, length=None)
+        with open(tmp_path / "m.onnx.data", "ab") as f:
+            f.write(bytes(6))
+    before = _snapshot(tmp_path)
+    err = cli_error(capsys, COMMANDS[command](path))
+    assert _snapshot(tmp_path) == before
+    assert "'W'" in err and "32768" in err, err

@@ -195,33 +195,30 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
 
 
 _KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
-# element types stored several to a byte in raw_data: bits per element (others: numpy's itemsize)
-_SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
-                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
 
 
 def check_tensor(tensor: onnx.TensorProto, where: str = "the model") -> None:
-    """ModelError unless an inline tensor's element type is one ONNX defines and its data holds exactly
-    the elements its dims declare, as onnxruntime requires at load (onnx's checker lets a longer raw_data
-    and an unknown type pass)."""
+    """ModelError unless a tensor's element type is one ONNX defines and its data (inline, or the external
+    length it declares) holds exactly the elements its dims declare, as onnxruntime requires at load (onnx's
+    checker lets a longer raw_data and an unknown type pass)."""
     name = repr(tensor.name[:200])
     if tensor.data_type not in _KNOWN_TYPES:
         raise ModelError(f"{where}: tensor {name} has element type {tensor.data_type}, which ONNX does not define")
-    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
-        return  # external extents are checked against their file; strings have no fixed size
+    expected = external.data_bytes(tensor)
+    if expected is None:
+        return  # strings have no fixed size
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        held = external.extent(tensor)[2]  # None: up to the end of the file, checked when read
+    else:
+        held = len(tensor.raw_data) if tensor.HasField("raw_data") else None
+    if held is not None and held != expected:
+        raise ModelError(f"{where}: tensor {name} holds {held} bytes of data, but its shape {list(tensor.dims)} "
+                         f"needs {expected}; the model is corrupt")
+    if held is not None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in external.SUB_BYTE_BITS:
+        return
     count = 1
     for d in tensor.dims:
         count *= int(d)
-    if tensor.HasField("raw_data"):
-        bits = _SUB_BYTE_BITS.get(tensor.data_type)
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        expected = (count * bits + 7) // 8 if bits else count * itemsize
-        if len(tensor.raw_data) != expected:
-            raise ModelError(f"{where}: tensor {name} holds {len(tensor.raw_data)} bytes of data, but its shape "
-                             f"{list(tensor.dims)} needs {expected}; the model is corrupt")
-        return
-    if tensor.data_type in _SUB_BYTE_BITS:
-        return
     field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
     values = len(getattr(tensor, field))
     per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
