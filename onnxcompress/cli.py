@@ -117,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             held.flush()
 
 
+MAX_ERROR_CHARS = 2000  # an error quoting a 20,000-character name or a 4,000-digit shape stays readable
+
+
 def _one_line(error: BaseException) -> str:
-    return printable(" ".join(str(error).split()))
+    text = printable(" ".join(str(error).split()))
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return text
 
 
 def _show(text: str, **kwargs) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from onnxcompress.errors import printable
 from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.pipeline.outcome import Report
 
@@ -74,8 +75,18 @@ def _pareto(plt, summary: dict, path: Path, stage) -> Path:
         plt.close(fig)
 
 
+MAX_PANELS = 32  # weights drawn in the sensitivity figure (each panel is 3.2 inches wide)
+
+
+def _title(name: str) -> str:
+    """A weight's name as a plot title: control characters escaped, at most 60 characters (drawn with
+    parse_math=False, so a '$' in it is no TeX)."""
+    shown = printable(name, newlines=False)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def _sensitivity(plt, summary: dict, path: Path, stage) -> Path:
-    table = summary["sensitivity"]
+    table = dict(list(summary["sensitivity"].items())[:MAX_PANELS])  # 500 panels: an image too wide to save
     fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 3.2), squeeze=False, sharey=True)
     for ax, (name, candidates) in zip(axes[0], table.items()):
         for sparsity in sorted({c["sparsity"] for c in candidates}):
@@ -84,14 +95,16 @@ def _sensitivity(plt, summary: dict, path: Path, stage) -> Path:
             ax.plot([c["bits"] for c in rows], [c["cost"] for c in rows], marker="o", ms=3,
                     label=f"{100 * sparsity:.0f}% pruned")
         choice = summary["choices"].get(name, {})
-        ax.set_title(f"{name}\nchosen: {choice.get('bits')} bits, {100 * choice.get('sparsity', 0):.0f}% pruned",
-                     fontsize=8)
+        ax.set_title(f"{_title(name)}\nchosen: {choice.get('bits')} bits, {100 * choice.get('sparsity', 0):.0f}% pruned",
+                     fontsize=8, parse_math=False)
         ax.set_xlabel("codebook bits")
         ax.set_yscale("symlog", linthresh=0.1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss with only this layer changed")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Per-layer sensitivity (cf. Han et al. 2016, Figure 7)", fontsize=10, y=1.08)
+    more = len(summary["sensitivity"]) - len(table)
+    fig.suptitle("Per-layer sensitivity (cf. Han et al. 2016, Figure 7)" + (f"; {more} more weights in the report"
+                                                                             if more > 0 else ""), fontsize=10, y=1.08)
     try:
         return _save(fig, path, stage)
     finally:

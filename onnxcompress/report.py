@@ -112,7 +112,7 @@ def inspect_text(info: dict) -> str:
     for w in info["weights"]:
         rows.append([w["name"], "x".join(map(str, w["shape"])) or "scalar", w["dtype"], human_bytes(w["bytes"]),
                      w["role"], w["graph"] + ("" if w["location"] == "initializer" else f" ({w['location']})"),
-                     f"{100 * w['sparsity']:.1f}%", str(w["distinct"]), w["skip"] or ""])
+                     f"{100 * w['sparsity']:.1f}%", "-" if w["distinct"] is None else str(w["distinct"]), w["skip"] or ""])
     opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
     head = [f"{info.get('path') or 'model'}: {human_bytes(info['file_bytes'])}, opsets: {opsets}"
             + (" (packed form)" if info.get("packed") else "")]

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # QuantizeLinear reads float32 (float16/bfloat16 only from opset 19, with scales of that type, which QDQ does not
 # write): ranges of other float tensors would make Q nodes onnxruntime refuses; those activations stay float
 _FLOATS = {onnx.TensorProto.FLOAT}
+MAX_BINS = 1 << 16  # histogram bins a recipe may ask for, per activation
 
 
 @dataclass(kw_only=True)
@@ -52,8 +53,8 @@ class CalibrateConfig:
     def __post_init__(self):
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], not {self.percentile}")
-        if self.bins < 64 or self.bins % 4:
-            raise ValueError(f"bins must be a multiple of 4 and at least 64, not {self.bins}")
+        if not 64 <= self.bins <= MAX_BINS or self.bins % 4:  # a histogram per activation: 10^12 bins each
+            raise ValueError(f"bins must be a multiple of 4 between 64 and {MAX_BINS}, not {self.bins}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
         if self.max_batch < 1:

@@ -30,6 +30,9 @@ from onnxcompress.runtime.capture import graph_position, linear_layer, LinearLay
 log = logging.getLogger(__name__)
 
 
+MAX_ROUNDS = 32  # gradual pruning steps a recipe may ask for
+
+
 @dataclass(kw_only=True)
 class PruneConfig:
     method: Literal["sparsity", "threshold"] = "sparsity"  # a fixed fraction per role, or |w| below quality * std(w)
@@ -67,8 +70,8 @@ class PruneConfig:
             _check_fraction(f"sparsity['{name}']", value)
         if self.quality < 0:
             raise ValueError(f"quality must be >= 0, not {self.quality}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, not {self.rounds}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:  # each round refits every layer: 10^9 rounds ran for hours
+            raise ValueError(f"rounds must be between 1 and {MAX_ROUNDS}, not {self.rounds}")
         if self.damping != "auto" and (not isinstance(self.damping, (int, float)) or self.damping < 0):
             raise ValueError(f"damping must be 'auto' or a number >= 0, not {self.damping!r}")
 

@@ -173,3 +173,21 @@ def test_an_input_named_labels_takes_the_labels_array(tmp_path, form):
         data = {"labels": x}
     comparison = oc.validate(model, model, str(data) if form != "dict" else data)
     assert comparison.samples == 16 and comparison.outputs[0].accuracy_reference is None
+
+
+@pytest.mark.parametrize("text, says", [
+    ("passes:\n  - prune:\n      rounds: 1000000000\n", "rounds must be between 1 and 32"),
+    ("passes:\n  - calibrate:\n      method: entropy\n      bins: 1000000000000\n  - qdq: {}\n",
+     "bins must be a multiple of 4 between 64 and 65536"),
+    ("passes:\n  - share:\n      bits_fc: " + "9" * 5000 + "\n", "holds a value YAML cannot read"),
+], ids=["prune-rounds", "calibrate-bins", "5000-digit-number"])
+def test_recipe_options_that_size_the_work_are_bounded(tmp_path, capsys, text, says):
+    """A few bytes of recipe: 10^9 prune rounds ran for hours (each refits every layer), 10^12 histogram bins
+    per activation ran out of memory, a 5000-digit number was a ValueError (exit 1). Refused before any work."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm(), model)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32))
+    err = _fails_cleanly(capsys, tmp_path, model, "--recipe", str(recipe), "--data", str(tmp_path / "d.npz"))
+    assert says in err, err

@@ -27,7 +27,7 @@ from onnxcompress.formats import packed
 
 from onnxcompress.graph.edit import iter_graphs
 from onnxcompress.formats.blobs import to_dense
-from onnxcompress.errors import CodecError, ModelError
+from onnxcompress.errors import CodecError, ModelError, printable
 from onnxcompress.graph.edit import DOMAIN
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     log.debug("decoded packed weights in %.3f s (%.1f MB/s of float32)", seconds,
               max(decoded, 0) / 1e6 / max(seconds, 1e-9))
     left = [n.op_type for g, _ in iter_graphs(out.graph) for n in g.node if n.domain == DOMAIN]
+    unknown = sorted(set(left) - set(KERNELS))
+    if unknown:  # not ours: written by something else, or by a later version
+        raise ModelError(f"the model uses {DOMAIN} op(s) {[printable(u[:100]) for u in unknown]}, which this version "
+                         f"of onnxcompress does not define (it decodes {sorted(KERNELS)})")
     if left:
         raise ModelError(f"{len(left)} {DOMAIN} ops have non-constant inputs and cannot be decoded before "
                          "the session; run them with onnxcompress.runtime.extension_ops.custom_op_session")

@@ -278,13 +278,21 @@ def load_data(source, *, name: str | None = None, specs: Sequence[InputSpec] = (
         return source
     if isinstance(source, (str, Path)):
         return _load_path(Path(source), specs)
+    if isinstance(source, np.ndarray):  # the stacked samples of a model's only input, as a single .npy file
+        if len(specs) != 1:
+            raise DataError(f"{name or 'data'} is a single array, but the model has inputs {[s.name for s in specs]}: "
+                            "give a dict {input name: stacked samples}")
+        source = {specs[0].name: source}
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
         labels = _pop_labels(arrays, specs)
         return Dataset(stacked=arrays, labels=labels, source=name or "data")
     if isinstance(source, Iterable):
-        feeds = [dict(f) for f in source]
-        return Dataset(feeds, source=name or "data")
+        feeds = [f for f in source]
+        if not all(isinstance(f, Mapping) for f in feeds):
+            odd = next(type(f).__name__ for f in feeds if not isinstance(f, Mapping))
+            raise DataError(f"{name or 'data'}: each feed must be a dict {{input name: array}}, not a {odd}")
+        return Dataset([dict(f) for f in feeds], source=name or "data")
     raise DataError(f"cannot read data from a {type(source).__name__}; give an .npz file, a folder, or feed dicts")
 
 

@@ -158,6 +158,22 @@ def extent(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     return info.get("location", ""), numbers[0] or 0, numbers[1]
 
 
+# element types stored several to a byte: bits per element (others: numpy's itemsize)
+SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+def data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes of raw data a tensor's dims and element type need (None for strings: no fixed size)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    bits = SUB_BYTE_BITS.get(tensor.data_type)
+    return (count * bits + 7) // 8 if bits else count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def locate(model: onnx.ModelProto, tensor: onnx.TensorProto, dirs: dict[str, Path] | None = None
            ) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor, or ModelError when its file is unknown or short."""
@@ -192,6 +208,9 @@ def read_tensor(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
                              f"of {dtype.name}; the model is corrupt")
         array = np.fromfile(path, dtype=dtype, count=count, offset=offset)
         return array.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    if length != data_bytes(tensor):
+        raise ModelError(f"tensor '{tensor.name[:200]}' declares {length} external bytes for shape {list(shape)}, "
+                         f"which needs {data_bytes(tensor)}; the model is corrupt")
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)
@@ -296,6 +315,25 @@ def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
         path = Path(folder) / "model.onnx"
         path.write_bytes(copy.SerializeToString())
         onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def check_result(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """check_model on a model made from `source`, with the full check's strict shape inference unless
+    `source` itself fails it: a model whose declared shapes contradict what onnx infers (an input dim of
+    -7, an output dim that is not what the op makes) runs in onnxruntime, which ignores such
+    declarations, and a copy of it would fail the same way through no fault of ours."""
+    full = model.ByteSize() < 2**31 - 1
+    try:
+        check_model(model, full_check=full)
+    except onnx.shape_inference.InferenceError:
+        try:
+            check_model(source, full_check=full)
+        except onnx.shape_inference.InferenceError as e:
+            log.info("the input fails onnx's strict shape inference too (%s): result checked without it",
+                     str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
+            check_model(model, full_check=False)
+            return
+        raise
 
 
 def unranked_values(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

@@ -13,7 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxcompress.graph import datafile, external
-from onnxcompress.graph.edit import all_tensors
+from onnxcompress.graph.edit import all_tensors, iter_graphs
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.graph.outputs import OutputPlan, Role
 
@@ -57,10 +57,38 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     check_opset(model, str(path), max_opset)
-    densify_sparse_initializers(model)
-    _fill_output_shapes(model)
+    _normalize(model)
     _check_structure(model, path)
     return model
+
+
+def checked_model(model: onnx.ModelProto, *, max_opset: int | None = None) -> onnx.ModelProto:
+    """An in-memory model (the Python API's) checked as load_model checks a file: the model itself, or a
+    copy rewritten as load_model rewrites (segments dropped, sparse initializers dense, output shapes filled);
+    ModelError for what load_model refuses."""
+    check_opset(model, "the model", max_opset)
+    graphs = [g for g, _ in iter_graphs(model.graph)]
+    if (any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
+            or any(a.name == "sparse_value" for g in graphs for n in g.node for a in n.attribute)
+            or external.unranked_values(model.graph)):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+        _normalize(model)
+    _check_structure(model, "the model")
+    return model
+
+
+def _normalize(model: onnx.ModelProto) -> None:
+    """What onnxruntime does at load and onnx cannot read, done once here: a tensor's `segment` fields (a piece
+    of a tensor split across messages, which onnxruntime ignores) dropped, sparse initializers stored dense,
+    the shapes of graph outputs that declare none filled in."""
+    for tensor in all_tensors(model):
+        if tensor.HasField("segment"):
+            log.info("tensor %r: ignored its segment fields (onnxruntime ignores them too)", tensor.name[:200])
+            tensor.ClearField("segment")
+    densify_sparse_initializers(model)
+    _fill_output_shapes(model)
 
 
 def checked_model_file(path: str | os.PathLike) -> Path:
@@ -87,8 +115,6 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
     """Every sparse_initializer becomes a dense initializer, as onnxruntime does at load (onnx's checker
     and shape inference reject sparse tensors as op inputs); ModelError for one whose declared shape or
     indices its bytes do not back."""
-    from onnxcompress.graph.edit import iter_graphs
-
     for graph, path in iter_graphs(model.graph):
         dense = [_densify(sparse, path) for sparse in graph.sparse_initializer]
         if dense:
@@ -164,6 +190,41 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+    for tensor in all_tensors(model):
+        check_tensor(tensor, f"'{path}'")
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+
+
+def check_tensor(tensor: onnx.TensorProto, where: str = "the model") -> None:
+    """ModelError unless a tensor's element type is one ONNX defines and its data (inline, or the external
+    length it declares) holds exactly the elements its dims declare, as onnxruntime requires at load (onnx's
+    checker lets a longer raw_data and an unknown type pass)."""
+    name = repr(tensor.name[:200])
+    if tensor.data_type not in _KNOWN_TYPES:
+        raise ModelError(f"{where}: tensor {name} has element type {tensor.data_type}, which ONNX does not define")
+    expected = external.data_bytes(tensor)
+    if expected is None:
+        return  # strings have no fixed size
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        held = external.extent(tensor)[2]  # None: up to the end of the file, checked when read
+    else:
+        held = len(tensor.raw_data) if tensor.HasField("raw_data") else None
+    if held is not None and held != expected:
+        raise ModelError(f"{where}: tensor {name} holds {held} bytes of data, but its shape {list(tensor.dims)} "
+                         f"needs {expected}; the model is corrupt")
+    if held is not None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in external.SUB_BYTE_BITS:
+        return
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    values = len(getattr(tensor, field))
+    per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    if values and values != count * per_element:
+        raise ModelError(f"{where}: tensor {name} holds {values} values, but its shape {list(tensor.dims)} "
+                         f"needs {count * per_element}; the model is corrupt")
 
 
 def external_data_files(model: onnx.ModelProto) -> dict[str, int]:

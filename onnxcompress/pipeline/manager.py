@@ -350,7 +350,7 @@ class PassManager(Pass):
             if self.ours:
                 raise BugError(f"the built-in recipe '{self.recipe}' runs its passes out of order: {e}") from e
             raise
-        external.check_model(ctx.model, full_check=ctx.model.ByteSize() < 2**31 - 1)
+        external.check_result(ctx.model, model)
         if ctx.verify is not None and ctx.validation is None:
             ctx.validation = validated(ctx, "end")
         report = Report(recipe=self.recipe, form=ctx.form.value, passes=ctx.timings, weights=ctx.records,

@@ -183,6 +183,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError(f"cannot read recipe file '{path}': {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    except ValueError as e:  # a number of thousands of digits (Python's int conversion limit)
+        raise RecipeError(f"recipe file '{path}' holds a value YAML cannot read ({str(e).split(';')[0]})") from e
     return _parse(doc, path.stem, str(path))
 
 

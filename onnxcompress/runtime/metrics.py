@@ -147,8 +147,7 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
         for r, c in zip(refs, cands):
             if r.shape != c.shape:
                 raise ModelError(f"output '{name}' has shape {c.shape} in the candidate but {r.shape} in the reference")
-        ref = np.concatenate([r.astype(np.float64).ravel() for r in refs]) if refs else np.zeros(0)
-        cand = np.concatenate([c.astype(np.float64).ravel() for c in cands]) if cands else np.zeros(0)
+        ref, cand = _flat_numbers(refs, cands)
         metric = _numeric(name, ref, cand)
         if tolerance is not None:
             atol, rtol = tolerance
@@ -178,6 +177,17 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
         raise DataError(f"the labels hold class {int(labels.max())}, but output {' and '.join(out_of_range)} "
                         "classes (numbered from 0): the labels are not this model's")
     return results
+
+
+def _flat_numbers(refs: list[np.ndarray], cands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' values as flat float64 arrays; values that are no numbers (string outputs) become the
+    index of their value among both sides' values, so they compare exactly as integers do."""
+    ref = np.concatenate([r.ravel() for r in refs]) if refs else np.zeros(0)
+    cand = np.concatenate([c.ravel() for c in cands]) if cands else np.zeros(0)
+    if ref.dtype.kind in "biuf" and cand.dtype.kind in "biuf":
+        return ref.astype(np.float64), cand.astype(np.float64)
+    _, codes = np.unique(np.concatenate([ref.astype(str), cand.astype(str)]), return_inverse=True)
+    return codes[:ref.size].astype(np.float64), codes[ref.size:].astype(np.float64)
 
 
 def _numeric(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:

@@ -48,7 +48,9 @@ def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
 def foreign_domains(model: onnx.ModelProto) -> set[str]:
     """Custom op domains that stock onnxruntime cannot run (neither standard nor ours)."""
     known = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", DOMAIN}
-    return {n.domain for g, _ in iter_graphs(model.graph) for n in g.node if n.domain not in known}
+    local = {(f.domain, f.name) for f in model.functions}  # model-local functions: onnxruntime inlines them
+    return {n.domain for g, _ in iter_graphs(model.graph) for n in g.node
+            if n.domain not in known and (n.domain, n.op_type) not in local}
 
 
 # external-data location of the weights a detached model hands to onnxruntime as arrays
