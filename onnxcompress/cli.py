@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from onnxcompress.arguments import build_parser, EXIT_USER_ERROR
-from onnxcompress.errors import BugError, OnnxCompressError, printable
+from onnxcompress.errors import BugError, OnnxCompressError, printable, RuntimeMissingError
 
 EXIT_GATE_FAILED = 1  # validate/compress thresholds missed (--min-agreement, --gate-min-sqnr, ...)
 EXIT_BUG = 1  # a failed pre- or postcondition inside onnxcompress (BugError)
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     from onnxcompress.graph.spill import exit_on_termination
 
     exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary outputs are removed
+    try:  # also while onnxruntime runs the model (it holds the main thread until a run returns)
+        from onnxcompress.runtime.sessions import stop_runs_on_signals
+    except RuntimeMissingError:  # the commands that run a model say so; the others do not need it
+        pass
+    else:
+        stop_runs_on_signals()
     try:
         code = _COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit

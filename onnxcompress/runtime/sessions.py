@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -113,10 +115,77 @@ def _copy_fields(source, target, *, skip: set[str]) -> None:
             setattr(target, field.name, value)
 
 
+class _Runs:
+    """The runs in progress, stopped when the process is asked to end (:func:`stop_runs_on_signals`)."""
+
+    lock = threading.Lock()
+    active: set = set()
+    stopping = False
+
+    @classmethod
+    def stop(cls) -> None:
+        with cls.lock:
+            cls.stopping = True
+            for options in cls.active:
+                options.terminate = True
+
+
+def _stoppable(session: ort.InferenceSession) -> ort.InferenceSession:
+    """The session, its `run` given RunOptions that a signal to end the process sets to terminate: onnxruntime
+    holds the main thread in C++ for as long as a run takes (a Loop of 2^62 iterations: for ever), and Python's own
+    handlers (KeyboardInterrupt, exit_on_termination's SystemExit) run only once it returns."""
+    plain = session.run
+
+    def run(output_names, input_feed, run_options=None):
+        options = run_options if run_options is not None else ort.RunOptions()
+        with _Runs.lock:
+            _Runs.active.add(options)
+            options.terminate = _Runs.stopping
+        try:
+            return plain(output_names, input_feed, options)
+        finally:
+            with _Runs.lock:
+                _Runs.active.discard(options)
+
+    session.run = run
+    return session
+
+
+def stop_runs_on_signals() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP (those with a Python handler) stop the runs in progress, so the handler runs
+    at once and the process ends as it would between runs (temporary files removed). Python writes a signal's
+    number to the wakeup fd from its C-level handler, whatever the main thread is doing; a daemon thread reading it
+    sets the runs' terminate flag. Main thread only; another wakeup fd already set is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        os.close(read), os.close(write)
+        return
+    if previous != -1:  # someone else's: give it back
+        signal.set_wakeup_fd(previous)
+        os.close(read), os.close(write)
+        return
+
+    def watch():
+        while os.read(read, 1):
+            _Runs.stop()
+
+    threading.Thread(target=watch, name="onnxcompress-stop-runs", daemon=True).start()
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None,
                  optimize: bool = True, arrays: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """A CPU session; packed models are decoded first; errors become ModelError. `arrays`: the
-    weights of a model made by :func:`detached`."""
+    """A CPU session (its runs stopped by a signal to end, :func:`_stoppable`); packed models are decoded first;
+    errors become ModelError. `arrays`: the weights of a model made by :func:`detached`."""
+    return _stoppable(_make_session(model, threads=threads, optimize=optimize, arrays=arrays))
+
+
+def _make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None,
+                  optimize: bool, arrays: dict[str, np.ndarray] | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions; onnxruntime prints nothing itself
     if threads:
