@@ -174,6 +174,7 @@ class BitWidthPass(Pass):
                       for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
             "seconds": time.perf_counter() - start,
         }
+        self._pruner = None  # its layer statistics and fits: not held through the passes after the search
         return PassResult(True, summary)
 
     def _sensitivities(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo]) -> dict:

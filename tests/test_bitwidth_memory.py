@@ -1,0 +1,93 @@
+"""What the bit-width search holds in memory: the evaluator's model, suffix sessions, the pruner's statistics."""
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import tiny
+from tiny import gemm, random_feeds
+
+
+def _with_a_constant_weight() -> onnx.ModelProto:
+    """x -> MatMul A -> Add c -> MatMul B (a Constant node) -> Mul s (a small initializer kept in the graph)."""
+    rng = np.random.default_rng(0)
+    a = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "A")
+    c = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "c")
+    s = numpy_helper.from_array(np.float32(0.5), "s")
+    b = helper.make_node("Constant", [], ["B"], value=numpy_helper.from_array(
+        rng.standard_normal((16, 4)).astype(np.float32)))
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["m"]), helper.make_node("Add", ["m", "c"], ["h"]), b,
+             helper.make_node("MatMul", ["h", "B"], ["y0"]), helper.make_node("Mul", ["y0", "s"], ["y"])]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", 8])], [tiny.value("y", ["N", 4])], [a, c, s])
+
+
+def test_weights_as_inputs_removes_the_searched_weights_in_place_and_declares_them_as_inputs():
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import weights_as_inputs
+
+    model = _with_a_constant_weight()
+    before = model.SerializeToString()
+    weights = [w for w in find_weights(model, min_elements=0) if w.name in ("B", "A", "c")]
+    assert {w.location for w in weights} == {"initializer", "constant"}
+    made = weights_as_inputs(model, weights)
+    assert model.SerializeToString() == before  # the model given is not touched
+    assert [t.name for t in made.graph.initializer] == ["s"]  # the rest kept, in order
+    assert [n.op_type for n in made.graph.node] == ["MatMul", "Add", "MatMul", "Mul"]  # the Constant node gone
+    assert [i.name for i in made.graph.input] == ["x"] + [w.name for w in weights]  # in the weights' order
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in made.graph.input[1:])
+    onnx.checker.check_model(made, full_check=True)
+    feeds = random_feeds(model, n=4, seed=1)
+    arrays = {"A": numpy_helper.to_array(model.graph.initializer[0]), "c": numpy_helper.to_array(model.graph.initializer[1]),
+              "B": numpy_helper.to_array(model.graph.node[2].attribute[0].t)}
+    np.testing.assert_array_equal(tiny.run(made, {**feeds, **arrays})[0], tiny.run(model, feeds)[0])
+
+
+def test_a_session_without_arena_gives_the_same_outputs_and_suffix_sessions_take_none():
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitsearch import Evaluator
+    from onnxcompress.runtime.sessions import make_session
+
+    model = gemm(k=32, n=8)
+    feeds = random_feeds(model, n=8, seed=2)
+    with_arena, without = make_session(model), make_session(model, arena=False)
+    assert with_arena.get_session_options().enable_cpu_mem_arena
+    assert not without.get_session_options().enable_cpu_mem_arena
+    np.testing.assert_array_equal(with_arena.run(None, feeds)[0], without.run(None, feeds)[0])
+
+    from test_bitwidth import _chain
+    chain = _chain()
+    data = Dataset(stacked=random_feeds(chain, n=64, seed=1))
+    weights = [w for w in find_weights(chain, min_elements=0) if w.name == "W2"]
+    evaluator = Evaluator(chain, weights, data, lambda *a: {}, suffix_min_elements=0)
+    evaluator.outputs({"W2": [evaluator.base["W2"] * 2]})
+    assert not evaluator._suffix["W2"].session.get_session_options().enable_cpu_mem_arena
+
+
+def test_the_pruners_statistics_keep_no_raw_rows_and_the_same_gram_matrices():
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.passes.bitprune import Pruner
+    from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
+    from test_bitwidth import tiny_data
+
+    model = gemm(k=64, n=16)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    pruner = Pruner(model, data, [info])
+    full = collect_layer_inputs(model, data, [linear_layer(model, info)], folds=Pruner.folds)[info.name]
+    stats = pruner.stats[info.name]
+    assert stats.rows[0].shape[0] == 0 and full.rows[0].shape[0] > 0
+    np.testing.assert_array_equal(stats.hessian(0), full.hessian(0))
+    assert all(np.array_equal(a, b) for a, b in zip(stats.heldout_hessians(0), full.heldout_hessians(0)))
+
+
+def test_the_search_lets_go_of_its_pruner_when_it_is_done():
+    from onnxcompress.passes.bitwidth import BitWidthPass
+    from test_bitwidth import tiny_data
+
+    model = gemm(k=32, n=8)
+    pass_ = BitWidthPass(max_drop=1.0, bits=[8, 4], sparsities=[0.0, 0.5])
+    from onnxcompress.graph.data import load_data
+
+    tiny.run_pass(pass_, model, load_data(tiny_data(model, n=64)))
+    assert pass_._pruner is None
