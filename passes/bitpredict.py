@@ -226,8 +226,9 @@ def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
     Returns the number of rounds."""
     for i, layer in enumerate(table):
         for j in anchors(layer):
-            measure(i, j)
-            layer[j].measured = True
+            if not layer[j].measured:  # measured already: with others in one run (bitwidth._measure_together)
+                measure(i, j)
+                layer[j].measured = True
     for rounds in range(1, MAX_ROUNDS + 1):
         rows = estimates(table, counted(), resolution)
         if any(not r for r in rows):

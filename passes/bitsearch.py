@@ -42,6 +42,9 @@ class Candidate:
     nsr: float = 0.0  # output noise-to-signal ratio of the candidate alone
     task_nsr: float = 0.0  # the same summed over the budgeted outputs, each relative to its own signal
     error: str | None = None
+    # measured in one run with other weights' candidates (bitwidth._measure_together): the weight whose candidate
+    # carries that run's cost and noise (the others carry none)
+    group: str | None = None
 
 
 class Evaluator:

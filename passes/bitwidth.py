@@ -186,9 +186,9 @@ class BitWidthPass(Pass):
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         self._counting, self._predicted_only = False, 0  # counted decisions? candidates predicted, never measured
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
-        if predicts:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
-            for i in bitpredict.small_weights([w.nbytes for w in weights]):
-                grids[weights[i].name] = grids[weights[i].name][:1]
+        self._small = bitpredict.small_weights([w.nbytes for w in weights]) if predicts else set()
+        for i in self._small:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
+            grids[weights[i].name] = grids[weights[i].name][:1]
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
@@ -226,6 +226,49 @@ class BitWidthPass(Pass):
             raise
         except OnnxCompressError as e:
             failed(info, candidate, e)
+
+    def _measure_together(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo],
+                          entries: list[list[bitpredict.Entry]], group: list[int]) -> None:
+        """The single candidates of the weights in `group` (the smallest ones) measured in ONE run, all changed at
+        once, instead of a run each. Each allocation must take all of them, so only their sum counts: the first
+        carries the run's cost and noise, the others none (a decision the group changes is counted once, its
+        noise is the sum of theirs). If that run fails, the sweep measures them one by one."""
+        cfg = self.config
+        group = [i for i in group if len(entries[i]) == 1 and entries[i][0].candidate.error is None]
+        if len(group) < 2:
+            return
+        changed = {}
+        for i in group:
+            info, candidate = weights[i], entries[i][0].candidate
+            try:
+                coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits,
+                                          cfg.seed, self._pruner)
+                candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
+                changed[info.name] = [c.decode() for c in coded]
+            except OnnxCompressError as e:
+                failed(info, candidate, e)
+        if not changed:
+            return
+        try:
+            measured = evaluator.measure(changed)
+        except RecipeError:
+            raise
+        except OnnxCompressError as e:
+            log.debug("bitwidth: the smallest weights' joint run failed (%s); measured one by one", e)
+            return
+        lead = next((i for i in group if weights[i].name in changed), None)
+        for i in group:
+            candidate = entries[i][0].candidate
+            if candidate.error is not None:
+                continue
+            first = i == lead
+            candidate.cost = max(measured["cost"], 0.0) if first else 0.0
+            candidate.nsr = measured["nsr"] if first else 0.0
+            candidate.task_nsr = measured.get("task_nsr", measured["nsr"]) if first else 0.0
+            candidate.group = weights[lead].name
+            entries[i][0].measured = True
+        self._counting |= bool(measured.get("counted"))
+        log.info("bitwidth: the %d smallest weights' single candidates measured in one run", len(changed))
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
@@ -285,6 +328,7 @@ class BitWidthPass(Pass):
                 bar.update()
             entries.append(row)
         bar.close()
+        self._measure_together(ctx, evaluator, weights, entries, sorted(self._small))
         fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
         rounds = bitpredict.sweep(entries, lambda i, j: self._measure(ctx, evaluator, weights[i], entries[i][j].candidate),
                                   lambda options, noise: self._landings(options, noise, fixed, weights),

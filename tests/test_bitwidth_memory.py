@@ -91,3 +91,55 @@ def test_the_search_lets_go_of_its_pruner_when_it_is_done():
 
     tiny.run_pass(pass_, model, load_data(tiny_data(model, n=64)))
     assert pass_._pruner is None
+
+
+def _two_layers_with_biases(seed: int = 0) -> onnx.ModelProto:
+    """x [N, 16] -> MatMul W1 [16, 32] + b1 -> Relu -> MatMul W2 [32, 8] + b2 -> y (class scores)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("W1", (16, 32)), ("b1", (32,)), ("W2", (32, 8)), ("b2", (8,)))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    return tiny.make_model(nodes, [tiny.value("x", ["N", 16])], [tiny.value("y", ["N", 8])], inits)
+
+
+def test_the_smallest_weights_single_candidates_are_measured_in_one_run_the_first_carrying_its_cost(monkeypatch):
+    from onnxcompress import api
+    from onnxcompress.passes import bitpredict
+    from onnxcompress.passes.bitsearch import Evaluator
+    from onnxcompress.recipes import Recipe
+
+    monkeypatch.setattr(bitpredict, "SMALL_SHARE", 0.05)  # b1 and b2: 160 of 2,720 bytes
+    calls = []
+    real = Evaluator.measure
+    monkeypatch.setattr(Evaluator, "measure", lambda self, changed: (calls.append(sorted(changed)), real(self, changed))[1])
+    model = _two_layers_with_biases()
+    x = np.random.default_rng(1).standard_normal((96, 16)).astype(np.float32)
+    recipe = Recipe("t", [("bitwidth", {"max_drop": 2.0, "unlabelled": "agreement", "sweep": "predicted",
+                                        "bits": [2, 3, 4], "sparsities": [0.0, 0.5, 0.8], "min_elements": 8})])
+    _, report = api.compress(model, recipe, {"x": x}, eval_data={"x": x})
+    summary = report.passes[0].summary
+    assert ["b1", "b2"] in calls  # one run with both changed
+    assert ["b1"] not in calls and ["b2"] not in calls  # and none with either alone
+    (b1,), (b2,) = summary["sensitivity"]["b1"], summary["sensitivity"]["b2"]
+    assert b1["group"] == b2["group"] == "b1" and (b1["bits"], b1["sparsity"]) == (4, 0.0)
+    assert b1["nsr"] > 0 and b2["nsr"] == b2["cost"] == b2["task_nsr"] == 0.0  # the group's noise counted once
+    assert b1["size"] > 0 and b2["size"] > 0
+    assert all(c["group"] is None for name in ("W1", "W2") for c in summary["sensitivity"][name])
+    assert summary["choices"]["b1"] == {"bits": 4, "sparsity": 0.0}
+
+
+def test_the_sweeps_anchors_skip_entries_already_measured():
+    from onnxcompress.passes import bitpredict
+    from onnxcompress.passes.bitsearch import Candidate
+
+    entries = [[bitpredict.Entry(Candidate(0.0, 8), 0.01, measured=True)], [bitpredict.Entry(Candidate(0.0, 8), 0.02)]]
+    measured = []
+
+    def measure(i, j):
+        measured.append((i, j))
+        entries[i][j].candidate.cost = entries[i][j].candidate.nsr = 0.1
+
+    bitpredict.sweep(entries, measure, lambda options, noise: [], lambda: False, 1.0)
+    assert measured == [(1, 0)]
