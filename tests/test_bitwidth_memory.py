@@ -143,3 +143,31 @@ def test_the_sweeps_anchors_skip_entries_already_measured():
 
     bitpredict.sweep(entries, measure, lambda options, noise: [], lambda: False, 1.0)
     assert measured == [(1, 0)]
+
+
+def test_a_sample_of_rows_is_fit_once_for_every_width_and_codes_as_a_fresh_fit(monkeypatch):
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights, get_array
+    from onnxcompress.numerics import refine
+    from onnxcompress.passes.bitprune import Pruner, sampled_candidate
+    from test_bitwidth import tiny_data
+
+    model = gemm(k=64, n=40)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    array = get_array(model, info)
+    rows = np.array([0, 3, 17, 39])
+    pruner = Pruner(model, data, [info])
+    fits = []
+    import onnxcompress.passes.bitprune as bp
+    monkeypatch.setattr(bp, "masked_lstsq", lambda *a, **k: fits.append(1) or refine.masked_lstsq(*a, **k))
+    coded = [sampled_candidate(array, info, 0.5, bits, 0, pruner, rows) for bits in (8, 4, 2)]
+    fresh = [sampled_candidate(array, info, 0.5, bits, 0, Pruner(model, data, [info]), rows) for bits in (8, 4, 2)]
+    assert len(fits) == 1 + 3  # this pruner fit the rows once for three widths; the fresh ones once each
+    for a, b in zip(coded, fresh):
+        np.testing.assert_array_equal(a.decode(), b.decode())
+    other = np.array([1, 2])  # other rows: fit again
+    again, _ = pruner.rows_fit(array, info, 0.5, other)
+    assert again.shape[0] == 2 and np.array_equal(pruner._cache[(info.name, 0.5)].sampled[0], other)
+    assert pruner._cache[(info.name, 0.5)].plain is None  # with layer statistics: no masked copy kept
+
