@@ -211,14 +211,24 @@ class BitWidthPass(Pass):
             return False
         return cfg.sweep == "predicted" or candidates * evaluator.run_seconds > SWEEP_SECONDS
 
+    def _code(self, ctx: Context, evaluator: Evaluator, info: WeightInfo, candidate: Candidate) -> list | None:
+        """The candidate's versions of the weight, its exact bytes set (None where it failed: its error recorded)."""
+        try:
+            coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits,
+                                      self.config.seed, self._pruner)
+            candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
+            return [c.decode() for c in coded]
+        except OnnxCompressError as e:
+            failed(info, candidate, e)
+            return None
+
     def _measure(self, ctx: Context, evaluator: Evaluator, info: WeightInfo, candidate: Candidate) -> None:
         """Code the candidate, price its bytes and measure it with only this weight changed (a failure is data)."""
-        cfg = self.config
+        versions = self._code(ctx, evaluator, info, candidate)
+        if versions is None:
+            return
         try:
-            coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits, cfg.seed,
-                                      self._pruner)
-            candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
-            measured = evaluator.measure({info.name: [c.decode() for c in coded]})
+            measured = evaluator.measure({info.name: versions})
             candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
             candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
             self._counting |= bool(measured.get("counted"))
@@ -229,46 +239,12 @@ class BitWidthPass(Pass):
 
     def _measure_together(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo],
                           entries: list[list[bitpredict.Entry]], group: list[int]) -> None:
-        """The single candidates of the weights in `group` (the smallest ones) measured in ONE run, all changed at
-        once, instead of a run each. Each allocation must take all of them, so only their sum counts: the first
-        carries the run's cost and noise, the others none (a decision the group changes is counted once, its
-        noise is the sum of theirs). If that run fails, the sweep measures them one by one."""
-        cfg = self.config
-        group = [i for i in group if len(entries[i]) == 1 and entries[i][0].candidate.error is None]
-        if len(group) < 2:
-            return
-        changed = {}
-        for i in group:
-            info, candidate = weights[i], entries[i][0].candidate
-            try:
-                coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits,
-                                          cfg.seed, self._pruner)
-                candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
-                changed[info.name] = [c.decode() for c in coded]
-            except OnnxCompressError as e:
-                failed(info, candidate, e)
-        if not changed:
-            return
-        try:
-            measured = evaluator.measure(changed)
-        except RecipeError:
-            raise
-        except OnnxCompressError as e:
-            log.debug("bitwidth: the smallest weights' joint run failed (%s); measured one by one", e)
-            return
-        lead = next((i for i in group if weights[i].name in changed), None)
-        for i in group:
-            candidate = entries[i][0].candidate
-            if candidate.error is not None:
-                continue
-            first = i == lead
-            candidate.cost = max(measured["cost"], 0.0) if first else 0.0
-            candidate.nsr = measured["nsr"] if first else 0.0
-            candidate.task_nsr = measured.get("task_nsr", measured["nsr"]) if first else 0.0
-            candidate.group = weights[lead].name
-            entries[i][0].measured = True
-        self._counting |= bool(measured.get("counted"))
-        log.info("bitwidth: the %d smallest weights' single candidates measured in one run", len(changed))
+        """bitpredict.measure_together on the smallest weights' single candidates, coded and priced as _measure does."""
+        measured = bitpredict.measure_together(entries, group, [w.name for w in weights], evaluator.measure,
+                                               lambda i: self._code(ctx, evaluator, weights[i], entries[i][0].candidate))
+        if measured is not None:
+            self._counting |= bool(measured.get("counted"))
+            log.info("bitwidth: the smallest weights' single candidates measured in one run")
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""

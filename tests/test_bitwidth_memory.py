@@ -171,3 +171,28 @@ def test_a_sample_of_rows_is_fit_once_for_every_width_and_codes_as_a_fresh_fit(m
     assert again.shape[0] == 2 and np.array_equal(pruner._cache[(info.name, 0.5)].sampled[0], other)
     assert pruner._cache[(info.name, 0.5)].plain is None  # with layer statistics: no masked copy kept
 
+
+
+def test_a_failed_joint_run_of_the_smallest_weights_leaves_them_to_be_measured_one_by_one():
+    from onnxcompress.errors import ModelError
+    from onnxcompress.passes import bitpredict
+    from onnxcompress.passes.bitsearch import Candidate
+
+    table = [[bitpredict.Entry(Candidate(0.0, 8), 0.01)] for _ in range(3)]
+
+    def fails(changed):
+        raise ModelError("onnxruntime failed")
+
+    assert bitpredict.measure_together(table, [0, 1, 2], ["a", "b", "c"], fails, lambda i: [np.zeros(2)]) is None
+    assert not any(e.measured for row in table for e in row)
+    def code(i):
+        if i == 0:  # a's coding failed: its error recorded, as bitwidth._code does
+            table[0][0].candidate.error = "failed"
+            return None
+        return [np.zeros(2)]
+
+    got = bitpredict.measure_together(table, [0, 1, 2], ["a", "b", "c"], lambda changed: {"cost": 2.0, "nsr": 0.1}, code)
+    assert got["cost"] == 2.0 and [e.candidate.cost for row in table for e in row] == [0.0, 2.0, 0.0]
+    assert [e.measured for row in table for e in row] == [False, True, True]
+    assert table[2][0].candidate.group == "b" and table[1][0].candidate.nsr == 0.1 and table[2][0].candidate.nsr == 0
+    assert bitpredict.measure_together(table, [0], ["a"], fails, lambda i: [np.zeros(2)]) is None  # one alone: as before
