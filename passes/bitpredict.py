@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcompress.errors import OnnxCompressError, RecipeError
 from onnxcompress.numerics import allocate
 from onnxcompress.passes.bitsearch import Candidate
 
@@ -213,6 +214,40 @@ def _capped(table: list[list[Entry]], rows, choices, cap: int) -> list[tuple[int
     return sorted(new)
 
 
+def measure_together(table: list[list[Entry]], group: list[int], names: list[str], measure: Callable[[dict], dict],
+                     code: Callable[[int], list | None]) -> dict | None:
+    """The single candidates of the weights in `group` measured in ONE run with all of them changed, not a run each.
+    Each allocation must take all of them, so only their sum counts: the first carries the run's cost and noise,
+    the others none (a decision the group changes is counted once, its noise is the sum of theirs). `code(i)`: weight
+    i's versions (None: its candidate failed); `measure(changed by name)`: the run's scores. Returns the scores, or
+    None where nothing was measured (the run failed: the sweep then measures them one by one)."""
+    group = [i for i in group if len(table[i]) == 1 and table[i][0].candidate.error is None]
+    if len(group) < 2:
+        return None
+    changed = {names[i]: versions for i in group if (versions := code(i)) is not None}
+    try:
+        measured = measure(changed) if changed else None
+    except RecipeError:  # the user's metric failed: no candidate can be measured
+        raise
+    except OnnxCompressError as e:
+        log.debug("bitwidth: the smallest weights' joint run failed (%s); measured one by one", e)
+        return None
+    if measured is None:
+        return None
+    lead = next(i for i in group if names[i] in changed)
+    for i in group:
+        candidate = table[i][0].candidate
+        if names[i] not in changed:  # its coding failed (its error recorded by `code`)
+            continue
+        first = i == lead
+        candidate.cost = max(measured["cost"], 0.0) if first else 0.0
+        candidate.nsr = measured["nsr"] if first else 0.0
+        candidate.task_nsr = measured.get("task_nsr", measured["nsr"]) if first else 0.0
+        candidate.group = names[lead]
+        table[i][0].measured = True
+    return measured
+
+
 def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
           landings: Callable[[list, list], list[list[int] | None]], counted: Callable[[], bool],
           resolution: float) -> int:
@@ -226,8 +261,9 @@ def sweep(table: list[list[Entry]], measure: Callable[[int, int], None],
     Returns the number of rounds."""
     for i, layer in enumerate(table):
         for j in anchors(layer):
-            measure(i, j)
-            layer[j].measured = True
+            if not layer[j].measured:  # measured already: with others in one run (bitwidth._measure_together)
+                measure(i, j)
+                layer[j].measured = True
     for rounds in range(1, MAX_ROUNDS + 1):
         rows = estimates(table, counted(), resolution)
         if any(not r for r in rows):

@@ -44,7 +44,9 @@ class Pruner:
                  crossfit: bool = False, collector: Collector | None = None):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
-        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds,
+        # no sample of raw rows (max_rows=0): the fits read the Gram matrices only (a 22M-weight transformer's
+        # 36 layers held 0.7 GB of float64 rows)
+        self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds, max_rows=0,
                                           collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
         # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
@@ -101,6 +103,8 @@ class Pruner:
         refits = self._cache.get(key)
         if refits is None:
             refits = self._cache[key] = self._mask(array, info, sparsity)
+        if refits.sampled is not None and np.array_equal(refits.sampled[0], rows):  # the other widths' fit
+            return refits.sampled[1], refits.sampled[2]
         layer = refits.layer
         keep = layer.weight_matrix(refits.mask)
         if refits.rough is not None:
@@ -119,13 +123,14 @@ class Pruner:
                 self._factors[(info.name, g)] = sparsegpt_factor(h, DEFAULT_DAMPING)
             out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING,
                                     factor=self._factors[(info.name, g)])[0]
-        return out.astype(array.dtype), keep[rows]
+        refits.sampled = (np.array(rows), out.astype(array.dtype), keep[rows])
+        return refits.sampled[1], refits.sampled[2]
 
     def _mask(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
         """The mask and whether the refits cross-fit: what every fit of (weight, sparsity) shares."""
         mask = magnitude_mask(array, sparsity)
-        refits = _Refits(mask, [np.where(mask, array, 0).astype(array.dtype)])
         stats, layer = self.stats.get(info.name), self.layers.get(info.name)
+        refits = _Refits(mask, None if stats is not None else [np.where(mask, array, 0).astype(array.dtype)])
         if stats is None:
             return refits
         refits.stats, refits.layer = stats, layer
@@ -166,7 +171,7 @@ class _Refits:
     statistics) the fits made so far."""
 
     mask: np.ndarray
-    plain: list[np.ndarray]
+    plain: list[np.ndarray] | None  # the masked weight, where there is no refit (None: with layer statistics)
     stats: object = None  # the layer's input statistics (capture.LayerInputs), None: no refit
     layer: object = None
     damping: float | None = None  # the ridge chosen by held-out error (for the measured fits)
@@ -174,6 +179,7 @@ class _Refits:
     rough: np.ndarray | None = None  # on all rows at the default ridge: the prediction's
     single: np.ndarray | None = None  # on all rows at the chosen ridge: the measured one where none cross-fits
     folds: list[np.ndarray] | None = None
+    sampled: tuple | None = None  # (rows, their fit on all rows, their mask): rows_fit's, made once for every width
 
 
 def candidate_weights(array: np.ndarray, info: WeightInfo, sparsity: float, bits: int, seed: int,

@@ -174,6 +174,7 @@ class BitWidthPass(Pass):
                       for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
             "seconds": time.perf_counter() - start,
         }
+        self._pruner = None  # its layer statistics and fits: not held through the passes after the search
         return PassResult(True, summary)
 
     def _sensitivities(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo]) -> dict:
@@ -185,9 +186,9 @@ class BitWidthPass(Pass):
         grids = {w.name: grid if len(w.shape) >= 2 else [(s, b) for s, b in grid if s == 0.0] for w in weights}
         self._counting, self._predicted_only = False, 0  # counted decisions? candidates predicted, never measured
         predicts = self._predicts(evaluator, sum(map(len, grids.values())))
-        if predicts:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
-            for i in bitpredict.small_weights([w.nbytes for w in weights]):
-                grids[weights[i].name] = grids[weights[i].name][:1]
+        self._small = bitpredict.small_weights([w.nbytes for w in weights]) if predicts else set()
+        for i in self._small:  # the smallest weights keep their widest least sparse candidate (bitpredict.SMALL_SHARE)
+            grids[weights[i].name] = grids[weights[i].name][:1]
         log.info("bitwidth: %d candidates, a run of the model %.2f CPU s: %s", sum(map(len, grids.values())),
                  evaluator.run_seconds, "predicted sweep" if predicts else "every candidate measured")
         sweeper = evaluator
@@ -210,14 +211,24 @@ class BitWidthPass(Pass):
             return False
         return cfg.sweep == "predicted" or candidates * evaluator.run_seconds > SWEEP_SECONDS
 
+    def _code(self, ctx: Context, evaluator: Evaluator, info: WeightInfo, candidate: Candidate) -> list | None:
+        """The candidate's versions of the weight, its exact bytes set (None where it failed: its error recorded)."""
+        try:
+            coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits,
+                                      self.config.seed, self._pruner)
+            candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
+            return [c.decode() for c in coded]
+        except OnnxCompressError as e:
+            failed(info, candidate, e)
+            return None
+
     def _measure(self, ctx: Context, evaluator: Evaluator, info: WeightInfo, candidate: Candidate) -> None:
         """Code the candidate, price its bytes and measure it with only this weight changed (a failure is data)."""
-        cfg = self.config
+        versions = self._code(ctx, evaluator, info, candidate)
+        if versions is None:
+            return
         try:
-            coded = candidate_weights(evaluator.base[info.name], info, candidate.sparsity, candidate.bits, cfg.seed,
-                                      self._pruner)
-            candidate.size = int(np.mean([stored_bytes(c, ctx.form) for c in coded]))
-            measured = evaluator.measure({info.name: [c.decode() for c in coded]})
+            measured = evaluator.measure({info.name: versions})
             candidate.cost, candidate.nsr = max(measured["cost"], 0.0), measured["nsr"]
             candidate.task_nsr = measured.get("task_nsr", candidate.nsr)
             self._counting |= bool(measured.get("counted"))
@@ -225,6 +236,15 @@ class BitWidthPass(Pass):
             raise
         except OnnxCompressError as e:
             failed(info, candidate, e)
+
+    def _measure_together(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo],
+                          entries: list[list[bitpredict.Entry]], group: list[int]) -> None:
+        """bitpredict.measure_together on the smallest weights' single candidates, coded and priced as _measure does."""
+        measured = bitpredict.measure_together(entries, group, [w.name for w in weights], evaluator.measure,
+                                               lambda i: self._code(ctx, evaluator, weights[i], entries[i][0].candidate))
+        if measured is not None:
+            self._counting |= bool(measured.get("counted"))
+            log.info("bitwidth: the smallest weights' single candidates measured in one run")
 
     def _measured(self, ctx: Context, evaluator: Evaluator, weights: list[WeightInfo], grids: dict) -> dict:
         """Every candidate measured, but those past the cost limit (narrower widths, higher sparsities)."""
@@ -284,6 +304,7 @@ class BitWidthPass(Pass):
                 bar.update()
             entries.append(row)
         bar.close()
+        self._measure_together(ctx, evaluator, weights, entries, sorted(self._small))
         fixed = ctx.original.ByteSize() - sum(w.nbytes for w in weights)
         rounds = bitpredict.sweep(entries, lambda i, j: self._measure(ctx, evaluator, weights[i], entries[i][j].candidate),
                                   lambda options, noise: self._landings(options, noise, fixed, weights),

@@ -87,7 +87,8 @@ class SuffixRunner:
                   **v} for chunk, v in zip(self.chunks, values)]
         dtypes = {n: np.asarray(feeds[0][n]).dtype for n in cut if n in feeds[0]}
         dtypes[weight] = self.base[weight].dtype
-        session = make_session(suffix_model(self.model, weight, nodes, cut, dtypes, outputs))
+        # no arena: many suffix sessions are kept at once, each would hold its largest run's buffers
+        session = make_session(suffix_model(self.model, weight, nodes, cut, dtypes, outputs), arena=False)
 
         # the suffix's own outputs with the weight unchanged: a candidate's outputs are the reference's plus
         # what the change moves in the suffix, so kernels fused differently there add no noise of their own
