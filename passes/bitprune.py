@@ -18,6 +18,10 @@ from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DE
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.statistics import Collector
 
+# sparsegpt's factors of one weight kept for its other sparsities, up to this many bytes (a conv of 9x12 kernels
+# over 64 channels has K = 6912 inputs: 382 MB a factor, 5-10 s of CPU to make)
+FACTOR_CACHE_BYTES = 1 << 30
+
 
 class Pruner:
     """Pruned versions of a weight close to what the prune pass makes: magnitude mask, then (with
@@ -52,7 +56,8 @@ class Pruner:
         # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
         self.held_out_ridge = True
         self._cache: dict[tuple[str, float], _Refits] = {}
-        self._factors: dict[tuple[str, int], np.ndarray] = {}  # sparsegpt's factor per (weight, group), rows_fit's
+        # sparsegpt's factor per (weight, group, Gram: None for all rows or the held-out fold, damping)
+        self._factors: dict[tuple, np.ndarray] = {}
 
     def __call__(self, array: np.ndarray, info: WeightInfo, sparsity: float, *,
                  all_rows: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
@@ -70,7 +75,7 @@ class Pruner:
         hessians = [refits.stats.hessian(g) for g in range(refits.layer.groups)]
         if all_rows:
             if refits.rough is None:
-                refits.rough = self._fit(refits, array, hessians, DEFAULT_DAMPING)
+                refits.rough = self._fit(refits, array, hessians, DEFAULT_DAMPING, (info.name, None))
             return [refits.rough], refits.mask
         if refits.damping is None:
             layer = refits.layer
@@ -81,7 +86,7 @@ class Pruner:
         if not refits.crossfits:
             if refits.single is None:
                 refits.single = refits.rough if refits.damping == DEFAULT_DAMPING and refits.rough is not None \
-                    else self._fit(refits, array, hessians, refits.damping)
+                    else self._fit(refits, array, hessians, refits.damping, (info.name, None))
             return [refits.single], refits.mask
         if refits.folds is None:
             # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
@@ -89,7 +94,7 @@ class Pruner:
             stats = refits.stats
             heldout = [stats.heldout_hessians(g) for g in range(refits.layer.groups)]
             scale = stats.folds / (stats.folds - 1)
-            refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale)
+            refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale, (info.name, f))
                             for f in range(stats.folds)]
         return refits.folds, refits.mask
 
@@ -118,11 +123,8 @@ class Pruner:
             if lstsq_cost(keep[group == g]) <= self.max_flops:
                 out[picked] = masked_lstsq(target[sub], keep[sub], h, damping=DEFAULT_DAMPING)
                 continue
-            if (info.name, g) not in self._factors:  # the sparsities of one weight share it: the last weight's kept
-                self._factors = {k: v for k, v in self._factors.items() if k[0] == info.name}
-                self._factors[(info.name, g)] = sparsegpt_factor(h, DEFAULT_DAMPING)
             out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING,
-                                    factor=self._factors[(info.name, g)])[0]
+                                    factor=self._factor((info.name, None), g, h, DEFAULT_DAMPING))[0]
         refits.sampled = (np.array(rows), out.astype(array.dtype), keep[rows])
         return refits.sampled[1], refits.sampled[2]
 
@@ -138,22 +140,41 @@ class Pruner:
         refits.crossfits = bool(self.crossfit and stats.fold_count and stats.count < self.rows_per_kept * kept)
         return refits
 
-    def _fit(self, refits: "_Refits", array: np.ndarray, hessians: list[np.ndarray], damping: float) -> np.ndarray:
+    def _fit(self, refits: "_Refits", array: np.ndarray, hessians: list[np.ndarray], damping: float,
+             gram: tuple[str, int | None]) -> np.ndarray:
+        """The refit of the kept weights in `hessians`' metric; `gram` names them: (weight, None) for all rows,
+        (weight, f) for the rows outside fold f."""
         layer = refits.layer
         return self._refit(layer, layer.weight_matrix(np.asarray(array, dtype=np.float64)),
                            layer.weight_matrix(refits.mask), layer.group_of_channels(), hessians,
-                           damping).astype(array.dtype)
+                           damping, gram).astype(array.dtype)
 
     def _refit(self, layer, target: np.ndarray, keep: np.ndarray, group: np.ndarray, hessians: list[np.ndarray],
-               damping: float) -> np.ndarray:
+               damping: float, gram: tuple[str, int | None]) -> np.ndarray:
         refit = np.zeros_like(target)
         for g in range(layer.groups):
             rows = np.flatnonzero(group == g)
             if lstsq_cost(keep[rows]) <= self.max_flops:
                 refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
             else:
-                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping)[0]
+                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping,
+                                        factor=self._factor(gram, g, hessians[g], damping))[0]
         return layer.weight_from_matrix(refit)
+
+    def _factor(self, gram: tuple[str, int | None], g: int, h: np.ndarray, damping: float) -> np.ndarray:
+        """sparsegpt's factor of Gram `h` (group g of the Gram `gram` names) at `damping`: the same for every mask, so
+        made once for a weight's sparsities. Only the weight's own are kept, up to FACTOR_CACHE_BYTES (oldest out)."""
+        key = (*gram, g, damping)
+        found = self._factors.get(key)
+        if found is None:
+            found = sparsegpt_factor(h, damping)
+            kept = {k: v for k, v in self._factors.items() if k[0] == gram[0]}
+            while kept and sum(v.nbytes for v in kept.values()) + found.nbytes > FACTOR_CACHE_BYTES:
+                kept.pop(next(iter(kept)))
+            if found.nbytes <= FACTOR_CACHE_BYTES:
+                kept[key] = found
+            self._factors = kept
+        return found
 
     @staticmethod
     def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
