@@ -18,9 +18,10 @@ from onnxcompress.numerics.refine import (damping_for_all_rows, DAMPING_GRID, DE
 from onnxcompress.runtime.capture import collect_layer_inputs, linear_layer
 from onnxcompress.runtime.statistics import Collector
 
-# sparsegpt's factors of one weight kept for its other sparsities, up to this many bytes (a conv of 9x12 kernels
-# over 64 channels has K = 6912 inputs: 382 MB a factor, 5-10 s of CPU to make)
-FACTOR_CACHE_BYTES = 1 << 30
+# sparsegpt's factors of one weight kept for its other sparsities, up to this many bytes: a conv of 9x12 kernels
+# over 64 channels has K = 6912 inputs, 382 MB and ~25 CPU s a factor, five a sparsity where it cross-fits (all rows
+# and four folds); a 1536-input layer's are 19 MB
+FACTOR_CACHE_BYTES = 2 << 30
 
 
 class Pruner:
@@ -163,15 +164,14 @@ class Pruner:
 
     def _factor(self, gram: tuple[str, int | None], g: int, h: np.ndarray, damping: float) -> np.ndarray:
         """sparsegpt's factor of Gram `h` (group g of the Gram `gram` names) at `damping`: the same for every mask, so
-        made once for a weight's sparsities. Only the weight's own are kept, up to FACTOR_CACHE_BYTES (oldest out)."""
+        made once for a weight's sparsities. Only the weight's own are kept, up to FACTOR_CACHE_BYTES: those made
+        first, since the fits ask for them in the same order at every sparsity (evicting the oldest would keep none)."""
         key = (*gram, g, damping)
         found = self._factors.get(key)
         if found is None:
             found = sparsegpt_factor(h, damping)
             kept = {k: v for k, v in self._factors.items() if k[0] == gram[0]}
-            while kept and sum(v.nbytes for v in kept.values()) + found.nbytes > FACTOR_CACHE_BYTES:
-                kept.pop(next(iter(kept)))
-            if found.nbytes <= FACTOR_CACHE_BYTES:
+            if sum(v.nbytes for v in kept.values()) + found.nbytes <= FACTOR_CACHE_BYTES:
                 kept[key] = found
             self._factors = kept
         return found

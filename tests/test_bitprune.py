@@ -64,6 +64,6 @@ def test_only_the_current_weights_factors_are_kept(monkeypatch):
     h = np.eye(4)
     pruner._factor(("other", None), 0, h, 0.01)
     assert {k[0] for k in pruner._factors} == {"other"}
-    monkeypatch.setattr(bitprune, "FACTOR_CACHE_BYTES", h.nbytes)  # one fits, the older goes
+    monkeypatch.setattr(bitprune, "FACTOR_CACHE_BYTES", h.nbytes)  # one fits: the first made stays
     pruner._factor(("other", 0), 0, h, 0.01)
-    assert list(pruner._factors) == [("other", 0, 0, 0.01)]
+    assert list(pruner._factors) == [("other", None, 0, 0.01)]
