@@ -120,12 +120,9 @@ class Pruner:
         out = np.zeros((len(rows), target.shape[1]))
         for g in np.unique(group[rows]):
             picked = np.flatnonzero(group[rows] == g)
-            sub, h = rows[picked], refits.stats.hessian(g)
-            if lstsq_cost(keep[group == g]) <= self.max_flops:
-                out[picked] = masked_lstsq(target[sub], keep[sub], h, damping=DEFAULT_DAMPING)
-                continue
-            out[picked] = sparsegpt(target[sub], h, keep=keep[sub], damping=DEFAULT_DAMPING,
-                                    factor=self._factor((info.name, None), g, h, DEFAULT_DAMPING))[0]
+            sub = rows[picked]
+            out[picked] = self._solve(target[sub], keep[sub], keep[group == g], refits.stats.hessian(g),
+                                      DEFAULT_DAMPING, (info.name, None), g)
         refits.sampled = (np.array(rows), out.astype(array.dtype), keep[rows])
         return refits.sampled[1], refits.sampled[2]
 
@@ -155,12 +152,16 @@ class Pruner:
         refit = np.zeros_like(target)
         for g in range(layer.groups):
             rows = np.flatnonzero(group == g)
-            if lstsq_cost(keep[rows]) <= self.max_flops:
-                refit[rows] = masked_lstsq(target[rows], keep[rows], hessians[g], damping=damping)
-            else:
-                refit[rows] = sparsegpt(target[rows], hessians[g], keep=keep[rows], damping=damping,
-                                        factor=self._factor(gram, g, hessians[g], damping))[0]
+            refit[rows] = self._solve(target[rows], keep[rows], keep[rows], hessians[g], damping, gram, g)
         return layer.weight_from_matrix(refit)
+
+    def _solve(self, target: np.ndarray, keep: np.ndarray, group_keep: np.ndarray, h: np.ndarray, damping: float,
+               gram: tuple[str, int | None], g: int) -> np.ndarray:
+        """Rows of group g refit in Gram h: the exact least squares where the whole group's (`group_keep`) cost
+        allows, else the SparseGPT update (a row's fit reads only that row and the Gram, so rows fit alone match)."""
+        if lstsq_cost(group_keep) <= self.max_flops:
+            return masked_lstsq(target, keep, h, damping=damping)
+        return sparsegpt(target, h, keep=keep, damping=damping, factor=self._factor(gram, g, h, damping))[0]
 
     def _factor(self, gram: tuple[str, int | None], g: int, h: np.ndarray, damping: float) -> np.ndarray:
         """sparsegpt's factor of Gram `h` (group g of the Gram `gram` names) at `damping`: the same for every mask, so
