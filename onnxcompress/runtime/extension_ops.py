@@ -12,7 +12,7 @@ from onnxcompress.formats import packed
 from onnxcompress.formats.customop import KERNELS
 from onnxcompress.graph import external
 from onnxcompress.graph.edit import DOMAIN
-from onnxcompress.runtime.sessions import ort
+from onnxcompress.runtime.sessions import ort, stoppable
 
 _REGISTERED_PY_OPS = False
 
@@ -47,4 +47,4 @@ def custom_op_session(model: onnx.ModelProto, *, optimize: bool = True):
                                              str(folders.pop()))
         else:
             model = external.inline_copy(model)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return stoppable(ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]))

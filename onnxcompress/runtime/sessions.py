@@ -130,7 +130,7 @@ class _Runs:
                 options.terminate = True
 
 
-def _stoppable(session: ort.InferenceSession) -> ort.InferenceSession:
+def stoppable(session: ort.InferenceSession) -> ort.InferenceSession:
     """The session, its `run` given RunOptions that a signal to end the process sets to terminate: onnxruntime
     holds the main thread in C++ for as long as a run takes (a Loop of 2^62 iterations: for ever), and Python's own
     handlers (KeyboardInterrupt, exit_on_termination's SystemExit) run only once it returns."""
@@ -180,11 +180,11 @@ def stop_runs_on_signals() -> None:
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None,
                  optimize: bool = True, arrays: dict[str, np.ndarray] | None = None,
                  arena: bool = True) -> ort.InferenceSession:
-    """A CPU session (its runs stopped by a signal to end, :func:`_stoppable`); packed models are decoded first;
+    """A CPU session (its runs stopped by a signal to end, :func:`stoppable`); packed models are decoded first;
     errors become ModelError. `arrays`: the weights of a model made by :func:`detached`. `arena=False`: no CPU
     memory arena, so a run's buffers go back when it ends (an arena keeps its peak for the session's life: ~80-290
     MB a suffix session of a 22M-weight transformer, none without, at the same CPU time)."""
-    return _stoppable(_make_session(model, threads=threads, optimize=optimize, arrays=arrays, arena=arena))
+    return stoppable(_make_session(model, threads=threads, optimize=optimize, arrays=arrays, arena=arena))
 
 
 def _make_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None,
