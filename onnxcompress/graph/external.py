@@ -163,13 +163,19 @@ SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
                   (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
 
 
+def element_count(tensor: onnx.TensorProto) -> int:
+    """The elements a tensor's dims declare, as a Python int (no int64 overflow on hostile dims)."""
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return count
+
+
 def data_bytes(tensor: onnx.TensorProto) -> int | None:
     """The bytes of raw data a tensor's dims and element type need (None for strings: no fixed size)."""
     if tensor.data_type == onnx.TensorProto.STRING:
         return None
-    count = 1
-    for d in tensor.dims:
-        count *= int(d)
+    count = element_count(tensor)
     bits = SUB_BYTE_BITS.get(tensor.data_type)
     return (count * bits + 7) // 8 if bits else count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 

@@ -216,9 +216,7 @@ def check_tensor(tensor: onnx.TensorProto, where: str = "the model") -> None:
                          f"needs {expected}; the model is corrupt")
     if held is not None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in external.SUB_BYTE_BITS:
         return
-    count = 1
-    for d in tensor.dims:
-        count *= int(d)
+    count = external.element_count(tensor)
     field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
     values = len(getattr(tensor, field))
     per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
