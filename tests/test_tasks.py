@@ -55,6 +55,63 @@ def test_kinds_are_detected_from_values_and_the_producing_op():
     assert detect_kind([np.arange(4, dtype=np.int64)]) is None  # not floating: compared exactly
 
 
+def _lstm_state_model(hidden: int = 16, steps: int = 5):
+    """x [steps, N, 8] -> LSTM -> Y_h [1, N, hidden] -> Concat(Y_h, Y_c) [2, N, hidden] as the output `state`, and
+    a Sigmoid head on Y_h as `p`: a streaming detector's state beside its decision."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(weights(rng, 1, 4 * hidden, 8, scale=0.5), "W"),
+             numpy_helper.from_array(weights(rng, 1, 4 * hidden, hidden, scale=0.5), "R"),
+             numpy_helper.from_array(weights(rng, hidden, 1), "V")]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "h", "c"], hidden_size=hidden),
+             helper.make_node("Concat", ["h", "c"], ["state"], axis=0),
+             helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "V"], ["z"]), helper.make_node("Sigmoid", ["z"], ["p"])]
+    inits.append(numpy_helper.from_array(np.array([-1, hidden], np.int64), "flat"))
+    return make_model(nodes, [value("x", [steps, "N", 8])], [value("p", ["N", 1]), value("state", [2, "N", hidden])],
+                      inits)
+
+
+def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_not_class_scores():
+    """Found on trained models (an int8 LSTM voice filter's hN/cN, a GRU encoder's memory, YOLOv8's output of boxes
+    beside scores, a sentence encoder's mean pooling followed by a Concat): detected as 'sequence' or 'top1', an
+    argmax over hidden units or anchors no task reads. A state is compared as numbers (regression, budgeted by
+    SQNR); a Concat of parts made by different ops too; a Concat of one origin is that origin."""
+    from tiny import run
+
+    model = _lstm_state_model()
+    feeds = {"x": np.random.default_rng(1).normal(size=(5, 64, 8)).astype(np.float32)}
+    producers = output_producers(model)
+    p, state = run(model, feeds)
+    assert producers["state"] == "LSTM"
+    assert detect_kind([state], producers["state"]) == "regression"
+    assert detect_kind([p], producers["p"]) == "probability"
+    kinds = resolve_kinds(["p", "state"], [[p, state]], producers)
+    assert kinds["p"].budgeted and not kinds["state"].budgeted
+
+    # YOLO-style head: boxes (a Mul of the features) beside class scores (a Sigmoid), joined on axis 1
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "Wb"], ["b"]), helper.make_node("Mul", ["b", "s"], ["boxes"]),
+             helper.make_node("Conv", ["x", "Wc"], ["c"]), helper.make_node("Sigmoid", ["c"], ["scores"]),
+             helper.make_node("Reshape", ["boxes", "shape4"], ["boxes2"]),
+             helper.make_node("Reshape", ["scores", "shape6"], ["scores2"]),
+             helper.make_node("Concat", ["boxes2", "scores2"], ["y"], axis=1)]
+    inits = [numpy_helper.from_array(weights(rng, 4, 8, 1, 1, scale=1.0), "Wb"),
+             numpy_helper.from_array(weights(rng, 6, 8, 1, 1, scale=1.0), "Wc"),
+             numpy_helper.from_array(np.array(16.0, np.float32), "s"),
+             numpy_helper.from_array(np.array([0, 4, -1], np.int64), "shape4"),
+             numpy_helper.from_array(np.array([0, 6, -1], np.int64), "shape6")]
+    detector = make_model(nodes, [value("x", ["N", 8, 5, 5])], [value("y", ["N", 10, 25])], inits)
+    y, = run(detector, {"x": rng.normal(size=(4, 8, 5, 5)).astype(np.float32)})
+    assert output_producers(detector)["y"] == "Concat" and detect_kind([y], "Concat") == "regression"
+
+    # mean pooling (Div) behind a one-input Concat: still the embedding it was
+    pooled = _head("LayerNormalization", n=32)
+    pooled.graph.node.append(helper.make_node("Concat", ["y"], ["e"], axis=1))
+    pooled.graph.output[0].name = "e"
+    e, = run(pooled, _feeds(pooled))
+    assert output_producers(pooled)["e"] == "LayerNormalization" and detect_kind([e], "LayerNormalization") == "embedding"
+
+
 def test_probability_agreement_counts_decisions_at_the_threshold():
     ref = np.array([[0.1], [0.49], [0.51], [0.9]], np.float32)
     cand = np.array([[0.2], [0.52], [0.51], [0.6]], np.float32)  # one decision (0.49 -> 0.52) flips at 0.5

@@ -23,7 +23,8 @@ without @ it applies to every output it fits, with @ only the named outputs coun
 budget. Several outputs of different kinds: parts joined by commas, each naming its outputs
 (`top1@scores,regression:0.2@boxes`): a sample agrees on each output by that output's kind, and a
 budget holds every named output. Without a name each output's kind is detected from its values
-and the op producing it.
+and the op producing it (looked through ops that only move values: a recurrent state or a Concat of
+parts made by different ops, a detector's boxes beside its scores, is compared as numbers).
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ Kind = Literal["top1", "probability", "embedding", "sequence", "ctc", "regressio
 KINDS: tuple[str, ...] = ("top1", "probability", "embedding", "sequence", "ctc", "regression")
 EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "Div",
                                  "LpNormalization", "GlobalAveragePool"})
+# ops that only move, repeat or retype values: an output's producer is looked for behind them
+LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Cast"})
+# producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
+# Concat joining parts made by different ops (output_producers)
+STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat"})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
 
 
@@ -134,15 +140,30 @@ def _parse_part(spec: str) -> TaskMetric:
 
 
 def output_producers(model: onnx.ModelProto) -> dict[str, str]:
-    """The op type producing each graph output (Identity looked through), for kind detection."""
+    """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
+    a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
+    joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none."""
     by_output = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name for i in model.graph.initializer}
+
+    def source(name: str, depth: int) -> str | None:
+        node = by_output.get(name)
+        if node is None or depth > 64:
+            return None
+        if node.op_type in LAYOUT_OPS and node.input:
+            inner = source(node.input[0], depth + 1)
+            return inner if inner is not None or node.op_type == "Identity" else node.op_type
+        if node.op_type == "Concat":
+            parts = {source(i, depth + 1) for i in node.input if i and i not in constants
+                     and getattr(by_output.get(i), "op_type", None) != "Constant"}
+            return parts.pop() if len(parts) == 1 and None not in parts else "Concat"
+        return node.op_type
+
     producers = {}
     for out in model.graph.output:
-        node, seen = by_output.get(out.name), 0
-        while node is not None and node.op_type == "Identity" and seen < 8:
-            node, seen = by_output.get(node.input[0]), seen + 1
-        if node is not None:
-            producers[out.name] = node.op_type
+        found = source(out.name, 0)
+        if found is not None:
+            producers[out.name] = found
     return producers
 
 
@@ -165,6 +186,8 @@ def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Ki
         return "probability"
     if in_unit and last >= 2 and not all(np.allclose(np.asarray(c).sum(-1), 1.0, atol=1e-3) for c in chunks):
         return "probability"  # independent sigmoids side by side, not one distribution
+    if producer in STATE_PRODUCERS:
+        return "regression"  # a state or joined parts: no axis of it is one decision
     if producer in EMBEDDING_PRODUCERS and first.ndim >= 2 and last >= 8:
         return "embedding"
     if first.ndim == 3 and last >= 2:
