@@ -38,13 +38,14 @@ import numpy as np
 import onnx
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.graph.weights import PASS_THROUGH
 
 Kind = Literal["top1", "probability", "embedding", "sequence", "ctc", "regression"]
 KINDS: tuple[str, ...] = ("top1", "probability", "embedding", "sequence", "ctc", "regression")
 EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "Div",
                                  "LpNormalization", "GlobalAveragePool"})
 # ops that only move, repeat or retype values: an output's producer is looked for behind them
-LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Cast"})
+LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
 # producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
 # Concat joining parts made by different ops (output_producers)
 STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat"})
