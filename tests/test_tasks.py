@@ -112,6 +112,33 @@ def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_no
     assert output_producers(pooled)["e"] == "LayerNormalization" and detect_kind([e], "LayerNormalization") == "embedding"
 
 
+def test_an_output_shaped_like_an_input_is_a_state_the_caller_carries():
+    """Found on trained streaming models (a GRU decoder's hidden_out beside its hidden input, a VAD's caches; a
+    state made inside If branches hides its op): detected as class scores. An output whose declared shape is an
+    input's (a static dimension in common, none different) is a state fed back: compared as numbers."""
+    from tiny import run
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["h", "U"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["h_next"]), helper.make_node("MatMul", ["h_next", "V"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["p"])]
+    inits = [numpy_helper.from_array(weights(rng, 8, 16, scale=0.5), "W"),
+             numpy_helper.from_array(weights(rng, 16, 16, scale=0.5), "U"),
+             numpy_helper.from_array(weights(rng, 16, 1), "V")]
+    model = make_model(nodes, [value("x", ["N", 8]), value("h", ["N", 16])],
+                       [value("p", ["N", 1]), value("h_next", ["batch", 16])], inits)
+    feeds = {"x": rng.normal(size=(64, 8)).astype(np.float32), "h": rng.normal(size=(64, 16)).astype(np.float32)}
+    p, h_next = run(model, feeds)
+    kinds = resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(model))
+    assert kinds["h_next"].kind == "regression" and not kinds["h_next"].budgeted
+    assert kinds["p"].kind == "probability" and kinds["p"].budgeted
+    # the same head without a state input: the 16 scores are class scores again
+    plain = make_model(nodes[:1] + [helper.make_node("Identity", ["a"], ["h_next"])] + nodes[3:],
+                       [value("x", ["N", 8])], [value("p", ["N", 1]), value("h_next", ["N", 16])], inits[:1] + inits[2:])
+    p, h_next = run(plain, {"x": feeds["x"]})
+    assert resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(plain))["h_next"].kind == "top1"
+
+
 def test_probability_agreement_counts_decisions_at_the_threshold():
     ref = np.array([[0.1], [0.49], [0.51], [0.9]], np.float32)
     cand = np.array([[0.2], [0.52], [0.51], [0.6]], np.float32)  # one decision (0.49 -> 0.52) flips at 0.5

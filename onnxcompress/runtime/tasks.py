@@ -48,7 +48,8 @@ EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum"
 LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
 # producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
 # Concat joining parts made by different ops (output_producers)
-STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat"})
+CARRIED = "carried state"  # output_producers' word for an output shaped like an input: a state the caller feeds back
+STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat", CARRIED})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
 
 
@@ -143,7 +144,10 @@ def _parse_part(spec: str) -> TaskMetric:
 def output_producers(model: onnx.ModelProto) -> dict[str, str]:
     """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
     a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
-    joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none."""
+    joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none.
+    An output whose declared shape is a float input's (the same rank, a static dimension in common and none
+    different) is CARRIED, whatever made it (an If's branches, a hand-written cell's Add): a streaming model's
+    state, fed back at the next call; a Softmax or a Sigmoid stays what it is."""
     by_output = {o: n for n in model.graph.node for o in n.output}
     constants = {i.name for i in model.graph.initializer}
 
@@ -160,12 +164,33 @@ def output_producers(model: onnx.ModelProto) -> dict[str, str]:
             return parts.pop() if len(parts) == 1 and None not in parts else "Concat"
         return node.op_type
 
+    inputs = [_declared(i) for i in model.graph.input if i.name not in constants]
     producers = {}
     for out in model.graph.output:
         found = source(out.name, 0)
+        shape = _declared(out)
+        if found not in ("Softmax", "LogSoftmax", "Sigmoid") and any(_alike(shape, i) for i in inputs):
+            found = CARRIED
         if found is not None:
             producers[out.name] = found
     return producers
+
+
+def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+    """A float tensor's declared dimensions (an int, or the symbol's name, "" when unnamed); None for others."""
+    kind = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not kind.HasField("shape") or kind.elem_type not in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in kind.shape.dim)
+
+
+def _alike(a: tuple | None, b: tuple | None) -> bool:
+    """The same rank (>= 2), no two static dimensions different, at least one static dimension the same."""
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return False
+    static = [(x, y) for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0]
+    return bool(static) and all(x == y for x, y in static)
 
 
 def _floating(chunks: Sequence[np.ndarray]) -> bool:
