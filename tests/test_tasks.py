@@ -139,6 +139,49 @@ def test_an_output_shaped_like_an_input_is_a_state_the_caller_carries():
     assert resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(plain))["h_next"].kind == "top1"
 
 
+def _recognizer(blank: int, ids: bool = False, steps: int = 12, classes: int = 7):
+    """Per-step class scores [N, steps, classes] whose `blank` class wins most steps, as a CTC recognizer's do;
+    with `ids` the steps are token ids looked up in a table (a tagger, whose 'outside' class wins most steps)."""
+    rng = np.random.default_rng(0)
+    bias = np.zeros(classes, np.float32)
+    bias[blank] = 3.0
+    inits = [numpy_helper.from_array(weights(rng, 4, classes, scale=1.0), "W"), numpy_helper.from_array(bias, "B")]
+    nodes = [helper.make_node("MatMul", ["f", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    if ids:
+        inits.append(numpy_helper.from_array(weights(rng, 50, 4, scale=1.0), "E"))
+        nodes.insert(0, helper.make_node("Gather", ["E", "x"], ["f"]))
+        inputs = [value("x", ["N", steps], TensorProto.INT64)]
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["x"], ["f"]))
+        inputs = [value("x", ["N", steps, 4])]
+    return make_model(nodes, inputs, [value("y", ["N", steps, classes])], inits)
+
+
+def test_per_step_scores_a_blank_wins_are_ctc_unless_the_model_reads_token_ids():
+    """Found on a trained OCR recognizer (PP-OCRv5 rec: a Softmax over 18385 classes at 40 steps, class 0 the
+    argmax at 97% of steps): detected as 'sequence', the whole argmax path, where its text is what counts (a
+    path shifted by a step reads the same). Per-step scores whose class 0 or last class wins at least half the
+    steps are ctc with that blank, unless the model reads integer inputs (token ids: a tagger's 'O' wins too)."""
+    from tiny import run
+
+    rng = np.random.default_rng(1)
+    for blank, want in ((0, 0), (6, -1)):
+        model = _recognizer(blank)
+        y, = run(model, {"x": rng.normal(size=(16, 12, 4)).astype(np.float32)})
+        kind = resolve_kinds(["y"], [[y]], output_producers(model))["y"]
+        assert kind.kind == "ctc" and kind.metric.blank == want and kind.budgeted, (blank, kind)
+        assert kind.describe() == f"ctc:{want} (detected)"
+    tagger = _recognizer(0, ids=True)
+    y, = run(tagger, {"x": rng.integers(0, 50, size=(16, 12))})
+    assert resolve_kinds(["y"], [[y]], output_producers(tagger))["y"].kind == "sequence"
+    # a path that reads the same text agrees as ctc, not as a sequence
+    path_a, path_b = np.eye(3)[[1, 1, 0, 0, 2, 0]], np.eye(3)[[1, 0, 0, 2, 0, 0]]
+    ref, cand = np.stack([path_a, path_a]), np.stack([path_b, path_a])
+    metric, = compare_outputs(["y"], [[ref]], [[cand]], kinds=resolve_kinds(["y"], [[ref]]))
+    assert metric.task == "ctc:0 (detected)" and metric.agreement == 1.0
+
+
 def test_probability_agreement_counts_decisions_at_the_threshold():
     ref = np.array([[0.1], [0.49], [0.51], [0.9]], np.float32)
     cand = np.array([[0.2], [0.52], [0.51], [0.6]], np.float32)  # one decision (0.49 -> 0.52) flips at 0.5

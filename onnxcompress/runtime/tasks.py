@@ -12,6 +12,8 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
   whole argmax sequence is the same.
 - ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
   blank index default 0, negative counts from the end): a sample agrees when its text is the same.
+  Detected for per-step scores whose class 0 or last class wins at least half the steps (a recognizer's
+  blank), unless the model reads integer inputs (token ids: a tagger's).
 - regression[:TOL[:GATE]]: numbers: a sample (a row along the first axis) agrees when its RMS error
   is at most TOL (default 0.05) times the reference's RMS over the whole output. With GATE (another
   output's name) only the rows the reference says hold an object count, as a detector's boxes matter
@@ -90,7 +92,8 @@ class OutputKind:
     budgeted: bool = True
 
     def describe(self) -> str:
-        return f"{self.metric.describe() if self.chosen else self.kind} ({'chosen' if self.chosen else 'detected'})"
+        shown = self.metric.describe() if self.chosen or self.kind == "ctc" else self.kind
+        return f"{shown} ({'chosen' if self.chosen else 'detected'})"
 
 
 def is_builtin(spec: str | None) -> bool:
@@ -141,7 +144,13 @@ def _parse_part(spec: str) -> TaskMetric:
     return TaskMetric(kind, outputs=outputs)
 
 
-def output_producers(model: onnx.ModelProto) -> dict[str, str]:
+class Producers(dict):
+    """output name -> the op type that made it (output_producers), and whether the model reads integer inputs."""
+
+    reads_ids: bool = False  # token ids in: a per-step output is a tagger's, never a CTC recognizer's
+
+
+def output_producers(model: onnx.ModelProto) -> Producers:
     """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
     a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
     joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none.
@@ -165,7 +174,9 @@ def output_producers(model: onnx.ModelProto) -> dict[str, str]:
         return node.op_type
 
     inputs = [_declared(i) for i in model.graph.input if i.name not in constants]
-    producers = {}
+    producers = Producers()
+    producers.reads_ids = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+                              for i in model.graph.input if i.name not in constants)
     for out in model.graph.output:
         found = source(out.name, 0)
         shape = _declared(out)
@@ -223,6 +234,24 @@ def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Ki
     return "regression"
 
 
+CTC_BLANK_SHARE = 0.5  # a blank wins at least this share of the steps of a CTC recognizer's output
+
+
+def ctc_blank(chunks: Sequence[np.ndarray]) -> int | None:
+    """The blank of per-step class scores [batch, steps, classes] read as CTC: class 0 (else the last, as -1) when
+    it is the argmax at >= CTC_BLANK_SHARE of all steps, as a recognizer's blank is between and around characters;
+    None otherwise (fewer than 3 classes or 2 steps too)."""
+    first = np.asarray(chunks[0])
+    if first.ndim != 3 or first.shape[-1] < 3 or first.shape[1] < 2:
+        return None
+    winners = np.concatenate([np.asarray(c).argmax(-1).ravel() for c in chunks])
+    if winners.size == 0:
+        return None
+    share = {0: float(np.mean(winners == 0)), -1: float(np.mean(winners == first.shape[-1] - 1))}
+    blank = max(share, key=share.get)
+    return blank if share[blank] >= CTC_BLANK_SHARE else None
+
+
 def fits(kind: Kind, chunks: Sequence[np.ndarray]) -> bool:
     """Whether a chosen kind can measure this output."""
     if not _floating(chunks):
@@ -263,7 +292,10 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
             raise RecipeError(f"metric '{part.kind}' cannot measure output '{name}' "
                               f"(shape {chunks[0].shape}, {chunks[0].dtype})")
         detected = detect_kind(chunks, producers.get(name))
-        if detected is not None:
+        blank = ctc_blank(chunks) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
+        if blank is not None:
+            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank), chosen=False, budgeted=not naming)
+        elif detected is not None:
             # with outputs named, the others are reported but not budgeted; a detected regression is
             # budgeted by its SQNR, not by a tolerance nobody chose
             budgeted = not naming and detected != "regression"
