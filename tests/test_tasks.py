@@ -104,6 +104,13 @@ def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_no
     y, = run(detector, {"x": rng.normal(size=(4, 8, 5, 5)).astype(np.float32)})
     assert output_producers(detector)["y"] == "Concat" and detect_kind([y], "Concat") == "regression"
 
+    # features out of an activation no logit comes out of (a Relu, a mel spectrogram's Clip): numbers too
+    from tiny import run as run_model
+    for op in ("Relu", "Clip"):
+        model = _head(op, n=10)
+        out, = run_model(model, _feeds(model))
+        assert detect_kind([out], output_producers(model).get("y")) == "regression", op
+
     # mean pooling (Div) behind a one-input Concat: still the embedding it was
     pooled = _head("LayerNormalization", n=32)
     pooled.graph.node.append(helper.make_node("Concat", ["y"], ["e"], axis=1))

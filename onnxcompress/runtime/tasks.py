@@ -50,6 +50,10 @@ EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum"
 LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
 # producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
 # Concat joining parts made by different ops (output_producers)
+# activations no logit comes out of (non-negative, clipped or smoothed features: a mel spectrogram's Clip, an
+# encoder's Relu): numbers, unless their values say probability
+FEATURE_PRODUCERS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sqrt", "Pow", "Abs", "Softplus", "Elu", "Selu",
+                               "Celu", "HardSwish", "Mish", "Gelu"})
 CARRIED = "carried state"  # output_producers' word for an output shaped like an input: a state the caller feeds back
 STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat", CARRIED})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
@@ -223,8 +227,8 @@ def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Ki
         return "probability"
     if in_unit and last >= 2 and not all(np.allclose(np.asarray(c).sum(-1), 1.0, atol=1e-3) for c in chunks):
         return "probability"  # independent sigmoids side by side, not one distribution
-    if producer in STATE_PRODUCERS:
-        return "regression"  # a state or joined parts: no axis of it is one decision
+    if producer in STATE_PRODUCERS or producer in FEATURE_PRODUCERS:
+        return "regression"  # a state, joined parts or features: no axis of it is one decision
     if producer in EMBEDDING_PRODUCERS and first.ndim >= 2 and last >= 8:
         return "embedding"
     if first.ndim == 3 and last >= 2:
