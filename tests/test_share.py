@@ -59,6 +59,8 @@ def test_uint4_codes_at_opset_21_and_two_a_byte_down_to_opset_7():
         assert codes.data_type == TensorProto.UINT8 and len(codes.raw_data) == 128 * 64 // 2
         assert ctx.model.opset_import[0].version == opset and not ctx.notes
         assert "Mod" not in op_types(ctx.model) or opset == 10
+        feeds = {"x": np.random.default_rng(0).standard_normal((4, 128)).astype(np.float32)}
+        assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)  # in onnxruntime
 
 
 def test_weights_inside_if_branches_are_shared():
