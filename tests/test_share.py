@@ -49,15 +49,18 @@ def test_4bit_codes_packed_two_a_byte_below_opset_21(opset):
     assert {"Div", "Mod"} <= set(op_types(ctx.model))
 
 
-def test_uint4_codes_at_opset_21_and_one_a_byte_below_opset_11_with_a_note():
+def test_uint4_codes_at_opset_21_and_two_a_byte_down_to_opset_7():
     model = gemm(k=128, n=64)
     codes = next(t for t in run_share(model, bits_fc=4).model.graph.initializer if t.name.startswith("W__codes"))
     assert codes.data_type == TensorProto.UINT4 and len(codes.raw_data) == 128 * 64 // 2
-    ctx = run_share(gemm(k=128, n=64, opset=10), bits_fc=4)
-    codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
-    assert codes.data_type == TensorProto.UINT8 and len(codes.raw_data) == 128 * 64
-    assert ctx.model.opset_import[0].version == 10
-    assert any("opset 10" in n for n in ctx.notes)
+    for opset in (7, 9, 10):  # no Mod before 10: x - (x div 16) * 16
+        ctx = run_share(gemm(k=128, n=64, opset=opset), bits_fc=4)
+        codes = next(t for t in ctx.model.graph.initializer if t.name.startswith("W__codes"))
+        assert codes.data_type == TensorProto.UINT8 and len(codes.raw_data) == 128 * 64 // 2
+        assert ctx.model.opset_import[0].version == opset and not ctx.notes
+        assert "Mod" not in op_types(ctx.model) or opset == 10
+        feeds = {"x": np.random.default_rng(0).standard_normal((4, 128)).astype(np.float32)}
+        assert_valid_and_close(decoded_reference(ctx), ctx.model, feeds, atol=1e-5)  # in onnxruntime
 
 
 def test_weights_inside_if_branches_are_shared():

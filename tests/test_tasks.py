@@ -55,6 +55,140 @@ def test_kinds_are_detected_from_values_and_the_producing_op():
     assert detect_kind([np.arange(4, dtype=np.int64)]) is None  # not floating: compared exactly
 
 
+def _lstm_state_model(hidden: int = 16, steps: int = 5):
+    """x [steps, N, 8] -> LSTM -> Y_h [1, N, hidden] -> Concat(Y_h, Y_c) [2, N, hidden] as the output `state`, and
+    a Sigmoid head on Y_h as `p`: a streaming detector's state beside its decision."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(weights(rng, 1, 4 * hidden, 8, scale=0.5), "W"),
+             numpy_helper.from_array(weights(rng, 1, 4 * hidden, hidden, scale=0.5), "R"),
+             numpy_helper.from_array(weights(rng, hidden, 1), "V")]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "h", "c"], hidden_size=hidden),
+             helper.make_node("Concat", ["h", "c"], ["state"], axis=0),
+             helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "V"], ["z"]), helper.make_node("Sigmoid", ["z"], ["p"])]
+    inits.append(numpy_helper.from_array(np.array([-1, hidden], np.int64), "flat"))
+    return make_model(nodes, [value("x", [steps, "N", 8])], [value("p", ["N", 1]), value("state", [2, "N", hidden])],
+                      inits)
+
+
+def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_not_class_scores():
+    """Found on trained models (an int8 LSTM voice filter's hN/cN, a GRU encoder's memory, YOLOv8's output of boxes
+    beside scores, a sentence encoder's mean pooling followed by a Concat): detected as 'sequence' or 'top1', an
+    argmax over hidden units or anchors no task reads. A state is compared as numbers (regression, budgeted by
+    SQNR); a Concat of parts made by different ops too; a Concat of one origin is that origin."""
+    from tiny import run
+
+    model = _lstm_state_model()
+    feeds = {"x": np.random.default_rng(1).normal(size=(5, 64, 8)).astype(np.float32)}
+    producers = output_producers(model)
+    p, state = run(model, feeds)
+    assert producers["state"] == "LSTM"
+    assert detect_kind([state], producers["state"]) == "regression"
+    assert detect_kind([p], producers["p"]) == "probability"
+    kinds = resolve_kinds(["p", "state"], [[p, state]], producers)
+    assert kinds["p"].budgeted and not kinds["state"].budgeted
+
+    # YOLO-style head: boxes (a Mul of the features) beside class scores (a Sigmoid), joined on axis 1
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "Wb"], ["b"]), helper.make_node("Mul", ["b", "s"], ["boxes"]),
+             helper.make_node("Conv", ["x", "Wc"], ["c"]), helper.make_node("Sigmoid", ["c"], ["scores"]),
+             helper.make_node("Reshape", ["boxes", "shape4"], ["boxes2"]),
+             helper.make_node("Reshape", ["scores", "shape6"], ["scores2"]),
+             helper.make_node("Concat", ["boxes2", "scores2"], ["y"], axis=1)]
+    inits = [numpy_helper.from_array(weights(rng, 4, 8, 1, 1, scale=1.0), "Wb"),
+             numpy_helper.from_array(weights(rng, 6, 8, 1, 1, scale=1.0), "Wc"),
+             numpy_helper.from_array(np.array(16.0, np.float32), "s"),
+             numpy_helper.from_array(np.array([0, 4, -1], np.int64), "shape4"),
+             numpy_helper.from_array(np.array([0, 6, -1], np.int64), "shape6")]
+    detector = make_model(nodes, [value("x", ["N", 8, 5, 5])], [value("y", ["N", 10, 25])], inits)
+    y, = run(detector, {"x": rng.normal(size=(4, 8, 5, 5)).astype(np.float32)})
+    assert output_producers(detector)["y"] == "Concat" and detect_kind([y], "Concat") == "regression"
+
+    # features out of an activation no logit comes out of (a Relu, a mel spectrogram's Clip): numbers too
+    from tiny import run as run_model
+    for op in ("Relu", "Clip"):
+        model = _head(op, n=10)
+        out, = run_model(model, _feeds(model))
+        assert detect_kind([out], output_producers(model).get("y")) == "regression", op
+
+    # mean pooling (Div) behind a one-input Concat: still the embedding it was
+    pooled = _head("LayerNormalization", n=32)
+    pooled.graph.node.append(helper.make_node("Concat", ["y"], ["e"], axis=1))
+    pooled.graph.output[0].name = "e"
+    e, = run(pooled, _feeds(pooled))
+    assert output_producers(pooled)["e"] == "LayerNormalization" and detect_kind([e], "LayerNormalization") == "embedding"
+
+
+def test_an_output_shaped_like_an_input_is_a_state_the_caller_carries():
+    """Found on trained streaming models (a GRU decoder's hidden_out beside its hidden input, a VAD's caches; a
+    state made inside If branches hides its op): detected as class scores. An output whose declared shape is an
+    input's (a static dimension in common, none different) is a state fed back: compared as numbers."""
+    from tiny import run
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["h", "U"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["h_next"]), helper.make_node("MatMul", ["h_next", "V"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["p"])]
+    inits = [numpy_helper.from_array(weights(rng, 8, 16, scale=0.5), "W"),
+             numpy_helper.from_array(weights(rng, 16, 16, scale=0.5), "U"),
+             numpy_helper.from_array(weights(rng, 16, 1), "V")]
+    model = make_model(nodes, [value("x", ["N", 8]), value("h", ["N", 16])],
+                       [value("p", ["N", 1]), value("h_next", ["batch", 16])], inits)
+    feeds = {"x": rng.normal(size=(64, 8)).astype(np.float32), "h": rng.normal(size=(64, 16)).astype(np.float32)}
+    p, h_next = run(model, feeds)
+    kinds = resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(model))
+    assert kinds["h_next"].kind == "regression" and not kinds["h_next"].budgeted
+    assert kinds["p"].kind == "probability" and kinds["p"].budgeted
+    # the same head without a state input: the 16 scores are class scores again
+    plain = make_model(nodes[:1] + [helper.make_node("Identity", ["a"], ["h_next"])] + nodes[3:],
+                       [value("x", ["N", 8])], [value("p", ["N", 1]), value("h_next", ["N", 16])], inits[:1] + inits[2:])
+    p, h_next = run(plain, {"x": feeds["x"]})
+    assert resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(plain))["h_next"].kind == "top1"
+
+
+def _recognizer(blank: int, ids: bool = False, steps: int = 12, classes: int = 7):
+    """Per-step class scores [N, steps, classes] whose `blank` class wins most steps, as a CTC recognizer's do;
+    with `ids` the steps are token ids looked up in a table (a tagger, whose 'outside' class wins most steps)."""
+    rng = np.random.default_rng(0)
+    bias = np.zeros(classes, np.float32)
+    bias[blank] = 3.0
+    inits = [numpy_helper.from_array(weights(rng, 4, classes, scale=1.0), "W"), numpy_helper.from_array(bias, "B")]
+    nodes = [helper.make_node("MatMul", ["f", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    if ids:
+        inits.append(numpy_helper.from_array(weights(rng, 50, 4, scale=1.0), "E"))
+        nodes.insert(0, helper.make_node("Gather", ["E", "x"], ["f"]))
+        inputs = [value("x", ["N", steps], TensorProto.INT64)]
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["x"], ["f"]))
+        inputs = [value("x", ["N", steps, 4])]
+    return make_model(nodes, inputs, [value("y", ["N", steps, classes])], inits)
+
+
+def test_per_step_scores_a_blank_wins_are_ctc_unless_the_model_reads_token_ids():
+    """Found on a trained OCR recognizer (PP-OCRv5 rec: a Softmax over 18385 classes at 40 steps, class 0 the
+    argmax at 97% of steps): detected as 'sequence', the whole argmax path, where its text is what counts (a
+    path shifted by a step reads the same). Per-step scores whose class 0 or last class wins at least half the
+    steps are ctc with that blank, unless the model reads integer inputs (token ids: a tagger's 'O' wins too)."""
+    from tiny import run
+
+    rng = np.random.default_rng(1)
+    for blank, want in ((0, 0), (6, -1)):
+        model = _recognizer(blank)
+        y, = run(model, {"x": rng.normal(size=(16, 12, 4)).astype(np.float32)})
+        kind = resolve_kinds(["y"], [[y]], output_producers(model))["y"]
+        assert kind.kind == "ctc" and kind.metric.blank == want and kind.budgeted, (blank, kind)
+        assert kind.describe() == f"ctc:{want} (detected)"
+    tagger = _recognizer(0, ids=True)
+    y, = run(tagger, {"x": rng.integers(0, 50, size=(16, 12))})
+    assert resolve_kinds(["y"], [[y]], output_producers(tagger))["y"].kind == "sequence"
+    # a path that reads the same text agrees as ctc, not as a sequence
+    path_a, path_b = np.eye(3)[[1, 1, 0, 0, 2, 0]], np.eye(3)[[1, 0, 0, 2, 0, 0]]
+    ref, cand = np.stack([path_a, path_a]), np.stack([path_b, path_a])
+    metric, = compare_outputs(["y"], [[ref]], [[cand]], kinds=resolve_kinds(["y"], [[ref]]))
+    assert metric.task == "ctc:0 (detected)" and metric.agreement == 1.0
+
+
 def test_probability_agreement_counts_decisions_at_the_threshold():
     ref = np.array([[0.1], [0.49], [0.51], [0.9]], np.float32)
     cand = np.array([[0.2], [0.52], [0.51], [0.6]], np.float32)  # one decision (0.49 -> 0.52) flips at 0.5

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import ModelError
-from onnxcompress.formats.codechain import code_bytes, codes_nodes, PACK_MIN_OPSET
+from onnxcompress.formats.codechain import code_bytes, codes_nodes, SPARSE_MIN_OPSET
 from onnxcompress.graph.edit import mark, NameScope
 from onnxcompress.graph.weights import WeightInfo
 from onnxcompress.numerics.kmeans import kmeans_1d
@@ -102,7 +102,7 @@ class SharedWeight:
         return tuple(self.codes.shape) == tuple(self.shape) and all(
             part is None or (channels is not None and part.size == channels) for part in (self.scale, self.group_offsets))
 
-    def payload_bytes(self, opset: int = PACK_MIN_OPSET) -> int:
+    def payload_bytes(self, opset: int = SPARSE_MIN_OPSET) -> int:
         """Bytes of tensor data in the portable form written at `opset` (codes bit-packed, dense or
         sparse, see :mod:`onnxcompress.formats.codechain`)."""
         total = code_bytes(self.codes, self.bits, opset) + self.codebook.size * 4

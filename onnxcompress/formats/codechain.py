@@ -1,6 +1,6 @@
 """Integer codes bit-packed into uint8 initializers, and the standard ONNX ops that unpack them.
 
-Dense packing (any width ``b`` in 1..8, any opset >= 11). Codes are the little-endian bit stream
+Dense packing (any width ``b`` in 1..8, any opset >= 7). Codes are the little-endian bit stream
 of :func:`onnxcompress.formats.codecs.bitpack.pack` (whose ``unpack`` is the numpy decoder), padded with
 zero codes to whole *words*: a word is the smallest run of bytes holding a whole number of
 codes, ``m = b / gcd(b, 8)`` bytes for ``k = 8 / gcd(b, 8)`` codes (1 byte for 8, 4, 2 or 1 codes
@@ -14,7 +14,8 @@ int32 (Cast),
             code[g, i] = (byte[g, l] div 2**r + byte[g, l+1] * 2**(8-r) [if it spills]) mod 2**b
                                                                   (Gather x2, Div, Mul, Add, Mod)
 
-then Reshape (and Slice off the padding). No intermediate exceeds 16 bits (combining whole 40- or
+then Reshape (and Slice off the padding). Below opset 10, which has no Mod and takes Slice's bounds as
+attributes, ``x mod 2**b`` is ``x - (x div 2**b) * 2**b`` (the words are non-negative) and Slice gets attributes. No intermediate exceeds 16 bits (combining whole 40- or
 56-bit words would not be exact: onnxruntime's ReduceSum on int64 rounds beyond 2**53). A b-bit
 code costs b/8 bytes whatever the opset, and every input is constant, so onnxruntime folds the
 chain at session creation (tests/test_fold.py checks each kind).
@@ -41,7 +42,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.graph.edit import NameScope
 
-PACK_MIN_OPSET = 11  # CumSum, ScatterElements, Slice with inputs: every op of the chains exists from 11 on
+PACK_MIN_OPSET = 7  # dense bit-packed codes: Cast, Div, Mul, Add, Sub, Gather, Reshape, Slice exist from 7 on
+SPARSE_MIN_OPSET = 11  # relative indices: CumSum and ScatterElements exist from 11 on
+MOD_MIN_OPSET = 10  # Mod, and Slice with inputs
 UINT4_MIN_OPSET = 21  # uint4 initializers: 4-bit codes stored as such, one Cast to unpack them
 MAX_BITS = 8
 _STEP = "sw"  # base of the intermediate tensor names
@@ -143,7 +146,7 @@ def code_bytes(codes: np.ndarray, bits: int, opset: int) -> int:
 def codes_nodes(codes: np.ndarray, bits: int, opset: int, scope: NameScope, base: str
                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """Nodes and initializers computing `codes` as an int32 tensor of their shape; returns (nodes,
-    initializers, name of the codes tensor). Below opset 11 or above 8 bits, the codes are one
+    initializers, name of the codes tensor). Below opset 7 or above 8 bits, the codes are one
     uint8/uint16 a code and a Cast."""
     codes = np.asarray(codes)
     if opset < PACK_MIN_OPSET or bits > MAX_BITS:
@@ -160,7 +163,7 @@ def codes_nodes(codes: np.ndarray, bits: int, opset: int, scope: NameScope, base
 def _relative(codes: np.ndarray, bits: int, opset: int) -> SparseCodes | None:
     """The relative-index form of the codes when its nodes and tensors serialize smaller than the
     dense form's (the CumSum/ScatterElements chain costs a few hundred bytes), else None."""
-    if opset < PACK_MIN_OPSET or bits > MAX_BITS:
+    if opset < SPARSE_MIN_OPSET or bits > MAX_BITS:
         return None
     codes = np.asarray(codes)
     sparse = sparse_codes(codes, bits)
@@ -218,12 +221,12 @@ def _dense_nodes(values: np.ndarray, bits: int, shape: tuple[int, ...], scope: N
     inits = [numpy_helper.from_array(pack_words(values, bits), stream)]
     word = scope.fresh(_STEP)
     nodes = [helper.make_node("Cast", [stream], [word], to=TensorProto.INT32)]
-    more_nodes, more_inits, codes = (_split_spanning if m > 1 else _split_words)(word, bits, k, scope, name)
-    shape_nodes, shape_inits, out = _shaped(codes, shape, k, scope, name)
+    more_nodes, more_inits, codes = (_split_spanning if m > 1 else _split_words)(word, bits, k, scope, name, opset)
+    shape_nodes, shape_inits, out = _shaped(codes, shape, k, scope, name, opset)
     return nodes + more_nodes + shape_nodes, inits + more_inits + shape_inits, out
 
 
-def _split_spanning(word: str, bits: int, k: int, scope: NameScope, name: str
+def _split_spanning(word: str, bits: int, k: int, scope: NameScope, name: str, opset: int
                     ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """(G, k) codes from (G, m) int32 bytes of codes that may span two bytes: code i is its first byte
     shifted down plus its second byte (if it reaches one) shifted up, modulo 2^bits."""
@@ -241,25 +244,34 @@ def _split_spanning(word: str, bits: int, k: int, scope: NameScope, name: str
              helper.make_node("Div", [first, names[2]], [down]),
              helper.make_node("Mul", [second, names[3]], [up]),
              helper.make_node("Add", [down, up], [joined])]
-    modulus, codes = scope.fresh(f"{name}_modulus"), scope.fresh(_STEP)
+    modulus = scope.fresh(f"{name}_modulus")
     inits.append(numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus))
-    nodes.append(helper.make_node("Mod", [joined, modulus], [codes]))
-    return nodes, inits, codes
+    more, codes = _mod(joined, modulus, scope, opset)
+    return nodes + more, inits, codes
 
 
-def _split_words(word: str, bits: int, k: int, scope: NameScope, name: str
+def _split_words(word: str, bits: int, k: int, scope: NameScope, name: str, opset: int
                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """(G, k) codes from (G, 1) int32 words holding k codes each: Div by 2^(bits i), Mod 2^bits."""
     shifts, modulus = scope.fresh(f"{name}_shifts"), scope.fresh(f"{name}_modulus")
     inits = [numpy_helper.from_array((2 ** (bits * np.arange(k))).astype(np.int32), shifts),
              numpy_helper.from_array(np.array(2 ** bits, np.int32), modulus)]
-    shifted, codes = scope.fresh(_STEP), scope.fresh(_STEP)
-    nodes = [helper.make_node("Div", [word, shifts], [shifted]),
-             helper.make_node("Mod", [shifted, modulus], [codes])]
-    return nodes, inits, codes
+    shifted = scope.fresh(_STEP)
+    more, codes = _mod(shifted, modulus, scope, opset)
+    return [helper.make_node("Div", [word, shifts], [shifted])] + more, inits, codes
 
 
-def _shaped(codes: str, shape: tuple[int, ...], k: int, scope: NameScope, name: str
+def _mod(x: str, modulus: str, scope: NameScope, opset: int) -> tuple[list[onnx.NodeProto], str]:
+    """x mod modulus for non-negative int32 x: Mod, or below opset 10 x - (x div modulus) * modulus."""
+    out = scope.fresh(_STEP)
+    if opset >= MOD_MIN_OPSET:
+        return [helper.make_node("Mod", [x, modulus], [out])], out
+    quotient, whole = scope.fresh(_STEP), scope.fresh(_STEP)
+    return [helper.make_node("Div", [x, modulus], [quotient]), helper.make_node("Mul", [quotient, modulus], [whole]),
+            helper.make_node("Sub", [x, whole], [out])], out
+
+
+def _shaped(codes: str, shape: tuple[int, ...], k: int, scope: NameScope, name: str, opset: int
             ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """The (G, k) codes in the codes' shape: reshaped, or with the last word's padding sliced off first."""
     count = int(np.prod(shape, dtype=np.int64))
@@ -269,11 +281,14 @@ def _shaped(codes: str, shape: tuple[int, ...], k: int, scope: NameScope, name: 
                 [numpy_helper.from_array(np.array(shape, np.int64), dims)], out)
     flat, starts, ends = (scope.fresh(f"{name}_{s}") for s in ("flat", "start", "end"))
     flat_out, out = scope.fresh(_STEP), scope.fresh(_STEP)
-    inits = [numpy_helper.from_array(np.array([-1], np.int64), flat),
-             numpy_helper.from_array(np.array([0], np.int64), starts),
-             numpy_helper.from_array(np.array([count], np.int64), ends)]
-    nodes = [helper.make_node("Reshape", [codes, flat], [flat_out]),
-             helper.make_node("Slice", [flat_out, starts, ends], [out])]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), flat)]
+    nodes = [helper.make_node("Reshape", [codes, flat], [flat_out])]
+    if opset >= MOD_MIN_OPSET:
+        inits += [numpy_helper.from_array(np.array([0], np.int64), starts),
+                  numpy_helper.from_array(np.array([count], np.int64), ends)]
+        nodes.append(helper.make_node("Slice", [flat_out, starts, ends], [out]))
+    else:  # Slice's bounds are attributes before opset 10
+        nodes.append(helper.make_node("Slice", [flat_out], [out], starts=[0], ends=[count], axes=[0]))
     if len(shape) != 1:  # the padding sliced off the flat codes, then the codes' shape
         dims, shaped = scope.fresh(f"{name}_shape"), scope.fresh(_STEP)
         inits.append(numpy_helper.from_array(np.array(shape, np.int64), dims))

@@ -149,6 +149,17 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEM
     return found
 
 
+QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")  # integer weights another tool quantized (not shapes, not indices)
+
+
+def prequantized_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> list[WeightInfo]:
+    """The used constant tensors of 8 bits or fewer of at least `min_elements` elements: weights quantized before
+    us (onnxruntime's quantize_dynamic feeds MatMulInteger and DynamicQuantizeLSTM with them), which the passes,
+    compressing float weights, keep as they are."""
+    return [w for w in find_weights(model, min_elements=min_elements)
+            if w.dtype in QUANTIZED_DTYPES and w.numel >= min_elements and w.consumers]
+
+
 def _info(tensor: onnx.TensorProto, name: str, location: str, path: str) -> WeightInfo:
     return WeightInfo(name=name, shape=tuple(int(d) for d in tensor.dims), dtype=_dtype_name(tensor.data_type),
                       nbytes=_tensor_nbytes(tensor), location=location, graph=path)

@@ -29,7 +29,7 @@ from onnxcompress.graph import external
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import drop_initializer_inputs
 from onnxcompress.graph.spill import SpillingDict
-from onnxcompress.graph.weights import find_weights, NONFINITE, nonfinite_weights, WeightInfo
+from onnxcompress.graph.weights import find_weights, NONFINITE, nonfinite_weights, prequantized_weights, WeightInfo
 from onnxcompress.numerics.quantmath import CalibrationResult
 from onnxcompress.pipeline.artifacts import Artifact, SearchPlan
 from onnxcompress.pipeline.configs import make_config
@@ -109,6 +109,11 @@ class Context:
             ctx.note(f"{len(dropped)} initializer(s) were also listed as graph inputs ({', '.join(dropped[:5])}"
                      f"{', ...' if len(dropped) > 5 else ''}), defaults a caller could override: they are treated as "
                      "the constants they are and are no longer inputs of the output, so they can be compressed")
+        if quantized := prequantized_weights(working):
+            kinds, size = ", ".join(sorted({w.dtype for w in quantized})), sum(w.nbytes for w in quantized)
+            ctx.note(f"{f'{size / 1e6:.1f} MB' if size >= 1e6 else f'{size / 1e3:.1f} KB'} of weights ({len(quantized)} tensor(s), {kinds}) are "
+                     "already integer, quantized before: the passes compress float weights, so these are kept as they "
+                     "are (compress the float model this one was quantized from to go further)")
         return ctx
 
     def fork(self) -> Context:

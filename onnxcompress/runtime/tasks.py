@@ -12,6 +12,8 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
   whole argmax sequence is the same.
 - ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
   blank index default 0, negative counts from the end): a sample agrees when its text is the same.
+  Detected for per-step scores whose class 0 or last class wins at least half the steps (a recognizer's
+  blank), unless the model reads integer inputs (token ids: a tagger's).
 - regression[:TOL[:GATE]]: numbers: a sample (a row along the first axis) agrees when its RMS error
   is at most TOL (default 0.05) times the reference's RMS over the whole output. With GATE (another
   output's name) only the rows the reference says hold an object count, as a detector's boxes matter
@@ -23,7 +25,8 @@ without @ it applies to every output it fits, with @ only the named outputs coun
 budget. Several outputs of different kinds: parts joined by commas, each naming its outputs
 (`top1@scores,regression:0.2@boxes`): a sample agrees on each output by that output's kind, and a
 budget holds every named output. Without a name each output's kind is detected from its values
-and the op producing it.
+and the op producing it (looked through ops that only move values: a recurrent state or a Concat of
+parts made by different ops, a detector's boxes beside its scores, is compared as numbers).
 """
 from __future__ import annotations
 
@@ -37,11 +40,22 @@ import numpy as np
 import onnx
 
 from onnxcompress.errors import RecipeError
+from onnxcompress.graph.weights import PASS_THROUGH
 
 Kind = Literal["top1", "probability", "embedding", "sequence", "ctc", "regression"]
 KINDS: tuple[str, ...] = ("top1", "probability", "embedding", "sequence", "ctc", "regression")
 EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "Div",
                                  "LpNormalization", "GlobalAveragePool"})
+# ops that only move, repeat or retype values: an output's producer is looked for behind them
+LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
+# producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
+# Concat joining parts made by different ops (output_producers)
+# activations no logit comes out of (non-negative, clipped or smoothed features: a mel spectrogram's Clip, an
+# encoder's Relu): numbers, unless their values say probability
+FEATURE_PRODUCERS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sqrt", "Pow", "Abs", "Softplus", "Elu", "Selu",
+                               "Celu", "HardSwish", "Mish", "Gelu"})
+CARRIED = "carried state"  # output_producers' word for an output shaped like an input: a state the caller feeds back
+STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat", CARRIED})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
 
 
@@ -82,7 +96,8 @@ class OutputKind:
     budgeted: bool = True
 
     def describe(self) -> str:
-        return f"{self.metric.describe() if self.chosen else self.kind} ({'chosen' if self.chosen else 'detected'})"
+        shown = self.metric.describe() if self.chosen or self.kind == "ctc" else self.kind
+        return f"{shown} ({'chosen' if self.chosen else 'detected'})"
 
 
 def is_builtin(spec: str | None) -> bool:
@@ -133,17 +148,64 @@ def _parse_part(spec: str) -> TaskMetric:
     return TaskMetric(kind, outputs=outputs)
 
 
-def output_producers(model: onnx.ModelProto) -> dict[str, str]:
-    """The op type producing each graph output (Identity looked through), for kind detection."""
+class Producers(dict):
+    """output name -> the op type that made it (output_producers), and whether the model reads integer inputs."""
+
+    reads_ids: bool = False  # token ids in: a per-step output is a tagger's, never a CTC recognizer's
+
+
+def output_producers(model: onnx.ModelProto) -> Producers:
+    """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
+    a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
+    joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none.
+    An output whose declared shape is a float input's (the same rank, a static dimension in common and none
+    different) is CARRIED, whatever made it (an If's branches, a hand-written cell's Add): a streaming model's
+    state, fed back at the next call; a Softmax or a Sigmoid stays what it is."""
     by_output = {o: n for n in model.graph.node for o in n.output}
-    producers = {}
+    constants = {i.name for i in model.graph.initializer}
+
+    def source(name: str, depth: int) -> str | None:
+        node = by_output.get(name)
+        if node is None or depth > 64:
+            return None
+        if node.op_type in LAYOUT_OPS and node.input:
+            inner = source(node.input[0], depth + 1)
+            return inner if inner is not None or node.op_type == "Identity" else node.op_type
+        if node.op_type == "Concat":
+            parts = {source(i, depth + 1) for i in node.input if i and i not in constants
+                     and getattr(by_output.get(i), "op_type", None) != "Constant"}
+            return parts.pop() if len(parts) == 1 and None not in parts else "Concat"
+        return node.op_type
+
+    inputs = [_declared(i) for i in model.graph.input if i.name not in constants]
+    producers = Producers()
+    producers.reads_ids = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+                              for i in model.graph.input if i.name not in constants)
     for out in model.graph.output:
-        node, seen = by_output.get(out.name), 0
-        while node is not None and node.op_type == "Identity" and seen < 8:
-            node, seen = by_output.get(node.input[0]), seen + 1
-        if node is not None:
-            producers[out.name] = node.op_type
+        found = source(out.name, 0)
+        shape = _declared(out)
+        if found not in ("Softmax", "LogSoftmax", "Sigmoid") and any(_alike(shape, i) for i in inputs):
+            found = CARRIED
+        if found is not None:
+            producers[out.name] = found
     return producers
+
+
+def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+    """A float tensor's declared dimensions (an int, or the symbol's name, "" when unnamed); None for others."""
+    kind = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not kind.HasField("shape") or kind.elem_type not in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in kind.shape.dim)
+
+
+def _alike(a: tuple | None, b: tuple | None) -> bool:
+    """The same rank (>= 2), no two static dimensions different, at least one static dimension the same."""
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return False
+    static = [(x, y) for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0]
+    return bool(static) and all(x == y for x, y in static)
 
 
 def _floating(chunks: Sequence[np.ndarray]) -> bool:
@@ -165,6 +227,8 @@ def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Ki
         return "probability"
     if in_unit and last >= 2 and not all(np.allclose(np.asarray(c).sum(-1), 1.0, atol=1e-3) for c in chunks):
         return "probability"  # independent sigmoids side by side, not one distribution
+    if producer in STATE_PRODUCERS or producer in FEATURE_PRODUCERS:
+        return "regression"  # a state, joined parts or features: no axis of it is one decision
     if producer in EMBEDDING_PRODUCERS and first.ndim >= 2 and last >= 8:
         return "embedding"
     if first.ndim == 3 and last >= 2:
@@ -172,6 +236,24 @@ def detect_kind(chunks: Sequence[np.ndarray], producer: str | None = None) -> Ki
     if first.ndim >= 2 and last >= 2:
         return "top1"
     return "regression"
+
+
+CTC_BLANK_SHARE = 0.5  # a blank wins at least this share of the steps of a CTC recognizer's output
+
+
+def ctc_blank(chunks: Sequence[np.ndarray]) -> int | None:
+    """The blank of per-step class scores [batch, steps, classes] read as CTC: class 0 (else the last, as -1) when
+    it is the argmax at >= CTC_BLANK_SHARE of all steps, as a recognizer's blank is between and around characters;
+    None otherwise (fewer than 3 classes or 2 steps too)."""
+    first = np.asarray(chunks[0])
+    if first.ndim != 3 or first.shape[-1] < 3 or first.shape[1] < 2:
+        return None
+    winners = np.concatenate([np.asarray(c).argmax(-1).ravel() for c in chunks])
+    if winners.size == 0:
+        return None
+    share = {0: float(np.mean(winners == 0)), -1: float(np.mean(winners == first.shape[-1] - 1))}
+    blank = max(share, key=share.get)
+    return blank if share[blank] >= CTC_BLANK_SHARE else None
 
 
 def fits(kind: Kind, chunks: Sequence[np.ndarray]) -> bool:
@@ -214,7 +296,10 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
             raise RecipeError(f"metric '{part.kind}' cannot measure output '{name}' "
                               f"(shape {chunks[0].shape}, {chunks[0].dtype})")
         detected = detect_kind(chunks, producers.get(name))
-        if detected is not None:
+        blank = ctc_blank(chunks) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
+        if blank is not None:
+            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank), chosen=False, budgeted=not naming)
+        elif detected is not None:
             # with outputs named, the others are reported but not budgeted; a detected regression is
             # budgeted by its SQNR, not by a tolerance nobody chose
             budgeted = not naming and detected != "regression"
