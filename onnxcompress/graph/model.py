@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxcompress.graph import datafile, external
+from onnxcompress.graph import datafile, external, functions
 from onnxcompress.graph.edit import all_tensors, iter_graphs
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.graph.outputs import OutputPlan, Role
@@ -57,32 +57,34 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     check_opset(model, str(path), max_opset)
-    _normalize(model)
+    _normalize(model, f"'{path}'")
     _check_structure(model, path)
     return model
 
 
 def checked_model(model: onnx.ModelProto, *, max_opset: int | None = None) -> onnx.ModelProto:
     """An in-memory model (the Python API's) checked as load_model checks a file: the model itself, or a
-    copy rewritten as load_model rewrites (segments dropped, sparse initializers dense, output shapes filled);
-    ModelError for what load_model refuses."""
+    copy rewritten as load_model rewrites (model-local functions inlined, segments dropped, sparse initializers
+    dense, output shapes filled); ModelError for what load_model refuses."""
     check_opset(model, "the model", max_opset)
     graphs = [g for g, _ in iter_graphs(model.graph)]
-    if (any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
+    if (model.functions or any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
             or any(a.name == "sparse_value" for g in graphs for n in g.node for a in n.attribute)
             or external.unranked_values(model.graph)):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
-        _normalize(model)
+        _normalize(model, "the model")
     _check_structure(model, "the model")
     return model
 
 
-def _normalize(model: onnx.ModelProto) -> None:
-    """What onnxruntime does at load and onnx cannot read, done once here: a tensor's `segment` fields (a piece
-    of a tensor split across messages, which onnxruntime ignores) dropped, sparse initializers stored dense,
-    the shapes of graph outputs that declare none filled in."""
+def _normalize(model: onnx.ModelProto, where: str) -> None:
+    """What onnxruntime does at load and onnx cannot read, done once here: model-local functions inlined (their
+    weights are then the graph's), a tensor's `segment` fields (a piece of a tensor split across messages, which
+    onnxruntime ignores) dropped, sparse initializers stored dense, the shapes of graph outputs that declare none
+    filled in."""
+    functions.inline_functions(model, where)
     for tensor in all_tensors(model):
         if tensor.HasField("segment"):
             log.info("tensor %r: ignored its segment fields (onnxruntime ignores them too)", tensor.name[:200])
