@@ -135,6 +135,9 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
                     attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
 
 
+_SPARSE_INDEX_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+
+
 def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
     import numpy as np
     from onnx import numpy_helper
@@ -146,6 +149,14 @@ def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
     if any(d < 0 for d in dims):
         raise ModelError(f"sparse initializer '{name}' ({path}) declares a negative dimension {dims}")
     numel = check_elements(element_count(dims), f"sparse initializer '{name}' ({path})", ModelError)
+    # what onnxruntime checks at load: numeric values in one dimension, integer indices
+    if sparse.values.data_type == onnx.TensorProto.STRING or len(sparse.values.dims) != 1:
+        raise ModelError(f"sparse initializer '{name}' ({path}) holds values of type "
+                         f"{onnx.TensorProto.DataType.Name(sparse.values.data_type)} in {len(sparse.values.dims)} "
+                         "dimensions: onnxruntime takes numbers in one dimension")
+    if sparse.indices.data_type not in _SPARSE_INDEX_TYPES:
+        raise ModelError(f"sparse initializer '{name}' ({path}) has indices of element type {sparse.indices.data_type}: "
+                         "onnxruntime takes int8, int16, int32 or int64")
     try:
         values = numpy_helper.to_array(sparse.values).reshape(-1)
         indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
@@ -192,6 +203,12 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+    for graph, where in iter_graphs(model.graph):
+        seen: set[str] = set()
+        twice = next((n.name for n in graph.node if n.name and (n.name in seen or seen.add(n.name))), None)
+        if twice is not None:
+            raise ModelError(f"'{path}': two nodes of {where} are named {twice[:200]!r} (onnxruntime refuses "
+                             "such a model; node names are unique in a graph)")
     for tensor in all_tensors(model):
         check_tensor(tensor, f"'{path}'")
 
