@@ -103,3 +103,57 @@ def test_sparse_initializers_onnxruntime_refuses_are_refused(tmp_path, capsys, c
     del model.graph.initializer[:]
     model.graph.sparse_initializer.append(sparse)
     _refused(capsys, tmp_path, model, expected)
+
+
+def _compresses_close(tmp_path, model: onnx.ModelProto, recipe: str = "share") -> onnx.ModelProto:
+    """compress_file succeeds, the output passes onnx's full check and computes what the input computes (close)."""
+    path, out = tmp_path / "m.onnx", tmp_path / f"out-{recipe}.onnx"
+    onnx.save(model, path)
+    compress_file(path, out, recipe)
+    result = onnx.load(out)
+    onnx.checker.check_model(result, full_check=True)
+    feeds = {k: v[:4] for k, v in random_feeds(matmul(k=64, n=32), n=4).items()}
+    for ref, got in zip(run(model, feeds), run(result, feeds)):
+        assert np.linalg.norm(got - ref) <= 0.1 * np.linalg.norm(ref)
+    return result
+
+
+@pytest.mark.parametrize("recipe", ["share", "int8-dynamic"])
+def test_a_weight_that_is_also_a_graph_output_is_returned_as_it_is(tmp_path, recipe):
+    """int8-dynamic replaced the weight W, also a graph output, by its quantized form and DequantizeLinear: the output
+    named a value no longer there, and onnxruntime's refusal was reported as the user's (exit 2)."""
+    model = matmul(k=64, n=32)
+    model.graph.output.append(value("W", [64, 32]))
+    result = _compresses_close(tmp_path, model, recipe)
+    assert numpy_helper.to_array(next(t for t in result.graph.initializer if t.name == "W")).tolist() == \
+        numpy_helper.to_array(model.graph.initializer[0]).tolist()
+
+
+@pytest.mark.parametrize("case", ["no-onnx-domain", "untyped-output", "training-info"])
+def test_models_onnxruntime_runs_compress(tmp_path, case):
+    """A model importing only another domain (onnxruntime reads the ONNX domain at its latest opset) and a graph
+    output declaring no type were refused (exit 2); a model with training_info kept it in the output, its bindings
+    naming weights no longer there (now left out, with a warning)."""
+    model = matmul(k=64, n=32)
+    if case == "no-onnx-domain":
+        model.opset_import[0].CopyFrom(helper.make_opsetid("com.microsoft", 1))
+    elif case == "untyped-output":
+        model.graph.output[0].ClearField("type")
+    else:
+        info = model.training_info.add()
+        info.algorithm.CopyFrom(helper.make_graph([helper.make_node("Neg", ["W"], ["W_new"])], "train", [],
+                                                  [value("W_new", [64, 32])]))
+        info.update_binding.add(key="W", value="W_new")
+    result = _compresses_close(tmp_path, model)
+    assert not result.training_info
+    if case == "no-onnx-domain":
+        from onnxcompress.runtime.sessions import max_runnable_opset
+        assert ("", max_runnable_opset()) in [(o.domain, o.version) for o in result.opset_import]
+    if case == "untyped-output":
+        assert result.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_no_opset_at_all_is_refused(tmp_path, capsys):
+    model = matmul(k=64, n=32)
+    del model.opset_import[:]
+    _refused(capsys, tmp_path, model, "opset_import")

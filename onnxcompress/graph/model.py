@@ -57,7 +57,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     check_opset(model, str(path), max_opset)
-    _normalize(model, f"'{path}'")
+    _normalize(model, f"'{path}'", max_opset)
     _check_structure(model, path)
     return model
 
@@ -68,22 +68,38 @@ def checked_model(model: onnx.ModelProto, *, max_opset: int | None = None) -> on
     dense, output shapes filled); ModelError for what load_model refuses."""
     check_opset(model, "the model", max_opset)
     graphs = [g for g, _ in iter_graphs(model.graph)]
-    if (model.functions or any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
+    if (model.functions or model.training_info or _lacks_onnx_domain(model)
+            or any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
             or any(a.name == "sparse_value" for g in graphs for n in g.node for a in n.attribute)
-            or external.unranked_values(model.graph)):
+            or external.unranked_values(model.graph) or any(not v.type.WhichOneof("value") for v in model.graph.output)):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
-        _normalize(model, "the model")
+        _normalize(model, "the model", max_opset)
     _check_structure(model, "the model")
     return model
 
 
-def _normalize(model: onnx.ModelProto, where: str) -> None:
-    """What onnxruntime does at load and onnx cannot read, done once here: model-local functions inlined (their
-    weights are then the graph's), a tensor's `segment` fields (a piece of a tensor split across messages, which
-    onnxruntime ignores) dropped, sparse initializers stored dense, the shapes of graph outputs that declare none
-    filled in."""
+def _lacks_onnx_domain(model: onnx.ModelProto) -> bool:
+    """Whether the model imports opsets, none of them the ONNX domain's (onnxruntime then reads it at its latest;
+    a model importing no opset at all it refuses)."""
+    return bool(model.opset_import) and not opset_of(model)
+
+
+def _normalize(model: onnx.ModelProto, where: str, max_opset: int | None) -> None:
+    """What onnxruntime does at load and onnx cannot read, done once here: the ONNX domain imported at the
+    runtime's latest opset (`max_opset`, else onnx's) when the model imports others but not it, model-local functions inlined
+    (their weights are then the graph's), training_info left out, a tensor's `segment` fields (a piece of a tensor split across messages,
+    which onnxruntime ignores) dropped, sparse initializers stored dense, the types and shapes of graph outputs
+    that declare none filled in."""
+    if _lacks_onnx_domain(model):
+        version = max_opset or onnx.defs.onnx_opset_version()
+        model.opset_import.append(onnx.helper.make_opsetid("", version))
+        log.info("%s imports no ONNX opset; reading it at opset %d, as onnxruntime does (its latest)", where, version)
+    if model.training_info:  # its bindings name weights the passes replace, and onnxruntime ignores it
+        log.warning("%s: its training_info (%d training algorithms) is left out of the compressed model, which is "
+                    "for inference", where, len(model.training_info))
+        model.ClearField("training_info")
     functions.inline_functions(model, where)
     for tensor in all_tensors(model):
         if tensor.HasField("segment"):
@@ -176,16 +192,23 @@ def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
 
 
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
-    """Graph outputs that declare a type but no shape (onnxruntime runs them, onnx's checker refuses
-    them) get the shape onnx's inference finds; one it cannot find (an input of unknown rank before it) is
-    left so (external.check_model checks such a model without its shapes)."""
+    """Graph outputs that declare a type but no shape, or no type at all (onnxruntime runs them, onnx's checker
+    refuses them) get the type and shape onnx's inference finds; one it cannot find (an input of unknown rank
+    before it) is left so (external.check_model checks such a model without its shapes)."""
+    untyped = [v for v in model.graph.output if v.type.WhichOneof("value") is None]
     missing = [v for v in model.graph.output if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
-    if not missing:
+    if not missing and not untyped:
         return
     try:
         inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
         inferred = model
+    types = {v.name: v.type for v in inferred.graph.output if v.type.WhichOneof("value") is not None}
+    types.update((v.name, v.type) for v in inferred.graph.value_info if v.type.WhichOneof("value") is not None)
+    for value in untyped:
+        if value.name in types:
+            value.type.CopyFrom(types[value.name])
+            log.info("graph output '%s' declared no type; using the inferred one", value.name[:200])
     found = {v.name: v for v in inferred.graph.output if v.type.tensor_type.HasField("shape")}
     for value in missing:
         if value.name not in found:  # onnxruntime runs it so (its rank is known at run time): kept as it is
