@@ -134,7 +134,7 @@ def test_a_weight_of_an_earlier_group_asked_again_still_gets_its_suffix(order):
     model, data = _chain(), _data()
     feeds = data.limit(32)
     _, arrays = weights_as_inputs(model)
-    probes = SuffixProbes(model, feeds, ["y", "y2"], arrays, suffix_groups(model.graph, [f"w{i}" for i in range(1, 7)]),
+    probes = SuffixProbes(model, feeds, ["y", "y2"], suffix_groups(model.graph, [f"w{i}" for i in range(1, 7)]),
                           chunk=4)
     version = {w: (arrays[w] * 1.1).astype(np.float32) for w in arrays}
     first = {w: [m for m in probes.moves(w, version[w])] for w in order}

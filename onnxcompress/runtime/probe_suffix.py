@@ -68,9 +68,9 @@ class SuffixProbes:
     its group's suffix (see the module). The groups are probed in the order of `groups`; asking for a weight
     of a later group lets the earlier groups' values go."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: Dataset, outputs: Sequence[str], weights: dict[str, np.ndarray],
-                 groups: Sequence[Sequence[str]], *, chunk: int, max_bytes: int | None = None):
-        self.model, self.outputs, self.weights = model, list(outputs), weights
+    def __init__(self, model: onnx.ModelProto, feeds: Dataset, outputs: Sequence[str], groups: Sequence[Sequence[str]],
+                 *, chunk: int, max_bytes: int | None = None):
+        self.model, self.outputs = model, list(outputs)
         self.max_bytes = HELD_BYTES if max_bytes is None else max_bytes
         self.group_of = {w: i for i, group in enumerate(groups) for w in group}
         self.groups = [list(g) for g in groups]

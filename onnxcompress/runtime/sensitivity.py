@@ -110,7 +110,7 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     suffixes = None  # a model whose pass over the probe samples is slow: probes run their weights' suffixes
     if time.perf_counter() - start > SUFFIX_SECONDS and SuffixProbes.usable(model, feeds):
         groups = suffix_groups(model.graph, list(split))
-        suffixes = SuffixProbes(model, feeds, floats, arrays, groups, chunk=GAIN_CHUNK)
+        suffixes = SuffixProbes(model, feeds, floats, groups, chunk=GAIN_CHUNK)
         split = {name: split[name] for group in groups for name in group}  # probed group by group
 
     def moves(name: str, swapped: dict[str, np.ndarray]):
