@@ -379,6 +379,39 @@ def test_code_system_solves_the_normal_equations_on_the_codes_asked(monkeypatch,
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
+def test_code_system_steps_stop_once_a_step_lowers_the_objective_by_a_negligible_share(monkeypatch):
+    """The steps stop when one lowers the objective by at most CG_DECREASE of what the steps before did: fewer steps
+    than the residual tolerance takes, the objective within about that share of the exact solution's."""
+    from types import SimpleNamespace
+
+    from onnxcompress.numerics import gptq
+    rng = np.random.default_rng(4)
+    k_in, rows, n = 96, 48, 16
+    x = rng.standard_normal((600, k_in)) @ (rng.standard_normal((k_in, k_in)) * np.arange(1, k_in + 1) ** -0.7)
+    h = x.T @ x / 600
+    w = rng.standard_normal((rows, k_in))
+    book = np.quantile(w, (np.arange(n) + 0.5) / n)
+    codes = np.abs(w[..., None] - book).argmin(-1)
+    system, b = gptq.code_normal_equations(codes, np.ones(w.shape, bool), np.ones(rows), w,
+                                           SimpleNamespace(hessians=[h], group_of_channel=np.zeros(rows, np.int64)), n)
+    steps = []
+    times = gptq.CodeSystem.times
+    monkeypatch.setattr(gptq.CodeSystem, "times", lambda self, c: steps.append(1) or times(self, c))
+
+    def objective(c):
+        d = w - c[codes]
+        return float(np.sum((d @ h) * d))
+    exact = np.linalg.solve(system.matrix() + 1e-12 * np.eye(n), b)
+    early = system.solve(b, np.ones(n, bool), 1e-12, start=book)
+    early_steps, steps[:] = len(steps), []
+    monkeypatch.setattr(gptq, "CG_DECREASE", 0.0)
+    full = system.solve(b, np.ones(n, bool), 1e-12, start=book)
+    assert early_steps < len(steps)
+    lowered = objective(book) - objective(exact)
+    assert lowered > 0 and objective(early) - objective(exact) <= 1e-8 * lowered
+    np.testing.assert_allclose(full, exact, rtol=1e-6)
+
+
 def _gptq_layer(seed=5):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((16, 48)) * np.logspace(0, 1, 16)[:, None]).astype(np.float32)
