@@ -419,10 +419,11 @@ def _gptq_layer(seed=5):
     return w, LayerHessians([x.T @ x / len(x)], np.zeros(16, int), [x.mean(axis=0)])
 
 
-def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_asked():
-    """With predict_gptq, only the per-tensor GPTQ option is fitted among GPTQ's; the others get their weighted
-    twin's bytes and its SQNR plus what GPTQ gained per tensor, marked predicted, never chosen by choose itself;
-    without it, every option is fitted as before (the same measured candidates)."""
+def test_gptq_and_plain_options_beyond_the_tensor_ones_are_predicted_from_their_twins_when_asked():
+    """With predict, only the per-tensor options are fitted among GPTQ's and the plain k-means ones; the others get
+    their weighted twin's bytes and its SQNR plus what their fit gained per tensor over the weighted one, marked
+    predicted, never chosen by choose itself; without it, every option is fitted as before (the same measured
+    candidates)."""
     from onnxcompress.runtime.sensitivity import OutputGains
     w, hessians = _gptq_layer()
     options = granular.options_for("auto", has_channel_axis=True, channels=16, weighted=True, group_size=8,
@@ -431,13 +432,17 @@ def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_
     judging = granular.Judging(36.0, 10_000, gains=OutputGains(0.5, 2.0))
     every = granular.choose(w, 3, options, fitting, judging)
     import dataclasses
-    some = granular.choose(w, 3, options, fitting, dataclasses.replace(judging, predict_gptq=True))
+    some = granular.choose(w, 3, options, fitting, dataclasses.replace(judging, predict=True))
     assert [c.option for c in some.candidates] == [c.option for c in every.candidates] == list(options)
     predicted = [c for c in some.candidates if c.predicted]
-    assert {c.option for c in predicted} == {o for o in options if o.gptq and o != granular.TENSOR_GPTQ} != set()
+    anchors = {granular.TENSOR_GPTQ, Option("tensor")}
+    assert {c.option for c in predicted} == {o for o in options if (o.gptq or not o.weighted) and o not in anchors}
+    assert {c.option.gptq for c in predicted} == {True, False}
+    assert all(not c.predicted for c in some.candidates if c.option.weighted and not c.option.gptq)  # the twins
     by = {c.option: c for c in every.candidates}
-    gain = by[granular.TENSOR_GPTQ].sqnr_db - by[Option("tensor", weighted=True)].sqnr_db
     for c in predicted:
+        anchor = by[Option("tensor", weighted=c.option.weighted, gptq=c.option.gptq)]
+        gain = anchor.sqnr_db - by[Option("tensor", weighted=True)].sqnr_db
         twin = by[Option(c.option.kind, c.option.group_size, c.option.outlier_fraction, weighted=True)]
         assert c.shared is None and c.bytes == twin.bytes and c.sqnr_db == pytest.approx(twin.sqnr_db + gain)
         assert by[c.option].shared is not None and not by[c.option].predicted
@@ -449,7 +454,7 @@ def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_
     assert some.details()["candidates"][predicted[0].option.label]["predicted"] is True
     # nothing to predict from: every option fitted
     alone = [o for o in options if o.gptq]
-    assert granular.predict_gptq([], alone) is None
+    assert granular.predict([], alone) is None
 
 
 def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(monkeypatch):
@@ -458,7 +463,7 @@ def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(
     it measured until it picks only measured ones; the model matches the original in onnxruntime."""
     from onnxcompress.graph.data import load_data
     from tiny import conv_gemm
-    predict = granular.predict_gptq
+    predict = granular.predict
 
     def optimistic(candidates, options):
         got = predict(candidates, options)
@@ -467,7 +472,7 @@ def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(
         return got
 
     import passes.share as share
-    monkeypatch.setattr(granular, "predict_gptq", optimistic)
+    monkeypatch.setattr(granular, "predict", optimistic)
     refits = []
     fit_ = share.SharePass._fit
     monkeypatch.setattr(share.SharePass, "_fit", lambda self, ctx, infos, bits_of, settings, known: refits.append(
