@@ -76,7 +76,7 @@ class SuffixProbes:
         self.groups = [list(g) for g in groups]
         # the segments' sessions are this object's: the shared collector's cache (and the cost it measured of
         # the model's session, which the refinement after reads) stays as it was
-        self.segments = SegmentValues([feeds], max_batch=chunk, collector=Collector(keep=2))
+        self.segments = SegmentValues([feeds], max_batch=chunk, collector=Collector(keep=2), max_bytes=self.max_bytes)
         self.nodes = len(model.graph.node)
         self._current: int | None = None
         self._run = None  # the current group's (session, feeds per chunk, its outputs, base outputs per chunk)
