@@ -253,3 +253,43 @@ def test_a_task_runs_on_one_blas_thread_and_the_caller_keeps_its_own():
     inside = list(parallel.map_ordered(_blas_threads, [((), {})], jobs=1))[0]
     assert inside and all(n == 1 for n in inside)
     assert _blas_threads() == before
+
+
+def _collected(i):
+    import gc
+    gc.collect()
+    return i
+
+
+def test_workers_never_collect_an_onnxruntime_session_left_in_a_cycle_by_the_parent():
+    """A session waiting in a reference cycle when the pool forks: a worker's collector would destroy it there and
+    hang on thread-pool state the fork did not copy; the workers leave what they inherited alone."""
+    import gc
+    import subprocess
+    script = f"""
+import gc, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import numpy as np
+from tiny import mlp, random_feeds
+from onnxcompress.runtime.sessions import make_session
+from onnxcompress.execution.parallel import map_ordered
+from test_executors import _collected
+gc.disable()
+model = mlp()
+session = make_session(model)
+session.run(None, random_feeds(model, n=2))
+del session  # its stoppable run closure holds it in a cycle: only the collector frees it
+print(list(map_ordered(_collected, [((i,), {{}}) for i in range(4)], jobs=2, work=10 ** 7)))
+"""
+    import signal
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # a hung worker goes with its group
+    try:
+        out, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail("a worker hung collecting what it inherited")
+    assert child.returncode == 0, err[-2000:]
+    assert out.strip() == "[0, 1, 2, 3]"
+    gc.collect()

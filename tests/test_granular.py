@@ -379,6 +379,39 @@ def test_code_system_solves_the_normal_equations_on_the_codes_asked(monkeypatch,
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
+def test_code_system_steps_stop_once_a_step_lowers_the_objective_by_a_negligible_share(monkeypatch):
+    """The steps stop when one lowers the objective by at most CG_DECREASE of what the steps before did: fewer steps
+    than the residual tolerance takes, the objective within about that share of the exact solution's."""
+    from types import SimpleNamespace
+
+    from onnxcompress.numerics import gptq
+    rng = np.random.default_rng(4)
+    k_in, rows, n = 96, 48, 16
+    x = rng.standard_normal((600, k_in)) @ (rng.standard_normal((k_in, k_in)) * np.arange(1, k_in + 1) ** -0.7)
+    h = x.T @ x / 600
+    w = rng.standard_normal((rows, k_in))
+    book = np.quantile(w, (np.arange(n) + 0.5) / n)
+    codes = np.abs(w[..., None] - book).argmin(-1)
+    system, b = gptq.code_normal_equations(codes, np.ones(w.shape, bool), np.ones(rows), w,
+                                           SimpleNamespace(hessians=[h], group_of_channel=np.zeros(rows, np.int64)), n)
+    steps = []
+    times = gptq.CodeSystem.times
+    monkeypatch.setattr(gptq.CodeSystem, "times", lambda self, c: steps.append(1) or times(self, c))
+
+    def objective(c):
+        d = w - c[codes]
+        return float(np.sum((d @ h) * d))
+    exact = np.linalg.solve(system.matrix() + 1e-12 * np.eye(n), b)
+    early = system.solve(b, np.ones(n, bool), 1e-12, start=book)
+    early_steps, steps[:] = len(steps), []
+    monkeypatch.setattr(gptq, "CG_DECREASE", 0.0)
+    full = system.solve(b, np.ones(n, bool), 1e-12, start=book)
+    assert early_steps < len(steps)
+    lowered = objective(book) - objective(exact)
+    assert lowered > 0 and objective(early) - objective(exact) <= 1e-8 * lowered
+    np.testing.assert_allclose(full, exact, rtol=1e-6)
+
+
 def _gptq_layer(seed=5):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((16, 48)) * np.logspace(0, 1, 16)[:, None]).astype(np.float32)
@@ -386,10 +419,11 @@ def _gptq_layer(seed=5):
     return w, LayerHessians([x.T @ x / len(x)], np.zeros(16, int), [x.mean(axis=0)])
 
 
-def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_asked():
-    """With predict_gptq, only the per-tensor GPTQ option is fitted among GPTQ's; the others get their weighted
-    twin's bytes and its SQNR plus what GPTQ gained per tensor, marked predicted, never chosen by choose itself;
-    without it, every option is fitted as before (the same measured candidates)."""
+def test_gptq_and_plain_options_beyond_the_tensor_ones_are_predicted_from_their_twins_when_asked():
+    """With predict, only the per-tensor options are fitted among GPTQ's and the plain k-means ones; the others get
+    their weighted twin's bytes and its SQNR plus what their fit gained per tensor over the weighted one, marked
+    predicted, never chosen by choose itself; without it, every option is fitted as before (the same measured
+    candidates)."""
     from onnxcompress.runtime.sensitivity import OutputGains
     w, hessians = _gptq_layer()
     options = granular.options_for("auto", has_channel_axis=True, channels=16, weighted=True, group_size=8,
@@ -398,13 +432,17 @@ def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_
     judging = granular.Judging(36.0, 10_000, gains=OutputGains(0.5, 2.0))
     every = granular.choose(w, 3, options, fitting, judging)
     import dataclasses
-    some = granular.choose(w, 3, options, fitting, dataclasses.replace(judging, predict_gptq=True))
+    some = granular.choose(w, 3, options, fitting, dataclasses.replace(judging, predict=True))
     assert [c.option for c in some.candidates] == [c.option for c in every.candidates] == list(options)
     predicted = [c for c in some.candidates if c.predicted]
-    assert {c.option for c in predicted} == {o for o in options if o.gptq and o != granular.TENSOR_GPTQ} != set()
+    anchors = {granular.TENSOR_GPTQ, Option("tensor")}
+    assert {c.option for c in predicted} == {o for o in options if (o.gptq or not o.weighted) and o not in anchors}
+    assert {c.option.gptq for c in predicted} == {True, False}
+    assert all(not c.predicted for c in some.candidates if c.option.weighted and not c.option.gptq)  # the twins
     by = {c.option: c for c in every.candidates}
-    gain = by[granular.TENSOR_GPTQ].sqnr_db - by[Option("tensor", weighted=True)].sqnr_db
     for c in predicted:
+        anchor = by[Option("tensor", weighted=c.option.weighted, gptq=c.option.gptq)]
+        gain = anchor.sqnr_db - by[Option("tensor", weighted=True)].sqnr_db
         twin = by[Option(c.option.kind, c.option.group_size, c.option.outlier_fraction, weighted=True)]
         assert c.shared is None and c.bytes == twin.bytes and c.sqnr_db == pytest.approx(twin.sqnr_db + gain)
         assert by[c.option].shared is not None and not by[c.option].predicted
@@ -416,7 +454,7 @@ def test_gptq_options_beyond_the_tensor_one_are_predicted_from_their_twins_when_
     assert some.details()["candidates"][predicted[0].option.label]["predicted"] is True
     # nothing to predict from: every option fitted
     alone = [o for o in options if o.gptq]
-    assert granular.predict_gptq([], alone) is None
+    assert granular.predict([], alone) is None
 
 
 def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(monkeypatch):
@@ -425,7 +463,7 @@ def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(
     it measured until it picks only measured ones; the model matches the original in onnxruntime."""
     from onnxcompress.graph.data import load_data
     from tiny import conv_gemm
-    predict = granular.predict_gptq
+    predict = granular.predict
 
     def optimistic(candidates, options):
         got = predict(candidates, options)
@@ -434,7 +472,7 @@ def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(
         return got
 
     import passes.share as share
-    monkeypatch.setattr(granular, "predict_gptq", optimistic)
+    monkeypatch.setattr(granular, "predict", optimistic)
     refits = []
     fit_ = share.SharePass._fit
     monkeypatch.setattr(share.SharePass, "_fit", lambda self, ctx, infos, bits_of, settings, known: refits.append(

@@ -110,3 +110,22 @@ def test_upstream_nodes_stop_at_values_at_hand():
     assert ops(upstream_nodes(graph, ["y"])) == ["h1", "r1", "h2", "r2", "y"]
     assert ops(upstream_nodes(graph, ["y"], stop={"r1"})) == ["h2", "r2", "y"]
     assert ops(upstream_nodes(graph, ["y2", "r2"], stop={"h1"})) == ["r1", "h2", "r2", "y2"]
+
+
+def test_streams_give_several_values_a_chunk_and_release_keeps_only_the_named_ones():
+    """streams(model, [r1, r2]) is stream's values side by side (each node once a chunk); after release(model, [r2])
+    a request for r1 runs again from the feeds, one for y only the last MatMul from the held r2."""
+    from onnxcompress.runtime.segments import SegmentValues
+    model, data = _chain(), _data()
+    values = SegmentValues([data], max_batch=4)
+    both = list(values.streams(model, ["r1", "r2"]))
+    chunks = len(both)
+    assert values.nodes_run == 4 * chunks  # MatMul, Relu, MatMul, Relu
+    for got, r1, r2 in zip(both, _whole(model, data, "r1"), _whole(model, data, "r2")):
+        np.testing.assert_allclose(got["r1"], r1, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got["r2"], r2, rtol=1e-6, atol=1e-6)
+    values.release(model, ["r2"])
+    list(values.stream(model, "y"))
+    assert values.nodes_run == 5 * chunks  # only the last MatMul: r2 held
+    list(values.stream(model, "r1"))
+    assert values.nodes_run == 7 * chunks  # r1 was let go: MatMul and Relu again

@@ -19,6 +19,7 @@ results are bit-identical whatever the executor.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -91,6 +92,14 @@ def _context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _worker_start() -> None:
+    """A worker's first step: what it inherited from the parent goes out of the cyclic collector's reach (a forked
+    child that collects an onnxruntime session left in a reference cycle in the parent hangs in its destructor, on
+    thread-pool state the fork did not copy: it hung the khmersm `share` run), then keep_freed_memory."""
+    gc.freeze()
+    keep_freed_memory()
+
+
 class Processes:
     """`jobs` worker processes on this machine; inline when the work is too small to pay for them."""
 
@@ -104,7 +113,7 @@ class Processes:
             return
         log.debug("running %s in %d worker processes", getattr(fn, "__name__", fn), jobs)
         window = 2 * jobs
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=keep_freed_memory) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_worker_start) as pool:
             pending: deque = deque()
             try:
                 for args, kwargs in tasks:

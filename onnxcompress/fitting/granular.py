@@ -95,7 +95,7 @@ class Candidate:
     shared: SharedWeight | None  # None for the "float" option (and for a predicted candidate, not fitted yet)
     bytes: int
     sqnr_db: float
-    predicted: bool = False  # bytes and SQNR predicted, not measured (Judging.predict_gptq): fitted when picked
+    predicted: bool = False  # bytes and SQNR predicted, not measured (Judging.predict): fitted when picked
 
 
 @dataclass
@@ -299,29 +299,51 @@ class Judging:
     space: Literal["output", "weight", "model output"] | None = None
     gains: OutputGains | None = None
     mean_free: bool = False
-    # GPTQ options other than the per-tensor one are predicted, not fitted (see predict_gptq); only for a caller
-    # that fits a predicted candidate it picks (the share pass's joint choice)
-    predict_gptq: bool = False
+    # options beyond the per-tensor ones are predicted, not fitted (see predict): GPTQ's and the plain k-means ones;
+    # only for a caller that fits a predicted candidate it picks (the share pass's joint choice)
+    predict: bool = False
 
 
-# the GPTQ option always fitted, and its importance-weighted k-means twin: their SQNR difference predicts the others'
+# the options always fitted when others are predicted: the per-tensor importance-weighted one (every prediction's
+# base) and the per-tensor plain and GPTQ ones (the anchors of the others of their fit)
+TENSOR_WEIGHTED = Option("tensor", weighted=True)
 TENSOR_GPTQ = Option("tensor", weighted=True, gptq=True)
 
 
-def predict_gptq(candidates: Sequence[Candidate], options: Sequence[Option]) -> list[Candidate] | None:
-    """Candidates for GPTQ `options` predicted from measured ones: the bytes of the option's weighted k-means
-    twin (the same things stored), its SQNR plus what GPTQ gained per tensor (TENSOR_GPTQ over its twin): on
-    MiniLM-like layers that gain was the same for every option within 0.4 dB, and each GPTQ fit costs a K x K
-    inverse and a code Gram of C K^2 entries. None when a measurement is missing."""
+def _anchor(option: Option) -> Option:
+    """The per-tensor option fitted the way `option` is (plain, importance-weighted or GPTQ)."""
+    return Option("tensor", weighted=option.weighted, gptq=option.gptq)
+
+
+def predictable(options: Sequence[Option]) -> list[Option]:
+    """The options `predict` can predict among `options`: GPTQ's and the plain k-means ones beyond the per-tensor
+    ones, where their anchor and the per-tensor weighted option are there to be fitted (the weighted options, the
+    twins the predictions start from, are always fitted)."""
+    if TENSOR_WEIGHTED not in options:
+        return []
+    return [o for o in options if o.kind != "float" and (o.gptq or not o.weighted) and o != _anchor(o)
+            and _anchor(o) in options]
+
+
+def predict(candidates: Sequence[Candidate], options: Sequence[Option]) -> list[Candidate] | None:
+    """Candidates for `options` (GPTQ's or plain k-means ones, see predictable) predicted from measured ones: the
+    bytes of the option's importance-weighted twin (the same things stored), its SQNR plus what the option's fit
+    gained per tensor over the weighted one (its anchor's SQNR less TENSOR_WEIGHTED's). On MiniLM-like layers that
+    gain was the same for every option within 0.4 dB for GPTQ's, and each GPTQ fit costs a K x K inverse and a code
+    Gram of C K^2 entries; the plain ones are within 0.7 dB of their weighted twins there, and each costs a k-means
+    (per channel, per group, with outliers) no weight judged at the outputs took. None when a measurement is
+    missing."""
     by = {c.option: c for c in candidates if not c.predicted}
-    tensor, plain = by.get(TENSOR_GPTQ), by.get(Option("tensor", weighted=True))
-    if tensor is None or plain is None or not (math.isfinite(tensor.sqnr_db) and math.isfinite(plain.sqnr_db)):
+    base = by.get(TENSOR_WEIGHTED)
+    if base is None or not math.isfinite(base.sqnr_db):
         return None
-    twins = [by.get(Option(o.kind, o.group_size, o.outlier_fraction, weighted=True)) for o in options]
-    if any(t is None or not math.isfinite(t.sqnr_db) for t in twins):
-        return None
-    gain = tensor.sqnr_db - plain.sqnr_db
-    return [Candidate(o, None, t.bytes, t.sqnr_db + gain, predicted=True) for o, t in zip(options, twins)]
+    out = []
+    for o in options:
+        anchor, twin = by.get(_anchor(o)), by.get(Option(o.kind, o.group_size, o.outlier_fraction, weighted=True))
+        if anchor is None or twin is None or not (math.isfinite(anchor.sqnr_db) and math.isfinite(twin.sqnr_db)):
+            return None
+        out.append(Candidate(o, None, twin.bytes, twin.sqnr_db + anchor.sqnr_db - base.sqnr_db, predicted=True))
+    return out
 
 
 def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fitting, judging: Judging) -> Choice:
@@ -332,8 +354,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fit
     sqnr = judging.measure_with or (lambda shared: measure(array, shared, hessians, gains,
                                                            mean_free=judging.mean_free))
     importance = hessians.importance() if hessians is not None else None
-    deferred = [o for o in options if o.gptq and o != TENSOR_GPTQ and not (fitting.fitted or {}).get(o)] \
-        if judging.predict_gptq and TENSOR_GPTQ in options else []
+    deferred = [o for o in predictable(options) if not (fitting.fitted or {}).get(o)] if judging.predict else []
     candidates = []
 
     def fitted(option: Option) -> Candidate:
@@ -347,7 +368,7 @@ def choose(array: np.ndarray, bits: int, options: Sequence[Option], fitting: Fit
         elif option not in deferred:
             candidates.append(fitted(option))
     if deferred:
-        candidates += predict_gptq(candidates, deferred) or [fitted(o) for o in deferred]
+        candidates += predict(candidates, deferred) or [fitted(o) for o in deferred]
         candidates.sort(key=lambda c: options.index(c.option))
     measured = [c for c in candidates if not c.predicted]
     space = judging.space or ("weight" if hessians is None else "output" if gains is None else "model output")

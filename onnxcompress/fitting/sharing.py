@@ -295,11 +295,11 @@ def share_weight(array: np.ndarray, info: WeightInfo, bits: int, settings: Share
         fitting = Fitting(info.name, axis, hessians, mask, settings.init, settings.seed,
                           evidence.fitted if target is None else None)
         # judged at the model's outputs, the choice is made again jointly by the share pass, which fits a
-        # predicted candidate it picks: GPTQ's costlier options are predicted here (granular.predict_gptq)
+        # predicted candidate it picks: the costlier options are predicted here (granular.predict)
         choice = choose(array, bits, options, fitting, Judging(target_db, settings.model_elements, price,
                                                                float_size(info), measure_with, space, gains,
                                                                evidence.mean_free,
-                                                               predict_gptq=gains is not None and only is None))
+                                                               predict=gains is not None and only is None))
     choice.target = target
     log.debug("share: %s -> %s (%s)", info.name, choice.chosen.option.label, choice.reason)
     return choice

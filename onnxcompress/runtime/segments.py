@@ -50,6 +50,11 @@ class SegmentValues:
 
     def stream(self, model: onnx.ModelProto, name: str) -> Iterator[dict[str, np.ndarray]]:
         """Per chunk, {name: the value of main-graph tensor `name` in `model`}."""
+        return self.streams(model, [name])
+
+    def streams(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Per chunk, {name: the value of main-graph tensor `name` in `model`} for each of `names` (each run
+        from the values held, those the ones before it computed among them)."""
         digests = value_digests(model)
         if digests is None:
             raise ValueError("the model's weights are in external files: see SegmentValues.usable")
@@ -59,8 +64,14 @@ class SegmentValues:
         chunk = 0
         for part in self.parts:
             for feed, _ in part.chunks(specs, max_batch=self.max_batch):
-                yield {name: self._value(model, digests, name, chunk, feed, runners)}
+                yield {name: self._value(model, digests, name, chunk, feed, runners) for name in names}
                 chunk += 1
+
+    def release(self, model: onnx.ModelProto, keep: Sequence[str]) -> None:
+        """Drop the held values but those of `model`'s tensors `keep` (values no later request needs: the
+        requests then run from `keep` and the feeds)."""
+        digests = value_digests(model) or {}
+        self._drop_except({digests[n] for n in keep if n in digests})
 
     def _value(self, model, digests: dict[str, str], name: str, chunk: int, feed: dict, runners: dict) -> np.ndarray:
         held = {n: values[chunk] for n, d in digests.items() if (values := self._held.get(d)) and chunk in values}

@@ -24,12 +24,15 @@ outputs of any coding is then predicted as
 statistics collector's, shared with the layer statistics of the same model), run once per probe
 over at most `samples` feeds, GAIN_CHUNK samples a run: a probe stops once the relative noise it has
 measured is known to GAIN_TOLERANCE (its standard error over the chunks run, from MIN_GAIN_CHUNKS on),
-so a model whose samples agree on a weight's gain probes it on fewer of them.
+so a model whose samples agree on a weight's gain probes it on fewer of them. Where that reference
+pass is slow (SUFFIX_SECONDS), a probe runs only the nodes downstream of its weight's group
+(runtime.probe_suffix), fed the values upstream of them.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.graph.data import Dataset
 from onnxcompress.numerics.gptq import LayerHessians
+from onnxcompress.runtime.probe_suffix import SuffixProbes, suffix_groups
 from onnxcompress.runtime.statistics import Collector, Runner
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ MIN_MEAN_SHARE = 0.2  # a mean probe whose mean part is less of its energy canno
 GAIN_CHUNK = 4
 MIN_GAIN_CHUNKS = 3
 GAIN_TOLERANCE = 0.05
+# a reference pass over the probe samples slower than this: the probes run suffixes of the model shared by groups of
+# weights (runtime.probe_suffix), which cost sessions of their own and a pass for their cut values
+SUFFIX_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -95,17 +102,29 @@ def measure_gains(model: onnx.ModelProto, data: Dataset, probes: Mapping[str, Pr
     if not split:
         return {}
     feeds = data.limit(samples)
+    start = time.perf_counter()
     reference = _outputs(runner, feeds, floats)
     signals = np.array([[float(np.sum(np.square(chunk[k]))) for k in range(len(floats))] for chunk in reference])
     if not np.any(signals > 0):
         return {}
+    suffixes = None  # a model whose pass over the probe samples is slow: probes run their weights' suffixes
+    if time.perf_counter() - start > SUFFIX_SECONDS and SuffixProbes.usable(model, feeds):
+        groups = suffix_groups(model.graph, list(split))
+        suffixes = SuffixProbes(model, feeds, floats, groups, chunk=GAIN_CHUNK)
+        split = {name: split[name] for group in groups for name in group}  # probed group by group
+
+    def moves(name: str, swapped: dict[str, np.ndarray]):
+        """Per chunk, each output's move with the weight swapped (None: it does not move)."""
+        through = suffixes.moves(name, swapped[name]) if suffixes is not None else None
+        return through if through is not None else (
+            [np.asarray(chunk.values[n], np.float64) - reference[i][k] for k, n in enumerate(floats)]
+            for i, chunk in enumerate(runner.chunks(feeds, max_batch=GAIN_CHUNK, swapped=swapped)))
 
     def relative_noise(name: str, matrix: np.ndarray) -> float:
         swapped = {name: np.asarray(probes[name].to_array(matrix), dtype=arrays[name].dtype)}
         noise = np.zeros_like(signals)
-        for i, chunk in enumerate(runner.chunks(feeds, max_batch=GAIN_CHUNK, swapped=swapped)):
-            noise[i] = [float(np.sum(np.square(np.asarray(chunk.values[n], np.float64) - reference[i][k])))
-                        for k, n in enumerate(floats)]
+        for i, moved in enumerate(moves(name, swapped)):
+            noise[i] = [0.0 if d is None else float(np.sum(np.square(d))) for d in moved]
             if settled(noise[:i + 1], signals[:i + 1]):
                 break
         log.debug("output gains of %s: a probe on %d of %d chunks", name, i + 1, len(reference))
