@@ -44,6 +44,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
     external.strip_foreign_bookkeeping(model, str(path))
+    functions.inline_functions(model, f"'{path}'")  # first: the tensors of function bodies are checked as the graph's
     if load_external_data:
         check_external_data(model, path.parent)
         files = external_data_files(model)
