@@ -157,3 +157,25 @@ def test_no_opset_at_all_is_refused(tmp_path, capsys):
     model = matmul(k=64, n=32)
     del model.opset_import[:]
     _refused(capsys, tmp_path, model, "opset_import")
+
+
+def test_a_node_named_as_another_nodes_path_does_not_confuse_their_branches(tmp_path):
+    """An If named 'If(y1)' beside an unnamed If making y1: their branches' paths were told apart by the node's
+    position, which compressing the main graph's weight shifted (KeyError, exit 1)."""
+    rng = np.random.default_rng(0)
+
+    def branch(out: str, name: str) -> onnx.NodeProto:
+        graphs = {}
+        for label, scale in (("then_branch", 1.0), ("else_branch", 5.0)):
+            sub = helper.make_graph([helper.make_node("MatMul", ["x", "W"], [f"{out}_{label}"])], label, [],
+                                    [value(f"{out}_{label}", None)])
+            sub.initializer.append(numpy_helper.from_array((rng.standard_normal((64, 32)) * scale).astype(np.float32), "W"))
+            graphs[label] = sub
+        return helper.make_node("If", ["c"], [out], name=name, **graphs)
+
+    model = matmul(k=64, n=32)
+    model.graph.initializer[0].name = model.graph.node[0].input[1] = "Wm"
+    model.graph.node[0].output[0] = "z"
+    model.graph.node.extend([helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+                             branch("y2", "If(y1)"), branch("y1", ""), helper.make_node("Sum", ["y1", "y2", "z"], ["y"])])
+    _compresses_close(tmp_path, model)

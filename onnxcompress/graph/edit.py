@@ -20,13 +20,17 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[on
     """
     yield graph, path
     names: set[str] | None = None
-    for index, node in enumerate(graph.node):
-        for attr in node.attribute:
-            if attr.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                continue
-            if names is None:
-                names = {n.name for n in graph.node if n.name}
-            label = f"{path}/{_owner_label(node, index, names)}.{attr.name}"
+    owners = 0  # nodes with subgraphs before this one: passes insert none, so the count is stable
+    for node in graph.node:
+        subgraphs = [a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+        if not subgraphs:
+            continue
+        if names is None:
+            names = {n.name for n in graph.node if n.name}
+        owner = _owner_label(node, owners, names)
+        owners += 1
+        for attr in subgraphs:
+            label = f"{path}/{owner}.{attr.name}"
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_graphs(attr.g, label)
             elif attr.type == onnx.AttributeProto.GRAPHS:
@@ -34,11 +38,15 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[on
                     yield from iter_graphs(sub, f"{label}[{k}]")
 
 
-def _owner_label(node: onnx.NodeProto, index: int, names: set[str]) -> str:
+def _owner_label(node: onnx.NodeProto, ordinal: int, names: set[str]) -> str:
+    """A subgraph owner's name (unique in its graph: model._check_structure, as onnxruntime requires), else its op
+    and first output, with its ordinal among the graph's subgraph owners while that is some node's name."""
     if node.name:
-        return node.name  # unique in its graph (model._check_structure, as onnxruntime requires)
-    made = f"{node.op_type}({node.output[0]})" if node.output and node.output[0] else f"{node.op_type}_{index}"
-    return made if made not in names else f"{made}#{index}"
+        return node.name
+    label = f"{node.op_type}({node.output[0]})" if node.output and node.output[0] else f"{node.op_type}_{ordinal}"
+    while label in names:
+        label += f"#{ordinal}"
+    return label
 
 
 def all_tensors(model: onnx.ModelProto, *, initializers: bool = True) -> Iterator[onnx.TensorProto]:
