@@ -235,3 +235,30 @@ def value_digests(model: onnx.ModelProto) -> dict[str, str] | None:
             if out:
                 digests[out] = hashlib.sha256(h.digest() + index.to_bytes(4, "little")).hexdigest()
     return digests
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+            | {o for n in graph.node for o in n.output if o})
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def shadowing_initializers(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto | None] | None = None
+                           ) -> Iterator[tuple[onnx.GraphProto, onnx.TensorProto, onnx.TensorProto | None]]:
+    """(subgraph, initializer, the enclosing graph's initializer of its name or None) for each initializer of a
+    subgraph that has the name of a value of an enclosing graph, which ONNX's single-assignment rule forbids
+    (onnx's checker lets it pass): onnxruntime runs such a model, but which of the two values a read gets
+    depends on its optimization level."""
+    outer = {} if outer is None else outer
+    for tensor in graph.initializer:
+        if tensor.name in outer:
+            yield graph, tensor, outer[tensor.name]
+    visible = dict(outer)
+    visible.update((name, None) for name in _defined(graph))
+    visible.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from shadowing_initializers(sub, visible)
