@@ -191,3 +191,16 @@ def test_recipe_options_that_size_the_work_are_bounded(tmp_path, capsys, text, s
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32))
     err = _fails_cleanly(capsys, tmp_path, model, "--recipe", str(recipe), "--data", str(tmp_path / "d.npz"))
     assert says in err, err
+
+
+@pytest.mark.parametrize("text", ["passes: [share]\npasses: [prune]\n", "passes:\n  - share: {bits_fc: 4, bits_fc: 5}\n"],
+                         ids=["passes", "option"])
+def test_a_recipe_key_given_twice_is_refused(tmp_path, text):
+    """yaml kept the last of two equal keys silently: `passes:` twice ran only the second list."""
+    from onnxcompress.errors import RecipeError
+    from onnxcompress.recipes import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match="given twice"):
+        load_recipe(recipe)

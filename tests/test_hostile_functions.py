@@ -250,3 +250,20 @@ def test_the_callers_model_is_left_as_it_was():
     kept = model.SerializeToString()
     compress(model, "share")
     assert model.SerializeToString() == kept
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_function_tensor_naming_a_file_outside_the_folder_is_refused(tmp_path, stream):
+    """A function body's Constant keeping its data in '../secret.bin': streamed, its location was never checked
+    (external data files were listed from the graph's tensors only). Functions are inlined first now."""
+    (tmp_path / "secret.bin").write_bytes(np.arange(256 * 64, dtype=np.float32).tobytes())
+    tensor = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[256, 64], data_location=TensorProto.EXTERNAL)
+    for key, val in (("location", "../secret.bin"), ("offset", "0"), ("length", str(256 * 64 * 4))):
+        tensor.external_data.add(key=key, value=val)
+    fn = _linear()
+    fn.node[0].attribute[0].t.CopyFrom(tensor)
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "m.onnx"
+    path.write_bytes(_model([helper.make_node("Linear", ["x"], ["y"], domain="local")], [fn]).SerializeToString())
+    with pytest.raises(ModelError, match="outside"):
+        load_model(path, stream=stream)

@@ -20,13 +20,17 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[on
     """
     yield graph, path
     names: set[str] | None = None
-    for index, node in enumerate(graph.node):
-        for attr in node.attribute:
-            if attr.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                continue
-            if names is None:
-                names = {n.name for n in graph.node if n.name}
-            label = f"{path}/{_owner_label(node, index, names)}.{attr.name}"
+    owners = 0  # nodes with subgraphs before this one: passes insert none, so the count is stable
+    for node in graph.node:
+        subgraphs = [a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+        if not subgraphs:
+            continue
+        if names is None:
+            names = {n.name for n in graph.node if n.name}
+        owner = _owner_label(node, owners, names)
+        owners += 1
+        for attr in subgraphs:
+            label = f"{path}/{owner}.{attr.name}"
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_graphs(attr.g, label)
             elif attr.type == onnx.AttributeProto.GRAPHS:
@@ -34,11 +38,15 @@ def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[on
                     yield from iter_graphs(sub, f"{label}[{k}]")
 
 
-def _owner_label(node: onnx.NodeProto, index: int, names: set[str]) -> str:
+def _owner_label(node: onnx.NodeProto, ordinal: int, names: set[str]) -> str:
+    """A subgraph owner's name (unique in its graph: model._check_structure, as onnxruntime requires), else its op
+    and first output, with its ordinal among the graph's subgraph owners while that is some node's name."""
     if node.name:
-        return node.name  # unique in its graph (model._check_structure, as onnxruntime requires)
-    made = f"{node.op_type}({node.output[0]})" if node.output and node.output[0] else f"{node.op_type}_{index}"
-    return made if made not in names else f"{made}#{index}"
+        return node.name
+    label = f"{node.op_type}({node.output[0]})" if node.output and node.output[0] else f"{node.op_type}_{ordinal}"
+    while label in names:
+        label += f"#{ordinal}"
+    return label
 
 
 def all_tensors(model: onnx.ModelProto, *, initializers: bool = True) -> Iterator[onnx.TensorProto]:
@@ -227,3 +235,30 @@ def value_digests(model: onnx.ModelProto) -> dict[str, str] | None:
             if out:
                 digests[out] = hashlib.sha256(h.digest() + index.to_bytes(4, "little")).hexdigest()
     return digests
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+            | {o for n in graph.node for o in n.output if o})
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def shadowing_initializers(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto | None] | None = None
+                           ) -> Iterator[tuple[onnx.GraphProto, onnx.TensorProto, onnx.TensorProto | None]]:
+    """(subgraph, initializer, the enclosing graph's initializer of its name or None) for each initializer of a
+    subgraph that has the name of a value of an enclosing graph, which ONNX's single-assignment rule forbids
+    (onnx's checker lets it pass): onnxruntime runs such a model, but which of the two values a read gets
+    depends on its optimization level."""
+    outer = {} if outer is None else outer
+    for tensor in graph.initializer:
+        if tensor.name in outer:
+            yield graph, tensor, outer[tensor.name]
+    visible = dict(outer)
+    visible.update((name, None) for name in _defined(graph))
+    visible.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from shadowing_initializers(sub, visible)

@@ -186,11 +186,11 @@ def inline_functions(model: onnx.ModelProto, where: str = "the model") -> None:
     """Inline, in place, every call to a model-local function that onnxruntime calls as one (see the module
     docstring); the functions inlined are removed. ModelError as expanded_nodes says, or when onnx's inliner
     refuses the model."""
-    if not model.functions:
-        return
-    expanded_nodes(model, where)
     opsets = _imports(model.opset_import)
     kept = [_id(fn)[:2] for fn in model.functions if _runs_as_op(_id(fn), opsets)]
+    if len(kept) == len(model.functions):  # none, or only ops onnxruntime runs itself
+        return
+    expanded_nodes(model, where)
     shell = _shell(model)
     _fill_defaults(shell)
     other = [fn for fn in shell.functions if not _same_ops(fn, opsets)]

@@ -13,7 +13,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxcompress.graph import datafile, external, functions
-from onnxcompress.graph.edit import all_tensors, iter_graphs
+from onnxcompress.graph.sparse_tensors import densify_sparse_initializers
+from onnxcompress.graph.edit import all_tensors, iter_graphs, shadowing_initializers
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.graph.outputs import OutputPlan, Role
 
@@ -44,6 +45,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"'{path}' is not an ONNX model: it holds no graph (corrupt, truncated or not ONNX)")
     external.strip_foreign_bookkeeping(model, str(path))
+    functions.inline_functions(model, f"'{path}'")  # first: the tensors of function bodies are checked as the graph's
     if load_external_data:
         check_external_data(model, path.parent)
         files = external_data_files(model)
@@ -71,7 +73,8 @@ def checked_model(model: onnx.ModelProto, *, max_opset: int | None = None) -> on
     if (model.functions or model.training_info or _lacks_onnx_domain(model)
             or any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
             or any(a.name == "sparse_value" for g in graphs for n in g.node for a in n.attribute)
-            or external.unranked_values(model.graph) or any(not v.type.WhichOneof("value") for v in model.graph.output)):
+            or external.unranked_values(model.graph) or any(not v.type.WhichOneof("value") for v in model.graph.output)
+            or next(shadowing_initializers(model.graph), None)):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
@@ -106,6 +109,7 @@ def _normalize(model: onnx.ModelProto, where: str, max_opset: int | None) -> Non
             log.info("tensor %r: ignored its segment fields (onnxruntime ignores them too)", tensor.name[:200])
             tensor.ClearField("segment")
     densify_sparse_initializers(model)
+    _drop_copies_of_outer_initializers(model)
     _fill_output_shapes(model)
 
 
@@ -129,66 +133,15 @@ def checked_model_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def densify_sparse_initializers(model: onnx.ModelProto) -> None:
-    """Every sparse_initializer becomes a dense initializer, as onnxruntime does at load (onnx's checker
-    and shape inference reject sparse tensors as op inputs); ModelError for one whose declared shape or
-    indices its bytes do not back."""
-    for graph, path in iter_graphs(model.graph):
-        dense = [_densify(sparse, path) for sparse in graph.sparse_initializer]
-        if dense:
-            del graph.sparse_initializer[:]
-            graph.initializer.extend(dense)
-            log.info("%s: %d sparse initializers stored dense (onnxruntime densifies them at load too)", path, len(dense))
-        # a Constant's sparse_value likewise, checked the same way: onnxruntime densified a declared 10^9
-        # elements backed by 3 values
-        for node in graph.node:
-            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                continue
-            for attribute in node.attribute:
-                if attribute.name == "sparse_value":
-                    tensor = _densify(attribute.sparse_tensor, path)
-                    attribute.Clear()
-                    attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
-
-
-_SPARSE_INDEX_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64)
-
-
-def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
-    import numpy as np
-    from onnx import numpy_helper
-
-    from onnxcompress.numerics.limits import check_elements, element_count
-
-    name = sparse.values.name
-    dims = [int(d) for d in sparse.dims]
-    if any(d < 0 for d in dims):
-        raise ModelError(f"sparse initializer '{name}' ({path}) declares a negative dimension {dims}")
-    numel = check_elements(element_count(dims), f"sparse initializer '{name}' ({path})", ModelError)
-    # what onnxruntime checks at load: numeric values in one dimension, integer indices
-    if sparse.values.data_type == onnx.TensorProto.STRING or len(sparse.values.dims) != 1:
-        raise ModelError(f"sparse initializer '{name}' ({path}) holds values of type "
-                         f"{onnx.TensorProto.DataType.Name(sparse.values.data_type)} in {len(sparse.values.dims)} "
-                         "dimensions: onnxruntime takes numbers in one dimension")
-    if sparse.indices.data_type not in _SPARSE_INDEX_TYPES:
-        raise ModelError(f"sparse initializer '{name}' ({path}) has indices of element type {sparse.indices.data_type}: "
-                         "onnxruntime takes int8, int16, int32 or int64")
-    try:
-        values = numpy_helper.to_array(sparse.values).reshape(-1)
-        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
-    except (ValueError, TypeError) as e:
-        raise ModelError(f"sparse initializer '{name}' ({path}) cannot be read: {e}") from e
-    if indices.ndim == 2 and indices.shape[1] == len(dims) and dims:  # coordinates -> linear
-        if indices.size and ((indices < 0).any() or (indices >= np.array(dims)).any()):
-            raise ModelError(f"sparse initializer '{name}' ({path}) has an index outside its shape {dims}")
-        indices = np.ravel_multi_index(indices.T, dims) if indices.size else indices.reshape(-1)
-    indices = indices.reshape(-1)
-    if indices.size != values.size or (indices.size and (indices.min() < 0 or indices.max() >= numel)):
-        raise ModelError(f"sparse initializer '{name}' ({path}) has {indices.size} indices for {values.size} "
-                         f"values, or an index outside its {numel} elements")
-    out = np.zeros(numel, values.dtype)
-    out[indices] = values
-    return numpy_helper.from_array(out.reshape(dims), name)
+def _drop_copies_of_outer_initializers(model: onnx.ModelProto) -> None:
+    """A subgraph initializer equal to the enclosing graph's of its name (an exporter's copy) is dropped: reads
+    get the same values, and the name is assigned once, as ONNX requires (a different one is refused)."""
+    copies = [(graph, tensor) for graph, tensor, outer in shadowing_initializers(model.graph)
+              if outer is not None and outer.SerializeToString() == tensor.SerializeToString()]
+    for graph, tensor in copies:
+        graph.initializer.remove(tensor)
+    if copies:
+        log.info("%d subgraph initializers dropped: copies of the enclosing graph's of their names", len(copies))
 
 
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
@@ -226,6 +179,10 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+    for graph, tensor, _ in shadowing_initializers(model.graph):
+        raise ModelError(f"'{path}': the subgraph {graph.name[:200]!r} has an initializer named {tensor.name[:200]!r}, "
+                         "as a different value of an enclosing graph (ONNX names are assigned once; onnxruntime reads "
+                         "one or the other depending on its optimization level): rename it")
     for graph, where in iter_graphs(model.graph):
         seen: set[str] = set()
         twice = next((n.name for n in graph.node if n.name and (n.name in seen or seen.add(n.name))), None)

@@ -154,6 +154,18 @@ class _RecipeLoader(yaml.SafeLoader):
                                               "YAML anchors and aliases", event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is refused (yaml keeps the last silently: `passes:` twice ran only the second list)."""
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key[:100]!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A built-in recipe by name, or a recipe YAML file."""
