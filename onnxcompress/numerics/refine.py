@@ -45,8 +45,8 @@ def dense_target(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray | None,
     weight = np.asarray(weight, dtype=np.float64)
     if cross is None:
         return weight.copy()
+    delta = (cross - gram) @ weight.T  # (K, rows); before the damped copy: C - H and H + lambda I not alive at once
     h, _ = damped(gram, damping)
-    delta = (cross - gram) @ weight.T  # (K, rows)
     return weight + np.linalg.solve(h, delta).T
 
 
