@@ -293,8 +293,7 @@ def collect_paired_grams(current: onnx.ModelProto, reference: onnx.ModelProto | 
         raise ModelError(f"no calibration rows reached the layer of '{layer.weight}'")
     halves = None
     if even is not None and chunks >= 2:
-        odd = total.minus(even)  # before the sums are averaged in place
-        halves = (even.averaged(layer, paired), odd.averaged(layer, paired))
+        halves = tuple(sums.averaged(layer, paired) for sums in (even, total.minus(even)))  # odd before averaging
     grams = total.averaged(layer, paired, halves)
     if key is not None:
         reference_rows.keep_grams(key, grams)
