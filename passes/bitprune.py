@@ -4,6 +4,7 @@ from), then k-means coded as the share pass would.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,8 +21,9 @@ from onnxcompress.runtime.statistics import Collector
 
 # sparsegpt's factors of one weight kept for its other sparsities, up to this many bytes: a conv of 9x12 kernels
 # over 64 channels has K = 6912 inputs, 382 MB and ~25 CPU s a factor, five a sparsity where it cross-fits (all rows
-# and four folds); a 1536-input layer's are 19 MB
-FACTOR_CACHE_BYTES = 2 << 30
+# and four folds); a 1536-input layer's are 19 MB. A weight whose fold factors exceed it is fit fold by fold for all
+# its sparsities at once (Pruner._fold_major), one fold's factor alive at a time
+FACTOR_CACHE_BYTES = 1 << 30
 
 
 class Pruner:
@@ -46,7 +48,7 @@ class Pruner:
     rows_per_kept = 20
 
     def __init__(self, model: onnx.ModelProto, data: Dataset | None, weights: list[WeightInfo], *,
-                 crossfit: bool = False, collector: Collector | None = None):
+                 crossfit: bool = False, collector: Collector | None = None, sparsities: Sequence[float] = ()):
         layers = {w.name: linear_layer(model, w) for w in weights}
         self.layers = {name: layer for name, layer in layers.items() if layer is not None}
         # no sample of raw rows (max_rows=0): the fits read the Gram matrices only (a 22M-weight transformer's
@@ -54,6 +56,7 @@ class Pruner:
         self.stats = collect_layer_inputs(model, data, list(self.layers.values()), folds=self.folds, max_rows=0,
                                           collector=collector) if data and self.layers else {}
         self.crossfit = crossfit
+        self.sparsities = tuple(sorted(s for s in sparsities if s > 0))  # the fold-major fits' (_fold_major)
         # the ridge of the measured fits chosen by held-out error (14 fits a weight and sparsity), else the default
         self.held_out_ridge = True
         self._cache: dict[tuple[str, float], _Refits] = {}
@@ -67,37 +70,73 @@ class Pruner:
         `all_rows`: one fit on all rows at the default ridge, for the predicted sweep's layer errors: the
         held-out choice of the ridge (two folds x the damping grid: 14 fits) and the fold fits (4) are made
         only where a candidate is measured."""
+        refits = self._refits(array, info, sparsity)
+        if refits.stats is None:
+            return refits.plain, refits.mask
+        # H of all rows, made only for a fit not made yet (a 6912-input conv's is 382 MB)
+        hessians = lambda: [refits.stats.hessian(g) for g in range(refits.layer.groups)]  # noqa: E731
+        if all_rows:
+            if refits.rough is None:
+                refits.rough = self._fit(refits, array, hessians(), DEFAULT_DAMPING, (info.name, None))
+            return [refits.rough], refits.mask
+        self._choose_damping(refits, array)
+        if not refits.crossfits:
+            if refits.single is None:
+                refits.single = refits.rough if refits.damping == DEFAULT_DAMPING and refits.rough is not None \
+                    else self._fit(refits, array, hessians(), refits.damping, (info.name, None))
+            return [refits.single], refits.mask
+        if refits.folds is None:
+            k = refits.layer.weight_matrix(refits.mask).shape[1]
+            if refits.stats.folds * refits.layer.groups * k * k * 8 > FACTOR_CACHE_BYTES:
+                self._fold_major(array, info, sparsity)
+            else:
+                refits.folds = self._fold_fits([refits], array, info)[0]
+        return refits.folds, refits.mask
+
+    def _refits(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> "_Refits":
         key = (info.name, sparsity)
         refits = self._cache.get(key)
         if refits is None:
             refits = self._cache[key] = self._mask(array, info, sparsity)
-        if refits.stats is None:
-            return refits.plain, refits.mask
-        hessians = [refits.stats.hessian(g) for g in range(refits.layer.groups)]
-        if all_rows:
-            if refits.rough is None:
-                refits.rough = self._fit(refits, array, hessians, DEFAULT_DAMPING, (info.name, None))
-            return [refits.rough], refits.mask
+        return refits
+
+    def _choose_damping(self, refits: "_Refits", array: np.ndarray) -> None:
         if refits.damping is None:
             layer = refits.layer
-            refits.damping = self._damping([refits.stats.fold_hessians(g) for g in range(layer.groups)],
+            refits.damping = self._damping(refits.stats, layer.groups,
                                            layer.weight_matrix(np.asarray(array, dtype=np.float64)),
                                            layer.weight_matrix(refits.mask), layer.group_of_channels()) \
                 if self.held_out_ridge else DEFAULT_DAMPING
-        if not refits.crossfits:
-            if refits.single is None:
-                refits.single = refits.rough if refits.damping == DEFAULT_DAMPING and refits.rough is not None \
-                    else self._fit(refits, array, hessians, refits.damping, (info.name, None))
-            return [refits.single], refits.mask
-        if refits.folds is None:
-            # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
-            # (folds - 1) / folds of the rows outside one fold takes a little more
-            stats = refits.stats
-            heldout = [stats.heldout_hessians(g) for g in range(refits.layer.groups)]
-            scale = stats.folds / (stats.folds - 1)
-            refits.folds = [self._fit(refits, array, [h[f] for h in heldout], refits.damping * scale, (info.name, f))
-                            for f in range(stats.folds)]
-        return refits.folds, refits.mask
+
+    def _fold_fits(self, todo: list["_Refits"], array: np.ndarray, info: WeightInfo) -> list[list[np.ndarray]]:
+        """Per refits of `todo` (one weight's), its fits on the rows outside each fold: fold by fold, each fold's
+        held-out H made once for all of them (one alive at a time) and its factors dropped after it."""
+        stats = todo[0].stats
+        # the ridge falls about as 1 / rows (refine.damping_for_all_rows): a fit on the
+        # (folds - 1) / folds of the rows outside one fold takes a little more
+        scale = stats.folds / (stats.folds - 1)
+        fits: list[list[np.ndarray]] = [[] for _ in todo]
+        for f in range(stats.folds):
+            hessians = [stats.heldout_hessian(f, g) for g in range(todo[0].layer.groups)]
+            for refits, out in zip(todo, fits):
+                out.append(self._fit(refits, array, hessians, refits.damping * scale, (info.name, f)))
+            if len(todo) > 1:  # fold-major: no fit asks for this fold's factors again
+                self._factors = {key: v for key, v in self._factors.items() if key[:2] != (info.name, f)}
+        return fits
+
+    def _fold_major(self, array: np.ndarray, info: WeightInfo, sparsity: float) -> None:
+        """The cross-fits of every sparsity of the search (`sparsities`) at once, fold by fold: a wide layer's fold
+        factors do not fit in FACTOR_CACHE_BYTES together (four of 382 MB at K = 6912), and made for each sparsity
+        they would cost ~25 CPU s each; one fold's at a time, each made once. The same fits as one sparsity at a
+        time (each reads only its mask, its fold's H and factor)."""
+        todo = []
+        for s in sorted({*self.sparsities, sparsity}):
+            refits = self._refits(array, info, s)
+            self._choose_damping(refits, array)
+            if refits.crossfits and refits.folds is None:
+                todo.append(refits)
+        for refits, folds in zip(todo, self._fold_fits(todo, array, info)):
+            refits.folds = folds
 
     def rows_fit(self, array: np.ndarray, info: WeightInfo, sparsity: float, rows: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,10 +144,7 @@ class Pruner:
         them, their kept mask), fit alone: a row's fit reads only that row and its group's Gram (masked_lstsq and
         sparsegpt alike; which of the two: as for the whole group). For the predicted sweep on a sample of a large
         weight's rows; the weight must have layer statistics."""
-        key = (info.name, sparsity)
-        refits = self._cache.get(key)
-        if refits is None:
-            refits = self._cache[key] = self._mask(array, info, sparsity)
+        refits = self._refits(array, info, sparsity)
         if refits.sampled is not None and np.array_equal(refits.sampled[0], rows):  # the other widths' fit
             return refits.sampled[1], refits.sampled[2]
         layer = refits.layer
@@ -178,9 +214,13 @@ class Pruner:
         return found
 
     @staticmethod
-    def _damping(folds, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
-        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable."""
-        if any(f is None for f in folds) or lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
+    def _damping(stats, groups: int, target: np.ndarray, keep: np.ndarray, group: np.ndarray) -> float:
+        """As the prune pass's "auto" damping (for a fit on all rows): least two-fold held-out error where affordable
+        (the folds' H made only then: two K x K a group)."""
+        if lstsq_cost(keep) * 4 * len(DAMPING_GRID) > MAX_CV_FLOPS:
+            return DEFAULT_DAMPING
+        folds = [stats.fold_hessians(g) for g in range(groups)]
+        if any(f is None for f in folds):
             return DEFAULT_DAMPING
         errors = sum(heldout_damping(target[rows], keep[rows], ((a, None, None), (b, None, None)))
                      for (a, b), rows in ((folds[g], np.flatnonzero(group == g)) for g in range(len(folds))))

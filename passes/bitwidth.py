@@ -142,10 +142,11 @@ class BitWidthPass(Pass):
             ctx.note("bitwidth: no weight large enough to search over")
             ctx.plan = SearchPlan(cfg.budget)
             return PassResult(False, {"weights": 0})
-        evaluator = Evaluator(ctx.model, weights, data, make_score(cfg.budget, data.labels is not None,
-                                                                      output_producers(ctx.model)), ctx.statistics)
+        score = make_score(cfg.budget, data.labels is not None, output_producers(ctx.model))
+        evaluator = Evaluator(ctx.model, weights, data, score, ctx.statistics)
         # score out of fold when the refits learn from the very samples the search scores on
-        self._pruner = Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data, collector=ctx.statistics)
+        self._pruner = Pruner(ctx.model, ctx.data, weights, crossfit=source is ctx.data, collector=ctx.statistics,
+                              sparsities=cfg.sparsities)
         table = self._sensitivities(ctx, evaluator, weights)
         measured = [[c for c in table[w.name] if c.error is None] for w in weights]
         options = [[allocate.Option(c.size, c.cost, {"bits": c.bits, "sparsity": c.sparsity}) for c in cands]
@@ -172,8 +173,7 @@ class BitWidthPass(Pass):
             "evaluated": [dataclasses.asdict(v) for v in evaluated],
             "front": [dataclasses.asdict(evaluated[i])
                       for i in allocate.pareto_front([(v.bytes, v.check) for v in evaluated])],
-            "seconds": time.perf_counter() - start,
-        }
+            "seconds": time.perf_counter() - start}
         self._pruner = None  # its layer statistics and fits: not held through the passes after the search
         return PassResult(True, summary)
 

@@ -196,3 +196,39 @@ def test_a_failed_joint_run_of_the_smallest_weights_leaves_them_to_be_measured_o
     assert [e.measured for row in table for e in row] == [False, True, True]
     assert table[2][0].candidate.group == "b" and table[1][0].candidate.nsr == 0.1 and table[2][0].candidate.nsr == 0
     assert bitpredict.measure_together(table, [0], ["a"], fails, lambda i: [np.zeros(2)]) is None  # one alone: as before
+
+
+def test_a_wide_layers_cross_fits_hold_a_bounded_number_of_gram_sized_arrays(monkeypatch):
+    """The search's fits of a layer whose fold factors overflow the factor cache (the 6912-input conv of madmom's chord
+    model: four of 382 MB): what they allocate beyond the layer statistics stays within a few K x K arrays (the
+    held-out H of one fold, its factor and the factorization's work), whatever the number of sparsities and folds."""
+    import tracemalloc
+
+    import onnxcompress.passes.bitprune as bitprune
+    from onnxcompress.graph.data import load_data
+    from onnxcompress.graph.weights import find_weights, get_array
+    from test_bitwidth import tiny_data
+
+    k = 384
+    model = gemm(k=k, n=8)
+    data = load_data(tiny_data(model, n=256))
+    info = next(w for w in find_weights(model) if len(w.shape) == 2)
+    array = get_array(model, info)
+    gram = k * k * 8
+    monkeypatch.setattr(bitprune, "FACTOR_CACHE_BYTES", 2 * gram)  # the four fold factors do not fit
+    sparsities = (0.5, 0.6, 0.7)
+    pruner = bitprune.Pruner(model, data, [info], crossfit=True, sparsities=sparsities)
+    pruner.max_flops = 0  # sparsegpt with its factors, as on the wide conv
+    pruner.stats[info.name].gram  # the statistics as the search holds them (flushed)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for s in sparsities:
+            fits, _ = pruner(array, info, s)
+            assert len(fits) == pruner.folds  # cross-fitted
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    # main held every fold's held-out H at once, H of all rows, the damping's two fold H and an identity beside each
+    # damped copy, with the cached factors: 10.2 K x K at the peak
+    assert peak <= 5 * gram, peak / gram  # 3.9 here, main 10.2

@@ -30,7 +30,9 @@ def damped(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     """(H + lambda I, lambda) with lambda = damping * mean(diag H) (at least a tiny positive floor)."""
     lam = float(damping) * float(np.mean(np.diag(gram))) if gram.size else 0.0
     lam = max(lam, 1e-12)
-    return gram + lam * np.eye(gram.shape[0]), lam
+    h = np.array(gram, dtype=np.float64)  # a copy with lambda added on its diagonal: no K x K identity beside it
+    h[np.diag_indices_from(h)] += lam
+    return h, lam
 
 
 def dense_target(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray | None, *,
@@ -43,8 +45,8 @@ def dense_target(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray | None,
     weight = np.asarray(weight, dtype=np.float64)
     if cross is None:
         return weight.copy()
+    delta = (cross - gram) @ weight.T  # (K, rows); before the damped copy: C - H and H + lambda I not alive at once
     h, _ = damped(gram, damping)
-    delta = (cross - gram) @ weight.T  # (K, rows)
     return weight + np.linalg.solve(h, delta).T
 
 
@@ -141,7 +143,9 @@ def sparsegpt_factor(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     h, _ = damped(gram, damping)
     dead = np.diag(gram) == 0
     h[dead, dead] = 1.0
-    return np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(H) = U^T U
+    inverse = np.linalg.inv(h)
+    del h  # one K x K fewer alive in the Cholesky factorization (382 MB at K = 6912)
+    return np.linalg.cholesky(inverse).T  # upper: inv(H) = U^T U
 
 
 def sparsegpt(target: np.ndarray, gram: np.ndarray, *, keep: np.ndarray | None = None,

@@ -282,8 +282,11 @@ class LayerInputs:
         """Per fold f, H of every update outside fold f: the data a fit scored on fold f may learn from."""
         if not self.fold_count:
             return None
-        return [(self.gram[group] - self._fold_grams[f][group]) / max(self.count - self._fold_counts[f], 1)
-                for f in range(self.folds)]
+        return [self.heldout_hessian(f, group) for f in range(self.folds)]
+
+    def heldout_hessian(self, fold: int, group: int = 0) -> np.ndarray:
+        """heldout_hessians' one of fold `fold` (folds on): one K x K made, not `folds` at once."""
+        return (self.gram[group] - self._fold_grams[fold][group]) / max(self.count - self._fold_counts[fold], 1)
 
 
 def collect_layer_inputs(model: onnx.ModelProto, data: Dataset, layers: Sequence[LinearLayer], *,
