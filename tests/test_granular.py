@@ -453,3 +453,30 @@ def test_share_with_data_fits_a_predicted_gptq_candidate_the_joint_choice_picks(
     (want,), (got,) = run(model, {"x": x}), run(ctx.model, {"x": x})
     onnx.checker.check_model(ctx.model, full_check=True)
     assert float(np.sum(want ** 2)) / float(np.sum((want - got) ** 2)) > 100  # over 20 dB
+
+
+@pytest.mark.parametrize("shape, axis, option", [
+    ((64, 48), 1, Option("channel", outlier_fraction=0.02)),
+    ((48, 64), 0, Option("group", group_size=16)),
+    ((6, 8, 3, 5), 1, Option("channel")),
+    ((7, 9, 11), None, Option("tensor")),
+    ((5, 300), 1, Option("channel", outlier_fraction=0.01)),
+])
+def test_decoded_blocks_are_decode_and_measure_is_the_full_decodes(shape, axis, option):
+    """A block at a time (blocks of whole slices before the channel axis, here smaller than the weight) gives
+    decode()'s values; measure's SQNR is the one of the full decoded copy."""
+    from onnxcompress.numerics.histogram import signal_and_error
+    from onnxcompress.numerics.measures import sqnr_db
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(shape).astype(np.float32)
+    if option.kind == "tensor":
+        w = w.astype(np.float64)  # decode() returns the weight's dtype
+    shared = fit(w, 3, option, Fitting("w", axis))
+    full = shared.decode().reshape(-1)
+    for elements in (1, 37, 64 * 3, w.size, 10 * w.size):
+        parts = list(shared.decoded_blocks(elements))
+        assert parts[0][0].start == 0 and parts[-1][0].stop == w.size
+        assert all(a[0].stop == b[0].start for a, b in zip(parts, parts[1:]))
+        joined = np.concatenate([block for _, block in parts])
+        assert joined.dtype == full.dtype and np.array_equal(joined, full)
+    assert measure(w, shared, None) == pytest.approx(sqnr_db(*signal_and_error(w, shared.decode())), rel=1e-12)

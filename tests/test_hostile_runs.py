@@ -69,3 +69,17 @@ def test_a_signal_ends_a_run_that_never_returns(tmp_path, signum):
         child.wait()
     assert code == 128 + getattr(signal, signum), child.stderr.read()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_importing_onnxruntime_leaves_nothing_in_tmpdir(tmp_path):
+    """onnxruntime's telemetry writes '.ses' into TMPDIR when imported: every command left it in the user's
+    temporary folder. It is imported with TMPDIR pointing at a folder of ours, removed at once."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    subprocess.run([sys.executable, "-c", "import onnxcompress.runtime.sessions"], check=True,
+                   env=dict(os.environ, TMPDIR=str(folder)))
+    assert list(folder.iterdir()) == []

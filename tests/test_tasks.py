@@ -119,6 +119,19 @@ def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_no
     assert output_producers(pooled)["e"] == "LayerNormalization" and detect_kind([e], "LayerNormalization") == "embedding"
 
 
+def test_producers_of_concats_sharing_their_inputs_are_found_in_linear_time():
+    """A hostile chain of 60 Concats each joining the one before with itself: looking through every input again
+    would take 2^60 steps; each value is looked at once."""
+    import time
+
+    nodes = [helper.make_node("Relu", ["x"], ["c0"])]
+    nodes += [helper.make_node("Concat", [f"c{i}", f"c{i}"], [f"c{i + 1}"], axis=0) for i in range(60)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x", [1, 4])], [value("c60", None)]))
+    start = time.monotonic()
+    assert output_producers(model)["c60"] == "Relu"
+    assert time.monotonic() - start < 5
+
+
 def test_an_output_shaped_like_an_input_is_a_state_the_caller_carries():
     """Found on trained streaming models (a GRU decoder's hidden_out beside its hidden input, a VAD's caches; a
     state made inside If branches hides its op): detected as class scores. An output whose declared shape is an

@@ -52,7 +52,7 @@ from onnxcompress.formats.codebook import SharedWeight
 from onnxcompress.numerics.gptq import gptq_codes, Grid, LayerHessians, refit_under_hessians
 from onnxcompress.numerics.granular_fit import (channel_first, fit_groups, fit_scaled, fit_tensor, flat_indices, from_matrix,
                                                pick_outliers, ScaledFit, to_matrix, weight_layout)
-from onnxcompress.numerics.histogram import signal_and_error
+from onnxcompress.numerics.histogram import CHUNK, signal_and_error
 from onnxcompress.numerics.kmeans import kmeans_1d
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sensitivity import mean_part, OutputGains
@@ -220,8 +220,12 @@ def measure(array: np.ndarray, shared: SharedWeight, hessians: LayerHessians | N
     if hessians is None and shared.scale is None and shared.group_offsets is None and shared.outlier_index is None:
         book = shared.codebook.astype(np.float32).astype(shared.dtype)  # what decode() gives, without the full copy
         return sqnr_db(*signal_and_error(array, codebook=book, codes=shared.codes))
-    if hessians is None:
-        return sqnr_db(*signal_and_error(array, shared.decode()))
+    if hessians is None:  # a block at a time: no full-size decoded copy
+        flat, signal, noise = np.asarray(array).reshape(-1), 0.0, 0.0
+        for part, decoded in shared.decoded_blocks(CHUNK):
+            block_signal, block_noise = signal_and_error(flat[part], decoded)
+            signal, noise = signal + block_signal, noise + block_noise
+        return sqnr_db(signal, noise)
     w = np.asarray(array, np.float64)
     d = w - shared.decode().astype(np.float64)
     w, d = to_matrix(w, shared.channel_axis), to_matrix(d, shared.channel_axis)

@@ -64,6 +64,37 @@ class SharedWeight:
             weight = flat.reshape(self.shape)
         return weight.astype(self.dtype)
 
+    def decoded_blocks(self, elements: int):
+        """decode(), flat, a block at a time without the full-size copies: (the block's flat slice, its values), the
+        values decode() gives there. A block is whole slices of the axes before the channel axis (the flat weight
+        cut in pieces of `elements` entries without one) of about `elements` entries, at least one slice."""
+        size = int(np.prod(self.shape, dtype=np.int64))
+        if size == 0:
+            return
+        axis = self.channel_axis
+        book = self.codebook.astype(np.float32)
+        lead = int(np.prod(self.shape[:axis], dtype=np.int64)) if axis is not None else size
+        row = size // lead
+        # (slices, channels, rest): a channel's scale and group offset broadcast over its entries
+        codes = self.codes.reshape(lead, 1, -1) if axis is None else self.codes.reshape(lead, self.shape[axis], -1)
+        offsets = None if self.group_offsets is None else self.group_offsets.astype(np.int32).reshape(1, -1, 1)
+        scale = None if self.scale is None else self.scale.astype(np.float32).reshape(1, -1, 1)
+        outliers = self.outlier_index is not None and self.outlier_index.size
+        step = max(1, elements // row)
+        for lo in range(0, lead, step):
+            hi = min(lead, lo + step)
+            index = codes[lo:hi]
+            if offsets is not None:
+                index = index.astype(np.int32) + offsets
+            block = book[index]
+            if scale is not None:
+                block = block * scale
+            block = block.reshape(-1)
+            if outliers:
+                inside = (self.outlier_index >= lo * row) & (self.outlier_index < hi * row)
+                block[self.outlier_index[inside] - lo * row] = self.outlier_value[inside].astype(np.float32)
+            yield slice(lo * row, hi * row), block.astype(self.dtype, copy=False)
+
     def decodes_to_shape(self) -> bool:
         """decode() has the weight's shape: the codes have it and the per-channel parts one entry a channel (checked
         without decoding, a full-size float copy: 15 ms a 2048x2048 weight)."""

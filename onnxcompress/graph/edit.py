@@ -14,18 +14,31 @@ PROVENANCE_KEY = "onnxcompress.pass"
 def iter_graphs(graph: onnx.GraphProto, path: str = "main") -> Iterator[tuple[onnx.GraphProto, str]]:
     """Yield (graph, path) for `graph` and every subgraph below it (If/Loop/Scan bodies).
 
-    A path reads like ``main/If_3.then_branch``: the node that owns the subgraph and the
-    attribute holding it, so a user can find the place in Netron.
+    A path reads like ``main/cond.then_branch``: the node that owns the subgraph (its name, else its op and
+    first output: ``main/If(y).then_branch``) and the attribute holding it, so a user can find the place in
+    Netron. Not the node's position: a pass inserting nodes before it would change its subgraphs' paths.
     """
     yield graph, path
+    names: set[str] | None = None
     for index, node in enumerate(graph.node):
         for attr in node.attribute:
-            label = f"{path}/{node.name or f'{node.op_type}_{index}'}.{attr.name}"
+            if attr.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                continue
+            if names is None:
+                names = {n.name for n in graph.node if n.name}
+            label = f"{path}/{_owner_label(node, index, names)}.{attr.name}"
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_graphs(attr.g, label)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for k, sub in enumerate(attr.graphs):
                     yield from iter_graphs(sub, f"{label}[{k}]")
+
+
+def _owner_label(node: onnx.NodeProto, index: int, names: set[str]) -> str:
+    if node.name:
+        return node.name  # unique in its graph (model._check_structure, as onnxruntime requires)
+    made = f"{node.op_type}({node.output[0]})" if node.output and node.output[0] else f"{node.op_type}_{index}"
+    return made if made not in names else f"{made}#{index}"
 
 
 def all_tensors(model: onnx.ModelProto, *, initializers: bool = True) -> Iterator[onnx.TensorProto]:

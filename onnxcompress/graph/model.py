@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxcompress.graph import datafile, external
+from onnxcompress.graph import datafile, external, functions
 from onnxcompress.graph.edit import all_tensors, iter_graphs
 from onnxcompress.errors import ModelError, OutputError
 from onnxcompress.graph.outputs import OutputPlan, Role
@@ -57,32 +57,50 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise ModelError(f"cannot read external data of '{path}': {e}") from e
     check_opset(model, str(path), max_opset)
-    _normalize(model)
+    _normalize(model, f"'{path}'", max_opset)
     _check_structure(model, path)
     return model
 
 
 def checked_model(model: onnx.ModelProto, *, max_opset: int | None = None) -> onnx.ModelProto:
     """An in-memory model (the Python API's) checked as load_model checks a file: the model itself, or a
-    copy rewritten as load_model rewrites (segments dropped, sparse initializers dense, output shapes filled);
-    ModelError for what load_model refuses."""
+    copy rewritten as load_model rewrites (model-local functions inlined, segments dropped, sparse initializers
+    dense, output shapes filled); ModelError for what load_model refuses."""
     check_opset(model, "the model", max_opset)
     graphs = [g for g, _ in iter_graphs(model.graph)]
-    if (any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
+    if (model.functions or model.training_info or _lacks_onnx_domain(model)
+            or any(t.HasField("segment") for t in all_tensors(model)) or any(g.sparse_initializer for g in graphs)
             or any(a.name == "sparse_value" for g in graphs for n in g.node for a in n.attribute)
-            or external.unranked_values(model.graph)):
+            or external.unranked_values(model.graph) or any(not v.type.WhichOneof("value") for v in model.graph.output)):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
-        _normalize(model)
+        _normalize(model, "the model", max_opset)
     _check_structure(model, "the model")
     return model
 
 
-def _normalize(model: onnx.ModelProto) -> None:
-    """What onnxruntime does at load and onnx cannot read, done once here: a tensor's `segment` fields (a piece
-    of a tensor split across messages, which onnxruntime ignores) dropped, sparse initializers stored dense,
-    the shapes of graph outputs that declare none filled in."""
+def _lacks_onnx_domain(model: onnx.ModelProto) -> bool:
+    """Whether the model imports opsets, none of them the ONNX domain's (onnxruntime then reads it at its latest;
+    a model importing no opset at all it refuses)."""
+    return bool(model.opset_import) and not opset_of(model)
+
+
+def _normalize(model: onnx.ModelProto, where: str, max_opset: int | None) -> None:
+    """What onnxruntime does at load and onnx cannot read, done once here: the ONNX domain imported at the
+    runtime's latest opset (`max_opset`, else onnx's) when the model imports others but not it, model-local functions inlined
+    (their weights are then the graph's), training_info left out, a tensor's `segment` fields (a piece of a tensor split across messages,
+    which onnxruntime ignores) dropped, sparse initializers stored dense, the types and shapes of graph outputs
+    that declare none filled in."""
+    if _lacks_onnx_domain(model):
+        version = max_opset or onnx.defs.onnx_opset_version()
+        model.opset_import.append(onnx.helper.make_opsetid("", version))
+        log.info("%s imports no ONNX opset; reading it at opset %d, as onnxruntime does (its latest)", where, version)
+    if model.training_info:  # its bindings name weights the passes replace, and onnxruntime ignores it
+        log.warning("%s: its training_info (%d training algorithms) is left out of the compressed model, which is "
+                    "for inference", where, len(model.training_info))
+        model.ClearField("training_info")
+    functions.inline_functions(model, where)
     for tensor in all_tensors(model):
         if tensor.HasField("segment"):
             log.info("tensor %r: ignored its segment fields (onnxruntime ignores them too)", tensor.name[:200])
@@ -133,6 +151,9 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> None:
                     attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
 
 
+_SPARSE_INDEX_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+
+
 def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
     import numpy as np
     from onnx import numpy_helper
@@ -144,6 +165,14 @@ def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
     if any(d < 0 for d in dims):
         raise ModelError(f"sparse initializer '{name}' ({path}) declares a negative dimension {dims}")
     numel = check_elements(element_count(dims), f"sparse initializer '{name}' ({path})", ModelError)
+    # what onnxruntime checks at load: numeric values in one dimension, integer indices
+    if sparse.values.data_type == onnx.TensorProto.STRING or len(sparse.values.dims) != 1:
+        raise ModelError(f"sparse initializer '{name}' ({path}) holds values of type "
+                         f"{onnx.TensorProto.DataType.Name(sparse.values.data_type)} in {len(sparse.values.dims)} "
+                         "dimensions: onnxruntime takes numbers in one dimension")
+    if sparse.indices.data_type not in _SPARSE_INDEX_TYPES:
+        raise ModelError(f"sparse initializer '{name}' ({path}) has indices of element type {sparse.indices.data_type}: "
+                         "onnxruntime takes int8, int16, int32 or int64")
     try:
         values = numpy_helper.to_array(sparse.values).reshape(-1)
         indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
@@ -163,16 +192,23 @@ def _densify(sparse: onnx.SparseTensorProto, path: str) -> onnx.TensorProto:
 
 
 def _fill_output_shapes(model: onnx.ModelProto) -> None:
-    """Graph outputs that declare a type but no shape (onnxruntime runs them, onnx's checker refuses
-    them) get the shape onnx's inference finds; one it cannot find (an input of unknown rank before it) is
-    left so (external.check_model checks such a model without its shapes)."""
+    """Graph outputs that declare a type but no shape, or no type at all (onnxruntime runs them, onnx's checker
+    refuses them) get the type and shape onnx's inference finds; one it cannot find (an input of unknown rank
+    before it) is left so (external.check_model checks such a model without its shapes)."""
+    untyped = [v for v in model.graph.output if v.type.WhichOneof("value") is None]
     missing = [v for v in model.graph.output if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
-    if not missing:
+    if not missing and not untyped:
         return
     try:
         inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
         inferred = model
+    types = {v.name: v.type for v in inferred.graph.output if v.type.WhichOneof("value") is not None}
+    types.update((v.name, v.type) for v in inferred.graph.value_info if v.type.WhichOneof("value") is not None)
+    for value in untyped:
+        if value.name in types:
+            value.type.CopyFrom(types[value.name])
+            log.info("graph output '%s' declared no type; using the inferred one", value.name[:200])
     found = {v.name: v for v in inferred.graph.output if v.type.tensor_type.HasField("shape")}
     for value in missing:
         if value.name not in found:  # onnxruntime runs it so (its rank is known at run time): kept as it is
@@ -190,6 +226,12 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid graph"
         raise ModelError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from e
+    for graph, where in iter_graphs(model.graph):
+        seen: set[str] = set()
+        twice = next((n.name for n in graph.node if n.name and (n.name in seen or seen.add(n.name))), None)
+        if twice is not None:
+            raise ModelError(f"'{path}': two nodes of {where} are named {twice[:200]!r} (onnxruntime refuses "
+                             "such a model; node names are unique in a graph)")
     for tensor in all_tensors(model):
         check_tensor(tensor, f"'{path}'")
 

@@ -136,9 +136,12 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEM
         for node in graph.node:
             if node.op_type == "Constant" and (tensor := _constant_tensor(node)) is not None:
                 found.append(_info(tensor, node.output[0], "constant", path))
+        graph_outputs = {o.name for o in graph.output}
         for info in found:
             if info.graph == path:
                 _attach_consumers(info, uses)
+                if info.skip is None and info.name in graph_outputs:
+                    info.skip = "also an output of its graph: the model returns it as it is"
     for info in found:
         if info.skip is None and not info.is_float:
             info.skip = f"not a float tensor ({info.dtype})"

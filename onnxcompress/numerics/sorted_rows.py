@@ -4,18 +4,18 @@ The per-channel fit (:func:`onnxcompress.numerics.granular_fit.fit_scaled`) need
 channel j and code m, A_jm = sum w_jk and B_jm = #entries over the fitted entries whose code is m,
 the code of w_jk being its nearest centroid of u_jk = w_jk / s_j (float32 division; ties lower). For
 s_j > 0 the code is nondecreasing in w_jk, so in each channel's sorted values the entries of one
-code are a run, cut where u crosses a boundary. With the channels sorted once (one int64 key per
-entry: the channel, then the value's order-preserving bits) and float64 prefix sums P of the sorted
-values, a round costs one float32 threshold per (channel, boundary),
+code are a run, cut where u crosses a boundary. With the channels sorted once (float32, -0.0 made
+0.0) and float64 prefix sums P of the sorted values, a round costs one float32 threshold per
+(channel, boundary),
 
     x_jm = the largest float32 x with fl32(x / s_j) <= d_m,   d_m the float32 form of boundary m
 
-(found from fl32(d_m s_j) by a few steps of one ulp, checked with the division itself), a binary search of
-each channel's thresholds in its own sorted values (int32 keys ordered as the float32 values: one
-`searchsorted` a channel, in a few KB, when there are at most LOOP_MAX_ROWS channels; else one of
-all of them in int64 keys (channel, value)), and A_jm = P[t_j,m+1] - P[t_j,m], B_jm = t_j,m+1 - t_j,m:
-O(C 2^b log K) instead of O(C K). The codes are the same as the division's (exact); the sums
-are the same sums in another order.
+(found from fl32(d_m s_j) by a few steps of one ulp, checked with the division itself), a binary
+search of each channel's thresholds in its own sorted values (one float32 `searchsorted` a channel,
+in a few KB, when there are at most LOOP_MAX_ROWS channels; else one of all of them in int64 keys:
+the channel, then the value's order-preserving bits), and A_jm = P[t_j,m+1] - P[t_j,m],
+B_jm = t_j,m+1 - t_j,m: O(C 2^b log K) instead of O(C K). The codes are the same as the division's
+(exact); the sums are the same sums in another order.
 
 The fitted entries of a channel must be a run of its sorted values: the unfitted ones (outliers
 by |w| within their channel) its smallest (w <= 0) and largest (w > 0) ones, which
@@ -37,10 +37,11 @@ LOOP_MAX_ROWS = 16384
 class SortedRows:
     """The sorted channels of a float32 (C, K) weight and their prefix sums (module docstring)."""
 
-    def __init__(self, bits: np.ndarray, keys: np.ndarray | None, prefix: np.ndarray, lo: np.ndarray, end: np.ndarray):
-        # bits: (C, K) int32 sorted per channel, ordered as the float32 values; keys: the same as flat int64 keys
-        # (channel, value), only above LOOP_MAX_ROWS channels
-        self.bits, self.keys, self.prefix, self.lo, self.end = bits, keys, prefix, lo, end
+    def __init__(self, values: np.ndarray, keys: np.ndarray | None, prefix: np.ndarray, lo: np.ndarray,
+                 end: np.ndarray):
+        # values: (C, K) float32 sorted per channel (no -0.0); keys: the same as flat int64 keys (channel, value),
+        # only above LOOP_MAX_ROWS channels
+        self.values, self.keys, self.prefix, self.lo, self.end = values, keys, prefix, lo, end
 
     @classmethod
     def of(cls, w: np.ndarray, fitted: np.ndarray) -> SortedRows | None:
@@ -48,9 +49,8 @@ class SortedRows:
         if w.dtype != np.float32 or w.ndim != 2 or w.size == 0 or w.shape[1] >= 1 << 31:
             return None
         rows, cols = w.shape
-        bits = ordered_int32((w + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
-        bits.sort(axis=1)
-        values = ordered_int32(bits).view(np.float32)
+        values = w + np.float32(0)  # a copy, where -0.0 turns into 0.0: the float32 order is then the bits' order
+        values.sort(axis=1)
         prefix = np.zeros((rows, cols + 1))
         prefix[:, 1:] = values  # then summed in place: 5x faster than cumsum casting as it goes (4096x4096)
         np.cumsum(prefix[:, 1:], axis=1, out=prefix[:, 1:])
@@ -68,14 +68,13 @@ class SortedRows:
             inside = (top_low[some] > values[some, lo[some]]) | (bottom_high[some] < values[some, end[some] - 1])
             if inside.any():  # an unfitted entry within a channel's run
                 return None
-        del values
         keys = None
         if rows > LOOP_MAX_ROWS:
-            keys = bits.astype(np.int64)
+            keys = ordered_int32(values.view(np.int32)).astype(np.int64)
             keys += FLOAT32_KEY_OFFSET
             keys += (np.arange(rows, dtype=np.int64) << 32)[:, None]
             keys = keys.reshape(-1)
-        return cls(bits, keys, prefix, lo, end)
+        return cls(values, keys, prefix, lo, end)
 
     def sums(self, s: np.ndarray, book: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(A, B), both (C, len(book)) float64, for scales s (float64, exact in float32) and an ascending
@@ -120,12 +119,12 @@ class SortedRows:
 
     def _counts_at_most(self, x: np.ndarray) -> np.ndarray:
         """(C, m) int64: how many of channel j's values are <= x_jm (float32, no NaN)."""
-        rows, cols = self.bits.shape
+        rows, cols = self.values.shape
         if self.keys is None:
-            query = ordered_int32((x + np.float32(0)).view(np.int32))  # + 0 turns -0.0 into 0.0
+            query = x + np.float32(0)  # -0.0 as 0.0, as in the values
             at = np.empty(x.shape, np.int64)
             for j in range(rows):
-                at[j] = self.bits[j].searchsorted(query[j], side="right")
+                at[j] = self.values[j].searchsorted(query[j], side="right")
             return at
         query = float32_keys(x)
         query += (np.arange(rows, dtype=np.int64) << 32)[:, None]

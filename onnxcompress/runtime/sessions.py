@@ -25,8 +25,24 @@ from onnxcompress.graph.edit import DOMAIN, iter_graphs
 
 # the one import of onnxruntime: any of its distributions provides the module (onnxruntime, onnxruntime-gpu,
 # -directml, -openvino), so none is a hard dependency (pyproject: the `cpu` extra) and a missing one is named here
+def _import_runtime():
+    """onnxruntime, imported while TMPDIR names a folder of ours, removed at once: at import its telemetry writes
+    a '.ses' file into the temporary folder, which would be left in the user's (nothing of a command may be)."""
+    saved = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-ort-") as private:
+        os.environ["TMPDIR"] = private
+        try:
+            import onnxruntime
+        finally:
+            if saved is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved
+    return onnxruntime
+
+
 try:
-    import onnxruntime as ort
+    ort = _import_runtime()
 except ImportError as e:
     raise RuntimeMissingError(
         f"onnxruntime cannot be imported ({e}); install a runtime: pip install 'onnxcompress[cpu]' for the CPU one, "

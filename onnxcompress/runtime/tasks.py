@@ -164,18 +164,25 @@ def output_producers(model: onnx.ModelProto) -> Producers:
     by_output = {o: n for n in model.graph.node for o in n.output}
     constants = {i.name for i in model.graph.initializer}
 
+    looked: dict[str, str | None] = {}  # each value looked at once: Concats of Concats sharing inputs stay linear
+
     def source(name: str, depth: int) -> str | None:
+        if name in looked:
+            return looked[name]
         node = by_output.get(name)
         if node is None or depth > 64:
             return None
         if node.op_type in LAYOUT_OPS and node.input:
             inner = source(node.input[0], depth + 1)
-            return inner if inner is not None or node.op_type == "Identity" else node.op_type
-        if node.op_type == "Concat":
+            result = inner if inner is not None or node.op_type == "Identity" else node.op_type
+        elif node.op_type == "Concat":
             parts = {source(i, depth + 1) for i in node.input if i and i not in constants
                      and getattr(by_output.get(i), "op_type", None) != "Constant"}
-            return parts.pop() if len(parts) == 1 and None not in parts else "Concat"
-        return node.op_type
+            result = parts.pop() if len(parts) == 1 and None not in parts else "Concat"
+        else:
+            result = node.op_type
+        looked[name] = result
+        return result
 
     inputs = [_declared(i) for i in model.graph.input if i.name not in constants]
     producers = Producers()
