@@ -145,18 +145,23 @@ def test_an_output_shaped_like_an_input_is_a_state_the_caller_carries():
     inits = [numpy_helper.from_array(weights(rng, 8, 16, scale=0.5), "W"),
              numpy_helper.from_array(weights(rng, 16, 16, scale=0.5), "U"),
              numpy_helper.from_array(weights(rng, 16, 1), "V")]
-    model = make_model(nodes, [value("x", ["N", 8]), value("h", ["N", 16])],
-                       [value("p", ["N", 1]), value("h_next", ["batch", 16])], inits)
-    feeds = {"x": rng.normal(size=(64, 8)).astype(np.float32), "h": rng.normal(size=(64, 16)).astype(np.float32)}
+    model = make_model(nodes, [value("x", ["N", 2, 8]), value("h", ["N", 2, 16])],
+                       [value("p", ["N", 2, 1]), value("h_next", ["batch", 2, 16])], inits)
+    feeds = {"x": rng.normal(size=(64, 2, 8)).astype(np.float32), "h": rng.normal(size=(64, 2, 16)).astype(np.float32)}
     p, h_next = run(model, feeds)
     kinds = resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(model))
     assert kinds["h_next"].kind == "regression" and not kinds["h_next"].budgeted
     assert kinds["p"].kind == "probability" and kinds["p"].budgeted
-    # the same head without a state input: the 16 scores are class scores again
+    # the same head without a state input: the 16 scores at each of 2 steps are a tagger's again
     plain = make_model(nodes[:1] + [helper.make_node("Identity", ["a"], ["h_next"])] + nodes[3:],
-                       [value("x", ["N", 8])], [value("p", ["N", 1]), value("h_next", ["N", 16])], inits[:1] + inits[2:])
+                       [value("x", ["N", 2, 8])], [value("p", ["N", 2, 1]), value("h_next", ["N", 2, 16])],
+                       inits[:1] + inits[2:])
     p, h_next = run(plain, {"x": feeds["x"]})
-    assert resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(plain))["h_next"].kind == "top1"
+    assert resolve_kinds(["p", "h_next"], [[p, h_next]], output_producers(plain))["h_next"].kind == "sequence"
+    # a square classifier, [N, 16] in and out, is no state
+    square = _head(None, n=16, k=16)
+    y, = run(square, _feeds(square))
+    assert output_producers(square)["y"] == "MatMul" and detect_kind([y], "MatMul") == "top1"
 
 
 def _recognizer(blank: int, ids: bool = False, steps: int = 12, classes: int = 7):

@@ -158,8 +158,8 @@ def output_producers(model: onnx.ModelProto) -> Producers:
     """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
     a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
     joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none.
-    An output whose declared shape is a float input's (the same rank, a static dimension in common and none
-    different) is CARRIED, whatever made it (an If's branches, a hand-written cell's Add): a streaming model's
+    An output whose declared shape is a float input's (the same rank, at least 3, a static dimension in common
+    and none different) is CARRIED, whatever made it (an If's branches, a hand-written cell's Add): a streaming model's
     state, fed back at the next call; a Softmax or a Sigmoid stays what it is."""
     by_output = {o: n for n in model.graph.node for o in n.output}
     constants = {i.name for i in model.graph.initializer}
@@ -208,8 +208,9 @@ def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
 
 
 def _alike(a: tuple | None, b: tuple | None) -> bool:
-    """The same rank (>= 2), no two static dimensions different, at least one static dimension the same."""
-    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+    """The same rank (>= 3: a square [N, k] -> [N, k] classifier is no state; recurrent states are [layers, N, h]
+    and the like), no two static dimensions different, at least one static dimension the same."""
+    if a is None or b is None or len(a) != len(b) or len(a) < 3:
         return False
     static = [(x, y) for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0]
     return bool(static) and all(x == y for x, y in static)
