@@ -98,6 +98,16 @@ def test_a_function_called_many_times_stores_its_weight_once(tmp_path):
     _close(model, onnx.load(out))
 
 
+def _inlined_and_shared(original: onnx.ModelProto) -> None:
+    """Loading inlines every function with the same outputs, and `share` on it validates and stays close."""
+    loaded = checked_model(original)
+    assert not loaded.functions
+    _same_outputs(original, loaded)
+    result, report = compress(original, "share")
+    assert report.validation is not None and not result.functions
+    _close(original, result)
+
+
 def test_attributes_the_function_refers_to_keep_their_values():
     """A body attribute naming the caller's (ref_attr_name): the caller's value, else the function's default, else
     the op's own default, as onnxruntime computes it."""
@@ -115,13 +125,7 @@ def test_attributes_the_function_refers_to_keep_their_values():
 
     for caller in ({"slope": 0.7}, {}):
         for default in (True, False):
-            original = model(caller, default)
-            loaded = checked_model(original)
-            assert not loaded.functions
-            _same_outputs(original, loaded)
-            result, report = compress(original, "share")
-            assert report.validation is not None and not result.functions
-            _close(original, result)
+            _inlined_and_shared(model(caller, default))
 
 
 def test_inlined_names_do_not_collide_with_the_graphs():
@@ -168,12 +172,7 @@ def test_a_function_at_another_opset_is_inlined(opset):
         inputs, weights = ["x", "FW"], [_weight(64, 64)]
     original = _model([helper.make_node("Linear", inputs, ["y"], domain="local")], [fn], k=64, n=64)
     original.graph.initializer.extend(weights)
-    loaded = checked_model(original)
-    assert not loaded.functions
-    _same_outputs(original, loaded)
-    result, report = compress(original, "share")
-    assert report.validation is not None and not result.functions
-    _close(original, result)
+    _inlined_and_shared(original)
 
 
 def test_a_function_named_as_a_standard_op_is_not_called():

@@ -2,7 +2,6 @@
 the same gains as whole-model probes, fewer nodes run, one group's cut values held, the fallbacks."""
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pytest
@@ -34,21 +33,8 @@ def _data(n=32, width=8):
 
 
 def _probes(model, data, bits=2):
-    from onnxcompress.fitting.granular import fit, Fitting, from_matrix, Option, to_matrix
-    from onnxcompress.fitting.sharing import layer_hessians
-    from onnxcompress.graph.weights import find_weights, get_array
-    from onnxcompress.runtime.sensitivity import Probe
-    infos = find_weights(model, min_elements=0)
-    hessians = layer_hessians(model, data, infos)
-    probes = {}
-    for info in infos:
-        array = get_array(model, info)
-        matrix = to_matrix(array.astype(np.float64), info.channel_axis)
-        coded = fit(array, bits, Option("tensor"), Fitting(info.name, info.channel_axis)).decode()
-        probes[info.name] = Probe(matrix, matrix - to_matrix(coded.astype(np.float64), info.channel_axis),
-                                  hessians[info.name], partial(from_matrix, shape=array.shape,
-                                                               channel_axis=info.channel_axis))
-    return probes
+    from test_sensitivity import probes_for
+    return probes_for(model, data, bits, named=lambda name: True)[2]
 
 
 def test_groups_join_weights_while_the_shared_suffix_stays_within_the_slack():

@@ -35,8 +35,9 @@ def data_for(model, n=64, seed=1):
     return Dataset(stacked={"x": x})
 
 
-def probes_for(model, data, bits=3):
-    infos = [w for w in find_weights(model, min_elements=0) if w.name.endswith(".W")]
+def probes_for(model, data, bits=3, named=lambda name: name.endswith(".W")):
+    """(weights, their Hessians, a Probe of each: the weight and its error coded per tensor at `bits`)."""
+    infos = [w for w in find_weights(model, min_elements=0) if named(w.name)]
     hessians = layer_hessians(model, data, infos)
     probes = {}
     for info in infos:
