@@ -155,12 +155,11 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEM
 QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")  # integer weights another tool quantized (not shapes, not indices)
 
 
-def prequantized_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> list[WeightInfo]:
-    """The used constant tensors of 8 bits or fewer of at least `min_elements` elements: weights quantized before
-    us (onnxruntime's quantize_dynamic feeds MatMulInteger and DynamicQuantizeLSTM with them), which the passes,
-    compressing float weights, keep as they are."""
-    return [w for w in find_weights(model, min_elements=min_elements)
-            if w.dtype in QUANTIZED_DTYPES and w.numel >= min_elements and w.consumers]
+def prequantized_weights(weights: list[WeightInfo], *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> list[WeightInfo]:
+    """Of a model's `weights` (find_weights), the used constant tensors of 8 bits or fewer of at least `min_elements`
+    elements: weights quantized before us (onnxruntime's quantize_dynamic feeds MatMulInteger and DynamicQuantizeLSTM
+    with them), which the passes, compressing float weights, keep as they are."""
+    return [w for w in weights if w.dtype in QUANTIZED_DTYPES and w.numel >= min_elements and w.consumers]
 
 
 def _info(tensor: onnx.TensorProto, name: str, location: str, path: str) -> WeightInfo:
@@ -243,10 +242,9 @@ def is_bias(info: WeightInfo) -> bool:
 NONFINITE = "holds NaN or Inf"
 
 
-def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
-    """Names of the float tensors holding NaN or Inf, whatever their size (each read once)."""
-    return [info.name for info in find_weights(model, min_elements=0)
-            if info.is_float and not np.isfinite(get_array(model, info)).all()]
+def nonfinite_weights(model: onnx.ModelProto, weights: list[WeightInfo]) -> list[str]:
+    """Names of the float tensors of the model's `weights` (find_weights) holding NaN or Inf (each read once)."""
+    return [info.name for info in weights if info.is_float and not np.isfinite(get_array(model, info)).all()]
 
 
 def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:

@@ -99,7 +99,8 @@ class Context:
         ctx = cls(original=original, model=working, **options)
         if external.is_streamed(working):  # big arrays passes hand on stay on disk, like the weights
             ctx.masks, ctx.shared = SpillingDict(working), SpillingDict(working)
-        ctx.nonfinite = set(nonfinite_weights(working))
+        weights = find_weights(working, min_elements=0)  # every constant tensor, whatever its size
+        ctx.nonfinite = set(nonfinite_weights(working, weights))
         for name in sorted(ctx.nonfinite):
             ctx.record(name, "load", f"kept float: {NONFINITE}")
         if ctx.nonfinite:
@@ -109,11 +110,12 @@ class Context:
             ctx.note(f"{len(dropped)} initializer(s) were also listed as graph inputs ({', '.join(dropped[:5])}"
                      f"{', ...' if len(dropped) > 5 else ''}), defaults a caller could override: they are treated as "
                      "the constants they are and are no longer inputs of the output, so they can be compressed")
-        if quantized := prequantized_weights(working):
+        if quantized := prequantized_weights(weights):
             kinds, size = ", ".join(sorted({w.dtype for w in quantized})), sum(w.nbytes for w in quantized)
-            ctx.note(f"{f'{size / 1e6:.1f} MB' if size >= 1e6 else f'{size / 1e3:.1f} KB'} of weights ({len(quantized)} tensor(s), {kinds}) are "
-                     "already integer, quantized before: the passes compress float weights, so these are kept as they "
-                     "are (compress the float model this one was quantized from to go further)")
+            amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} KB"
+            ctx.note(f"{amount} of weights ({len(quantized)} tensor(s), {kinds}) are already integer, quantized "
+                     "before: the passes compress float weights, so these are kept as they are (compress the float "
+                     "model this one was quantized from to go further)")
         return ctx
 
     def fork(self) -> Context:
