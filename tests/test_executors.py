@@ -278,7 +278,8 @@ gc.disable()
 model = mlp()
 session = make_session(model)
 session.run(None, random_feeds(model, n=2))
-del session  # its stoppable run closure holds it in a cycle: only the collector frees it
+session.itself = session  # a cycle (a user's, a cache's): only the collector frees it
+del session
 print(list(map_ordered(_collected, [((i,), {{}}) for i in range(4)], jobs=2, work=10 ** 7)))
 """
     import signal
@@ -293,3 +294,27 @@ print(list(map_ordered(_collected, [((i,), {{}}) for i in range(4)], jobs=2, wor
     assert child.returncode == 0, err[-2000:]
     assert out.strip() == "[0, 1, 2, 3]"
     gc.collect()
+
+
+def test_a_made_session_is_freed_when_dropped_not_left_to_the_collector():
+    """make_session's stoppable session holds the onnxruntime session, not the other way round: no cycle, so the
+    session goes as soon as it is dropped (before, its `run` closure held it in a cycle, which only the cyclic
+    collector frees: a forked worker must not run it)."""
+    import gc
+    import weakref
+
+    from tiny import mlp, random_feeds
+    from onnxcompress.runtime.sessions import make_session
+
+    model = mlp()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        session = make_session(model)
+        session.run(None, random_feeds(model, n=2))
+        gone = weakref.ref(session)
+        del session
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()

@@ -146,25 +146,35 @@ class _Runs:
                 options.terminate = True
 
 
-def stoppable(session: ort.InferenceSession) -> ort.InferenceSession:
-    """The session, its `run` given RunOptions that a signal to end the process sets to terminate: onnxruntime
-    holds the main thread in C++ for as long as a run takes (a Loop of 2^62 iterations: for ever), and Python's own
-    handlers (KeyboardInterrupt, exit_on_termination's SystemExit) run only once it returns."""
-    plain = session.run
+class _Stoppable:
+    """An onnxruntime session whose `run` a signal to end the process stops (:func:`stoppable`); everything else is
+    the session's. It holds the session, the session does not hold it: no reference cycle, so a dropped session is
+    freed at once, never left to the cyclic collector (a forked worker collecting one it inherited hangs in its
+    destructor)."""
 
-    def run(output_names, input_feed, run_options=None):
+    def __init__(self, session: ort.InferenceSession):
+        self._session = session
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    def run(self, output_names, input_feed, run_options=None):
         options = run_options if run_options is not None else ort.RunOptions()
         with _Runs.lock:
             _Runs.active.add(options)
             options.terminate = _Runs.stopping
         try:
-            return plain(output_names, input_feed, options)
+            return self._session.run(output_names, input_feed, options)
         finally:
             with _Runs.lock:
                 _Runs.active.discard(options)
 
-    session.run = run
-    return session
+
+def stoppable(session: ort.InferenceSession) -> ort.InferenceSession:
+    """The session, its `run` given RunOptions that a signal to end the process sets to terminate: onnxruntime
+    holds the main thread in C++ for as long as a run takes (a Loop of 2^62 iterations: for ever), and Python's own
+    handlers (KeyboardInterrupt, exit_on_termination's SystemExit) run only once it returns."""
+    return _Stoppable(session)
 
 
 def stop_runs_on_signals() -> None:
