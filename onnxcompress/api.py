@@ -88,6 +88,7 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
         recipe = recipe.with_budget(**{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False,
                          samples=samples)
+    recipe, ran_instead = recipe.for_data(calib is not None)
     if eval_data is not None:
         evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data", samples=samples)
     elif calib is not None or validate == "none":  # nothing to validate: no inputs synthesized, no probe session
@@ -97,7 +98,8 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
     compressed, report = manager.run(original, calib, evaluation)
-    report.notes += [d.note for d in dict.fromkeys((calib, evaluation)) if d is not None and d.note]
+    report.notes += [n for n in (ran_instead,) if n] + [d.note for d in dict.fromkeys((calib, evaluation))
+                                                          if d is not None and d.note]
     for dataset in dict.fromkeys(d for d in (calib, evaluation) if d is not None and d.stream is not None):
         report.notes.append(f"{dataset.source}: {dataset.stream.describe()}")
     report.input_bytes = original.ByteSize()

@@ -24,11 +24,13 @@ def test_a_recipe_that_needs_data_says_so_before_any_pass_runs(tmp_path, capsys,
     from tiny import cli_error
 
     onnx.save(gemm(k=64, n=32), tmp_path / "m.onnx")
+    (tmp_path / "static.yaml").write_text("name: static\npasses: [share, calibrate, qdq]\n")
     ran = []
     monkeypatch.setattr(SharePass, "call", lambda self, ctx: ran.append(1))
-    err = cli_error(capsys, ["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--recipe", "int8"])
-    assert "'int8' needs calibration data" in err and "--data" in err
-    assert not (tmp_path / "o.onnx").exists()
+    err = cli_error(capsys, ["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--recipe",
+                             str(tmp_path / "static.yaml")])
+    assert "'static' needs calibration data" in err and "--data" in err
+    assert not ran and not (tmp_path / "o.onnx").exists()
 
 
 def test_weights_another_tool_quantized_are_named_as_the_reason_the_output_is_not_smaller():

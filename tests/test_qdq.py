@@ -18,6 +18,7 @@ from onnxcompress.numerics.measures import sqnr_db_of as sqnr_db
 from onnxcompress.passes.calibrate import CalibratePass
 from onnxcompress.passes.qdq import QdqPass
 from onnxcompress.pipeline.manager import Context, PassManager
+from onnxcompress.recipes import Recipe
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -340,11 +341,20 @@ def test_dynamic_mode_below_opset_11_is_weight_only_with_a_note():
     tiny.run(quantized, data_for(model).stacked)
 
 
-def test_int8_without_data_names_the_recipe_that_needs_none():
+def test_int8_without_data_runs_the_recipe_that_needs_none_and_says_so():
+    """A user who runs `int8` with no data gets dynamic int8 (the same model int8-dynamic gives) and a note saying
+    so and what data would buy, not a refusal; a recipe file of the same passes still needs its data."""
     from onnxcompress.errors import DataError
 
-    with pytest.raises(DataError, match="int8-dynamic"):
-        compress(tiny.conv_gemm(), "int8")
+    model = tiny.conv_gemm()
+    quantized, report = compress(model, "int8")
+    dynamic, _ = compress(model, "int8-dynamic")
+    assert report.recipe == "int8-dynamic" and quantized.SerializeToString() == dynamic.SerializeToString()
+    assert any(n.startswith("no --data: 'int8' ran as 'int8-dynamic'") and "static int8" in n for n in report.notes)
+    static, report = compress(model, "int8", data_for(model))
+    assert report.recipe == "int8" and not any(n.startswith("no --data") for n in report.notes)
+    with pytest.raises(DataError, match="needs calibration data"):
+        compress(model, Recipe("mine", [("calibrate", {}), ("qdq", {})]))
 
 
 def test_lenet300_int8_dynamic_recipe_keeps_the_test_accuracy():

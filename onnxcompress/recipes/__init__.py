@@ -64,7 +64,7 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
     "share-4bit": "4-bit k-means sharing of every weight, granularity chosen per layer (give --data), portable",
-    "int8": "static int8 QDQ (needs --data): MSE-clipped activations, per-channel weights, per-layer SQNR; "
+    "int8": "static int8 QDQ (with --data; without, it runs int8-dynamic): MSE-clipped activations, per-channel weights, per-layer SQNR; "
             "activations that cost 1% of the task's answers (--metric) on the data stay float (else dynamic or "
             "weight-only int8, the weights that break it kept float)",
     "int8-dynamic": "dynamic int8, no data needed: MatMul/Gemm with activation ranges computed at run time "
@@ -112,6 +112,15 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}' has no per-layer search (such as 'bitwidth') to take "
                               f"{sorted(budget)}")
         return self.with_options(search, **budget)
+
+    def for_data(self, given: bool) -> tuple["Recipe", str | None]:
+        """The recipe to run when calibration data is or is not `given`, and a note when it is another one: a
+        built-in recipe that cannot run without data runs its no-data counterpart (NO_DATA), said in the report."""
+        if not self.builtin or given or self.name not in NO_DATA:
+            return self, None
+        fallback, gain = NO_DATA[self.name]
+        return load_recipe(fallback), (f"no --data: '{self.name}' ran as '{fallback}' ({DESCRIPTIONS[fallback]}); "
+                                       f"give --data with a few hundred representative inputs for {gain}")
 
     def build(self) -> list[Pass]:
         """The recipe's passes in order; a search pass and every pass after it become one search-then-verify
@@ -201,6 +210,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 # the built-in recipes that write the packed form (the others: portable)
+# a built-in recipe that needs calibration data: the one run in its place when none is given, and what data buys
+NO_DATA: dict[str, tuple[str, str]] = {"int8": ("int8-dynamic", "static int8 (activation ranges calibrated ahead "
+                                                                "of time, no quantization work at run time)")}
 FORMS: dict[str, Form] = {"deep-compression": Form.PACKED, "deep-compression-fixed": Form.PACKED, "auto": Form.PACKED}
 
 
