@@ -88,7 +88,7 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
         recipe = recipe.with_budget(**{**reset, **budget})
     calib = prepare_data(original, data, shapes=shapes, name="calibration data", synthesize_if_missing=False,
                          samples=samples)
-    recipe, ran_instead = recipe.for_data(calib is not None)
+    recipe, ran_instead = recipe.for_data(calib is not None, eval_data is not None)
     if eval_data is not None:
         evaluation = prepare_data(original, eval_data, shapes=shapes, name="evaluation data", samples=samples)
     elif calib is not None or validate == "none":  # nothing to validate: no inputs synthesized, no probe session

@@ -11,7 +11,7 @@ Each entry is a pass name, or a one-key mapping from a pass name to its options.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,19 +43,19 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # relative indices, entropy coding; the packed form (custom ops; `unpack` gives portable).
     # With data, per-layer sparsity and bits come from the bit-width search, to a tolerance of one
     # point of accuracy (measured with labelled --eval-data, else estimated from the float model's
-    # own class probabilities), the bound the paper's "no loss" is read to here; without data the
-    # paper's per-role settings (prune/share defaults). The search measures one codebook per tensor
-    # (the paper's), so share codes what was measured: its "auto" choice would spend bytes the
-    # search did not plan for.
-    "deep-compression": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}), ("prune", {}),
+    # own class probabilities), the bound the paper's "no loss" is read to here; without data it runs
+    # NO_DATA's settings instead (the paper's fixed ones: deep-compression-fixed). The search measures
+    # one codebook per tensor (the paper's), so share codes what was measured: its "auto" choice would
+    # spend bytes the search did not plan for.
+    "deep-compression": [("bitwidth", {"max_drop": 1.0}), ("prune", {}),
                          ("share", {"granularity": "tensor"}), ("sparse", {}), ("entropy", {})],
     # the same passes with the paper's fixed per-role settings and no search
     "deep-compression-fixed": [("prune", {}), ("share", {}), ("sparse", {}), ("entropy", {})],
     # magnitude pruning alone (refit on the calibration data when given)
     "prune": [("prune", {})],
     # Deep Compression in standard ONNX: the same search, pricing the portable form (bit-packed codes,
-    # relative indices where smaller), then prune and share; without data the paper's per-role settings
-    "deep-compression-portable": [("bitwidth", {"max_drop": 1.0, "without_data": "skip"}),
+    # relative indices where smaller), then prune and share; without data NO_DATA's `share`
+    "deep-compression-portable": [("bitwidth", {"max_drop": 1.0}),
                                   ("prune", {}), ("share", {"granularity": "tensor"})],
     # per-layer bits and sparsity searched to a budget (--max-drop, --min-sqnr or --target-ratio),
     # then Deep Compression with those settings
@@ -113,14 +113,19 @@ class Recipe:
                               f"{sorted(budget)}")
         return self.with_options(search, **budget)
 
-    def for_data(self, given: bool) -> tuple["Recipe", str | None]:
-        """The recipe to run when calibration data is or is not `given`, and a note when it is another one: a
-        built-in recipe that cannot run without data runs its no-data counterpart (NO_DATA), said in the report."""
-        if not self.builtin or given or self.name not in NO_DATA:
+    def for_data(self, calibration: bool, evaluation: bool) -> tuple["Recipe", str | None]:
+        """The recipe to run with or without calibration and evaluation data, and a note when it is another one: a
+        built-in recipe that cannot do its job without data runs its no-data counterpart (NO_DATA), said in the
+        report. A search to a size (target_ratio) needs no data to meet its bound and runs as it is."""
+        fallback = NO_DATA.get(self.name) if self.builtin and not calibration else None
+        if fallback is None or (evaluation and fallback.evaluation_suffices):
             return self, None
-        fallback, gain = NO_DATA[self.name]
-        return load_recipe(fallback), (f"no --data: '{self.name}' ran as '{fallback}' ({DESCRIPTIONS[fallback]}); "
-                                       f"give --data with a few hundred representative inputs for {gain}")
+        search = self.search_step()
+        if search and any(o.get("target_ratio") for p, o in self.steps if p == search):
+            return self, None
+        self.build()  # its options are checked all the same: a wrong budget is the user's to hear of
+        return (Recipe(fallback.name, [(p, dict(o)) for p, o in fallback.steps], form=fallback.form, builtin=True),
+                f"no --data: '{self.name}' ran as '{fallback.name}' ({fallback.runs}); {fallback.why}")
 
     def build(self) -> list[Pass]:
         """The recipe's passes in order; a search pass and every pass after it become one search-then-verify
@@ -210,9 +215,35 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 # the built-in recipes that write the packed form (the others: portable)
-# a built-in recipe that needs calibration data: the one run in its place when none is given, and what data buys
-NO_DATA: dict[str, tuple[str, str]] = {"int8": ("int8-dynamic", "static int8 (activation ranges calibrated ahead "
-                                                                "of time, no quantization work at run time)")}
+@dataclass(frozen=True)
+class NoData:
+    """What a built-in recipe runs when no calibration data is given: `name` and `runs` say it in the report, `why`
+    says what data would give; `evaluation_suffices`: the recipe runs as it is on --eval-data alone."""
+    name: str
+    steps: list[tuple[str, dict[str, Any]]]
+    form: Form
+    runs: str
+    why: str
+    evaluation_suffices: bool = True
+
+
+_SEARCH_WITHOUT_DATA = ("its search measures what each layer tolerates on your inputs, and on random inputs that "
+                        "measure holds nothing (on trained models it kept 56% of a face detector's crops and 0.3% of a "
+                        "tagger's sentences while reading 100% on random ones); give --data with a few hundred "
+                        "representative inputs, or --recipe deep-compression-fixed for the paper's fixed settings")
+_SHARED_PACKED = NoData("share (packed)", BUILTIN["share"] + [("sparse", {}), ("entropy", {})], Form.PACKED,
+                        "k-means sharing at 8 bits for conv, 5 for the rest, entropy-coded, packed: settings that "
+                        "hold without knowing the model", _SEARCH_WITHOUT_DATA, evaluation_suffices=False)
+# a built-in recipe that cannot do its job without calibration data, and what runs in its place
+NO_DATA: dict[str, NoData] = {
+    "int8": NoData("int8-dynamic", BUILTIN["int8-dynamic"], Form.PORTABLE, DESCRIPTIONS["int8-dynamic"],
+                   "give --data with a few hundred representative inputs for static int8 (activation ranges "
+                   "calibrated ahead of time, no quantization work at run time)", evaluation_suffices=False),
+    "deep-compression": _SHARED_PACKED,
+    "auto": replace(_SHARED_PACKED, evaluation_suffices=True),  # auto searches on --eval-data alone
+    "deep-compression-portable": NoData("share", BUILTIN["share"], Form.PORTABLE, DESCRIPTIONS["share"],
+                                        _SEARCH_WITHOUT_DATA, evaluation_suffices=False),
+}
 FORMS: dict[str, Form] = {"deep-compression": Form.PACKED, "deep-compression-fixed": Form.PACKED, "auto": Form.PACKED}
 
 
