@@ -356,7 +356,7 @@ def test_an_agreement_where_the_reference_gives_one_answer_everywhere_is_marked_
     """A text detector on random inputs: its map never reaches the threshold (noise holds no text), so any
     candidate, even a broken one, 'agrees' 100%; the comparison says so instead of passing it as evidence."""
     from onnxcompress.report import comparison_text
-    from onnxcompress.runtime.tasks import one_answer
+    from onnxcompress.runtime.metrics import one_answer
 
     model = _head("Sigmoid", n=1)
     shifted = _head("Sigmoid", n=1, seed=7)  # other weights: other probabilities, all below 0.99999

@@ -12,7 +12,7 @@ from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import DataError, ModelError, printable
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
-from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, one_answer, output_producers, present_rows,
+from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, ctc_greedy, output_producers, present_rows,
                                         resolve_kinds)
 
 
@@ -180,6 +180,26 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
         raise DataError(f"the labels hold class {int(labels.max())}, but output {' and '.join(out_of_range)} "
                         "classes (numbered from 0): the labels are not this model's")
     return results
+
+
+def one_answer(kind: OutputKind, reference: Sequence[np.ndarray]) -> bool:
+    """Whether the reference gives every input the same answer: no probability crosses its threshold (or all do),
+    one class wins everywhere, one path or text for every sample. An agreement over such inputs (a text detector
+    or recognizer fed noise, which holds no text) says only that the candidate gives that answer too, not that it
+    keeps the task. Embeddings and regressions have no one answer: never."""
+    refs = [np.asarray(r, dtype=np.float64) for r in reference if np.asarray(r).size]
+    if not refs or kind.kind in ("embedding", "regression"):
+        return False
+    if kind.kind == "probability":
+        decided = np.concatenate([(r >= kind.metric.threshold).ravel() for r in refs])
+        return bool(decided.all() or not decided.any())
+    if kind.kind == "top1":
+        winners = np.concatenate([r.argmax(-1).ravel() for r in refs])
+        return bool(np.all(winners == winners[0]))
+    per_sample = [s for r in refs for s in ([r] if r.ndim == 2 else r.reshape(-1, *r.shape[-2:]))]
+    if kind.kind == "ctc":
+        return len({ctc_greedy(s, kind.metric.blank) for s in per_sample}) == 1
+    return len({tuple(s.argmax(-1).ravel()) for s in per_sample}) == 1
 
 
 def _flat_numbers(refs: list[np.ndarray], cands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

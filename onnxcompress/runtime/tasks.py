@@ -365,27 +365,6 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     return float(np.mean(flat)) if flat.size else None
 
 
-def one_answer(kind: OutputKind, reference: Sequence[np.ndarray]) -> bool:
-    """Whether the reference gives every input the same answer: no probability crosses its threshold (or all do),
-    one class wins everywhere, one path or text for every sample. An agreement over such inputs (a text detector
-    or recognizer fed noise, which holds no text) says only that the candidate gives that answer too, not that it
-    keeps the task. Embeddings and regressions have no one answer: never."""
-    refs = [np.asarray(r, dtype=np.float64) for r in reference if np.asarray(r).size]
-    if not refs or kind.kind in ("embedding", "regression"):
-        return False
-    if kind.kind == "probability":
-        decided = np.concatenate([(r >= kind.metric.threshold).ravel() for r in refs])
-        return bool(decided.all() or not decided.any())
-    if kind.kind == "top1":
-        winners = np.concatenate([r.argmax(-1).ravel() for r in refs])
-        return bool(np.all(winners == winners[0]))
-    if kind.kind == "ctc":
-        answers = {ctc_greedy(s, kind.metric.blank) for r in refs for s in _samples(r)}
-    else:
-        answers = {tuple(s.argmax(-1).ravel()) for r in refs for s in _samples(r)}
-    return len(answers) == 1
-
-
 def _samples(scores: np.ndarray) -> list[np.ndarray]:
     """[batch, steps, classes] -> one [steps, classes] per sample; [steps, classes] is one sample."""
     return [scores] if scores.ndim == 2 else list(scores.reshape(-1, *scores.shape[-2:]))
