@@ -1,7 +1,7 @@
 """Every recipe on every real-model corpus model (benchmarks/realmodels), against onnxruntime's quantizers.
 
     python benchmarks/bench_realmodels.py [--models lac orinet ...] [--recipes share int8 ...]
-        [--timeout 900] [--out results/realmodels] [--metric KIND...]
+        [--timeout 900] [--out results/realmodels] [--metric KIND...] [--no-data]
 
 Each recipe gets the model's calibration split as --data and its task kind as --metric; the result
 is judged on the test split, which no recipe sees, by the model's own task (realmodels/<model>.py).
@@ -9,8 +9,9 @@ Columns: whole-file ratio on disk; ratio of the original file to the output afte
 agreement on the test split; latency of the output over the original's (median of interleaved
 runs of the same feeds, same process); wall time of the compression and the slowest passes.
 Anchors: onnxruntime.quantization's quantize_dynamic (QInt8 weights) and quantize_static (QDQ,
-per-channel, MinMax over the calibration split). Each (model, recipe) runs in its own process
-with a time limit; a failure is a row with its one line, never a crash of the runner.
+per-channel, MinMax over the calibration split). --no-data: the recipes as users often run them,
+without --data (the anchors still calibrate). Each (model, recipe) runs in its own process with a
+time limit; a failure is a row with its one line, never a crash of the runner.
 Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ RUNS = {  # label -> (recipe, extra budget)
     "share-4bit": ("share-4bit", None),
     "int8": ("int8", None),
     "int8-weights": ("int8-weights", None),
+    "int8-dynamic": ("int8-dynamic", None),
     "deep-compression": ("deep-compression", None),
     "auto --max-drop 1 (portable)": ("auto", {"max_drop": 1.0}),
     "ort quantize_dynamic": ("ort-dynamic", None),
@@ -97,8 +99,9 @@ def _latency(reference: Path, candidate: Path, feeds: list[dict]) -> float:
     return float(np.median(times[1]) / np.median(times[0]))
 
 
-def run_one(name: str, label: str, metric: str | None = None) -> dict:
-    """One (model, recipe) cell, in this process; `metric` in place of the model's own METRIC (an experiment)."""
+def run_one(name: str, label: str, metric: str | None = None, data: bool = True) -> dict:
+    """One (model, recipe) cell, in this process; `metric` in place of the model's own METRIC (an experiment);
+    without `data` the recipe gets no calibration split."""
     from onnxcompress import api
     from onnxcompress.graph.model import file_bytes
 
@@ -108,7 +111,7 @@ def run_one(name: str, label: str, metric: str | None = None) -> dict:
     calib, _ = rm.split(module, "calibration", sizes["calibration"])
     _, items = rm.split(module, "test", sizes["test"])
     recipe, budget = RUNS[label]
-    row = {"model": name, "recipe": label}
+    row = {"model": name, "recipe": label if data else f"{label} (no data)"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
         start, cpu = time.perf_counter(), _cpu_seconds()
@@ -116,7 +119,7 @@ def run_one(name: str, label: str, metric: str | None = None) -> dict:
             _ort_quantize(recipe, source, out, calib)
         else:
             form = "portable" if label.endswith("(portable)") else None
-            report = api.compress_file(source, out, recipe, data=calib, form=form,
+            report = api.compress_file(source, out, recipe, data=calib if data else None, form=form,
                                        budget={"metric": metric or module.METRIC, **(budget or {})}, jobs=2)
             row["passes"] = {p.name: round(p.seconds, 1) for p in report.passes}
             searched = next((p.summary.get("candidates") for p in report.passes if p.name == "bitwidth"), None)
@@ -134,11 +137,13 @@ def run_one(name: str, label: str, metric: str | None = None) -> dict:
     return row
 
 
-def _cell(name: str, label: str, timeout: float, metric: str | None = None) -> dict:
+def _cell(name: str, label: str, timeout: float, metric: str | None = None, data: bool = True) -> dict:
     import os
     import signal
 
-    cmd = [sys.executable, __file__, "--one", name, label] + (["--metric", metric] if metric else [])
+    cmd = [sys.executable, __file__, "--one", name, label] + (["--metric", metric] if metric else []) + \
+        ([] if data else ["--no-data"])
+    label = label if data else f"{label} (no data)"
     # its own process group, so that a timeout also ends the workers the compression started
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -176,10 +181,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (model, recipe)")
     parser.add_argument("--out", default=str(HERE / "results" / "realmodels"))
     parser.add_argument("--metric", help="the task kind given to every recipe instead of each model's METRIC")
+    parser.add_argument("--no-data", action="store_true", help="compress without the calibration split")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(*args.one, metric=args.metric)))
+        print(json.dumps(run_one(*args.one, metric=args.metric, data=not args.no_data)))
         return 0
     rows = []
     for name in args.models:
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
             rows.append({"model": name, "recipe": "-", "error": f"not available: {e}"})
             continue
         for label in args.recipes:
-            row = _cell(name, label, args.timeout, args.metric)
+            row = _cell(name, label, args.timeout, args.metric, data=not args.no_data)
             rows.append(row)
             print(_markdown([row]).splitlines()[-1], flush=True)
     out = Path(args.out)

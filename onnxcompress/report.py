@@ -44,7 +44,7 @@ def comparison_text(comparison: Comparison) -> str:
                f"est. -{100 * o.expected_loss:.2f} pts" if o.expected_loss is not None else "-")
         value = o.agreement if o.agreement is not None else o.top1_agreement
         agree = f"{100 * value:.2f}%" + ("" if o.budgeted or o.agreement is None else " (not budgeted)") \
-            if value is not None else "-"
+            + (" (one answer)" if o.one_answer else "") if value is not None else "-"
         rows.append([o.name, _fmt(o.max_abs), _fmt(o.rel_l2), _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"),
                      o.task or "-", agree, acc])
     lines = [table(["output", "max|diff|", "rel L2", "cosine", "SQNR dB", "task", "agreement", "accuracy"], rows)]
@@ -54,6 +54,11 @@ def comparison_text(comparison: Comparison) -> str:
                      "path, ctc greedy text, regression:TOL RMS error <= TOL x the output's RMS")
     where = "random synthesized inputs (weak evidence)" if comparison.synthetic_data else "the given data"
     lines.append(f"{comparison.samples} samples from {where}")
+    alike = [o.name for o in comparison.outputs if o.one_answer]
+    if alike:
+        lines.append(f"one answer: the original gives every one of these inputs the same answer on {', '.join(alike)} "
+                     "(e.g. noise holds no text): its agreement there says nothing about the task"
+                     + ("; give --data with real inputs" if comparison.synthetic_data else ""))
     if any(o.accuracy_reference is None and o.expected_loss is not None for o in comparison.outputs):
         lines.append("est.: accuracy lost in expectation, with the reference's own class probabilities as labels "
                      "(on the calibration data it is optimistic: the fits learned from those samples)")

@@ -350,3 +350,31 @@ def test_the_references_nearest_rows_are_remembered_by_their_values_not_their_ob
     assert np.array_equal(tasks._remembered[0][1], tasks._nearest(other))
     assert other_agreement == float(np.mean(tasks._nearest(other) == tasks._nearest(cand)))
     assert neighbour_agreement(ref, cand) == first
+
+
+def test_an_agreement_where_the_reference_gives_one_answer_everywhere_is_marked_and_reported():
+    """A text detector on random inputs: its map never reaches the threshold (noise holds no text), so any
+    candidate, even a broken one, 'agrees' 100%; the comparison says so instead of passing it as evidence."""
+    from onnxcompress.report import comparison_text
+    from onnxcompress.runtime.metrics import one_answer
+
+    model = _head("Sigmoid", n=1)
+    shifted = _head("Sigmoid", n=1, seed=7)  # other weights: other probabilities, all below 0.99999
+    data = api.prepare_data(model, _feeds(model))
+    comparison = compare_models(model, shifted, data, task=parse_metric("probability:0.99999"))
+    out, = comparison.outputs
+    assert out.agreement == 1.0 and out.one_answer
+    assert "one answer" in comparison_text(comparison)
+    kinds = resolve_kinds(["p"], [[np.array([[0.1], [0.2]])]], task=parse_metric("probability:0.5"))
+    assert one_answer(kinds["p"], [np.array([[0.1], [0.2]])])
+    assert not one_answer(kinds["p"], [np.array([[0.1], [0.7]])])
+    top1 = resolve_kinds(["s"], [[np.eye(3)[[0, 0, 0]] + 0.1]])
+    assert one_answer(top1["s"], [np.eye(3)[[0, 0, 0]] + 0.1]) and not one_answer(top1["s"], [np.eye(3)[[0, 1]]])
+    ctc = TaskMetric("ctc")
+    from onnxcompress.runtime.tasks import OutputKind
+    blank = np.eye(3)[[0, 0, 0]][None].repeat(2, axis=0)  # two samples, both all blank: one (empty) text
+    assert one_answer(OutputKind("ctc", ctc, chosen=True), [blank])
+    texts = np.stack([np.eye(3)[[0, 1, 0]], np.eye(3)[[0, 2, 0]]])
+    assert not one_answer(OutputKind("ctc", ctc, chosen=True), [texts])
+    embedding = resolve_kinds(["e"], [[np.ones((4, 8))]], task=parse_metric("embedding"))
+    assert not one_answer(embedding["e"], [np.ones((4, 8))])  # neighbours, not answers: never flagged

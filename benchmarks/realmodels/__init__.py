@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = ("mtcnn_onet", "orinet", "khmersm", "lac", "madmom_beats", "madmom_key")
+MODELS = ("mtcnn_onet", "orinet", "khmersm", "lac", "madmom_beats", "madmom_key", "ppocr_det", "ppocr_rec",
+          "paraphrase_l3")
 CACHE = Path(os.environ.get("ONNXCOMPRESS_REALMODELS_CACHE", Path.home() / ".cache" / "onnxcompress" / "realmodels"))
 SPLITS = {"calibration": 128, "test": 200}
 

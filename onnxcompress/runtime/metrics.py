@@ -12,7 +12,8 @@ from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import DataError, ModelError, printable
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
-from onnxcompress.runtime.tasks import OutputKind, TaskMetric, agreement, output_producers, present_rows, resolve_kinds
+from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, ctc_greedy, output_producers, present_rows,
+                                        resolve_kinds)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class OutputMetrics:
     task: str | None = None  # the kind it is measured by, e.g. "probability:0.5 (chosen)" (see tasks.py)
     agreement: float | None = None  # the fraction of the task's answers that stayed the same
     budgeted: bool = False  # whether a loss budget counts this output's agreement
+    one_answer: bool = False  # the reference gave every input the same answer: the agreement says little
 
 
 @dataclass
@@ -171,12 +173,33 @@ def compare_outputs(names: Sequence[str], reference: list[list[np.ndarray]], can
             gate = kinds[name].metric.gate if kinds[name].kind == "regression" else None
             rows = present_rows([chunk[names.index(gate)] for chunk in reference], kinds.get(gate)) if gate else None
             metric.agreement = agreement(kinds[name], refs, cands, rows)
+            metric.one_answer = metric.agreement is not None and one_answer(kinds[name], refs)
         results.append(metric)
     if out_of_range and all(m.accuracy_reference is None for m in results):
         # labels of classes no output has matched no argmax: the accuracy was silently lower, --max-drop meaningless
         raise DataError(f"the labels hold class {int(labels.max())}, but output {' and '.join(out_of_range)} "
                         "classes (numbered from 0): the labels are not this model's")
     return results
+
+
+def one_answer(kind: OutputKind, reference: Sequence[np.ndarray]) -> bool:
+    """Whether the reference gives every input the same answer: no probability crosses its threshold (or all do),
+    one class wins everywhere, one path or text for every sample. An agreement over such inputs (a text detector
+    or recognizer fed noise, which holds no text) says only that the candidate gives that answer too, not that it
+    keeps the task. Embeddings and regressions have no one answer: never."""
+    refs = [np.asarray(r, dtype=np.float64) for r in reference if np.asarray(r).size]
+    if not refs or kind.kind in ("embedding", "regression"):
+        return False
+    if kind.kind == "probability":
+        decided = np.concatenate([(r >= kind.metric.threshold).ravel() for r in refs])
+        return bool(decided.all() or not decided.any())
+    if kind.kind == "top1":
+        winners = np.concatenate([r.argmax(-1).ravel() for r in refs])
+        return bool(np.all(winners == winners[0]))
+    per_sample = [s for r in refs for s in ([r] if r.ndim == 2 else r.reshape(-1, *r.shape[-2:]))]
+    if kind.kind == "ctc":
+        return len({ctc_greedy(s, kind.metric.blank) for s in per_sample}) == 1
+    return len({tuple(s.argmax(-1).ravel()) for s in per_sample}) == 1
 
 
 def _flat_numbers(refs: list[np.ndarray], cands: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
