@@ -13,7 +13,8 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
 - ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
   blank index default 0, negative counts from the end): a sample agrees when its text is the same.
   Detected for per-step scores whose class 0 or last class wins at least half the steps (a recognizer's
-  blank), unless the model reads integer inputs (token ids: a tagger's).
+  blank), unless the model reads integer inputs (token ids: a tagger's). Per-step scores declared
+  time-major, [steps, batch, classes] (a CTC loss's layout: the batch dimension is axis 1), are read so.
 - regression[:TOL[:GATE]]: numbers: a sample (a row along the first axis) agrees when its RMS error
   is at most TOL (default 0.05) times the reference's RMS over the whole output. With GATE (another
   output's name) only the rows the reference says hold an object count, as a detector's boxes matter
@@ -33,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -70,6 +71,7 @@ class TaskMetric:
     gate: str | None = None  # regression: the output whose reference decision selects the rows that count
     outputs: tuple[str, ...] = ()  # empty: every output the kind fits
     others: tuple["TaskMetric", ...] = ()  # the further comma-separated parts, each naming its outputs
+    time_major: bool = False  # sequence, ctc: the steps are axis 0 and the batch axis 1 (output_producers)
 
     def describe(self) -> str:
         param = {"probability": f":{self.threshold:g}", "ctc": f":{self.blank}",
@@ -97,7 +99,8 @@ class OutputKind:
 
     def describe(self) -> str:
         shown = self.metric.describe() if self.chosen or self.kind == "ctc" else self.kind
-        return f"{shown} ({'chosen' if self.chosen else 'detected'})"
+        major = " time-major" if self.metric.time_major else ""
+        return f"{shown}{major} ({'chosen' if self.chosen else 'detected'})"
 
 
 def is_builtin(spec: str | None) -> bool:
@@ -152,6 +155,7 @@ class Producers(dict):
     """output name -> the op type that made it (output_producers), and whether the model reads integer inputs."""
 
     reads_ids: bool = False  # token ids in: a per-step output is a tagger's, never a CTC recognizer's
+    time_major: frozenset = frozenset()  # outputs declared [steps, batch, classes] (_time_major)
 
 
 def output_producers(model: onnx.ModelProto) -> Producers:
@@ -188,6 +192,7 @@ def output_producers(model: onnx.ModelProto) -> Producers:
     producers = Producers()
     producers.reads_ids = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
                               for i in model.graph.input if i.name not in constants)
+    producers.time_major = frozenset(o.name for o in model.graph.output if _time_major(_declared(o), inputs))
     for out in model.graph.output:
         found = source(out.name, 0)
         shape = _declared(out)
@@ -205,6 +210,17 @@ def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
             onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in kind.shape.dim)
+
+
+def _time_major(shape: tuple | None, inputs: list[tuple | None]) -> bool:
+    """A rank-3 output whose axis 1, not axis 0, is the inputs' batch: its declared dimension is every input's
+    first (the same symbol, or the same static size), its axis 0 another (a CTC recognizer's [T, N, C], as
+    PyTorch's CTC loss takes them). Unnamed dimensions say nothing."""
+    firsts = {i[0] for i in inputs if i}
+    if shape is None or len(shape) != 3 or len(firsts) != 1:
+        return False
+    batch = firsts.pop()
+    return batch not in ("", 0) and shape[1] == batch and shape[0] not in ("", 0, batch)
 
 
 def _alike(a: tuple | None, b: tuple | None) -> bool:
@@ -297,21 +313,26 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
     for k, name in enumerate(names):
         chunks = [np.asarray(chunk[k]) for chunk in reference]
         part = task.for_output(name) if task is not None else None
+        major = name in getattr(producers, "time_major", ()) and all(c.ndim == 3 for c in chunks)
         if part is not None and fits(part.kind, chunks):
-            kinds[name] = OutputKind(part.kind, part, chosen=True)
+            stepped = major and part.kind in ("sequence", "ctc")
+            kinds[name] = OutputKind(part.kind, replace(part, time_major=True) if stepped else part, chosen=True)
             continue
         if part is not None and part.outputs:
             raise RecipeError(f"metric '{part.kind}' cannot measure output '{name}' "
                               f"(shape {chunks[0].shape}, {chunks[0].dtype})")
         detected = detect_kind(chunks, producers.get(name))
-        blank = ctc_blank(chunks) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
+        steps = [c.swapaxes(0, 1) for c in chunks] if major else chunks  # batch first
+        blank = ctc_blank(steps) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
         if blank is not None:
-            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank), chosen=False, budgeted=not naming)
+            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank, time_major=major), chosen=False,
+                                     budgeted=not naming)
         elif detected is not None:
             # with outputs named, the others are reported but not budgeted; a detected regression is
             # budgeted by its SQNR, not by a tolerance nobody chose
             budgeted = not naming and detected != "regression"
-            kinds[name] = OutputKind(detected, TaskMetric(detected), chosen=False, budgeted=budgeted)
+            metric = TaskMetric(detected, time_major=major and detected == "sequence")
+            kinds[name] = OutputKind(detected, metric, chosen=False, budgeted=budgeted)
     return kinds
 
 
@@ -337,6 +358,8 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     cands = [np.asarray(c, dtype=np.float64) for c in candidate]
     if not refs or sum(r.size for r in refs) == 0:
         return None
+    if m.time_major and kind.kind in ("sequence", "ctc"):  # [steps, batch, classes]: a sample is a column
+        refs, cands = [r.swapaxes(0, 1) for r in refs], [c.swapaxes(0, 1) for c in cands]
     if kind.kind == "top1":
         same = [r.argmax(-1) == c.argmax(-1) for r, c in zip(refs, cands)]
     elif kind.kind == "probability":
