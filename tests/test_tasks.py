@@ -111,6 +111,16 @@ def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_no
         out, = run_model(model, _feeds(model))
         assert detect_kind([out], output_producers(model).get("y")) == "regression", op
 
+    # SiLU and hard-swish written as x * Sigmoid(x) (a YOLO-seg's mask prototypes [N, 32, 160, 160], found detected
+    # as 'top1' over their width): features too; a gate of another value (GLU, a * sigmoid(b)) stays a Mul
+    for gate, other in (("Sigmoid", "c"), ("HardSigmoid", "c"), ("Sigmoid", "b")):
+        nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"]), helper.make_node("Conv", ["x", "Wc"], ["b"]),
+                 helper.make_node(gate, ["c"], ["g"]), helper.make_node("Mul", ["g", other], ["y"])]
+        protos = make_model(nodes, [value("x", ["N", 8, 5, 5])], [value("y", ["N", 6, 5, 5])], inits[1:2])
+        y, = run(protos, {"x": rng.normal(size=(4, 8, 5, 5)).astype(np.float32)})
+        found = output_producers(protos)["y"]
+        assert (detect_kind([y], found) == "regression") == (other == "c"), (gate, other, found)
+
     # mean pooling (Div) behind a one-input Concat: still the embedding it was
     pooled = _head("LayerNormalization", n=32)
     pooled.graph.node.append(helper.make_node("Concat", ["y"], ["e"], axis=1))

@@ -53,8 +53,9 @@ LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
 # Concat joining parts made by different ops (output_producers)
 # activations no logit comes out of (non-negative, clipped or smoothed features: a mel spectrogram's Clip, an
 # encoder's Relu): numbers, unless their values say probability
+SWISH = "x * sigmoid(x)"  # output_producers' word for a Mul of a value and its (Hard)Sigmoid: SiLU, hard-swish
 FEATURE_PRODUCERS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sqrt", "Pow", "Abs", "Softplus", "Elu", "Selu",
-                               "Celu", "HardSwish", "Mish", "Gelu"})
+                               "Celu", "HardSwish", "Mish", "Gelu", SWISH})
 CARRIED = "carried state"  # output_producers' word for an output shaped like an input: a state the caller feeds back
 STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat", CARRIED})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
@@ -183,6 +184,8 @@ def output_producers(model: onnx.ModelProto) -> Producers:
             parts = {source(i, depth + 1) for i in node.input if i and i not in constants
                      and getattr(by_output.get(i), "op_type", None) != "Constant"}
             result = parts.pop() if len(parts) == 1 and None not in parts else "Concat"
+        elif node.op_type == "Mul" and _swish(node, by_output):
+            result = SWISH
         else:
             result = node.op_type
         looked[name] = result
@@ -201,6 +204,18 @@ def output_producers(model: onnx.ModelProto) -> Producers:
         if found is not None:
             producers[out.name] = found
     return producers
+
+
+def _swish(node: onnx.NodeProto, by_output: dict[str, onnx.NodeProto]) -> bool:
+    """Mul(x, Sigmoid(x)) or Mul(x, HardSigmoid(x)), either order: the activation exporters write for SiLU and
+    hard-swish (a YOLO's mask prototypes, a MobileNetV3's features), no logit."""
+    if len(node.input) != 2:
+        return False
+    for x, gate in (node.input, node.input[::-1]):
+        made = by_output.get(gate)
+        if made is not None and made.op_type in ("Sigmoid", "HardSigmoid") and made.input[:1] == [x]:
+            return True
+    return False
 
 
 def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
