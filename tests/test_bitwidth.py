@@ -435,6 +435,30 @@ def test_the_task_noise_counts_only_the_budgeted_outputs_each_against_its_own_si
     assert out["nsr"] < 1e-5  # over every output, the large one drowns the boxes' error
 
 
+def test_a_model_of_numbers_only_is_budgeted_by_samples_within_the_regression_tolerance():
+    """Found on trained denoisers (DeepFilterNet3's encoder, DTLN, GTCRN: every output a frame, a feature map or a
+    state, detected 'regression' and not counted): the max_drop budget compared the noise-to-signal ratio with
+    points, so a candidate at 3 dB SQNR (NSR 0.5 <= 1.0 'points') was within the default budget of 1. Now, with
+    nothing counted, a sample counts as changed when an output leaves its regression tolerance (5% RMS)."""
+    from onnxcompress.pipeline.artifacts import Budget
+
+    class Data:
+        labels = None
+
+    rng = np.random.default_rng(0)
+    frames, state = rng.standard_normal((32, 1, 64)), rng.standard_normal((32, 2, 16))
+    reference = [[frames, state]]
+    noisy = [[frames + 0.7 * rng.standard_normal(frames.shape), state]]  # ~3 dB on the frames
+    close = [[frames + 0.01 * rng.standard_normal(frames.shape), state]]  # 40 dB
+    producers = {"frames": "Relu", "state": "LSTM"}  # as output_producers finds them: numbers
+    score = make_score(Budget(max_drop=1.0), False, producers)
+    out = score(["frames", "state"], reference, noisy, Data())
+    assert out["sqnr_db"] < 6 and out["check"] > 1.0 and out["counted"]
+    assert score(["frames", "state"], reference, close, Data())["check"] == 0.0
+    # an SQNR budget stays an SQNR budget
+    assert make_score(Budget(min_sqnr=20.0), False, producers)(["frames", "state"], reference, noisy, Data())["check"] < 1.0
+
+
 def test_a_boolean_or_integer_output_is_scored_not_a_crash():
     """A model that also outputs a mask (bool) or a count (int64): its noise is measured in float64 (numpy cannot
     subtract booleans; found by benchmarks/sweep.py --data on a GRU encoder with a mask output)."""
