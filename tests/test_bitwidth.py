@@ -7,6 +7,7 @@ from onnxcompress import api
 from onnxcompress.errors import ModelError, PassError, RecipeError
 from onnxcompress.numerics.allocate import Option
 from onnxcompress.passes.bitsearch import make_score
+from onnxcompress.runtime.metrics import compare_outputs
 from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
 from onnxcompress.recipes import Recipe
 from tiny import conv_gemm, gemm, random_feeds
@@ -457,6 +458,26 @@ def test_a_model_of_numbers_only_is_budgeted_by_samples_within_the_regression_to
     assert score(["frames", "state"], reference, close, Data())["check"] == 0.0
     # an SQNR budget stays an SQNR budget
     assert make_score(Budget(min_sqnr=20.0), False, producers)(["frames", "state"], reference, noisy, Data())["check"] < 1.0
+
+
+def test_a_model_of_numbers_only_is_verified_by_its_regression_tolerance_not_an_argmax_over_features():
+    """The search's final check on the same denoiser outputs: with no output budgeted it took the expected drop of
+    a top-1 over feature bins (a spike that stays the argmax under 8 dB of noise: drop 0, budget met)."""
+    from onnxcompress.pipeline.artifacts import Budget
+    from onnxcompress.runtime.metrics import Comparison
+    from onnxcompress.runtime.tasks import resolve_kinds
+
+    rng = np.random.default_rng(0)
+    frames = 0.1 * rng.standard_normal((32, 64))
+    frames[np.arange(32), rng.integers(0, 64, 32)] = 10.0
+    noisy = frames + 0.5 * rng.standard_normal(frames.shape)
+    kinds = resolve_kinds(["frames"], [[frames]], {"frames": "Relu"})
+    comparison = Comparison(compare_outputs(["frames"], [[frames]], [[noisy]], kinds=kinds), 32)
+    assert comparison.outputs[0].top1_agreement == 1.0 and comparison.outputs[0].sqnr_db < 10
+    met, drop = Budget(max_drop=1.0).check(comparison, 4.0)
+    assert not met and drop == 100.0
+    close = Comparison(compare_outputs(["frames"], [[frames]], [[frames + 1e-3]], kinds=kinds), 32)
+    assert Budget(max_drop=1.0).check(close, 4.0) == (True, 0.0)
 
 
 def test_a_boolean_or_integer_output_is_scored_not_a_crash():
