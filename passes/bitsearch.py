@@ -211,6 +211,9 @@ def make_score(budget: Budget, labels_present: bool, producers: dict[str, str] |
         kinds = kinds_of.setdefault(id(reference), resolve_kinds(names, reference, producers, task))
         metrics = compare_outputs(names, reference, candidate, data.labels, kinds=kinds)
         counted = [m for m in metrics if m.budgeted and m.agreement is not None]
+        if not counted and user is None and budget.min_sqnr is None:  # only numbers out (a denoiser's frames and
+            # states): points of samples whose outputs leave the regression tolerance, not an NSR read as points
+            counted = [m for m in metrics if m.agreement is not None and kinds[m.name].kind == "regression"]
         signals = [_power(c[k] for c in reference) for k in range(len(names))]
         noises = [_power(np.asarray(r[k], np.float64) - np.asarray(c[k], np.float64)
                          for r, c in zip(reference, candidate)) for k in range(len(names))]

@@ -51,7 +51,7 @@ def fidelity(comparison: Comparison, *, agreement: float, min_sqnr: float, chose
     for o in comparison.outputs:
         if o.budgeted and o.agreement is not None and (chosen or o.top1_agreement is not None):
             margin, text = o.agreement - agreement, f"{o.task} agreement {o.agreement:.4f} on '{o.name}'"
-        elif o.top1_agreement is not None:
+        elif o.top1_agreement is not None and not (o.task or "").startswith("regression"):  # features: no argmax
             margin, text = o.top1_agreement - agreement, f"top-1 agreement {o.top1_agreement:.4f} on '{o.name}'"
         else:
             margin, text = (o.sqnr_db - min_sqnr) / 100.0, f"SQNR {o.sqnr_db:.1f} dB on '{o.name}'"

@@ -7,6 +7,7 @@ from onnxcompress import api
 from onnxcompress.errors import ModelError, PassError, RecipeError
 from onnxcompress.numerics.allocate import Option
 from onnxcompress.passes.bitsearch import make_score
+from onnxcompress.runtime.metrics import compare_outputs
 from onnxcompress.passes.bitwidth import BitWidthConfig, BitWidthPass
 from onnxcompress.recipes import Recipe
 from tiny import conv_gemm, gemm, random_feeds
@@ -449,6 +450,50 @@ def test_the_task_noise_counts_only_the_budgeted_outputs_each_against_its_own_si
     out = score(["scores", "boxes", "other"], reference, candidate, Data())
     assert out["task_nsr"] == pytest.approx(1e-4, rel=1e-6)  # the boxes' 1% error; the other output's noise left out
     assert out["nsr"] < 1e-5  # over every output, the large one drowns the boxes' error
+
+
+def test_a_model_of_numbers_only_is_budgeted_by_samples_within_the_regression_tolerance():
+    """Found on trained denoisers (DeepFilterNet3's encoder, DTLN, GTCRN: every output a frame, a feature map or a
+    state, detected 'regression' and not counted): the max_drop budget compared the noise-to-signal ratio with
+    points, so a candidate at 3 dB SQNR (NSR 0.5 <= 1.0 'points') was within the default budget of 1. Now, with
+    nothing counted, a sample counts as changed when an output leaves its regression tolerance (5% RMS)."""
+    from onnxcompress.pipeline.artifacts import Budget
+
+    class Data:
+        labels = None
+
+    rng = np.random.default_rng(0)
+    frames, state = rng.standard_normal((32, 1, 64)), rng.standard_normal((32, 2, 16))
+    reference = [[frames, state]]
+    noisy = [[frames + 0.7 * rng.standard_normal(frames.shape), state]]  # ~3 dB on the frames
+    close = [[frames + 0.01 * rng.standard_normal(frames.shape), state]]  # 40 dB
+    producers = {"frames": "Relu", "state": "LSTM"}  # as output_producers finds them: numbers
+    score = make_score(Budget(max_drop=1.0), False, producers)
+    out = score(["frames", "state"], reference, noisy, Data())
+    assert out["sqnr_db"] < 6 and out["check"] > 1.0 and out["counted"]
+    assert score(["frames", "state"], reference, close, Data())["check"] == 0.0
+    # an SQNR budget stays an SQNR budget
+    assert make_score(Budget(min_sqnr=20.0), False, producers)(["frames", "state"], reference, noisy, Data())["check"] < 1.0
+
+
+def test_a_model_of_numbers_only_is_verified_by_its_regression_tolerance_not_an_argmax_over_features():
+    """The search's final check on the same denoiser outputs: with no output budgeted it took the expected drop of
+    a top-1 over feature bins (a spike that stays the argmax under 8 dB of noise: drop 0, budget met)."""
+    from onnxcompress.pipeline.artifacts import Budget
+    from onnxcompress.runtime.metrics import Comparison
+    from onnxcompress.runtime.tasks import resolve_kinds
+
+    rng = np.random.default_rng(0)
+    frames = 0.1 * rng.standard_normal((32, 64))
+    frames[np.arange(32), rng.integers(0, 64, 32)] = 10.0
+    noisy = frames + 0.5 * rng.standard_normal(frames.shape)
+    kinds = resolve_kinds(["frames"], [[frames]], {"frames": "Relu"})
+    comparison = Comparison(compare_outputs(["frames"], [[frames]], [[noisy]], kinds=kinds), 32)
+    assert comparison.outputs[0].top1_agreement == 1.0 and comparison.outputs[0].sqnr_db < 10
+    met, drop = Budget(max_drop=1.0).check(comparison, 4.0)
+    assert not met and drop == 100.0
+    close = Comparison(compare_outputs(["frames"], [[frames]], [[frames + 1e-3]], kinds=kinds), 32)
+    assert Budget(max_drop=1.0).check(close, 4.0) == (True, 0.0)
 
 
 def test_a_boolean_or_integer_output_is_scored_not_a_crash():

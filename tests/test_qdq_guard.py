@@ -203,3 +203,30 @@ def test_guard_keeps_the_weight_that_breaks_int8_float_and_the_rest_int8():
     assert any(r.name == "W2" and r.action.startswith("kept float: in int8 alone") for r in report.weights)
     assert agreement(model, quantized, test) >= 0.98
     assert quantized.ByteSize() < model.ByteSize() / 3.3  # 3.41x measured: W2 float and the tiny model's nodes
+
+
+def test_numbers_are_bounded_by_their_sqnr_not_an_argmax_over_their_features():
+    """Found on DeepFilterNet3's encoder (every output a Relu feature map or an Add, detected 'regression'): the
+    guard bounded its 512-wide embedding by a top-1 over feature bins (0.75) and let its 6.7 dB SNR estimate
+    through. A regression output is bounded by its SQNR, whatever its shape: a spike that stays the argmax under
+    8 dB of noise misses the bound, two tied bins whose 'top-1' flips under 45 dB of noise hold it."""
+    from onnxcompress.passes.qdq_guard import fidelity
+    from onnxcompress.runtime.metrics import Comparison, compare_outputs
+    from onnxcompress.runtime.tasks import resolve_kinds
+
+    rng = np.random.default_rng(0)
+    frames = 0.1 * rng.standard_normal((32, 64))
+    frames[np.arange(32), rng.integers(0, 64, 32)] = 10.0
+    flat = np.zeros((32, 64))
+    flat[:, :2] = 1.0  # two bins tie in every row: a tiny error moves the argmax
+    kinds = resolve_kinds(["frames"], [[frames]], {"frames": "Relu"})
+    noisy = Comparison(compare_outputs(["frames"], [[frames]], [[frames + 0.5 * rng.standard_normal((32, 64))]],
+                                       kinds=kinds), 32)
+    assert noisy.outputs[0].top1_agreement == 1.0
+    result = fidelity(noisy, agreement=0.99, min_sqnr=20.0)
+    assert not result.holds and "SQNR" in result.worst
+    kinds = resolve_kinds(["frames"], [[flat]], {"frames": "Relu"})
+    close = flat + 1e-3 * rng.standard_normal(flat.shape)
+    shuffled = Comparison(compare_outputs(["frames"], [[flat]], [[close]], kinds=kinds), 32)
+    assert shuffled.outputs[0].top1_agreement < 0.9 and shuffled.outputs[0].sqnr_db > 40
+    assert fidelity(shuffled, agreement=0.99, min_sqnr=20.0).holds

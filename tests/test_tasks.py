@@ -111,6 +111,16 @@ def test_a_recurrent_state_a_detectors_joined_head_and_a_pooled_embedding_are_no
         out, = run_model(model, _feeds(model))
         assert detect_kind([out], output_producers(model).get("y")) == "regression", op
 
+    # SiLU and hard-swish written as x * Sigmoid(x) (a YOLO-seg's mask prototypes [N, 32, 160, 160], found detected
+    # as 'top1' over their width): features too; a gate of another value (GLU, a * sigmoid(b)) stays a Mul
+    for gate, other in (("Sigmoid", "c"), ("HardSigmoid", "c"), ("Sigmoid", "b")):
+        nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"]), helper.make_node("Conv", ["x", "Wc"], ["b"]),
+                 helper.make_node(gate, ["c"], ["g"]), helper.make_node("Mul", ["g", other], ["y"])]
+        protos = make_model(nodes, [value("x", ["N", 8, 5, 5])], [value("y", ["N", 6, 5, 5])], inits[1:2])
+        y, = run(protos, {"x": rng.normal(size=(4, 8, 5, 5)).astype(np.float32)})
+        found = output_producers(protos)["y"]
+        assert (detect_kind([y], found) == "regression") == (other == "c"), (gate, other, found)
+
     # mean pooling (Div) behind a one-input Concat: still the embedding it was
     pooled = _head("LayerNormalization", n=32)
     pooled.graph.node.append(helper.make_node("Concat", ["y"], ["e"], axis=1))
@@ -205,6 +215,41 @@ def test_per_step_scores_a_blank_wins_are_ctc_unless_the_model_reads_token_ids()
     ref, cand = np.stack([path_a, path_a]), np.stack([path_b, path_a])
     metric, = compare_outputs(["y"], [[ref]], [[cand]], kinds=resolve_kinds(["y"], [[ref]]))
     assert metric.task == "ctc:0 (detected)" and metric.agreement == 1.0
+
+
+def test_time_major_per_step_scores_are_read_per_sample_along_axis_1():
+    """The known leftover of session 12: a CRNN exported for PyTorch's CTC loss outputs [steps, batch, classes]
+    (declared [T, N, C] or static [26, 1, 37] beside an input [N, ...] or [1, ...]); read batch-major, its 'samples'
+    were time steps and its 'text' ran across the batch. The declared shape says where the batch is."""
+    from tiny import run
+
+    rng = np.random.default_rng(2)
+    for batch, n in (("N", 16), (1, 1)):
+        model = _recognizer(0)
+        model.graph.node.append(helper.make_node("Transpose", ["y"], ["y_tm"], perm=[1, 0, 2]))
+        model.graph.input[0].CopyFrom(value("x", [batch, 12, 4]))
+        model.graph.output[0].CopyFrom(value("y_tm", [12, batch, 7]))
+        producers = output_producers(model)
+        assert producers.time_major == {"y_tm"}
+        y, = run(model, {"x": rng.normal(size=(n, 12, 4)).astype(np.float32)})
+        kind = resolve_kinds(["y_tm"], [[y]], producers)["y_tm"]
+        assert kind.kind == "ctc" and kind.metric.time_major and kind.describe() == "ctc:0 time-major (detected)"
+        assert resolve_kinds(["y_tm"], [[y]], producers, parse_metric("sequence"))["y_tm"].metric.time_major
+    # two samples, one column each: sample 0 reads the same text by another path, sample 1 another text
+    path_a, path_b, path_c = np.eye(3)[[1, 1, 0, 2]], np.eye(3)[[1, 0, 0, 2]], np.eye(3)[[1, 0, 0, 0]]
+    ref, cand = np.stack([path_a, path_a], axis=1), np.stack([path_b, path_c], axis=1)  # [4 steps, 2, 3]
+    kinds = {"y": resolve_kinds(["y"], [[ref]], task=parse_metric("ctc"))["y"]}
+    major = {"y": type(kinds["y"])("ctc", TaskMetric("ctc", time_major=True))}
+    assert compare_outputs(["y"], [[ref]], [[cand]], kinds=major)[0].agreement == 0.5
+    assert compare_outputs(["y"], [[ref]], [[cand]], kinds=kinds)[0].agreement == 0.75  # batch-major: per step
+    # batch-major outputs, a batch of one, and unnamed dimensions stay as they were
+    plain = _recognizer(0)
+    assert output_producers(plain).time_major == frozenset()
+    plain.graph.output[0].CopyFrom(value("y", [1, 12, 7]))
+    plain.graph.input[0].CopyFrom(value("x", [1, 12, 4]))
+    assert output_producers(plain).time_major == frozenset()
+    plain.graph.output[0].CopyFrom(value("y", ["", "", 7]))
+    assert output_producers(plain).time_major == frozenset()
 
 
 def test_probability_agreement_counts_decisions_at_the_threshold():

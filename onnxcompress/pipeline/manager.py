@@ -29,7 +29,8 @@ from onnxcompress.graph import external
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import drop_initializer_inputs
 from onnxcompress.graph.spill import SpillingDict
-from onnxcompress.graph.weights import find_weights, NONFINITE, nonfinite_weights, prequantized_weights, WeightInfo
+from onnxcompress.graph.weights import (FLOAT_TYPES, find_weights, NONFINITE, nonfinite_weights, prequantized_weights,
+                                        WeightInfo)
 from onnxcompress.numerics.quantmath import CalibrationResult
 from onnxcompress.pipeline.artifacts import Artifact, SearchPlan
 from onnxcompress.pipeline.configs import make_config
@@ -116,6 +117,8 @@ class Context:
             ctx.note(f"{amount} of weights ({len(quantized)} tensor(s), {kinds}) are already integer, quantized "
                      "before: the passes compress float weights, so these are kept as they are (compress the float "
                      "model this one was quantized from to go further)")
+        if not external.is_streamed(working) and (bound := _size_bound(working.ByteSize(), weights)):
+            ctx.note(bound)
         return ctx
 
     def fork(self) -> Context:
@@ -156,6 +159,29 @@ class Context:
     def note(self, text: str) -> None:
         log.warning("%s", text)
         self.notes.append(text)
+
+
+FLOAT_DTYPES = frozenset(FLOAT_TYPES.values())
+BOUND_NOTE_BYTES = 100_000  # smaller files (test models, toys) are all structure and get no note
+BOUND_NOTE_RATIO = 3.0  # the note comes when the rest of the file caps the ratio below this
+
+
+def _size_bound(file_bytes: int, weights: list[WeightInfo]) -> str | None:
+    """A note when the bytes no pass compresses (integer tensors such as a streaming export's ScatterND indices, and
+    the graph itself: nodes, names, shapes) cap how much smaller the file can get, else None."""
+    floats = sum(w.nbytes for w in weights if w.dtype in FLOAT_DTYPES)
+    others = sum(w.nbytes for w in weights if w.dtype not in FLOAT_DTYPES)
+    rest = max(file_bytes - floats, 1)
+    if file_bytes < BOUND_NOTE_BYTES or file_bytes / rest >= BOUND_NOTE_RATIO:
+        return None
+
+    def amount(n: int) -> str:
+        return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+    return (f"only {amount(floats)} of the {amount(file_bytes)} file are float weights, which the passes compress; "
+            f"{amount(others)} are integer or other tensors (indices, shapes) and {amount(max(rest - others, 0))} "
+            f"the graph itself (nodes, names), kept as they are: the file can get at most "
+            f"{file_bytes / rest:.1f}x smaller")
 
 
 def _copied(values: dict, model: onnx.ModelProto) -> dict:

@@ -82,7 +82,7 @@ class Comparison:
     def expected_drop(self) -> float | None:
         """Estimated percentage points of accuracy lost (the worst output's expected_loss), without labels;
         None when a budgeted output is measured by another kind than top-1 (its agreement counts instead)."""
-        if any(o.budgeted and not (o.task or "").startswith("top1") for o in self.outputs):
+        if any(o.budgeted and not (o.task or "").startswith("top1") for o in self.outputs) or self._numbers_only():
             return None
         values = [o.expected_loss for o in self.outputs if o.expected_loss is not None]
         return 100.0 * max(values) if values else None
@@ -90,9 +90,17 @@ class Comparison:
     def worst_agreement(self) -> float | None:
         """The least task agreement over the budgeted outputs (top-1 agreement where no kind applies)."""
         values = [o.agreement for o in self.outputs if o.budgeted and o.agreement is not None]
+        if not values and self._numbers_only():  # within each regression's tolerance, as the search counts them
+            values = [o.agreement for o in self.outputs if o.agreement is not None]
         if not values:
             values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         return min(values) if values else None
+
+    def _numbers_only(self) -> bool:
+        """No output budgeted and some measured as regression: a denoiser's frames and states, whose argmax (a
+        top-1 over feature bins) means nothing."""
+        return not any(o.budgeted for o in self.outputs) and any((o.task or "").startswith("regression")
+                                                                 for o in self.outputs)
 
     def as_dict(self) -> dict:
         out = asdict(self)

@@ -13,7 +13,8 @@ agreement between a reference and a candidate, a fraction in [0, 1]:
 - ctc[:BLANK]: per-step class scores decoded greedily (argmax, repeats merged, blank dropped;
   blank index default 0, negative counts from the end): a sample agrees when its text is the same.
   Detected for per-step scores whose class 0 or last class wins at least half the steps (a recognizer's
-  blank), unless the model reads integer inputs (token ids: a tagger's).
+  blank), unless the model reads integer inputs (token ids: a tagger's). Per-step scores declared
+  time-major, [steps, batch, classes] (a CTC loss's layout: the batch dimension is axis 1), are read so.
 - regression[:TOL[:GATE]]: numbers: a sample (a row along the first axis) agrees when its RMS error
   is at most TOL (default 0.05) times the reference's RMS over the whole output. With GATE (another
   output's name) only the rows the reference says hold an object count, as a detector's boxes matter
@@ -33,28 +34,24 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
-import onnx
 
 from onnxcompress.errors import RecipeError
-from onnxcompress.graph.weights import PASS_THROUGH
+from onnxcompress.runtime.producers import CARRIED, SWISH, Producers, output_producers  # noqa: F401 (re-exported)
 
 Kind = Literal["top1", "probability", "embedding", "sequence", "ctc", "regression"]
 KINDS: tuple[str, ...] = ("top1", "probability", "embedding", "sequence", "ctc", "regression")
 EMBEDDING_PRODUCERS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "Div",
                                  "LpNormalization", "GlobalAveragePool"})
-# ops that only move, repeat or retype values: an output's producer is looked for behind them
-LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
 # producers of states and features, never class scores: a recurrent layer's Y/Y_h/Y_c, a Tanh; and "Concat" for a
 # Concat joining parts made by different ops (output_producers)
 # activations no logit comes out of (non-negative, clipped or smoothed features: a mel spectrogram's Clip, an
 # encoder's Relu): numbers, unless their values say probability
 FEATURE_PRODUCERS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sqrt", "Pow", "Abs", "Softplus", "Elu", "Selu",
-                               "Celu", "HardSwish", "Mish", "Gelu"})
-CARRIED = "carried state"  # output_producers' word for an output shaped like an input: a state the caller feeds back
+                               "Celu", "HardSwish", "Mish", "Gelu", SWISH})
 STATE_PRODUCERS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Tanh", "Concat", CARRIED})
 MAX_NEIGHBOUR_ROWS = 4096  # nearest-neighbour agreement on at most this many rows (evenly spaced)
 
@@ -70,6 +67,7 @@ class TaskMetric:
     gate: str | None = None  # regression: the output whose reference decision selects the rows that count
     outputs: tuple[str, ...] = ()  # empty: every output the kind fits
     others: tuple["TaskMetric", ...] = ()  # the further comma-separated parts, each naming its outputs
+    time_major: bool = False  # sequence, ctc: the steps are axis 0 and the batch axis 1 (output_producers)
 
     def describe(self) -> str:
         param = {"probability": f":{self.threshold:g}", "ctc": f":{self.blank}",
@@ -97,7 +95,8 @@ class OutputKind:
 
     def describe(self) -> str:
         shown = self.metric.describe() if self.chosen or self.kind == "ctc" else self.kind
-        return f"{shown} ({'chosen' if self.chosen else 'detected'})"
+        major = " time-major" if self.metric.time_major else ""
+        return f"{shown}{major} ({'chosen' if self.chosen else 'detected'})"
 
 
 def is_builtin(spec: str | None) -> bool:
@@ -146,74 +145,6 @@ def _parse_part(spec: str) -> TaskMetric:
     except ValueError as e:
         raise RecipeError(f"metric '{spec}': {e}") from e
     return TaskMetric(kind, outputs=outputs)
-
-
-class Producers(dict):
-    """output name -> the op type that made it (output_producers), and whether the model reads integer inputs."""
-
-    reads_ids: bool = False  # token ids in: a per-step output is a tagger's, never a CTC recognizer's
-
-
-def output_producers(model: onnx.ModelProto) -> Producers:
-    """The op type producing each graph output, for kind detection, looked through LAYOUT_OPS (a Reshape of
-    a Softmax is the Softmax) and through a Concat whose non-constant inputs all come from one op type; a Concat
-    joining parts made by different ops stays "Concat". An output that is a graph input behind Identity has none.
-    An output whose declared shape is a float input's (the same rank, at least 3, a static dimension in common
-    and none different) is CARRIED, whatever made it (an If's branches, a hand-written cell's Add): a streaming model's
-    state, fed back at the next call; a Softmax or a Sigmoid stays what it is."""
-    by_output = {o: n for n in model.graph.node for o in n.output}
-    constants = {i.name for i in model.graph.initializer}
-
-    looked: dict[str, str | None] = {}  # each value looked at once: Concats of Concats sharing inputs stay linear
-
-    def source(name: str, depth: int) -> str | None:
-        if name in looked:
-            return looked[name]
-        node = by_output.get(name)
-        if node is None or depth > 64:
-            return None
-        if node.op_type in LAYOUT_OPS and node.input:
-            inner = source(node.input[0], depth + 1)
-            result = inner if inner is not None or node.op_type == "Identity" else node.op_type
-        elif node.op_type == "Concat":
-            parts = {source(i, depth + 1) for i in node.input if i and i not in constants
-                     and getattr(by_output.get(i), "op_type", None) != "Constant"}
-            result = parts.pop() if len(parts) == 1 and None not in parts else "Concat"
-        else:
-            result = node.op_type
-        looked[name] = result
-        return result
-
-    inputs = [_declared(i) for i in model.graph.input if i.name not in constants]
-    producers = Producers()
-    producers.reads_ids = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-                              for i in model.graph.input if i.name not in constants)
-    for out in model.graph.output:
-        found = source(out.name, 0)
-        shape = _declared(out)
-        if found not in ("Softmax", "LogSoftmax", "Sigmoid") and any(_alike(shape, i) for i in inputs):
-            found = CARRIED
-        if found is not None:
-            producers[out.name] = found
-    return producers
-
-
-def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
-    """A float tensor's declared dimensions (an int, or the symbol's name, "" when unnamed); None for others."""
-    kind = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or not kind.HasField("shape") or kind.elem_type not in (
-            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in kind.shape.dim)
-
-
-def _alike(a: tuple | None, b: tuple | None) -> bool:
-    """The same rank (>= 3: a square [N, k] -> [N, k] classifier is no state; recurrent states are [layers, N, h]
-    and the like), no two static dimensions different, at least one static dimension the same."""
-    if a is None or b is None or len(a) != len(b) or len(a) < 3:
-        return False
-    static = [(x, y) for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0]
-    return bool(static) and all(x == y for x, y in static)
 
 
 def _floating(chunks: Sequence[np.ndarray]) -> bool:
@@ -297,21 +228,26 @@ def resolve_kinds(names: Sequence[str], reference: list[list[np.ndarray]], produ
     for k, name in enumerate(names):
         chunks = [np.asarray(chunk[k]) for chunk in reference]
         part = task.for_output(name) if task is not None else None
+        major = name in getattr(producers, "time_major", ()) and all(c.ndim == 3 for c in chunks)
         if part is not None and fits(part.kind, chunks):
-            kinds[name] = OutputKind(part.kind, part, chosen=True)
+            stepped = major and part.kind in ("sequence", "ctc")
+            kinds[name] = OutputKind(part.kind, replace(part, time_major=True) if stepped else part, chosen=True)
             continue
         if part is not None and part.outputs:
             raise RecipeError(f"metric '{part.kind}' cannot measure output '{name}' "
                               f"(shape {chunks[0].shape}, {chunks[0].dtype})")
         detected = detect_kind(chunks, producers.get(name))
-        blank = ctc_blank(chunks) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
+        steps = [c.swapaxes(0, 1) for c in chunks] if major else chunks  # batch first
+        blank = ctc_blank(steps) if detected == "sequence" and not getattr(producers, "reads_ids", False) else None
         if blank is not None:
-            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank), chosen=False, budgeted=not naming)
+            kinds[name] = OutputKind("ctc", TaskMetric("ctc", blank=blank, time_major=major), chosen=False,
+                                     budgeted=not naming)
         elif detected is not None:
             # with outputs named, the others are reported but not budgeted; a detected regression is
             # budgeted by its SQNR, not by a tolerance nobody chose
             budgeted = not naming and detected != "regression"
-            kinds[name] = OutputKind(detected, TaskMetric(detected), chosen=False, budgeted=budgeted)
+            metric = TaskMetric(detected, time_major=major and detected == "sequence")
+            kinds[name] = OutputKind(detected, metric, chosen=False, budgeted=budgeted)
     return kinds
 
 
@@ -337,6 +273,8 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     cands = [np.asarray(c, dtype=np.float64) for c in candidate]
     if not refs or sum(r.size for r in refs) == 0:
         return None
+    if m.time_major and kind.kind in ("sequence", "ctc"):  # [steps, batch, classes]: a sample is a column
+        refs, cands = [r.swapaxes(0, 1) for r in refs], [c.swapaxes(0, 1) for c in cands]
     if kind.kind == "top1":
         same = [r.argmax(-1) == c.argmax(-1) for r, c in zip(refs, cands)]
     elif kind.kind == "probability":
