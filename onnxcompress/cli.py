@@ -193,7 +193,8 @@ def _compress_file(args, plan, tolerance):
     if args.executor == "ray":
         from onnxcompress.execution.ray_executor import RayExecutor
 
-        jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
+        # started now, in the background: Ray's start-up and its workers' imports overlap loading and the first passes
+        jobs = RayExecutor(args.ray_address, num_cpus=args.jobs, preload=("onnxcompress.passes",)).start()
     try:
         return compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
                              form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
