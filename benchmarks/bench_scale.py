@@ -20,7 +20,13 @@ Validation in onnxruntime (which must hold both models dense) is measured separa
     python benchmarks/bench_scale.py --sizes 0.5 --recipes share --jobs 1
     python benchmarks/bench_scale.py --sizes 3 --recipes share --jobs 1,2 --ray 2 --baseline /path/to/main
 
---ray N adds a run with `--executor ray --jobs N` (a local Ray instance of N CPUs). --baseline PATH runs
+--ray N adds a run with `--executor ray --jobs N` (a local Ray instance of N CPUs). --repeat R runs the whole
+list of runs R times in turn (A B A B ...), and with --ray prints each pair's ratio of Ray's wall time to the
+--jobs N run's just before it, and their median: the machine's load drifts, pairs keep the comparison fair.
+
+    python benchmarks/bench_scale.py --sizes 3 --recipes share --jobs 2 --ray 2 --repeat 3   # issue 18's Ray bar
+
+--baseline PATH runs
 each --jobs value a second time, right after this checkout's run, with the onnxcompress package of
 PATH (e.g. the main branch's checkout): the "code" column says which, and the speedup is the ratio of
 the paired wall times (the machine's load drifts; pairs keep the comparison fair).
@@ -163,6 +169,20 @@ def importable_copy(checkout: Path, dest: Path) -> Path:
     return dest
 
 
+def _ray_pairs(rows: list[dict]) -> None:
+    """Each Ray run's wall time over that of the local run of the same --jobs just before it, and their median."""
+    ratios = []
+    for i, r in enumerate(rows):
+        local = next((m for m in reversed(rows[:i]) if m.get("executor") == "local" and m["jobs"] == r["jobs"]
+                      and (m["size_gb"], m["recipe"]) == (r["size_gb"], r["recipe"])), None)
+        if r.get("executor") == "ray" and r["ok"] and local and local["ok"]:
+            ratios.append(r["wall_s"] / local["wall_s"])
+            print(f"pair {len(ratios)}, {r['size_gb']} GB {r['recipe']}: Ray {r['wall_s']} s / --jobs {r['jobs']} "
+                  f"{local['wall_s']} s = {ratios[-1]:.3f}x")
+    if ratios:
+        print(f"Ray / --jobs: median {float(np.median(ratios)):.3f}x of {len(ratios)} pairs")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5,1,3", help="GB of weights per model (comma-separated)")
@@ -176,6 +196,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--ray", type=int, default=0, metavar="N", help="also run --executor ray --jobs N")
     parser.add_argument("--baseline", metavar="PATH", help="also run each --jobs value with the onnxcompress of PATH")
+    parser.add_argument("--repeat", type=int, default=1, metavar="R", help="run the list of runs R times, in turn")
     args = parser.parse_args()
 
     from onnxcompress.recipes import BUILTIN
@@ -213,6 +234,7 @@ def main() -> int:
                 runs = [run for j in jobs_list for run in (("this", "local", j), ("baseline", "local", j))]
             if args.ray:
                 runs.append(("this", "ray", args.ray))
+            runs = runs * max(args.repeat, 1)
             for recipe in recipes:
                 reference = None
                 for code, executor, jobs in runs:
@@ -272,6 +294,7 @@ def main() -> int:
             if mine:
                 print(f"speedup {r['size_gb']} GB {r['recipe']} jobs {r['jobs']}: {r['wall_s'] / mine['wall_s']:.2f}x "
                       f"({r['wall_s']} s -> {mine['wall_s']} s)")
+    _ray_pairs(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -180,6 +180,20 @@ def _compress(args) -> int:
 
 def _compress_file(args, plan, tolerance):
     """Compress as the arguments say, on the chosen executor (local cores or a Ray cluster), into `plan`."""
+    if args.executor != "ray":
+        return _compress_on(args, plan, tolerance, None)
+    from onnxcompress.execution.ray_executor import RayExecutor
+
+    # started first, in the background: Ray's start-up and its workers' imports overlap ours, loading and the passes
+    executor = RayExecutor(args.ray_address, num_cpus=args.jobs, preload=("onnxcompress.passes",)).start()
+    try:
+        return _compress_on(args, plan, tolerance, executor)
+    finally:
+        executor.close()
+
+
+def _compress_on(args, plan, tolerance, executor):
+    """_compress_file on `executor`, or on --jobs local cores when it is None."""
     from onnxcompress.api import compress_file
     from onnxcompress.execution.memory import keep_freed_memory
     from onnxcompress.execution.parallel import available_cores
@@ -188,20 +202,12 @@ def _compress_file(args, plan, tolerance):
     budget = {key: value for key, value in (("max_drop", args.max_drop), ("min_sqnr", args.min_sqnr),
                                             ("target_ratio", args.target_ratio), ("metric", args.metric))
               if value is not None}
-    jobs = args.jobs or available_cores()
+    jobs = executor or args.jobs or available_cores()
     keep_freed_memory()  # this process is the tool's: freed buffers stay for the next weight (--jobs 1 runs here)
-    if args.executor == "ray":
-        from onnxcompress.execution.ray_executor import RayExecutor
-
-        jobs = RayExecutor(args.ray_address, num_cpus=args.jobs)
-    try:
-        return compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
-                             form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
-                             samples=args.samples, progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
-                             budget=budget, tolerance=tolerance, plan=plan)
-    finally:
-        if args.executor == "ray":
-            jobs.close()
+    return compress_file(args.model, args.output, args.recipe, data=args.data, eval_data=args.eval_data,
+                         form=args.form, validate=args.validate, shapes=parse_shapes(args.shape),
+                         samples=args.samples, progress=not args.quiet and sys.stderr.isatty(), jobs=jobs,
+                         budget=budget, tolerance=tolerance, plan=plan)
 
 
 def _verdict(report, gate, flags):
