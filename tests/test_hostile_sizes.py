@@ -6,10 +6,12 @@ import time
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.api import inspect
 from onnxcompress.graph.weights import find_weights, nonfinite_weights
+from test_hostile_paths import _refused, _rewrite_external, _with_external
 from tiny import value
 
 
@@ -49,3 +51,19 @@ def test_many_constants_are_read_in_one_walk():
         assert len(report["weights"]) == count + 1
         assert report["weights"][-1]["distinct"] == 1 and report["weights"][-1]["name"] == f"c{count - 1}"
         assert report["weights"][1]["sparsity"] == 1.0  # c0 holds 0
+
+
+@pytest.mark.parametrize("case", ["name-too-long", "through-a-file"])
+@pytest.mark.parametrize("command", ["compress", "inspect"])
+def test_an_external_location_no_file_can_have_is_one_line(tmp_path, capsys, case, command):
+    """A location of 5000 characters (the OS refuses names over 255) was an OSError, exit 1 asking for a report;
+    one going through a file as if a folder was called missing. Now one short line, exit 2, nothing written."""
+    path = _with_external(tmp_path)
+    if case == "name-too-long":
+        _rewrite_external(path, location="a" * 5000)
+    else:
+        _rewrite_external(path, location="m.onnx/w.data")
+    argv = {"compress": ["compress", str(path), "-o", str(tmp_path / "out.onnx"), "--jobs", "1"],
+            "inspect": ["inspect", str(path)]}[command]
+    err = _refused(capsys, tmp_path, argv)
+    assert ("5000 characters" in err and len(err) < 600) if case == "name-too-long" else "Not a directory" in err, err
