@@ -15,7 +15,7 @@ from onnxcompress.graph.data import DATA_SUFFIXES, MAX_SAMPLES, Dataset, load_da
 from onnxcompress.graph.model import checked_model, file_bytes, load_model, model_files, output_roles, save_model
 from onnxcompress.graph.outputs import OutputPlan, Role
 from onnxcompress.graph.spill import release_spill
-from onnxcompress.graph.weights import find_weights, get_array
+from onnxcompress.graph.weights import find_weights, get_arrays
 from onnxcompress.pipeline.artifacts import Artifact
 from onnxcompress.formats.forms import Form
 from onnxcompress.pipeline.manager import PassManager
@@ -212,9 +212,9 @@ def inspect(model: ModelLike, *, min_elements: int = 256) -> dict:
     """File size, opsets and one entry per weight (with sparsity and distinct values)."""
     proto = _as_model(model)
     rows = []
-    for info in find_weights(proto, min_elements=min_elements):
+    weights = find_weights(proto, min_elements=min_elements)
+    for info, array in zip(weights, get_arrays(proto, weights)):
         row = info.as_dict()
-        array = get_array(proto, info)
         row["sparsity"] = _zero_fraction(array)
         # distinct values need a sorted copy: counted up to DISTINCT_LIMIT elements (a 3 GB weight took a minute
         # and 7.7 GB), None above

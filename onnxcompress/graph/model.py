@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -262,14 +263,19 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     tensors declare."""
     for location, end in external_data_files(model).items():
         file = external_file(base_dir, location)
-        if file.exists() and not file.is_file():
-            raise ModelError(f"external data file '{base_dir / location}' is not a regular file")
-        if not file.is_file():
-            raise ModelError(f"external data file '{base_dir / location}' is missing; keep it next to the model file")
-        actual = file.stat().st_size
+        shown = f"'{base_dir / location[:200]}'" + (f" ({len(location)} characters)" if len(location) > 200 else "")
+        try:
+            status = file.stat()
+        except FileNotFoundError as e:
+            raise ModelError(f"external data file {shown} is missing; keep it next to the model file") from e
+        except OSError as e:  # a name too long, a folder in the path that is a file: no such file for us
+            raise ModelError(f"external data file {shown} cannot be read: {e.strerror}") from e
+        if not stat.S_ISREG(status.st_mode):
+            raise ModelError(f"external data file {shown} is not a regular file")
+        actual = status.st_size
         if actual < end:
             raise ModelError(
-                f"external data file '{base_dir / location}' is truncated: {actual} bytes, tensors need {end}")
+                f"external data file {shown} is truncated: {actual} bytes, tensors need {end}")
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:

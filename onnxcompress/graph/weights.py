@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,7 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEM
     """Every constant tensor of the model, in graph order, each listed once with all consumers."""
     found: list[WeightInfo] = []
     for graph, path in iter_graphs(model.graph):
+        first = len(found)  # this graph's weights are found[first:]
         uses = consumer_map(graph)
         graph_inputs = {i.name for i in graph.input}
         for tensor in graph.initializer:
@@ -137,11 +139,10 @@ def find_weights(model: onnx.ModelProto, *, min_elements: int = DEFAULT_MIN_ELEM
             if node.op_type == "Constant" and (tensor := _constant_tensor(node)) is not None:
                 found.append(_info(tensor, node.output[0], "constant", path))
         graph_outputs = {o.name for o in graph.output}
-        for info in found:
-            if info.graph == path:
-                _attach_consumers(info, uses)
-                if info.skip is None and info.name in graph_outputs:
-                    info.skip = "also an output of its graph: the model returns it as it is"
+        for info in found[first:]:
+            _attach_consumers(info, uses)
+            if info.skip is None and info.name in graph_outputs:
+                info.skip = "also an output of its graph: the model returns it as it is"
     for info in found:
         if info.skip is None and not info.is_float:
             info.skip = f"not a float tensor ({info.dtype})"
@@ -244,7 +245,32 @@ NONFINITE = "holds NaN or Inf"
 
 def nonfinite_weights(model: onnx.ModelProto, weights: list[WeightInfo]) -> list[str]:
     """Names of the float tensors of the model's `weights` (find_weights) holding NaN or Inf (each read once)."""
-    return [info.name for info in weights if info.is_float and not np.isfinite(get_array(model, info)).all()]
+    floats = [info for info in weights if info.is_float]
+    return [info.name for info, array in zip(floats, get_arrays(model, floats)) if not np.isfinite(array).all()]
+
+
+def get_arrays(model: onnx.ModelProto, infos: list[WeightInfo]) -> Iterator[np.ndarray]:
+    """get_array of each of `infos`, in order, from one walk of the model: a get_array a weight scans the graph
+    for each, which is quadratic in the count (10^5 tiny initializers took hours)."""
+    tensors: dict[tuple[str, str, str], onnx.TensorProto | onnx.SparseTensorProto] = {}
+    paths = {info.graph for info in infos}
+    for graph, path in iter_graphs(model.graph) if infos else ():
+        if path not in paths:
+            continue
+        for tensor in reversed(graph.initializer):  # the first of a name wins, as in _tensor_of
+            tensors[(path, "initializer", tensor.name)] = tensor
+        for node in reversed(graph.node):
+            if node.op_type == "Constant" and node.output and (tensor := _constant_tensor(node)) is not None:
+                tensors[(path, "constant", node.output[0])] = tensor
+        for sparse in reversed(graph.sparse_initializer):
+            tensors[(path, "sparse_initializer", sparse.values.name)] = sparse
+    for info in infos:
+        tensor = tensors.get((info.graph, info.location, info.name))
+        if tensor is None:
+            raise KeyError(f"weight '{info.name}' not found in {info.graph}")
+        if isinstance(tensor, onnx.SparseTensorProto):
+            tensor = numpy_helper.from_array(_densify(tensor), info.name)
+        yield external.read_tensor(model, tensor)
 
 
 def get_array(model: onnx.ModelProto, info: WeightInfo) -> np.ndarray:
