@@ -324,6 +324,31 @@ def test_layers_with_too_long_input_rows_get_no_gram(monkeypatch):
     assert layer_hessians(model, data, [info]) == {}
 
 
+def test_the_share_passs_layer_hessians_keep_no_sample_of_input_rows(monkeypatch):
+    # only the Gram matrices and means are read: a row sample per layer (4096 float64 rows) was held for nothing
+    import onnxcompress.fitting.sharing as sharing
+    from onnxcompress.graph.data import Dataset
+    from onnxcompress.graph.weights import find_weights
+    from onnxcompress.runtime.capture import collect_layer_inputs, LayerInputs
+
+    made = []
+
+    class Recorded(LayerInputs):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    model = tiny.gemm(k=64, n=32)
+    info = next(w for w in find_weights(model) if w.name == "W")
+    data = Dataset(stacked=tiny.random_feeds(model, n=64))
+    monkeypatch.setattr(sharing, "LayerInputs", Recorded)
+    found = sharing.layer_hessians(model, data, [info])
+    assert len(made) == 1 and made[0].count == 64 and all(r.shape[0] == 0 for r in made[0].rows)
+    with_rows = collect_layer_inputs(model, data, [made[0].layer])[info.name]
+    assert with_rows.rows[0].shape[0] == 64  # the default keeps them
+    np.testing.assert_array_equal(found[info.name].hessians[0], with_rows.hessian(0))  # the same Gram
+
+
 def test_layer_statistics_over_the_budget_take_more_passes_and_the_same_values():
     import onnxcompress.runtime.capture as capture
     from onnxcompress.graph.data import Dataset
