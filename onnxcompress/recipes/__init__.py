@@ -64,7 +64,8 @@ BUILTIN: dict[str, list[tuple[str, dict[str, Any]]]] = {
 DESCRIPTIONS = {
     "share": "k-means weight sharing: 8-bit codebooks for conv, 5-bit for fully connected, portable form",
     "share-4bit": "4-bit k-means sharing of every weight, granularity chosen per layer (give --data), portable",
-    "int8": "static int8 QDQ (with --data; without, it runs int8-dynamic): MSE-clipped activations, per-channel weights, per-layer SQNR; "
+    "int8": "static int8 QDQ (with --data; without, it runs int8-dynamic): MSE-clipped activations, per-channel "
+            "weights, per-layer SQNR; "
             "activations that cost 1% of the task's answers (--metric) on the data stay float (else dynamic or "
             "weight-only int8, the weights that break it kept float)",
     "int8-dynamic": "dynamic int8, no data needed: MatMul/Gemm with activation ranges computed at run time "
@@ -72,12 +73,15 @@ DESCRIPTIONS = {
     "int8-weights": "weight-only int8 per-channel (DequantizeLinear), float activations, no data needed",
     "int4-weights": "weight-only blocked int4 for MatMul/Gemm (MatMulNBits in onnxruntime), int8 elsewhere",
     "deep-compression": "per-layer sparsity/bits searched to 1 point of accuracy (--data), then prune + share + "
-                        "sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form",
+                        "sparse (CSR, relative indices) + entropy (Huffman/ANS), packed form; without data, share "
+                        "packed",
     "deep-compression-fixed": "deep-compression with the paper's fixed per-role sparsity and bits (no search), packed",
     "prune": "magnitude pruning (~91% of fc, 65% of conv weights), kept weights refit on calibration data",
     "deep-compression-portable": "deep-compression's search (--data) then prune + share, in standard ONNX ops only: "
-                                 "bit-packed codes, relative indices, folded by onnxruntime at load",
-    "auto": "bits and sparsity per layer searched to --max-drop/--min-sqnr/--target-ratio, then deep-compression",
+                                 "bit-packed codes, relative indices, folded by onnxruntime at load; without data, "
+                                 "share",
+    "auto": "bits and sparsity per layer searched to --max-drop/--min-sqnr/--target-ratio, then deep-compression; "
+            "with no data at all only --target-ratio is searched, else share packed",
 }
 
 
