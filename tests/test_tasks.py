@@ -242,6 +242,10 @@ def test_time_major_per_step_scores_are_read_per_sample_along_axis_1():
     major = {"y": type(kinds["y"])("ctc", TaskMetric("ctc", time_major=True))}
     assert compare_outputs(["y"], [[ref]], [[cand]], kinds=major)[0].agreement == 0.5
     assert compare_outputs(["y"], [[ref]], [[cand]], kinds=kinds)[0].agreement == 0.75  # batch-major: per step
+    # one answer is judged per sample too: both columns read the same text; two texts are two answers
+    from onnxcompress.runtime.metrics import one_answer
+
+    assert one_answer(major["y"], [ref]) and not one_answer(major["y"], [np.stack([path_a, path_c], axis=1)])
     # batch-major outputs, a batch of one, and unnamed dimensions stay as they were
     plain = _recognizer(0)
     assert output_producers(plain).time_major == frozenset()

@@ -12,8 +12,8 @@ from onnxcompress.graph.data import Dataset, model_inputs
 from onnxcompress.errors import DataError, ModelError, printable
 from onnxcompress.numerics.measures import sqnr_db
 from onnxcompress.runtime.sessions import make_session, median_latency, run
-from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, ctc_greedy, output_producers, present_rows,
-                                        resolve_kinds)
+from onnxcompress.runtime.tasks import (OutputKind, TaskMetric, agreement, batch_first, ctc_greedy, output_producers,
+                                        present_rows, resolve_kinds, step_samples)
 
 
 @dataclass
@@ -195,7 +195,7 @@ def one_answer(kind: OutputKind, reference: Sequence[np.ndarray]) -> bool:
     one class wins everywhere, one path or text for every sample. An agreement over such inputs (a text detector
     or recognizer fed noise, which holds no text) says only that the candidate gives that answer too, not that it
     keeps the task. Embeddings and regressions have no one answer: never."""
-    refs = [np.asarray(r, dtype=np.float64) for r in reference if np.asarray(r).size]
+    refs = batch_first(kind, [np.asarray(r, dtype=np.float64) for r in reference if np.asarray(r).size])
     if not refs or kind.kind in ("embedding", "regression"):
         return False
     if kind.kind == "probability":
@@ -204,7 +204,7 @@ def one_answer(kind: OutputKind, reference: Sequence[np.ndarray]) -> bool:
     if kind.kind == "top1":
         winners = np.concatenate([r.argmax(-1).ravel() for r in refs])
         return bool(np.all(winners == winners[0]))
-    per_sample = [s for r in refs for s in ([r] if r.ndim == 2 else r.reshape(-1, *r.shape[-2:]))]
+    per_sample = [s for r in refs for s in step_samples(r)]
     if kind.kind == "ctc":
         return len({ctc_greedy(s, kind.metric.blank) for s in per_sample}) == 1
     return len({tuple(s.argmax(-1).ravel()) for s in per_sample}) == 1

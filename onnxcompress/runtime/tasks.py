@@ -264,17 +264,23 @@ def present_rows(gate: Sequence[np.ndarray], kind: OutputKind | None = None) -> 
     return rows
 
 
+def batch_first(kind: OutputKind, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`arrays` with their samples along axis 0: a time-major output's [steps, batch, classes] swapped, so that a
+    sample is a column of steps (TaskMetric.time_major); others as they are."""
+    if kind.metric.time_major and kind.kind in ("sequence", "ctc"):
+        return [a.swapaxes(0, 1) for a in arrays]
+    return list(arrays)
+
+
 def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
               rows: Sequence[np.ndarray] | None = None) -> float | None:
     """The fraction of the task's answers that are the same (see the module docstring); None when
     there is nothing to compare. `rows` (per chunk, a regression's gate: present_rows) selects the rows that count."""
     m = kind.metric
-    refs = [np.asarray(r, dtype=np.float64) for r in reference]
-    cands = [np.asarray(c, dtype=np.float64) for c in candidate]
+    refs = batch_first(kind, [np.asarray(r, dtype=np.float64) for r in reference])
+    cands = batch_first(kind, [np.asarray(c, dtype=np.float64) for c in candidate])
     if not refs or sum(r.size for r in refs) == 0:
         return None
-    if m.time_major and kind.kind in ("sequence", "ctc"):  # [steps, batch, classes]: a sample is a column
-        refs, cands = [r.swapaxes(0, 1) for r in refs], [c.swapaxes(0, 1) for c in cands]
     if kind.kind == "top1":
         same = [r.argmax(-1) == c.argmax(-1) for r, c in zip(refs, cands)]
     elif kind.kind == "probability":
@@ -282,7 +288,7 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     elif kind.kind == "sequence":
         same = [np.all((r.argmax(-1) == c.argmax(-1)).reshape(r.shape[0], -1), axis=1) for r, c in zip(refs, cands)]
     elif kind.kind == "ctc":
-        same = [np.array([ctc_greedy(a, m.blank) == ctc_greedy(b, m.blank) for a, b in zip(_samples(r), _samples(c))])
+        same = [np.array([ctc_greedy(a, m.blank) == ctc_greedy(b, m.blank) for a, b in zip(step_samples(r), step_samples(c))])
                 for r, c in zip(refs, cands)]
     elif kind.kind == "embedding":
         return neighbour_agreement(np.concatenate([r.reshape(-1, r.shape[-1]) for r in refs]),
@@ -303,7 +309,7 @@ def agreement(kind: OutputKind, reference: Sequence[np.ndarray], candidate: Sequ
     return float(np.mean(flat)) if flat.size else None
 
 
-def _samples(scores: np.ndarray) -> list[np.ndarray]:
+def step_samples(scores: np.ndarray) -> list[np.ndarray]:
     """[batch, steps, classes] -> one [steps, classes] per sample; [steps, classes] is one sample."""
     return [scores] if scores.ndim == 2 else list(scores.reshape(-1, *scores.shape[-2:]))
 
