@@ -99,6 +99,11 @@ def _latency(reference: Path, candidate: Path, feeds: list[dict]) -> float:
     return float(np.median(times[1]) / np.median(times[0]))
 
 
+def _shown(label: str, data: bool) -> str:
+    """A row's recipe column: the run's label, marked when the recipe ran without the calibration split."""
+    return label if data else f"{label} (no data)"
+
+
 def run_one(name: str, label: str, metric: str | None = None, data: bool = True) -> dict:
     """One (model, recipe) cell, in this process; `metric` in place of the model's own METRIC (an experiment);
     without `data` the recipe gets no calibration split."""
@@ -111,7 +116,7 @@ def run_one(name: str, label: str, metric: str | None = None, data: bool = True)
     calib, _ = rm.split(module, "calibration", sizes["calibration"])
     _, items = rm.split(module, "test", sizes["test"])
     recipe, budget = RUNS[label]
-    row = {"model": name, "recipe": label if data else f"{label} (no data)"}
+    row = {"model": name, "recipe": _shown(label, data)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
         start, cpu = time.perf_counter(), _cpu_seconds()
@@ -143,7 +148,7 @@ def _cell(name: str, label: str, timeout: float, metric: str | None = None, data
 
     cmd = [sys.executable, __file__, "--one", name, label] + (["--metric", metric] if metric else []) + \
         ([] if data else ["--no-data"])
-    label = label if data else f"{label} (no data)"
+    label = _shown(label, data)
     # its own process group, so that a timeout also ends the workers the compression started
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -98,8 +98,9 @@ def compress(model: ModelLike, recipe: str | Recipe = "share", data: Any = None,
     manager = PassManager(recipe.build(), recipe=recipe.name, validate=validate, form=form or recipe.form,
                           jobs=jobs, progress=progress, tolerance=tolerance, task=task, ours=recipe.builtin)
     compressed, report = manager.run(original, calib, evaluation)
-    report.notes += [n for n in (ran_instead,) if n] + [d.note for d in dict.fromkeys((calib, evaluation))
-                                                          if d is not None and d.note]
+    if ran_instead:
+        report.notes.append(ran_instead)
+    report.notes += [d.note for d in dict.fromkeys((calib, evaluation)) if d is not None and d.note]
     for dataset in dict.fromkeys(d for d in (calib, evaluation) if d is not None and d.stream is not None):
         report.notes.append(f"{dataset.source}: {dataset.stream.describe()}")
     report.input_bytes = original.ByteSize()

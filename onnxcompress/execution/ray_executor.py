@@ -162,7 +162,8 @@ class RayExecutor:
             self._thread.join()
         self._ray = self._remote = self._thread = self._error = None
         self._started = False
-        self._ready.clear(), self._done.clear()
+        self._ready.clear()
+        self._done.clear()
 
     def __enter__(self) -> RayExecutor:
         return self

@@ -29,8 +29,7 @@ from onnxcompress.graph import external
 from onnxcompress.graph.data import Dataset
 from onnxcompress.graph.edit import drop_initializer_inputs
 from onnxcompress.graph.spill import SpillingDict
-from onnxcompress.graph.weights import (FLOAT_TYPES, find_weights, NONFINITE, nonfinite_weights, prequantized_weights,
-                                        WeightInfo)
+from onnxcompress.graph.weights import find_weights, NONFINITE, nonfinite_weights, prequantized_weights, WeightInfo
 from onnxcompress.numerics.quantmath import CalibrationResult
 from onnxcompress.pipeline.artifacts import Artifact, SearchPlan
 from onnxcompress.pipeline.configs import make_config
@@ -161,7 +160,6 @@ class Context:
         self.notes.append(text)
 
 
-FLOAT_DTYPES = frozenset(FLOAT_TYPES.values())
 BOUND_NOTE_BYTES = 100_000  # smaller files (test models, toys) are all structure and get no note
 BOUND_NOTE_RATIO = 3.0  # the note comes when the rest of the file caps the ratio below this
 
@@ -169,8 +167,8 @@ BOUND_NOTE_RATIO = 3.0  # the note comes when the rest of the file caps the rati
 def _size_bound(file_bytes: int, weights: list[WeightInfo]) -> str | None:
     """A note when the bytes no pass compresses (integer tensors such as a streaming export's ScatterND indices, and
     the graph itself: nodes, names, shapes) cap how much smaller the file can get, else None."""
-    floats = sum(w.nbytes for w in weights if w.dtype in FLOAT_DTYPES)
-    others = sum(w.nbytes for w in weights if w.dtype not in FLOAT_DTYPES)
+    floats = sum(w.nbytes for w in weights if w.is_float)
+    others = sum(w.nbytes for w in weights if not w.is_float)
     rest = max(file_bytes - floats, 1)
     if file_bytes < BOUND_NOTE_BYTES or file_bytes / rest >= BOUND_NOTE_RATIO:
         return None

@@ -218,17 +218,16 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return _parse(doc, path.stem, str(path))
 
 
-# the built-in recipes that write the packed form (the others: portable)
 @dataclass(frozen=True)
 class NoData:
     """What a built-in recipe runs when no calibration data is given: `name` and `runs` say it in the report, `why`
-    says what data would give; `evaluation_suffices`: the recipe runs as it is on --eval-data alone."""
+    says what data would give; `evaluation_suffices`: the recipe runs as it is on --eval-data alone (a search)."""
     name: str
     steps: list[tuple[str, dict[str, Any]]]
     form: Form
     runs: str
     why: str
-    evaluation_suffices: bool = True
+    evaluation_suffices: bool = False
 
 
 _SEARCH_WITHOUT_DATA = ("its search measures what each layer tolerates on your inputs, and on random inputs that "
@@ -237,17 +236,18 @@ _SEARCH_WITHOUT_DATA = ("its search measures what each layer tolerates on your i
                         "representative inputs, or --recipe deep-compression-fixed for the paper's fixed settings")
 _SHARED_PACKED = NoData("share (packed)", BUILTIN["share"] + [("sparse", {}), ("entropy", {})], Form.PACKED,
                         "k-means sharing at 8 bits for conv, 5 for the rest, entropy-coded, packed: settings that "
-                        "hold without knowing the model", _SEARCH_WITHOUT_DATA, evaluation_suffices=False)
+                        "hold without knowing the model", _SEARCH_WITHOUT_DATA)
 # a built-in recipe that cannot do its job without calibration data, and what runs in its place
 NO_DATA: dict[str, NoData] = {
     "int8": NoData("int8-dynamic", BUILTIN["int8-dynamic"], Form.PORTABLE, DESCRIPTIONS["int8-dynamic"],
                    "give --data with a few hundred representative inputs for static int8 (activation ranges "
-                   "calibrated ahead of time, no quantization work at run time)", evaluation_suffices=False),
+                   "calibrated ahead of time, no quantization work at run time)"),
     "deep-compression": _SHARED_PACKED,
     "auto": replace(_SHARED_PACKED, evaluation_suffices=True),  # auto searches on --eval-data alone
     "deep-compression-portable": NoData("share", BUILTIN["share"], Form.PORTABLE, DESCRIPTIONS["share"],
-                                        _SEARCH_WITHOUT_DATA, evaluation_suffices=False),
+                                        _SEARCH_WITHOUT_DATA),
 }
+# the built-in recipes that write the packed form (the others: portable)
 FORMS: dict[str, Form] = {"deep-compression": Form.PACKED, "deep-compression-fixed": Form.PACKED, "auto": Form.PACKED}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxcompress.graph.weights import PASS_THROUGH
+from onnxcompress.graph.weights import FLOAT_TYPES, PASS_THROUGH
 
 # ops that only move, repeat or retype values: an output's producer is looked for behind them
 LAYOUT_OPS = frozenset(PASS_THROUGH | {"Expand"})
@@ -82,8 +82,7 @@ def _swish(node: onnx.NodeProto, by_output: dict[str, onnx.NodeProto]) -> bool:
 def _declared(value: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
     """A float tensor's declared dimensions (an int, or the symbol's name, "" when unnamed); None for others."""
     kind = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or not kind.HasField("shape") or kind.elem_type not in (
-            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+    if not value.type.HasField("tensor_type") or not kind.HasField("shape") or kind.elem_type not in FLOAT_TYPES:
         return None
     return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in kind.shape.dim)
 
